@@ -1,0 +1,166 @@
+"""Model configuration: the checkpoint's config.json as a dataclass, derived values resolved once."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwenlite.errors import QwenliteError
+
+SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text")
+LAYER_TYPES = ("linear_attention", "full_attention")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    """Field names are the Hugging Face `config.json` keys of the Qwen3.5 text model."""
+
+    model_type: str = "qwen3_5_text"
+    vocab_size: int = 248320
+    hidden_size: int = 1024
+    intermediate_size: int = 3584
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    head_dim: int = 256
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 262144
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    attn_output_gate: bool = True
+    linear_conv_kernel_dim: int = 4
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 16
+    layer_types: list[str] | None = None
+    full_attention_interval: int = 4
+    rope_theta: float = 10_000_000.0
+    partial_rotary_factor: float = 0.25
+    mtp_num_hidden_layers: int = 0
+    dtype: str = "bfloat16"
+    eos_token_id: int | list[int] | None = None
+    # Unknown keys of the source file, kept so that a config written back loses nothing.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.layer_types is None:
+            i = self.full_attention_interval
+            self.layer_types = [
+                "full_attention" if (n + 1) % i == 0 else "linear_attention" for n in range(self.num_hidden_layers)
+            ]
+        if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+            raise QwenliteError(
+                f"config layer_types must list {self.num_hidden_layers} entries from {LAYER_TYPES}, "
+                f"got {self.layer_types}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise QwenliteError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise QwenliteError("linear_num_value_heads must be a multiple of linear_num_key_heads")
+
+    # Derived values, in one place.
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def linear_key_dim(self) -> int:
+        return self.linear_num_key_heads * self.linear_key_head_dim
+
+    @property
+    def linear_value_dim(self) -> int:
+        return self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def linear_conv_dim(self) -> int:
+        return 2 * self.linear_key_dim + self.linear_value_dim
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES.get(self.dtype, torch.bfloat16)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        """Accepts a nested `qwen3_5` config (text under `text_config`) or a flat `qwen3_5_text` one."""
+        model_type = raw.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise QwenliteError(
+                f"unsupported model_type {model_type!r}; qwenlite supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        text = dict(raw.get("text_config") or raw)
+        # The multimodal wrapper owns tying, dtype and eos; the text config may repeat them.
+        for key in ("tie_word_embeddings", "dtype", "torch_dtype", "eos_token_id"):
+            if key in raw and raw is not text and raw[key] is not None:
+                text[key] = raw[key]
+        if "torch_dtype" in text and "dtype" not in text:
+            text["dtype"] = text["torch_dtype"]
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        for key in ("rope_theta", "partial_rotary_factor"):
+            if key in rope:
+                text[key] = rope[key]
+        text["model_type"] = "qwen3_5_text"
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in text.items() if k in names and v is not None}
+        extra = {k: v for k, v in raw.items() if k not in names}
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A flat `qwen3_5_text` config.json that transformers' Qwen3_5ForCausalLM reads."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out["architectures"] = ["Qwen3_5ForCausalLM"]
+        out["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": out.pop("rope_theta"),
+            "partial_rotary_factor": out.pop("partial_rotary_factor"),
+        }
+        out.pop("full_attention_interval")
+        return out
+
+
+def load_config(checkpoint_dir: str | Path) -> ModelConfig:
+    path = Path(checkpoint_dir) / "config.json"
+    if not path.is_file():
+        raise QwenliteError(f"no config.json in {checkpoint_dir}: not a Hugging Face checkpoint directory")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QwenliteError(f"{path} is not valid JSON: {e}") from None
+    try:
+        return ModelConfig.from_dict(raw)
+    except TypeError as e:
+        raise QwenliteError(f"{path}: {e}") from None
+
+
+# Real shapes of the published checkpoints (DESIGN.md section 1) and a tiny one for tests and demos.
+PRESETS: dict[str, dict[str, Any]] = {
+    "qwen3.5-0.8b": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=24, num_attention_heads=8,
+                         num_key_value_heads=2, linear_num_key_heads=16, linear_num_value_heads=16,
+                         tie_word_embeddings=True),
+    "qwen3.5-2b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=24, num_attention_heads=8,
+                       num_key_value_heads=2, linear_num_key_heads=16, linear_num_value_heads=16,
+                       tie_word_embeddings=True),
+    "qwen3.5-4b": dict(hidden_size=2560, intermediate_size=9216, num_hidden_layers=32, num_attention_heads=16,
+                       num_key_value_heads=4, linear_num_key_heads=16, linear_num_value_heads=32,
+                       tie_word_embeddings=True),
+    "qwen3.5-9b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=32, num_attention_heads=16,
+                       num_key_value_heads=4, linear_num_key_heads=16, linear_num_value_heads=32,
+                       tie_word_embeddings=False),
+    # mlx-lm's Qwen3.5 test shape: hidden 128, 4 layers (3 linear : 1 full), the real vocabulary.
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+                 linear_key_head_dim=32, linear_value_head_dim=32, tie_word_embeddings=True),
+}  # fmt: skip
+
+
+def preset_config(name: str, **overrides: Any) -> ModelConfig:
+    if name not in PRESETS:
+        raise QwenliteError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], "mtp_num_hidden_layers": 1, **overrides})

@@ -1,0 +1,233 @@
+"""The Qwen3.5 dense text model. Attribute paths mirror the checkpoint's tensor names
+(`model.layers.{i}.linear_attn.in_proj_qkv.weight`, `model.layers.{i}.self_attn.q_norm.weight`, ...), so
+loading is a name lookup.
+
+One forward serves training (no cache: the whole sequence, differentiable) and inference (a `Cache`:
+prefill of any length, then decode steps). Norms, gates and the recurrent state are computed in fp32
+whatever the weight dtype; everything else runs in the weight dtype.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenlite.config import ModelConfig
+from qwenlite.ops.attention import causal_attention
+from qwenlite.ops.conv import causal_conv1d
+from qwenlite.ops.delta_rule import gated_delta_rule_chunked, gated_delta_rule_step
+from qwenlite.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+if TYPE_CHECKING:
+    from qwenlite.cache import AttentionCache, Cache, LinearAttentionCache
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+class RMSNorm(nn.Module):
+    """Zero-centred RMSNorm: x_hat * (1 + w), w initialised to 0 (layer, final, q/k norms)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (rms_normalize(x, self.eps) * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class RMSNormGated(nn.Module):
+    """Plain gated RMSNorm inside Gated DeltaNet: w * x_hat * silu(z), w initialised to 1."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        # The reference rounds x_hat to the input dtype before the weight; keep that rounding.
+        x_hat = rms_normalize(x, self.eps).to(x.dtype)
+        return (self.weight * x_hat * F.silu(z.float())).to(x.dtype)
+
+
+class GatedDeltaNet(nn.Module):
+    """Linear attention: fused qkv projection -> causal depthwise conv + SiLU -> gated delta rule ->
+    gated norm with z -> out_proj."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.num_k_heads, self.num_v_heads = c.linear_num_key_heads, c.linear_num_value_heads
+        self.head_k_dim, self.head_v_dim = c.linear_key_head_dim, c.linear_value_head_dim
+        self.key_dim, self.value_dim = c.linear_key_dim, c.linear_value_dim
+        conv_dim = c.linear_conv_dim
+        self.in_proj_qkv = nn.Linear(c.hidden_size, conv_dim, bias=False)
+        self.in_proj_z = nn.Linear(c.hidden_size, self.value_dim, bias=False)
+        self.in_proj_b = nn.Linear(c.hidden_size, self.num_v_heads, bias=False)
+        self.in_proj_a = nn.Linear(c.hidden_size, self.num_v_heads, bias=False)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, c.linear_conv_kernel_dim, groups=conv_dim, bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_v_heads).uniform_(0.01, 16).log())
+        self.norm = RMSNormGated(self.head_v_dim, c.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cache: LinearAttentionCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        qkv = self.in_proj_qkv(x).transpose(1, 2)  # (B, conv_dim, T)
+        qkv, conv_state = causal_conv1d(qkv, self.conv1d.weight, cache.conv if cache is not None else None)
+        qkv = F.silu(qkv).transpose(1, 2)  # (B, T, conv_dim)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = l2_normalize(q.reshape(B, T, self.num_k_heads, self.head_k_dim).float()) * self.head_k_dim**-0.5
+        k = l2_normalize(k.reshape(B, T, self.num_k_heads, self.head_k_dim).float())
+        v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
+        beta = self.in_proj_b(x).float().sigmoid()  # (B, T, Hv)
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())  # log decay
+
+        if cache is None:
+            o, _ = gated_delta_rule_chunked(q, k, v, g, beta)
+        else:
+            cache.conv.copy_(conv_state)
+            if T == 1:
+                o, _ = gated_delta_rule_step(q, k, v, g, beta, cache.state)
+            else:
+                o, state = gated_delta_rule_chunked(q, k, v, g, beta, cache.state)
+                cache.state.copy_(state)
+        o = o.to(x.dtype)  # (B, T, Hv, Dv)
+        z = self.in_proj_z(x).reshape(B, T, self.num_v_heads, self.head_v_dim)
+        return self.out_proj(self.norm(o, z).reshape(B, T, self.value_dim))
+
+
+class Attention(nn.Module):
+    """Gated attention: q_proj emits per head the query and an output gate; per-head q/k RMSNorm; partial
+    rotary; GQA; output o_proj(attn * sigmoid(gate))."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+        )
+        q_out = self.num_heads * self.head_dim * (2 if c.attn_output_gate else 1)
+        self.gated = c.attn_output_gate
+        self.q_proj = nn.Linear(c.hidden_size, q_out, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
+        self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: AttentionCache | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        D = self.head_dim
+        q = self.q_proj(x).view(B, T, self.num_heads, -1)
+        if self.gated:
+            q, gate = q.split(D, dim=-1)  # per head: [query | gate]
+        q = apply_rope(self.q_norm(q).transpose(1, 2), cos, sin)  # (B, H, T, D)
+        k = apply_rope(self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, D)).transpose(1, 2), cos, sin)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, D).transpose(1, 2)
+        if cache is not None:
+            cache.k[:, :, start : start + T] = k
+            cache.v[:, :, start : start + T] = v
+            k, v = cache.k[:, :, : start + T], cache.v[:, :, : start + T]
+        o = causal_attention(q, k, v, scale=D**-0.5).transpose(1, 2).reshape(B, T, -1)
+        if self.gated:
+            o = o * torch.sigmoid(gate.reshape(B, T, -1))
+        return self.o_proj(o)
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig, layer_type: str):
+        super().__init__()
+        self.layer_type = layer_type
+        if layer_type == "linear_attention":
+            self.linear_attn = GatedDeltaNet(c)
+        else:
+            self.self_attn = Attention(c)
+        self.mlp = MLP(c)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache=None, start: int = 0) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        if self.layer_type == "linear_attention":
+            h = self.linear_attn(h, cache)
+        else:
+            h = self.self_attn(h, cos, sin, cache, start)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c, t) for t in c.layer_types)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.config = c
+        self.init_rope()
+
+    def init_rope(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the rotary frequencies: a model built on the meta device has none until this runs."""
+        inv_freq = rope_inv_freq(self.config.rotary_dim, self.config.rope_theta)
+        self.register_buffer("inv_freq", inv_freq.to(device) if device else inv_freq, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> final hidden states (B, T, hidden), normed."""
+        T = input_ids.shape[1]
+        start = cache.seq_len if cache is not None else 0
+        if cache is not None and start + T > cache.max_seq_len:
+            raise ValueError(f"{start + T} tokens do not fit a cache of {cache.max_seq_len}")
+        x = self.embed_tokens(input_ids)
+        positions = torch.arange(start, start + T, device=input_ids.device)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, start)
+        if cache is not None:
+            cache.seq_len = start + T
+        return self.norm(x)
+
+
+class Qwen3_5ForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = TextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V) fp32, or only the last `logits_to_keep` positions: prefill
+        needs one row, and the 248K-row head is the costliest matmul of a small model."""
+        h = self.model(input_ids, cache)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return self.lm_head(h).float()

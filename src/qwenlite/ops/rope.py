@@ -1,0 +1,27 @@
+"""Rotary position embedding on the first `rotary_dim` dims of each head (partial rotary, half-split layout)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_inv_freq(rotary_dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (T,) -> cos, sin (T, rotary_dim), computed in fp32 and cast once."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D); cos/sin (T, R) with R <= D. Dims past R pass through unchanged."""
+    R = cos.shape[-1]
+    x_rot, x_pass = x[..., :R], x[..., R:]
+    x1, x2 = x_rot[..., : R // 2], x_rot[..., R // 2 :]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
