@@ -1,0 +1,18 @@
+"""Shared fixtures. Built once per session: the real Qwen3.5 tokenizer files are ~33 MB."""
+
+import pytest
+
+from qwenlite.tokenizer import Tokenizer, write_tokenizer_files
+
+
+@pytest.fixture(scope="session")
+def qwen35_tokenizer_dir(tmp_path_factory):
+    """A directory holding tokenizer.json, tokenizer_config.json and chat_template.jinja for Qwen3.5."""
+    path = tmp_path_factory.mktemp("qwen35_tokenizer")
+    write_tokenizer_files(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen35_tokenizer(qwen35_tokenizer_dir) -> Tokenizer:
+    return Tokenizer.from_dir(qwen35_tokenizer_dir)
