@@ -1,3 +1,28 @@
-"""qwenlite: run, serve, shrink, train and measure Qwen3.5 models."""
+"""qwenlite: run, serve, shrink, train and measure Qwen3.5 models.
+
+model, tokenizer = qwenlite.load("Qwen/Qwen3.5-0.8B")
+ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}]))
+print(qwenlite.generate(model, tokenizer, ids, qwenlite.SamplingParams(temperature=0)))
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwenlite.generate import generate, generate_tokens, stream
+from qwenlite.hub import DEFAULT_MODEL, resolve_model_path
+from qwenlite.model import Qwen3_5ForCausalLM
+from qwenlite.sample import SamplingParams
+from qwenlite.tokenizer import Tokenizer
+from qwenlite.weights import load_checkpoint
 
 __version__ = "0.1.0"
+__all__ = ["load", "generate", "generate_tokens", "stream", "SamplingParams", "Tokenizer", "Qwen3_5ForCausalLM"]
+
+
+def load(
+    model: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device: str = "cpu"
+) -> tuple[Qwen3_5ForCausalLM, Tokenizer]:
+    """A local checkpoint directory or a hub id -> (model, tokenizer)."""
+    path = resolve_model_path(model)
+    return load_checkpoint(path, dtype, device).model, Tokenizer.from_dir(path)

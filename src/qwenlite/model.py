@@ -215,6 +215,19 @@ class TextModel(nn.Module):
         return self.norm(x)
 
 
+def initial_value(name: str, shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    """The documented initialisation, by tensor name, in fp32: zero-centred norms start at 0 (scale 1), the
+    gated norm's weight at 1, dt_bias at 1, A_log at log(U(0.01, 16)) as the reference; every projection,
+    the conv and the embedding from N(0, 0.02)."""
+    if name.endswith("linear_attn.norm.weight") or name.endswith("dt_bias"):
+        return torch.ones(shape)
+    if name.endswith("norm.weight"):
+        return torch.zeros(shape)
+    if name.endswith("A_log"):
+        return torch.empty(shape).uniform_(0.01, 16, generator=generator).log()
+    return torch.empty(shape).normal_(0.0, 0.02, generator=generator)
+
+
 class Qwen3_5ForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()

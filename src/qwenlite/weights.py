@@ -7,9 +7,10 @@ must be there with its shape, and nothing unexpected may be left over."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -17,10 +18,11 @@ from typing import TypeVar
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from qwenlite.config import DTYPES, ModelConfig, load_config
 from qwenlite.errors import QwenliteError
-from qwenlite.model import Qwen3_5ForCausalLM
+from qwenlite.model import Qwen3_5ForCausalLM, initial_value
 
 INDEX_FILE = "model.safetensors.index.json"
 V = TypeVar("V")
@@ -152,6 +154,9 @@ def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should be an ordinary file
     try:
         write(Path(tmp))
         os.replace(tmp, path)
@@ -166,39 +171,77 @@ def save_checkpoint(
     extra_tensors: Mapping[str, torch.Tensor] | None = None,
     max_shard_bytes: int = 4 << 30,
 ) -> None:
-    """Write config.json and safetensors shards (with an index when there are several), each atomically,
-    in the flat `Qwen3_5ForCausalLM` layout that transformers and qwenlite both load."""
-    out = Path(out_dir)
+    """Write config.json and safetensors shards in the flat `Qwen3_5ForCausalLM` layout that transformers
+    and qwenlite both load."""
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         tensors.pop("lm_head.weight")
     tensors.update(extra_tensors or {})
-    shards = _plan_shards(tensors.items(), max_shard_bytes)
+    dtype = next(iter(tensors.values())).dtype
+    write_checkpoint(model.config, out_dir, tensors.items(), dtype, max_shard_bytes)
+
+
+def write_checkpoint(
+    config: ModelConfig,
+    out_dir: str | Path,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    max_shard_bytes: int = 4 << 30,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Stream (name, tensor) pairs into shards of at most `max_shard_bytes`, each written atomically, then
+    the index (when there are several) and config.json. Holds one shard in memory at a time."""
+    out = Path(out_dir)
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    shard_paths: list[Path] = []
+    total = 0
+
+    def flush() -> None:
+        path = out / f"model-{len(shard_paths) + 1:05d}.safetensors"
+        atomic_write(path, lambda p: save_file(shard, str(p), metadata={"format": "pt"}))
+        weight_map.update(dict.fromkeys(shard, path.name))
+        shard_paths.append(path)
+        shard.clear()
+
+    size = 0
+    for name, t in tensors:
+        n = t.numel() * t.element_size()
+        if shard and size + n > max_shard_bytes:
+            flush()
+            size = 0
+        shard[name] = t
+        size += n
+        total += n
+        if progress:
+            progress(n)
+    flush()
+    # Final names follow the Hugging Face convention, which needs the shard count.
     names = (
         ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        if len(shard_paths) == 1
+        else [f"model-{i + 1:05d}-of-{len(shard_paths):05d}.safetensors" for i in range(len(shard_paths))]
     )
-    for shard, name in zip(shards, names, strict=True):
-        atomic_write(out / name, lambda p, s=shard: save_file(s, str(p), metadata={"format": "pt"}))
-    if len(shards) > 1:
-        weight_map = {k: name for shard, name in zip(shards, names, strict=True) for k in shard}
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    renamed = {p.name: name for p, name in zip(shard_paths, names, strict=True)}
+    for p, name in zip(shard_paths, names, strict=True):
+        os.replace(p, out / name)
+    if len(shard_paths) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}}
         atomic_write(out / INDEX_FILE, lambda p: p.write_text(json.dumps(index, indent=2)))
-    config = model.config.to_dict()
-    config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+    config_dict = config.to_dict()
+    config_dict["dtype"] = str(dtype).removeprefix("torch.")
+    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config_dict, indent=2)))
 
 
-def _plan_shards(items: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in items:
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += n
-    return shards
+def write_random_checkpoint(
+    config: ModelConfig, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0
+) -> None:
+    """A checkpoint with the real shapes and random weights (the model's documented initialisation), made
+    one tensor at a time so that a 9B checkpoint needs no more memory than one shard."""
+    with torch.device("meta"):
+        shapes = expected_shapes(Qwen3_5ForCausalLM(config))
+    generator = torch.Generator().manual_seed(seed)
+    total = sum(math.prod(s) for s in shapes.values()) * torch.finfo(dtype).bits // 8
+    with tqdm(total=total, unit="B", unit_scale=True, desc="writing random weights") as bar:
+        items = ((name, initial_value(name, shape, generator).to(dtype)) for name, shape in shapes.items())
+        write_checkpoint(config, out_dir, items, dtype, max_shard_bytes=2 << 30, progress=bar.update)

@@ -1,0 +1,245 @@
+"""Generation in three layers: `generate_tokens` yields token ids, `stream` yields text chunks (answer and
+reasoning apart, stop strings, finish reason, timings), `generate` returns the answer as a string.
+
+The core works on token ids; only `stream` knows the tokenizer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from qwenlite.cache import Cache, make_cache
+from qwenlite.errors import QwenliteError
+from qwenlite.model import Qwen3_5ForCausalLM
+from qwenlite.sample import SamplingParams, apply_processors, make_logits_processors, make_sampler
+from qwenlite.tokenizer import IncrementalDetokenizer, Tokenizer
+
+PREFILL_CHUNK = 512  # bounds the activations of a long prompt; the gated delta rule chunks by 64 inside
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    time_to_first_token: float = 0.0
+    finish_reason: str = "length"  # "stop" once an end-of-turn token or a stop string ends generation
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        # The first token comes from prefill; decode steps produce the rest.
+        steps = self.generated_tokens - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"prompt {self.prompt_tokens} tok, {self.prompt_tokens_per_second:.1f} tok/s | "
+            f"generated {self.generated_tokens} tok, {self.decode_tokens_per_second:.1f} tok/s | "
+            f"time to first token {self.time_to_first_token * 1000:.0f} ms"
+        )
+
+
+def prefill(model: Qwen3_5ForCausalLM, ids: Sequence[int], cache: Cache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """Run the prompt through the model in pieces of `chunk` tokens; returns the last position's logits (V,)."""
+    device = model.lm_head.weight.device
+    logits = None
+    for start in range(0, len(ids), chunk):
+        piece = torch.tensor([ids[start : start + chunk]], device=device)
+        logits = model(piece, cache, logits_to_keep=1)
+    return logits[0, -1]
+
+
+def decode_step(model: Qwen3_5ForCausalLM, token: int, cache: Cache) -> torch.Tensor:
+    """One token in, the next token's logits (V,) out."""
+    ids = torch.tensor([[token]], device=model.lm_head.weight.device)
+    return model(ids, cache)[0, -1]
+
+
+def context_length(model: Qwen3_5ForCausalLM, max_context: int | None = None) -> int:
+    limit = model.config.max_position_embeddings
+    return min(limit, max_context) if max_context else limit
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model: Qwen3_5ForCausalLM,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    max_tokens: int,
+    stop_ids: Iterable[int] = (),
+    max_context: int | None = None,
+    stats: GenerationStats | None = None,
+) -> Iterator[int]:
+    """Yield generated token ids until a stop id (not yielded), `max_tokens`, or the context is full.
+
+    `stats`, if given, is filled in as generation goes."""
+    params.validate()
+    if not prompt_ids:
+        raise QwenliteError("the prompt is empty")
+    ctx = context_length(model, max_context)
+    if len(prompt_ids) >= ctx:
+        raise QwenliteError(f"the prompt is {len(prompt_ids)} tokens, longer than the context of {ctx} tokens")
+    max_tokens = min(max_tokens, ctx - len(prompt_ids))
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = len(prompt_ids)
+    stop = frozenset(stop_ids)
+    processors = make_logits_processors(params, len(prompt_ids))
+    sample = make_sampler(params)
+    history = torch.tensor(list(prompt_ids)) if processors else None
+    cache = make_cache(
+        model.config,
+        max_seq_len=len(prompt_ids) + max_tokens,
+        dtype=model.lm_head.weight.dtype,
+        device=model.lm_head.weight.device,
+    )
+
+    t0 = time.perf_counter()
+    logits = prefill(model, prompt_ids, cache)
+    for n in range(max_tokens):
+        if processors:
+            logits = apply_processors(processors, history, logits)
+        token = sample(logits)
+        now = time.perf_counter()
+        if n == 0:
+            stats.prefill_seconds = stats.time_to_first_token = now - t0
+        if token in stop:
+            stats.finish_reason = "stop"
+            return
+        stats.generated_tokens += 1
+        stats.decode_seconds = now - t0 - stats.prefill_seconds
+        yield token
+        if n + 1 == max_tokens:
+            return
+        if history is not None:
+            history = torch.cat([history, torch.tensor([token])])
+        logits = decode_step(model, token, cache)
+
+
+@dataclass
+class Chunk:
+    text: str = ""  # answer text
+    reasoning: str = ""  # text inside <think>...</think>
+    finish_reason: str | None = None  # "stop" or "length" on the last chunk
+    stats: GenerationStats | None = None  # on the last chunk
+    token_ids: list[int] = field(default_factory=list)
+
+
+class _StopMatcher:
+    """Holds back the tail of the text that could still grow into a stop string."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was hit)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), keep, -1):
+                if self.pending.endswith(s[:n]):
+                    keep = n
+                    break
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def starts_in_reasoning(tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> bool:
+    """True when the prompt ends inside an open <think> block (the Qwen3.5 template opens one for the
+    assistant when thinking is on), so the first generated tokens are reasoning."""
+    think, end_think = tokenizer.token_to_id("<think>"), tokenizer.token_to_id("</think>")
+    im_start = tokenizer.token_to_id("<|im_start|>")
+    for t in reversed(prompt_ids):
+        if t == end_think or t == im_start:
+            return False
+        if t == think:
+            return True
+    return False
+
+
+def stream(
+    model: Qwen3_5ForCausalLM,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    max_tokens: int = 512,
+    stop: Sequence[str] = (),
+    max_context: int | None = None,
+) -> Iterator[Chunk]:
+    """Yield text chunks as tokens arrive: reasoning and answer apart, never a broken UTF-8 sequence, stop
+    strings cut out. The last chunk carries the finish reason and the timings."""
+    think, end_think = tokenizer.token_to_id("<think>"), tokenizer.token_to_id("</think>")
+    in_reasoning = starts_in_reasoning(tokenizer, prompt_ids)
+    detok = IncrementalDetokenizer(tokenizer)
+    matcher = _StopMatcher(stop)
+    stats = GenerationStats()
+    # Newlines that open a channel (after <think> / </think>) are dropped, and so are those that close the
+    # reasoning: held back until more reasoning shows they were inside it.
+    at_channel_start = True
+    held = ""
+
+    def emit(text: str, ids: list[int]) -> Chunk | None:
+        nonlocal at_channel_start, held
+        if at_channel_start:
+            text = text.lstrip("\n")
+            at_channel_start = not text
+        if in_reasoning:
+            text = held + text
+            held = text[len(text.rstrip("\n")) :]
+            text = text[: len(text) - len(held)]
+        if not text:
+            return None
+        return Chunk(reasoning=text, token_ids=ids) if in_reasoning else Chunk(text=text, token_ids=ids)
+
+    tokens = generate_tokens(model, prompt_ids, params, max_tokens, tokenizer.eos_token_ids, max_context, stats)
+    for token in tokens:
+        if token in (think, end_think):
+            # Switch channels: what the detokenizer and matcher hold belongs to the channel being left.
+            chunk = emit(matcher.flush() + detok.flush(), [token])
+            if chunk:
+                yield chunk
+            in_reasoning, at_channel_start, held = token == think, True, ""
+            continue
+        text, hit = matcher.push(detok.add(token))
+        chunk = emit(text, [token])
+        if chunk:
+            yield chunk
+        if hit:
+            stats.finish_reason = "stop"
+            break
+    else:
+        text, hit = matcher.push(detok.flush())
+        chunk = emit(text if hit else text + matcher.flush(), [])
+        if chunk:
+            yield chunk
+    tokens.close()
+    yield Chunk(finish_reason=stats.finish_reason, stats=stats)
+
+
+def generate(
+    model: Qwen3_5ForCausalLM,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    max_tokens: int = 512,
+    stop: Sequence[str] = (),
+) -> str:
+    """The whole answer (reasoning left out) as one string."""
+    return "".join(c.text for c in stream(model, tokenizer, prompt_ids, params, max_tokens, stop))

@@ -1,0 +1,220 @@
+"""The command line end to end on a checkpoint the test writes: `init-random`, `run`, `chat`, and the
+one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import qwenlite
+from qwenlite.cli import main
+from qwenlite.sample import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny")
+    assert main(["init-random", "tiny", str(out), "--dtype", "float32", "--seed", "1"]) == 0
+    return out
+
+
+def run_cli(capsys, *argv: str, stdin: str | None = None, monkeypatch=None) -> tuple[int, str, str]:
+    if stdin is not None:
+        import io
+
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_init_random_writes_a_full_checkpoint(tiny_dir):
+    names = {p.name for p in tiny_dir.iterdir()}
+    expected = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+    assert expected <= names
+    assert "generation_config.json" in names
+    config = json.loads((tiny_dir / "config.json").read_text())
+    assert config["hidden_size"] == 128 and config["vocab_size"] == 248320
+    assert not any(n.endswith(".tmp") for n in names)
+
+
+def test_run_prints_only_the_answer(tiny_dir, capsys):
+    code, out, err = run_cli(
+        capsys, "run", str(tiny_dir), "Once upon a time", "--raw", "--max-tokens", "12", "--temperature", "0"
+    )
+    assert code == 0
+    model, tok = qwenlite.load(str(tiny_dir))
+    ids = tok.encode("Once upon a time")
+    expected = qwenlite.generate(model, tok, ids, SamplingParams(temperature=0), max_tokens=12)
+    assert out == expected + "\n"
+    assert "tok/s" not in out and "tok/s" not in err  # stats only with --verbose
+
+
+def test_run_verbose_reports_timings_on_stderr(tiny_dir, capsys):
+    code, out, err = run_cli(
+        capsys, "run", str(tiny_dir), "Hi", "--max-tokens", "4", "--temperature", "0", "--no-think", "--verbose"
+    )
+    assert code == 0
+    assert "tok/s" in err and "time to first token" in err
+    assert "tok/s" not in out
+
+
+def test_run_seeded_sampling_is_reproducible(tiny_dir, capsys):
+    argv = [
+        "run",
+        str(tiny_dir),
+        "Tell me a story",
+        "--raw",
+        "--max-tokens",
+        "16",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "7",
+    ]
+    first = run_cli(capsys, *argv)
+    second = run_cli(capsys, *argv)
+    assert first[0] == 0 and first == second
+
+
+def test_chat_two_turns_over_piped_stdin(tiny_dir, capsys, monkeypatch):
+    code, out, err = run_cli(
+        capsys,
+        "chat",
+        str(tiny_dir),
+        "--max-tokens",
+        "3",
+        "--temperature",
+        "0",
+        "--no-think",
+        "--verbose",
+        stdin="Hello\nAnd again?\n",
+        monkeypatch=monkeypatch,
+    )
+    assert code == 0
+    stats = [line for line in err.splitlines() if "tok/s" in line]
+    assert len(stats) == 2, err
+    # The second turn's prompt holds the whole first exchange, so it is longer.
+    first, second = (int(line.split()[1]) for line in stats)
+    assert second > first + 5
+
+
+def test_chat_commands(tiny_dir, capsys, monkeypatch):
+    stdin = "Hello\n/reset\nHello\n/think\n/exit\nnever read\n"
+    code, out, err = run_cli(
+        capsys,
+        "chat",
+        str(tiny_dir),
+        "--max-tokens",
+        "2",
+        "--temperature",
+        "0",
+        "--no-think",
+        "--verbose",
+        stdin=stdin,
+        monkeypatch=monkeypatch,
+    )
+    assert code == 0
+    stats = [line for line in err.splitlines() if "tok/s" in line]
+    assert len(stats) == 2
+    assert stats[0].split()[1] == stats[1].split()[1]  # after /reset the same prompt again
+    assert "(new conversation)" in err and "(reasoning on)" in err
+
+
+def _expect_error(capsys, *argv: str, needle: str) -> str:
+    code, out, err = run_cli(capsys, *argv)
+    assert code != 0
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qwenlite: error:"), err
+    assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_model_directory(capsys, tmp_path):
+    _expect_error(capsys, "run", str(tmp_path / "nope"), "hi", needle="no such model directory")
+
+
+def test_missing_config(tiny_dir, tmp_path, capsys):
+    d = copy_checkpoint(tiny_dir, tmp_path / "c")
+    (d / "config.json").unlink()
+    _expect_error(capsys, "run", str(d), "hi", needle="config.json")
+
+
+def test_missing_tokenizer(tiny_dir, tmp_path, capsys):
+    d = copy_checkpoint(tiny_dir, tmp_path / "c")
+    (d / "tokenizer.json").unlink()
+    _expect_error(capsys, "run", str(d), "hi", needle="tokenizer.json")
+
+
+def test_missing_weights(tiny_dir, tmp_path, capsys):
+    d = copy_checkpoint(tiny_dir, tmp_path / "c")
+    (d / "model.safetensors").unlink()
+    _expect_error(capsys, "run", str(d), "hi", needle="safetensors")
+
+
+def test_truncated_weights(tiny_dir, tmp_path, capsys):
+    d = copy_checkpoint(tiny_dir, tmp_path / "c")
+    f = d / "model.safetensors"
+    os.truncate(f, f.stat().st_size // 2)
+    _expect_error(capsys, "run", str(d), "hi", needle="model.safetensors")
+
+
+def test_unknown_model_type(tiny_dir, tmp_path, capsys):
+    d = copy_checkpoint(tiny_dir, tmp_path / "c")
+    config = json.loads((d / "config.json").read_text())
+    config["model_type"] = "llama"
+    (d / "config.json").write_text(json.dumps(config))
+    line = _expect_error(capsys, "run", str(d), "hi", needle="llama")
+    assert "qwen3_5" in line
+
+
+def test_wrong_tensor_shape(tiny_dir, tmp_path, capsys):
+    d = copy_checkpoint(tiny_dir, tmp_path / "c")
+    tensors = load_file(d / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name] = torch.zeros(3, 3)
+    save_file(tensors, d / "model.safetensors")
+    _expect_error(capsys, "run", str(d), "hi", needle=name)
+
+
+def test_prompt_longer_than_context(tiny_dir, capsys):
+    _expect_error(capsys, "run", str(tiny_dir), "word " * 50, "--raw", "--ctx", "16", needle="longer than the context")
+
+
+def test_bad_sampling_flag(tiny_dir, capsys):
+    _expect_error(capsys, "run", str(tiny_dir), "hi", "--top-p", "1.5", needle="top_p")
+
+
+def test_hub_id_without_network(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    line = _expect_error(capsys, "run", "Qwen/Qwen3.5-0.8B", "hi", needle="Qwen/Qwen3.5-0.8B")
+    assert "network" in line and "local checkpoint directory" in line
+
+
+def test_console_script_end_to_end(tiny_dir):
+    """The installed entry point, in a fresh process: answer on stdout, exit 0; bad input exits 1."""
+    exe = shutil.which("qwenlite") or pytest.fail("the qwenlite console script is not installed")
+    ok = subprocess.run(
+        [exe, "run", str(tiny_dir), "Hi", "--max-tokens", "3", "--temperature", "0", "--raw"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run([exe, "run", str(tiny_dir / "missing"), "Hi"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
