@@ -38,6 +38,11 @@ class Cache:
                 return layer.k.shape[2]
         return 1 << 62  # only recurrent layers: no bound
 
+    @property
+    def batch_size(self) -> int:
+        layer = self.layers[0]
+        return (layer.k if isinstance(layer, AttentionCache) else layer.state).shape[0]
+
     def snapshot(self) -> Cache:
         """An independent copy of the state after `seq_len` tokens (KV trimmed to what is filled)."""
         layers: list[LayerCache] = []
@@ -53,6 +58,8 @@ class Cache:
         """Return to the point where `snap` was taken, reusing this cache's buffers."""
         if snap.seq_len > self.max_seq_len:
             raise ValueError(f"snapshot of {snap.seq_len} tokens does not fit a cache of {self.max_seq_len}")
+        if snap.batch_size != self.batch_size:
+            raise ValueError(f"snapshot of batch {snap.batch_size} cannot restore a cache of batch {self.batch_size}")
         for mine, theirs in zip(self.layers, snap.layers, strict=True):
             if isinstance(mine, AttentionCache):
                 mine.k[:, :, : snap.seq_len].copy_(theirs.k[:, :, : snap.seq_len])

@@ -109,12 +109,15 @@ class ModelConfig:
         text["model_type"] = "qwen3_5_text"
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in text.items() if k in names and v is not None}
-        extra = {k: v for k, v in raw.items() if k not in names}
+        # Unknown keys ride along; the ones to_dict() writes itself do not.
+        derived = {"torch_dtype", "architectures", "rope_parameters"}
+        extra = {k: v for k, v in text.items() if k not in names and k not in derived}
         return cls(**known, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
         """A flat `qwen3_5_text` config.json that transformers' Qwen3_5ForCausalLM reads."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out = {**self.extra, **out}
         out["architectures"] = ["Qwen3_5ForCausalLM"]
         out["rope_parameters"] = {
             "rope_type": "default",

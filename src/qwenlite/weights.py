@@ -114,8 +114,8 @@ def load_checkpoint(
         raise QwenliteError(f"checkpoint {root} is missing tensor {missing[0]}" + _more(missing))
     unexpected = sorted(set(files) - set(shapes))
     if unexpected:
-        name = unexpected[0]
-        raise QwenliteError(f"unexpected tensor {name} in {files[name][0]}" + _more(unexpected))
+        path, stored = files[unexpected[0]]
+        raise QwenliteError(f"unexpected tensor {stored} in {path}" + _more(unexpected))
 
     handles = {path: _open(path) for path, _ in (*files.values(), *mtp_files.values())}
     state: dict[str, torch.Tensor] = {}
@@ -123,7 +123,7 @@ def load_checkpoint(
         tensor = _get(handles[path], stored, path)
         if tuple(tensor.shape) != shapes[name]:
             raise QwenliteError(
-                f"tensor {name} in {path} has shape {tuple(tensor.shape)}, expected {shapes[name]} from config.json"
+                f"tensor {stored} in {path} has shape {tuple(tensor.shape)}, expected {shapes[name]} from config.json"
             )
         # One dtype for every tensor, as the reference; forward does norms and gates in fp32.
         state[name] = tensor.to(device=device, dtype=dtype)
@@ -154,11 +154,11 @@ def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should be an ordinary file
     try:
         write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should be an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

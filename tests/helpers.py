@@ -1,0 +1,181 @@
+"""Tiny Qwen3.5 checkpoints built with transformers (the reference), for parity tests.
+
+Import from a test module as `from helpers import ...`: tests/ is a rootdir-less directory (no __init__.py),
+so pytest's default "prepend" import mode puts tests/ itself on sys.path for `pytest` and `python -m pytest`
+alike, whatever the working directory.
+
+Weights: every Linear/Embedding/Conv1d weight is drawn N(0, scale) (transformers' `initializer_range`, default
+here 0.2 instead of 0.02: with hidden 64 that gives logits of std ~1.5 and max ~7, far from uniform, so a wrong
+layer shows up in the logits). Parameters transformers initialises to constants are drawn too, so that a
+swapped or ignored parameter cannot hide: zero-centred RMSNorm weights N(0, 0.1), gated-norm weights
+1 + N(0, 0.1), dt_bias 1 + N(0, 0.5), and A = exp(A_log) log-uniform in [1e-3, 2] per value head, so that some
+heads keep their recurrent state for hundreds of tokens (across chunk boundaries) and others forget in a few.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+TINY_TEXT_CONFIG: dict = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,  # more value heads than key heads, as 4B / 9B
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_conv_kernel_dim": 4,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 1024,
+    # theta differs from qwenlite's default (1e7), so a loader that ignores it fails the parity tests
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+}
+
+TINY_VISION_CONFIG: dict = {
+    "depth": 1,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "out_hidden_size": TINY_TEXT_CONFIG["hidden_size"],
+    "patch_size": 4,
+    "num_position_embeddings": 16,
+}
+
+MTP_FILE = "model-mtp.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def make_mtp_tensors(text_config: dict = TINY_TEXT_CONFIG, seed: int = 0, scale: float = 0.2) -> dict:
+    """The multi-token-prediction head as the published checkpoints carry it: fc over [embed; hidden], three
+    norms and one full-attention decoder layer. Deterministic in `seed` (its own generator, not the global RNG)."""
+    c = text_config
+    H, I, D = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    nh, nkv = c["num_attention_heads"], c["num_key_value_heads"]
+    shapes = {
+        "mtp.fc.weight": (H, 2 * H),
+        "mtp.pre_fc_norm_embedding.weight": (H,),
+        "mtp.pre_fc_norm_hidden.weight": (H,),
+        "mtp.norm.weight": (H,),
+        "mtp.layers.0.input_layernorm.weight": (H,),
+        "mtp.layers.0.post_attention_layernorm.weight": (H,),
+        "mtp.layers.0.self_attn.q_proj.weight": (2 * nh * D, H),  # query and output gate
+        "mtp.layers.0.self_attn.k_proj.weight": (nkv * D, H),
+        "mtp.layers.0.self_attn.v_proj.weight": (nkv * D, H),
+        "mtp.layers.0.self_attn.o_proj.weight": (H, nh * D),
+        "mtp.layers.0.self_attn.q_norm.weight": (D,),
+        "mtp.layers.0.self_attn.k_norm.weight": (D,),
+        "mtp.layers.0.mlp.gate_proj.weight": (I, H),
+        "mtp.layers.0.mlp.up_proj.weight": (I, H),
+        "mtp.layers.0.mlp.down_proj.weight": (H, I),
+    }
+    gen = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=gen) * scale for name, shape in shapes.items()}
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    """Draw the parameters transformers sets to constants (see the module docstring)."""
+    with torch.no_grad():
+        for module in model.modules():
+            kind = type(module).__name__
+            if kind == "Qwen3_5RMSNorm":  # zero-centred: x_hat * (1 + w)
+                module.weight.normal_(0.0, 0.1)
+            elif kind == "Qwen3_5RMSNormGated":  # plain: w * x_hat * silu(z)
+                module.weight.normal_(1.0, 0.1)
+            elif kind == "Qwen3_5GatedDeltaNet":
+                module.dt_bias.normal_(1.0, 0.5)
+                n = module.A_log.numel()
+                module.A_log.copy_(torch.empty(n).uniform_(math.log(1e-3), math.log(2.0)))
+
+
+def make_hf_model(*, tied: bool = True, layout: str = "causal_lm", scale: float = 0.2, seed: int = 0):
+    """A seeded fp32 transformers model (eval mode, eager attention) with the tiny text config."""
+    from transformers import (
+        Qwen3_5Config,
+        Qwen3_5ForCausalLM,
+        Qwen3_5ForConditionalGeneration,
+        Qwen3_5TextConfig,
+    )
+
+    text = dict(TINY_TEXT_CONFIG, tie_word_embeddings=tied, initializer_range=scale)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if layout == "causal_lm":
+            config = Qwen3_5TextConfig(**text)
+            config._attn_implementation = "eager"
+            model = Qwen3_5ForCausalLM(config)
+        elif layout == "conditional_generation":
+            # as published: mrope sections (identical positions for text, so plain rope) and theta on the text config
+            text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[2, 1, 1], mrope_interleaved=True)
+            config = Qwen3_5Config(text_config=text, vision_config=dict(TINY_VISION_CONFIG), tie_word_embeddings=tied)
+            config._attn_implementation = "eager"
+            model = Qwen3_5ForConditionalGeneration(config)
+        else:
+            raise ValueError(f"unknown layout {layout!r}")
+        _randomize(model)
+    return model.float().eval()
+
+
+def make_hf_checkpoint(
+    path: str | Path,
+    *,
+    tied: bool = True,
+    layout: str = "causal_lm",
+    shard_bytes: int | None = None,
+    add_mtp: bool = False,
+    scale: float = 0.2,
+    seed: int = 0,
+):
+    """Write a tiny checkpoint with transformers' `save_pretrained` and return the transformers model.
+
+    layout "causal_lm": flat `Qwen3_5ForCausalLM` (`model.layers.*`, model_type qwen3_5_text).
+    layout "conditional_generation": the published `Qwen3_5ForConditionalGeneration` (`model.language_model.*`,
+    a tiny vision tower under `model.visual.*`, model_type qwen3_5).
+    shard_bytes: `max_shard_size`, so a small value writes several shards and `model.safetensors.index.json`.
+    add_mtp: append `make_mtp_tensors(seed=seed, scale=scale)` in a shard of their own (MTP_FILE), listed in the index
+    (an index is written if there was none)."""
+    path = Path(path)
+    model = make_hf_model(tied=tied, layout=layout, scale=scale, seed=seed)
+    kwargs = {} if shard_bytes is None else {"max_shard_size": shard_bytes}
+    model.save_pretrained(path, **kwargs)
+    if add_mtp:
+        mtp = make_mtp_tensors(TINY_TEXT_CONFIG, seed=seed, scale=scale)
+        save_file(mtp, str(path / MTP_FILE), metadata={"format": "pt"})
+        index_path = path / INDEX_FILE
+        if index_path.is_file():
+            index = json.loads(index_path.read_text())
+        else:
+            names = load_file(str(path / "model.safetensors")).keys()
+            index = {"metadata": {}, "weight_map": dict.fromkeys(names, "model.safetensors")}
+        index["weight_map"].update(dict.fromkeys(mtp, MTP_FILE))
+        total = sum(t.numel() * t.element_size() for t in mtp.values())
+        index["metadata"]["total_size"] = index["metadata"].get("total_size", 0) + total
+        index_path.write_text(json.dumps(index, indent=2))
+    return model
+
+
+def random_ids(batch: int, length: int, vocab: int = TINY_TEXT_CONFIG["vocab_size"], seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=gen)
+
+
+@torch.no_grad()
+def reference_logits(hf_model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Full-forward logits (B, T, V) fp32 of a transformers model, no cache."""
+    return hf_model(input_ids=input_ids, use_cache=False).logits.float()
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.float() - b.float()).abs().max().item()
