@@ -19,7 +19,7 @@ class AttentionCache:
 
 @dataclass
 class LinearAttentionCache:
-    conv: torch.Tensor  # (B, conv_dim, K-1): the last K-1 inputs of the causal conv
+    conv: torch.Tensor  # (B, K-1, conv_dim): the last K-1 inputs of the causal conv
     state: torch.Tensor  # (B, Hv, Dk, Dv) fp32
 
 
@@ -89,7 +89,7 @@ def make_cache(
                 )
             )
         else:
-            conv = torch.zeros(batch_size, c.linear_conv_dim, c.linear_conv_kernel_dim - 1, dtype=dtype, device=device)
+            conv = torch.zeros(batch_size, c.linear_conv_kernel_dim - 1, c.linear_conv_dim, dtype=dtype, device=device)
             state = torch.zeros(
                 batch_size,
                 c.linear_num_value_heads,

@@ -82,12 +82,12 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: LinearAttentionCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        qkv = self.in_proj_qkv(x).transpose(1, 2)  # (B, conv_dim, T)
+        qkv = self.in_proj_qkv(x)  # (B, T, conv_dim)
         qkv, conv_state = causal_conv1d(qkv, self.conv1d.weight, cache.conv if cache is not None else None)
-        qkv = F.silu(qkv).transpose(1, 2)  # (B, T, conv_dim)
+        qkv = F.silu(qkv)  # fp32
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = l2_normalize(q.reshape(B, T, self.num_k_heads, self.head_k_dim).float()) * self.head_k_dim**-0.5
-        k = l2_normalize(k.reshape(B, T, self.num_k_heads, self.head_k_dim).float())
+        q = l2_normalize(q.reshape(B, T, self.num_k_heads, self.head_k_dim)) * self.head_k_dim**-0.5
+        k = l2_normalize(k.reshape(B, T, self.num_k_heads, self.head_k_dim))
         v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
         beta = self.in_proj_b(x).float().sigmoid()  # (B, T, Hv)
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())  # log decay

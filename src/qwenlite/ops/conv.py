@@ -1,21 +1,27 @@
-"""Depthwise causal conv1d with an explicit carried state (the last K-1 inputs)."""
+"""Depthwise causal conv1d with an explicit carried state (the last K-1 inputs), in (B, T, C) layout."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def causal_conv1d(
     x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (B, C, T), weight (C, 1, K), state (B, C, K-1) or None for zeros.
+    """x (B, T, C), weight (C, 1, K) as nn.Conv1d stores it, state (B, K-1, C) or None for zeros.
 
-    Returns the conv output (B, C, T), before activation, and the new state: the last K-1 inputs,
-    so that a sequence fed in pieces gives the same output as fed whole."""
+    Returns the conv output (B, T, C) in fp32, before activation, and the new state: the last K-1 inputs,
+    so that a sequence fed in pieces gives the same output as fed whole. Written as K shifted
+    multiply-adds over the channels-last layout the projections produce: no transposes, and the
+    activations that follow stay in fp32."""
+    B, T, C = x.shape
     K = weight.shape[-1]
     if state is None:
-        state = x.new_zeros(x.shape[0], x.shape[1], K - 1)
-    full = torch.cat([state.to(x.dtype), x], dim=-1)  # (B, C, K-1+T)
-    out = F.conv1d(full, weight.to(x.dtype), groups=x.shape[1])
-    return out, full[:, :, -(K - 1) :]
+        state = x.new_zeros(B, K - 1, C)
+    full = torch.cat([state.to(x.dtype), x], dim=1)  # (B, K-1+T, C)
+    full_f = full.float()
+    w = weight.reshape(C, K).float()
+    out = full_f[:, :T] * w[:, 0]
+    for j in range(1, K):
+        out.addcmul_(full_f[:, j : j + T], w[:, j])
+    return out, full[:, T:]
