@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -218,3 +219,20 @@ def test_console_script_end_to_end(tiny_dir):
     assert ok.returncode == 0, ok.stderr
     bad = subprocess.run([exe, "run", str(tiny_dir / "missing"), "Hi"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
+
+
+def test_chat_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_dir):
+    """SIGINT during an answer ends that answer only; the chat then reads the next line."""
+    exe = shutil.which("qwenlite") or pytest.fail("the qwenlite console script is not installed")
+    argv = [exe, "chat", str(tiny_dir), "--max-tokens", "100000", "--temperature", "1", "--seed", "0"]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write(b"Tell me everything\n")
+        proc.stdin.flush()
+        assert proc.stdout.read(1)  # the answer has started streaming
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(b"/exit\n", timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err.decode()
+    assert b"(stopped)" in err and b"Traceback" not in err
