@@ -127,3 +127,49 @@ def test_restore_into_a_cache_of_another_batch_size_fails(model, ids):
     single = make_cache(model.config, batch_size=1, max_seq_len=MAX_LEN, dtype=torch.float32)
     with pytest.raises(ValueError, match="batch"):
         single.restore(snap)
+
+
+# --- rows at different positions (continuous batching) ---------------------------------------------------------
+
+
+@torch.no_grad()
+def test_rows_at_different_positions_decode_together_as_they_would_alone(model, ids):
+    """Row 0 holds a 9-token prompt, row 1 a 70-token one; batched decode steps give each row the logits it
+    gets decoding alone (fp32, 1e-5)."""
+    lengths = (9, PREFIX)
+    steps = ids[:, PREFIX : PREFIX + DECODE]
+    batch = make_cache(model.config, batch_size=2, max_seq_len=MAX_LEN, dtype=torch.float32)
+    for row, n in enumerate(lengths):
+        model(ids[row : row + 1, :n], cache=batch.rows(row, row + 1))  # prefill one row through its view
+    assert batch.lengths.tolist() == list(lengths)
+    together = decode(model, batch, steps)
+    assert batch.lengths.tolist() == [n + DECODE for n in lengths]
+    with pytest.raises(ValueError, match="different lengths"):
+        batch.seq_len  # noqa: B018
+    for row, n in enumerate(lengths):
+        alone = make_cache(model.config, batch_size=1, max_seq_len=MAX_LEN, dtype=torch.float32)
+        model(ids[row : row + 1, :n], cache=alone)
+        expected = decode(model, alone, steps[row : row + 1])
+        assert max_abs_diff(together[row : row + 1], expected) <= 1e-5
+
+
+@torch.no_grad()
+def test_a_row_snapshot_restores_into_another_row(model, ids):
+    batch = make_cache(model.config, batch_size=2, max_seq_len=MAX_LEN, dtype=torch.float32)
+    model(ids[:1, :PREFIX], cache=batch.rows(0, 1))
+    snap = batch.rows(0, 1).snapshot()
+    batch.rows(1, 2).restore(snap)  # e.g. a prompt prefix reused by a second request
+    assert batch.lengths.tolist() == [PREFIX, PREFIX]
+    out = decode(model, batch, ids[:1, PREFIX:].expand(2, -1))
+    assert max_abs_diff(out[0], out[1]) <= 1e-6
+
+
+@torch.no_grad()
+def test_copy_row_moves_a_sequence_to_another_row(model, ids):
+    batch = make_cache(model.config, batch_size=3, max_seq_len=MAX_LEN, dtype=torch.float32)
+    model(ids[1:2, :PREFIX], cache=batch.rows(2, 3))
+    batch.copy_row(2, 0)
+    assert batch.lengths.tolist() == [PREFIX, 0, PREFIX]
+    out = decode(model, batch.rows(0, 1), ids[1:2, PREFIX:])
+    ref = decode(model, batch.rows(2, 3), ids[1:2, PREFIX:])
+    assert torch.equal(out, ref)

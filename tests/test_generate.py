@@ -39,7 +39,7 @@ class ScriptedModel(nn.Module):
         self.script, self.prompt_len, self.eos = script, prompt_len, eos
 
     def forward(self, ids, cache, logits_to_keep=0):
-        cache.seq_len += ids.shape[1]
+        cache.lengths += ids.shape[1]
         i = cache.seq_len - self.prompt_len
         logits = torch.zeros(1, 1, self.config.vocab_size)
         logits[0, 0, self.script[i] if i < len(self.script) else self.eos] = 10.0

@@ -1,6 +1,9 @@
 """Inference cache, owned by the caller: per attention layer a preallocated KV buffer, per linear-attention
 layer the conv inputs and the fp32 recurrent state. The recurrent state cannot be rewound, so going back
-to an earlier point means restoring a snapshot taken there."""
+to an earlier point means restoring a snapshot taken there.
+
+Rows are independent sequences, each with its own length: a batch of rows at different positions can
+decode together (continuous batching), and `rows(a, b)` is a view that writes through to this cache."""
 
 from __future__ import annotations
 
@@ -26,10 +29,26 @@ class LinearAttentionCache:
 LayerCache = AttentionCache | LinearAttentionCache
 
 
-@dataclass
 class Cache:
-    layers: list[LayerCache]
-    seq_len: int = 0  # tokens already processed; the next token's position
+    def __init__(self, layers: list[LayerCache], lengths: torch.Tensor):
+        self.layers = layers
+        self.lengths = lengths  # (B,) int64 on the CPU: tokens processed per row, the next token's position
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        """The common length of all rows; rows of different lengths have none."""
+        lo, hi = int(self.lengths.min()), int(self.lengths.max())
+        if lo != hi:
+            raise ValueError(f"cache rows have different lengths ({lo}..{hi})")
+        return lo
+
+    @seq_len.setter
+    def seq_len(self, n: int) -> None:
+        self.lengths.fill_(n)
 
     @property
     def max_seq_len(self) -> int:
@@ -38,36 +57,54 @@ class Cache:
                 return layer.k.shape[2]
         return 1 << 62  # only recurrent layers: no bound
 
-    @property
-    def batch_size(self) -> int:
-        layer = self.layers[0]
-        return (layer.k if isinstance(layer, AttentionCache) else layer.state).shape[0]
+    def rows(self, start: int, stop: int) -> Cache:
+        """A view of rows start..stop-1: the model writes through it into this cache."""
+        layers: list[LayerCache] = [
+            AttentionCache(c.k[start:stop], c.v[start:stop])
+            if isinstance(c, AttentionCache)
+            else LinearAttentionCache(c.conv[start:stop], c.state[start:stop])
+            for c in self.layers
+        ]
+        return Cache(layers, self.lengths[start:stop])
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Make row `dst` a copy of row `src` (e.g. to keep the active rows of a batch contiguous)."""
+        n = int(self.lengths[src])
+        for layer in self.layers:
+            if isinstance(layer, AttentionCache):
+                layer.k[dst, :, :n] = layer.k[src, :, :n]
+                layer.v[dst, :, :n] = layer.v[src, :, :n]
+            else:
+                layer.conv[dst] = layer.conv[src]
+                layer.state[dst] = layer.state[src]
+        self.lengths[dst] = n
 
     def snapshot(self) -> Cache:
-        """An independent copy of the state after `seq_len` tokens (KV trimmed to what is filled)."""
+        """An independent copy of the state (KV trimmed to the longest row)."""
+        n = int(self.lengths.max()) if self.batch_size else 0
         layers: list[LayerCache] = []
         for layer in self.layers:
             if isinstance(layer, AttentionCache):
-                n = self.seq_len
                 layers.append(AttentionCache(layer.k[:, :, :n].clone(), layer.v[:, :, :n].clone()))
             else:
                 layers.append(LinearAttentionCache(layer.conv.clone(), layer.state.clone()))
-        return Cache(layers, self.seq_len)
+        return Cache(layers, self.lengths.clone())
 
     def restore(self, snap: Cache) -> None:
         """Return to the point where `snap` was taken, reusing this cache's buffers."""
-        if snap.seq_len > self.max_seq_len:
-            raise ValueError(f"snapshot of {snap.seq_len} tokens does not fit a cache of {self.max_seq_len}")
+        n = int(snap.lengths.max()) if snap.batch_size else 0
+        if n > self.max_seq_len:
+            raise ValueError(f"snapshot of {n} tokens does not fit a cache of {self.max_seq_len}")
         if snap.batch_size != self.batch_size:
             raise ValueError(f"snapshot of batch {snap.batch_size} cannot restore a cache of batch {self.batch_size}")
         for mine, theirs in zip(self.layers, snap.layers, strict=True):
             if isinstance(mine, AttentionCache):
-                mine.k[:, :, : snap.seq_len].copy_(theirs.k[:, :, : snap.seq_len])
-                mine.v[:, :, : snap.seq_len].copy_(theirs.v[:, :, : snap.seq_len])
+                mine.k[:, :, :n].copy_(theirs.k[:, :, :n])
+                mine.v[:, :, :n].copy_(theirs.v[:, :, :n])
             else:
                 mine.conv.copy_(theirs.conv)
                 mine.state.copy_(theirs.state)
-        self.seq_len = snap.seq_len
+        self.lengths.copy_(snap.lengths)
 
 
 def make_cache(
@@ -84,18 +121,13 @@ def make_cache(
             shape = (batch_size, c.num_key_value_heads, max_seq_len, c.head_dim)
             layers.append(
                 AttentionCache(
-                    torch.zeros(shape, dtype=dtype, device=device),
-                    torch.zeros(shape, dtype=dtype, device=device),
+                    torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
                 )
             )
         else:
             conv = torch.zeros(batch_size, c.linear_conv_kernel_dim - 1, c.linear_conv_dim, dtype=dtype, device=device)
             state = torch.zeros(
-                batch_size,
-                c.linear_num_value_heads,
-                c.linear_key_head_dim,
-                c.linear_value_head_dim,
-                device=device,
+                batch_size, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim, device=device
             )
             layers.append(LinearAttentionCache(conv, state))
-    return Cache(layers)
+    return Cache(layers, torch.zeros(batch_size, dtype=torch.long))

@@ -132,8 +132,9 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: AttentionCache | None = None,
-        start: int = 0,
+        start: int | list[int] = 0,
     ) -> torch.Tensor:
+        """`start`: the position of x's first token, one int for all rows or one per row."""
         B, T, _ = x.shape
         D = self.head_dim
         q = self.q_proj(x).view(B, T, self.num_heads, -1)
@@ -142,11 +143,24 @@ class Attention(nn.Module):
         q = apply_rope(self.q_norm(q).transpose(1, 2), cos, sin)  # (B, H, T, D)
         k = apply_rope(self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, D)).transpose(1, 2), cos, sin)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, D).transpose(1, 2)
-        if cache is not None:
+        if cache is None:
+            o = causal_attention(q, k, v, scale=D**-0.5)
+        elif isinstance(start, int):
             cache.k[:, :, start : start + T] = k
             cache.v[:, :, start : start + T] = v
-            k, v = cache.k[:, :, : start + T], cache.v[:, :, : start + T]
-        o = causal_attention(q, k, v, scale=D**-0.5).transpose(1, 2).reshape(B, T, -1)
+            o = causal_attention(q, cache.k[:, :, : start + T], cache.v[:, :, : start + T], scale=D**-0.5)
+        else:  # rows at different positions: each attends over its own prefix
+            rows = []
+            for b, s in enumerate(start):
+                cache.k[b, :, s : s + T] = k[b]
+                cache.v[b, :, s : s + T] = v[b]
+                rows.append(
+                    causal_attention(
+                        q[b : b + 1], cache.k[b : b + 1, :, : s + T], cache.v[b : b + 1, :, : s + T], D**-0.5
+                    )
+                )
+            o = torch.cat(rows)
+        o = o.transpose(1, 2).reshape(B, T, -1)
         if self.gated:
             o = o * torch.sigmoid(gate.reshape(B, T, -1))
         return self.o_proj(o)
@@ -202,16 +216,26 @@ class TextModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         """input_ids (B, T) -> final hidden states (B, T, hidden), normed."""
         T = input_ids.shape[1]
-        start = cache.seq_len if cache is not None else 0
-        if cache is not None and start + T > cache.max_seq_len:
-            raise ValueError(f"{start + T} tokens do not fit a cache of {cache.max_seq_len}")
         x = self.embed_tokens(input_ids)
-        positions = torch.arange(start, start + T, device=input_ids.device)
+        steps = torch.arange(T, device=input_ids.device)
+        start: int | list[int] = 0
+        if cache is None:
+            positions = steps  # (T,)
+        else:
+            lengths = cache.lengths.tolist()
+            if max(lengths) + T > cache.max_seq_len:
+                raise ValueError(f"{max(lengths) + T} tokens do not fit a cache of {cache.max_seq_len}")
+            if min(lengths) == max(lengths):
+                start = lengths[0]
+                positions = steps + start  # (T,)
+            else:
+                start = lengths
+                positions = (cache.lengths.to(steps.device)[:, None] + steps).unsqueeze(1)  # (B, 1, T)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, start)
         if cache is not None:
-            cache.seq_len = start + T
+            cache.lengths += T
         return self.norm(x)
 
 

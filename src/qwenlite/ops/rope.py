@@ -12,14 +12,15 @@ def rope_inv_freq(rotary_dim: int, theta: float) -> torch.Tensor:
 def rope_cos_sin(
     positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions (T,) -> cos, sin (T, rotary_dim), computed in fp32 and cast once."""
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+    """positions (...) -> cos, sin (..., rotary_dim), computed in fp32 and cast once."""
+    freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D); cos/sin (T, R) with R <= D. Dims past R pass through unchanged."""
+    """x (B, H, T, D); cos/sin (T, R), or (B, 1, T, R) for per-row positions, with R <= D. Dims past R pass
+    through unchanged."""
     R = cos.shape[-1]
     x_rot, x_pass = x[..., :R], x[..., R:]
     x1, x2 = x_rot[..., : R // 2], x_rot[..., R // 2 :]
