@@ -65,10 +65,10 @@ def checkpoint_files(checkpoint_dir: str | Path) -> dict[str, Path]:
     shards = sorted(root.glob("*.safetensors"))
     if not shards:
         raise QwenliteError(f"no *.safetensors weight files in {root}")
-    return {name: path for path in shards for name in _open(path).keys()}
+    return {name: path for path in shards for name in open_safetensors(path).keys()}
 
 
-def _open(path: Path):
+def open_safetensors(path: Path):
     try:
         return safe_open(path, framework="pt", device="cpu")
     except (SafetensorError, OSError) as e:
@@ -90,6 +90,28 @@ def expected_shapes(model: Qwen3_5ForCausalLM) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+TensorSource = tuple[Path, str]  # (file, name as stored there)
+
+
+def match_tensors(
+    root: Path, shapes: Mapping[str, tuple[int, ...]], tied: bool
+) -> tuple[dict[str, TensorSource], dict[str, TensorSource]]:
+    """Where each tensor the model needs is stored, strictly: a missing or unexpected tensor is an error that
+    names it. Returns (model tensors, MTP head tensors), keyed by our names."""
+    # Values carry (file, stored name): sanitizing renames, reading needs the name as stored.
+    files, mtp_files = sanitize({name: (path, name) for name, path in checkpoint_files(root).items()})
+    if tied:
+        files.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
+    missing = sorted(set(shapes) - set(files))
+    if missing:
+        raise QwenliteError(f"checkpoint {root} is missing tensor {missing[0]}" + _more(missing))
+    unexpected = sorted(set(files) - set(shapes))
+    if unexpected:
+        path, stored = files[unexpected[0]]
+        raise QwenliteError(f"unexpected tensor {stored} in {path}" + _more(unexpected))
+    return files, mtp_files
+
+
 def load_checkpoint(
     checkpoint_dir: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
 ) -> Checkpoint:
@@ -101,26 +123,15 @@ def load_checkpoint(
             raise QwenliteError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     dtype = dtype or config.torch_dtype
-    # Values carry (file, stored name): sanitizing renames, reading needs the name as stored.
-    files, mtp_files = sanitize({name: (path, name) for name, path in checkpoint_files(root).items()})
-    if config.tie_word_embeddings:
-        files.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
-
     with torch.device("meta"):
         model = Qwen3_5ForCausalLM(config)
     shapes = expected_shapes(model)
-    missing = sorted(set(shapes) - set(files))
-    if missing:
-        raise QwenliteError(f"checkpoint {root} is missing tensor {missing[0]}" + _more(missing))
-    unexpected = sorted(set(files) - set(shapes))
-    if unexpected:
-        path, stored = files[unexpected[0]]
-        raise QwenliteError(f"unexpected tensor {stored} in {path}" + _more(unexpected))
+    files, mtp_files = match_tensors(root, shapes, config.tie_word_embeddings)
 
-    handles = {path: _open(path) for path, _ in (*files.values(), *mtp_files.values())}
+    handles = {path: open_safetensors(path) for path, _ in (*files.values(), *mtp_files.values())}
     state: dict[str, torch.Tensor] = {}
     for name, (path, stored) in files.items():
-        tensor = _get(handles[path], stored, path)
+        tensor = read_tensor(handles[path], stored, path)
         if tuple(tensor.shape) != shapes[name]:
             raise QwenliteError(
                 f"tensor {stored} in {path} has shape {tuple(tensor.shape)}, expected {shapes[name]} from config.json"
@@ -134,11 +145,11 @@ def load_checkpoint(
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.init_rope(device)
     model.eval()
-    mtp = {name: _get(handles[path], stored, path) for name, (path, stored) in mtp_files.items()}
+    mtp = {name: read_tensor(handles[path], stored, path) for name, (path, stored) in mtp_files.items()}
     return Checkpoint(model=model, config=config, path=root, mtp=mtp)
 
 
-def _get(handle, name: str, path: Path) -> torch.Tensor:
+def read_tensor(handle, name: str, path: Path) -> torch.Tensor:
     try:
         return handle.get_tensor(name)
     except (SafetensorError, OSError) as e:

@@ -1,0 +1,353 @@
+"""Export a checkpoint as GGUF for llama.cpp's `qwen35` architecture.
+
+The conventions are llama.cpp's converter's (convert_hf_to_gguf.py; the classes now live in
+conversion/qwen.py: Qwen3NextModel, _LinearAttentionVReorderBase, _Qwen35MRopeMixin, Qwen3_5TextModel; the
+writing rules in conversion/base.py: TextModel.set_gguf_parameters, ModelBase.prepare_tensors, _set_vocab_gpt2),
+re-implemented here, never copied:
+
+- tensor names: llama.cpp's `qwen35` names (`blk.N.attn_qkv`, `ssm_conv1d`, `ssm_a`, `ssm_dt.bias`, ...), the table
+  `GGUF_NAMES` (tested against gguf-py's own TensorNameMap);
+- zero-centred RMSNorm weights are stored as 1 + w (every `*norm.weight` but the gated `linear_attn.norm`);
+- `A_log` is stored as `ssm_a` = -exp(A_log); `dt_bias` as `ssm_dt.bias`; the conv weight squeezed to (C, K);
+- when there are more value heads than key heads, every value-head axis of a linear-attention layer is reordered
+  from grouped by key head (HF: k0v0 k0v1 k1v0 k1v1) to tiled (k0v0 k1v0 k0v1 k1v1), for ggml's broadcast: the
+  V rows of in_proj_qkv and of the conv, in_proj_z rows, in_proj_a / in_proj_b rows, A_log, dt_bias, out_proj columns;
+- 1-D tensors, norms and the conv stay F32, the rest in the chosen dtype;
+- metadata `qwen35.*` as the converter writes it, with rope.dimension_sections defaulting to [11, 11, 10, 0];
+- the tokenizer as "gpt2" BPE with pre-tokenizer "qwen35": every id up to vocab_size (unused ids as [PADn]),
+  token types, merges, special ids and chat template (via gguf-py's SpecialVocab, as the converter).
+
+The multi-token-prediction head is not exported (llama.cpp's converter does so only in its newest versions, as
+extra `nextn` blocks that older llama.cpp builds cannot load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import tokenizers
+import torch
+from tqdm import tqdm
+
+from qwenlite.config import ModelConfig, load_config
+from qwenlite.errors import QwenliteError
+from qwenlite.model import Qwen3_5ForCausalLM
+from qwenlite.tokenizer import QWEN35_PATTERN
+from qwenlite.weights import atomic_write, expected_shapes, match_tensors, open_safetensors, read_tensor
+
+ARCH = "qwen35"
+DEFAULT_MROPE_SECTIONS = [11, 11, 10, 0]  # what the converter writes when config.json has no mrope_section
+# --dtype -> (type of the big matrices, general.file_type)
+FILE_TYPES = {
+    "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+}
+
+GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+GGUF_LAYER_NAMES = {  # model.layers.{i}.<key> -> blk.{i}.<value>
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",  # query and output gate, interleaved per head, as stored
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "linear_attn.in_proj_qkv.weight": "attn_qkv.weight",
+    "linear_attn.in_proj_z.weight": "attn_gate.weight",
+    "linear_attn.in_proj_b.weight": "ssm_beta.weight",
+    "linear_attn.in_proj_a.weight": "ssm_alpha.weight",
+    "linear_attn.conv1d.weight": "ssm_conv1d.weight",
+    "linear_attn.dt_bias": "ssm_dt.bias",
+    "linear_attn.A_log": "ssm_a",
+    "linear_attn.norm.weight": "ssm_norm.weight",
+    "linear_attn.out_proj.weight": "ssm_out.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def gguf_name(name: str) -> str:
+    """Our (sanitized) checkpoint tensor name -> llama.cpp's qwen35 name."""
+    if name in GGUF_NAMES:
+        return GGUF_NAMES[name]
+    m = _LAYER.fullmatch(name)
+    if m and m.group(2) in GGUF_LAYER_NAMES:
+        return f"blk.{m.group(1)}.{GGUF_LAYER_NAMES[m.group(2)]}"
+    raise QwenliteError(f"tensor {name} has no llama.cpp qwen35 name")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor conventions
+
+
+def _tile_value_heads(t: torch.Tensor, dim: int, num_k_heads: int, head_dim: int) -> torch.Tensor:
+    """Reorder value heads along `dim` from grouped by key head, (Hk, Hv/Hk) order, to tiled, (Hv/Hk, Hk) order;
+    each head is `head_dim` entries long along `dim`."""
+    shape = list(t.shape)
+    grouped = t.reshape(*shape[:dim], num_k_heads, -1, head_dim, *shape[dim + 1 :])
+    return grouped.transpose(dim, dim + 1).reshape(shape)
+
+
+def convert_tensor(name: str, t: torch.Tensor, c: ModelConfig) -> torch.Tensor:
+    """Our tensor -> the values llama.cpp expects under its qwen35 name, fp32. Pure."""
+    t = t.float()
+    if ".linear_attn." in name and c.linear_num_value_heads != c.linear_num_key_heads:
+        Hk, Dv, key_dim = c.linear_num_key_heads, c.linear_value_head_dim, c.linear_key_dim
+        if name.endswith(("in_proj_qkv.weight", "conv1d.weight")):  # rows [q | k | v]: only v is per value head
+            t = torch.cat([t[: 2 * key_dim], _tile_value_heads(t[2 * key_dim :], 0, Hk, Dv)])
+        elif name.endswith("in_proj_z.weight"):
+            t = _tile_value_heads(t, 0, Hk, Dv)
+        elif name.endswith(("in_proj_a.weight", "in_proj_b.weight", "A_log", "dt_bias")):
+            t = _tile_value_heads(t, 0, Hk, 1)
+        elif name.endswith("out_proj.weight"):
+            t = _tile_value_heads(t, 1, Hk, Dv)
+    if name.endswith("A_log"):
+        return -torch.exp(t)
+    if name.endswith("conv1d.weight"):
+        return t.squeeze(1)  # (C, 1, K) -> (C, K)
+    if name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+        return t + 1  # zero-centred RMSNorm: llama.cpp multiplies by the stored weight
+    return t
+
+
+def tensor_type(name: str, ndim: int, matrix_type: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """F32 for 1-D tensors, norms, the conv and anything not named *.weight; `matrix_type` for the rest."""
+    if ndim <= 1 or name.endswith("_norm.weight") or ".ssm_conv1d." in name or not name.endswith(".weight"):
+        return gguf.GGMLQuantizationType.F32
+    return matrix_type
+
+
+def _to_numpy(t: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    t = t.contiguous()
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return t.numpy()
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return t.to(torch.float16).numpy()
+    return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)  # round to nearest even, as gguf-py
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata and tokenizer
+
+
+def _raw_config(root: Path) -> dict:
+    raw = json.loads((root / "config.json").read_text())
+    return {**raw, **(raw.get("text_config") or {})}
+
+
+def check_layer_types(c: ModelConfig) -> None:
+    # llama.cpp derives each layer's kind from full_attention_interval alone.
+    interval = c.full_attention_interval
+    pattern = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(c.num_hidden_layers)]
+    if c.layer_types != pattern:
+        raise QwenliteError(
+            f"layer_types {c.layer_types} do not follow full_attention_interval {interval}; GGUF cannot express them"
+        )
+
+
+def add_model_metadata(writer: gguf.GGUFWriter, c: ModelConfig, raw: dict, file_type: gguf.LlamaFileType) -> None:
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    sections = list(rope.get("mrope_section") or DEFAULT_MROPE_SECTIONS)
+    writer.add_rope_dimension_sections((sections + [0, 0, 0, 0])[:4])
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_key_length(c.head_dim)
+    writer.add_value_length(c.head_dim)
+    writer.add_file_type(file_type)
+    writer.add_ssm_conv_kernel(c.linear_conv_kernel_dim)
+    writer.add_ssm_state_size(c.linear_key_head_dim)
+    writer.add_ssm_group_count(c.linear_num_key_heads)
+    writer.add_ssm_time_step_rank(c.linear_num_value_heads)
+    writer.add_ssm_inner_size(c.linear_value_dim)
+    writer.add_full_attention_interval(c.full_attention_interval)
+    writer.add_rope_dimension_count(c.rotary_dim)
+
+
+def _looks_special(token: str) -> bool:
+    # The converter also marks added tokens shaped like <|...|> as control tokens.
+    return token.startswith("<|") and token.endswith("|>")
+
+
+def _regexes(node) -> list[str]:
+    """Every split regex of a tokenizer.json pre_tokenizer tree."""
+    if isinstance(node, list):
+        return [r for child in node for r in _regexes(child)]
+    if not isinstance(node, dict):
+        return []
+    own = [node["pattern"]["Regex"]] if isinstance(node.get("pattern"), dict) and "Regex" in node["pattern"] else []
+    return own + [r for key, child in node.items() if key != "pattern" for r in _regexes(child)]
+
+
+def add_tokenizer_metadata(writer: gguf.GGUFWriter, root: Path, vocab_size: int) -> None:
+    path = root / "tokenizer.json"
+    if not path.is_file():
+        raise QwenliteError(f"no tokenizer.json in {root}: a GGUF carries its tokenizer, so export needs one")
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        tok = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exception for malformed files
+        raise QwenliteError(f"cannot read {path}: {e}") from None
+    if (spec.get("model") or {}).get("type") != "BPE" or QWEN35_PATTERN not in _regexes(spec.get("pre_tokenizer")):
+        raise QwenliteError(
+            f"{path} is not a byte-level BPE with Qwen3.5's pre-tokenizer regex; llama.cpp's 'qwen35' pre-tokenizer "
+            "would split text differently"
+        )
+    vocab = tok.get_vocab(with_added_tokens=True)
+    if max(vocab.values()) >= vocab_size:
+        raise QwenliteError(f"{path} has id {max(vocab.values())}, beyond the model's vocab_size {vocab_size}")
+    added = tok.get_added_tokens_decoder()
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for token, i in vocab.items():
+        tokens[i] = token
+        if i not in added:
+            types[i] = gguf.TokenType.NORMAL
+        elif added[i].special or _looks_special(token):
+            types[i] = gguf.TokenType.CONTROL
+        else:
+            types[i] = gguf.TokenType.USER_DEFINED
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen35")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    # Merges, special ids (eos, pad, ...), add_*_token flags and the chat template, read as the converter reads them.
+    gguf.SpecialVocab(root, load_merges=True).add_to_gguf(writer, quiet=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+@dataclass
+class PlannedTensor:
+    name: str  # ours
+    gguf_name: str
+    shape: tuple[int, ...]  # as written (numpy order)
+    qtype: gguf.GGMLQuantizationType
+    file: Path
+    stored: str  # name in the safetensors file
+
+
+def plan_tensors(root: Path, c: ModelConfig, matrix_type: gguf.GGMLQuantizationType) -> list[PlannedTensor]:
+    """What will be written, in llama.cpp's usual order, checked strictly against the model's expected shapes."""
+    with torch.device("meta"):
+        shapes = expected_shapes(Qwen3_5ForCausalLM(c))
+    # A tied checkpoint gets no output tensor: llama.cpp falls back to token_embd.
+    files, _mtp = match_tensors(root, shapes, c.tie_word_embeddings)
+
+    def order(name: str) -> tuple[int, int, str]:
+        m = _LAYER.fullmatch(name)
+        if m:
+            return (1, int(m.group(1)), m.group(2))
+        return ({"model.embed_tokens.weight": 0, "model.norm.weight": 2}.get(name, 3), 0, name)
+
+    plan = []
+    for name in sorted(shapes, key=order):
+        shape = shapes[name]
+        if name.endswith("conv1d.weight"):
+            shape = (shape[0], shape[2])
+        target = gguf_name(name)
+        file, stored = files[name]
+        plan.append(PlannedTensor(name, target, shape, tensor_type(target, len(shape), matrix_type), file, stored))
+    return plan
+
+
+def export_gguf(
+    checkpoint_dir: str | Path, out_path: str | Path, dtype: str = "f16", name: str | None = None, progress=True
+) -> Path:
+    """Write the checkpoint at `checkpoint_dir` as one GGUF file for llama.cpp's qwen35 architecture. The file is
+    written under a temporary name and renamed when complete; tensors are converted and written one at a time."""
+    if dtype not in FILE_TYPES:
+        raise QwenliteError(f"unknown GGUF dtype {dtype!r}; choose from {', '.join(FILE_TYPES)}")
+    root, out_path = Path(checkpoint_dir), Path(out_path)
+    matrix_type, file_type = FILE_TYPES[dtype]
+    c = load_config(root)
+    check_layer_types(c)
+    plan = plan_tensors(root, c, matrix_type)
+
+    writer = gguf.GGUFWriter(path=None, arch=ARCH)
+    total_params = sum(int(np.prod(t.shape)) for t in plan)
+    metadata = gguf.Metadata.load(None, root, name, total_params)
+    metadata.name = metadata.name or name or root.resolve().name
+    metadata.size_label = metadata.size_label or gguf.size_label(total_params, total_params, 0, 0)
+    writer.add_type(gguf.GGUFType.MODEL)
+    metadata.set_gguf_meta_model(writer)
+    add_model_metadata(writer, c, _raw_config(root), file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_tokenizer_metadata(writer, root, c.vocab_size)
+
+    np_dtypes = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16,
+                 gguf.GGMLQuantizationType.BF16: np.uint16}  # fmt: skip
+    for t in plan:
+        itemsize = np.dtype(np_dtypes[t.qtype]).itemsize
+        writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np_dtypes[t.qtype]), int(np.prod(t.shape)) * itemsize,
+                               raw_dtype=t.qtype)  # fmt: skip
+    total_bytes = sum(int(np.prod(t.shape)) * np.dtype(np_dtypes[t.qtype]).itemsize for t in plan)
+
+    def write(tmp: Path) -> None:
+        handles = {}
+        try:
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="writing GGUF", disable=not progress) as bar:
+                for t in plan:
+                    if t.file not in handles:
+                        handles[t.file] = open_safetensors(t.file)
+                    data = _to_numpy(convert_tensor(t.name, read_tensor(handles[t.file], t.stored, t.file), c), t.qtype)
+                    assert data.shape == t.shape, (t.name, data.shape, t.shape)
+                    writer.write_tensor_data(data)
+                    bar.update(data.nbytes)
+        finally:
+            writer.close()
+
+    atomic_write(out_path, write)
+    return out_path
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_convert_command(subparsers) -> argparse.ArgumentParser:
+    """`qwenlite convert MODEL --to gguf OUT [--dtype f16]`."""
+    p = subparsers.add_parser(
+        "convert",
+        help="write a checkpoint in another format (GGUF for llama.cpp)",
+        description="Write MODEL as one GGUF file with llama.cpp's qwen35 tensor names and conventions.",
+    )
+    p.add_argument("model", help="checkpoint directory or hub id")
+    p.add_argument("--to", choices=["gguf"], required=True, help="output format")
+    p.add_argument("out", help="output file, e.g. model-f16.gguf")
+    p.add_argument("--dtype", choices=list(FILE_TYPES), default="f16", help="type of the weight matrices (default f16)")
+    p.set_defaults(func=cmd_convert)
+    return p
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from qwenlite.hub import resolve_model_path
+
+    out = export_gguf(resolve_model_path(args.model), args.out, args.dtype)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0

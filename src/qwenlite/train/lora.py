@@ -1,0 +1,232 @@
+"""LoRA as a module swap on a built model, saved in the PEFT format.
+
+`apply_lora` replaces each targeted `nn.Linear` by a `LoRALinear` that keeps the frozen layer as `base_layer`
+and adds `lora_B(lora_A(dropout(x))) * alpha / r`, the names and the initialisation PEFT uses (A Kaiming-uniform,
+B zero, so the adapted model starts equal to the base). `save_adapter` writes adapter_config.json and
+adapter_model.safetensors with PEFT's key names, so `peft.PeftModel.from_pretrained(transformers_model, dir)` loads
+them; `load_adapter` reads them back; `merge_lora` folds W += alpha / r * B @ A and swaps the plain layers back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qwenlite.errors import QwenliteError
+from qwenlite.weights import atomic_write
+
+# Every projection of both layer kinds; in_proj_b / in_proj_a (one output per value head) are left out, as in
+# the usual recipes, and so are the embedding and the head.
+DEFAULT_TARGETS = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj_qkv", "in_proj_z", "out_proj",
+)  # fmt: skip
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+class LoRALinear(nn.Module):
+    """y = base_layer(x) + lora_B(lora_A(dropout(x))) * scaling. Adapter weights are fp32 whatever the base dtype."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base_layer = base_layer
+        device = base_layer.weight.device
+        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r, self.alpha = r, alpha
+        self.scaling = alpha / r
+        self.disabled = False
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        # PEFT's default: A as nn.Linear's own init (Kaiming-uniform, a=sqrt(5)), B zero.
+        bound = 1 / math.sqrt(self.lora_A.in_features)  # what kaiming_uniform_(a=sqrt(5)) gives
+        with torch.no_grad():
+            self.lora_A.weight.uniform_(-bound, bound, generator=generator)
+            self.lora_B.weight.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.disabled:
+            return y
+        delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        return y + (delta * self.scaling).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """(out, in) fp32: what merging adds to the base weight."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+
+def _matches(path: str, targets: Sequence[str]) -> bool:
+    # PEFT's rule for a list of names: the module's full path, or its last components, equal a target.
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def apply_lora(
+    model: nn.Module,
+    r: int,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    seed: int = 0,
+) -> list[str]:
+    """Wrap every nn.Linear whose path matches `targets` (names such as "q_proj" or full paths); freeze all other
+    parameters. alpha defaults to 2r. Returns the wrapped module paths."""
+    if r < 1:
+        raise QwenliteError(f"LoRA rank must be at least 1, got {r}")
+    if lora_modules(model):
+        raise QwenliteError("this model already carries LoRA adapters; merge them first")
+    alpha = 2.0 * r if alpha is None else float(alpha)
+    paths = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(p, targets)]
+    unused = [t for t in targets if not any(_matches(p, [t]) for p in paths)]
+    if unused:
+        raise QwenliteError(f"LoRA target {unused[0]!r} matches no linear layer of this model")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    for path in paths:
+        layer = LoRALinear(model.get_submodule(path), r, alpha, dropout)
+        layer.reset_parameters(generator)
+        _set_module(model, path, layer)
+    return paths
+
+
+@contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[None]:
+    """The base model, adapters bypassed: DPO's frozen reference without a second copy of the weights."""
+    layers = list(lora_modules(model).values())
+    previous = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m, was in zip(layers, previous, strict=True):
+            m.disabled = was
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (W += scaling * B @ A, in fp32) and put the plain layers back."""
+    for path, m in lora_modules(model).items():
+        w = m.base_layer.weight
+        w.copy_((w.float() + m.delta_weight()).to(w.dtype))
+        _set_module(model, path, m.base_layer)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT format
+
+
+def _stored_path(path: str, language_model_prefix: bool) -> str:
+    # Our paths are the flat Qwen3_5ForCausalLM's; the published Qwen3_5ForConditionalGeneration nests the text
+    # model under model.language_model, and the adapter must name the modules of the model it will be loaded on.
+    return "model.language_model." + path.removeprefix("model.") if language_model_prefix else path
+
+
+def save_adapter(
+    model: nn.Module, out_dir: str | Path, base_model_name_or_path: str = "", language_model_prefix: bool = False
+) -> None:
+    """Write adapter_config.json and adapter_model.safetensors in the PEFT LoRA format, each atomically."""
+    layers = lora_modules(model)
+    if not layers:
+        raise QwenliteError("the model carries no LoRA adapters to save")
+    first = next(iter(layers.values()))
+    if any((m.r, m.alpha) != (first.r, first.alpha) for m in layers.values()):
+        raise QwenliteError("save_adapter needs one rank and alpha for every adapted layer")
+    tensors = {}
+    for path, m in layers.items():
+        key = PEFT_PREFIX + _stored_path(path, language_model_prefix)
+        tensors[f"{key}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
+        tensors[f"{key}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
+    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": first.r,
+        "lora_alpha": first.alpha,
+        "lora_dropout": dropout,
+        # Short names, as PEFT writes them; none of them names a vision-tower layer of the published checkpoints.
+        "target_modules": sorted({p.rpartition(".")[2] for p in layers}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    out = Path(out_dir)
+    atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(out / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> list[str]:
+    """Wrap the modules named in a PEFT LoRA adapter (ours or another tool's) and load its weights."""
+    root = Path(adapter_dir)
+    config_path, weights_path = root / ADAPTER_CONFIG, root / ADAPTER_WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise QwenliteError(f"{root} is not a PEFT adapter: {path.name} is missing")
+    try:
+        config = json.loads(config_path.read_text())
+        tensors = load_file(str(weights_path))
+    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+        raise QwenliteError(f"cannot read the adapter in {root}: {e}") from None
+    if config.get("peft_type") != "LORA":
+        raise QwenliteError(f"{config_path}: peft_type {config.get('peft_type')!r} is not supported, only LORA")
+    for key in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save"):
+        if config.get(key):
+            raise QwenliteError(f"{config_path}: {key} is not supported")
+    if not isinstance(config.get("r"), int) or not isinstance(config.get("lora_alpha"), int | float):
+        raise QwenliteError(f'{config_path}: needs an integer "r" and a number "lora_alpha"')
+    r, alpha = config["r"], float(config["lora_alpha"])
+
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        path, _, kind = key.removeprefix(PEFT_PREFIX).removesuffix(".weight").rpartition(".")
+        if path.startswith("model.language_model."):  # an adapter for the published layout
+            path = "model." + path.removeprefix("model.language_model.")
+        if kind not in ("lora_A", "lora_B"):
+            raise QwenliteError(f"{weights_path}: unexpected tensor {key}")
+        weights.setdefault(path, {})[kind] = tensor
+    modules = dict(model.named_modules())
+    for path in weights:
+        if not isinstance(modules.get(path), nn.Linear):
+            raise QwenliteError(f"{weights_path}: adapter for {path}, which is not a linear layer of this model")
+    apply_lora(model, r, alpha, float(config.get("lora_dropout") or 0.0), targets=sorted(weights))
+    for path, m in lora_modules(model).items():
+        if config.get("use_rslora"):
+            m.scaling = alpha / math.sqrt(r)
+        with torch.no_grad():
+            for kind in ("lora_A", "lora_B"):
+                param = getattr(m, kind).weight
+                if kind not in weights[path] or weights[path][kind].shape != param.shape:
+                    raise QwenliteError(f"{weights_path}: {path}.{kind} is missing or has the wrong shape")
+                param.copy_(weights[path][kind])
+    return sorted(weights)

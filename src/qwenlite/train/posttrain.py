@@ -1,0 +1,206 @@
+"""What SFT and DPO share: settings, reading JSONL with errors that name the line, the learning-rate schedule,
+per-token log-probabilities of a right-padded batch, loading the model to train and writing the result.
+
+The loops themselves live in `sft.py` and `dpo.py`, one visible loop each."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qwenlite.errors import QwenliteError
+from qwenlite.model import Qwen3_5ForCausalLM
+from qwenlite.tokenizer import Tokenizer
+from qwenlite.train.lora import DEFAULT_TARGETS, apply_lora, merge_lora, save_adapter
+from qwenlite.weights import Checkpoint, atomic_write, checkpoint_files, load_checkpoint, save_checkpoint
+
+IGNORE = -100  # label of a token that is context, not target
+Logger = Callable[[dict], None]  # receives each step's record
+# Files of a checkpoint directory that travel with the weights (tokenizer, template, sampling defaults).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json", "special_tokens_map.json",
+    "vocab.json", "merges.txt", "generation_config.json",
+)  # fmt: skip
+
+
+@dataclass
+class LoRASettings:
+    r: int
+    alpha: float | None = None  # default 2r
+    dropout: float = 0.0
+    targets: Sequence[str] = DEFAULT_TARGETS
+    merge: bool = False  # also write the merged model to OUT/merged
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings shared by SFT and DPO. One step is `grad_accum` micro-batches of `batch_size`."""
+
+    lr: float = 1e-5
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs
+    batch_size: int = 1
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_len: int = 4096  # longer examples are cut (their tail is lost)
+    seed: int = 0
+    log_every: int = 1
+    dtype: str = "float32"  # training dtype of the weights; the output keeps the checkpoint's dtype
+    device: str = "cpu"
+
+    def total_steps(self, n_examples: int) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        per_step = self.batch_size * self.grad_accum
+        return max(1, math.ceil(n_examples * self.epochs / per_step))
+
+
+def lr_at(step: int, total: int, s: TrainSettings) -> float:
+    """Linear warmup over `warmup_steps`, then cosine decay to `lr * min_lr_ratio` at the last step."""
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    progress = (step - s.warmup_steps) / max(1, total - s.warmup_steps - 1)
+    return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.AdamW:
+    # No weight decay on norms, biases and the per-head gate constants (1-D tensors), as usual.
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999))
+
+
+def epoch_order(n: int, total_needed: int, seed: int) -> Iterator[int]:
+    """Example indices, reshuffled each epoch, for as many as the run needs."""
+    generator = torch.Generator().manual_seed(seed)
+    produced = 0
+    while produced < total_needed:
+        for i in torch.randperm(n, generator=generator).tolist():
+            if produced == total_needed:
+                return
+            produced += 1
+            yield i
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; a malformed line is an error naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise QwenliteError(f"no such data file: {path}")
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise QwenliteError(f"{path}:{number}: malformed JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise QwenliteError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            yield number, record
+
+
+def pad_batch(sequences: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, labels) pairs -> right-padded (B, T) tensors. Right padding is exact without a mask: every layer is
+    causal, so pads after a sequence never reach its tokens."""
+    T = max(len(ids) for ids, _ in sequences)
+    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), T), IGNORE, dtype=torch.long)
+    for b, (i, lab) in enumerate(sequences):
+        ids[b, : len(i)] = torch.tensor(i)
+        labels[b, : len(lab)] = torch.tensor(lab)
+    return ids, labels
+
+
+def pad_token_id(tokenizer: Tokenizer) -> int:
+    # Pads are never seen by real tokens (right padding) nor trained; any valid id would do.
+    for token in ("<|endoftext|>", "<|im_end|>"):
+        if (i := tokenizer.token_to_id(token)) is not None:
+            return i
+    return 0
+
+
+def token_logprobs(model: Qwen3_5ForCausalLM, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(labels[b, t] | ids[b, :t]) at every labelled position, 0 elsewhere: (B, T-1) fp32.
+
+    The head runs only on the labelled positions: on a 248K vocabulary, full logits of a long batch would be
+    the largest tensor of the step."""
+    device = model.model.embed_tokens.weight.device
+    ids, labels = ids.to(device), labels.to(device)
+    hidden = model.model(ids[:, :-1])  # (B, T-1, H), position t predicts token t+1
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    logits = model.lm_head(hidden[mask]).float()  # (N, V)
+    picked = -F.cross_entropy(logits, targets[mask], reduction="none")
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
+    return out.masked_scatter(mask, picked)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model in, result out
+
+
+def load_for_training(model_path: Path, s: TrainSettings, lora: LoRASettings | None) -> Checkpoint:
+    ckpt = load_checkpoint(model_path, dtype=s.dtype, device=s.device)
+    model = ckpt.model
+    if lora is not None:
+        apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.targets, seed=s.seed)
+    model.train()
+    return ckpt
+
+
+def is_language_model_layout(checkpoint_dir: Path) -> bool:
+    """True for the published Qwen3_5ForConditionalGeneration layout (text model under model.language_model)."""
+    return any(name.startswith("model.language_model.") for name in checkpoint_files(checkpoint_dir))
+
+
+def copy_tokenizer_files(src: Path, out: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            atomic_write(out / name, lambda p, name=name: shutil.copyfile(src / name, p))
+
+
+def save_result(ckpt: Checkpoint, out_dir: Path, lora: LoRASettings | None, history: list[dict]) -> None:
+    """Full fine-tuning: a Hugging Face checkpoint in OUT, in the source checkpoint's dtype. LoRA: the PEFT adapter
+    in OUT (and with `merge`, the merged checkpoint in OUT/merged). Every file is written atomically."""
+    model = ckpt.model
+    model.eval()
+    if lora is None:
+        _save_merged(ckpt, out_dir)
+    else:
+        save_adapter(model, out_dir, str(ckpt.path), is_language_model_layout(ckpt.path))
+        copy_tokenizer_files(ckpt.path, out_dir)
+        if lora.merge:
+            merge_lora(model)
+            _save_merged(ckpt, out_dir / "merged")
+    log = "".join(json.dumps(h) + "\n" for h in history)
+    atomic_write(out_dir / "train_log.jsonl", lambda p: p.write_text(log))
+
+
+def _save_merged(ckpt: Checkpoint, out: Path) -> None:
+    model = ckpt.model.to(device="cpu", dtype=ckpt.config.torch_dtype)
+    # The multi-token-prediction head rides along unchanged: a stale draft head only costs acceptance rate.
+    save_checkpoint(model, out, extra_tensors=ckpt.mtp)
+    copy_tokenizer_files(ckpt.path, out)
+
+
+def log_line(record: dict, stream=sys.stderr) -> None:
+    parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()]
+    print("  ".join(parts), file=stream, flush=True)

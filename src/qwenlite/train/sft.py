@@ -1,0 +1,188 @@
+"""Supervised fine-tuning on chat conversations, loss on the assistant's tokens only.
+
+Data: JSONL, one conversation per line: `{"messages": [...], "tools": [...]}` (tools optional), messages in the
+OpenAI shape the chat template reads (`role` system / user / assistant / tool, `content`, and on assistant turns
+optionally `reasoning_content` and `tool_calls`).
+
+Which tokens are trained. Each conversation is rendered once, whole, with the checkpoint's own chat template
+(`add_generation_prompt=False`), exactly the text the model will see. The assistant spans are then found in that
+text: each runs from the end of an `<|im_start|>assistant\\n` header to the end of the next `<|im_end|>`, and a token
+is trained when its characters (the tokenizer's offsets) lie inside a span. So the trained text is whatever the
+template renders for an assistant turn: `<think>` blocks where it keeps them, `<tool_call>` blocks, the closing
+`<|im_end|>`; never the header, system, user or tool turns.
+
+Rendering prefixes (messages[:i] against messages[:i+1]) and diffing was rejected: the Qwen3.5 template is not
+prefix-stable. It drops the reasoning of assistant turns before the last user message, a decision that depends on
+later messages, and closes a tool turn depending on what follows it, so a prefix render differs from the text of
+the full render and the labels would describe text the model never sees. The one assumption left is ChatML's
+framing; a render whose header count differs from its assistant-message count (an assistant header typed inside
+another message) is refused rather than guessed at.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qwenlite.errors import QwenliteError
+from qwenlite.tokenizer import ChatTemplateError, Tokenizer
+from qwenlite.train.posttrain import (
+    IGNORE,
+    Logger,
+    LoRASettings,
+    TrainSettings,
+    epoch_order,
+    load_for_training,
+    log_line,
+    lr_at,
+    make_optimizer,
+    pad_batch,
+    pad_token_id,
+    read_jsonl,
+    save_result,
+    token_logprobs,
+)
+
+ASSISTANT_HEADER = "<|im_start|>assistant\n"
+TURN_END = "<|im_end|>"
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    labels: list[int]  # ids where trained, IGNORE elsewhere (aligned with ids, not shifted)
+    where: str  # "file:line", for messages about this example
+
+    @property
+    def n_trained(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+def assistant_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans [start, end) of the assistant turns' bodies in rendered ChatML text, each ending after its
+    `<|im_end|>` (or at the end of the text for an unfinished turn)."""
+    spans = []
+    start = text.find(ASSISTANT_HEADER)
+    while start != -1:
+        body = start + len(ASSISTANT_HEADER)
+        end = text.find(TURN_END, body)
+        end = len(text) if end == -1 else end + len(TURN_END)
+        spans.append((body, end))
+        start = text.find(ASSISTANT_HEADER, end)
+    return spans
+
+
+def encode_chat(
+    tokenizer: Tokenizer,
+    messages: list[dict],
+    tools: list[dict] | None = None,
+    train_from_message: int = 0,
+    where: str = "",
+) -> Example:
+    """Render `messages` whole and label the tokens of the assistant turns at index >= `train_from_message`
+    (DPO trains only the completion after a shared prompt)."""
+    try:
+        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=False)
+    except ChatTemplateError as e:
+        raise QwenliteError(f"{where}: {e}") from None
+    roles = [m.get("role") for m in messages]
+    trained_turns = [i >= train_from_message for i, role in enumerate(roles) if role == "assistant"]
+    spans = assistant_spans(text)
+    if len(spans) != len(trained_turns):
+        raise QwenliteError(
+            f"{where}: the rendered conversation has {len(spans)} assistant headers for {len(trained_turns)} "
+            f"assistant messages (is {ASSISTANT_HEADER!r} written inside a message?)"
+        )
+    spans = [span for span, trained in zip(spans, trained_turns, strict=True) if trained]
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    labels = [IGNORE] * len(ids)
+    k = 0  # spans and tokens both run left to right
+    for t, (s, e) in enumerate(offsets):
+        while k < len(spans) and s >= spans[k][1]:
+            k += 1
+        if k < len(spans) and s >= spans[k][0] and e <= spans[k][1]:
+            labels[t] = ids[t]
+    return Example(ids, labels, where)
+
+
+def load_sft_data(path: str | Path, tokenizer: Tokenizer, max_len: int) -> list[Example]:
+    """Read, validate and encode every conversation before training starts, so that bad data fails before any
+    model is loaded or file written."""
+    examples = []
+    for number, record in read_jsonl(path):
+        where = f"{path}:{number}"
+        messages, tools = record.get("messages"), record.get("tools")
+        if not isinstance(messages, list) or not messages:
+            raise QwenliteError(f'{where}: expected {{"messages": [...]}} with at least one message')
+        if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+            raise QwenliteError(f"{where}: the conversation has no assistant turn, so nothing to train on")
+        if tools is not None and not isinstance(tools, list):
+            raise QwenliteError(f'{where}: "tools" must be a list')
+        example = encode_chat(tokenizer, messages, tools, where=where)
+        example.ids, example.labels = example.ids[:max_len], example.labels[:max_len]
+        if example.n_trained == 0:
+            raise QwenliteError(f"{where}: no assistant token within the first {max_len} tokens (raise --max-len)")
+        examples.append(example)
+    if not examples:
+        raise QwenliteError(f"{path}: no conversations (the file is empty)")
+    return examples
+
+
+def train_sft(
+    model_path: str | Path,
+    data_path: str | Path,
+    out_dir: str | Path,
+    settings: TrainSettings | None = None,
+    lora: LoRASettings | None = None,
+    log: Logger = log_line,
+) -> list[dict]:
+    """Fine-tune the checkpoint at `model_path` on the conversations in `data_path`; write the result to
+    `out_dir` (see `posttrain.save_result`). Returns the log records."""
+    model_path, out_dir = Path(model_path), Path(out_dir)
+    settings = settings or TrainSettings()
+    tokenizer = Tokenizer.from_dir(model_path)
+    examples = load_sft_data(data_path, tokenizer, settings.max_len)
+    pad_id = pad_token_id(tokenizer)
+
+    torch.manual_seed(settings.seed)
+    ckpt = load_for_training(model_path, settings, lora)
+    model = ckpt.model
+    optimizer = make_optimizer(model, settings)
+    params = [p for p in model.parameters() if p.requires_grad]
+    total_steps = settings.total_steps(len(examples))
+    per_step = settings.batch_size * settings.grad_accum
+    order = epoch_order(len(examples), total_steps * per_step, settings.seed)
+
+    history = []
+    t0 = time.perf_counter()
+    seen = 0
+    for step in range(total_steps):
+        lr = lr_at(step, total_steps, settings)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = [examples[next(order)] for _ in range(per_step)]
+        n_trained = sum(ex.n_trained for ex in batch)
+        loss = 0.0
+        for i in range(0, per_step, settings.batch_size):  # gradient accumulation over micro-batches
+            ids, labels = pad_batch([(ex.ids, ex.labels) for ex in batch[i : i + settings.batch_size]], pad_id)
+            # The mean over the whole step's trained tokens, however they fall into micro-batches.
+            micro_loss = -token_logprobs(model, ids, labels).sum() / n_trained
+            micro_loss.backward()
+            loss += micro_loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        seen += sum(len(ex.ids) for ex in batch)
+        elapsed = time.perf_counter() - t0
+        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": n_trained,
+                  "tokens_per_s": round(seen / elapsed, 1), "elapsed_s": round(elapsed, 2)}  # fmt: skip
+        history.append(record)
+        if (step + 1) % settings.log_every == 0 or step + 1 == total_steps:
+            log(record)
+
+    save_result(ckpt, out_dir, lora, history)
+    return history
