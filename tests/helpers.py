@@ -14,12 +14,23 @@ heads keep their recurrent state for hundreds of tokens (across chunk boundaries
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
+import socket
+import threading
+import time
 from pathlib import Path
 
+import openai
 import torch
+import uvicorn
 from safetensors.torch import load_file, save_file
+
+from qwenlite.cli import main as cli_main
+from qwenlite.engine import Engine
+from qwenlite.weights import load_checkpoint, save_checkpoint
 
 TINY_TEXT_CONFIG: dict = {
     "vocab_size": 512,
@@ -179,3 +190,57 @@ def reference_logits(hf_model, input_ids: torch.Tensor) -> torch.Tensor:
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a.float() - b.float()).abs().max().item()
+
+
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The tiny preset (hidden 128, the real vocabulary) with lively random weights, built once per session: the
+    preset's N(0, 0.02) weights and tied head make a model that repeats its last input token; layer matrices
+    drawn at 0.2 and an untied head make its greedy answers depend on the whole prompt."""
+    path = tmp_path_factory.getbasetemp() / "tiny-serve-checkpoint"
+    if (path / "config.json").is_file():
+        return path
+    assert cli_main(["init-random", "tiny", str(path / "base"), "--dtype", "float32"]) == 0
+    model = load_checkpoint(path / "base").model
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.model.layers.parameters():
+            if parameter.dim() >= 2:
+                parameter.normal_(0.0, 0.2, generator=generator)
+        head = torch.randn(model.lm_head.weight.shape, generator=generator) * 0.2
+    model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
+    model.lm_head.weight = torch.nn.Parameter(head)
+    save_checkpoint(model, path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        shutil.copy(path / "base" / name, path / name)
+    shutil.rmtree(path / "base")
+    return path
+
+
+class LiveServer:
+    """uvicorn in a thread, on a free localhost port."""
+
+    def __init__(self, app, engine: Engine):
+        self.engine = engine
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started)
+
+    def client(self, api_key: str = "unused") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.engine.close()
+
+
+def wait_until(condition, timeout: float = 10.0) -> float:
+    t0 = time.perf_counter()
+    while not condition():
+        assert time.perf_counter() - t0 < timeout, "timed out"
+        time.sleep(0.005)
+    return time.perf_counter() - t0

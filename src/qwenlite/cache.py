@@ -67,6 +67,14 @@ class Cache:
         ]
         return Cache(layers, self.lengths[start:stop])
 
+    def reset_row(self, row: int) -> None:
+        """Make `row` an empty sequence: zero recurrent state (KV past length 0 is never read)."""
+        for layer in self.layers:
+            if isinstance(layer, LinearAttentionCache):
+                layer.conv[row].zero_()
+                layer.state[row].zero_()
+        self.lengths[row] = 0
+
     def copy_row(self, src: int, dst: int) -> None:
         """Make row `dst` a copy of row `src` (e.g. to keep the active rows of a batch contiguous)."""
         n = int(self.lengths[src])

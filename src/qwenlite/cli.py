@@ -14,10 +14,6 @@ from pathlib import Path
 from qwenlite.errors import QwenliteError
 from qwenlite.hub import DEFAULT_MODEL
 
-SAMPLING_FLAGS = (
-    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"
-)  # fmt: skip
-
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype (default: checkpoint's)")
@@ -66,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(func=cmd_init_random)
+
+    # Each of these modules declares its own command; this file only lists them.
+    from qwenlite.gguf import add_convert_command
+    from qwenlite.server import add_serve_command
+
+    add_serve_command(sub)
+    add_convert_command(sub)
     return parser
 
 
@@ -99,6 +102,7 @@ class Session:
     """A loaded model with its tokenizer and the sampling settings from flags over the checkpoint's."""
 
     def __init__(self, model_ref: str, args: argparse.Namespace):
+        from qwenlite.generate import SAMPLING_FIELDS, generation_defaults
         from qwenlite.hub import resolve_model_path
         from qwenlite.sample import SamplingParams
         from qwenlite.tokenizer import Tokenizer
@@ -107,7 +111,7 @@ class Session:
         path = resolve_model_path(model_ref)
         self.tokenizer = Tokenizer.from_dir(path)
         self.model = load_checkpoint(path, dtype=args.dtype).model
-        settings = {**generation_defaults(path), **{k: getattr(args, k) for k in SAMPLING_FLAGS}}
+        settings = {**generation_defaults(path), **{k: getattr(args, k) for k in SAMPLING_FIELDS}}
         settings = {k: v for k, v in settings.items() if v is not None}
         self.params = SamplingParams(**settings, seed=args.seed)
         try:
@@ -127,21 +131,6 @@ class Session:
 
         a = self.args
         return stream(self.model, self.tokenizer, prompt_ids, self.params, a.max_tokens, a.stop, a.ctx)
-
-
-def generation_defaults(path: Path) -> dict:
-    """Sampling settings the checkpoint recommends in generation_config.json (greedy when do_sample is false)."""
-    file = path / "generation_config.json"
-    if not file.is_file():
-        return {}
-    try:
-        cfg = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise QwenliteError(f"{file} is not valid JSON: {e}") from None
-    out = {k: cfg[k] for k in SAMPLING_FLAGS if isinstance(cfg.get(k), int | float)}
-    if cfg.get("do_sample") is False:
-        out["temperature"] = 0.0
-    return out
 
 
 def _print_stream(session: Session, prompt_ids: list[int]) -> dict:

@@ -5,9 +5,11 @@ The core works on token ids; only `stream` knows the tokenizer."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -15,7 +17,8 @@ from qwenlite.cache import Cache, make_cache
 from qwenlite.errors import QwenliteError
 from qwenlite.model import Qwen3_5ForCausalLM
 from qwenlite.sample import SamplingParams, apply_processors, make_logits_processors, make_sampler
-from qwenlite.tokenizer import IncrementalDetokenizer, Tokenizer
+from qwenlite.textstream import TextStream
+from qwenlite.tokenizer import Tokenizer
 
 PREFILL_CHUNK = 512  # bounds the activations of a long prompt; the gated delta rule chunks by 64 inside
 
@@ -132,48 +135,6 @@ class Chunk:
     token_ids: list[int] = field(default_factory=list)
 
 
-class _StopMatcher:
-    """Holds back the tail of the text that could still grow into a stop string."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to emit, whether a stop string was hit)."""
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        keep = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(self.pending)), keep, -1):
-                if self.pending.endswith(s[:n]):
-                    keep = n
-                    break
-        out = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep :]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
-def starts_in_reasoning(tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> bool:
-    """True when the prompt ends inside an open <think> block (the Qwen3.5 template opens one for the
-    assistant when thinking is on), so the first generated tokens are reasoning."""
-    think, end_think = tokenizer.token_to_id("<think>"), tokenizer.token_to_id("</think>")
-    im_start = tokenizer.token_to_id("<|im_start|>")
-    for t in reversed(prompt_ids):
-        if t == end_think or t == im_start:
-            return False
-        if t == think:
-            return True
-    return False
-
-
 def stream(
     model: Qwen3_5ForCausalLM,
     tokenizer: Tokenizer,
@@ -185,50 +146,20 @@ def stream(
 ) -> Iterator[Chunk]:
     """Yield text chunks as tokens arrive: reasoning and answer apart, never a broken UTF-8 sequence, stop
     strings cut out. The last chunk carries the finish reason and the timings."""
-    think, end_think = tokenizer.token_to_id("<think>"), tokenizer.token_to_id("</think>")
-    in_reasoning = starts_in_reasoning(tokenizer, prompt_ids)
-    detok = IncrementalDetokenizer(tokenizer)
-    matcher = _StopMatcher(stop)
+    text = TextStream(tokenizer, prompt_ids, stop)
     stats = GenerationStats()
-    # Newlines that open a channel (after <think> / </think>) are dropped, and so are those that close the
-    # reasoning: held back until more reasoning shows they were inside it.
-    at_channel_start = True
-    held = ""
-
-    def emit(text: str, ids: list[int]) -> Chunk | None:
-        nonlocal at_channel_start, held
-        if at_channel_start:
-            text = text.lstrip("\n")
-            at_channel_start = not text
-        if in_reasoning:
-            text = held + text
-            held = text[len(text.rstrip("\n")) :]
-            text = text[: len(text) - len(held)]
-        if not text:
-            return None
-        return Chunk(reasoning=text, token_ids=ids) if in_reasoning else Chunk(text=text, token_ids=ids)
-
     tokens = generate_tokens(model, prompt_ids, params, max_tokens, tokenizer.eos_token_ids, max_context, stats)
     for token in tokens:
-        if token in (think, end_think):
-            # Switch channels: what the detokenizer and matcher hold belongs to the channel being left.
-            chunk = emit(matcher.flush() + detok.flush(), [token])
-            if chunk:
-                yield chunk
-            in_reasoning, at_channel_start, held = token == think, True, ""
-            continue
-        text, hit = matcher.push(detok.add(token))
-        chunk = emit(text, [token])
-        if chunk:
-            yield chunk
+        delta, hit = text.add(token)
+        if delta:
+            yield Chunk(text=delta.text, reasoning=delta.reasoning, token_ids=[token])
         if hit:
             stats.finish_reason = "stop"
             break
     else:
-        text, hit = matcher.push(detok.flush())
-        chunk = emit(text if hit else text + matcher.flush(), [])
-        if chunk:
-            yield chunk
+        delta = text.finish()
+        if delta:
+            yield Chunk(text=delta.text, reasoning=delta.reasoning)
     tokens.close()
     yield Chunk(finish_reason=stats.finish_reason, stats=stats)
 
@@ -243,3 +174,23 @@ def generate(
 ) -> str:
     """The whole answer (reasoning left out) as one string."""
     return "".join(c.text for c in stream(model, tokenizer, prompt_ids, params, max_tokens, stop))
+
+
+SAMPLING_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"
+)  # fmt: skip
+
+
+def generation_defaults(path: Path) -> dict:
+    """Sampling settings the checkpoint recommends in generation_config.json (greedy when do_sample is false)."""
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        cfg = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise QwenliteError(f"{file} is not valid JSON: {e}") from None
+    out = {k: cfg[k] for k in SAMPLING_FIELDS if isinstance(cfg.get(k), int | float)}
+    if cfg.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out

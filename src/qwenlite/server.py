@@ -1,0 +1,738 @@
+"""OpenAI-compatible HTTP API over the engine: /v1/chat/completions, /v1/completions, /v1/models, /health and
+the web chat page at / (data/chat.html, when installed).
+
+A thin layer: it renders chat messages with the checkpoint's template, hands token ids to the engine, and turns
+the engine's tokens back into the OpenAI shapes: reasoning in `reasoning_content`, the model's XML tool calls in
+`tool_calls` (streamed as deltas too), logprobs, usage with cached prompt tokens. Errors use the OpenAI error
+shape with the matching status; nothing one request does can stop the server or keep a slot: a client that
+goes away cancels its request, which frees its row before the engine's next step."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qwenlite.engine import ContextLengthExceeded, Engine, Finish, PromptLogprobs, QueueFull, Token, Usage
+from qwenlite.engine import Request as EngineRequest
+from qwenlite.errors import QwenliteError
+from qwenlite.generate import generation_defaults
+from qwenlite.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChoiceLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    ErrorBody,
+    ErrorResponse,
+    FunctionCallOut,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    TokenLogprob,
+    ToolCallOut,
+    TopLogprob,
+    UsageInfo,
+)
+from qwenlite.sample import SamplingParams
+from qwenlite.textstream import Delta, StopMatcher, TextStream, starts_in_reasoning
+from qwenlite.tokenizer import ChatTemplateError, IncrementalDetokenizer, Tokenizer
+from qwenlite.toolcalls import ToolCallDelta, ToolCallParser
+
+log = logging.getLogger("qwenlite.server")
+
+DEFAULT_CTX = 16384  # the cache is preallocated for every slot: 262144 tokens x 4 slots would not fit a laptop
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty", "seed")  # fmt: skip
+RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "enable_thinking"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, kind=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.kind = kind or {401: "authentication_error", 429: "rate_limit_error"}.get(
+            status, "server_error" if status >= 500 else "invalid_request_error"
+        )
+
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorBody(message=self.message, type=self.kind, param=self.param, code=self.code))
+
+
+def _error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body().model_dump(), status_code=e.status)
+
+
+def _sse(payload: BaseModel | dict) -> str:
+    data = payload.model_dump_json(exclude_none=True) if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+# --- tokens -> text ---------------------------------------------------------------------------------------------
+
+Piece = tuple[str, str] | ToolCallDelta  # ("content" | "reasoning", text) or a tool-call delta
+
+
+class ChatOutput:
+    """One chat answer's text layer: generated token ids in; reasoning, content and tool-call pieces out."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: Sequence[str], tools, forced: str = ""):
+        self.text = TextStream(tokenizer, prompt_ids, stop)
+        self.parser = ToolCallParser(tools) if tools is not None else None
+        self.initial: list[Piece] = self.parser.feed(forced) if self.parser and forced else []
+        self.tokens = 0
+
+    def _pieces(self, delta: Delta) -> list[Piece]:
+        out: list[Piece] = [("reasoning", delta.reasoning)] if delta.reasoning else []
+        if delta.text:
+            items = self.parser.feed(delta.text) if self.parser else [delta.text]
+            out += [("content", i) if isinstance(i, str) else i for i in items]
+        return out
+
+    def _flush_parser(self) -> list[Piece]:
+        items = self.parser.finish() if self.parser else []
+        return [("content", i) if isinstance(i, str) else i for i in items]
+
+    def add(self, token: int) -> tuple[list[Piece], bool]:
+        """Returns the pieces this token completes and whether a stop string ended the answer."""
+        self.tokens += 1
+        delta, hit = self.text.add(token)
+        pieces = self._pieces(delta)
+        return (pieces + self._flush_parser(), True) if hit else (pieces, False)
+
+    def finish(self) -> list[Piece]:
+        return self._pieces(self.text.finish()) + self._flush_parser()
+
+    @property
+    def called_tools(self) -> bool:
+        return bool(self.parser and self.parser.calls)
+
+
+class CompletionOutput:
+    """One /v1/completions choice: text (after the echoed prompt), stop strings, OpenAI's legacy logprobs."""
+
+    def __init__(self, server: OpenAIServer, prompt_ids: list[int], body: CompletionRequest):
+        self.server = server
+        self.detok = IncrementalDetokenizer(server.tokenizer)
+        self.matcher = StopMatcher(_stops(body.stop))
+        self.top = body.logprobs
+        self.logprobs = CompletionLogprobs() if body.logprobs is not None else None
+        self.echo = server.tokenizer.decode(prompt_ids) if body.echo else ""
+        self.prompt_ids = prompt_ids
+        self.length = 0  # characters of text so far, for text_offset
+        self.tokens = 0
+
+    def _log(self, token: int, logprob: float | None, top: list[tuple[int, float]] | None, chars: int) -> None:
+        if self.logprobs is None:
+            return
+        lp = self.logprobs
+        lp.tokens.append(self.server.token_text(token))
+        lp.token_logprobs.append(logprob)
+        lp.top_logprobs.append(self.server.top_dict(top) if top is not None else None)
+        lp.text_offset.append(self.length)
+        self.length += chars
+
+    def add_prompt(self, event: PromptLogprobs) -> None:
+        for token, logprob, top in zip(self.prompt_ids, event.logprobs, event.top_logprobs, strict=True):
+            self._log(token, logprob, top if self.top else None, len(self.server.token_text(token)))
+
+    def add(self, event: Token) -> tuple[str, bool]:
+        self.tokens += 1
+        text, hit = self.matcher.push(self.detok.add(event.id))
+        self._log(event.id, event.logprob, event.top_logprobs if self.top else None, len(text))
+        return text, hit
+
+    def finish(self) -> str:
+        text, hit = self.matcher.push(self.detok.flush())
+        return text if hit else text + self.matcher.flush()
+
+
+def turn_starts(ids: Sequence[int], header: Sequence[int]) -> tuple[int, ...]:
+    """Positions right after each `header` (the assistant's `<|im_start|>assistant\n`): the next turn's prompt
+    shares everything before its answer's start (the template drops that answer's <think> block), so these
+    are the snapshots worth keeping."""
+    n, header = len(header), list(header)
+    return tuple(i + n for i, t in enumerate(ids) if t == header[0] and list(ids[i : i + n]) == header)
+
+
+def _stops(stop: str | list[str] | None) -> list[str]:
+    return [stop] if isinstance(stop, str) else list(stop or [])
+
+
+# --- engine events on the event loop ----------------------------------------------------------------------------
+
+
+class Submission:
+    """Engine requests whose events arrive on this event loop's queue as (index, event), without polling."""
+
+    def __init__(self, engine: Engine, requests: list[EngineRequest]):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.handles = []
+        try:
+            for i, request in enumerate(requests):
+                self.handles.append(engine.submit(request, functools.partial(self._put, i)))
+        except Exception:
+            self.cancel()
+            raise
+
+    def _put(self, index: int, event) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+
+    async def get(self):
+        return await self.queue.get()
+
+    def cancel(self) -> None:
+        for handle in self.handles:
+            handle.cancel()
+
+
+async def _watch_disconnect(request: Request, submission: Submission) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            submission.cancel()
+            return
+
+
+@contextlib.asynccontextmanager
+async def _cancelled_on_disconnect(request: Request, submission: Submission):
+    """Cancel the engine requests when the client goes away, or when the response is done."""
+    watcher = asyncio.create_task(_watch_disconnect(request, submission))
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        submission.cancel()
+
+
+# --- the API ----------------------------------------------------------------------------------------------------
+
+
+class OpenAIServer:
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Tokenizer,
+        model_name: str,
+        api_key: str | None = None,
+        defaults: dict | None = None,
+        aliases: Sequence[str] = (),
+    ):
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.api_key = api_key
+        self.defaults = dict(defaults or {})  # sampling settings a request leaves out (generation_config.json)
+        self.names = {model_name, *aliases}
+        self.created = int(time.time())
+        self.assistant_header = tokenizer.encode("<|im_start|>assistant\n")
+
+    # Helpers ----------------------------------------------------------------------------------------------------
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def top_dict(self, top: list[tuple[int, float]]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for token, logprob in top:
+            out.setdefault(self.token_text(token), logprob)  # ids that decode alike keep the likelier
+        return out
+
+    def logprob_entry(self, event: Token) -> TokenLogprob:
+        top = [
+            TopLogprob(token=self.token_text(t), logprob=lp, bytes=self.tokenizer.token_bytes(t))
+            for t, lp in event.top_logprobs or []
+        ]
+        return TokenLogprob(
+            token=self.token_text(event.id),
+            logprob=event.logprob,
+            bytes=self.tokenizer.token_bytes(event.id),
+            top_logprobs=top,
+        )
+
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if not header:
+            raise ApiError(401, "missing API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "invalid API key", code="invalid_api_key")
+
+    async def parse(self, request: Request, schema: type[BaseModel]):
+        self.authorize(request)
+        try:
+            body = schema.model_validate_json(await request.body())
+        except ValidationError as e:
+            first = e.errors()[0]
+            if first["type"] == "json_invalid":
+                raise ApiError(400, f"the request body is not valid JSON: {first['msg']}") from None
+            param = ".".join(str(p) for p in first["loc"]) or None
+            raise ApiError(400, f"{param or 'body'}: {first['msg']}", param=param) from None
+        if body.model is not None and body.model not in self.names:
+            raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")  # fmt: skip
+        if body.n != 1:
+            raise ApiError(400, "only n=1 is supported", param="n")
+        return body
+
+    def sampling(self, body) -> SamplingParams:
+        settings = {**self.defaults, **{k: getattr(body, k) for k in SAMPLING_FIELDS if getattr(body, k) is not None}}
+        if settings.get("top_k", 0) < 0:
+            settings["top_k"] = 0  # vLLM's -1: off
+        params = SamplingParams(**settings)
+        try:
+            params.validate()
+        except ValueError as e:
+            raise ApiError(400, str(e), param=str(e).split()[0].removeprefix("SamplingParams.")) from None
+        return params
+
+    def check_context(self, ids: list[int], param: str) -> None:
+        if len(ids) >= self.engine.ctx:
+            raise ApiError(
+                400,
+                f"the prompt is {len(ids)} tokens, longer than this server's context of {self.engine.ctx} tokens "
+                f"(it needs room for at least one more)",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    def submit(self, requests: list[EngineRequest]) -> Submission:
+        try:
+            return Submission(self.engine, requests)
+        except QueueFull as e:
+            raise ApiError(429, str(e), code="queue_full") from None
+        except ContextLengthExceeded as e:
+            raise ApiError(400, str(e), code="context_length_exceeded") from None
+        except (QwenliteError, ValueError) as e:
+            raise ApiError(400, str(e)) from None
+
+    def usage(self, usages: list[Usage]) -> UsageInfo:
+        prompt = sum(u.prompt_tokens for u in usages)
+        completion = sum(u.completion_tokens for u in usages)
+        cached = sum(u.cached_tokens for u in usages)
+        return UsageInfo(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        )
+
+    # Chat -------------------------------------------------------------------------------------------------------
+
+    def chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int], list[dict] | None, str]:
+        """-> (prompt ids, tools to parse calls for or None, forced start of the answer)."""
+        messages = []
+        for i, m in enumerate(body.messages):
+            message = m.model_dump(exclude_none=True)
+            if message["role"] == "developer":
+                message["role"] = "system"
+            if isinstance(m.content, list) and any(p.type != "text" or p.text is None for p in m.content):
+                raise ApiError(400, "only text content parts are supported", param=f"messages.{i}.content")
+            messages.append(message)
+        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+        choice = body.tool_choice or ("auto" if tools else "none")
+        forced = ""
+        if choice != "none" and not tools:
+            raise ApiError(400, f"tool_choice {choice!r} needs tools", param="tool_choice")
+        if choice == "required":
+            forced = "<tool_call>\n<function="
+        elif not isinstance(choice, str):
+            if choice.function.name not in {t["function"]["name"] for t in tools}:
+                raise ApiError(400, f"tool_choice names an unknown tool {choice.function.name!r}", "tool_choice")
+            forced = f"<tool_call>\n<function={choice.function.name}>\n"
+        kwargs = dict(body.chat_template_kwargs or {})
+        thinking = kwargs.pop("enable_thinking", None)
+        if thinking is not None and not isinstance(thinking, bool):
+            raise ApiError(400, "enable_thinking must be true or false", param="chat_template_kwargs.enable_thinking")
+        kwargs = {k: v for k, v in kwargs.items() if k not in RESERVED_TEMPLATE_KWARGS}
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, tools=tools if choice != "none" else None, enable_thinking=thinking, **kwargs
+            )
+        except ChatTemplateError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        ids = self.tokenizer.encode(text)
+        if forced and starts_in_reasoning(self.tokenizer, ids):
+            forced = "\n</think>\n\n" + forced  # a forced call skips the reasoning
+        if forced:
+            ids += self.tokenizer.encode(forced)
+            forced = forced[forced.find("<tool_call>") :]
+        return ids, (tools if choice != "none" else None), forced
+
+    async def chat_completions(self, request: Request) -> Response:
+        body: ChatCompletionRequest = await self.parse(request, ChatCompletionRequest)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens is not None and max_tokens < 1:
+            raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        params = self.sampling(body)
+        ids, tools, forced = self.chat_prompt(body)
+        self.check_context(ids, "messages")
+        top = body.top_logprobs or 0
+        engine_request = EngineRequest(
+            ids,
+            params,
+            max_tokens if max_tokens is not None else self.engine.ctx,
+            frozenset(self.tokenizer.eos_token_ids),
+            logprobs=top if body.logprobs else None,
+            snapshot_at=turn_starts(ids, self.assistant_header),
+        )
+        submission = self.submit([engine_request])
+        output = ChatOutput(self.tokenizer, ids, _stops(body.stop), tools, forced)
+        head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name)
+        answer = self._chat_events(submission, output, body.logprobs)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = self._chat_stream(request, submission, output, answer, head, include_usage)
+            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        async with _cancelled_on_disconnect(request, submission):
+            message, logprobs, finish = await self._collect_chat(answer)
+        choice = ChatChoice(
+            message=message,
+            logprobs=ChoiceLogprobs(content=logprobs) if body.logprobs else None,
+            finish_reason=finish,
+        )
+        usage = self.usage([output_usage(submission, output)])
+        return JSONResponse(ChatCompletion(**head, choices=[choice], usage=usage).model_dump(exclude_none=True))
+
+    async def _collect_chat(self, answer) -> tuple[AssistantMessage, list[TokenLogprob], str | None]:
+        calls: dict[int, ToolCallOut] = {}
+        content, reasoning, logprobs, finish = [], [], [], None
+        async for pieces, entries, reason in answer:
+            logprobs += entries
+            finish = reason or finish
+            for p in pieces:
+                if isinstance(p, ToolCallDelta):
+                    call = calls.setdefault(p.index, ToolCallOut(type="function", function=FunctionCallOut()))
+                    call.id = call.id or p.id
+                    call.function.name = call.function.name or p.name
+                    call.function.arguments += p.arguments
+                else:
+                    (content if p[0] == "content" else reasoning).append(p[1])
+        message = AssistantMessage(
+            role="assistant",
+            content="".join(content) if content or not calls else None,
+            reasoning_content="".join(reasoning) or None,
+            tool_calls=[calls[i] for i in sorted(calls)] or None,
+        )
+        return message, logprobs, finish
+
+    async def _chat_events(
+        self, submission: Submission, output: ChatOutput, want_logprobs: bool
+    ) -> AsyncIterator[tuple[list[Piece], list[TokenLogprob], str | None]]:
+        """(pieces, logprob entries, None) per token, then ([...], [], finish reason) once."""
+        if output.initial:
+            yield output.initial, [], None
+        while True:
+            _, event = await submission.get()
+            if isinstance(event, Token):
+                pieces, hit = output.add(event.id)
+                entries = [self.logprob_entry(event)] if want_logprobs else []
+                if hit:
+                    submission.cancel()
+                    yield pieces, entries, "tool_calls" if output.called_tools else "stop"
+                    return
+                yield pieces, entries, None
+            elif isinstance(event, Finish):
+                if event.reason == "error":
+                    raise ApiError(500, f"generation failed: {event.error}")
+                if event.reason == "cancelled":
+                    raise ApiError(499, "the request was cancelled", kind="cancelled")
+                pieces = output.finish()
+                yield pieces, [], "tool_calls" if event.reason == "stop" and output.called_tools else event.reason
+                return
+
+    async def _chat_stream(self, request, submission, output: ChatOutput, answer, head: dict, include_usage: bool):
+        def chunk(delta: AssistantMessage, entries=None, finish=None) -> str:
+            logprobs = ChoiceLogprobs(content=entries) if entries else None
+            choice = ChatChunkChoice(delta=delta, logprobs=logprobs, finish_reason=finish)
+            return _sse(ChatCompletionChunk(**head, choices=[choice]))
+
+        async with _cancelled_on_disconnect(request, submission):
+            yield chunk(AssistantMessage(role="assistant", content=""))
+            try:
+                async for pieces, entries, finish in answer:
+                    for p in pieces:
+                        if isinstance(p, ToolCallDelta):
+                            function = FunctionCallOut(name=p.name, arguments=p.arguments)
+                            kind = "function" if p.id else None
+                            delta = AssistantMessage(tool_calls=[ToolCallOut(index=p.index, id=p.id, type=kind,
+                                                                             function=function)])  # fmt: skip
+                        elif p[0] == "content":
+                            delta = AssistantMessage(content=p[1])
+                        else:
+                            delta = AssistantMessage(reasoning_content=p[1])
+                        yield chunk(delta, entries)
+                        entries = None
+                    if entries or finish:
+                        yield chunk(AssistantMessage(), entries, finish)
+            except ApiError as e:
+                if e.status != 499:
+                    yield _sse(e.body())
+                    yield "data: [DONE]\n\n"
+                return
+            if include_usage:
+                usage = self.usage([output_usage(submission, output)])
+                yield _sse(ChatCompletionChunk(**head, choices=[], usage=usage))
+            yield "data: [DONE]\n\n"
+
+    # Completions ------------------------------------------------------------------------------------------------
+
+    def completion_prompts(self, prompt) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [self.tokenizer.encode(prompt)]
+        if not prompt:
+            raise ApiError(400, "prompt is empty", param="prompt")
+        if isinstance(prompt[0], int):
+            return [list(prompt)]
+        return [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+
+    async def completions(self, request: Request) -> Response:
+        body: CompletionRequest = await self.parse(request, CompletionRequest)
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default
+        if max_tokens < (0 if body.echo else 1):
+            raise ApiError(400, f"max_tokens must be at least {0 if body.echo else 1}, got {max_tokens}", "max_tokens")
+        params = self.sampling(body)
+        prompts = self.completion_prompts(body.prompt)
+        vocab = self.engine.model.config.vocab_size
+        for i, ids in enumerate(prompts):
+            if not ids:
+                raise ApiError(400, f"prompt {i} is empty", param="prompt")
+            if min(ids) < 0 or max(ids) >= vocab:
+                raise ApiError(400, f"prompt {i} has token ids outside [0, {vocab})", param="prompt")
+            self.check_context(ids, "prompt")
+        requests = [
+            EngineRequest(
+                ids,
+                params,
+                max_tokens,
+                frozenset(self.tokenizer.eos_token_ids),
+                logprobs=body.logprobs,
+                prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
+            )
+            for ids in prompts
+        ]
+        if body.echo and body.logprobs is None and max_tokens == 0:
+            for r in requests:
+                r.prompt_logprobs = 0  # echo alone with nothing to generate: a prefill that returns no tokens
+        submission = self.submit(requests)
+        outputs = [CompletionOutput(self, ids, body) for ids in prompts]
+        head = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name)
+        events = self._completion_events(submission, outputs)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = self._completion_stream(request, submission, events, outputs, head, include_usage)
+            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        choices = [CompletionChoice(index=i, text=o.echo, logprobs=o.logprobs) for i, o in enumerate(outputs)]
+        async with _cancelled_on_disconnect(request, submission):
+            async for index, text, finish in events:
+                choices[index].text += text
+                choices[index].finish_reason = finish or choices[index].finish_reason
+        usage = self.usage([output_usage(submission, o, i) for i, o in enumerate(outputs)])
+        return JSONResponse(Completion(**head, choices=choices, usage=usage).model_dump(exclude_none=True))
+
+    async def _completion_events(self, submission: Submission, outputs: list[CompletionOutput]):
+        """(choice index, text, finish reason or None) until every choice has finished."""
+        running = set(range(len(outputs)))
+        while running:
+            index, event = await submission.get()
+            if index not in running:
+                continue  # stopped by a stop string already; this is the engine catching up
+            output = outputs[index]
+            if isinstance(event, PromptLogprobs):
+                output.add_prompt(event)
+            elif isinstance(event, Token):
+                text, hit = output.add(event)
+                if hit:
+                    submission.handles[index].cancel()
+                    running.discard(index)
+                yield index, text, "stop" if hit else None
+            elif event.reason in ("error", "cancelled"):
+                submission.cancel()
+                if event.reason == "error":
+                    raise ApiError(500, f"generation failed: {event.error}")
+                raise ApiError(499, "the request was cancelled", kind="cancelled")
+            else:
+                running.discard(index)
+                yield index, output.finish(), event.reason
+
+    async def _completion_stream(self, request, submission, events, outputs, head: dict, include_usage: bool):
+        def chunk(index: int, text: str, logprobs=None, finish=None) -> str:
+            choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)
+            return _sse(Completion(**head, choices=[choice]))
+
+        sent = [0] * len(outputs)  # logprob entries already sent, per choice
+
+        def new_logprobs(index: int) -> CompletionLogprobs | None:
+            lp = outputs[index].logprobs
+            if lp is None:
+                return None
+            n, sent[index] = sent[index], len(lp.tokens)
+            return CompletionLogprobs(tokens=lp.tokens[n:], token_logprobs=lp.token_logprobs[n:],
+                                      top_logprobs=lp.top_logprobs[n:], text_offset=lp.text_offset[n:])  # fmt: skip
+
+        async with _cancelled_on_disconnect(request, submission):
+            echoed = [not o.echo for o in outputs]
+            try:
+                async for index, text, finish in events:
+                    if not echoed[index]:
+                        text, echoed[index] = outputs[index].echo + text, True
+                    yield chunk(index, text, new_logprobs(index), finish)
+            except ApiError as e:
+                if e.status != 499:
+                    yield _sse(e.body())
+                    yield "data: [DONE]\n\n"
+                return
+            if include_usage:
+                usage = self.usage([output_usage(submission, o, i) for i, o in enumerate(outputs)])
+                yield _sse(Completion(**head, choices=[], usage=usage))
+            yield "data: [DONE]\n\n"
+
+    # The rest ---------------------------------------------------------------------------------------------------
+
+    async def models(self, request: Request) -> Response:
+        self.authorize(request)
+        card = ModelCard(id=self.model_name, created=self.created, max_model_len=self.engine.ctx)
+        return JSONResponse(ModelList(data=[card]).model_dump())
+
+    async def health(self) -> Response:
+        return JSONResponse({"status": "ok", "active": self.engine.active, "waiting": self.engine.waiting})
+
+
+def output_usage(submission: Submission, output: ChatOutput | CompletionOutput, index: int = 0) -> Usage:
+    """The engine's counts, with the completion tokens this side consumed (a stop string ends the count)."""
+    usage = submission.handles[index].usage
+    return Usage(usage.prompt_tokens, output.tokens, usage.cached_tokens)
+
+
+# --- the app and the command ------------------------------------------------------------------------------------
+
+
+def chat_page() -> str | None:
+    page = resources.files("qwenlite") / "data" / "chat.html"
+    return page.read_text(encoding="utf-8") if page.is_file() else None
+
+
+def create_app(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    model_name: str,
+    api_key: str | None = None,
+    defaults: dict | None = None,
+    aliases: Sequence[str] = (),
+) -> FastAPI:
+    api = OpenAIServer(engine, tokenizer, model_name, api_key, defaults, aliases)
+    app = FastAPI(title="qwenlite", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.api = api
+    app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", api.completions, methods=["POST"])
+    app.add_api_route("/v1/models", api.models, methods=["GET"])
+    app.add_api_route("/health", api.health, methods=["GET"])
+
+    async def index() -> Response:
+        page = chat_page()
+        if page is None:
+            raise ApiError(404, "this installation has no web chat page (qwenlite/data/chat.html)")
+        return HTMLResponse(page)
+
+    async def api_error(request: Request, e: ApiError) -> Response:
+        return _error_response(e)
+
+    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
+        message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+        return _error_response(ApiError(e.status_code, message))
+
+    async def internal_error(request: Request, e: Exception) -> Response:
+        log.exception("request failed")
+        return _error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}"))
+
+    app.add_api_route("/", index, methods=["GET"])
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
+    return app
+
+
+def serve(
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_concurrency: int = 4,
+    max_queue: int = 64,
+    ctx: int | None = None,
+    cache_mb: float = 1024,
+    dtype: str | None = None,
+    served_model_name: str | None = None,
+) -> None:
+    """Load `model` and serve it until interrupted."""
+    import uvicorn
+
+    from qwenlite.engine import cache_bytes
+    from qwenlite.hub import resolve_model_path
+    from qwenlite.weights import load_checkpoint
+
+    path = resolve_model_path(model)
+    tokenizer = Tokenizer.from_dir(path)
+    loaded = load_checkpoint(path, dtype=dtype).model
+    ctx = min(ctx or DEFAULT_CTX, loaded.config.max_position_embeddings)
+    engine = Engine(loaded, max_concurrency, max_queue, ctx, cache_mb)
+    name = served_model_name or model
+    app = create_app(engine, tokenizer, name, api_key, generation_defaults(path), aliases=(str(path), path.name))
+    print(
+        f"qwenlite serve: {name} on http://{host}:{port}/v1 | context {ctx} tokens x {max_concurrency} slots "
+        f"({cache_bytes(engine.cache) / 2**20:.0f} MiB cache), queue {max_queue}, prompt cache {cache_mb:g} MiB"
+        + (" | API key required" if api_key else ""),
+        flush=True,
+    )
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    finally:
+        engine.close()
+
+
+def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (and web chat)",
+        description="Serve a model over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, "
+        "/v1/models, /health, and a chat page at /.",
+    )
+    p.add_argument("model", nargs="?", default="Qwen/Qwen3.5-0.8B", help="default Qwen/Qwen3.5-0.8B")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests")
+    p.add_argument("--max-concurrency", type=int, default=4, help="requests decoded together (default 4)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
+    p.add_argument("--ctx", type=int, help=f"context per request in tokens (default {DEFAULT_CTX} or the model's)")
+    p.add_argument("--cache-mb", type=float, default=1024, help="memory for reusable prompt states (default 1024)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype (default: checkpoint's)")
+    p.add_argument("--served-model-name", help="the model id clients send (default: MODEL as given)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.max_concurrency < 1 or args.max_queue < 0 or (args.ctx is not None and args.ctx < 2):
+        raise QwenliteError("--max-concurrency must be >= 1, --max-queue >= 0 and --ctx >= 2")
+    serve(args.model, args.host, args.port, args.api_key, args.max_concurrency, args.max_queue, args.ctx,
+          args.cache_mb, args.dtype, args.served_model_name)  # fmt: skip
+    return 0
