@@ -35,7 +35,7 @@ class ScriptedModel(nn.Module):
     def __init__(self, script: list[int], prompt_len: int, eos: int = 248046):
         super().__init__()
         self.config = preset_config("tiny")
-        self.lm_head = nn.Linear(1, 1)  # generation reads the device and dtype from the head
+        self.dtype, self.device = torch.float32, torch.device("cpu")  # what generation and the engine ask
         self.script, self.prompt_len, self.eos = script, prompt_len, eos
 
     def forward(self, ids, cache, logits_to_keep=0):

@@ -385,7 +385,7 @@ class ScriptedModel(nn.Module):
     def __init__(self, tok: Tokenizer, scripts: dict[str, list], delay: float = 0.0):
         super().__init__()
         self.config = preset_config("tiny")
-        self.lm_head = nn.Linear(1, 1)  # the engine reads the device and dtype from the head
+        self.dtype, self.device = torch.float32, torch.device("cpu")  # what generation and the engine ask
         self.tok, self.markers, self.delay = tok, list(scripts), delay
         self.scripts = [sum(([p] if isinstance(p, int) else tok.encode(p) for p in s), []) for s in scripts.values()]
 

@@ -14,15 +14,16 @@ from qwenlite.hub import DEFAULT_MODEL, resolve_model_path
 from qwenlite.model import Qwen3_5ForCausalLM
 from qwenlite.sample import SamplingParams
 from qwenlite.tokenizer import Tokenizer
-from qwenlite.weights import load_checkpoint
 
 __version__ = "0.1.0"
 __all__ = ["load", "generate", "generate_tokens", "stream", "SamplingParams", "Tokenizer", "Qwen3_5ForCausalLM"]
 
 
 def load(
-    model: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device: str = "cpu"
+    model: str = DEFAULT_MODEL, dtype: torch.dtype | str | None = None, device: str = "cpu", quant: str | None = None
 ) -> tuple[Qwen3_5ForCausalLM, Tokenizer]:
-    """A local checkpoint directory or a hub id -> (model, tokenizer)."""
-    path = resolve_model_path(model)
-    return load_checkpoint(path, dtype, device).model, Tokenizer.from_dir(path)
+    """A local checkpoint directory (quantized or not), a .gguf file or a hub id -> (model, tokenizer); `quant`
+    "int8" / "int4" quantizes on load."""
+    from qwenlite.gguf_import import load_any
+
+    return load_any(resolve_model_path(model), dtype, quant, device)

@@ -18,6 +18,7 @@ from qwenlite.hub import DEFAULT_MODEL
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype (default: checkpoint's)")
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: the model's)")
+    p.add_argument("--quant", choices=["int8", "int4"], help="quantize weights on load")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -65,10 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Each of these modules declares its own command; this file only lists them.
     from qwenlite.gguf import add_convert_command
+    from qwenlite.quant import add_quantize_command
     from qwenlite.server import add_serve_command
 
     add_serve_command(sub)
     add_convert_command(sub)
+    add_quantize_command(sub)
     return parser
 
 
@@ -103,14 +106,12 @@ class Session:
 
     def __init__(self, model_ref: str, args: argparse.Namespace):
         from qwenlite.generate import SAMPLING_FIELDS, generation_defaults
+        from qwenlite.gguf_import import load_any
         from qwenlite.hub import resolve_model_path
         from qwenlite.sample import SamplingParams
-        from qwenlite.tokenizer import Tokenizer
-        from qwenlite.weights import load_checkpoint
 
         path = resolve_model_path(model_ref)
-        self.tokenizer = Tokenizer.from_dir(path)
-        self.model = load_checkpoint(path, dtype=args.dtype).model
+        self.model, self.tokenizer = load_any(path, args.dtype, args.quant)
         settings = {**generation_defaults(path), **{k: getattr(args, k) for k in SAMPLING_FIELDS}}
         settings = {k: v for k, v in settings.items() if v is not None}
         self.params = SamplingParams(**settings, seed=args.seed)

@@ -189,11 +189,11 @@ class Engine:
         if max_concurrency < 1 or max_queue < 0:
             raise QwenliteError("max_concurrency must be >= 1 and max_queue >= 0")
         self.model = model
-        self.device = model.lm_head.weight.device
+        self.device = model.device
         self.ctx = context_length(model, ctx)
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
         self.prefill_chunk = prefill_chunk
-        self.cache = make_cache(model.config, max_concurrency, self.ctx, model.lm_head.weight.dtype, self.device)
+        self.cache = make_cache(model.config, max_concurrency, self.ctx, model.dtype, self.device)
         self.prompt_cache = PromptCache(int(cache_mb * 2**20))
         self.max_batch = 0  # the largest decode batch so far
         self.decode_steps = 0

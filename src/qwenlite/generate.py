@@ -52,7 +52,7 @@ class GenerationStats:
 
 def prefill(model: Qwen3_5ForCausalLM, ids: Sequence[int], cache: Cache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
     """Run the prompt through the model in pieces of `chunk` tokens; returns the last position's logits (V,)."""
-    device = model.lm_head.weight.device
+    device = model.device
     logits = None
     for start in range(0, len(ids), chunk):
         piece = torch.tensor([ids[start : start + chunk]], device=device)
@@ -62,7 +62,7 @@ def prefill(model: Qwen3_5ForCausalLM, ids: Sequence[int], cache: Cache, chunk: 
 
 def decode_step(model: Qwen3_5ForCausalLM, token: int, cache: Cache) -> torch.Tensor:
     """One token in, the next token's logits (V,) out."""
-    ids = torch.tensor([[token]], device=model.lm_head.weight.device)
+    ids = torch.tensor([[token]], device=model.device)
     return model(ids, cache)[0, -1]
 
 
@@ -100,8 +100,8 @@ def generate_tokens(
     cache = make_cache(
         model.config,
         max_seq_len=len(prompt_ids) + max_tokens,
-        dtype=model.lm_head.weight.dtype,
-        device=model.lm_head.weight.device,
+        dtype=model.dtype,
+        device=model.device,
     )
 
     t0 = time.perf_counter()

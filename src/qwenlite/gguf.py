@@ -49,6 +49,8 @@ FILE_TYPES = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
 
 GGUF_NAMES = {
@@ -95,7 +97,7 @@ def gguf_name(name: str) -> str:
 # Tensor conventions
 
 
-def _tile_value_heads(t: torch.Tensor, dim: int, num_k_heads: int, head_dim: int) -> torch.Tensor:
+def tile_value_heads(t: torch.Tensor, dim: int, num_k_heads: int, head_dim: int) -> torch.Tensor:
     """Reorder value heads along `dim` from grouped by key head, (Hk, Hv/Hk) order, to tiled, (Hv/Hk, Hk) order;
     each head is `head_dim` entries long along `dim`."""
     shape = list(t.shape)
@@ -109,13 +111,13 @@ def convert_tensor(name: str, t: torch.Tensor, c: ModelConfig) -> torch.Tensor:
     if ".linear_attn." in name and c.linear_num_value_heads != c.linear_num_key_heads:
         Hk, Dv, key_dim = c.linear_num_key_heads, c.linear_value_head_dim, c.linear_key_dim
         if name.endswith(("in_proj_qkv.weight", "conv1d.weight")):  # rows [q | k | v]: only v is per value head
-            t = torch.cat([t[: 2 * key_dim], _tile_value_heads(t[2 * key_dim :], 0, Hk, Dv)])
+            t = torch.cat([t[: 2 * key_dim], tile_value_heads(t[2 * key_dim :], 0, Hk, Dv)])
         elif name.endswith("in_proj_z.weight"):
-            t = _tile_value_heads(t, 0, Hk, Dv)
+            t = tile_value_heads(t, 0, Hk, Dv)
         elif name.endswith(("in_proj_a.weight", "in_proj_b.weight", "A_log", "dt_bias")):
-            t = _tile_value_heads(t, 0, Hk, 1)
+            t = tile_value_heads(t, 0, Hk, 1)
         elif name.endswith("out_proj.weight"):
-            t = _tile_value_heads(t, 1, Hk, Dv)
+            t = tile_value_heads(t, 1, Hk, Dv)
     if name.endswith("A_log"):
         return -torch.exp(t)
     if name.endswith("conv1d.weight"):
@@ -125,15 +127,22 @@ def convert_tensor(name: str, t: torch.Tensor, c: ModelConfig) -> torch.Tensor:
     return t
 
 
-def tensor_type(name: str, ndim: int, matrix_type: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
-    """F32 for 1-D tensors, norms, the conv and anything not named *.weight; `matrix_type` for the rest."""
+def tensor_type(
+    name: str, ndim: int, matrix_type: gguf.GGMLQuantizationType, row: int | None = None
+) -> gguf.GGMLQuantizationType:
+    """F32 for 1-D tensors, norms, the conv and anything not named *.weight; `matrix_type` for the rest, or F16
+    when a row of `row` values does not split into its blocks (as the converter falls back)."""
     if ndim <= 1 or name.endswith("_norm.weight") or ".ssm_conv1d." in name or not name.endswith(".weight"):
         return gguf.GGMLQuantizationType.F32
+    if row is not None and row % gguf.GGML_QUANT_SIZES[matrix_type][0]:
+        return gguf.GGMLQuantizationType.F16
     return matrix_type
 
 
 def _to_numpy(t: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     t = t.contiguous()
+    if qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
+        return gguf.quants.quantize(t.numpy(), qtype)  # uint8 blocks, (rows, bytes per row)
     if qtype == gguf.GGMLQuantizationType.F32:
         return t.numpy()
     if qtype == gguf.GGMLQuantizationType.F16:
@@ -269,7 +278,8 @@ def plan_tensors(root: Path, c: ModelConfig, matrix_type: gguf.GGMLQuantizationT
             shape = (shape[0], shape[2])
         target = gguf_name(name)
         file, stored = files[name]
-        plan.append(PlannedTensor(name, target, shape, tensor_type(target, len(shape), matrix_type), file, stored))
+        qtype = tensor_type(target, len(shape), matrix_type, shape[-1])
+        plan.append(PlannedTensor(name, target, shape, qtype, file, stored))
     return plan
 
 
@@ -299,11 +309,17 @@ def export_gguf(
 
     np_dtypes = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16,
                  gguf.GGMLQuantizationType.BF16: np.uint16}  # fmt: skip
+
+    def stored_shape(t: PlannedTensor) -> tuple[int, ...]:  # quantized: (rows, bytes per row) of uint8
+        return t.shape if t.qtype in np_dtypes else tuple(gguf.quant_shape_to_byte_shape(t.shape, t.qtype))
+
+    def stored_dtype(t: PlannedTensor) -> np.dtype:
+        return np.dtype(np_dtypes.get(t.qtype, np.uint8))
+
     for t in plan:
-        itemsize = np.dtype(np_dtypes[t.qtype]).itemsize
-        writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np_dtypes[t.qtype]), int(np.prod(t.shape)) * itemsize,
-                               raw_dtype=t.qtype)  # fmt: skip
-    total_bytes = sum(int(np.prod(t.shape)) * np.dtype(np_dtypes[t.qtype]).itemsize for t in plan)
+        nbytes = int(np.prod(stored_shape(t))) * stored_dtype(t).itemsize
+        writer.add_tensor_info(t.gguf_name, stored_shape(t), stored_dtype(t), nbytes, raw_dtype=t.qtype)
+    total_bytes = sum(int(np.prod(stored_shape(t))) * stored_dtype(t).itemsize for t in plan)
 
     def write(tmp: Path) -> None:
         handles = {}
@@ -316,7 +332,7 @@ def export_gguf(
                     if t.file not in handles:
                         handles[t.file] = open_safetensors(t.file)
                     data = _to_numpy(convert_tensor(t.name, read_tensor(handles[t.file], t.stored, t.file), c), t.qtype)
-                    assert data.shape == t.shape, (t.name, data.shape, t.shape)
+                    assert data.shape == stored_shape(t), (t.name, data.shape, t.shape)
                     writer.write_tensor_data(data)
                     bar.update(data.nbytes)
         finally:

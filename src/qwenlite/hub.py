@@ -25,8 +25,8 @@ def resolve_model_path(model: str) -> Path:
         return path
     if path.is_file():
         if path.suffix == ".gguf":
-            raise QwenliteError(f"{model}: GGUF files are not supported yet; pass a Hugging Face checkpoint directory")
-        raise QwenliteError(f"{model} is a file; pass a checkpoint directory (config.json, *.safetensors, ...)")
+            return path  # a llama.cpp GGUF: qwenlite.gguf_import.load_any reads it
+        raise QwenliteError(f"{model} is a file; pass a checkpoint directory (config.json, *.safetensors) or a .gguf")
     if not _looks_like_hub_id(model):
         raise QwenliteError(f"no such model directory: {model}")
     return _download(model)

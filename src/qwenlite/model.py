@@ -261,6 +261,15 @@ class Qwen3_5ForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (a quantized head has no .weight to ask)."""
+        return self.model.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V) fp32, or only the last `logits_to_keep` positions: prefill
         needs one row, and the 248K-row head is the costliest matmul of a small model."""

@@ -683,17 +683,17 @@ def serve(
     cache_mb: float = 1024,
     dtype: str | None = None,
     served_model_name: str | None = None,
+    quant: str | None = None,
 ) -> None:
     """Load `model` and serve it until interrupted."""
     import uvicorn
 
     from qwenlite.engine import cache_bytes
+    from qwenlite.gguf_import import load_any
     from qwenlite.hub import resolve_model_path
-    from qwenlite.weights import load_checkpoint
 
     path = resolve_model_path(model)
-    tokenizer = Tokenizer.from_dir(path)
-    loaded = load_checkpoint(path, dtype=dtype).model
+    loaded, tokenizer = load_any(path, dtype, quant)
     ctx = min(ctx or DEFAULT_CTX, loaded.config.max_position_embeddings)
     engine = Engine(loaded, max_concurrency, max_queue, ctx, cache_mb)
     name = served_model_name or model
@@ -727,6 +727,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-mb", type=float, default=1024, help="memory for reusable prompt states (default 1024)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype (default: checkpoint's)")
     p.add_argument("--served-model-name", help="the model id clients send (default: MODEL as given)")
+    p.add_argument("--quant", choices=["int8", "int4"], help="quantize weights on load")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -734,5 +735,5 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.max_concurrency < 1 or args.max_queue < 0 or (args.ctx is not None and args.ctx < 2):
         raise QwenliteError("--max-concurrency must be >= 1, --max-queue >= 0 and --ctx >= 2")
     serve(args.model, args.host, args.port, args.api_key, args.max_concurrency, args.max_queue, args.ctx,
-          args.cache_mb, args.dtype, args.served_model_name)  # fmt: skip
+          args.cache_mb, args.dtype, args.served_model_name, args.quant)  # fmt: skip
     return 0

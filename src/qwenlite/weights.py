@@ -118,6 +118,10 @@ def load_checkpoint(
     """Build the model described by `config.json` and fill it from the safetensors files, strictly."""
     root = Path(checkpoint_dir)
     config = load_config(root)
+    if "quantization_config" in config.extra:  # written by `qwenlite quantize`
+        from qwenlite.quant import load_quantized
+
+        return load_quantized(root, dtype, device)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise QwenliteError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")

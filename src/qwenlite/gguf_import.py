@@ -1,0 +1,373 @@
+"""Run a llama.cpp GGUF of Qwen3.5 (architecture `qwen35`): the inverse of gguf.py's export.
+
+- config from the `qwen35.*` metadata (block_count, embedding_length, ssm.*, rope.*, ...); the head is tied when
+  there is no `output.weight`; `nextn` (multi-token-prediction) blocks, which newer converters append, are skipped;
+- tensors renamed through gguf.py's own tables (GGUF_NAMES, GGUF_LAYER_NAMES) read backwards, and each of its
+  conventions undone by `unconvert_tensor`: norms stored as 1 + w, `ssm_a` = -exp(A_log), the conv squeezed to
+  (C, K), value heads tiled for ggml's broadcast (untiling is the same transpose with the grid's sides swapped);
+- the tokenizer rebuilt from `tokenizer.ggml.*` (tokens, types, merges, eos id) as a byte-level BPE with Qwen3.5's
+  pre-tokenizer and normaliser, the chat template from `tokenizer.chat_template`: no tokenizer.json needed.
+
+This first version dequantizes every tensor to the target dtype at load, with gguf-py's `gguf.quants.dequantize`
+(F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K and the other types it knows), a block of rows at a time. Keeping Q8_0 /
+Q4_0 packed for the int8 / int4 kernels is the follow-up: Q4_0 is exactly int4 with group 32, s = d, z = 0.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import tokenizers
+import torch
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+from tqdm import tqdm
+
+from qwenlite.config import DTYPES, ModelConfig
+from qwenlite.errors import QwenliteError
+from qwenlite.gguf import ARCH, GGUF_LAYER_NAMES, GGUF_NAMES, gguf_name, tile_value_heads
+from qwenlite.model import Qwen3_5ForCausalLM
+from qwenlite.tokenizer import ENDOFTEXT, IM_END, QWEN35_PATTERN, Tokenizer
+from qwenlite.weights import expected_shapes
+
+OUR_NAMES = {v: k for k, v in GGUF_NAMES.items()}
+OUR_LAYER_NAMES = {v: k for k, v in GGUF_LAYER_NAMES.items()}
+_BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
+ROW_CHUNK = 8192  # rows dequantized at a time: bounds the fp32 temporary of the 248K-row embedding
+
+
+def our_name(name: str) -> str:
+    """llama.cpp's qwen35 tensor name -> ours."""
+    if name in OUR_NAMES:
+        return OUR_NAMES[name]
+    m = _BLOCK.fullmatch(name)
+    if m and m.group(2) in OUR_LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{OUR_LAYER_NAMES[m.group(2)]}"
+    raise QwenliteError(f"GGUF tensor {name} is not part of a qwen35 text model")
+
+
+def unconvert_tensor(name: str, t: torch.Tensor, c: ModelConfig) -> torch.Tensor:
+    """llama.cpp's values under its qwen35 name -> our tensor `name`, fp32. Pure; the inverse of
+    gguf.convert_tensor."""
+    t = t.float()
+    if name.endswith("A_log"):
+        t = torch.log(-t)
+    elif name.endswith("conv1d.weight"):
+        t = t.unsqueeze(1)  # (C, K) -> (C, 1, K)
+    elif name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+        t = t - 1  # stored as the multiplier 1 + w
+    if ".linear_attn." in name and c.linear_num_value_heads != c.linear_num_key_heads:
+        # Tiled order is a (Hv/Hk, Hk) grid of heads; transposing it back is the export's tiling with r = Hv/Hk.
+        r, Dv, key_dim = c.linear_num_value_heads // c.linear_num_key_heads, c.linear_value_head_dim, c.linear_key_dim
+        if name.endswith(("in_proj_qkv.weight", "conv1d.weight")):
+            t = torch.cat([t[: 2 * key_dim], tile_value_heads(t[2 * key_dim :], 0, r, Dv)])
+        elif name.endswith("in_proj_z.weight"):
+            t = tile_value_heads(t, 0, r, Dv)
+        elif name.endswith(("in_proj_a.weight", "in_proj_b.weight", "A_log", "dt_bias")):
+            t = tile_value_heads(t, 0, r, 1)
+        elif name.endswith("out_proj.weight"):
+            t = tile_value_heads(t, 1, r, Dv)
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata
+
+
+@dataclass
+class GGUFTensor:
+    name: str
+    shape: tuple[int, ...]  # ours: (rows, cols), the reverse of GGUF's ne order
+    tensor_type: gguf.GGMLQuantizationType
+    data: np.ndarray  # uint8 (rows, bytes per row), or (bytes,) for a 1-D tensor: a view of the memory map
+
+    @property
+    def n_bytes(self) -> int:
+        return self.data.nbytes
+
+
+_SCALARS = {
+    gguf.GGUFValueType.UINT8: "<B", gguf.GGUFValueType.INT8: "<b", gguf.GGUFValueType.UINT16: "<H",
+    gguf.GGUFValueType.INT16: "<h", gguf.GGUFValueType.UINT32: "<I", gguf.GGUFValueType.INT32: "<i",
+    gguf.GGUFValueType.FLOAT32: "<f", gguf.GGUFValueType.BOOL: "<?", gguf.GGUFValueType.UINT64: "<Q",
+    gguf.GGUFValueType.INT64: "<q", gguf.GGUFValueType.FLOAT64: "<d",
+}  # fmt: skip
+
+
+class _Cursor:
+    def __init__(self, buf: np.ndarray):
+        self.view, self.pos = memoryview(buf), 0
+
+    def scalar(self, fmt: str):
+        (value,) = struct.unpack_from(fmt, self.view, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        (n,) = struct.unpack_from("<Q", self.view, self.pos)
+        self.pos += 8 + n
+        return str(self.view[self.pos - n : self.pos], "utf-8", "replace")
+
+    def value(self, kind: int):
+        kind = gguf.GGUFValueType(kind)
+        if kind == gguf.GGUFValueType.STRING:
+            return self.string()
+        if kind in _SCALARS:
+            return self.scalar(_SCALARS[kind])
+        item, n = gguf.GGUFValueType(self.scalar("<I")), self.scalar("<Q")  # an array
+        if item in _SCALARS:
+            values = struct.unpack_from(f"<{n}{_SCALARS[item][1]}", self.view, self.pos)
+            self.pos += n * struct.calcsize(_SCALARS[item])
+            return list(values)
+        if item == gguf.GGUFValueType.STRING:
+            return [self.string() for _ in range(n)]
+        return [self.value(item) for _ in range(n)]
+
+
+def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
+    """(metadata, tensors) of a little-endian GGUF v2/v3 file, tensor data memory-mapped. gguf-py's GGUFReader
+    does the same but builds a numpy view per array element: 15 s for Qwen3.5's 248K tokens and merges."""
+    try:
+        buf = np.memmap(path, dtype=np.uint8, mode="r")
+        cur = _Cursor(buf)
+        if len(buf) < 24 or bytes(buf[:4]) != b"GGUF":
+            raise ValueError("no GGUF magic")
+        cur.pos = 4
+        version = cur.scalar("<I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (a big-endian file?)")
+        n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+        meta = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            meta[key] = cur.value(cur.scalar("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            ne = [cur.scalar("<Q") for _ in range(cur.scalar("<I"))]
+            infos.append((name, ne, gguf.GGMLQuantizationType(cur.scalar("<I")), cur.scalar("<Q")))
+        alignment = meta.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+        start = -(-cur.pos // alignment) * alignment
+        tensors = {}
+        for name, ne, kind, offset in infos:
+            block, size = gguf.GGML_QUANT_SIZES[kind]
+            row_bytes = ne[0] // block * size
+            rows = int(np.prod(ne[1:], dtype=np.int64))
+            at = start + offset
+            if at + rows * row_bytes > len(buf):
+                raise ValueError(f"tensor {name} ends past the end of the file (truncated?)")
+            data = buf[at : at + rows * row_bytes]
+            data = data.reshape(rows, row_bytes) if len(ne) > 1 else data
+            tensors[name] = GGUFTensor(name, tuple(reversed(ne)), kind, data)
+    except (ValueError, OSError, IndexError, KeyError, struct.error) as e:
+        raise QwenliteError(f"cannot read {path}: not a valid GGUF file ({e})") from None
+    return meta, tensors
+
+
+def _scalar(value) -> int:
+    # llama.cpp allows some per-layer keys as arrays (head_count_kv); qwen35 writes scalars.
+    if isinstance(value, list):
+        value = max(value)
+    return value
+
+
+def config_from_gguf(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], dtype: str, where: Path) -> ModelConfig:
+    """ModelConfig from `qwen35.*` metadata and the tensors' shapes (ours: rows, cols)."""
+    arch = meta.get("general.architecture")
+    if arch != ARCH:
+        raise QwenliteError(f"{where}: architecture {arch!r} is not Qwen3.5's {ARCH!r}")
+
+    def key(k: str):
+        value = meta.get(f"{arch}.{k}")
+        if value is None:
+            raise QwenliteError(f"{where}: metadata {arch}.{k} is missing")
+        return _scalar(value)
+
+    head_dim, v_heads = key("attention.key_length"), key("ssm.time_step_rank")
+    layers = key("block_count") - int(meta.get(f"{arch}.nextn_predict_layers") or 0)
+    interval = key("full_attention_interval")
+    heads = key("attention.head_count")
+    if "token_embd.weight" not in shapes:
+        raise QwenliteError(f"{where}: tensor token_embd.weight is missing")
+    q_rows = shapes.get(f"blk.{interval - 1}.attn_q.weight", (2 * heads * head_dim,))[0]
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        vocab_size=shapes["token_embd.weight"][0],
+        hidden_size=key("embedding_length"),
+        intermediate_size=key("feed_forward_length"),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=key("attention.head_count_kv"),
+        head_dim=head_dim,
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        max_position_embeddings=key("context_length"),
+        tie_word_embeddings="output.weight" not in shapes,
+        attn_output_gate=q_rows == 2 * heads * head_dim,
+        linear_conv_kernel_dim=key("ssm.conv_kernel"),
+        linear_key_head_dim=key("ssm.state_size"),
+        linear_value_head_dim=key("ssm.inner_size") // v_heads,
+        linear_num_key_heads=key("ssm.group_count"),
+        linear_num_value_heads=v_heads,
+        full_attention_interval=interval,
+        rope_theta=float(key("rope.freq_base")),
+        partial_rotary_factor=key("rope.dimension_count") / head_dim,
+        mtp_num_hidden_layers=0,
+        dtype=dtype,
+        eos_token_id=eos,
+    )
+
+
+def tokenizer_from_gguf(meta: dict[str, Any], where: Path) -> Tokenizer:
+    """Byte-level BPE from tokenizer.ggml.tokens / token_type / merges with Qwen3.5's pre-tokenizer; control and
+    user-defined tokens become added tokens on their ids; unused ([PADn]) ids are left out."""
+    model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
+    if model != "gpt2" or pre != "qwen35":
+        raise QwenliteError(
+            f"{where}: tokenizer {model!r} with pre-tokenizer {pre!r}; qwenlite reads Qwen3.5's ('gpt2', 'qwen35')"
+        )
+    tokens: list[str] | None = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise QwenliteError(f"{where}: no tokenizer.ggml.tokens; a GGUF without its vocabulary cannot be run")
+    types = meta.get("tokenizer.ggml.token_type") or [gguf.TokenType.NORMAL] * len(tokens)
+    used = {i for i, kind in enumerate(types) if kind != gguf.TokenType.UNUSED}
+    vocab = {tokens[i]: i for i in sorted(used)}
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    # ignore_merges: a pre-token that is itself in the vocabulary is one token (the Qwen tokenizer's tiktoken rule).
+    tok = tokenizers.Tokenizer(BPE(vocab=vocab, merges=merges, ignore_merges=True))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN35_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+
+    def added(kind) -> list[AddedToken]:
+        return [AddedToken(tokens[i], special=kind == gguf.TokenType.CONTROL, normalized=False)
+                for i in sorted(used) if types[i] == kind]  # fmt: skip
+
+    # Already in the model's vocabulary, so they keep their ids.
+    tok.add_special_tokens(added(gguf.TokenType.CONTROL))
+    tok.add_tokens(added(gguf.TokenType.USER_DEFINED))
+    special_tokens = {}
+    for key in ("eos", "bos", "padding", "unknown"):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if isinstance(i, int) and i in used:
+            special_tokens[{"padding": "pad", "unknown": "unk"}.get(key, key) + "_token"] = tokens[i]
+    candidates = (special_tokens.get("eos_token"), IM_END, ENDOFTEXT)
+    eos_ids = {i for t in candidates if t and (i := tok.token_to_id(t)) is not None}
+    return Tokenizer(tok, meta.get("tokenizer.chat_template"), eos_ids, special_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+
+
+def dequantize_rows(t: GGUFTensor, rows: slice | None = None) -> torch.Tensor:
+    """A GGUF tensor (or a slice of its rows) as fp32, in our (rows, cols) order."""
+    data = t.data if rows is None else t.data[rows]
+    values = gguf.quants.dequantize(data, t.tensor_type)
+    # F32 data comes back as the read-only memory map itself: copy, so the model owns writable tensors.
+    values = torch.from_numpy(values.copy() if not values.flags.writeable else np.ascontiguousarray(values))
+    return values.reshape(-1, *t.shape[1:]) if len(t.shape) > 1 else values.reshape(t.shape)
+
+
+def default_dtype(meta: dict[str, Any]) -> str:
+    """float32 for an all-F32 file, else bfloat16 (what Qwen3.5 was trained in; fp16 activations can overflow)."""
+    return "float32" if meta.get("general.file_type") == gguf.LlamaFileType.ALL_F32 else "bfloat16"
+
+
+def load_gguf(
+    path: str | Path, dtype: torch.dtype | str | None = None, progress: bool = True
+) -> tuple[Qwen3_5ForCausalLM, ModelConfig, Tokenizer]:
+    """A llama.cpp qwen35 GGUF -> (model, config, tokenizer), every tensor dequantized to `dtype` (default: see
+    `default_dtype`). Strict: a missing, unexpected or misshapen tensor is an error that names it."""
+    path = Path(path)
+    meta, stored = read_gguf(path)
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    dtype = dtype or default_dtype(meta)
+    if dtype not in DTYPES:
+        raise QwenliteError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    config = config_from_gguf(meta, {n: t.shape for n, t in stored.items()}, dtype, path)
+    tokenizer = tokenizer_from_gguf(meta, path)  # before the long part: a file we cannot tokenize for fails now
+    with torch.device("meta"):
+        model = Qwen3_5ForCausalLM(config)
+    shapes = expected_shapes(model)
+    wanted = {gguf_name(name): name for name in shapes}
+    # Blocks past the text model's layers (up to block_count) are the multi-token-prediction head: not read.
+    nextn = range(config.num_hidden_layers, _scalar(meta[f"{ARCH}.block_count"]))
+    unexpected = sorted(n for n in stored if n not in wanted and _block(n) not in nextn)
+    if unexpected:
+        raise QwenliteError(f"unexpected tensor {unexpected[0]} in {path}")
+    missing = sorted(n for n in wanted if n not in stored)
+    if missing:
+        raise QwenliteError(f"{path} is missing tensor {missing[0]} ({wanted[missing[0]]})")
+
+    torch_dtype = DTYPES[dtype]
+    state: dict[str, torch.Tensor] = {}
+    total = sum(stored[g].n_bytes for g in wanted)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="reading GGUF", disable=not progress) as bar:
+        for g, name in wanted.items():
+            t = stored[g]
+            shape, want = t.shape, shapes[name]
+            stored_shape = (want[0], want[2]) if name.endswith("conv1d.weight") else want  # conv squeezed
+            if shape != stored_shape:
+                raise QwenliteError(f"tensor {g} in {path} has shape {shape}, expected {want} for {name}")
+            if name in ("model.embed_tokens.weight", "lm_head.weight"):  # large, and stored as they are
+                out = torch.empty(want, dtype=torch_dtype)
+                for r in range(0, want[0], ROW_CHUNK):
+                    out[r : r + ROW_CHUNK] = dequantize_rows(t, slice(r, r + ROW_CHUNK))
+            else:
+                out = unconvert_tensor(name, dequantize_rows(t), config).to(torch_dtype)
+            state[name] = out
+            bar.update(t.n_bytes)
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.init_rope()
+    model.eval()
+    return model, config, tokenizer
+
+
+def _block(name: str) -> int:
+    """The block index of a `blk.N.*` tensor; -1 for the others."""
+    m = _BLOCK.fullmatch(name)
+    return int(m.group(1)) if m else -1
+
+
+# ---------------------------------------------------------------------------------------------
+# One entry point for every model reference
+
+
+def load_any(
+    model_path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    quant: str | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[Qwen3_5ForCausalLM, Tokenizer]:
+    """A resolved model path -> (model, tokenizer): a .gguf file, a quantized checkpoint (memory-mapped as
+    written) or a Hugging Face checkpoint directory; then `quant` ("int8" / "int4") quantizes on load."""
+    from qwenlite.quant import apply_quant, is_quantized_checkpoint, load_quantized
+    from qwenlite.weights import load_checkpoint
+
+    path = Path(model_path)
+    if path.is_file() and path.suffix == ".gguf":
+        model, _config, tokenizer = load_gguf(path, dtype)
+        model = model.to(device)
+    elif is_quantized_checkpoint(path):
+        if quant:
+            raise QwenliteError(f"{path} is already quantized; drop --quant")
+        return load_quantized(path, dtype, device).model, Tokenizer.from_dir(path)
+    else:
+        model, tokenizer = load_checkpoint(path, dtype, device).model, Tokenizer.from_dir(path)
+    return apply_quant(model, quant), tokenizer
