@@ -68,10 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     from qwenlite.gguf import add_convert_command
     from qwenlite.quant import add_quantize_command
     from qwenlite.server import add_serve_command
+    from qwenlite.train.cli import add_train_commands
+    from qwenlite.train.post_cli import add_post_train_commands
 
     add_serve_command(sub)
     add_convert_command(sub)
     add_quantize_command(sub)
+    add_post_train_commands(add_train_commands(sub))
     return parser
 
 

@@ -165,12 +165,9 @@ def qwen35_chat_template() -> str:
     return (resources.files("qwenlite") / "data" / "qwen3_5_chat_template.jinja").read_text(encoding="utf-8")
 
 
-def write_tokenizer_files(outdir: str | Path) -> None:
-    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja for Qwen3.5 into `outdir`."""
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    build_qwen35_tokenizer().save(str(outdir / "tokenizer.json"))
-    config = {
+def tokenizer_config() -> dict:
+    """tokenizer_config.json for a Qwen3.5-style tokenizer.json (the chat template lives beside it)."""
+    return {
         # TokenizersBackend loads tokenizer.json as written; model-specific classes rebuild the pipeline.
         "tokenizer_class": "TokenizersBackend",
         "add_prefix_space": False,
@@ -183,7 +180,14 @@ def write_tokenizer_files(outdir: str | Path) -> None:
         "model_max_length": 262144,
         "split_special_tokens": False,
     }
-    (outdir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def write_tokenizer_files(outdir: str | Path) -> None:
+    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja for Qwen3.5 into `outdir`."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    build_qwen35_tokenizer().save(str(outdir / "tokenizer.json"))
+    (outdir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n", encoding="utf-8")
     (outdir / "chat_template.jinja").write_text(qwen35_chat_template(), encoding="utf-8")
 
 

@@ -1,0 +1,477 @@
+"""Pretraining from scratch: `TrainConfig` and one visible training loop, `pretrain`.
+
+Weight initialisation: `init_weights(model, seed)` gives every tensor the model's documented initialisation
+(`qwenlite.model.initial_value`: projections, conv and embedding N(0, 0.02); zero-centred norms 0; the gated
+norm's weight and dt_bias 1; A_log = log U(0.01, 16)), drawn in state-dict order from a generator seeded with
+`seed`: the same numbers `weights.write_random_checkpoint(config, seed=seed)` writes. The tied head shares the
+embedding.
+
+Output directory (OUT):
+    config.json, model.safetensors            the latest checkpoint's weights (fp32), Hugging Face layout
+    generation_config.json, tokenizer.json,   so that `qwenlite run OUT` and transformers'
+    tokenizer_config.json, chat_template.jinja  AutoModelForCausalLM / AutoTokenizer load OUT as it is
+    train_log.jsonl, loss_curve.png           one JSON record per logged step and per evaluation; the plot
+    checkpoints/step_NNNNNNNN/                config.json, model.safetensors, optimizer.pt, trainer_state.pt
+                                              (step, data position, RNG states), train_config.json
+    token_cache/                              the tokenized corpus (see `qwenlite.train.data`)
+
+A checkpoint is written whole into checkpoints/.tmp-step_N and renamed to step_N, then the newest
+`keep_checkpoints` are kept and OUT's weights are re-pointed at it (hard link + rename), so a kill at any
+moment leaves the last complete checkpoint, and a loadable OUT. `resume=True` continues from the newest
+checkpoint: model, AdamW moments, step (the learning rate is a function of it), data position and RNG states
+are restored, and the log is cut back to that step, so on CPU the run continues bit for bit as if never
+stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from qwenlite.config import ModelConfig, load_config, preset_config
+from qwenlite.errors import QwenliteError
+from qwenlite.model import Qwen3_5ForCausalLM, initial_value
+from qwenlite.tokenizer import ENDOFTEXT, IM_END, write_tokenizer_files
+from qwenlite.train import distributed as ddp
+from qwenlite.train.data import BatchIterator, PackedSequences, held_out_batches, pack_corpus, tokenize_corpus
+from qwenlite.train.plots import plot_loss_curve
+from qwenlite.weights import atomic_write, write_checkpoint
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+VOCAB_MULTIPLE = 256  # a preset's vocabulary is the tokenizer's rounded up to this (Qwen3.5: 248077 -> 248320)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps; the learning-rate schedule spans them
+    batch_size: int = 8  # sequences per rank per micro-step
+    seq_len: int = 256
+    grad_accum: int = 1  # micro-steps per optimizer step: global batch = batch_size * world_size * grad_accum
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at `steps`
+    warmup: int = 100  # linear warmup steps
+    weight_decay: float = 0.1  # on matrices (projections, embedding, conv), not on norms, A_log, dt_bias
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    val_fraction: float = 0.01  # share of the packed windows held out
+    eval_every: int = 100  # steps between held-out evaluations (and one at the end)
+    eval_sequences: int = 64  # held-out windows per evaluation (at most)
+    save_every: int = 500  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    seed: int = 0  # weights and data order
+    fsdp: bool = False  # under torchrun: FSDP2 instead of DDP
+
+    def validate(self) -> None:
+        positive = ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "save_every", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise QwenliteError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.warmup < 0 or self.keep_checkpoints < 1 or not 0 <= self.val_fraction < 1:
+            raise QwenliteError("need lr > 0, warmup >= 0, keep_checkpoints >= 1 and 0 <= val_fraction < 1")
+
+
+@dataclass
+class PretrainResult:
+    out_dir: Path
+    step: int
+    train_loss: float | None  # of the last step
+    val_loss: float | None  # of the last evaluation
+    tokens_per_second: float  # over this run's steps after the first (which pays for warm-up)
+    num_parameters: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and schedule
+
+
+def resolve_model_config(spec: str | Path, tokenizer_vocab_size: int) -> ModelConfig:
+    """A preset name (the vocabulary then follows the tokenizer, rounded up to a multiple of 256; no MTP head)
+    or a config.json / checkpoint directory, used as written (its vocabulary must cover the tokenizer)."""
+    path = Path(spec)
+    if path.is_file() or path.is_dir():
+        config = load_config(path.parent if path.is_file() else path)
+    else:
+        vocab = -(-tokenizer_vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        config = preset_config(str(spec), vocab_size=vocab, mtp_num_hidden_layers=0, dtype="float32")
+    if config.vocab_size < tokenizer_vocab_size:
+        raise QwenliteError(
+            f"the model's vocab_size {config.vocab_size} is smaller than the tokenizer's {tokenizer_vocab_size}"
+        )
+    return config
+
+
+def init_weights(model: Qwen3_5ForCausalLM, seed: int) -> None:
+    """The documented initialisation (module docstring), in place."""
+    generator = torch.Generator().manual_seed(seed)
+    tied = model.config.tie_word_embeddings
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tied and name == "lm_head.weight":
+                continue
+            tensor.copy_(initial_value(name, tuple(tensor.shape), generator))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to lr * min_lr_ratio."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    low = cfg.lr * cfg.min_lr_ratio
+    return low + 0.5 * (cfg.lr - low) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]  # the tied head is listed once
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    # The fused kernel exists on CPU too, and is ~5x faster there than the multi-tensor one.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+
+
+def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """logits (B, T, V) fp32, targets (B, T) -> cross-entropy (mean over tokens, or per sequence summed)."""
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none" if reduction == "sum" else "mean")
+    return loss.view(targets.shape).sum(-1) if reduction == "sum" else loss
+
+
+@torch.no_grad()
+def evaluate(model, data: PackedSequences, indices: np.ndarray, cfg: TrainConfig, env: ddp.DistEnv) -> float:
+    """Mean held-out cross-entropy per token over the first `eval_sequences` held-out windows, all ranks."""
+    totals = torch.zeros(2, dtype=torch.float64)
+    for batch, weight in held_out_batches(
+        data, indices[: cfg.eval_sequences], cfg.batch_size, env.rank, env.world_size
+    ):
+        batch = batch.to(env.device)
+        with autocast(env.device):
+            per_sequence = causal_lm_loss(model(batch[:, :-1]), batch[:, 1:], reduction="sum")
+        totals += torch.stack([(per_sequence.double().cpu() * weight).sum(), weight.sum() * cfg.seq_len])
+    totals = ddp.all_reduce_sum(totals.to(env.device), env).cpu()
+    return (totals[0] / totals[1]).item()
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (weights and optimizer stay fp32); plain fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def pretrain(
+    model_config: ModelConfig,
+    data: Sequence[str | Path],
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None,
+    cfg: TrainConfig,
+    resume: bool = False,
+    cache_dir: str | Path | None = None,
+    device: str | None = None,
+    stop_at: int | None = None,
+) -> PretrainResult:
+    """Train `model_config` from scratch (or from OUT's newest checkpoint with `resume`) on the documents of
+    `data`, tokenized with `tokenizer_dir` (None: the real Qwen3.5 tokenizer, written into OUT). `stop_at` ends
+    this run after that step with a checkpoint, the schedule still spanning `cfg.steps` (a time-boxed job
+    continues with `resume`). Under torchrun every rank calls this; rank 0 alone writes.
+
+    The weights start from `init_weights(model, cfg.seed)`, the documented initialisation (module docstring).
+    Each step: `grad_accum` micro-batches forward and backward (bf16 autocast on CUDA, fp32 on CPU), gradients
+    clipped to `grad_clip`, one AdamW step at `lr_at(step)`; then logging, held-out evaluation and
+    checkpointing at their intervals."""
+    cfg.validate()
+    out = Path(out_dir)
+    env = ddp.init_distributed(device)
+    try:
+        result = _pretrain(model_config, data, out, tokenizer_dir, cfg, resume, cache_dir, env, stop_at)
+    except BaseException:
+        ddp.shutdown(env, wait_for_others=False)  # the others may be inside a collective that never completes
+        raise
+    ddp.shutdown(env)
+    return result
+
+
+def _pretrain(model_config, data, out, tokenizer_dir, cfg, resume, cache_dir, env, stop_at) -> PretrainResult:
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is not None and not resume:
+        raise QwenliteError(
+            f"{out} already holds a training run ({checkpoint.relative_to(out)}); pass --resume to continue it "
+            "or choose another --out"
+        )
+    if tokenizer_dir is None:
+        tokenizer_dir = out
+        if not (out / "tokenizer.json").is_file():
+            _on_main_first(env, lambda: write_tokenizer_files(out) if env.is_main else None)
+    tokenizer_dir = Path(tokenizer_dir)
+    cache = Path(cache_dir or out / "token_cache")
+    corpus = _on_main_first(env, lambda: tokenize_corpus(data, tokenizer_dir, cache, show_progress=env.is_main))
+    packed, train_idx, val_idx = pack_corpus(corpus, cfg.seq_len, cfg.val_fraction)
+    if corpus.eos_id >= model_config.vocab_size:
+        raise QwenliteError(
+            f"the tokenizer in {tokenizer_dir} does not fit the model's vocab_size {model_config.vocab_size}"
+        )
+    # fp32 master weights; no multi-token-prediction head is trained, so the config claims none.
+    model_config = dataclasses.replace(
+        model_config, eos_token_id=corpus.eos_id, dtype="float32", mtp_num_hidden_layers=0
+    )
+    data_fingerprint = {"tokens_sha256": corpus.sha256, "seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction,
+                        "seed": cfg.seed}  # fmt: skip
+
+    torch.manual_seed(cfg.seed)
+    model = Qwen3_5ForCausalLM(model_config)
+    init_weights(model, cfg.seed)
+    model.to(env.device).train()
+    num_parameters = sum(p.numel() for p in model.parameters())
+    wrapped = ddp.wrap_model(model, env, cfg.fsdp)
+    optimizer = make_optimizer(model, cfg)
+    batches = BatchIterator(packed, train_idx, cfg.batch_size, cfg.seed, env.rank, env.world_size)
+    step, window = 0, {"loss_sum": 0.0, "steps": 0}
+    log_path = out / "train_log.jsonl"
+    if checkpoint is not None:
+        step, window = load_training_checkpoint(checkpoint, model, optimizer, batches, model_config, data_fingerprint)
+        _say(env, f"resuming from {checkpoint} (step {step})")
+    if env.is_main:
+        _prepare_out_dir(out, tokenizer_dir, corpus.eos_id, model_config.vocab_size)
+        truncate_log(log_path, step)
+    ddp.barrier(env)
+
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * env.world_size
+    windows = f"{len(train_idx)} training and {len(val_idx)} held-out windows of {cfg.seq_len}"
+    _say(env, f"{num_parameters / 1e6:.2f}M parameters | {len(corpus.tokens):,} tokens, {windows} | "
+              f"{tokens_per_step:,} tokens per step")  # fmt: skip
+    last = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
+    first = step
+    train_loss = val_loss = None
+    timed_tokens, timed_seconds = 0, 0.0
+    # The logged loss is the mean over the steps since the last log; a checkpoint keeps a partial window.
+    window_loss = torch.tensor(window["loss_sum"], device=env.device)
+    window_steps, timed_steps = window["steps"], 0
+    while step < last:
+        if timed_steps == 0:
+            window_start = time.perf_counter()  # evaluation and checkpoint time are not training time
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(cfg.grad_accum):
+            batch = batches.next().to(env.device)  # (B, T + 1)
+            with ddp.gradient_sync(wrapped, enabled=micro == cfg.grad_accum - 1):
+                with autocast(env.device):
+                    loss = causal_lm_loss(wrapped(batch[:, :-1]), batch[:, 1:])
+                (loss / cfg.grad_accum).backward()
+            window_loss += loss.detach() / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_steps += 1
+        timed_steps += 1
+
+        # Logs and evaluations follow cfg.steps, not `last`: a run stopped and resumed logs what one run would.
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            train_loss = ddp.all_reduce_sum(window_loss, env).item() / env.world_size / window_steps
+            norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+            seconds = time.perf_counter() - window_start
+            if step - timed_steps > first:  # the first step of a run pays for warm-up
+                timed_tokens, timed_seconds = timed_tokens + timed_steps * tokens_per_step, timed_seconds + seconds
+            record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": norm.item(),
+                      "tokens_per_s": timed_steps * tokens_per_step / seconds, "tokens": step * tokens_per_step,
+                      "epoch": round(batches.epoch, 4)}  # fmt: skip
+            _log(env, log_path, record, cfg)
+            window_loss.zero_()
+            window_steps = timed_steps = 0
+        if len(val_idx) and (step % cfg.eval_every == 0 or step == cfg.steps):
+            val_loss = evaluate(wrapped, packed, val_idx, cfg, env)
+            _log(env, log_path, {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, cfg)
+            timed_steps = 0
+        if step % cfg.save_every == 0 or step == last:
+            # The partial window as its mean over ranks, so that every rank resumes with the same share.
+            window = {"loss_sum": ddp.all_reduce_sum(window_loss, env).item() / env.world_size, "steps": window_steps}
+            save_training_checkpoint(out, step, model, optimizer, batches, cfg, data_fingerprint, window, env)
+            timed_steps = 0
+
+    tokens_per_second = timed_tokens / timed_seconds if timed_seconds else 0.0
+    return PretrainResult(out, step, train_loss, val_loss, tokens_per_second, num_parameters)
+
+
+def _say(env: ddp.DistEnv, message: str) -> None:
+    if env.is_main:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _log(env: ddp.DistEnv, path: Path, record: dict, cfg: TrainConfig) -> None:
+    if not env.is_main:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if "val_loss" in record:
+        line = f"step {record['step']:>6} | held-out loss {record['val_loss']:.4f} | ppl {record['val_ppl']:.2f}"
+    else:
+        line = (f"step {record['step']:>6}/{cfg.steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                f"grad {record['grad_norm']:.2f} | {record['tokens_per_s']:,.0f} tok/s")  # fmt: skip
+    print(line, file=sys.stderr, flush=True)
+
+
+def _on_main_first(env: ddp.DistEnv, fn):
+    """Run fn on rank 0, then on the others: an error on rank 0 is raised on every rank instead of leaving
+    them waiting."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    message = ddp.broadcast_object(None if error is None else f"{type(error).__name__}: {error}", env)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise QwenliteError(f"rank 0 failed: {message}")
+    return result if env.is_main else fn()
+
+
+def _prepare_out_dir(out: Path, tokenizer_dir: Path, eos_id: int, vocab_size: int) -> None:
+    """Tokenizer files and generation_config.json beside the weights, so that OUT loads as a checkpoint."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        source = tokenizer_dir / name
+        if source.is_file() and source.resolve() != (out / name).resolve():
+            atomic_write(out / name, lambda p, s=source: shutil.copyfile(s, p))
+    tokenizer = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    ids = {t["content"]: t["id"] for t in tokenizer.get("added_tokens", [])}
+    stops = [i for i in (ids.get(IM_END), ids.get(ENDOFTEXT, eos_id)) if i is not None and i < vocab_size]
+    generation = {"eos_token_id": stops, "pad_token_id": eos_id, "do_sample": True, "temperature": 0.8,
+                  "top_p": 0.95}  # fmt: skip
+    atomic_write(out / "generation_config.json", lambda p: p.write_text(json.dumps(generation, indent=2)))
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop records after `step` (written by a run that died before its next checkpoint)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in keep)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint: only a fully written one carries a step_N name."""
+    found = sorted((out / "checkpoints").glob("step_*")) if (out / "checkpoints").is_dir() else []
+    return found[-1] if found else None
+
+
+def save_training_checkpoint(
+    out: Path,
+    step: int,
+    model: Qwen3_5ForCausalLM,
+    optimizer: torch.optim.Optimizer,
+    batches: BatchIterator,
+    cfg: TrainConfig,
+    data_fingerprint: dict,
+    log_window: dict,
+    env: ddp.DistEnv,
+) -> None:
+    """Gather full state on every rank; rank 0 writes it into a temporary directory and renames it into place,
+    prunes old checkpoints, points OUT's weights at the new one and redraws the loss curve."""
+    model_state = ddp.full_model_state(model)
+    optim_state = ddp.full_optimizer_state(model, optimizer)
+    if not env.is_main:
+        return _on_main_first(env, lambda: None)
+
+    def write() -> None:
+        root = out / "checkpoints"
+        final, tmp = root / f"step_{step:08d}", root / f".tmp-step_{step:08d}"
+        if final.exists():  # the same step again (a finished run resumed): already on disk
+            return
+        for stale in root.glob(".tmp-*"):  # left by a run killed while writing
+            shutil.rmtree(stale)
+        tmp.mkdir(parents=True)
+        try:
+            tensors = {
+                k: v for k, v in model_state.items() if not (model.config.tie_word_embeddings and k == "lm_head.weight")
+            }
+            write_checkpoint(model.config, tmp, tensors.items(), torch.float32)
+            torch.save(optim_state, tmp / "optimizer.pt")
+            rng = {"torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            trainer = {"step": step, "data": batches.state_dict(), "data_fingerprint": data_fingerprint, "rng": rng,
+                       "log_window": log_window, "world_size": env.world_size}  # fmt: skip
+            torch.save(trainer, tmp / "trainer_state.pt")
+            (tmp / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in sorted(root.glob("step_*"))[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+        for name in ("model.safetensors", "config.json"):
+            _link_or_copy(final / name, out / name)
+        if (out / "train_log.jsonl").is_file():
+            plot_loss_curve(out / "train_log.jsonl", out / "loss_curve.png")
+
+    _on_main_first(env, write)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Atomically make `target` the same file as `source` (a hard link; a copy where links are not allowed)."""
+
+    def place(tmp: Path) -> None:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+    atomic_write(target, place)
+
+
+def load_training_checkpoint(
+    path: Path,
+    model: Qwen3_5ForCausalLM,
+    optimizer: torch.optim.Optimizer,
+    batches: BatchIterator,
+    model_config: ModelConfig,
+    data_fingerprint: dict,
+) -> tuple[int, dict]:
+    """Restore everything `save_training_checkpoint` wrote; returns the step to continue from and the partial
+    logging window."""
+    saved = load_config(path)
+    if dataclasses.replace(saved, dtype="float32").to_dict() != model_config.to_dict():
+        raise QwenliteError(f"{path}/config.json describes another model than --config; resume with the same config")
+    trainer = torch.load(path / "trainer_state.pt", weights_only=True)
+    if trainer["data_fingerprint"] != data_fingerprint:
+        raise QwenliteError(
+            f"{path} was trained on other data or packing ({trainer['data_fingerprint']}, now {data_fingerprint}); "
+            "resume with the same --data, tokenizer, --seq-len and --seed"
+        )
+    state = load_file(str(path / "model.safetensors"))
+    if model_config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    optim_state = torch.load(path / "optimizer.pt", weights_only=True)
+    ddp.load_full_state(model, optimizer, state, optim_state)
+    batches.load_state_dict(trainer["data"])
+    torch.set_rng_state(trainer["rng"]["torch"])
+    if "cuda" in trainer["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(trainer["rng"]["cuda"])
+    return int(trainer["step"]), trainer.get("log_window", {"loss_sum": 0.0, "steps": 0})
