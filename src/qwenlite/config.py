@@ -128,6 +128,15 @@ class ModelConfig:
         return out
 
 
+def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torch.dtype:
+    """A dtype given by name or as torch's, or None for the checkpoint's own."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise QwenliteError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    return dtype or config.torch_dtype
+
+
 def load_config(checkpoint_dir: str | Path) -> ModelConfig:
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():

@@ -23,17 +23,15 @@ from typing import Any
 
 import gguf
 import numpy as np
-import tokenizers
 import torch
-from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
-from tokenizers.models import BPE
+from tokenizers import AddedToken
 from tqdm import tqdm
 
 from qwenlite.config import DTYPES, ModelConfig
 from qwenlite.errors import QwenliteError
 from qwenlite.gguf import ARCH, GGUF_LAYER_NAMES, GGUF_NAMES, gguf_name, tile_value_heads
 from qwenlite.model import Qwen3_5ForCausalLM
-from qwenlite.tokenizer import ENDOFTEXT, IM_END, QWEN35_PATTERN, Tokenizer
+from qwenlite.tokenizer import ENDOFTEXT, IM_END, Tokenizer, qwen35_bpe
 from qwenlite.weights import expected_shapes
 
 OUR_NAMES = {v: k for k, v in GGUF_NAMES.items()}
@@ -238,16 +236,7 @@ def tokenizer_from_gguf(meta: dict[str, Any], where: Path) -> Tokenizer:
     used = {i for i, kind in enumerate(types) if kind != gguf.TokenType.UNUSED}
     vocab = {tokens[i]: i for i in sorted(used)}
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-    # ignore_merges: a pre-token that is itself in the vocabulary is one token (the Qwen tokenizer's tiktoken rule).
-    tok = tokenizers.Tokenizer(BPE(vocab=vocab, merges=merges, ignore_merges=True))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN35_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
+    tok = qwen35_bpe(vocab, merges)
 
     def added(kind) -> list[AddedToken]:
         return [AddedToken(tokens[i], special=kind == gguf.TokenType.CONTROL, normalized=False)

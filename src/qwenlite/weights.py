@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from qwenlite.config import DTYPES, ModelConfig, load_config
+from qwenlite.config import ModelConfig, load_config, resolve_dtype
 from qwenlite.errors import QwenliteError
 from qwenlite.model import Qwen3_5ForCausalLM, initial_value
 
@@ -122,11 +122,7 @@ def load_checkpoint(
         from qwenlite.quant import load_quantized
 
         return load_quantized(root, dtype, device)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise QwenliteError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    dtype = dtype or config.torch_dtype
+    dtype = resolve_dtype(dtype, config)
     with torch.device("meta"):
         model = Qwen3_5ForCausalLM(config)
     shapes = expected_shapes(model)

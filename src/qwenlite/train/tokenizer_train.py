@@ -13,29 +13,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, trainers
-from tokenizers.models import BPE
+from tokenizers import AddedToken, pre_tokenizers, trainers
 
 from qwenlite.errors import QwenliteError
-from qwenlite.tokenizer import QWEN35_PATTERN, QWEN35_SPECIAL_TOKENS, Tokenizer, qwen35_chat_template, tokenizer_config
+from qwenlite.tokenizer import QWEN35_SPECIAL_TOKENS, Tokenizer, qwen35_bpe, qwen35_chat_template, tokenizer_config
 from qwenlite.train.data import iter_documents, list_data_files
 from qwenlite.weights import atomic_write
 
 MIN_VOCAB_SIZE = 256 + len(QWEN35_SPECIAL_TOKENS)  # the byte alphabet and the special tokens
-
-
-def new_qwen35_style_tokenizer() -> tokenizers.Tokenizer:
-    """An untrained BPE with Qwen3.5's normaliser, pre-tokenizer and decoder."""
-    tok = tokenizers.Tokenizer(BPE(ignore_merges=True))  # a pre-token already in the vocabulary is one token
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN35_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    return tok
 
 
 def train_tokenizer_from_iterator(
@@ -45,7 +30,7 @@ def train_tokenizer_from_iterator(
     when the corpus runs out of pairs seen `min_frequency` times)."""
     if vocab_size < MIN_VOCAB_SIZE:
         raise QwenliteError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + 33 special tokens)")
-    tok = new_qwen35_style_tokenizer()
+    tok = qwen35_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(QWEN35_SPECIAL_TOKENS),
         min_frequency=min_frequency,
