@@ -10,8 +10,10 @@
 # Then: qwenlite run OUT/model "def read_config(path):" --raw --temperature 0.7
 #       qwenlite chat OUT/chat
 set -euo pipefail
-# Threads that sleep instead of spinning while they wait: on a machine whose cores other processes also use,
-# libgomp's default spin-wait can make every training step 10-50x slower. Read once, before torch loads.
+# Threads that sleep instead of spinning while they wait. On cores that other processes also use, libgomp's
+# default spin-wait made training steps 2x (one busy neighbour) to 50x (two) slower here; on an idle machine
+# PASSIVE costs about 25% (0.60 s a step instead of 0.45 s). OMP_WAIT_POLICY=ACTIVE bash runs/demo.sh on a
+# machine of your own.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 out="${1:-/tmp/qwenlite-demo}"
 shift || true

@@ -54,6 +54,7 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> argparse._SubP
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help=f"max gradient norm, 0 = off [{d.grad_clip}]")
     g.add_argument("--val-fraction", type=float, default=d.val_fraction, help=f"held out [{d.val_fraction}]")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help=f"[{d.eval_every}]")
+    g.add_argument("--eval-sequences", type=int, default=d.eval_sequences, help=f"windows [{d.eval_sequences}]")
     g.add_argument("--save-every", type=int, default=d.save_every, help=f"[{d.save_every}]")
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help=f"[{d.keep_checkpoints}]")
     g.add_argument("--log-every", type=int, default=d.log_every, help=f"[{d.log_every}]")
@@ -93,8 +94,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
         warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, val_fraction=args.val_fraction,
-        eval_every=args.eval_every, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
-        log_every=args.log_every, seed=args.seed, fsdp=args.fsdp,
+        eval_every=args.eval_every, eval_sequences=args.eval_sequences, save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, seed=args.seed, fsdp=args.fsdp,
     )  # fmt: skip
     vocab = load_tokenizer_for_data(args.tokenizer)[0].get_vocab_size() if args.tokenizer else QWEN35_VOCAB_SIZE
     config = resolve_model_config(args.config, vocab)

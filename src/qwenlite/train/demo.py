@@ -62,8 +62,9 @@ class DemoSettings:
     sample_tokens: int
 
 
-# 3.5M parameters (2.7M outside the tied embedding): on 2 shared cores about 4,500 tokens/s, so 3000 steps of
-# 2048 tokens (6M tokens, under two passes over the corpus) take about 25 minutes.
+# 3.5M parameters (2.7M outside the tied embedding): on 2 idle cores about 4,500 tokens/s (3,400 with
+# OMP_WAIT_POLICY=PASSIVE, as runs/demo.sh sets), so 3000 steps of 2048 tokens (6.1M tokens, 1.9 passes over the
+# corpus) take 23-30 minutes; chat fine-tuning about 2 more. Held-out loss was still falling at the end (2.47).
 DEMO = DemoSettings(
     corpus_bytes=None,
     vocab_size=4096,
@@ -303,7 +304,7 @@ def write_report(path: Path, r: dict) -> None:
         f"{sum(r['sft_losses'][-10:]) / len(r['sft_losses'][-10:]):.3f} (mean of the last 10)"
         if r["sft_losses"]
         else "- chat fine-tuning: skipped",
-        f"- wall time {r['minutes']:.1f} min; loss curve: model/loss_curve.png",
+        f"- wall time of this invocation {r['minutes']:.1f} min; loss curve: model/loss_curve.png",
         "",
         "## Samples (temperature 0.7, top-p 0.95, seed 0)",
     ]

@@ -154,11 +154,12 @@ def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str =
 
 @torch.no_grad()
 def evaluate(model, data: PackedSequences, indices: np.ndarray, cfg: TrainConfig, env: ddp.DistEnv) -> float:
-    """Mean held-out cross-entropy per token over the first `eval_sequences` held-out windows, all ranks."""
+    """Mean held-out cross-entropy per token over `eval_sequences` held-out windows spread evenly over the corpus
+    (the first ones would all come from its first files), computed by all ranks together."""
+    if len(indices) > cfg.eval_sequences:
+        indices = indices[np.linspace(0, len(indices) - 1, cfg.eval_sequences).round().astype(int)]
     totals = torch.zeros(2, dtype=torch.float64)
-    for batch, weight in held_out_batches(
-        data, indices[: cfg.eval_sequences], cfg.batch_size, env.rank, env.world_size
-    ):
+    for batch, weight in held_out_batches(data, indices, cfg.batch_size, env.rank, env.world_size):
         batch = batch.to(env.device)
         with autocast(env.device):
             per_sequence = causal_lm_loss(model(batch[:, :-1]), batch[:, 1:], reduction="sum")
