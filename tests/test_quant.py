@@ -27,7 +27,7 @@ import qwenlite.quant as quant
 from qwenlite.cache import make_cache
 from qwenlite.config import ModelConfig
 from qwenlite.errors import QwenliteError
-from qwenlite.model import Qwen3_5ForCausalLM, initial_value
+from qwenlite.model import Qwen3_5ForCausalLM, initial_value, set_fast
 from qwenlite.ops import quant_matmul as qm
 from qwenlite.quant import (
     QuantEmbedding,
@@ -37,7 +37,6 @@ from qwenlite.quant import (
     load_quantized,
     quantize_checkpoint,
     quantize_model,
-    set_fast,
 )
 from qwenlite.weights import load_checkpoint, save_checkpoint
 

@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(func=cmd_init_random)
 
     # Each of these modules declares its own command; this file only lists them.
+    from qwenlite.bench import add_bench_command
     from qwenlite.gguf import add_convert_command
     from qwenlite.quant import add_quantize_command
     from qwenlite.server import add_serve_command
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_command(sub)
     add_convert_command(sub)
     add_quantize_command(sub)
+    add_bench_command(sub)
     add_post_train_commands(add_train_commands(sub))
     return parser
 

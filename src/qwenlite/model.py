@@ -5,6 +5,10 @@ loading is a name lookup.
 One forward serves training (no cache: the whole sequence, differentiable) and inference (a `Cache`:
 prefill of any length, then decode steps). Norms, gates and the recurrent state are computed in fp32
 whatever the weight dtype; everything else runs in the weight dtype.
+
+Inference without gradients takes qwenlite's own CPU kernels where they apply (ops/kernels.py: the bf16 GEMV of
+decode, the fused delta-rule step); modules with a `fast` flag say whether they may, `set_fast` flips them all,
+and False runs the pure-torch reference everywhere.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenlite.config import ModelConfig
+from qwenlite.ops import kernels
 from qwenlite.ops.attention import causal_attention
 from qwenlite.ops.conv import causal_conv1d
 from qwenlite.ops.delta_rule import gated_delta_rule_chunked, gated_delta_rule_step
@@ -23,6 +28,33 @@ from qwenlite.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 if TYPE_CHECKING:
     from qwenlite.cache import AttentionCache, Cache, LinearAttentionCache
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose inference over a few rows (decode, batched decode) of bf16 runs qwenlite's GEMV, which
+    streams the weights at close to the memory bandwidth; anything else is F.linear."""
+
+    fast = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if self.fast and not needs_grad(x, self.weight) and kernels.gemv_bf16_ok(x2, self.weight):
+            y = kernels.gemv_bf16(x2, self.weight)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
+def set_fast(model: nn.Module, fast: bool) -> None:
+    """Let every module use qwenlite's kernels where they apply (True), or force the pure-torch reference."""
+    for m in model.modules():
+        if hasattr(m, "fast"):
+            m.fast = fast
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -41,8 +73,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
+        self.fast = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast and not needs_grad(x, self.weight) and kernels.rmsnorm_ok(x, self.weight):
+            return kernels.rmsnorm(x, self.weight, self.eps)
         return (rms_normalize(x, self.eps) * (1.0 + self.weight.float())).to(x.dtype)
 
 
@@ -70,19 +105,24 @@ class GatedDeltaNet(nn.Module):
         self.head_k_dim, self.head_v_dim = c.linear_key_head_dim, c.linear_value_head_dim
         self.key_dim, self.value_dim = c.linear_key_dim, c.linear_value_dim
         conv_dim = c.linear_conv_dim
-        self.in_proj_qkv = nn.Linear(c.hidden_size, conv_dim, bias=False)
-        self.in_proj_z = nn.Linear(c.hidden_size, self.value_dim, bias=False)
-        self.in_proj_b = nn.Linear(c.hidden_size, self.num_v_heads, bias=False)
-        self.in_proj_a = nn.Linear(c.hidden_size, self.num_v_heads, bias=False)
+        self.in_proj_qkv = Linear(c.hidden_size, conv_dim, bias=False)
+        self.in_proj_z = Linear(c.hidden_size, self.value_dim, bias=False)
+        self.in_proj_b = Linear(c.hidden_size, self.num_v_heads, bias=False)
+        self.in_proj_a = Linear(c.hidden_size, self.num_v_heads, bias=False)
         self.conv1d = nn.Conv1d(conv_dim, conv_dim, c.linear_conv_kernel_dim, groups=conv_dim, bias=False)
         self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
         self.A_log = nn.Parameter(torch.empty(self.num_v_heads).uniform_(0.01, 16).log())
         self.norm = RMSNormGated(self.head_v_dim, c.rms_norm_eps)
-        self.out_proj = nn.Linear(self.value_dim, c.hidden_size, bias=False)
+        self.out_proj = Linear(self.value_dim, c.hidden_size, bias=False)
+        self.fast = True
 
     def forward(self, x: torch.Tensor, cache: LinearAttentionCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.in_proj_qkv(x)  # (B, T, conv_dim)
+        small = (self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight)
+        if cache is not None and self.fast and not needs_grad(x) and kernels.gdn_decode_ok(qkv, cache.state, *small):
+            a, b, z = self.in_proj_a(x), self.in_proj_b(x), self.in_proj_z(x)
+            return self.out_proj(kernels.gdn_decode(self, qkv, a, b, z, cache.conv, cache.state))
         qkv, conv_state = causal_conv1d(qkv, self.conv1d.weight, cache.conv if cache is not None else None)
         qkv = F.silu(qkv)  # fp32
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
@@ -119,12 +159,13 @@ class Attention(nn.Module):
         )
         q_out = self.num_heads * self.head_dim * (2 if c.attn_output_gate else 1)
         self.gated = c.attn_output_gate
-        self.q_proj = nn.Linear(c.hidden_size, q_out, bias=c.attention_bias)
-        self.k_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.attention_bias)
-        self.v_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.attention_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
+        self.q_proj = Linear(c.hidden_size, q_out, bias=c.attention_bias)
+        self.k_proj = Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.attention_bias)
+        self.v_proj = Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.attention_bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
         self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+        self.fast = True
 
     def forward(
         self,
@@ -145,6 +186,12 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, D).transpose(1, 2)
         if cache is None:
             o = causal_attention(q, k, v, scale=D**-0.5)
+        elif T == 1 and self.fast and kernels.attn_decode_ok(q, cache.k):
+            pos = torch.tensor([start] * B if isinstance(start, int) else start)
+            rows = torch.arange(B)
+            cache.k[rows, :, pos] = k[:, :, 0]
+            cache.v[rows, :, pos] = v[:, :, 0]
+            o = kernels.attn_decode(q[:, :, 0], cache.k, cache.v, pos + 1, D**-0.5).unsqueeze(2)  # (B, H, 1, D)
         elif isinstance(start, int):
             cache.k[:, :, start : start + T] = k
             cache.v[:, :, start : start + T] = v
@@ -169,9 +216,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -257,7 +304,7 @@ class Qwen3_5ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = TextModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from qwenlite.config import DTYPES, ModelConfig, load_config, resolve_dtype
 from qwenlite.errors import QwenliteError
 from qwenlite.model import Qwen3_5ForCausalLM
+from qwenlite.ops import kernels
 from qwenlite.ops import quant_matmul as qm
 from qwenlite.weights import INDEX_FILE, Checkpoint, expected_shapes, match_tensors, open_safetensors, read_tensor
 
@@ -58,7 +59,7 @@ def resolve_group_size(bits: int, group_size: int | None, in_features: int) -> i
 class QuantLinear(nn.Module):
     """y = x W^T (+ b) with W stored as int8 (`qweight` (N, K), `scales` (N, K/G)) or int4 (`qweight` tiled64
     (Np/64, K, 32), `scales_and_zeros` (K/G, Np, 2)); the scales' dtype is the compute dtype. `fast` selects
-    torch's CPU kernels where they apply; False forces the pure-torch reference."""
+    qwenlite's kernels (ops/kernels.py), else torch's, where they apply; False forces the pure-torch reference."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None,
                  dtype: torch.dtype, device: torch.device | str | None = None, bias: bool = False):  # fmt: skip
@@ -115,10 +116,14 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if self.bits == 8:
-            if self.fast and qm.int8_fast_ok(x2, self.qweight, self.scales):
+            if self.fast and kernels.int8_ok(x2, self.qweight, self.scales):
+                y = kernels.int8_matmul(x2, self.qweight, self.scales)
+            elif self.fast and qm.int8_fast_ok(x2, self.qweight, self.scales):
                 y = qm.int8_matmul_fast(x2, self.qweight, self.scales)
             else:
                 y = qm.int8_matmul_ref(x2, self.qweight, self.scales)
+        elif self.fast and kernels.int4_ok(x2, self.qweight, self.scales_and_zeros, self.group_size):
+            y = kernels.int4_matmul(x2, self.qweight, self.scales_and_zeros, self.group_size, self.out_features)
         elif self.fast and qm.int4_fast_ok(x2, self.scales_and_zeros, self.group_size):
             if self._kernel_weight is None:
                 self._kernel_weight = qm.int4_kernel_weight(self.qweight)
@@ -210,13 +215,6 @@ def quantize_model_empty(model: Qwen3_5ForCausalLM, bits: int, group_size: int |
     c = model.config
     model.model.embed_tokens = QuantEmbedding(c.vocab_size, c.hidden_size, bits, group_size, dtype, "meta")
     return model
-
-
-def set_fast(model: nn.Module, fast: bool) -> None:
-    """Use torch's kernels (True) or the pure-torch reference (False) in every QuantLinear."""
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.fast = fast
 
 
 def apply_quant(model: Qwen3_5ForCausalLM, quant: str | None) -> Qwen3_5ForCausalLM:

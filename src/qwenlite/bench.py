@@ -1,0 +1,170 @@
+"""`qwenlite bench MODEL [--quant int8|int4]`: how fast a model runs on this machine, and how close decode gets
+to what the memory bandwidth allows.
+
+At batch 1 a decode step reads every weight once (the embedding only one row), so its ceiling is the machine's
+memory bandwidth divided by the bytes read per token. The bench measures that bandwidth itself (a parallel read
+of a buffer far larger than the caches), then prefill of a `--prompt`-token prompt (time to first token
+included), `--decode` greedy decode steps, and the peak resident memory: best of `--repeat` runs after a warm-up
+that pages the weights in. The prompt is random token ids; random weights give the real speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+BANDWIDTH_BYTES = 1 << 30  # well past any last-level cache
+
+
+@dataclass
+class BenchResult:
+    model: str
+    precision: str
+    threads: int
+    weight_bytes: int  # every tensor of the model, once
+    bytes_per_token: int  # what one decode step reads: all of it but an untied embedding
+    load_seconds: float
+    prompt_tokens: int
+    prefill_tok_s: float
+    time_to_first_token_s: float
+    decode_tokens: int
+    decode_tok_s: float
+    bandwidth_gb_s: float
+    decode_limit_tok_s: float
+    peak_rss_bytes: int
+    rss_before_load_bytes: int
+
+    @property
+    def limit_ratio(self) -> float:
+        return self.decode_tok_s / self.decode_limit_tok_s
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "limit_ratio": self.limit_ratio}
+
+    def table(self) -> str:
+        gb, gib = 1e9, 2**30
+        rss_ratio = self.peak_rss_bytes / self.weight_bytes
+        rows = [
+            ("weights", f"{self.weight_bytes / gb:.2f} GB ({self.bytes_per_token / gb:.2f} GB read per decode token)"),
+            ("load", f"{self.load_seconds:.1f} s"),
+            (f"prefill ({self.prompt_tokens} tok)", f"{self.prefill_tok_s:.1f} tok/s"),
+            ("time to first token", f"{self.time_to_first_token_s * 1000:.0f} ms"),
+            (f"decode ({self.decode_tokens} tok)", f"{self.decode_tok_s:.1f} tok/s"),
+            ("memory bandwidth", f"{self.bandwidth_gb_s:.1f} GB/s -> decode limit {self.decode_limit_tok_s:.1f} tok/s"),
+            ("decode / limit", f"{self.limit_ratio:.0%}"),
+            ("peak resident memory", f"{self.peak_rss_bytes / gib:.2f} GiB ({rss_ratio:.2f}x the weights; "
+                                     f"{self.rss_before_load_bytes / gib:.2f} GiB before loading)"),
+        ]  # fmt: skip
+        title = f"qwenlite bench {self.model} ({self.precision}, {self.threads} threads)"
+        return "\n".join([title, *(f"  {k:<22} {v}" for k, v in rows)])
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure_bandwidth(repeat: int = 5) -> float:
+    """Bytes per second of a parallel read of a 1 GiB buffer, best of `repeat` after a warm pass."""
+    from qwenlite.ops import kernels
+
+    buf = torch.ones(BANDWIDTH_BYTES // 4)
+    read = kernels.read_memory if kernels.available() else torch.sum
+    read(buf)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        read(buf)
+        best = min(best, time.perf_counter() - t)
+    return buf.nbytes / best
+
+
+def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of all tensors counted once, bytes one decode step reads)."""
+    seen: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    total = sum(seen.values())
+    head_storages = {t.untyped_storage().data_ptr() for t in [*model.lm_head.parameters(), *model.lm_head.buffers()]}
+    embed = model.model.embed_tokens
+    untied = sum(seen.get(p, 0) for p in {t.untyped_storage().data_ptr() for t in [*embed.parameters(),
+                                                                                     *embed.buffers()]}
+                 if p not in head_storages)  # fmt: skip
+    return total, total - untied
+
+
+def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, prompt: int = 512, decode: int = 128,
+          repeat: int = 3, threads: int | None = None) -> BenchResult:  # fmt: skip
+    from qwenlite.cache import make_cache
+    from qwenlite.generate import decode_step, prefill
+    from qwenlite.gguf_import import load_any
+    from qwenlite.hub import resolve_model_path
+
+    if threads:
+        torch.set_num_threads(threads)
+    rss_before = current_rss()
+    t = time.perf_counter()
+    model, _ = load_any(resolve_model_path(model_ref), dtype, quant)
+    load_seconds = time.perf_counter() - t
+    total, per_token = weight_bytes(model)
+    ids = torch.randint(1000, min(100_000, model.config.vocab_size), (prompt,),
+                        generator=torch.Generator().manual_seed(0)).tolist()  # fmt: skip
+
+    def run(n_prompt: int, n_decode: int) -> tuple[float, float]:
+        cache = make_cache(model.config, max_seq_len=n_prompt + n_decode + 1, dtype=model.dtype, device=model.device)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            token = int(prefill(model, ids[:n_prompt], cache).argmax())
+            t1 = time.perf_counter()
+            for _ in range(n_decode):
+                token = int(decode_step(model, token, cache).argmax())
+            return t1 - t0, time.perf_counter() - t1
+
+    run(min(prompt, 16), 4)  # warm-up: page the weights in, build the kernels
+    runs = [run(prompt, decode) for _ in range(repeat)]
+    prefill_s, decode_s = min(r[0] for r in runs), min(r[1] for r in runs)
+    peak = peak_rss()  # before the bandwidth probe's buffer
+    bandwidth = measure_bandwidth()
+    precision = quant or str(model.dtype).removeprefix("torch.")
+    return BenchResult(
+        model=model_ref, precision=precision, threads=torch.get_num_threads(), weight_bytes=total,
+        bytes_per_token=per_token, load_seconds=load_seconds, prompt_tokens=prompt,
+        prefill_tok_s=prompt / prefill_s, time_to_first_token_s=prefill_s, decode_tokens=decode,
+        decode_tok_s=decode / decode_s, bandwidth_gb_s=bandwidth / 1e9, decode_limit_tok_s=bandwidth / per_token,
+        peak_rss_bytes=peak, rss_before_load_bytes=rss_before,
+    )  # fmt: skip
+
+
+def add_bench_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure prefill, decode, memory and the bandwidth limit", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("model", help="checkpoint directory, quantized checkpoint, .gguf file or hub id")
+    p.add_argument("--quant", choices=["int8", "int4"], help="quantize weights on load")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype (default: checkpoint's)")
+    p.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
+    p.add_argument("--decode", type=int, default=128, help="decode steps (default 128)")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs; the best counts (default 3)")
+    p.add_argument("--threads", type=int, help="threads (default: torch's, one per core)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from qwenlite.errors import QwenliteError
+
+    for name in ("prompt", "decode", "repeat"):
+        if getattr(args, name) < 1:
+            raise QwenliteError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    result = bench(args.model, args.quant, args.dtype, args.prompt, args.decode, args.repeat, args.threads)
+    print(json.dumps(result.to_dict()) if args.json else result.table())
+    return 0

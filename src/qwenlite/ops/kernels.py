@@ -1,0 +1,327 @@
+"""qwenlite's own CPU kernels (csrc/kernels.c): decode GEMVs over bf16 / int8 / int4 weights, dequantization for
+prefill, and the fused gated delta rule step. Each function here has a pure-torch reference twin (named in the C
+file's header) that the tests hold it to.
+
+The C file is compiled on first use with the machine's C compiler (`$CC`, default `cc`) for the machine's own
+CPU (-march=native), cached under `$QWENLITE_CACHE` (default ~/.cache/qwenlite)/kernels by a hash of the source,
+the compiler and the CPU, and loaded with ctypes (the calls release the GIL). The kernels need AVX-512 with BF16;
+on any other CPU, without a compiler, or with QWENLITE_KERNELS=0, `available()` is False and the callers use
+torch's kernels. A failed build says why once, as a warning.
+
+Threads: OpenMP, sharing torch's libgomp (loaded by `import torch` before this library), with torch's thread
+count passed on every call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+_c_int, _c_i64, _ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
+SIGNATURES = {
+    "qk_gemv_bf16": [_ptr, _ptr, _ptr, _c_i64, _c_i64, _c_i64, _c_int],
+    "qk_gemv_int8": [_ptr, _ptr, _c_int, _c_i64, _ptr, _c_int, _ptr, _c_int, _c_i64, _c_i64, _c_i64, _c_int],
+    "qk_gemv_int4": [_ptr, _ptr, _c_int, _c_i64, _ptr, _c_int, _ptr, _c_int, _c_i64, _c_i64, _c_i64, _c_i64, _c_int],
+    "qk_dequant_int8": [_ptr, _ptr, _c_int, _c_i64, _c_i64, _c_i64, _c_i64, _ptr, _c_int, _c_int],
+    "qk_dequant_int4": [_ptr, _ptr, _c_int, _c_i64, _c_i64, _c_i64, _c_i64, _c_i64, _ptr, _c_int, _c_int],
+    "qk_rmsnorm": [_ptr, _c_i64, _ptr, _c_int, ctypes.c_float, _ptr, _c_int, _c_i64, _c_i64, _c_int],
+    "qk_gdn_decode": [
+        _ptr,
+        _ptr,
+        _ptr,
+        _c_i64,
+        _ptr,
+        _ptr,
+        _ptr,
+        _ptr,
+        _ptr,
+        _ptr,
+        _ptr,
+        ctypes.c_float,
+        _ptr,
+        _c_int,
+        _c_int,
+        _c_i64,
+        _c_i64,
+        _c_i64,
+        _c_i64,
+        _c_i64,
+        _c_int,
+    ],  # fmt: skip
+    "qk_attn_decode": [
+        _ptr,
+        _ptr,
+        _ptr,
+        _ptr,
+        ctypes.c_float,
+        _ptr,
+        _c_int,
+        _c_i64,
+        _c_i64,
+        _c_i64,
+        _c_i64,
+        _c_i64,
+        _c_int,
+    ],  # fmt: skip
+    "qk_read": [_ptr, _c_i64, _c_int],
+}
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off"]
+MAX_ROWS = 8  # activation rows up to which a GEMV beats dequantize-then-GEMM (measured on the 0.8B's shapes)
+DEQUANT_ROWS = 16384  # rows of a quantized W dequantized at a time for a GEMM: bounds the temporary (32 MB at K 1024)
+
+
+def _cpu_id() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+
+
+def _build(source: bytes, cache_dir: Path) -> Path:
+    cc = os.environ.get("CC", "cc")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256(b"\0".join([source, version.encode(), _cpu_id().encode(), " ".join(CFLAGS).encode()]))
+    lib = cache_dir / f"kernels-{key.hexdigest()[:16]}.so"
+    if lib.exists():
+        return lib
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
+        src.write_bytes(source)
+        done = subprocess.run([cc, *CFLAGS, str(src), "-o", str(out)], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-2000:]}")
+        out.replace(lib)  # atomic: a concurrent build of the same source writes the same file
+    return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot run here (see the module docstring)."""
+    if os.environ.get("QWENLITE_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    source = resources.files("qwenlite.ops").joinpath("csrc/kernels.c").read_bytes()
+    cache_dir = Path(os.environ.get("QWENLITE_CACHE", Path.home() / ".cache" / "qwenlite")) / "kernels"
+    try:
+        lib = ctypes.CDLL(str(_build(source, cache_dir)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        warnings.warn(f"qwenlite: CPU kernels unavailable, using torch's ({e})", RuntimeWarning, stacklevel=2)
+        return None
+    if not lib.qk_simd():
+        return None  # built, but this CPU lacks AVX-512 BF16: torch's kernels are the fast path here
+    for name, argtypes in SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = None
+    lib.qk_read.restype = ctypes.c_float
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def _p(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _is_bf16(t: torch.Tensor) -> int:
+    return int(t.dtype == torch.bfloat16)
+
+
+def _plain(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+ACT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 weights
+
+
+def gemv_bf16_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """x (M, K) bf16 with M <= MAX_ROWS, weight (N, K) bf16, both contiguous on the CPU."""
+    return (x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.dtype == weight.dtype == torch.bfloat16
+            and _plain(x, weight) and available())  # fmt: skip
+
+
+def gemv_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ weight (N, K)^T -> (M, N) bf16, fp32 accumulation; needs `gemv_bf16_ok`."""
+    (M, K), N = x.shape, weight.shape[0]
+    y = torch.empty(M, N, dtype=torch.bfloat16)
+    library().qk_gemv_bf16(_p(weight), _p(x), _p(y), M, N, K, torch.get_num_threads())
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 weights (quant_matmul's format)
+
+
+def int8_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Activations fp32/bf16, scales fp32/bf16, group size a multiple of 16, all contiguous on the CPU."""
+    K = qweight.shape[1]
+    G = K // scales.shape[1]
+    return (x.dtype in ACT_DTYPES and scales.dtype in ACT_DTYPES and G % 16 == 0 and G * scales.shape[1] == K
+            and _plain(x, qweight, scales) and available())  # fmt: skip
+
+
+def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) -> (M, N) in x's dtype; needs `int8_ok`. A GEMV for up to MAX_ROWS rows, else W dequantized
+    DEQUANT_ROWS rows at a time into x's dtype for torch's GEMM (prefill)."""
+    if x.shape[0] <= MAX_ROWS:
+        return int8_gemv(x, qweight, scales)
+    N = qweight.shape[0]
+    return torch.cat([F.linear(x, int8_dequant(qweight, scales, slice(r, min(r + DEQUANT_ROWS, N)), x.dtype))
+                      for r in range(0, N, DEQUANT_ROWS)], dim=-1)  # fmt: skip
+
+
+def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) -> (M, N) in x's dtype, streaming W once per 4 rows of x; needs `int8_ok`."""
+    (M, K), N = x.shape, qweight.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype)
+    library().qk_gemv_int8(_p(qweight), _p(scales), _is_bf16(scales), K // scales.shape[1], _p(x), _is_bf16(x),
+                           _p(y), _is_bf16(y), M, N, K, torch.get_num_threads())  # fmt: skip
+    return y
+
+
+def int8_dequant(qweight: torch.Tensor, scales: torch.Tensor, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of W = q * s in `dtype` (fp32 or bf16), bitwise quant_matmul.dequantize_int8 rounded to `dtype`."""
+    K = qweight.shape[1]
+    out = torch.empty(rows.stop - rows.start, K, dtype=dtype)
+    library().qk_dequant_int8(_p(qweight), _p(scales), _is_bf16(scales), K // scales.shape[1], rows.start,
+                              rows.stop, K, _p(out), _is_bf16(out), torch.get_num_threads())  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# int4 weights (quant_matmul's tiled64 format)
+
+
+def int4_ok(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> bool:
+    K = packed.shape[1]
+    return (x.dtype in ACT_DTYPES and scales_and_zeros.dtype in ACT_DTYPES and group_size % 16 == 0
+            and K % group_size == 0 and _plain(x, packed, scales_and_zeros) and available())  # fmt: skip
+
+
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                n: int) -> torch.Tensor:  # fmt: skip
+    """x (M, K) -> (M, n) in x's dtype; needs `int4_ok`. As `int8_matmul`: GEMV or dequantize + GEMM."""
+    if x.shape[0] <= MAX_ROWS:
+        return int4_gemv(x, packed, scales_and_zeros, group_size, n)
+    tiles, step = packed.shape[0], DEQUANT_ROWS // 64
+    w = [int4_dequant(packed, scales_and_zeros, group_size, slice(t, min(t + step, tiles)), x.dtype)
+         for t in range(0, tiles, step)]  # fmt: skip
+    return torch.cat([F.linear(x, wt) for wt in w], dim=-1)[:, :n]
+
+
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+              n: int) -> torch.Tensor:  # fmt: skip
+    """x (M, K) -> (M, n) in x's dtype, streaming W once per 4 rows of x; needs `int4_ok`."""
+    M, K = x.shape
+    y = torch.empty(M, n, dtype=x.dtype)
+    Np = packed.shape[0] * 64
+    sz = scales_and_zeros
+    library().qk_gemv_int4(_p(packed), _p(sz), _is_bf16(sz), group_size, _p(x), _is_bf16(x), _p(y), _is_bf16(y),
+                           M, Np, n, K, torch.get_num_threads())  # fmt: skip
+    return y
+
+
+def int4_dequant(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, tiles: slice,
+                 dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """Rows [64 tiles.start, 64 tiles.stop) of W in `dtype`, bitwise quant_matmul.dequantize_int4 rounded."""
+    K = packed.shape[1]
+    out = torch.empty((tiles.stop - tiles.start) * 64, K, dtype=dtype)
+    sz = scales_and_zeros
+    library().qk_dequant_int4(_p(packed), _p(sz), _is_bf16(sz), group_size, packed.shape[0] * 64, tiles.start,
+                              tiles.stop, K, _p(out), _is_bf16(out), torch.get_num_threads())  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode-step fusions
+
+
+def rows_stride(x: torch.Tensor) -> int | None:
+    """The stride between x's rows of x.shape[-1] elements when all its leading dims collapse into one (a
+    contiguous tensor, or a slice of the last dim of one), else None."""
+    if x.dim() == 0 or x.stride(-1) != 1:
+        return None
+    ld = x.stride(-2) if x.dim() > 1 else x.shape[-1]
+    for i in range(x.dim() - 2):
+        if x.shape[i] > 1 and x.stride(i) != x.stride(i + 1) * x.shape[i + 1]:
+            return None
+    return ld
+
+
+def rmsnorm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.dtype in ACT_DTYPES and weight.dtype in ACT_DTYPES and x.device.type == "cpu" and x.numel() > 0
+            and rows_stride(x) is not None and _plain(weight) and available())  # fmt: skip
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """model.RMSNorm: x_hat * (1 + w) in fp32, rounded to x's dtype; needs `rmsnorm_ok`."""
+    D = x.shape[-1]
+    out = torch.empty(x.shape, dtype=x.dtype)
+    library().qk_rmsnorm(_p(x), rows_stride(x), _p(weight), _is_bf16(weight), eps, _p(out), _is_bf16(x),
+                         x.numel() // D, D, torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def gdn_decode_ok(qkv: torch.Tensor, state: torch.Tensor, *small: torch.Tensor) -> bool:
+    """Inputs of one token (T == 1) in one activation dtype, the small weights all in one dtype, the fp32 state."""
+    return (qkv.dim() == 3 and qkv.shape[1] == 1 and qkv.dtype in ACT_DTYPES and state.dtype == torch.float32
+            and len({t.dtype for t in small}) == 1 and small[0].dtype in ACT_DTYPES
+            and _plain(qkv, state, *small) and available())  # fmt: skip
+
+
+def gdn_decode(layer: torch.nn.Module, qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, z: torch.Tensor,
+               conv_state: torch.Tensor, state: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """model.GatedDeltaNet between its projections and out_proj for one token: qkv (B, 1, C), a and b (B, 1, Hv),
+    z (B, 1, Hv Dv) in the activation dtype; conv_state (B, K-1, C) and the fp32 state (B, Hv, Dk, Dv) updated in
+    place. Returns (B, 1, Hv Dv). Needs `gdn_decode_ok` for qkv, state and the layer's small weights, and a, b, z
+    contiguous in qkv's dtype."""
+    B = qkv.shape[0]
+    Hv, Dv = layer.num_v_heads, layer.head_v_dim
+    out = torch.empty(B, 1, Hv * Dv, dtype=qkv.dtype)
+    conv_w = layer.conv1d.weight
+    library().qk_gdn_decode(
+        _p(qkv), _p(conv_state), _p(conv_w), conv_w.shape[-1], _p(a.contiguous()), _p(b.contiguous()),
+        _p(layer.A_log), _p(layer.dt_bias), _p(state), _p(z.contiguous()), _p(layer.norm.weight), layer.norm.eps,
+        _p(out), _is_bf16(qkv), _is_bf16(conv_w), B, layer.num_k_heads, Hv, layer.head_k_dim, Dv,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def attn_decode_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    return q.dtype == k_cache.dtype and q.dtype in ACT_DTYPES and _plain(k_cache) and available()
+
+
+def attn_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_keys: torch.Tensor,
+                scale: float) -> torch.Tensor:  # fmt: skip
+    """q (B, H, D), one query per row; caches (B, Hkv, Tmax, D); row b attends to its first n_keys[b] keys.
+    Returns (B, H, D) in q's dtype; needs `attn_decode_ok`."""
+    q = q.contiguous()
+    B, H, D = q.shape
+    out = torch.empty_like(q)
+    n_keys = n_keys.to(torch.int64).contiguous()
+    library().qk_attn_decode(_p(q), _p(k_cache), _p(v_cache), _p(n_keys), scale, _p(out), _is_bf16(q), B, H,
+                             k_cache.shape[1], k_cache.shape[2], D, torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def read_memory(buf: torch.Tensor) -> float:
+    """Read a contiguous fp32 CPU tensor once (AVX-512 loads on all of torch's threads); returns its sum."""
+    return library().qk_read(_p(buf), buf.numel(), torch.get_num_threads())

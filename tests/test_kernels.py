@@ -1,0 +1,263 @@
+"""qwenlite's C kernels (ops/kernels.py) against their pure-torch reference twins, over the real layer shapes of
+the 0.8B / 2B models and awkward ones, and the whole model with them against the model without.
+
+Tolerances (max |fast - ref| / max |ref|):
+- fp32 outputs: 1e-5 (accumulation order; measured <= 8e-7);
+- bf16 outputs: 1e-2 (both round to bf16, a step of 2^-8 relative; an output near a rounding boundary may land
+  one step apart, measured <= 3.2e-3);
+- int8 / int4 with more than MAX_ROWS rows (dequantize to the activation dtype, then torch's GEMM): the same,
+  as in bf16 the dequantized weight is rounded to bf16 like any bf16 model's;
+- dequantization: bitwise equal to the reference's, rounded to the output dtype;
+- the decode fusions (Gated DeltaNet token, RMSNorm, one-query attention) as fp32 / bf16 outputs above, against
+  the model's own torch code (the attention reference in fp32); the recurrent state 1e-5 in fp32.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwenlite.cache import make_cache
+from qwenlite.config import ModelConfig, preset_config
+from qwenlite.model import GatedDeltaNet, RMSNorm
+from qwenlite.ops import kernels
+from qwenlite.ops import quant_matmul as qm
+from qwenlite.ops.attention import causal_attention
+from qwenlite.weights import load_checkpoint
+
+from helpers import random_ids, tiny_checkpoint
+
+
+def cpu_has_avx512_bf16() -> bool:
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the C kernels need AVX-512 BF16")
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+# (K, N): the 0.8B's and 2B's projections and head, then shapes that are not multiples of anything.
+REAL = [(1024, 6144), (1024, 3584), (3584, 1024), (2048, 1024), (1024, 16), (2048, 6144), (6144, 2048),
+        (1024, 248320)]  # fmt: skip
+AWKWARD_BF16 = [(100, 96), (33, 7), (1, 5), (64, 1)]
+AWKWARD_INT8 = [(96, 100), (16, 5), (160, 48)]  # K % 16 == 0: the kernel's requirement (else torch's path)
+AWKWARD_INT4 = [(96, 100), (64, 33), (160, 130)]
+
+
+def relative_error(fast: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((fast.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
+
+
+# The head's shape (N > 100K) only in bf16, its dtype in use, and one group size: the fp32 reference takes seconds.
+QUANT_CASES = [(K, N, d) for K, N in REAL for d in (torch.float32, torch.bfloat16)
+               if not (N > 100_000 and d == torch.float32)]  # fmt: skip
+
+
+def group_sizes(K: int, N: int, choices: tuple[int, ...]) -> list[int]:
+    fit = [G for G in choices if K % G == 0]
+    return fit[-1:] if N > 100_000 else fit
+
+
+def rows_for(N: int) -> tuple[int, ...]:
+    """1 (decode), 3 and 8 (batched decode: one pass over W, then a second one), 19 (the dequantize + GEMM path);
+    the head only at 1 and 8: its fp32 reference takes seconds."""
+    return (1, 8) if N > 100_000 else (1, 3, 8, 19)
+
+
+def test_kernels_build_here():
+    assert kernels.available(), "the C kernels did not build on a CPU with AVX-512 BF16"
+
+
+@pytest.mark.parametrize("K,N", REAL + AWKWARD_BF16)
+def test_gemv_bf16_matches_linear(K, N):
+    gen = torch.Generator().manual_seed(K + N)
+    w = torch.randn(N, K, generator=gen).to(torch.bfloat16)
+    for M in (1, 3, 5, 8):
+        x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
+        assert kernels.gemv_bf16_ok(x, w)
+        assert relative_error(kernels.gemv_bf16(x, w), F.linear(x, w)) <= TOLERANCE[torch.bfloat16], M
+    assert not kernels.gemv_bf16_ok(torch.randn(kernels.MAX_ROWS + 1, K).to(torch.bfloat16), w)
+    assert not kernels.gemv_bf16_ok(torch.randn(1, K), w)  # fp32 activations: torch's
+
+
+@pytest.mark.parametrize("K,N,dtype", QUANT_CASES + [(K, N, torch.float32) for K, N in AWKWARD_INT8], ids=str)
+def test_int8_matches_reference(K, N, dtype):
+    gen = torch.Generator().manual_seed(K * N)
+    w = torch.randn(N, K, generator=gen) * 0.05
+    for G in group_sizes(K, N, (16, 32, K)):  # group-wise, and one scale per channel
+        q, s = qm.quantize_int8(w, G, dtype)
+        for M in rows_for(N):
+            x = torch.randn(M, K, generator=gen).to(dtype)
+            assert kernels.int8_ok(x, q, s)
+            ref = qm.int8_matmul_ref(x, q, s)
+            assert relative_error(kernels.int8_matmul(x, q, s), ref) <= TOLERANCE[dtype], (G, M)
+        if N < 100_000:
+            rows = slice(N // 3, N)
+            want = qm.dequantize_int8(q[rows], s[rows]).to(dtype)
+            assert torch.equal(kernels.int8_dequant(q, s, rows, dtype), want)
+
+
+@pytest.mark.parametrize("K,N,dtype", QUANT_CASES + [(K, N, torch.float32) for K, N in AWKWARD_INT4], ids=str)
+def test_int4_matches_reference(K, N, dtype):
+    gen = torch.Generator().manual_seed(K * N + 1)
+    w = torch.randn(N, K, generator=gen) * 0.05
+    for G in group_sizes(K, N, (32, 128)):
+        packed, sz = qm.quantize_int4(w, G, dtype)
+        for M in rows_for(N):
+            x = torch.randn(M, K, generator=gen).to(dtype)
+            assert kernels.int4_ok(x, packed, sz, G)
+            ref = qm.int4_matmul_ref(x, packed, sz, N)
+            fast = kernels.int4_matmul(x, packed, sz, G, N)
+            assert fast.shape == ref.shape == (M, N)
+            assert relative_error(fast, ref) <= TOLERANCE[dtype], (G, M)
+        if N < 100_000:
+            tiles = slice(packed.shape[0] // 2, packed.shape[0])
+            want = qm.dequantize_int4(packed, sz, slice(tiles.start * 64, tiles.stop * 64)).to(dtype)
+            assert torch.equal(kernels.int4_dequant(packed, sz, G, tiles, dtype), want)
+
+
+def test_quantized_kernels_refuse_what_they_cannot_do():
+    """A group size that is not a multiple of 16, or activations in fp16, go to torch's kernels or the reference,
+    never to a kernel that would read them wrong."""
+    q, s = qm.quantize_int8(torch.randn(8, 48), 24, torch.float32)
+    assert not kernels.int8_ok(torch.randn(1, 48), q, s)
+    q, s = qm.quantize_int8(torch.randn(8, 40), 40, torch.float32)
+    assert not kernels.int8_ok(torch.randn(1, 40), q, s)
+    assert not kernels.int8_ok(torch.randn(1, 48).half(), *qm.quantize_int8(torch.randn(8, 48), 48, torch.float32))
+    packed, sz = qm.quantize_int4(torch.randn(8, 64), 32, torch.float32)
+    assert not kernels.int4_ok(torch.randn(1, 128)[:, ::2], packed, sz, 32)  # not contiguous
+
+
+def layer_config(**overrides) -> ModelConfig:
+    """The 0.8B's layer shapes by default (hidden 1024, 16 x 128 delta-rule heads, 8 x 256 attention heads)."""
+    return preset_config("qwen3.5-0.8b", num_hidden_layers=1, vocab_size=64, **overrides)
+
+
+def randomize(module: torch.nn.Module, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
+            elif not name.endswith(("A_log", "dt_bias")):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+GDN_CASES = [  # (B, Hk, Hv, Dk, Dv, dtype)
+    (1, 16, 16, 128, 128, torch.bfloat16), (1, 16, 16, 128, 128, torch.float32),
+    (3, 2, 4, 32, 48, torch.float32), (2, 2, 4, 32, 48, torch.bfloat16),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("B,Hk,Hv,Dk,Dv,dtype", GDN_CASES, ids=str)
+def test_gdn_decode_matches_the_layer(B, Hk, Hv, Dk, Dv, dtype):
+    """Several decode steps through a Gated DeltaNet layer, fused vs its torch path: outputs, conv state and
+    recurrent state agree; grouped value heads (Hv = 2 Hk) and batched rows included."""
+    config = layer_config(linear_num_key_heads=Hk, linear_num_value_heads=Hv, linear_key_head_dim=Dk,
+                          linear_value_head_dim=Dv)  # fmt: skip
+    gen = torch.Generator().manual_seed(B * Hv + Dk)
+    layer = GatedDeltaNet(config)
+    randomize(layer, gen)
+    layer = layer.to(dtype)
+    fast_cache, ref_cache = (make_cache(config, B, 8, dtype).layers[0] for _ in range(2))
+    with torch.no_grad():
+        for step in range(4):
+            x = torch.randn(B, 1, config.hidden_size, generator=gen).to(dtype)
+            layer.fast = True
+            assert kernels.gdn_decode_ok(layer.in_proj_qkv(x), fast_cache.state, layer.conv1d.weight, layer.A_log)
+            fast = layer(x, fast_cache)
+            layer.fast = False
+            ref = layer(x, ref_cache)
+            assert relative_error(fast, ref) <= TOLERANCE[dtype], step
+            assert relative_error(fast_cache.state, ref_cache.state) <= 1e-5 if dtype == torch.float32 else 1e-2
+            assert torch.equal(fast_cache.conv, ref_cache.conv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rmsnorm_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(0)
+    norm = RMSNorm(256, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(256, generator=gen) * 0.3)
+    norm = norm.to(dtype)
+    x = torch.randn(2, 3, 4, 512, generator=gen).to(dtype)
+    for view in (x[..., :256], x[..., 256:], x.reshape(-1, 256)):  # a slice of rows (q of [q | gate]), plain rows
+        with torch.no_grad():
+            norm.fast = True
+            fast = norm(view)
+            norm.fast = False
+            assert relative_error(fast, norm(view)) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attn_decode_matches_reference(dtype):
+    """One query per row against its own prefix: rows of different lengths, GQA (8 query heads on 2 kv heads)."""
+    gen = torch.Generator().manual_seed(1)
+    B, H, Hkv, Tmax, D = 3, 8, 2, 40, 256
+    k_cache = torch.randn(B, Hkv, Tmax, D, generator=gen).to(dtype)
+    v_cache = torch.randn(B, Hkv, Tmax, D, generator=gen).to(dtype)
+    q = torch.randn(B, H, D, generator=gen).to(dtype)
+    n_keys = torch.tensor([1, 17, 40])
+    assert kernels.attn_decode_ok(q, k_cache)
+    fast = kernels.attn_decode(q, k_cache, v_cache, n_keys, D**-0.5)
+    for b, n in enumerate(n_keys.tolist()):
+        ref = causal_attention(q[b : b + 1, :, None].float(), k_cache[b : b + 1, :, :n].float(),
+                               v_cache[b : b + 1, :, :n].float(), D**-0.5)  # fmt: skip
+        assert relative_error(fast[b], ref[0, :, 0]) <= TOLERANCE[dtype], b
+
+
+def logits_over_steps(model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    cache = make_cache(model.config, 1, len(prompt) + steps, model.dtype)
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt]), cache, logits_to_keep=1)[0, -1]
+        out, rows = [], []
+        for _ in range(steps):
+            out.append(int(logits.argmax()))
+            rows.append(logits)
+            logits = model(torch.tensor([[out[-1]]]), cache)[0, -1]
+    return out, torch.stack(rows)
+
+
+def test_model_with_kernels_equals_reference(tmp_path_factory):
+    """fp32: greedy decode with the fused delta-rule step equals the pure-torch path token for token; bf16: the
+    GEMVs and the step give the reference's logits within bf16 rounding, fed the same tokens."""
+    from qwenlite.model import set_fast
+
+    path = tiny_checkpoint(tmp_path_factory)
+    prompt = random_ids(1, 12, vocab=248000, seed=5)[0].tolist()
+    model = load_checkpoint(path, "float32").model
+    fast, _ = logits_over_steps(model, prompt, 16)
+    set_fast(model, False)
+    assert logits_over_steps(model, prompt, 16)[0] == fast
+
+    model = load_checkpoint(path, "bfloat16").model
+    tokens, fast_logits = logits_over_steps(model, prompt, 8)
+    set_fast(model, False)
+    cache = make_cache(model.config, 1, 32, model.dtype)
+    with torch.inference_mode():
+        ref = [model(torch.tensor([prompt]), cache, logits_to_keep=1)[0, -1]]
+        ref += [model(torch.tensor([[t]]), cache)[0, -1] for t in tokens[:-1]]
+    assert relative_error(fast_logits, torch.stack(ref)) <= 3e-2  # bf16 activations through 4 layers
+
+
+def test_build_failure_falls_back_to_torch(tmp_path):
+    """No working compiler: one warning, kernels unavailable, and the model still runs on torch's kernels."""
+    code = (
+        "import warnings, torch\n"
+        "from qwenlite.ops import kernels\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert not kernels.available()\n"
+        "assert any('CPU kernels unavailable' in str(x.message) for x in w), [str(x.message) for x in w]\n"
+        "x, wt = torch.randn(1, 64).bfloat16(), torch.randn(8, 64).bfloat16()\n"
+        "assert not kernels.gemv_bf16_ok(x, wt)\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "CC": "/nonexistent/cc", "QWENLITE_CACHE": str(tmp_path), "HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
