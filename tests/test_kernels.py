@@ -8,8 +8,8 @@ Tolerances (max |fast - ref| / max |ref|):
 - int8 / int4 with more than MAX_ROWS rows (dequantize to the activation dtype, then torch's GEMM): the same,
   as in bf16 the dequantized weight is rounded to bf16 like any bf16 model's;
 - dequantization: bitwise equal to the reference's, rounded to the output dtype;
-- the decode fusions (Gated DeltaNet token, RMSNorm, one-query attention) as fp32 / bf16 outputs above, against
-  the model's own torch code (the attention reference in fp32); the recurrent state 1e-5 in fp32.
+- the decode fusions (a Gated DeltaNet token, an attention token, RMSNorm) as fp32 / bf16 outputs above, against
+  the model's own torch code; the recurrent state 1e-5 in fp32; conv state and value cache bitwise.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import torch.nn.functional as F
 
 from qwenlite.cache import make_cache
 from qwenlite.config import ModelConfig, preset_config
-from qwenlite.model import GatedDeltaNet, RMSNorm
+from qwenlite.model import Attention, GatedDeltaNet, RMSNorm
 from qwenlite.ops import kernels
 from qwenlite.ops import quant_matmul as qm
-from qwenlite.ops.attention import causal_attention
+from qwenlite.ops.rope import rope_cos_sin, rope_inv_freq
 from qwenlite.weights import load_checkpoint
 
 from helpers import random_ids, tiny_checkpoint
@@ -137,7 +137,7 @@ def test_quantized_kernels_refuse_what_they_cannot_do():
 
 def layer_config(**overrides) -> ModelConfig:
     """The 0.8B's layer shapes by default (hidden 1024, 16 x 128 delta-rule heads, 8 x 256 attention heads)."""
-    return preset_config("qwen3.5-0.8b", num_hidden_layers=1, vocab_size=64, **overrides)
+    return preset_config("qwen3.5-0.8b", **{"num_hidden_layers": 4, "vocab_size": 64, **overrides})
 
 
 def randomize(module: torch.nn.Module, gen: torch.Generator) -> None:
@@ -165,7 +165,7 @@ def test_gdn_decode_matches_the_layer(B, Hk, Hv, Dk, Dv, dtype):
     layer = GatedDeltaNet(config)
     randomize(layer, gen)
     layer = layer.to(dtype)
-    fast_cache, ref_cache = (make_cache(config, B, 8, dtype).layers[0] for _ in range(2))
+    fast_cache, ref_cache = (make_cache(config, B, 8, dtype).layers[0] for _ in range(2))  # layer 0: linear
     with torch.no_grad():
         for step in range(4):
             x = torch.randn(B, 1, config.hidden_size, generator=gen).to(dtype)
@@ -195,21 +195,36 @@ def test_rmsnorm_matches_reference(dtype):
             assert relative_error(fast, norm(view)) <= TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_attn_decode_matches_reference(dtype):
-    """One query per row against its own prefix: rows of different lengths, GQA (8 query heads on 2 kv heads)."""
-    gen = torch.Generator().manual_seed(1)
-    B, H, Hkv, Tmax, D = 3, 8, 2, 40, 256
-    k_cache = torch.randn(B, Hkv, Tmax, D, generator=gen).to(dtype)
-    v_cache = torch.randn(B, Hkv, Tmax, D, generator=gen).to(dtype)
-    q = torch.randn(B, H, D, generator=gen).to(dtype)
-    n_keys = torch.tensor([1, 17, 40])
-    assert kernels.attn_decode_ok(q, k_cache)
-    fast = kernels.attn_decode(q, k_cache, v_cache, n_keys, D**-0.5)
-    for b, n in enumerate(n_keys.tolist()):
-        ref = causal_attention(q[b : b + 1, :, None].float(), k_cache[b : b + 1, :, :n].float(),
-                               v_cache[b : b + 1, :, :n].float(), D**-0.5)  # fmt: skip
-        assert relative_error(fast[b], ref[0, :, 0]) <= TOLERANCE[dtype], b
+def test_attn_decode_matches_the_layer(dtype, gated):
+    """Decode steps through an attention layer (0.8B shapes: 8 query heads on 2 kv heads, head dim 256, rotary on
+    64 dims), fused vs its torch path, with rows at different positions: outputs and the written caches agree."""
+    config = layer_config(attn_output_gate=gated)
+    gen = torch.Generator().manual_seed(int(gated))
+    layer = Attention(config)
+    randomize(layer, gen)
+    layer = layer.to(dtype)
+    B, Tmax = 3, 40
+    inv_freq = rope_inv_freq(config.rotary_dim, config.rope_theta)
+    fast_cache, ref_cache = (make_cache(config, B, Tmax, dtype).layers[3] for _ in range(2))  # layer 3: full
+    for c in (fast_cache, ref_cache):  # the same random prefix in both
+        c.k.copy_(torch.randn(c.k.shape, generator=torch.Generator().manual_seed(2)))
+        c.v.copy_(torch.randn(c.v.shape, generator=torch.Generator().manual_seed(3)))
+    starts = [0, 17, 35]
+    with torch.no_grad():
+        for step in range(3):
+            x = torch.randn(B, 1, config.hidden_size, generator=gen).to(dtype)
+            start = [s + step for s in starts]
+            cos, sin = rope_cos_sin(torch.tensor(start)[:, None, None], inv_freq, dtype)  # (B, 1, 1, R)
+            layer.fast = True
+            assert kernels.attn_decode_ok(layer.q_proj(x), fast_cache.k, layer.q_norm.weight, layer.k_norm.weight)
+            fast = layer(x, cos, sin, fast_cache, start)
+            layer.fast = False
+            ref = layer(x, cos, sin, ref_cache, start)
+            assert relative_error(fast, ref) <= TOLERANCE[dtype], step
+            assert relative_error(fast_cache.k, ref_cache.k) <= TOLERANCE[dtype]
+            assert torch.equal(fast_cache.v, ref_cache.v)
 
 
 def logits_over_steps(model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:

@@ -49,6 +49,15 @@ class Linear(nn.Linear):
             return y.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
+    def kernel_fields(self) -> list[int] | None:
+        """This projection for kernels.decode_step, or None where no kernel takes it."""
+        w = self.weight
+        fmt = {torch.bfloat16: kernels.FMT_BF16, torch.float32: kernels.FMT_F32}.get(w.dtype)
+        if not self.fast or self.bias is not None or fmt is None or not w.is_contiguous() or w.device.type != "cpu":
+            return None
+        N, K = w.shape
+        return [fmt, w.data_ptr(), 0, 0, K, N, N, K]
+
 
 def set_fast(model: nn.Module, fast: bool) -> None:
     """Let every module use qwenlite's kernels where they apply (True), or force the pure-torch reference."""
@@ -178,7 +187,13 @@ class Attention(nn.Module):
         """`start`: the position of x's first token, one int for all rows or one per row."""
         B, T, _ = x.shape
         D = self.head_dim
-        q = self.q_proj(x).view(B, T, self.num_heads, -1)
+        qg = self.q_proj(x)
+        small = (self.q_norm.weight, self.k_norm.weight)
+        if cache is not None and self.fast and not needs_grad(x) and kernels.attn_decode_ok(qg, cache.k, *small):
+            pos = torch.tensor([start] * B if isinstance(start, int) else start)
+            o = kernels.attn_decode(self, qg, self.k_proj(x), self.v_proj(x), cos, sin, cache.k, cache.v, pos)
+            return self.o_proj(o)
+        q = qg.view(B, T, self.num_heads, -1)
         if self.gated:
             q, gate = q.split(D, dim=-1)  # per head: [query | gate]
         q = apply_rope(self.q_norm(q).transpose(1, 2), cos, sin)  # (B, H, T, D)
@@ -186,12 +201,6 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, D).transpose(1, 2)
         if cache is None:
             o = causal_attention(q, k, v, scale=D**-0.5)
-        elif T == 1 and self.fast and kernels.attn_decode_ok(q, cache.k):
-            pos = torch.tensor([start] * B if isinstance(start, int) else start)
-            rows = torch.arange(B)
-            cache.k[rows, :, pos] = k[:, :, 0]
-            cache.v[rows, :, pos] = v[:, :, 0]
-            o = kernels.attn_decode(q[:, :, 0], cache.k, cache.v, pos + 1, D**-0.5).unsqueeze(2)  # (B, H, 1, D)
         elif isinstance(start, int):
             cache.k[:, :, start : start + T] = k
             cache.v[:, :, start : start + T] = v
@@ -320,6 +329,12 @@ class Qwen3_5ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V) fp32, or only the last `logits_to_keep` positions: prefill
         needs one row, and the 248K-row head is the costliest matmul of a small model."""
+        if cache is not None and input_ids.shape[1] == 1 and not torch.is_grad_enabled():
+            from qwenlite.decode import decode_in_one_call
+
+            logits = decode_in_one_call(self, input_ids, cache)
+            if logits is not None:
+                return logits
         h = self.model(input_ids, cache)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]

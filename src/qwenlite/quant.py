@@ -134,6 +134,18 @@ class QuantLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def kernel_fields(self) -> list[int] | None:
+        """This projection for kernels.decode_step, or None where no kernel takes it."""
+        N, K, G = self.out_features, self.in_features, self.group_size
+        s = self.scale_tensor
+        if not self.fast or self.bias is not None or s.dtype not in kernels.ACT_DTYPES or G % 16:
+            return None
+        if not (self.qweight.is_contiguous() and s.is_contiguous() and s.device.type == "cpu"):
+            return None
+        fmt = kernels.FMT_INT8 if self.bits == 8 else kernels.FMT_INT4
+        Np = N if self.bits == 8 else qm.padded_rows(N)
+        return [fmt, self.qweight.data_ptr(), s.data_ptr(), int(s.dtype == torch.bfloat16), G, N, Np, K]
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, " \
                f"group_size={self.group_size}, fast={self.fast}"  # fmt: skip

@@ -28,54 +28,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-_c_int, _c_i64, _ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
+# Argument types, one letter each: P pointer, L int64, I int, F float (the C file's prototypes).
 SIGNATURES = {
-    "qk_gemv_bf16": [_ptr, _ptr, _ptr, _c_i64, _c_i64, _c_i64, _c_int],
-    "qk_gemv_int8": [_ptr, _ptr, _c_int, _c_i64, _ptr, _c_int, _ptr, _c_int, _c_i64, _c_i64, _c_i64, _c_int],
-    "qk_gemv_int4": [_ptr, _ptr, _c_int, _c_i64, _ptr, _c_int, _ptr, _c_int, _c_i64, _c_i64, _c_i64, _c_i64, _c_int],
-    "qk_dequant_int8": [_ptr, _ptr, _c_int, _c_i64, _c_i64, _c_i64, _c_i64, _ptr, _c_int, _c_int],
-    "qk_dequant_int4": [_ptr, _ptr, _c_int, _c_i64, _c_i64, _c_i64, _c_i64, _c_i64, _ptr, _c_int, _c_int],
-    "qk_rmsnorm": [_ptr, _c_i64, _ptr, _c_int, ctypes.c_float, _ptr, _c_int, _c_i64, _c_i64, _c_int],
-    "qk_gdn_decode": [
-        _ptr,
-        _ptr,
-        _ptr,
-        _c_i64,
-        _ptr,
-        _ptr,
-        _ptr,
-        _ptr,
-        _ptr,
-        _ptr,
-        _ptr,
-        ctypes.c_float,
-        _ptr,
-        _c_int,
-        _c_int,
-        _c_i64,
-        _c_i64,
-        _c_i64,
-        _c_i64,
-        _c_i64,
-        _c_int,
-    ],  # fmt: skip
-    "qk_attn_decode": [
-        _ptr,
-        _ptr,
-        _ptr,
-        _ptr,
-        ctypes.c_float,
-        _ptr,
-        _c_int,
-        _c_i64,
-        _c_i64,
-        _c_i64,
-        _c_i64,
-        _c_i64,
-        _c_int,
-    ],  # fmt: skip
-    "qk_read": [_ptr, _c_i64, _c_int],
+    "qk_gemv_bf16": "PPPLLLI",
+    "qk_gemv_int8": "PPILPIPILLLI",
+    "qk_gemv_int4": "PPILPIPILLLLI",
+    "qk_dequant_int8": "PPILLLLPII",
+    "qk_dequant_int4": "PPILLLLLPII",
+    "qk_rmsnorm": "PLPIFPILLI",
+    "qk_gdn_decode": "PPPLPPPPPPPFPIILLLLLI",
+    "qk_attn_decode": "PPPPPFPPLPPPPIIILLLLLI",
+    "qk_read": "PLI",
+    "qk_gemv_f32": "PPPLLLI",
+    "qk_decode_step": "PPPPI",
 }
+CTYPES = {"P": ctypes.c_void_p, "L": ctypes.c_int64, "I": ctypes.c_int, "F": ctypes.c_float}
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off"]
 MAX_ROWS = 8  # activation rows up to which a GEMV beats dequantize-then-GEMM (measured on the 0.8B's shapes)
 DEQUANT_ROWS = 16384  # rows of a quantized W dequantized at a time for a GEMM: bounds the temporary (32 MB at K 1024)
@@ -121,10 +88,15 @@ def library() -> ctypes.CDLL | None:
         return None
     if not lib.qk_simd():
         return None  # built, but this CPU lacks AVX-512 BF16: torch's kernels are the fast path here
-    for name, argtypes in SIGNATURES.items():
-        getattr(lib, name).argtypes = argtypes
+    for name, letters in SIGNATURES.items():
+        getattr(lib, name).argtypes = [CTYPES[c] for c in letters]
         getattr(lib, name).restype = None
     lib.qk_read.restype = ctypes.c_float
+    lib.qk_plan_fields.restype = ctypes.c_int
+    lib.qk_plan_fields.argtypes = [ctypes.c_int]
+    got = tuple(lib.qk_plan_fields(i) for i in range(3))
+    if got != (LIN_FIELDS, LAYER_FIELDS, MODEL_FIELDS):  # the C enums and the lists below must agree
+        raise AssertionError(f"decode plan layout: C has {got}, kernels.py {(LIN_FIELDS, LAYER_FIELDS, MODEL_FIELDS)}")
     return lib
 
 
@@ -267,7 +239,7 @@ def rows_stride(x: torch.Tensor) -> int | None:
 
 def rmsnorm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.dtype in ACT_DTYPES and weight.dtype in ACT_DTYPES and x.device.type == "cpu" and x.numel() > 0
-            and rows_stride(x) is not None and _plain(weight) and available())  # fmt: skip
+            and x.shape[-1] % 16 == 0 and rows_stride(x) is not None and _plain(weight) and available())  # fmt: skip
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -280,8 +252,10 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def gdn_decode_ok(qkv: torch.Tensor, state: torch.Tensor, *small: torch.Tensor) -> bool:
-    """Inputs of one token (T == 1) in one activation dtype, the small weights all in one dtype, the fp32 state."""
+    """Inputs of one token (T == 1) in one activation dtype, the small weights all in one dtype, the fp32 state,
+    head dims multiples of 16."""
     return (qkv.dim() == 3 and qkv.shape[1] == 1 and qkv.dtype in ACT_DTYPES and state.dtype == torch.float32
+            and state.shape[-1] % 16 == 0 and state.shape[-2] % 16 == 0
             and len({t.dtype for t in small}) == 1 and small[0].dtype in ACT_DTYPES
             and _plain(qkv, state, *small) and available())  # fmt: skip
 
@@ -305,21 +279,50 @@ def gdn_decode(layer: torch.nn.Module, qkv: torch.Tensor, a: torch.Tensor, b: to
     return out
 
 
-def attn_decode_ok(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    return q.dtype == k_cache.dtype and q.dtype in ACT_DTYPES and _plain(k_cache) and available()
+def attn_decode_ok(qg: torch.Tensor, k_cache: torch.Tensor, *small: torch.Tensor) -> bool:
+    """One token (T == 1) in the caches' dtype, the norm weights in one dtype, head dim a multiple of 16."""
+    return (qg.dim() == 3 and qg.shape[1] == 1 and qg.dtype == k_cache.dtype and qg.dtype in ACT_DTYPES
+            and k_cache.shape[-1] % 16 == 0 and len({t.dtype for t in small}) == 1 and small[0].dtype in ACT_DTYPES
+            and _plain(qg, k_cache, *small) and available())  # fmt: skip
 
 
-def attn_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, n_keys: torch.Tensor,
-                scale: float) -> torch.Tensor:  # fmt: skip
-    """q (B, H, D), one query per row; caches (B, Hkv, Tmax, D); row b attends to its first n_keys[b] keys.
-    Returns (B, H, D) in q's dtype; needs `attn_decode_ok`."""
-    q = q.contiguous()
-    B, H, D = q.shape
-    out = torch.empty_like(q)
-    n_keys = n_keys.to(torch.int64).contiguous()
-    library().qk_attn_decode(_p(q), _p(k_cache), _p(v_cache), _p(n_keys), scale, _p(out), _is_bf16(q), B, H,
-                             k_cache.shape[1], k_cache.shape[2], D, torch.get_num_threads())  # fmt: skip
+def attn_decode(layer: torch.nn.Module, qg: torch.Tensor, kx: torch.Tensor, vx: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                pos: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """model.Attention between its projections and o_proj for one token: qg = q_proj(x) (B, 1, H * 2D or H * D),
+    kx, vx (B, 1, Hkv * D); cos, sin as TextModel computes them for this step; row b sits at position pos[b]
+    (its key and value are written there). Returns (B, 1, H * D); needs `attn_decode_ok`."""
+    B = qg.shape[0]
+    H, Hkv, D = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    R = cos.shape[-1]
+    cos, sin = (t.reshape(-1, R).expand(B, R).contiguous() for t in (cos, sin))
+    out = torch.empty(B, 1, H * D, dtype=qg.dtype)
+    pos = pos.to(torch.int64).contiguous()
+    library().qk_attn_decode(
+        _p(qg), _p(kx.contiguous()), _p(vx.contiguous()), _p(layer.q_norm.weight), _p(layer.k_norm.weight),
+        layer.q_norm.eps, _p(cos), _p(sin), R, _p(pos), _p(k_cache), _p(v_cache), _p(out), int(layer.gated),
+        _is_bf16(qg), _is_bf16(layer.q_norm.weight), B, H, Hkv, k_cache.shape[2], D, torch.get_num_threads(),
+    )  # fmt: skip
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole decode step (qk_decode_step): the model described as int64 arrays, in the C file's field orders.
+
+FMT_BF16, FMT_F32, FMT_INT8, FMT_INT4 = range(4)
+LIN_FIELDS = 8  # fmt, weight, scales, scales bf16, group size, N, padded N, K
+LAYER_FIELDS = 3 + 8 * LIN_FIELDS + 6  # kind, in norm, post norm, 8 linears, 6 layer-kind tensors
+MODEL_FIELDS = 22 + LIN_FIELDS + 1  # the C enum M_*: 22 scalars and pointers, the head, the vocabulary size
+
+
+def decode_step(model_fields: list[int], layers: torch.Tensor, x: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Run every layer for one token per row: x (B, hidden) embeddings, overwritten with the final normed hidden
+    states; layers (n_layers, LAYER_FIELDS) int64; returns the logits (B, vocab) in x's dtype. The caller keeps every
+    tensor the fields point at alive (decode.py)."""
+    m = torch.tensor(model_fields, dtype=torch.int64)
+    logits = torch.empty(x.shape[0], vocab, dtype=x.dtype)
+    library().qk_decode_step(_p(m), _p(layers), _p(x), _p(logits), torch.get_num_threads())
+    return logits
 
 
 def read_memory(buf: torch.Tensor) -> float:

@@ -8,7 +8,8 @@
  *   qk_gdn_decode   a Gated DeltaNet layer's token between projections           twin: model.GatedDeltaNet (torch path)
  *                   (conv, SiLU, L2 norms, gates, delta rule in one pass over the state, gated RMSNorm)
  *   qk_rmsnorm      zero-centred RMSNorm                                          twin: model.RMSNorm (torch path)
- *   qk_attn_decode  one query per row over its cached keys                        twin: attention.causal_attention
+ *   qk_attn_decode  an attention layer's token between projections                twin: model.Attention (torch path)
+ *                   (q/k norms, rotary, cache write, attention over the prefix, output gate)
  *   qk_read         reads memory as a GEMV does, for `qwenlite bench`'s bandwidth figure
  *
  * The GEMVs are for few activation rows (decode, batched decode): each pass streams the weights once for up to
@@ -80,7 +81,7 @@ static const float *stage_f32(const void *x, int x_bf16, int64_t n) {
     return xbuf;
 }
 
-static inline int threads_for(int nthreads, int64_t work) { return work < (1 << 15) ? 1 : nthreads; }
+static inline int threads_for(int nthreads, int64_t work) { return work < (1 << 18) ? 1 : nthreads; }
 
 /* ------------------------------------------------------------------------------------------------------------ */
 /* bf16 weights: x bf16 (M, K), W (N, K), y bf16 (M, N) */
@@ -321,57 +322,109 @@ void qk_dequant_int4(const uint8_t *P, const void *sz, int s_bf16, int64_t G, in
 /* ------------------------------------------------------------------------------------------------------------ */
 /* Decode-step fusions: what the model's torch code does for one token in dozens of small ops, in one call.
  * `act_bf16`: activations (and caches) bf16, else fp32; `w_bf16`: the small weights (norms, conv, A_log, dt_bias)
- * bf16, else fp32. Roundings to the activation dtype happen where the torch code rounds. */
+ * bf16, else fp32. Roundings to the activation dtype happen where the torch code rounds. Every vector length
+ * (head dims, channels) is a multiple of 16; the Python side checks. Each body is written once with the dtypes
+ * as compile-time constants (ABF, WBF) and instantiated for the combinations. */
 
-static inline float act_load(const void *p, int bf16, int64_t i) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+static inline float ld1(const void *p, int64_t i, const int bf) {
+    return bf ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-static inline float act_round(float v, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
+static inline __m512 ld16(const void *p, int64_t i, const int bf) {
+    return bf ? cvt_bf16x16(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))) : _mm512_loadu_ps((const float *)p + i);
+}
 
-static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+static inline void st16(void *p, int64_t i, __m512 v, const int bf) {
+    if (bf)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), (__m256i)_mm512_cvtneps_pbh(v));
+    else
+        _mm512_storeu_ps((float *)p + i, v);
+}
+
+static inline __m512 round16(__m512 v, const int bf) { return bf ? cvt_bf16x16((__m256i)_mm512_cvtneps_pbh(v)) : v; }
+
+/* e^x, Cephes' polynomial with AVX-512 scalef; relative error ~1e-7 */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.37626f)), _mm512_set1_ps(-88.37626f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 silu16(__m512 x) {
+    return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+static inline float sumsq(const float *x, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i), acc);
+    return _mm512_reduce_add_ps(acc);
+}
 
 /* Zero-centred RMSNorm, x_hat * (1 + w), over rows of D at a stride of `ld` elements -> out (M, D) contiguous.
  * Twin: model.RMSNorm's torch path. */
-void qk_rmsnorm(const void *x, int64_t ld, const void *w, int w_bf16, float eps, void *out, int act_bf16, int64_t M,
-                int64_t D, int nthreads) {
+static inline __attribute__((always_inline)) void rmsnorm_impl(const void *x, int64_t ld, const void *w, float eps,
+                                                               void *out, int64_t M, int64_t D, int nthreads,
+                                                               const int ABF, const int WBF) {
 #pragma omp parallel for schedule(static) num_threads(threads_for(nthreads, M * D * 8))
     for (int64_t m = 0; m < M; m++) {
-        float ss = 0.0f;
-        for (int64_t i = 0; i < D; i++) {
-            const float v = act_load(x, act_bf16, m * ld + i);
-            ss += v * v;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < D; i += 16) {
+            const __m512 v = ld16(x, m * ld + i, ABF);
+            acc = _mm512_fmadd_ps(v, v, acc);
         }
-        const float r = 1.0f / sqrtf(ss / (float)D + eps);
-        for (int64_t i = 0; i < D; i++)
-            store_out(out, act_bf16, m * D + i, act_load(x, act_bf16, m * ld + i) * r * (1.0f + act_load(w, w_bf16, i)));
+        const __m512 r = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)D + eps));
+        for (int64_t i = 0; i < D; i += 16) {
+            const __m512 scale = _mm512_add_ps(_mm512_set1_ps(1.0f), ld16(w, i, WBF));
+            st16(out, m * D + i, _mm512_mul_ps(_mm512_mul_ps(ld16(x, m * ld + i, ABF), r), scale), ABF);
+        }
     }
 }
 
+void qk_rmsnorm(const void *x, int64_t ld, const void *w, int w_bf16, float eps, void *out, int act_bf16, int64_t M,
+                int64_t D, int nthreads) {
+    if (act_bf16 && w_bf16) rmsnorm_impl(x, ld, w, eps, out, M, D, nthreads, 1, 1);
+    else if (act_bf16) rmsnorm_impl(x, ld, w, eps, out, M, D, nthreads, 1, 0);
+    else if (w_bf16) rmsnorm_impl(x, ld, w, eps, out, M, D, nthreads, 0, 1);
+    else rmsnorm_impl(x, ld, w, eps, out, M, D, nthreads, 0, 0);
+}
+
 /* The gated delta rule for one token on one head, in place: S = exp(g) S; d = beta (v - S^T k); S = S + k d^T;
- * o = S^T q. S (Dk, Dv) is read twice (the second time from cache) and written once. */
+ * o = S^T q. S (Dk, Dv) is read twice (the second time from cache) and written once, 64 columns at a time. */
 static void delta_step(float *s, const float *q, const float *k, const float *v, float g, float beta, float *o,
                        int64_t Dk, int64_t Dv) {
-    const float decay = expf(g);
-    float d[Dv];
-    for (int64_t j = 0; j < Dv; j++) d[j] = 0.0f;
-    for (int64_t i = 0; i < Dk; i++) {
-        const float ki = k[i] * decay;
-#pragma omp simd
-        for (int64_t j = 0; j < Dv; j++) d[j] += s[i * Dv + j] * ki;
-    }
-    for (int64_t j = 0; j < Dv; j++) {
-        d[j] = beta * (v[j] - d[j]);
-        o[j] = 0.0f;
-    }
-    for (int64_t i = 0; i < Dk; i++) {
-        const float ki = k[i], qi = q[i];
-#pragma omp simd
-        for (int64_t j = 0; j < Dv; j++) {
-            const float x = s[i * Dv + j] * decay + ki * d[j];
-            s[i * Dv + j] = x;
-            o[j] += x * qi;
+    const __m512 decay = _mm512_set1_ps(expf(g)), bt = _mm512_set1_ps(beta);
+    for (int64_t j0 = 0; j0 < Dv; j0 += 64) {
+        const int nb = (int)((Dv - j0) / 16 < 4 ? (Dv - j0) / 16 : 4);
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t i = 0; i < Dk; i++) {
+            const __m512 ki = _mm512_set1_ps(k[i]);
+            for (int c = 0; c < nb; c++) acc[c] = _mm512_fmadd_ps(_mm512_loadu_ps(s + i * Dv + j0 + 16 * c), ki, acc[c]);
         }
+        __m512 d[4], oa[4];
+        for (int c = 0; c < nb; c++) { /* d = beta (v - decay S^T k) */
+            d[c] = _mm512_mul_ps(bt, _mm512_sub_ps(_mm512_loadu_ps(v + j0 + 16 * c), _mm512_mul_ps(decay, acc[c])));
+            oa[c] = _mm512_setzero_ps();
+        }
+        for (int64_t i = 0; i < Dk; i++) {
+            const __m512 ki = _mm512_set1_ps(k[i]), qi = _mm512_set1_ps(q[i]);
+            for (int c = 0; c < nb; c++) {
+                float *p = s + i * Dv + j0 + 16 * c;
+                const __m512 x = _mm512_fmadd_ps(ki, d[c], _mm512_mul_ps(_mm512_loadu_ps(p), decay));
+                _mm512_storeu_ps(p, x);
+                oa[c] = _mm512_fmadd_ps(x, qi, oa[c]);
+            }
+        }
+        for (int c = 0; c < nb; c++) _mm512_storeu_ps(o + j0 + 16 * c, oa[c]);
     }
 }
 
@@ -380,32 +433,29 @@ static void delta_step(float *s, const float *q, const float *k, const float *v,
  *   qkv (B, C) act, C = 2 Hk Dk + Hv Dv      -> causal conv with conv_state (B, Kc-1, C) act (updated), SiLU
  *   q, k L2-normalised per key head (q times Dk^-1/2); beta = sigmoid(b); g = -exp(A_log) softplus(a + dt_bias)
  *   state (B, Hv, Dk, Dv) fp32 updated;  o -> act;  out = w * rms(o) * silu(z) per value head, (B, Hv Dv) act */
-void qk_gdn_decode(const void *qkv, void *conv_state, const void *conv_w, int64_t Kc, const void *a, const void *bp,
-                   const void *A_log, const void *dt_bias, float *state, const void *z, const void *norm_w, float eps,
-                   void *out, int act_bf16, int w_bf16, int64_t B, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv,
-                   int nthreads) {
+static inline __attribute__((always_inline)) void gdn_decode_impl(
+    const void *qkv, void *conv_state, const void *conv_w, int64_t Kc, const void *a, const void *bp,
+    const void *A_log, const void *dt_bias, float *state, const void *z, const void *norm_w, float eps, void *out,
+    int64_t B, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, int nthreads, const int ABF, const int WBF) {
     const int64_t C = 2 * Hk * Dk + Hv * Dv, rep = Hv / Hk;
-    float *xs = malloc(sizeof(float) * (size_t)(B * C));
+    float *xs = aligned_alloc(64, sizeof(float) * (size_t)(B * C));
     for (int64_t b = 0; b < B; b++) {
         float *xb = xs + b * C;
-        const int64_t cs = b * (Kc - 1) * C; /* this row's conv state: (Kc-1, C) */
+        const int64_t cs = b * (Kc - 1) * C; /* this row's conv state: (Kc-1, C), oldest input first */
         for (int64_t c = 0; c < C; c++) {
-            const float now = act_load(qkv, act_bf16, b * C + c);
-            float acc = Kc > 1 ? act_load(conv_state, act_bf16, cs + c) * act_load(conv_w, w_bf16, c * Kc) : now * act_load(conv_w, w_bf16, c * Kc);
-            for (int64_t j = 1; j < Kc; j++) {
-                const float in = j < Kc - 1 ? act_load(conv_state, act_bf16, cs + j * C + c) : now;
-                acc += in * act_load(conv_w, w_bf16, c * Kc + j);
-            }
-            xb[c] = silu(acc);
-            for (int64_t j = 0; j + 1 < Kc - 1; j++) /* shift the window; the newest input goes last */
-                store_out(conv_state, act_bf16, cs + j * C + c, act_load(conv_state, act_bf16, cs + (j + 1) * C + c));
-            if (Kc > 1) store_out(conv_state, act_bf16, cs + (Kc - 2) * C + c, now);
+            float acc = 0.0f;
+            for (int64_t j = 0; j < Kc - 1; j++) acc += ld1(conv_state, cs + j * C + c, ABF) * ld1(conv_w, c * Kc + j, WBF);
+            xb[c] = acc + ld1(qkv, b * C + c, ABF) * ld1(conv_w, c * Kc + Kc - 1, WBF);
+        }
+        for (int64_t c = 0; c < C; c += 16) { /* SiLU; shift the window, the newest input last */
+            _mm512_storeu_ps(xb + c, silu16(_mm512_loadu_ps(xb + c)));
+            for (int64_t j = 0; j + 1 < Kc - 1; j++) st16(conv_state, cs + j * C + c, ld16(conv_state, cs + (j + 1) * C + c, ABF), ABF);
+            if (Kc > 1) st16(conv_state, cs + (Kc - 2) * C + c, ld16(qkv, b * C + c, ABF), ABF);
         }
         for (int64_t h = 0; h < 2 * Hk; h++) { /* q heads, then k heads */
-            float *v = xb + h * Dk, ss = 0.0f;
-            for (int64_t i = 0; i < Dk; i++) ss += v[i] * v[i];
-            const float r = 1.0f / sqrtf(ss + 1e-6f) * (h < Hk ? 1.0f / sqrtf((float)Dk) : 1.0f);
-            for (int64_t i = 0; i < Dk; i++) v[i] *= r;
+            float *v = xb + h * Dk;
+            const float r = 1.0f / sqrtf(sumsq(v, Dk) + 1e-6f) * (h < Hk ? 1.0f / sqrtf((float)Dk) : 1.0f);
+            for (int64_t i = 0; i < Dk; i += 16) _mm512_storeu_ps(v + i, _mm512_mul_ps(_mm512_loadu_ps(v + i), _mm512_set1_ps(r)));
         }
     }
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads_for(nthreads, B * Hv * Dk * Dv))
@@ -413,58 +463,269 @@ void qk_gdn_decode(const void *qkv, void *conv_state, const void *conv_w, int64_
         for (int64_t h = 0; h < Hv; h++) {
             const float *xb = xs + b * C;
             const float *q = xb + (h / rep) * Dk, *k = xb + Hk * Dk + (h / rep) * Dk, *v = xb + 2 * Hk * Dk + h * Dv;
-            const float beta = 1.0f / (1.0f + expf(-act_load(bp, act_bf16, b * Hv + h)));
-            const float u = act_load(a, act_bf16, b * Hv + h) + act_load(dt_bias, w_bf16, h);
-            const float g = -expf(act_load(A_log, w_bf16, h)) * (u > 20.0f ? u : log1pf(expf(u)));
-            float o[Dv];
+            const float beta = 1.0f / (1.0f + expf(-ld1(bp, b * Hv + h, ABF)));
+            const float u = ld1(a, b * Hv + h, ABF) + ld1(dt_bias, h, WBF);
+            const float g = -expf(ld1(A_log, h, WBF)) * (u > 20.0f ? u : log1pf(expf(u)));
+            float o[Dv] __attribute__((aligned(64)));
             delta_step(state + (b * Hv + h) * Dk * Dv, q, k, v, g, beta, o, Dk, Dv);
-            float ss = 0.0f;
-            for (int64_t j = 0; j < Dv; j++) {
-                o[j] = act_round(o[j], act_bf16);
-                ss += o[j] * o[j];
-            }
-            const float r = 1.0f / sqrtf(ss / (float)Dv + eps);
-            for (int64_t j = 0; j < Dv; j++) {
-                const float xh = act_round(o[j] * r, act_bf16);
-                const float wx = act_round(act_load(norm_w, w_bf16, j) * xh, act_bf16 && w_bf16);
+            for (int64_t j = 0; j < Dv; j += 16) _mm512_storeu_ps(o + j, round16(_mm512_loadu_ps(o + j), ABF));
+            const __m512 r = _mm512_set1_ps(1.0f / sqrtf(sumsq(o, Dv) / (float)Dv + eps));
+            for (int64_t j = 0; j < Dv; j += 16) {
                 const int64_t i = (b * Hv + h) * Dv + j;
-                store_out(out, act_bf16, i, wx * silu(act_load(z, act_bf16, i)));
+                const __m512 xh = round16(_mm512_mul_ps(_mm512_loadu_ps(o + j), r), ABF);
+                const __m512 wx = round16(_mm512_mul_ps(ld16(norm_w, j, WBF), xh), ABF && WBF);
+                st16(out, i, _mm512_mul_ps(wx, silu16(ld16(z, i, ABF))), ABF);
             }
         }
     free(xs);
 }
 
-/* Attention for one query per row over its cached prefix: row b's query sees keys [0, n_keys[b]). Query head h
- * reads key/value head h / (H / Hkv). q (B, H, D) act; k, v caches (B, Hkv, Tmax, D) act; out (B, H, D) act.
- * Twin: ops/attention.causal_attention with Tq == 1. */
-void qk_attn_decode(const void *q, const void *kc, const void *vc, const int64_t *n_keys, float scale, void *out,
-                    int act_bf16, int64_t B, int64_t H, int64_t Hkv, int64_t Tmax, int64_t D, int nthreads) {
-    const int64_t rep = H / Hkv;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads_for(nthreads, B * H * n_keys[0] * D))
+void qk_gdn_decode(const void *qkv, void *conv_state, const void *conv_w, int64_t Kc, const void *a, const void *bp,
+                   const void *A_log, const void *dt_bias, float *state, const void *z, const void *norm_w, float eps,
+                   void *out, int act_bf16, int w_bf16, int64_t B, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv,
+                   int nthreads) {
+#define GDN_ARGS qkv, conv_state, conv_w, Kc, a, bp, A_log, dt_bias, state, z, norm_w, eps, out, B, Hk, Hv, Dk, Dv, nthreads
+    if (act_bf16 && w_bf16) gdn_decode_impl(GDN_ARGS, 1, 1);
+    else if (act_bf16) gdn_decode_impl(GDN_ARGS, 1, 0);
+    else if (w_bf16) gdn_decode_impl(GDN_ARGS, 0, 1);
+    else gdn_decode_impl(GDN_ARGS, 0, 0);
+#undef GDN_ARGS
+}
+
+/* One head's vector: zero-centred RMSNorm with weight w, then rotary embedding on the first R dims (half-split
+ * layout) with this row's cos and sin (R values, act dtype), rounding to the activation dtype where the torch
+ * code does. x (D) fp32 in place. */
+static inline __attribute__((always_inline)) void norm_rope(float *x, const void *w, float eps, const void *cos,
+                                                            const void *sin, int64_t R, int64_t D, const int ABF,
+                                                            const int WBF) {
+    const __m512 r = _mm512_set1_ps(1.0f / sqrtf(sumsq(x, D) / (float)D + eps));
+    for (int64_t i = 0; i < D; i += 16) {
+        const __m512 scale = _mm512_add_ps(_mm512_set1_ps(1.0f), ld16(w, i, WBF));
+        _mm512_storeu_ps(x + i, round16(_mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), r), scale), ABF));
+    }
+    for (int64_t i = 0; i < R / 2; i++) {
+        const float c = ld1(cos, i, ABF), s = ld1(sin, i, ABF);
+        const float x1 = x[i], x2 = x[i + R / 2];
+#define RND(v) (ABF ? bf16_to_f32(f32_to_bf16(v)) : (v))
+        x[i] = RND(RND(x1 * c) + RND(-x2 * s));
+        x[i + R / 2] = RND(RND(x2 * c) + RND(x1 * s));
+#undef RND
+    }
+}
+
+/* One token of a gated attention layer between its projections and o_proj, for B rows, row b at position pos[b]
+ * with rotary cos and sin (B, R) act.
+ * Twin: the torch path of model.Attention.forward with a cache and T == 1.
+ *   qg (B, H * 2D) act, per head [query | gate] (gated) or (B, H * D); kx, vx (B, Hkv * D) act
+ *   q, k: per-head RMSNorm (q_w, k_w) and rotary on the first R dims; k, v written to the caches (B, Hkv, Tmax, D)
+ *   at pos[b]; each query head h attends over keys [0, pos[b]] of kv head h / (H / Hkv), scale D^-1/2;
+ *   out (B, H * D) act, times sigmoid(gate) when gated. */
+static inline __attribute__((always_inline)) void attn_decode_impl(
+    const void *qg, const void *kx, const void *vx, const void *q_w, const void *k_w, float eps,
+    const void *cos, const void *sin, int64_t R, const int64_t *pos, void *kc, void *vc, void *out, int gated, int64_t B,
+    int64_t H, int64_t Hkv, int64_t Tmax, int64_t D, int nthreads, const int ABF, const int WBF) {
+    const int64_t rep = H / Hkv, qstride = gated ? 2 * D : D;
+    const size_t esz = ABF ? 2 : 4;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < Hkv; h++) {
+            float k[D] __attribute__((aligned(64)));
+            const int64_t src = (b * Hkv + h) * D, dst = ((b * Hkv + h) * Tmax + pos[b]) * D;
+            for (int64_t i = 0; i < D; i += 16) _mm512_storeu_ps(k + i, ld16(kx, src + i, ABF));
+            norm_rope(k, k_w, eps, (const char *)cos + b * R * esz, (const char *)sin + b * R * esz, R, D, ABF, WBF);
+            for (int64_t i = 0; i < D; i += 16) st16(kc, dst + i, _mm512_loadu_ps(k + i), ABF);
+            memcpy((char *)vc + dst * esz, (const char *)vx + src * esz, D * esz);
+        }
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads_for(nthreads, B * H * (pos[0] + 1) * D * 16))
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < H; h++) {
-            const int64_t L = n_keys[b], base = (b * Hkv + h / rep) * Tmax * D;
-            float qf[D], acc[D];
-            float *p = malloc(sizeof(float) * (size_t)L);
-            for (int64_t i = 0; i < D; i++) {
-                qf[i] = act_load(q, act_bf16, (b * H + h) * D + i);
-                acc[i] = 0.0f;
+            const int64_t L = pos[b] + 1, base = (b * Hkv + h / rep) * Tmax * D, qoff = (b * H + h) * qstride;
+            float q[D] __attribute__((aligned(64))), acc[D] __attribute__((aligned(64)));
+            for (int64_t i = 0; i < D; i += 16) _mm512_storeu_ps(q + i, ld16(qg, qoff + i, ABF));
+            norm_rope(q, q_w, eps, (const char *)cos + b * R * esz, (const char *)sin + b * R * esz, R, D, ABF, WBF);
+            const __m512 scale = _mm512_set1_ps(1.0f / sqrtf((float)D));
+            for (int64_t i = 0; i < D; i += 16) {
+                _mm512_store_ps(q + i, _mm512_mul_ps(_mm512_load_ps(q + i), scale));
+                _mm512_store_ps(acc + i, _mm512_setzero_ps());
             }
+            float *p = malloc(sizeof(float) * (size_t)L);
             float mx = -INFINITY, sum = 0.0f;
             for (int64_t t = 0; t < L; t++) {
-                float sc = 0.0f;
-                for (int64_t i = 0; i < D; i++) sc += qf[i] * act_load(kc, act_bf16, base + t * D + i);
-                p[t] = sc * scale;
+                __m512 sc = _mm512_setzero_ps();
+                for (int64_t i = 0; i < D; i += 16) sc = _mm512_fmadd_ps(_mm512_load_ps(q + i), ld16(kc, base + t * D + i, ABF), sc);
+                p[t] = _mm512_reduce_add_ps(sc);
                 mx = p[t] > mx ? p[t] : mx;
             }
             for (int64_t t = 0; t < L; t++) {
                 p[t] = expf(p[t] - mx);
                 sum += p[t];
-                for (int64_t i = 0; i < D; i++) acc[i] += p[t] * act_load(vc, act_bf16, base + t * D + i);
+                const __m512 pt = _mm512_set1_ps(p[t]);
+                for (int64_t i = 0; i < D; i += 16)
+                    _mm512_store_ps(acc + i, _mm512_fmadd_ps(pt, ld16(vc, base + t * D + i, ABF), _mm512_load_ps(acc + i)));
             }
-            for (int64_t i = 0; i < D; i++) store_out(out, act_bf16, (b * H + h) * D + i, acc[i] / sum);
             free(p);
+            const __m512 inv = _mm512_set1_ps(1.0f / sum);
+            for (int64_t i = 0; i < D; i += 16) {
+                __m512 o = round16(_mm512_mul_ps(_mm512_load_ps(acc + i), inv), ABF);
+                if (gated) {
+                    const __m512 gate = ld16(qg, qoff + D + i, ABF);
+                    const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate))));
+                    o = _mm512_mul_ps(o, round16(sig, ABF));
+                }
+                st16(out, (b * H + h) * D + i, o, ABF);
+            }
         }
+}
+
+void qk_attn_decode(const void *qg, const void *kx, const void *vx, const void *q_w, const void *k_w, float eps,
+                    const void *cos, const void *sin, int64_t R, const int64_t *pos, void *kc, void *vc, void *out,
+                    int gated, int act_bf16, int w_bf16, int64_t B, int64_t H, int64_t Hkv, int64_t Tmax, int64_t D, int nthreads) {
+#define ATTN_ARGS qg, kx, vx, q_w, k_w, eps, cos, sin, R, pos, kc, vc, out, gated, B, H, Hkv, Tmax, D, nthreads
+    if (act_bf16 && w_bf16) attn_decode_impl(ATTN_ARGS, 1, 1);
+    else if (act_bf16) attn_decode_impl(ATTN_ARGS, 1, 0);
+    else if (w_bf16) attn_decode_impl(ATTN_ARGS, 0, 1);
+    else attn_decode_impl(ATTN_ARGS, 0, 0);
+#undef ATTN_ARGS
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* fp32 weights (fp32 models: tests, training checkpoints): x, y fp32 */
+
+static inline __attribute__((always_inline)) void f32_row(const float *w, const float *x, float *y, int64_t n,
+                                                          int64_t N, int64_t K, const int MC) {
+    __m512 acc[MB][2];
+    for (int m = 0; m < MC; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m512 w0 = _mm512_loadu_ps(w + k), w1 = _mm512_loadu_ps(w + k + 16);
+        for (int m = 0; m < MC; m++) {
+            acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + k), acc[m][0]);
+            acc[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + k + 16), acc[m][1]);
+        }
+    }
+    for (; k < K; k += 16) {
+        __mmask16 mask = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
+        __m512 w0 = _mm512_maskz_loadu_ps(mask, w + k);
+        for (int m = 0; m < MC; m++) acc[m][0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(mask, x + m * K + k), acc[m][0]);
+    }
+    for (int m = 0; m < MC; m++) y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+}
+
+void qk_gemv_f32(const float *W, const float *x, float *y, int64_t M, int64_t N, int64_t K, int nthreads) {
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+        const int mc = (int)(M - m0 < MB ? M - m0 : MB);
+#pragma omp parallel for schedule(static) num_threads(threads_for(nthreads, N * K))
+        for (int64_t n = 0; n < N; n++) {
+            switch (mc) {
+            case 1: f32_row(W + n * K, x + m0 * K, y + m0 * N, n, N, K, 1); break;
+            case 2: f32_row(W + n * K, x + m0 * K, y + m0 * N, n, N, K, 2); break;
+            case 3: f32_row(W + n * K, x + m0 * K, y + m0 * N, n, N, K, 3); break;
+            default: f32_row(W + n * K, x + m0 * K, y + m0 * N, n, N, K, 4); break;
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* A whole decode step in one call: every layer of the model for B rows of one token each, with the kernels above,
+ * so that a token costs no Python. Twin: Qwen3_5ForCausalLM.forward with a cache and T == 1 (module by module).
+ * The model is described by int64 arrays that kernels.py fills (field orders below, checked by qk_plan_fields). */
+
+enum { LIN_FMT, LIN_W, LIN_S, LIN_S_BF16, LIN_G, LIN_N, LIN_NP, LIN_K, LIN_FIELDS }; /* one linear layer */
+enum { FMT_BF16, FMT_F32, FMT_INT8, FMT_INT4 };
+
+/* per layer: kind, norms, then 5 linears (qkv/q, z/k, a/v, b/-, out/o), 3 MLP linears, then layer-kind tensors */
+enum {
+    L_KIND, L_IN_NORM, L_POST_NORM,
+    L_LIN0, L_LIN1 = L_LIN0 + LIN_FIELDS, L_LIN2 = L_LIN1 + LIN_FIELDS, L_LIN3 = L_LIN2 + LIN_FIELDS,
+    L_LIN4 = L_LIN3 + LIN_FIELDS, L_GATE = L_LIN4 + LIN_FIELDS, L_UP = L_GATE + LIN_FIELDS, L_DOWN = L_UP + LIN_FIELDS,
+    L_T0 = L_DOWN + LIN_FIELDS, L_T1, L_T2, L_T3, L_T4, L_T5, L_FIELDS
+};
+/* linear attention: LIN0..4 = in_proj_qkv, in_proj_z, in_proj_a, in_proj_b, out_proj;
+ *   T0..T3 = conv weight, A_log, dt_bias, gated-norm weight; T4, T5 = conv state, recurrent state
+ * full attention: LIN0..2 = q_proj, k_proj, v_proj, LIN4 = o_proj; T0, T1 = q_norm, k_norm; T4, T5 = k, v caches */
+
+/* model-wide: */
+enum {
+    M_ACT_BF16, M_W_BF16, M_B, M_HIDDEN, M_INTER, M_LAYERS, M_EPS_E9, /* eps * 1e9, an integer */
+    M_HK, M_HV, M_DK, M_DV, M_KC, M_H, M_HKV, M_D, M_TMAX, M_R, M_GATED,
+    M_POS, M_COS, M_SIN, M_FINAL_NORM, M_HEAD, M_VOCAB = M_HEAD + LIN_FIELDS, M_FIELDS
+};
+
+int qk_plan_fields(int which) { return which == 0 ? LIN_FIELDS : which == 1 ? L_FIELDS : M_FIELDS; }
+
+#define PTR(v) ((void *)(intptr_t)(v))
+
+static void linear(const int64_t *l, const void *x, void *y, int64_t M, int act_bf16, int nthreads) {
+    const int64_t N = l[LIN_N], K = l[LIN_K];
+    switch (l[LIN_FMT]) {
+    case FMT_BF16: qk_gemv_bf16(PTR(l[LIN_W]), x, y, M, N, K, nthreads); break;
+    case FMT_F32: qk_gemv_f32(PTR(l[LIN_W]), x, y, M, N, K, nthreads); break;
+    case FMT_INT8:
+        qk_gemv_int8(PTR(l[LIN_W]), PTR(l[LIN_S]), (int)l[LIN_S_BF16], l[LIN_G], x, act_bf16, y, act_bf16, M, N, K, nthreads);
+        break;
+    default:
+        qk_gemv_int4(PTR(l[LIN_W]), PTR(l[LIN_S]), (int)l[LIN_S_BF16], l[LIN_G], x, act_bf16, y, act_bf16, M, l[LIN_NP], N, K,
+                     nthreads);
+    }
+}
+
+/* x = round(x + h) over n elements of the activation dtype */
+static void add_into(void *x, const void *h, int64_t n, int bf) {
+    for (int64_t i = 0; i < n; i += 16)
+        bf ? st16(x, i, _mm512_add_ps(ld16(x, i, 1), ld16(h, i, 1)), 1) : st16(x, i, _mm512_add_ps(ld16(x, i, 0), ld16(h, i, 0)), 0);
+}
+
+/* g = round(round(silu(g)) * u) */
+static void silu_mul(void *g, const void *u, int64_t n, int bf) {
+    for (int64_t i = 0; i < n; i += 16) {
+        if (bf) st16(g, i, _mm512_mul_ps(round16(silu16(ld16(g, i, 1)), 1), ld16(u, i, 1)), 1);
+        else st16(g, i, _mm512_mul_ps(silu16(ld16(g, i, 0)), ld16(u, i, 0)), 0);
+    }
+}
+
+/* x (B, hidden) act: the embeddings in, the final normed hidden states out (in place); logits (B, vocab) act. */
+void qk_decode_step(const int64_t *m, const int64_t *layers, void *x, void *logits, int nthreads) {
+    const int bf = (int)m[M_ACT_BF16], wbf = (int)m[M_W_BF16];
+    const int64_t B = m[M_B], Hd = m[M_HIDDEN], esz = bf ? 2 : 4;
+    const float eps = (float)m[M_EPS_E9] * 1e-9f;
+    const int64_t Cq = 2 * m[M_HK] * m[M_DK] + m[M_HV] * m[M_DV], vdim = m[M_HV] * m[M_DV];
+    int64_t widest = m[M_INTER];
+    const int64_t dims[] = {Cq, vdim, m[M_H] * m[M_D] * 2, Hd};
+    for (int i = 0; i < 4; i++) widest = dims[i] > widest ? dims[i] : widest;
+    char *buf = malloc((size_t)(B * esz * (Hd + 4 * widest + 2 * m[M_HV])));
+    char *h = buf, *t0 = h + B * Hd * esz, *t1 = t0 + B * widest * esz, *t2 = t1 + B * widest * esz,
+         *t3 = t2 + B * widest * esz, *ta = t3 + B * widest * esz, *tb = ta + B * m[M_HV] * esz;
+    for (int64_t li = 0; li < m[M_LAYERS]; li++) {
+        const int64_t *L = layers + li * L_FIELDS;
+        qk_rmsnorm(x, Hd, PTR(L[L_IN_NORM]), wbf, eps, h, bf, B, Hd, nthreads);
+        if (L[L_KIND] == 0) {
+            linear(L + L_LIN0, h, t0, B, bf, nthreads); /* qkv */
+            linear(L + L_LIN1, h, t1, B, bf, nthreads); /* z */
+            linear(L + L_LIN2, h, ta, B, bf, nthreads); /* a */
+            linear(L + L_LIN3, h, tb, B, bf, nthreads); /* b */
+            qk_gdn_decode(t0, PTR(L[L_T4]), PTR(L[L_T0]), m[M_KC], ta, tb, PTR(L[L_T1]), PTR(L[L_T2]), PTR(L[L_T5]), t1,
+                          PTR(L[L_T3]), eps, t2, bf, wbf, B, m[M_HK], m[M_HV], m[M_DK], m[M_DV], nthreads);
+        } else {
+            linear(L + L_LIN0, h, t0, B, bf, nthreads); /* q and gate */
+            linear(L + L_LIN1, h, t1, B, bf, nthreads); /* k */
+            linear(L + L_LIN2, h, t3, B, bf, nthreads); /* v */
+            qk_attn_decode(t0, t1, t3, PTR(L[L_T0]), PTR(L[L_T1]), eps, PTR(m[M_COS]), PTR(m[M_SIN]), m[M_R], PTR(m[M_POS]),
+                           PTR(L[L_T4]), PTR(L[L_T5]), t2, (int)m[M_GATED], bf, wbf, B, m[M_H], m[M_HKV], m[M_TMAX], m[M_D],
+                           nthreads);
+        }
+        linear(L + L_LIN4, t2, t0, B, bf, nthreads); /* out_proj / o_proj */
+        add_into(x, t0, B * Hd, bf);
+        qk_rmsnorm(x, Hd, PTR(L[L_POST_NORM]), wbf, eps, h, bf, B, Hd, nthreads);
+        linear(L + L_GATE, h, t0, B, bf, nthreads);
+        linear(L + L_UP, h, t1, B, bf, nthreads);
+        silu_mul(t0, t1, B * m[M_INTER], bf);
+        linear(L + L_DOWN, t0, t1, B, bf, nthreads);
+        add_into(x, t1, B * Hd, bf);
+    }
+    qk_rmsnorm(x, Hd, PTR(m[M_FINAL_NORM]), wbf, eps, h, bf, B, Hd, nthreads);
+    memcpy(x, h, (size_t)(B * Hd * esz));
+    linear(m + M_HEAD, x, logits, B, bf, nthreads);
+    free(buf);
 }
 
 /* ------------------------------------------------------------------------------------------------------------ */

@@ -1,0 +1,144 @@
+"""A decode step in one call: every layer of the model for one token per row, run by kernels.decode_step in C, so
+that a token costs no Python per layer. The computation is Qwen3_5ForCausalLM.forward's, module by module (its
+twin in the tests); forward takes this path by itself when it applies and falls back to the modules otherwise.
+
+The C step reads the model from int64 arrays of pointers and sizes (kernels.LIN_FIELDS per projection,
+kernels.LAYER_FIELDS per layer, kernels.MODEL_FIELDS for the rest). Describing the weights walks ~200 modules,
+so the description is built once per model and kept with a list of identity checks (each module still in its
+parent, each tensor still the module's, each `fast` flag as it was): anything that swaps a module (quantization,
+LoRA), moves a tensor (.to) or flips `fast` makes the next step rebuild it. The caches' pointers are filled in at
+every step, into a copy (threads may decode with one model into different caches), since callers pass views of a
+batch cache.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from qwenlite.ops import kernels
+from qwenlite.ops.rope import rope_cos_sin
+
+if TYPE_CHECKING:
+    from qwenlite.cache import Cache
+    from qwenlite.model import Qwen3_5ForCausalLM
+
+KIND = {"linear_attention": 0, "full_attention": 1}
+T4 = kernels.LAYER_FIELDS - 2  # the two columns a layer's caches go in (conv + recurrent state, or k + v)
+
+
+class Plan:
+    """The weights' description (None where the C step does not apply) and what it depends on."""
+
+    def __init__(self, model: Qwen3_5ForCausalLM):
+        self.watch: list[tuple[dict, str, object]] = []  # (a module's dict, key, the object expected there)
+        self.layers: torch.Tensor | None = None  # (n_layers, LAYER_FIELDS) int64, cache columns filled per step
+        self.model: list[int] = []
+        self.head: list[int] = []
+        self.build(model)
+
+    def valid(self) -> bool:
+        return all(d.get(k) is v for d, k, v in self.watch)
+
+    def keep(self, module: nn.Module, *names: str) -> None:
+        """Watch `module`'s children / parameters / buffers called `names`, and its `fast` flag."""
+        for name in names:
+            for d in (module._modules, module._parameters, module._buffers):
+                if name in d:
+                    self.watch.append((d, name, d[name]))
+        if hasattr(module, "fast"):
+            self.watch.append((module.__dict__, "fast", module.__dict__.get("fast")))
+
+    def linear(self, parent: nn.Module, name: str) -> list[int] | None:
+        module = getattr(parent, name)
+        self.keep(parent, name)
+        self.keep(module, "weight", "bias", "qweight", "scales", "scales_and_zeros")
+        return module.kernel_fields() if hasattr(module, "kernel_fields") else None
+
+    def small(self, module: nn.Module, name: str, dtype: torch.dtype) -> int | None:
+        self.keep(module, name)
+        t = getattr(module, name)
+        return t.data_ptr() if t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu" else None
+
+    def build(self, model: Qwen3_5ForCausalLM) -> None:
+        c, m = model.config, model.model
+        self.keep(model, "model", "lm_head")
+        self.keep(m, "embed_tokens", "norm", "layers")
+        dtype, wdtype = model.dtype, m.norm.weight.dtype
+        eps = round(c.rms_norm_eps * 1e9)
+        dims = (c.hidden_size, c.intermediate_size, c.head_dim, c.linear_key_head_dim, c.linear_value_head_dim)
+        if (not kernels.available() or dtype not in kernels.ACT_DTYPES or any(n % 16 for n in dims)
+                or eps / 1e9 != c.rms_norm_eps):  # fmt: skip
+            return
+        rows: list[list[int]] = []
+        for i, layer in enumerate(m.layers):
+            self.keep(m.layers, str(i))
+            self.keep(layer, "input_layernorm", "post_attention_layernorm", "mlp", "linear_attn", "self_attn")
+            norms = [self.small(layer.input_layernorm, "weight", wdtype),
+                     self.small(layer.post_attention_layernorm, "weight", wdtype)]  # fmt: skip
+            self.keep(layer.input_layernorm)
+            self.keep(layer.post_attention_layernorm)
+            mlp = [self.linear(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+            if layer.layer_type == "linear_attention":
+                a = layer.linear_attn
+                self.keep(a, "conv1d", "norm")
+                projections = [self.linear(a, n) for n in ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b")]
+                tensors = [self.small(a.conv1d, "weight", wdtype), self.small(a, "A_log", wdtype),
+                           self.small(a, "dt_bias", wdtype), self.small(a.norm, "weight", wdtype)]  # fmt: skip
+            else:
+                a = layer.self_attn
+                self.keep(a, "q_norm", "k_norm")
+                projections = [self.linear(a, n) for n in ("q_proj", "k_proj", "v_proj")]
+                projections.append([0] * kernels.LIN_FIELDS)
+                tensors = [self.small(a.q_norm, "weight", wdtype), self.small(a.k_norm, "weight", wdtype), 0, 0]
+            self.keep(a)
+            projections.append(self.linear(a, "out_proj" if layer.layer_type == "linear_attention" else "o_proj"))
+            if any(v is None for v in norms + tensors) or any(f is None for f in projections + mlp):
+                return
+            rows.append([KIND[layer.layer_type], *norms, *(v for f in projections + mlp for v in f), *tensors, 0, 0])
+        head, norm = self.linear(model, "lm_head"), self.small(m.norm, "weight", wdtype)
+        self.keep(m.norm)
+        if head is None or norm is None:
+            return
+        self.layers = torch.tensor(rows, dtype=torch.int64)
+        self.head = head
+        self.model = [int(dtype == torch.bfloat16), int(wdtype == torch.bfloat16), 0, c.hidden_size,
+                      c.intermediate_size, c.num_hidden_layers, eps, c.linear_num_key_heads, c.linear_num_value_heads,
+                      c.linear_key_head_dim, c.linear_value_head_dim, c.linear_conv_kernel_dim, c.num_attention_heads,
+                      c.num_key_value_heads, c.head_dim, 0, c.rotary_dim, int(c.attn_output_gate),
+                      0, 0, 0, norm]  # fmt: skip
+
+
+def decode_in_one_call(model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor | None:
+    """forward(input_ids (B, 1), cache) -> logits (B, 1, V) fp32 through kernels.decode_step, or None where it does
+    not apply (no kernels, more than MAX_ROWS rows, a module or dtype it does not know)."""
+    plan = model.__dict__.get("_decode_plan")
+    if plan is None or not plan.valid():
+        plan = model.__dict__["_decode_plan"] = Plan(model)
+    B = input_ids.shape[0]
+    if plan.layers is None or B > kernels.MAX_ROWS:
+        return None
+    dtype = model.dtype
+    pointers = []
+    for lc in cache.layers:
+        t4, t5 = (lc.conv, lc.state) if hasattr(lc, "state") else (lc.k, lc.v)
+        if not (t4.is_contiguous() and t5.is_contiguous() and t4.dtype == dtype and t5.dtype in (dtype, torch.float32)):
+            return None
+        pointers.append([t4.data_ptr(), t5.data_ptr()])
+    layers = plan.layers.clone()  # the plan is shared: threads may decode with one model into different caches
+    layers[:, T4:] = torch.tensor(pointers, dtype=torch.int64)
+    pos = cache.lengths.contiguous()
+    if int(pos.max()) + 1 > cache.max_seq_len:
+        raise ValueError(f"{int(pos.max()) + 1} tokens do not fit a cache of {cache.max_seq_len}")
+    cos, sin = rope_cos_sin(pos, model.model.inv_freq, dtype)  # (B, R)
+    x = model.model.embed_tokens(input_ids[:, 0]).contiguous()  # (B, hidden), overwritten in place
+    fields = list(plan.model)
+    fields[2] = B
+    fields[15] = cache.max_seq_len if cache.max_seq_len < 1 << 62 else 0
+    fields[18:21] = [pos.data_ptr(), cos.data_ptr(), sin.data_ptr()]
+    fields += [*plan.head, model.config.vocab_size]
+    logits = kernels.decode_step(fields, layers, x, model.config.vocab_size)
+    cache.lengths += 1
+    return logits.float().unsqueeze(1)
