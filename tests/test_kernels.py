@@ -8,7 +8,7 @@ Tolerances (max |fast - ref| / max |ref|):
 - int8 / int4 with more than MAX_ROWS rows (dequantize to the activation dtype, then torch's GEMM): the same,
   as in bf16 the dequantized weight is rounded to bf16 like any bf16 model's;
 - dequantization: bitwise equal to the reference's, rounded to the output dtype;
-- the decode fusions (a Gated DeltaNet token, an attention token, RMSNorm) as fp32 / bf16 outputs above, against
+- the fusions (a Gated DeltaNet token, an attention token, RMSNorm, the prompt's conv + SiLU) as fp32 / bf16 outputs above, against
   the model's own torch code; the recurrent state 1e-5 in fp32; conv state and value cache bitwise.
 """
 
@@ -27,6 +27,7 @@ from qwenlite.config import ModelConfig, preset_config
 from qwenlite.model import Attention, GatedDeltaNet, RMSNorm
 from qwenlite.ops import kernels
 from qwenlite.ops import quant_matmul as qm
+from qwenlite.ops.conv import causal_conv1d
 from qwenlite.ops.rope import rope_cos_sin, rope_inv_freq
 from qwenlite.weights import load_checkpoint
 
@@ -177,6 +178,24 @@ def test_gdn_decode_matches_the_layer(B, Hk, Hv, Dk, Dv, dtype):
             assert relative_error(fast, ref) <= TOLERANCE[dtype], step
             assert relative_error(fast_cache.state, ref_cache.state) <= 1e-5 if dtype == torch.float32 else 1e-2
             assert torch.equal(fast_cache.conv, ref_cache.conv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_conv_silu_matches_reference(dtype):
+    """A prompt in three pieces through the causal conv + SiLU, carrying the state: the fused kernel's outputs and
+    state equal causal_conv1d's followed by SiLU."""
+    gen = torch.Generator().manual_seed(4)
+    B, C, K = 2, 96, 4
+    weight = (torch.randn(C, 1, K, generator=gen) * 0.5).to(dtype)
+    state = torch.zeros(B, K - 1, C, dtype=dtype)
+    ref_state = state.clone()
+    for T in (5, 1, 70):
+        x = torch.randn(B, T, C, generator=gen).to(dtype)
+        assert kernels.conv_silu_ok(x, state, weight)
+        fast = kernels.conv_silu(x, weight, state)
+        ref, ref_state = causal_conv1d(x, weight, ref_state)
+        assert relative_error(fast, F.silu(ref)) <= 1e-5, T
+        assert torch.equal(state, ref_state), T
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -114,7 +114,7 @@ def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, pr
         torch.set_num_threads(threads)
     rss_before = current_rss()
     t = time.perf_counter()
-    model, _ = load_any(resolve_model_path(model_ref), dtype, quant)
+    model, _ = load_any(resolve_model_path(model_ref), dtype, quant, with_tokenizer=False)
     load_seconds = time.perf_counter() - t
     total, per_token = weight_bytes(model)
     ids = torch.randint(1000, min(100_000, model.config.vocab_size), (prompt,),

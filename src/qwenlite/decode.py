@@ -4,9 +4,9 @@ twin in the tests); forward takes this path by itself when it applies and falls 
 
 The C step reads the model from int64 arrays of pointers and sizes (kernels.LIN_FIELDS per projection,
 kernels.LAYER_FIELDS per layer, kernels.MODEL_FIELDS for the rest). Describing the weights walks ~200 modules,
-so the description is built once per model and kept with a list of identity checks (each module still in its
-parent, each tensor still the module's, each `fast` flag as it was): anything that swaps a module (quantization,
-LoRA), moves a tensor (.to) or flips `fast` makes the next step rebuild it. The caches' pointers are filled in at
+so the description is built once per model and kept with a list of checks (each module still in its parent, each
+tensor still the module's and still at its address, each `fast` flag as it was): anything that swaps a module
+(quantization, LoRA), moves a tensor (.to, `p.data = ...`) or flips `fast` makes the next step rebuild it. The caches' pointers are filled in at
 every step, into a copy (threads may decode with one model into different caches), since callers pass views of a
 batch cache.
 """
@@ -33,23 +33,26 @@ class Plan:
     """The weights' description (None where the C step does not apply) and what it depends on."""
 
     def __init__(self, model: Qwen3_5ForCausalLM):
-        self.watch: list[tuple[dict, str, object]] = []  # (a module's dict, key, the object expected there)
+        # (a module's dict, key, the object expected there, its data pointer if a tensor: `p.data = ...` and
+        # Module.to keep the Parameter and change its storage)
+        self.watch: list[tuple[dict, str, object, int | None]] = []
         self.layers: torch.Tensor | None = None  # (n_layers, LAYER_FIELDS) int64, cache columns filled per step
         self.model: list[int] = []
         self.head: list[int] = []
         self.build(model)
 
     def valid(self) -> bool:
-        return all(d.get(k) is v for d, k, v in self.watch)
+        return all(d.get(k) is v and (ptr is None or v.data_ptr() == ptr) for d, k, v, ptr in self.watch)
 
     def keep(self, module: nn.Module, *names: str) -> None:
         """Watch `module`'s children / parameters / buffers called `names`, and its `fast` flag."""
         for name in names:
             for d in (module._modules, module._parameters, module._buffers):
                 if name in d:
-                    self.watch.append((d, name, d[name]))
+                    v = d[name]
+                    self.watch.append((d, name, v, v.data_ptr() if isinstance(v, torch.Tensor) else None))
         if hasattr(module, "fast"):
-            self.watch.append((module.__dict__, "fast", module.__dict__.get("fast")))
+            self.watch.append((module.__dict__, "fast", module.__dict__.get("fast"), None))
 
     def linear(self, parent: nn.Module, name: str) -> list[int] | None:
         module = getattr(parent, name)

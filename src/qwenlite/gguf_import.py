@@ -343,9 +343,12 @@ def load_any(
     dtype: torch.dtype | str | None = None,
     quant: str | None = None,
     device: str | torch.device = "cpu",
-) -> tuple[Qwen3_5ForCausalLM, Tokenizer]:
+    with_tokenizer: bool = True,
+) -> tuple[Qwen3_5ForCausalLM, Tokenizer | None]:
     """A resolved model path -> (model, tokenizer): a .gguf file, a quantized checkpoint (memory-mapped as
-    written) or a Hugging Face checkpoint directory; then `quant` ("int8" / "int4") quantizes on load."""
+    written) or a Hugging Face checkpoint directory; then `quant` ("int8" / "int4") quantizes on load.
+    `with_tokenizer=False` skips building a checkpoint directory's tokenizer (~280 MB for the 248K vocabulary)
+    and returns None for it; a GGUF's comes from its metadata either way."""
     from qwenlite.quant import apply_quant, is_quantized_checkpoint, load_quantized
     from qwenlite.weights import load_checkpoint
 
@@ -353,10 +356,11 @@ def load_any(
     if path.is_file() and path.suffix == ".gguf":
         model, _config, tokenizer = load_gguf(path, dtype)
         model = model.to(device)
-    elif is_quantized_checkpoint(path):
+        return apply_quant(model, quant), tokenizer
+    if is_quantized_checkpoint(path):
         if quant:
             raise QwenliteError(f"{path} is already quantized; drop --quant")
-        return load_quantized(path, dtype, device).model, Tokenizer.from_dir(path)
+        model = load_quantized(path, dtype, device).model
     else:
-        model, tokenizer = load_checkpoint(path, dtype, device).model, Tokenizer.from_dir(path)
-    return apply_quant(model, quant), tokenizer
+        model = apply_quant(load_checkpoint(path, dtype, device).model, quant)
+    return model, Tokenizer.from_dir(path) if with_tokenizer else None

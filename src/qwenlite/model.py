@@ -132,8 +132,11 @@ class GatedDeltaNet(nn.Module):
         if cache is not None and self.fast and not needs_grad(x) and kernels.gdn_decode_ok(qkv, cache.state, *small):
             a, b, z = self.in_proj_a(x), self.in_proj_b(x), self.in_proj_z(x)
             return self.out_proj(kernels.gdn_decode(self, qkv, a, b, z, cache.conv, cache.state))
-        qkv, conv_state = causal_conv1d(qkv, self.conv1d.weight, cache.conv if cache is not None else None)
-        qkv = F.silu(qkv)  # fp32
+        if cache is not None and self.fast and not needs_grad(x) and kernels.conv_silu_ok(qkv, cache.conv, small[0]):
+            qkv, conv_state = kernels.conv_silu(qkv, self.conv1d.weight, cache.conv), None  # state advanced in place
+        else:
+            qkv, conv_state = causal_conv1d(qkv, self.conv1d.weight, cache.conv if cache is not None else None)
+            qkv = F.silu(qkv)  # fp32
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = l2_normalize(q.reshape(B, T, self.num_k_heads, self.head_k_dim)) * self.head_k_dim**-0.5
         k = l2_normalize(k.reshape(B, T, self.num_k_heads, self.head_k_dim))
@@ -144,7 +147,8 @@ class GatedDeltaNet(nn.Module):
         if cache is None:
             o, _ = gated_delta_rule_chunked(q, k, v, g, beta)
         else:
-            cache.conv.copy_(conv_state)
+            if conv_state is not None:
+                cache.conv.copy_(conv_state)
             if T == 1:
                 o, _ = gated_delta_rule_step(q, k, v, g, beta, cache.state)
             else:

@@ -41,6 +41,7 @@ SIGNATURES = {
     "qk_read": "PLI",
     "qk_gemv_f32": "PPPLLLI",
     "qk_decode_step": "PPPPI",
+    "qk_conv_silu": "PPPPIILLLLI",
 }
 CTYPES = {"P": ctypes.c_void_p, "L": ctypes.c_int64, "I": ctypes.c_int, "F": ctypes.c_float}
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off"]
@@ -248,6 +249,21 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=x.dtype)
     library().qk_rmsnorm(_p(x), rows_stride(x), _p(weight), _is_bf16(weight), eps, _p(out), _is_bf16(x),
                          x.numel() // D, D, torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def conv_silu_ok(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor) -> bool:
+    """x (B, T, C) and state (B, K-1, C) in one activation dtype, weight (C, 1, K) with K <= 8, C % 16 == 0."""
+    return (x.dim() == 3 and x.dtype == state.dtype and x.dtype in ACT_DTYPES and weight.dtype in ACT_DTYPES
+            and x.shape[-1] % 16 == 0 and weight.shape[-1] <= 8 and _plain(x, state, weight) and available())  # fmt: skip
+
+
+def conv_silu(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """silu(causal_conv1d(x, weight, state)[0]) in fp32, with the state advanced in place; needs `conv_silu_ok`."""
+    B, T, C = x.shape
+    out = torch.empty(B, T, C)
+    library().qk_conv_silu(_p(x), _p(state), _p(weight), _p(out), _is_bf16(x), _is_bf16(weight), B, T, C,
+                           weight.shape[-1], torch.get_num_threads())  # fmt: skip
     return out
 
 

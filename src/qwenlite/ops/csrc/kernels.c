@@ -7,6 +7,7 @@
  *   qk_dequant_int8 / qk_dequant_int4: rows of W in bf16 or fp32 (prefill: dequantize, then torch's GEMM)
  *   qk_gdn_decode   a Gated DeltaNet layer's token between projections           twin: model.GatedDeltaNet (torch path)
  *                   (conv, SiLU, L2 norms, gates, delta rule in one pass over the state, gated RMSNorm)
+ *   qk_conv_silu    a prompt's causal conv + SiLU, carrying the state              twin: conv.causal_conv1d + F.silu
  *   qk_rmsnorm      zero-centred RMSNorm                                          twin: model.RMSNorm (torch path)
  *   qk_attn_decode  an attention layer's token between projections                twin: model.Attention (torch path)
  *                   (q/k norms, rotary, cache write, attention over the prefix, output gate)
@@ -265,6 +266,65 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t *P, co
         for (int64_t r = 0; r < 64 && t * 64 + r < n_out; r++) store_out(y, y_bf16, m * n_out + t * 64 + r, tot[m][r]);
 }
 
+/* The same tile for bf16 activations, two columns at a time through AVX512-BF16 dot products: byte-interleaving
+ * columns k and k+1 puts each row's pair of nibbles side by side; a nibble q widened to 16 bits and or-ed with
+ * 0x4300 is exactly bf16(128 + q), so dpbf16 yields sum (128 + q) x = s_qx + 128 sum x in fp32, the latter
+ * removed with the group's sum of x. About half the instructions of the fp32 path, and no rounding of x beyond the
+ * bf16 it already is. Accumulator lanes hold rows in the order unpack leaves them: A0 = rows 0-7 and 16-23,
+ * A1 = 8-15 and 24-31, A2, A3 the same plus 32 (the high nibbles); scales are shuffled to match. */
+static inline __attribute__((always_inline)) void int4_tile_bf16x(const uint8_t *P, const void *sz, int s_bf16,
+                                                                  int64_t G, const uint16_t *x, const float *xsum,
+                                                                  void *y, int y_bf16, int64_t t, int64_t Np,
+                                                                  int64_t n_out, int64_t K, const int MC) {
+    const int64_t ng = K / G;
+    __m512 tot[MB][4];
+    for (int m = 0; m < MC; m++) tot[m][0] = tot[m][1] = tot[m][2] = tot[m][3] = _mm512_setzero_ps();
+    const uint8_t *tile = P + t * K * 32;
+    const __m256i nib = _mm256_set1_epi8(15);
+    const __m512i one28 = _mm512_set1_epi16(0x4300);
+    for (int64_t gi = 0; gi < ng; gi++) {
+        __m512 acc[MB][4];
+        for (int m = 0; m < MC; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm512_setzero_ps();
+        for (int64_t k = gi * G; k < (gi + 1) * G; k += 2) {
+            const __m256i c0 = _mm256_loadu_si256((const __m256i *)(tile + k * 32));
+            const __m256i c1 = _mm256_loadu_si256((const __m256i *)(tile + (k + 1) * 32));
+            const __m256i ul = _mm256_unpacklo_epi8(c0, c1), uh = _mm256_unpackhi_epi8(c0, c1);
+            __m512i w[4];
+            w[0] = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_and_si256(ul, nib)), one28);
+            w[1] = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_and_si256(uh, nib)), one28);
+            w[2] = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(ul, 4), nib)), one28);
+            w[3] = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(uh, 4), nib)), one28);
+            for (int m = 0; m < MC; m++) {
+                int32_t pair;
+                memcpy(&pair, x + m * K + k, 4);
+                const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+                for (int r = 0; r < 4; r++) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)w[r], xv);
+            }
+        }
+        __m512 sb[4], zb[4]; /* rows 0-15, 16-31, 32-47, 48-63 */
+        for (int r = 0; r < 4; r++) load_sz(sz, s_bf16, Np, gi, t * 64 + r * 16, &sb[r], &zb[r]);
+        for (int r = 0; r < 4; r++) {
+            const __m512 *s2 = &sb[(r / 2) * 2], *z2 = &zb[(r / 2) * 2];
+            const __m512 sv = (r & 1) ? _mm512_shuffle_f32x4(s2[0], s2[1], _MM_SHUFFLE(3, 2, 3, 2))
+                                      : _mm512_shuffle_f32x4(s2[0], s2[1], _MM_SHUFFLE(1, 0, 1, 0));
+            const __m512 zv = (r & 1) ? _mm512_shuffle_f32x4(z2[0], z2[1], _MM_SHUFFLE(3, 2, 3, 2))
+                                      : _mm512_shuffle_f32x4(z2[0], z2[1], _MM_SHUFFLE(1, 0, 1, 0));
+            const __m512 zc = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), sv, zv); /* z - 8 s - 128 s */
+            for (int m = 0; m < MC; m++)
+                tot[m][r] = _mm512_fmadd_ps(zc, _mm512_set1_ps(xsum[m * ng + gi]), _mm512_fmadd_ps(acc[m][r], sv, tot[m][r]));
+        }
+    }
+    for (int m = 0; m < MC; m++)
+        for (int r = 0; r < 4; r++) {
+            float v[16];
+            _mm512_storeu_ps(v, tot[m][r]);
+            for (int i = 0; i < 16; i++) { /* lane i of A_r -> its row */
+                const int64_t row = t * 64 + (r / 2) * 32 + (i / 8) * 16 + (r & 1) * 8 + (i % 8);
+                if (row < n_out) store_out(y, y_bf16, m * n_out + row, v[i]);
+            }
+        }
+}
+
 void qk_gemv_int4(const uint8_t *P, const void *sz, int s_bf16, int64_t G, const void *x, int x_bf16, void *y,
                   int y_bf16, int64_t M, int64_t Np, int64_t n_out, int64_t K, int nthreads) {
     const float *xf = stage_f32(x, x_bf16, M * K);
@@ -279,9 +339,19 @@ void qk_gemv_int4(const uint8_t *P, const void *sz, int s_bf16, int64_t G, const
     for (int64_t m0 = 0; m0 < M; m0 += MB) {
         const int mc = (int)(M - m0 < MB ? M - m0 : MB);
         const float *xm = xf + m0 * K, *sm = xsum + m0 * ng;
+        const uint16_t *xh = (const uint16_t *)x + m0 * K;
         char *ym = (char *)y + m0 * n_out * (y_bf16 ? 2 : 4);
 #pragma omp parallel for schedule(static) num_threads(threads_for(nthreads, Np * K))
         for (int64_t t = 0; t < Np / 64; t++) {
+            if (x_bf16) {
+                switch (mc) {
+                case 1: int4_tile_bf16x(P, sz, s_bf16, G, xh, sm, ym, y_bf16, t, Np, n_out, K, 1); break;
+                case 2: int4_tile_bf16x(P, sz, s_bf16, G, xh, sm, ym, y_bf16, t, Np, n_out, K, 2); break;
+                case 3: int4_tile_bf16x(P, sz, s_bf16, G, xh, sm, ym, y_bf16, t, Np, n_out, K, 3); break;
+                default: int4_tile_bf16x(P, sz, s_bf16, G, xh, sm, ym, y_bf16, t, Np, n_out, K, 4); break;
+                }
+                continue;
+            }
             switch (mc) {
             case 1: int4_tile(P, sz, s_bf16, G, xm, sm, ym, y_bf16, t, Np, n_out, K, 1); break;
             case 2: int4_tile(P, sz, s_bf16, G, xm, sm, ym, y_bf16, t, Np, n_out, K, 2); break;
@@ -585,6 +655,43 @@ void qk_attn_decode(const void *qg, const void *kx, const void *vx, const void *
     else if (w_bf16) attn_decode_impl(ATTN_ARGS, 0, 1);
     else attn_decode_impl(ATTN_ARGS, 0, 0);
 #undef ATTN_ARGS
+}
+
+/* Causal depthwise conv + SiLU over a prompt, channels last, carrying the state: x (B, T, C) act, state (B, Kc-1, C)
+ * act (the last Kc-1 inputs, oldest first; updated in place), w (C, Kc), out (B, T, C) fp32 = silu(conv).
+ * Twin: ops/conv.causal_conv1d followed by F.silu. Kc <= 8, C % 16 == 0. */
+static inline __attribute__((always_inline)) void conv_silu_impl(const void *x, void *state, const void *w, float *out,
+                                                                 int64_t B, int64_t T, int64_t C, int64_t Kc,
+                                                                 int nthreads, const int ABF, const int WBF) {
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads_for(nthreads, B * T * C * Kc))
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t c = 0; c < C; c += 16) {
+            __m512 wt[8], hist[8];
+            for (int64_t j = 0; j < Kc; j++) {
+                float v[16];
+                for (int i = 0; i < 16; i++) v[i] = ld1(w, (c + i) * Kc + j, WBF);
+                wt[j] = _mm512_loadu_ps(v);
+            }
+            for (int64_t j = 0; j < Kc - 1; j++) hist[j] = ld16(state, (b * (Kc - 1) + j) * C + c, ABF);
+            for (int64_t t = 0; t < T; t++) {
+                const __m512 now = ld16(x, (b * T + t) * C + c, ABF);
+                __m512 acc = Kc > 1 ? _mm512_mul_ps(hist[0], wt[0]) : _mm512_mul_ps(now, wt[0]);
+                for (int64_t j = 1; j < Kc - 1; j++) acc = _mm512_add_ps(acc, _mm512_mul_ps(hist[j], wt[j]));
+                if (Kc > 1) acc = _mm512_add_ps(acc, _mm512_mul_ps(now, wt[Kc - 1]));
+                _mm512_storeu_ps(out + (b * T + t) * C + c, silu16(acc));
+                for (int64_t j = 0; j + 1 < Kc - 1; j++) hist[j] = hist[j + 1];
+                if (Kc > 1) hist[Kc - 2] = now;
+            }
+            for (int64_t j = 0; j < Kc - 1; j++) st16(state, (b * (Kc - 1) + j) * C + c, hist[j], ABF);
+        }
+}
+
+void qk_conv_silu(const void *x, void *state, const void *w, float *out, int act_bf16, int w_bf16, int64_t B,
+                  int64_t T, int64_t C, int64_t Kc, int nthreads) {
+    if (act_bf16 && w_bf16) conv_silu_impl(x, state, w, out, B, T, C, Kc, nthreads, 1, 1);
+    else if (act_bf16) conv_silu_impl(x, state, w, out, B, T, C, Kc, nthreads, 1, 0);
+    else if (w_bf16) conv_silu_impl(x, state, w, out, B, T, C, Kc, nthreads, 0, 1);
+    else conv_silu_impl(x, state, w, out, B, T, C, Kc, nthreads, 0, 0);
 }
 
 /* ------------------------------------------------------------------------------------------------------------ */
