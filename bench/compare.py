@@ -237,6 +237,28 @@ def measure(a: argparse.Namespace, model: str, precision: str, engine: str, path
             "other_runnable_before": busy}  # fmt: skip
 
 
+def _pairs_reversed(plan: list[tuple[str, str, str]]) -> list[list[tuple[str, str, str]]]:
+    """The plan grouped by (model, precision), each group's engines in reverse order."""
+    groups: dict[tuple[str, str], list[tuple[str, str, str]]] = {}
+    for x in plan:
+        groups.setdefault(x[:2], []).append(x)
+    return [g[::-1] for g in groups.values()]
+
+
+def better(old: dict | None, new: dict) -> dict:
+    """Two measurements of one (model, precision, engine) as one: the higher prefill and decode rates, the lower
+    peak memory, the rest from the faster decode; an error only if both failed."""
+    if old is None or "error" in old:
+        return new
+    if "error" in new:
+        return old
+    keep = dict(new if new["decode_tok_s"] > old["decode_tok_s"] else old)
+    keep["prefill_tok_s"] = max(old["prefill_tok_s"], new["prefill_tok_s"])
+    keep["decode_tok_s"] = max(old["decode_tok_s"], new["decode_tok_s"])
+    keep["peak_rss_bytes"] = min(old["peak_rss_bytes"], new["peak_rss_bytes"])
+    return keep
+
+
 def result_line(r: dict) -> str:
     head = f"{r['model']:>5} {r['precision']:<5} {r['engine']:<13}"
     if "error" in r:
@@ -366,6 +388,8 @@ def main() -> None:
     p.add_argument("--precisions", default="bf16,int8,int4", help="comma-separated (default bf16,int8,int4)")
     p.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs after a warm-up; the best counts (default 3)")
+    p.add_argument("--rounds", type=int, default=2, help="passes over all runs, the engines' order alternating; "
+                   "each figure is the best of all passes (default 2)")  # fmt: skip
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
     p.add_argument("--decode", type=int, default=128, help="decode steps (default 128)")
     p.add_argument("--skip-transformers", action="store_true", help="measure qwenlite and llama.cpp only")
@@ -385,7 +409,7 @@ def main() -> None:
     for name, known in ((models, MODELS), (precisions, PRECISIONS)):
         if unknown := [x for x in name if x not in known]:
             p.error(f"unknown {', '.join(unknown)}; choose from {', '.join(known)}")
-    for name in ("threads", "repeat", "prompt", "decode"):
+    for name in ("threads", "repeat", "rounds", "prompt", "decode"):
         if getattr(a, name) < 1:
             p.error(f"--{name} must be at least 1")
 
@@ -396,12 +420,18 @@ def main() -> None:
     if not a.skip_transformers and "bf16" in precisions:
         plan += [(m, "bf16", "transformers") for m in models]
     plan.sort(key=lambda x: (models.index(x[0]), precisions.index(x[1]), ENGINES.index(x[2])))
-    settings = f"{a.threads} threads, prompt {a.prompt}, decode {a.decode}, best of {a.repeat}"
-    print(f"[measure] {len(plan)} runs, one at a time; {settings}", flush=True)
-    results = []
-    for model, precision, engine in plan:
-        results.append(measure(a, model, precision, engine, paths[model]))
-        print(result_line(results[-1]), flush=True)
+    settings = f"{a.threads} threads, prompt {a.prompt}, decode {a.decode}, best of {a.repeat} x {a.rounds} rounds"
+    print(f"[measure] {len(plan)} runs x {a.rounds} rounds, one at a time; {settings}", flush=True)
+    best: dict[tuple[str, str, str], dict] = {}
+    for round_ in range(a.rounds):
+        # This machine's memory bandwidth drifts by 2x over minutes (shared host): alternating which engine of a
+        # pair goes first, and keeping the best of every round, gives each engine the same chances.
+        order = plan if round_ % 2 == 0 else [x for pair in _pairs_reversed(plan) for x in pair]
+        for model, precision, engine in order:
+            r = measure(a, model, precision, engine, paths[model])
+            print(f"[round {round_ + 1}] " + result_line(r), flush=True)
+            best[(model, precision, engine)] = better(best.get((model, precision, engine)), r)
+    results = [best[k] for k in plan]
 
     info = machine()
     title = f"qwenlite vs llama.cpp vs transformers: {info['cpu']}, {settings}"
@@ -410,7 +440,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(md + "\n")
     meta = {**info, "date": datetime.now(UTC).isoformat(timespec="seconds"), "threads": a.threads,
-            "prompt": a.prompt, "decode": a.decode, "repeat": a.repeat, "llama_python": a.llama_python}  # fmt: skip
+            "prompt": a.prompt, "decode": a.decode, "repeat": a.repeat, "rounds": a.rounds,
+            "llama_python": a.llama_python}  # fmt: skip
     (out / "compare.json").write_text(json.dumps({"settings": meta, "results": results}, indent=2) + "\n")
     plot(results, models, precisions, title, out / "compare.png")
     print(f"\nwrote {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")

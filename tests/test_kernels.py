@@ -8,8 +8,9 @@ Tolerances (max |fast - ref| / max |ref|):
 - int8 / int4 with more than MAX_ROWS rows (dequantize to the activation dtype, then torch's GEMM): the same,
   as in bf16 the dequantized weight is rounded to bf16 like any bf16 model's;
 - dequantization: bitwise equal to the reference's, rounded to the output dtype;
-- the fusions (a Gated DeltaNet token, an attention token, RMSNorm, the prompt's conv + SiLU) as fp32 / bf16 outputs above, against
-  the model's own torch code; the recurrent state 1e-5 in fp32; conv state and value cache bitwise.
+- the fusions (a Gated DeltaNet token, an attention token, RMSNorm, the prompt's conv + SiLU) as fp32 / bf16
+  outputs above, against the model's own torch code; the recurrent state 1e-5 in fp32; conv state and value
+  cache bitwise.
 """
 
 from __future__ import annotations

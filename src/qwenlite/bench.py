@@ -50,6 +50,7 @@ class BenchResult:
     def table(self) -> str:
         gb, gib = 1e9, 2**30
         rss_ratio = self.peak_rss_bytes / self.weight_bytes
+        added_ratio = (self.peak_rss_bytes - self.rss_before_load_bytes) / self.weight_bytes
         rows = [
             ("weights", f"{self.weight_bytes / gb:.2f} GB ({self.bytes_per_token / gb:.2f} GB read per decode token)"),
             ("load", f"{self.load_seconds:.1f} s"),
@@ -58,7 +59,8 @@ class BenchResult:
             (f"decode ({self.decode_tokens} tok)", f"{self.decode_tok_s:.1f} tok/s"),
             ("memory bandwidth", f"{self.bandwidth_gb_s:.1f} GB/s -> decode limit {self.decode_limit_tok_s:.1f} tok/s"),
             ("decode / limit", f"{self.limit_ratio:.0%}"),
-            ("peak resident memory", f"{self.peak_rss_bytes / gib:.2f} GiB ({rss_ratio:.2f}x the weights; "
+            ("peak resident memory", f"{self.peak_rss_bytes / gib:.2f} GiB ({rss_ratio:.2f}x the weights)"),
+            ("  of which the model", f"{added_ratio:.2f}x the weights (Python and torch: "
                                      f"{self.rss_before_load_bytes / gib:.2f} GiB before loading)"),
         ]  # fmt: skip
         title = f"qwenlite bench {self.model} ({self.precision}, {self.threads} threads)"

@@ -6,9 +6,9 @@ The C step reads the model from int64 arrays of pointers and sizes (kernels.LIN_
 kernels.LAYER_FIELDS per layer, kernels.MODEL_FIELDS for the rest). Describing the weights walks ~200 modules,
 so the description is built once per model and kept with a list of checks (each module still in its parent, each
 tensor still the module's and still at its address, each `fast` flag as it was): anything that swaps a module
-(quantization, LoRA), moves a tensor (.to, `p.data = ...`) or flips `fast` makes the next step rebuild it. The caches' pointers are filled in at
-every step, into a copy (threads may decode with one model into different caches), since callers pass views of a
-batch cache.
+(quantization, LoRA), moves a tensor (.to, `p.data = ...`) or flips `fast` makes the next step rebuild it. The
+caches' pointers are filled in at every step, into a copy (threads may decode with one model into different
+caches), since callers pass views of a batch cache.
 """
 
 from __future__ import annotations

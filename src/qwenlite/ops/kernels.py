@@ -255,7 +255,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def conv_silu_ok(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor) -> bool:
     """x (B, T, C) and state (B, K-1, C) in one activation dtype, weight (C, 1, K) with K <= 8, C % 16 == 0."""
     return (x.dim() == 3 and x.dtype == state.dtype and x.dtype in ACT_DTYPES and weight.dtype in ACT_DTYPES
-            and x.shape[-1] % 16 == 0 and weight.shape[-1] <= 8 and _plain(x, state, weight) and available())  # fmt: skip
+            and x.shape[-1] % 16 == 0 and weight.shape[-1] <= 8 and _plain(x, state, weight)
+            and available())  # fmt: skip
 
 
 def conv_silu(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
