@@ -6,9 +6,10 @@ One forward serves training (no cache: the whole sequence, differentiable) and i
 prefill of any length, then decode steps). Norms, gates and the recurrent state are computed in fp32
 whatever the weight dtype; everything else runs in the weight dtype.
 
-Inference without gradients takes qwenlite's own CPU kernels where they apply (ops/kernels.py: the bf16 GEMV of
-decode, the fused delta-rule step); modules with a `fast` flag say whether they may, `set_fast` flips them all,
-and False runs the pure-torch reference everywhere.
+Inference without gradients takes qwenlite's own CPU kernels where they apply (ops/kernels.py): a decode step
+runs the whole model in one C call (decode.py) when it can; otherwise each module takes its own (decode GEMVs,
+the fused Gated DeltaNet and attention tokens, RMSNorm, the prompt's conv). Modules with a `fast` flag say whether
+they may, `set_fast` flips them all, and False runs the pure-torch code, the kernels' reference, everywhere.
 """
 
 from __future__ import annotations

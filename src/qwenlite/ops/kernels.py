@@ -1,6 +1,8 @@
-"""qwenlite's own CPU kernels (csrc/kernels.c): decode GEMVs over bf16 / int8 / int4 weights, dequantization for
-prefill, and the fused gated delta rule step. Each function here has a pure-torch reference twin (named in the C
-file's header) that the tests hold it to.
+"""qwenlite's own CPU kernels (csrc/kernels.c): decode GEMVs over bf16 / fp32 / int8 / int4 weights,
+dequantization for prefill, a Gated DeltaNet token (conv, norms, gates and the delta rule in one pass over the
+state), an attention token, RMSNorm, the prompt's conv + SiLU, and a whole decode step built from them
+(decode.py describes the model to it). Each has a pure-torch reference twin (named in the C file's header) that
+the tests hold it to.
 
 The C file is compiled on first use with the machine's C compiler (`$CC`, default `cc`) for the machine's own
 CPU (-march=native), cached under `$QWENLITE_CACHE` (default ~/.cache/qwenlite)/kernels by a hash of the source,
@@ -190,13 +192,14 @@ def int4_ok(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tenso
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
                 n: int) -> torch.Tensor:  # fmt: skip
-    """x (M, K) -> (M, n) in x's dtype; needs `int4_ok`. As `int8_matmul`: GEMV or dequantize + GEMM."""
+    """x (M, K) -> (M, n) in x's dtype; needs `int4_ok`. As `int8_matmul`: GEMV or dequantize + GEMM (on W^T, the
+    layout the tiles dequantize to with whole-vector stores)."""
     if x.shape[0] <= MAX_ROWS:
         return int4_gemv(x, packed, scales_and_zeros, group_size, n)
     tiles, step = packed.shape[0], DEQUANT_ROWS // 64
-    w = [int4_dequant(packed, scales_and_zeros, group_size, slice(t, min(t + step, tiles)), x.dtype)
-         for t in range(0, tiles, step)]  # fmt: skip
-    return torch.cat([F.linear(x, wt) for wt in w], dim=-1)[:, :n]
+    out = [x @ int4_dequant_t(packed, scales_and_zeros, group_size, slice(t, min(t + step, tiles)), x.dtype)
+           for t in range(0, tiles, step)]  # fmt: skip
+    return torch.cat(out, dim=-1)[:, :n]
 
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
@@ -211,11 +214,12 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Ten
     return y
 
 
-def int4_dequant(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, tiles: slice,
-                 dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
-    """Rows [64 tiles.start, 64 tiles.stop) of W in `dtype`, bitwise quant_matmul.dequantize_int4 rounded."""
+def int4_dequant_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, tiles: slice,
+                   dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """Rows [64 tiles.start, 64 tiles.stop) of W, transposed: (K, rows) in `dtype`, bitwise
+    quant_matmul.dequantize_int4 (transposed) rounded to `dtype`."""
     K = packed.shape[1]
-    out = torch.empty((tiles.stop - tiles.start) * 64, K, dtype=dtype)
+    out = torch.empty(K, (tiles.stop - tiles.start) * 64, dtype=dtype)
     sz = scales_and_zeros
     library().qk_dequant_int4(_p(packed), _p(sz), _is_bf16(sz), group_size, packed.shape[0] * 64, tiles.start,
                               tiles.stop, K, _p(out), _is_bf16(out), torch.get_num_threads())  # fmt: skip

@@ -84,6 +84,52 @@ static const float *stage_f32(const void *x, int x_bf16, int64_t n) {
 
 static inline int threads_for(int nthreads, int64_t work) { return work < (1 << 18) ? 1 : nthreads; }
 
+/* 1 or 16 values of fp32 or bf16 (`bf`, a compile-time constant where it matters) as fp32, and back */
+static inline float ld1(const void *p, int64_t i, const int bf) {
+    return bf ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline __m512 ld16(const void *p, int64_t i, const int bf) {
+    return bf ? cvt_bf16x16(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))) : _mm512_loadu_ps((const float *)p + i);
+}
+
+static inline void st16(void *p, int64_t i, __m512 v, const int bf) {
+    if (bf)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), (__m256i)_mm512_cvtneps_pbh(v));
+    else
+        _mm512_storeu_ps((float *)p + i, v);
+}
+
+static inline __m512 round16(__m512 v, const int bf) { return bf ? cvt_bf16x16((__m256i)_mm512_cvtneps_pbh(v)) : v; }
+
+/* e^x, Cephes' polynomial with AVX-512 scalef; relative error ~1e-7 */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.37626f)), _mm512_set1_ps(-88.37626f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 silu16(__m512 x) {
+    return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+static inline float sumsq(const float *x, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i), acc);
+    return _mm512_reduce_add_ps(acc);
+}
+
+
 /* ------------------------------------------------------------------------------------------------------------ */
 /* bf16 weights: x bf16 (M, K), W (N, K), y bf16 (M, N) */
 
@@ -363,26 +409,24 @@ void qk_gemv_int4(const uint8_t *P, const void *sz, int s_bf16, int64_t G, const
     free(xsum);
 }
 
-/* rows [64 t0, 64 t1) of W, (64 (t1 - t0), K), computed as the reference does: (q - 8) * s + z, rounded once per op.
- * Row by row (strided byte reads within a tile that stays in cache), so that the output is written contiguously. */
+/* Rows [64 t0, 64 t1) of W, transposed: out (K, 64 (t1 - t0)) = W[rows, :]^T, each value computed as the reference
+ * does, (q - 8) * s + z rounded once per op, then rounded to the output dtype. Transposed because the tiled
+ * layout holds a column of 64 rows contiguously: every store is a whole vector. */
 void qk_dequant_int4(const uint8_t *P, const void *sz, int s_bf16, int64_t G, int64_t Np, int64_t t0, int64_t t1,
                      int64_t K, void *out, int out_bf16, int nthreads) {
-    const int64_t ng = K / G;
+    const int64_t ld = (t1 - t0) * 64;
 #pragma omp parallel for schedule(static) num_threads(threads_for(nthreads, (t1 - t0) * 64 * K))
     for (int64_t t = t0; t < t1; t++) {
         const uint8_t *tile = P + t * K * 32;
-        for (int r = 0; r < 64; r++) {
-            const int j = r & 31, shift = (r >> 5) * 4;
-            const int64_t row = t * 64 + r, o = (row - t0 * 64) * K;
-            for (int64_t gi = 0; gi < ng; gi++) {
-                const float s = load_scale(sz, s_bf16, (gi * Np + row) * 2), z = load_scale(sz, s_bf16, (gi * Np + row) * 2 + 1);
-                for (int64_t k = gi * G; k < (gi + 1) * G; k++) {
-                    const float q = (float)((tile[k * 32 + j] >> shift) & 15);
-                    const float w = (q - 8.0f) * s;
-                    if (out_bf16)
-                        ((uint16_t *)out)[o + k] = f32_to_bf16(w + z);
-                    else
-                        ((float *)out)[o + k] = w + z;
+        for (int64_t gi = 0; gi < K / G; gi++) {
+            __m512 s[4], z[4];
+            for (int r = 0; r < 4; r++) load_sz(sz, s_bf16, Np, gi, t * 64 + r * 16, &s[r], &z[r]);
+            for (int64_t k = gi * G; k < (gi + 1) * G; k++) {
+                __m512 q[4];
+                unpack_tile_col(tile + k * 32, q);
+                for (int r = 0; r < 4; r++) {
+                    const __m512 w = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(q[r], _mm512_set1_ps(8.0f)), s[r]), z[r]);
+                    st16(out, k * ld + (t - t0) * 64 + r * 16, w, out_bf16);
                 }
             }
         }
@@ -395,50 +439,6 @@ void qk_dequant_int4(const uint8_t *P, const void *sz, int s_bf16, int64_t G, in
  * bf16, else fp32. Roundings to the activation dtype happen where the torch code rounds. Every vector length
  * (head dims, channels) is a multiple of 16; the Python side checks. Each body is written once with the dtypes
  * as compile-time constants (ABF, WBF) and instantiated for the combinations. */
-
-static inline float ld1(const void *p, int64_t i, const int bf) {
-    return bf ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline __m512 ld16(const void *p, int64_t i, const int bf) {
-    return bf ? cvt_bf16x16(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))) : _mm512_loadu_ps((const float *)p + i);
-}
-
-static inline void st16(void *p, int64_t i, __m512 v, const int bf) {
-    if (bf)
-        _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), (__m256i)_mm512_cvtneps_pbh(v));
-    else
-        _mm512_storeu_ps((float *)p + i, v);
-}
-
-static inline __m512 round16(__m512 v, const int bf) { return bf ? cvt_bf16x16((__m256i)_mm512_cvtneps_pbh(v)) : v; }
-
-/* e^x, Cephes' polynomial with AVX-512 scalef; relative error ~1e-7 */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.37626f)), _mm512_set1_ps(-88.37626f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
-static inline __m512 silu16(__m512 x) {
-    return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-}
-
-static inline float sumsq(const float *x, int64_t n) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i), acc);
-    return _mm512_reduce_add_ps(acc);
-}
 
 /* Zero-centred RMSNorm, x_hat * (1 + w), over rows of D at a stride of `ld` elements -> out (M, D) contiguous.
  * Twin: model.RMSNorm's torch path. */
