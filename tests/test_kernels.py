@@ -15,6 +15,7 @@ Tolerances (max |fast - ref| / max |ref|):
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -279,6 +280,36 @@ def test_model_with_kernels_equals_reference(tmp_path_factory):
         ref = [model(torch.tensor([prompt]), cache, logits_to_keep=1)[0, -1]]
         ref += [model(torch.tensor([[t]]), cache)[0, -1] for t in tokens[:-1]]
     assert relative_error(fast_logits, torch.stack(ref)) <= 3e-2  # bf16 activations through 4 layers
+
+
+def test_decode_plan_follows_the_model(tmp_path_factory):
+    """The one-call decode keeps a description of the weights between steps; new storage behind the same
+    Parameters (`p.data = ...`) and modules swapped by quantization after it was built are seen, never read stale:
+    the fast logits keep matching those of a copy running the pure-torch path."""
+    from qwenlite.model import set_fast
+    from qwenlite.quant import quantize_model
+
+    def fast_logits(model, prompt):
+        out = logits_over_steps(model, prompt, 6)[1]
+        assert model.__dict__["_decode_plan"].layers is not None  # the one-call path ran
+        return out
+
+    def reference_logits(model, prompt):
+        reference = copy.deepcopy(model)
+        set_fast(reference, False)
+        return logits_over_steps(reference, prompt, 6)[1]
+
+    prompt = random_ids(1, 10, vocab=248000, seed=7)[0].tolist()
+    model = load_checkpoint(tiny_checkpoint(tmp_path_factory), "float32").model
+    before = fast_logits(model, prompt)
+    assert relative_error(before, reference_logits(model, prompt)) <= 1e-5
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data * 1.25  # same Parameter objects, new storage and values
+    after = fast_logits(model, prompt)
+    assert relative_error(after, reference_logits(model, prompt)) <= 1e-5 and relative_error(after, before) > 1e-2
+    quantize_model(model, 8)
+    assert relative_error(fast_logits(model, prompt), reference_logits(model, prompt)) <= 1e-4
 
 
 def test_build_failure_falls_back_to_torch(tmp_path):

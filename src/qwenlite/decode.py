@@ -13,6 +13,7 @@ caches), since callers pass views of a batch cache.
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,26 +34,40 @@ class Plan:
     """The weights' description (None where the C step does not apply) and what it depends on."""
 
     def __init__(self, model: Qwen3_5ForCausalLM):
-        # (a module's dict, key, the object expected there, its data pointer if a tensor: `p.data = ...` and
-        # Module.to keep the Parameter and change its storage)
-        self.watch: list[tuple[dict, str, object, int | None]] = []
+        # What must not change: dicts[i][keys[i]] is objects[i] (a module's children, parameters, buffers, `fast`),
+        # and tensors[i] still at ptrs[i] (`p.data = ...` and Module.to keep a Parameter, change its storage).
+        self.dicts: list[dict] = []
+        self.keys: list[str] = []
+        self.objects: list[object] = []
+        self.tensors: list[torch.Tensor] = []
+        self.ptrs: list[int] = []
         self.layers: torch.Tensor | None = None  # (n_layers, LAYER_FIELDS) int64, cache columns filled per step
         self.model: list[int] = []
         self.head: list[int] = []
         self.build(model)
 
     def valid(self) -> bool:
-        return all(d.get(k) is v and (ptr is None or v.data_ptr() == ptr) for d, k, v, ptr in self.watch)
+        """Checked before every step: ~700 lookups, kept to builtins (about 0.1 ms)."""
+        return (all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.objects))
+                and list(map(torch.Tensor.data_ptr, self.tensors)) == self.ptrs)  # fmt: skip
 
     def keep(self, module: nn.Module, *names: str) -> None:
         """Watch `module`'s children / parameters / buffers called `names`, and its `fast` flag."""
         for name in names:
             for d in (module._modules, module._parameters, module._buffers):
                 if name in d:
-                    v = d[name]
-                    self.watch.append((d, name, v, v.data_ptr() if isinstance(v, torch.Tensor) else None))
+                    self.expect(d, name)
         if hasattr(module, "fast"):
-            self.watch.append((module.__dict__, "fast", module.__dict__.get("fast"), None))
+            self.expect(module.__dict__, "fast")
+
+    def expect(self, d: dict, key: str) -> None:
+        v = d.get(key)
+        self.dicts.append(d)
+        self.keys.append(key)
+        self.objects.append(v)
+        if isinstance(v, torch.Tensor):
+            self.tensors.append(v)
+            self.ptrs.append(v.data_ptr())
 
     def linear(self, parent: nn.Module, name: str) -> list[int] | None:
         module = getattr(parent, name)

@@ -47,7 +47,7 @@ SIGNATURES = {
 }
 CTYPES = {"P": ctypes.c_void_p, "L": ctypes.c_int64, "I": ctypes.c_int, "F": ctypes.c_float}
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off"]
-MAX_ROWS = 8  # activation rows up to which a GEMV beats dequantize-then-GEMM (measured on the 0.8B's shapes)
+MAX_ROWS = 8  # activation rows served by the GEMVs (decode, batched decode: two passes over W at 8); more: GEMM
 DEQUANT_ROWS = 16384  # rows of a quantized W dequantized at a time for a GEMM: bounds the temporary (32 MB at K 1024)
 
 
