@@ -42,7 +42,7 @@ class Plan:
         self.tensors: list[torch.Tensor] = []
         self.ptrs: list[int] = []
         self.layers: torch.Tensor | None = None  # (n_layers, LAYER_FIELDS) int64, cache columns filled per step
-        self.model: list[int] = []
+        self.model: dict[str, int] = {}  # kernels.MODEL_FIELD_NAMES but those of a step
         self.head: list[int] = []
         self.build(model)
 
@@ -122,11 +122,13 @@ class Plan:
             return
         self.layers = torch.tensor(rows, dtype=torch.int64)
         self.head = head
-        self.model = [int(dtype == torch.bfloat16), int(wdtype == torch.bfloat16), 0, c.hidden_size,
-                      c.intermediate_size, c.num_hidden_layers, eps, c.linear_num_key_heads, c.linear_num_value_heads,
-                      c.linear_key_head_dim, c.linear_value_head_dim, c.linear_conv_kernel_dim, c.num_attention_heads,
-                      c.num_key_value_heads, c.head_dim, 0, c.rotary_dim, int(c.attn_output_gate),
-                      0, 0, 0, norm]  # fmt: skip
+        self.model = {"act_bf16": int(dtype == torch.bfloat16), "w_bf16": int(wdtype == torch.bfloat16),
+                      "hidden": c.hidden_size, "intermediate": c.intermediate_size, "layers": c.num_hidden_layers,
+                      "eps_e9": eps, "k_heads": c.linear_num_key_heads, "v_heads": c.linear_num_value_heads,
+                      "k_head_dim": c.linear_key_head_dim, "v_head_dim": c.linear_value_head_dim,
+                      "conv_kernel": c.linear_conv_kernel_dim, "heads": c.num_attention_heads,
+                      "kv_heads": c.num_key_value_heads, "head_dim": c.head_dim, "rotary_dim": c.rotary_dim,
+                      "gated": int(c.attn_output_gate), "final_norm": norm}  # fmt: skip
 
 
 def decode_in_one_call(model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor | None:
@@ -142,7 +144,8 @@ def decode_in_one_call(model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, cache
     pointers = []
     for lc in cache.layers:
         t4, t5 = (lc.conv, lc.state) if hasattr(lc, "state") else (lc.k, lc.v)
-        if not (t4.is_contiguous() and t5.is_contiguous() and t4.dtype == dtype and t5.dtype in (dtype, torch.float32)):
+        state_dtype = torch.float32 if hasattr(lc, "state") else dtype
+        if not (t4.is_contiguous() and t5.is_contiguous() and t4.dtype == dtype and t5.dtype == state_dtype):
             return None
         pointers.append([t4.data_ptr(), t5.data_ptr()])
     layers = plan.layers.clone()  # the plan is shared: threads may decode with one model into different caches
@@ -152,10 +155,9 @@ def decode_in_one_call(model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, cache
         raise ValueError(f"{int(pos.max()) + 1} tokens do not fit a cache of {cache.max_seq_len}")
     cos, sin = rope_cos_sin(pos, model.model.inv_freq, dtype)  # (B, R)
     x = model.model.embed_tokens(input_ids[:, 0]).contiguous()  # (B, hidden), overwritten in place
-    fields = list(plan.model)
-    fields[2] = B
-    fields[15] = cache.max_seq_len if cache.max_seq_len < 1 << 62 else 0
-    fields[18:21] = [pos.data_ptr(), cos.data_ptr(), sin.data_ptr()]
+    step = {"rows": B, "max_seq_len": cache.max_seq_len if cache.max_seq_len < 1 << 62 else 0,
+            "positions": pos.data_ptr(), "cos": cos.data_ptr(), "sin": sin.data_ptr()}  # fmt: skip
+    fields = [plan.model.get(name, step.get(name)) for name in kernels.MODEL_FIELD_NAMES]
     fields += [*plan.head, model.config.vocab_size]
     logits = kernels.decode_step(fields, layers, x, model.config.vocab_size)
     cache.lengths += 1

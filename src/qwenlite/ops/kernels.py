@@ -333,7 +333,11 @@ def attn_decode(layer: torch.nn.Module, qg: torch.Tensor, kx: torch.Tensor, vx: 
 FMT_BF16, FMT_F32, FMT_INT8, FMT_INT4 = range(4)
 LIN_FIELDS = 8  # fmt, weight, scales, scales bf16, group size, N, padded N, K
 LAYER_FIELDS = 3 + 8 * LIN_FIELDS + 6  # kind, in norm, post norm, 8 linears, 6 layer-kind tensors
-MODEL_FIELDS = 22 + LIN_FIELDS + 1  # the C enum M_*: 22 scalars and pointers, the head, the vocabulary size
+# The model-wide fields, as the C enum M_* orders them; then the head (LIN_FIELDS) and the vocabulary size.
+MODEL_FIELD_NAMES = ("act_bf16", "w_bf16", "rows", "hidden", "intermediate", "layers", "eps_e9", "k_heads", "v_heads",
+                     "k_head_dim", "v_head_dim", "conv_kernel", "heads", "kv_heads", "head_dim", "max_seq_len",
+                     "rotary_dim", "gated", "positions", "cos", "sin", "final_norm")  # fmt: skip
+MODEL_FIELDS = len(MODEL_FIELD_NAMES) + LIN_FIELDS + 1
 
 
 def decode_step(model_fields: list[int], layers: torch.Tensor, x: torch.Tensor, vocab: int) -> torch.Tensor:
