@@ -18,6 +18,10 @@ quantized checkpoints (`qwenlite quantize`, so that peak memory reflects the qua
 (`qwenlite convert --to gguf`, from the bf16 checkpoint). Every measurement runs in its own process, one at a time,
 so that memory figures do not mix and the engines never compete for cores. llama.cpp runs under
 --llama-python, an interpreter with llama-cpp-python installed (this file re-runs itself there with --engine llama).
+llama-cpp-python is a source package that compiles llama.cpp for this CPU (cmake and a C++ compiler, a few
+minutes); keep it out of the project's environment:
+
+    python3 -m venv /work/llvenv && CMAKE_ARGS="-DGGML_NATIVE=ON" /work/llvenv/bin/pip install llama-cpp-python
 
 At the end a markdown table, the raw results and a bar chart go to --out: compare.md, compare.json, compare.png.
 Random weights give the real speed: decode reads every weight once per token whatever its value.
