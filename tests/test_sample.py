@@ -319,3 +319,15 @@ def test_validate_accepts_edges():
         SamplingParams(top_p=1e-6, min_p=1.0, repetition_penalty=1e-3, presence_penalty=-2, frequency_penalty=2),
     ]:
         params.validate()
+
+
+def test_greedy_is_torch_argmax():
+    """The numpy shortcut picks what torch.argmax picks: the first of equal maxima, a NaN over any number, and
+    other dtypes and views go through torch."""
+    from qwenlite.sample import greedy
+
+    gen = torch.Generator().manual_seed(0)
+    cases = [torch.randn(248320, generator=gen), torch.tensor([1.0, 3.0, 3.0]), torch.tensor([1.0, float("nan"), 3.0]),
+             torch.randn(4, 1000, generator=gen)[2], torch.randn(1000, generator=gen).to(torch.bfloat16)]  # fmt: skip
+    for logits in cases:
+        assert greedy(logits) == int(torch.argmax(logits))

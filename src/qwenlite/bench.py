@@ -112,6 +112,7 @@ def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, pr
     from qwenlite.generate import decode_step, prefill
     from qwenlite.gguf_import import load_any
     from qwenlite.hub import resolve_model_path
+    from qwenlite.sample import greedy
 
     if threads:
         torch.set_num_threads(threads)
@@ -127,10 +128,10 @@ def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, pr
         cache = make_cache(model.config, max_seq_len=n_prompt + n_decode + 1, dtype=model.dtype, device=model.device)
         with torch.inference_mode():
             t0 = time.perf_counter()
-            token = int(prefill(model, ids[:n_prompt], cache).argmax())
+            token = greedy(prefill(model, ids[:n_prompt], cache))
             t1 = time.perf_counter()
             for _ in range(n_decode):
-                token = int(decode_step(model, token, cache).argmax())
+                token = greedy(decode_step(model, token, cache))
             return t1 - t0, time.perf_counter() - t1
 
     run(min(prompt, 16), 4)  # warm-up: page the weights in, build the kernels

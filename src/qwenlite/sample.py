@@ -167,6 +167,14 @@ def _draw(weights: torch.Tensor, generator: torch.Generator) -> int:
     return int(torch.searchsorted(cdf, u, right=True))
 
 
+def greedy(logits: torch.Tensor) -> int:
+    """argmax of logits (V,), the first of equal maxima. On the CPU through numpy: torch's CPU argmax takes ~140 us
+    over a 248K vocabulary, numpy's ~12 (measured), 1.5% of an int4 decode step."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
+        return int(logits.detach().numpy().argmax())
+    return int(torch.argmax(logits))
+
+
 def make_sampler(params: SamplingParams) -> Sampler:
     """logits (V,) -> token id. Temperature 0 is argmax; otherwise a draw seeded by params.seed.
 
@@ -175,7 +183,7 @@ def make_sampler(params: SamplingParams) -> Sampler:
     """
     params.validate()
     if params.temperature == 0.0:
-        return lambda logits: int(torch.argmax(logits))
+        return greedy
 
     generator: torch.Generator | None = None
 
