@@ -4,19 +4,21 @@
  *   qk_gemv_bf16    y = x W^T, W bf16 (N, K), x and y bf16                     twin: F.linear
  *   qk_gemv_int8    y = x (q * s)^T, q int8 (N, K), s (N, K/G)                  twin: quant_matmul.int8_matmul_ref
  *   qk_gemv_int4    y = x ((q - 8) * s + z)^T, q in quant_matmul's tiled64       twin: quant_matmul.int4_matmul_ref
- *   qk_dequant_int8 / qk_dequant_int4: rows of W in bf16 or fp32 (prefill: dequantize, then torch's GEMM)
+ *   qk_gemv_f32     y = x W^T, all fp32                                          twin: F.linear
+ *   qk_dequant_int8 / qk_dequant_int4: rows of W (int4: W^T) in bf16 or fp32 (prefill: dequantize, then torch's GEMM)
  *   qk_gdn_decode   a Gated DeltaNet layer's token between projections           twin: model.GatedDeltaNet (torch path)
  *                   (conv, SiLU, L2 norms, gates, delta rule in one pass over the state, gated RMSNorm)
  *   qk_conv_silu    a prompt's causal conv + SiLU, carrying the state              twin: conv.causal_conv1d + F.silu
  *   qk_rmsnorm      zero-centred RMSNorm                                          twin: model.RMSNorm (torch path)
  *   qk_attn_decode  an attention layer's token between projections                twin: model.Attention (torch path)
  *                   (q/k norms, rotary, cache write, attention over the prefix, output gate)
+ *   qk_decode_step  the whole model for one token per row, from the above        twin: Qwen3_5ForCausalLM.forward
  *   qk_read         reads memory as a GEMV does, for `qwenlite bench`'s bandwidth figure
  *
  * The GEMVs are for few activation rows (decode, batched decode): each pass streams the weights once for up to
  * MB rows of x, accumulating in fp32. Decode is bound by memory bandwidth, so the inner loops do just enough
- * arithmetic per byte to keep up with it: bf16 by AVX512-BF16 dot products, int8 and int4 by widening to fp32
- * and FMA. Threads split the output rows (OpenMP; the runtime is torch's own libgomp, loaded first).
+ * arithmetic per byte to keep up with it: bf16 (and int4 with bf16 activations) by AVX512-BF16 dot products,
+ * int8 and int4 otherwise by widening to fp32 and FMA. Threads split the output rows (OpenMP; the runtime is torch's own libgomp, loaded first).
  *
  * Activations: fp32 or bf16 (`x_bf16`), outputs likewise (`y_bf16`); scales fp32 or bf16 (`s_bf16`).
  * Everything is contiguous, row-major. Without AVX-512 the file builds only qk_simd() == 0, and qwenlite uses
