@@ -353,8 +353,9 @@ def plot(results: list[dict], models: list[str], precisions: list[str], title: s
                 if r and "decode_limit_tok_s" in r:
                     y = r["decode_limit_tok_s"]
                     ax.hlines(y, x - width / 2, x + width / 2, colors="black", linestyles="--")
-                    ax.annotate(f"limit {y:.0f}", (x, y), textcoords="offset points", xytext=(0, 3), ha="center",
-                                fontsize=7)  # fmt: skip
+                    # Left of the dash, clear of the bar's own value label above it.
+                    ax.annotate(f"limit {y:.0f}", (x - width / 2, y), textcoords="offset points", xytext=(-2, 0),
+                                ha="right", va="center", fontsize=7)  # fmt: skip
             ax.plot([], [], "k--", label="qwenlite decode limit (memory bandwidth)")
         ax.set_xticks(range(len(groups)), [f"{m} {p}" for m, p in groups])
         ax.set_ylabel(label)
