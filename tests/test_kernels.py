@@ -5,8 +5,8 @@ Tolerances (max |fast - ref| / max |ref|):
 - fp32 outputs: 1e-5 (accumulation order; measured <= 8e-7);
 - bf16 outputs: 1e-2 (both round to bf16, a step of 2^-8 relative; an output near a rounding boundary may land
   one step apart, measured <= 3.2e-3);
-- int8 / int4 with more than MAX_ROWS rows (dequantize to the activation dtype, then torch's GEMM): the same,
-  as in bf16 the dequantized weight is rounded to bf16 like any bf16 model's;
+- int8 / int4 past INT8_GEMV_ROWS / INT4_GEMV_ROWS rows (dequantize to the activation dtype, then torch's GEMM):
+  the same two, as in bf16 the dequantized weight is rounded to bf16 like any bf16 model's;
 - dequantization: bitwise equal to the reference's, rounded to the output dtype;
 - the fusions (a Gated DeltaNet token, an attention token, RMSNorm, the prompt's conv + SiLU) as fp32 / bf16
   outputs above, against the model's own torch code; the recurrent state 1e-5 in fp32; conv state and value
@@ -69,9 +69,10 @@ def group_sizes(K: int, N: int, choices: tuple[int, ...]) -> list[int]:
 
 
 def rows_for(N: int) -> tuple[int, ...]:
-    """1 (decode), 3 and 8 (batched decode: one pass over W, then a second one), 19 (the dequantize + GEMM path);
-    the head only at 1 and 8: its fp32 reference takes seconds."""
-    return (1, 8) if N > 100_000 else (1, 3, 8, 19)
+    """1 (decode), 3 and 8 (batched decode: one pass over W, then a second one), 19 (a short prompt: more passes),
+    70 (past INT8_GEMV_ROWS and INT4_GEMV_ROWS: the dequantize + GEMM path); the head only at 1 and 8: its fp32
+    reference takes seconds."""
+    return (1, 8) if N > 100_000 else (1, 3, 8, 19, 70)
 
 
 def test_kernels_build_here():
