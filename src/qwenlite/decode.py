@@ -41,6 +41,7 @@ class Plan:
         self.objects: list[object] = []
         self.tensors: list[torch.Tensor] = []
         self.ptrs: list[int] = []
+        self.flagged: set[nn.Module] = set()  # modules whose `fast` flag is watched already
         self.layers: torch.Tensor | None = None  # (n_layers, LAYER_FIELDS) int64, cache columns filled per step
         self.model: dict[str, int] = {}  # kernels.MODEL_FIELD_NAMES but those of a step
         self.head: list[int] = []
@@ -52,12 +53,13 @@ class Plan:
                 and list(map(torch.Tensor.data_ptr, self.tensors)) == self.ptrs)  # fmt: skip
 
     def keep(self, module: nn.Module, *names: str) -> None:
-        """Watch `module`'s children / parameters / buffers called `names`, and its `fast` flag."""
+        """Watch `module`'s children / parameters / buffers called `names`, and its `fast` flag (once)."""
         for name in names:
             for d in (module._modules, module._parameters, module._buffers):
                 if name in d:
                     self.expect(d, name)
-        if hasattr(module, "fast"):
+        if hasattr(module, "fast") and module not in self.flagged:
+            self.flagged.add(module)
             self.expect(module.__dict__, "fast")
 
     def expect(self, d: dict, key: str) -> None:
@@ -96,8 +98,6 @@ class Plan:
             self.keep(layer, "input_layernorm", "post_attention_layernorm", "mlp", "linear_attn", "self_attn")
             norms = [self.small(layer.input_layernorm, "weight", wdtype),
                      self.small(layer.post_attention_layernorm, "weight", wdtype)]  # fmt: skip
-            self.keep(layer.input_layernorm)
-            self.keep(layer.post_attention_layernorm)
             mlp = [self.linear(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
             if layer.layer_type == "linear_attention":
                 a = layer.linear_attn
@@ -111,13 +111,11 @@ class Plan:
                 projections = [self.linear(a, n) for n in ("q_proj", "k_proj", "v_proj")]
                 projections.append([0] * kernels.LIN_FIELDS)
                 tensors = [self.small(a.q_norm, "weight", wdtype), self.small(a.k_norm, "weight", wdtype), 0, 0]
-            self.keep(a)
             projections.append(self.linear(a, "out_proj" if layer.layer_type == "linear_attention" else "o_proj"))
             if any(v is None for v in norms + tensors) or any(f is None for f in projections + mlp):
                 return
             rows.append([KIND[layer.layer_type], *norms, *(v for f in projections + mlp for v in f), *tensors, 0, 0])
         head, norm = self.linear(model, "lm_head"), self.small(m.norm, "weight", wdtype)
-        self.keep(m.norm)
         if head is None or norm is None:
             return
         self.layers = torch.tensor(rows, dtype=torch.int64)
