@@ -5,7 +5,6 @@ queue, cancellation and context limits hold."""
 from __future__ import annotations
 
 import queue
-import time
 
 import pytest
 import torch
@@ -29,7 +28,7 @@ from qwenlite.server import turn_starts
 from qwenlite.tokenizer import Tokenizer
 from qwenlite.weights import load_checkpoint
 
-from helpers import tiny_checkpoint
+from helpers import tiny_checkpoint, wait_until
 
 GREEDY = SamplingParams(temperature=0)
 CTX = 512
@@ -63,14 +62,6 @@ def reference(model, prompt, params, max_tokens) -> list[int]:
     return list(generate_tokens(model, prompt, params, max_tokens, max_context=CTX))
 
 
-def wait_until(condition, timeout: float = 5.0) -> float:
-    t0 = time.perf_counter()
-    while not condition():
-        assert time.perf_counter() - t0 < timeout, "timed out"
-        time.sleep(0.005)
-    return time.perf_counter() - t0
-
-
 def test_batched_requests_that_join_and_leave_match_generate(tiny, engine):
     """Eight requests, two of them joining a running batch, different prompt lengths and max_tokens, greedy,
     seeded sampling and penalties: each gets exactly the tokens `generate_tokens` gives it alone. (Sampling keeps
@@ -98,7 +89,7 @@ def test_batched_requests_that_join_and_leave_match_generate(tiny, engine):
         assert event.reason == "length" and event.usage.completion_tokens == lengths[i]
         assert [e.id for e in events] == reference(model, prompts[i], settings[i], lengths[i]), f"request {i}"
     assert engine.max_batch == 8
-    wait_until(lambda: engine.active == 0)
+    wait_until(lambda: engine.active == 0, timeout=5)
 
 
 def test_prompt_state_reuse_prefills_only_the_new_tokens_and_matches_a_cold_prompt(tiny):
@@ -174,7 +165,7 @@ def test_a_full_queue_refuses_at_once(tiny):
             engine.submit(Request(prompt, GREEDY, 400), lambda e: None)
         first.cancel()
         second.cancel()
-        wait_until(lambda: engine.active == 0 and engine.waiting == 0)
+        wait_until(lambda: engine.active == 0 and engine.waiting == 0, timeout=5)
         tokens, finish, _ = run(engine, Request(prompt, GREEDY, 3))  # and it keeps serving
         assert finish.reason == "length" and len(tokens) == 3
     finally:
