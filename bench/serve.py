@@ -27,7 +27,7 @@ import httpx
 SERVER = """
 import sys, torch
 torch.set_num_threads({threads})
-from qwenlite.server import serve
+from qwenlite.serve.app import serve
 serve({path!r}, port={port}, max_concurrency={slots}, ctx={ctx}, dtype={dtype!r}, served_model_name="bench")
 """
 

@@ -36,12 +36,12 @@ def prepare(work: Path, model: str, vocab: str, corpus_bytes: int) -> None:
     """Corpus, tokenizer and a checkpoint with the documented initial weights, shared by both engines."""
 
     from qwenlite.config import ModelConfig
-    from qwenlite.model import Qwen3_5ForCausalLM
-    from qwenlite.tokenizer import write_tokenizer_files
+    from qwenlite.io.checkpoint import save_checkpoint
+    from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
+    from qwenlite.text.vocab import write_tokenizer_files
     from qwenlite.train.demo import build_stdlib_corpus
     from qwenlite.train.pretrain import init_weights, resolve_model_config
     from qwenlite.train.tokenizer_train import train_tokenizer
-    from qwenlite.weights import save_checkpoint
 
     build_stdlib_corpus(work / "corpus", corpus_bytes)
     if vocab == "real":

@@ -25,9 +25,9 @@ def measure(engine: str, path: str, prompt_len: int, decode_len: int, dtype: str
     ids = torch.randint(1000, 100000, (1, prompt_len))
     dt = getattr(torch, dtype)
     if engine == "qwenlite":
-        from qwenlite.cache import make_cache
         from qwenlite.generate import decode_step, prefill
-        from qwenlite.weights import load_checkpoint
+        from qwenlite.io.checkpoint import load_checkpoint
+        from qwenlite.model.cache import make_cache
 
         model = load_checkpoint(path, dtype=dt).model
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from qwenlite.tokenizer import Tokenizer, write_tokenizer_files
+from qwenlite.text.tokenizer import Tokenizer
+from qwenlite.text.vocab import write_tokenizer_files
 
 
 @pytest.fixture(scope="session")

@@ -29,8 +29,8 @@ import uvicorn
 from safetensors.torch import load_file, save_file
 
 from qwenlite.cli import main as cli_main
-from qwenlite.engine import Engine
-from qwenlite.weights import load_checkpoint, save_checkpoint
+from qwenlite.io.checkpoint import load_checkpoint, save_checkpoint
+from qwenlite.serve.engine import Engine
 
 TINY_TEXT_CONFIG: dict = {
     "vocab_size": 512,

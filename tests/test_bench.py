@@ -8,7 +8,7 @@ import json
 import pytest
 
 from qwenlite.cli import main
-from qwenlite.quant import quantize_checkpoint
+from qwenlite.io.quantized import quantize_checkpoint
 
 from helpers import tiny_checkpoint
 

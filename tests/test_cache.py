@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from qwenlite.cache import AttentionCache, LinearAttentionCache, make_cache
-from qwenlite.weights import load_checkpoint
+from qwenlite.io.checkpoint import load_checkpoint
+from qwenlite.model.cache import AttentionCache, LinearAttentionCache, make_cache
 
 from helpers import make_hf_checkpoint, max_abs_diff, random_ids
 

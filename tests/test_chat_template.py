@@ -6,7 +6,8 @@ import json
 import pytest
 
 from qwenlite.errors import QwenliteError
-from qwenlite.tokenizer import Tokenizer, build_qwen35_tokenizer
+from qwenlite.text.tokenizer import Tokenizer
+from qwenlite.text.vocab import build_qwen35_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

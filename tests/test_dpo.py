@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qwenlite.errors import QwenliteError
-from qwenlite.tokenizer import Tokenizer
+from qwenlite.text.tokenizer import Tokenizer
 from qwenlite.train.dpo import dpo_loss, load_dpo_data, train_dpo
 from qwenlite.train.posttrain import IGNORE, LoRASettings, TrainSettings
 

@@ -9,24 +9,15 @@ import queue
 import pytest
 import torch
 
-from qwenlite.cache import make_cache
-from qwenlite.engine import (
-    ContextLengthExceeded,
-    Engine,
-    Finish,
-    PromptCache,
-    PromptLogprobs,
-    QueueFull,
-    Request,
-    Token,
-    snapshot_bytes,
-)
 from qwenlite.errors import QwenliteError
 from qwenlite.generate import generate_tokens
+from qwenlite.io.checkpoint import load_checkpoint
+from qwenlite.model.cache import make_cache
 from qwenlite.sample import SamplingParams
-from qwenlite.server import turn_starts
-from qwenlite.tokenizer import Tokenizer
-from qwenlite.weights import load_checkpoint
+from qwenlite.serve.engine import ContextLengthExceeded, Engine, Finish, PromptLogprobs, QueueFull, Request, Token
+from qwenlite.serve.openai import turn_starts
+from qwenlite.serve.prompt_cache import PromptCache, snapshot_bytes
+from qwenlite.text.tokenizer import Tokenizer
 
 from helpers import tiny_checkpoint, wait_until
 

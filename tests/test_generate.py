@@ -10,8 +10,8 @@ from torch import nn
 from qwenlite.config import preset_config
 from qwenlite.errors import QwenliteError
 from qwenlite.generate import GenerationStats, generate, generate_tokens, stream
+from qwenlite.io.checkpoint import load_checkpoint
 from qwenlite.sample import SamplingParams
-from qwenlite.weights import load_checkpoint
 
 from helpers import make_hf_checkpoint, random_ids
 

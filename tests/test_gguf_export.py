@@ -13,10 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import qwenlite.gguf as qg
+import qwenlite.io.gguf_export as qg
+from qwenlite.cli.convert import add_convert_command
 from qwenlite.errors import QwenliteError
-from qwenlite.gguf import GGUF_LAYER_NAMES, GGUF_NAMES, add_convert_command, export_gguf
-from qwenlite.weights import sanitize
+from qwenlite.io.checkpoint import sanitize
+from qwenlite.io.gguf_export import GGUF_LAYER_NAMES, GGUF_NAMES, export_gguf
 
 from helpers import TINY_TEXT_CONFIG, make_hf_checkpoint
 from tiny_chat import make_chat_checkpoint, write_tiny_tokenizer

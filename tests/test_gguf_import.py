@@ -20,21 +20,22 @@ import numpy as np
 import pytest
 import torch
 
-import qwenlite.gguf as qg
+import qwenlite.io.gguf_export as qg
 from qwenlite.errors import QwenliteError
-from qwenlite.gguf import convert_tensor, export_gguf, gguf_name
-from qwenlite.gguf_import import (
+from qwenlite.io.checkpoint import load_checkpoint
+from qwenlite.io.gguf_export import convert_tensor, export_gguf, gguf_name
+from qwenlite.io.gguf_import import (
     dequantize_rows,
-    load_any,
     load_gguf,
     our_name,
     read_gguf,
     tokenizer_from_gguf,
     unconvert_tensor,
 )
-from qwenlite.quant import QuantLinear, quantize_checkpoint
-from qwenlite.tokenizer import Tokenizer
-from qwenlite.weights import load_checkpoint
+from qwenlite.io.load import load_model
+from qwenlite.io.quantized import quantize_checkpoint
+from qwenlite.model.quantized import QuantLinear
+from qwenlite.text.tokenizer import Tokenizer
 
 from helpers import max_abs_diff, random_ids, reference_logits
 from tiny_chat import make_chat_checkpoint
@@ -278,17 +279,17 @@ def test_load_any(models, tmp_path):
     ckpt, hf, f32 = models[False]
     ids = random_ids(1, 16)
     want = reference_logits(hf, ids)
-    model, tokenizer = load_any(f32, "float32")
+    model, tokenizer = load_model(f32, "float32")
     assert max_abs_diff(model(ids), want) < 1e-4 and tokenizer.chat_template
-    model, _ = load_any(ckpt, "float32")
+    model, _ = load_model(ckpt, "float32")
     assert max_abs_diff(model(ids), want) < 1e-4
-    model, _ = load_any(ckpt, "float32", quant="int8")
+    model, _ = load_model(ckpt, "float32", quant="int8")
     assert isinstance(model.lm_head, QuantLinear)
     quantized = quantize_checkpoint(ckpt, tmp_path / "int8", 8, progress=False)
-    loaded, tokenizer = load_any(quantized)
+    loaded, tokenizer = load_model(quantized)
     assert torch.equal(loaded(ids), model(ids)) and tokenizer.encode("Paris") == Tokenizer.from_dir(ckpt).encode(
         "Paris"
     )
     with pytest.raises(QwenliteError, match="already quantized"):
-        load_any(quantized, quant="int4")
+        load_model(quantized, quant="int4")
     shutil.rmtree(quantized)

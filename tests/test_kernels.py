@@ -24,14 +24,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwenlite.cache import make_cache
 from qwenlite.config import ModelConfig, preset_config
-from qwenlite.model import Attention, GatedDeltaNet, RMSNorm
-from qwenlite.ops import kernels
+from qwenlite.io.checkpoint import load_checkpoint
+from qwenlite.model.cache import make_cache
+from qwenlite.model.qwen3_5 import Attention, GatedDeltaNet, RMSNorm
+from qwenlite.model.runner import run_model
 from qwenlite.ops import quant_matmul as qm
 from qwenlite.ops.conv import causal_conv1d
+from qwenlite.ops.cpu import kernels
 from qwenlite.ops.rope import rope_cos_sin, rope_inv_freq
-from qwenlite.weights import load_checkpoint
 
 from helpers import random_ids, tiny_checkpoint
 
@@ -252,19 +253,19 @@ def test_attn_decode_matches_the_layer(dtype, gated):
 def logits_over_steps(model, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
     cache = make_cache(model.config, 1, len(prompt) + steps, model.dtype)
     with torch.inference_mode():
-        logits = model(torch.tensor([prompt]), cache, logits_to_keep=1)[0, -1]
+        logits = run_model(model, torch.tensor([prompt]), cache, logits_to_keep=1)[0, -1]
         out, rows = [], []
         for _ in range(steps):
             out.append(int(logits.argmax()))
             rows.append(logits)
-            logits = model(torch.tensor([[out[-1]]]), cache)[0, -1]
+            logits = run_model(model, torch.tensor([[out[-1]]]), cache)[0, -1]
     return out, torch.stack(rows)
 
 
 def test_model_with_kernels_equals_reference(tmp_path_factory):
     """fp32: greedy decode with the fused delta-rule step equals the pure-torch path token for token; bf16: the
     GEMVs and the step give the reference's logits within bf16 rounding, fed the same tokens."""
-    from qwenlite.model import set_fast
+    from qwenlite.model.qwen3_5 import set_fast
 
     path = tiny_checkpoint(tmp_path_factory)
     prompt = random_ids(1, 12, vocab=248000, seed=5)[0].tolist()
@@ -287,8 +288,8 @@ def test_decode_plan_follows_the_model(tmp_path_factory):
     """The one-call decode keeps a description of the weights between steps; new storage behind the same
     Parameters (`p.data = ...`) and modules swapped by quantization after it was built are seen, never read stale:
     the fast logits keep matching those of a copy running the pure-torch path."""
-    from qwenlite.model import set_fast
-    from qwenlite.quant import quantize_model
+    from qwenlite.model.quantized import quantize_model
+    from qwenlite.model.qwen3_5 import set_fast
 
     def fast_logits(model, prompt):
         out = logits_over_steps(model, prompt, 6)[1]
@@ -317,7 +318,7 @@ def test_build_failure_falls_back_to_torch(tmp_path):
     """No working compiler: one warning, kernels unavailable, and the model still runs on torch's kernels."""
     code = (
         "import warnings, torch\n"
-        "from qwenlite.ops import kernels\n"
+        "from qwenlite.ops.cpu import kernels\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
         "    assert not kernels.available()\n"

@@ -5,14 +5,15 @@ The merge is checked at 1e-5 on a checkpoint drawn at scale 0.05 (logits up to ~
 ~3e-6 of a float64 one; at helpers' default scale 0.2 (logits up to ~7) fp32 rounding alone moves logits by
 2-3e-5, so a 1e-5 bound there would measure rounding, not the merge."""
 
-import argparse
 import json
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from qwenlite.cli.main import main
 from qwenlite.errors import QwenliteError
+from qwenlite.io.checkpoint import load_checkpoint
 from qwenlite.train.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -24,10 +25,8 @@ from qwenlite.train.lora import (
     merge_lora,
     save_adapter,
 )
-from qwenlite.train.post_cli import add_post_train_commands
 from qwenlite.train.posttrain import LoRASettings, TrainSettings, is_language_model_layout
 from qwenlite.train.sft import train_sft
-from qwenlite.weights import load_checkpoint
 
 from helpers import make_hf_checkpoint, max_abs_diff, random_ids, reference_logits
 from tiny_chat import make_chat_checkpoint, write_jsonl
@@ -150,11 +149,9 @@ def test_bad_adapter_errors(tmp_path, trained):
 
 
 def test_merge_lora_command(trained, tmp_path):
-    parser = argparse.ArgumentParser()
-    add_post_train_commands(parser.add_subparsers())
-    args = parser.parse_args(["merge-lora", "--model", str(trained / "base"), "--adapter", str(trained / "adapter"),
-                              "--out", str(tmp_path / "merged")])  # fmt: skip
-    assert args.func(args) == 0
+    argv = ["train", "merge-lora", "--model", str(trained / "base"), "--adapter", str(trained / "adapter"),
+            "--out", str(tmp_path / "merged")]  # fmt: skip
+    assert main(argv) == 0
     merged = logits(base_model(tmp_path / "merged"))
     assert max_abs_diff(merged, logits(base_model(trained / "adapter" / "merged"))) < 1e-6
     assert (tmp_path / "merged" / "tokenizer.json").is_file()

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from qwenlite.cache import AttentionCache, make_cache
 from qwenlite.config import ModelConfig
-from qwenlite.model import Qwen3_5ForCausalLM
-from qwenlite.weights import load_checkpoint
+from qwenlite.io.checkpoint import load_checkpoint
+from qwenlite.model.cache import AttentionCache, make_cache
+from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 
 from helpers import (
     MTP_FILE,

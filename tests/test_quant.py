@@ -13,7 +13,6 @@ Tolerances:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import shutil
@@ -23,22 +22,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import qwenlite.quant as quant
-from qwenlite.cache import make_cache
+from qwenlite.cli.main import build_parser
 from qwenlite.config import ModelConfig
 from qwenlite.errors import QwenliteError
-from qwenlite.model import Qwen3_5ForCausalLM, initial_value, set_fast
+from qwenlite.io.checkpoint import load_checkpoint, save_aligned, save_checkpoint
+from qwenlite.io.quantized import load_quantized, quantization_config, quantize_checkpoint
+from qwenlite.model.cache import make_cache
+from qwenlite.model.quantized import QuantEmbedding, QuantLinear, apply_quant, quantize_model
+from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value, set_fast
 from qwenlite.ops import quant_matmul as qm
-from qwenlite.quant import (
-    QuantEmbedding,
-    QuantLinear,
-    add_quantize_command,
-    apply_quant,
-    load_quantized,
-    quantize_checkpoint,
-    quantize_model,
-)
-from qwenlite.weights import load_checkpoint, save_checkpoint
 
 from helpers import make_hf_checkpoint, random_ids, tiny_checkpoint
 from tiny_chat import write_tiny_tokenizer
@@ -260,9 +252,7 @@ def test_greedy_fast_equals_reference(tmp_path_factory, quant_name):
 
 
 def run_quantize(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    add_quantize_command(parser.add_subparsers())
-    args = parser.parse_args(["quantize", *argv])
+    args = build_parser().parse_args(["quantize", *argv])
     return args.func(args)
 
 
@@ -283,7 +273,7 @@ def test_quantize_command_reloads_memory_mapped(trained, tmp_path, bits, group):
     out = tmp_path / "q"
     assert run_quantize(str(path), str(out), "--bits", str(bits), *(["--group-size", str(group)] if group else [])) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["quantization_config"] == quant.quantization_config(bits, group)
+    assert config["quantization_config"] == quantization_config(bits, group)
     assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= {p.name for p in out.iterdir()}
     stored = load_file(str(out / "model.safetensors"))
     assert not any(name.startswith("lm_head.") for name in stored)  # tied: the head is the embedding
@@ -312,9 +302,9 @@ def test_packed_weights_are_aligned_for_torchs_int8_kernel(trained, tmp_path, mo
         want = model(ids)  # (4, 64): 256 rows per matmul
     other = Path(shutil.copytree(out, tmp_path / "misaligned"))
     tensors = load_file(str(out / "model.safetensors"))
-    monkeypatch.setattr(quant, "ALIGN", 8)  # as safetensors' own writer
+    monkeypatch.setattr("qwenlite.io.checkpoint.ALIGN", 8)  # as safetensors' own writer
     for pad in range(8):
-        quant.save_aligned(tensors, other / "model.safetensors", {"format": "pt", "pad": "x" * pad})
+        save_aligned(tensors, other / "model.safetensors", {"format": "pt", "pad": "x" * pad})
         if load_file(str(other / "model.safetensors"))["model.layers.0.mlp.up_proj.qweight"].data_ptr() % 16:
             break
     else:

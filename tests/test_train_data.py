@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qwenlite.errors import QwenliteError
-from qwenlite.tokenizer import Tokenizer
+from qwenlite.text.tokenizer import Tokenizer
 from qwenlite.train import data as data_module
 from qwenlite.train.data import (
     BatchIterator,

@@ -3,7 +3,6 @@ falling, atomic checkpoints and exact resume, and an output directory that qwenl
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -16,15 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwenlite.cache import make_cache
+from qwenlite.cli.main import build_parser
 from qwenlite.errors import QwenliteError
 from qwenlite.generate import decode_step, prefill
-from qwenlite.model import Qwen3_5ForCausalLM
-from qwenlite.train.cli import add_train_commands
+from qwenlite.io.checkpoint import load_checkpoint, write_random_checkpoint
+from qwenlite.model.cache import make_cache
+from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.train.data import BatchIterator
 from qwenlite.train.pretrain import init_weights, latest_checkpoint, lr_at, pretrain, resolve_model_config
 from qwenlite.train.tokenizer_train import train_tokenizer
-from qwenlite.weights import load_checkpoint, write_random_checkpoint
 
 from helpers import max_abs_diff
 from train_helpers import model_state, read_log, single_threaded, small_config, small_train_config, write_jsonl_corpus
@@ -250,9 +249,17 @@ def test_preset_vocabulary_follows_the_tokenizer(tmp_path):
 
 def test_cli_trains_a_tokenizer_and_pretrains(setup, tmp_path):
     corpus, _, _ = setup
-    parser = argparse.ArgumentParser(prog="qwenlite")
-    train_sub = add_train_commands(parser.add_subparsers(dest="command", required=True))
-    assert isinstance(train_sub, argparse._SubParsersAction)  # open for `train sft` / `train dpo`
+    parser = build_parser()
+    # The Hugging Face Trainer's spellings, and pretraining's older ones kept as aliases (used below).
+    new = ["--max-steps", "7", "--warmup-steps", "2", "--max-grad-norm", "0.5"]
+    old = ["--steps", "7", "--warmup", "2", "--grad-clip", "0.5"]
+    head = ["train", "pretrain", "--config", "tiny", "--data", "x", "--out", "y"]
+    spelled = [vars(parser.parse_args(head + flags)) for flags in (new, old)]
+    assert spelled[0] == spelled[1] and (spelled[0]["steps"], spelled[0]["warmup"], spelled[0]["grad_clip"]) == (
+        7,
+        2,
+        0.5,
+    )
     (tmp_path / "config.json").write_text(json.dumps(small_config().to_dict()))
 
     def main(*argv):

@@ -2,17 +2,16 @@
 the loss falls on a tiny model, the result loads in transformers, and bad data fails naming file and line
 before anything is written."""
 
-import argparse
 import json
 
 import pytest
 import torch
 
+from qwenlite.cli.main import build_parser
 from qwenlite.errors import QwenliteError
-from qwenlite.train.post_cli import add_post_train_commands
+from qwenlite.io.checkpoint import load_checkpoint
 from qwenlite.train.posttrain import IGNORE, TrainSettings
 from qwenlite.train.sft import assistant_spans, encode_chat, load_sft_data, train_sft
-from qwenlite.weights import load_checkpoint
 
 from helpers import max_abs_diff, random_ids, reference_logits
 from tiny_chat import make_chat_checkpoint, write_jsonl
@@ -156,9 +155,9 @@ def test_bad_data_names_file_and_line_and_writes_nothing(problem, chat_checkpoin
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.safetensors").write_bytes(b"an earlier result")
-    parser = argparse.ArgumentParser()
-    add_post_train_commands(parser.add_subparsers())
-    args = parser.parse_args(["sft", "--model", str(base), "--data", str(data), "--out", str(out), "--lora", "2"])
+    args = build_parser().parse_args(
+        ["train", "sft", "--model", str(base), "--data", str(data), "--out", str(out), "--lora", "2"]
+    )
     with pytest.raises(QwenliteError, match=f"bad.jsonl:{WHERE[problem]}: .*{problem}"):
         args.func(args)
     assert [p.name for p in out.iterdir()] == ["model.safetensors"]

@@ -9,7 +9,7 @@ import unicodedata
 import pytest
 
 from qwenlite.errors import QwenliteError
-from qwenlite.tokenizer import QWEN35_SPECIAL_TOKENS
+from qwenlite.text.vocab import QWEN35_SPECIAL_TOKENS
 from qwenlite.train.tokenizer_train import train_tokenizer
 
 from train_helpers import write_jsonl_corpus

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
-from qwenlite.engine import Engine
-from qwenlite.server import create_app
-from qwenlite.tokenizer import Tokenizer
-from qwenlite.weights import load_checkpoint
+from qwenlite.io.checkpoint import load_checkpoint
+from qwenlite.serve.app import create_app
+from qwenlite.serve.engine import Engine
+from qwenlite.text.tokenizer import Tokenizer
 
 from helpers import LiveServer, tiny_checkpoint, wait_until
 

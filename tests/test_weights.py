@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from qwenlite.config import ModelConfig
 from qwenlite.errors import QwenliteError
-from qwenlite.model import Qwen3_5ForCausalLM
-from qwenlite.weights import load_checkpoint, sanitize, save_checkpoint
+from qwenlite.io.checkpoint import load_checkpoint, sanitize, save_checkpoint
+from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 
 from helpers import INDEX_FILE, make_hf_checkpoint, make_hf_model, max_abs_diff, random_ids, reference_logits
 

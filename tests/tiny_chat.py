@@ -14,7 +14,8 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, trainers
 from tokenizers.models import BPE
 
-from qwenlite.tokenizer import ENDOFTEXT, IM_END, QWEN35_PATTERN, QWEN35_SPECIAL_TOKENS, qwen35_chat_template
+from qwenlite.text.tokenizer import ENDOFTEXT, IM_END
+from qwenlite.text.vocab import QWEN35_PATTERN, QWEN35_SPECIAL_TOKENS, qwen35_chat_template
 
 from helpers import make_hf_checkpoint
 

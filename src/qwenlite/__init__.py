@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 
 from qwenlite.generate import generate, generate_tokens, stream
-from qwenlite.hub import DEFAULT_MODEL, resolve_model_path
-from qwenlite.model import Qwen3_5ForCausalLM
+from qwenlite.io.hub import DEFAULT_MODEL, resolve_model_path
+from qwenlite.io.load import load_model
+from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.sample import SamplingParams
-from qwenlite.tokenizer import Tokenizer
+from qwenlite.text.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 __all__ = ["load", "generate", "generate_tokens", "stream", "SamplingParams", "Tokenizer", "Qwen3_5ForCausalLM"]
@@ -24,6 +25,4 @@ def load(
 ) -> tuple[Qwen3_5ForCausalLM, Tokenizer]:
     """A local checkpoint directory (quantized or not), a .gguf file or a hub id -> (model, tokenizer); `quant`
     "int8" / "int4" quantizes on load."""
-    from qwenlite.gguf_import import load_any
-
-    return load_any(resolve_model_path(model), dtype, quant, device)
+    return load_model(resolve_model_path(model), dtype, quant, device)

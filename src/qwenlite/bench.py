@@ -11,8 +11,6 @@ weights give the real speed.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import resource
 import time
@@ -78,7 +76,7 @@ def peak_rss() -> int:
 def measure_bandwidth(model: torch.nn.Module, repeat: int = 5) -> float:
     """Bytes per second of a parallel read of the model's largest weight tensor (the head or the embedding,
     far larger than any cache: no extra memory), best of `repeat`."""
-    from qwenlite.ops import kernels
+    from qwenlite.ops.cpu import kernels
 
     largest = max((t for t in [*model.parameters(), *model.buffers()]), key=lambda t: t.nbytes)
     raw = largest.detach().reshape(-1).view(torch.uint8)
@@ -108,17 +106,17 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
 
 def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, prompt: int = 512, decode: int = 128,
           repeat: int = 3, threads: int | None = None) -> BenchResult:  # fmt: skip
-    from qwenlite.cache import make_cache
     from qwenlite.generate import decode_step, prefill
-    from qwenlite.gguf_import import load_any
-    from qwenlite.hub import resolve_model_path
+    from qwenlite.io.hub import resolve_model_path
+    from qwenlite.io.load import load_model
+    from qwenlite.model.cache import make_cache
     from qwenlite.sample import greedy
 
     if threads:
         torch.set_num_threads(threads)
     rss_before = current_rss()
     t = time.perf_counter()
-    model, _ = load_any(resolve_model_path(model_ref), dtype, quant, with_tokenizer=False)
+    model, _ = load_model(resolve_model_path(model_ref), dtype, quant, with_tokenizer=False)
     load_seconds = time.perf_counter() - t
     total, per_token = weight_bytes(model)
     ids = torch.randint(1000, min(100_000, model.config.vocab_size), (prompt,),
@@ -149,28 +147,3 @@ def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, pr
         decode_tok_s=decode / decode_s, bandwidth_gb_s=bandwidth / 1e9, decode_limit_tok_s=bandwidth / per_token,
         peak_rss_bytes=peak_rss(), rss_before_load_bytes=rss_before,
     )  # fmt: skip
-
-
-def add_bench_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="measure prefill, decode, memory and the bandwidth limit", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("model", help="checkpoint directory, quantized checkpoint, .gguf file or hub id")
-    p.add_argument("--quant", choices=["int8", "int4"], help="quantize weights on load")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype (default: checkpoint's)")
-    p.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
-    p.add_argument("--decode", type=int, default=128, help="decode steps (default 128)")
-    p.add_argument("--repeat", type=int, default=3, help="timed runs; the best counts (default 3)")
-    p.add_argument("--threads", type=int, help="threads (default: torch's, one per core)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.set_defaults(func=cmd_bench)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from qwenlite.errors import QwenliteError
-
-    for name in ("prompt", "decode", "repeat"):
-        if getattr(args, name) < 1:
-            raise QwenliteError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    result = bench(args.model, args.quant, args.dtype, args.prompt, args.decode, args.repeat, args.threads)
-    print(json.dumps(result.to_dict()) if args.json else result.table())
-    return 0

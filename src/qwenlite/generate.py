@@ -5,20 +5,19 @@ The core works on token ids; only `stream` knows the tokenizer."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from qwenlite.cache import Cache, make_cache
 from qwenlite.errors import QwenliteError
-from qwenlite.model import Qwen3_5ForCausalLM
+from qwenlite.model.cache import Cache, make_cache
+from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
+from qwenlite.model.runner import run_model
 from qwenlite.sample import SamplingParams, apply_processors, make_logits_processors, make_sampler
-from qwenlite.textstream import TextStream
-from qwenlite.tokenizer import Tokenizer
+from qwenlite.text.textstream import TextStream
+from qwenlite.text.tokenizer import Tokenizer
 
 PREFILL_CHUNK = 512  # bounds the activations of a long prompt; the gated delta rule chunks by 64 inside
 
@@ -56,14 +55,14 @@ def prefill(model: Qwen3_5ForCausalLM, ids: Sequence[int], cache: Cache, chunk: 
     logits = None
     for start in range(0, len(ids), chunk):
         piece = torch.tensor([ids[start : start + chunk]], device=device)
-        logits = model(piece, cache, logits_to_keep=1)
+        logits = run_model(model, piece, cache, logits_to_keep=1)
     return logits[0, -1]
 
 
 def decode_step(model: Qwen3_5ForCausalLM, token: int, cache: Cache) -> torch.Tensor:
     """One token in, the next token's logits (V,) out."""
     ids = torch.tensor([[token]], device=model.device)
-    return model(ids, cache)[0, -1]
+    return run_model(model, ids, cache)[0, -1]
 
 
 def context_length(model: Qwen3_5ForCausalLM, max_context: int | None = None) -> int:
@@ -174,23 +173,3 @@ def generate(
 ) -> str:
     """The whole answer (reasoning left out) as one string."""
     return "".join(c.text for c in stream(model, tokenizer, prompt_ids, params, max_tokens, stop))
-
-
-SAMPLING_FIELDS = (
-    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"
-)  # fmt: skip
-
-
-def generation_defaults(path: Path) -> dict:
-    """Sampling settings the checkpoint recommends in generation_config.json (greedy when do_sample is false)."""
-    file = path / "generation_config.json"
-    if not file.is_file():
-        return {}
-    try:
-        cfg = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise QwenliteError(f"{file} is not valid JSON: {e}") from None
-    out = {k: cfg[k] for k in SAMPLING_FIELDS if isinstance(cfg.get(k), int | float)}
-    if cfg.get("do_sample") is False:
-        out["temperature"] = 0.0
-    return out

@@ -16,6 +16,11 @@ import torch
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Sampler = Callable[[torch.Tensor], int]
 
+# The knobs of the distribution (a seed aside): the names of SamplingParams' fields, generation_config.json's
+# keys and the OpenAI request's.
+SAMPLING_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"
+)  # fmt: skip
 # Without top_k, top-p looks for its nucleus among the best 1024, then 16384 tokens (topk: ~0.6, ~3 ms
 # for 248320 logits on a CPU) and sorts the whole vocabulary (~17 ms) only when both fall short.
 NUCLEUS_GUESSES = (1024, 16384)

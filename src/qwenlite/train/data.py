@@ -41,8 +41,8 @@ import torch
 from tqdm import tqdm
 
 from qwenlite.errors import QwenliteError
-from qwenlite.tokenizer import ENDOFTEXT
-from qwenlite.weights import atomic_write
+from qwenlite.io.files import atomic_write
+from qwenlite.text.tokenizer import ENDOFTEXT
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl",)

@@ -37,11 +37,11 @@ import numpy as np
 import torch
 
 from qwenlite.config import ModelConfig
+from qwenlite.io.files import atomic_write
 from qwenlite.train.data import pack_corpus, tokenize_corpus
 from qwenlite.train.distributed import DistEnv
 from qwenlite.train.pretrain import PretrainResult, TrainConfig, evaluate, pretrain
 from qwenlite.train.tokenizer_train import train_tokenizer
-from qwenlite.weights import atomic_write
 
 SKIPPED_PARTS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "dist-packages", "__pycache__"}
 PROMPTS = (
@@ -221,9 +221,9 @@ def fine_tune_chat(model_dir: Path, chat_data: Path, out_dir: Path, s: DemoSetti
 def ask_questions(chat_dir: Path, questions: Path, s: DemoSettings, count: int = 4) -> list[dict]:
     """Greedy answers of the chat model to held-back questions, beside the docstring's own words."""
     from qwenlite.generate import stream
+    from qwenlite.io.checkpoint import load_checkpoint
     from qwenlite.sample import SamplingParams
-    from qwenlite.tokenizer import Tokenizer
-    from qwenlite.weights import load_checkpoint
+    from qwenlite.text.tokenizer import Tokenizer
 
     model = load_checkpoint(chat_dir, dtype=torch.float32).model
     tokenizer = Tokenizer.from_dir(chat_dir)
@@ -242,9 +242,9 @@ def ask_questions(chat_dir: Path, questions: Path, s: DemoSettings, count: int =
 def evaluate_demo(out: Path, docs: Path, s: DemoSettings, result: PretrainResult) -> dict:
     """Held-out loss over every held-out window, a unigram baseline, bits per byte, and samples."""
     from qwenlite.generate import generate
+    from qwenlite.io.checkpoint import load_checkpoint
     from qwenlite.sample import SamplingParams
-    from qwenlite.tokenizer import Tokenizer
-    from qwenlite.weights import load_checkpoint
+    from qwenlite.text.tokenizer import Tokenizer
 
     model_dir = out / "model"
     corpus = tokenize_corpus([docs], model_dir, model_dir / "token_cache", show_progress=False)  # the cached ids

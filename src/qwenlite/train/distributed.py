@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qwenlite.model import Qwen3_5ForCausalLM
+from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 
 
 @dataclass(frozen=True)

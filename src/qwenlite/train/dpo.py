@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenlite.errors import QwenliteError
-from qwenlite.tokenizer import Tokenizer
+from qwenlite.text.tokenizer import Tokenizer
 from qwenlite.train.lora import lora_disabled
 from qwenlite.train.posttrain import (
     Logger,

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qwenlite.errors import QwenliteError
-from qwenlite.weights import atomic_write
+from qwenlite.io.files import atomic_write
 
 # Every projection of both layer kinds; in_proj_b / in_proj_a (one output per value head) are left out, as in
 # the usual recipes, and so are the embedding and the head.

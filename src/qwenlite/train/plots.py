@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qwenlite.weights import atomic_write
+from qwenlite.io.files import atomic_write
 
 
 def read_log(path: Path) -> list[dict]:

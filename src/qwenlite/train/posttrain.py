@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from qwenlite.errors import QwenliteError
-from qwenlite.model import Qwen3_5ForCausalLM
-from qwenlite.tokenizer import Tokenizer
+from qwenlite.io.checkpoint import Checkpoint, checkpoint_files, load_checkpoint, save_checkpoint
+from qwenlite.io.files import atomic_write
+from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
+from qwenlite.text.tokenizer import ENDOFTEXT, IM_END, Tokenizer
 from qwenlite.train.lora import DEFAULT_TARGETS, apply_lora, merge_lora, save_adapter
-from qwenlite.weights import Checkpoint, atomic_write, checkpoint_files, load_checkpoint, save_checkpoint
 
 IGNORE = -100  # label of a token that is context, not target
 Logger = Callable[[dict], None]  # receives each step's record
@@ -131,7 +132,7 @@ def pad_batch(sequences: Sequence[tuple[list[int], list[int]]], pad_id: int) -> 
 
 def pad_token_id(tokenizer: Tokenizer) -> int:
     # Pads are never seen by real tokens (right padding) nor trained; any valid id would do.
-    for token in ("<|endoftext|>", "<|im_end|>"):
+    for token in (ENDOFTEXT, IM_END):
         if (i := tokenizer.token_to_id(token)) is not None:
             return i
     return 0

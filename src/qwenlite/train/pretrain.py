@@ -1,10 +1,10 @@
 """Pretraining from scratch: `TrainConfig` and one visible training loop, `pretrain`.
 
 Weight initialisation: `init_weights(model, seed)` gives every tensor the model's documented initialisation
-(`qwenlite.model.initial_value`: projections, conv and embedding N(0, 0.02); zero-centred norms 0; the gated
-norm's weight and dt_bias 1; A_log = log U(0.01, 16)), drawn in state-dict order from a generator seeded with
-`seed`: the same numbers `weights.write_random_checkpoint(config, seed=seed)` writes. The tied head shares the
-embedding.
+(`qwenlite.model.qwen3_5.initial_value`: projections, conv and embedding N(0, 0.02); zero-centred norms 0; the
+gated norm's weight and dt_bias 1; A_log = log U(0.01, 16)), drawn in state-dict order from a generator seeded
+with `seed`: the same numbers `io.checkpoint.write_random_checkpoint(config, seed=seed)` writes. The tied head
+shares the embedding.
 
 Output directory (OUT):
     config.json, model.safetensors            the latest checkpoint's weights (fp32), Hugging Face layout
@@ -44,12 +44,14 @@ from safetensors.torch import load_file
 
 from qwenlite.config import ModelConfig, load_config, preset_config
 from qwenlite.errors import QwenliteError
-from qwenlite.model import Qwen3_5ForCausalLM, initial_value
-from qwenlite.tokenizer import ENDOFTEXT, IM_END, write_tokenizer_files
+from qwenlite.io.checkpoint import write_checkpoint
+from qwenlite.io.files import atomic_write
+from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value
+from qwenlite.text.tokenizer import ENDOFTEXT, IM_END
+from qwenlite.text.vocab import write_tokenizer_files
 from qwenlite.train import distributed as ddp
 from qwenlite.train.data import BatchIterator, PackedSequences, held_out_batches, pack_corpus, tokenize_corpus
 from qwenlite.train.plots import plot_loss_curve
-from qwenlite.weights import atomic_write, write_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 VOCAB_MULTIPLE = 256  # a preset's vocabulary is the tokenizer's rounded up to this (Qwen3.5: 248077 -> 248320)

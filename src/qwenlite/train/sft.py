@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from qwenlite.errors import QwenliteError
-from qwenlite.tokenizer import ChatTemplateError, Tokenizer
+from qwenlite.text.tokenizer import ASSISTANT_HEADER, IM_END, ChatTemplateError, Tokenizer
 from qwenlite.train.posttrain import (
     IGNORE,
     Logger,
@@ -45,9 +45,6 @@ from qwenlite.train.posttrain import (
     save_result,
     token_logprobs,
 )
-
-ASSISTANT_HEADER = "<|im_start|>assistant\n"
-TURN_END = "<|im_end|>"
 
 
 @dataclass
@@ -68,8 +65,8 @@ def assistant_spans(text: str) -> list[tuple[int, int]]:
     start = text.find(ASSISTANT_HEADER)
     while start != -1:
         body = start + len(ASSISTANT_HEADER)
-        end = text.find(TURN_END, body)
-        end = len(text) if end == -1 else end + len(TURN_END)
+        end = text.find(IM_END, body)
+        end = len(text) if end == -1 else end + len(IM_END)
         spans.append((body, end))
         start = text.find(ASSISTANT_HEADER, end)
     return spans

@@ -1,6 +1,6 @@
 """Train a byte-level BPE tokenizer for a from-scratch model, built like Qwen3.5's.
 
-Same pipeline as the real one (`qwenlite.tokenizer.build_qwen35_tokenizer`): NFC normaliser, the Qwen3.5 split
+Same pipeline as the real one (`qwenlite.text.vocab.build_qwen35_tokenizer`): NFC normaliser, the Qwen3.5 split
 regex (combining marks stay in letter runs, digits one by one) followed by the byte-level mapping, a byte-level
 decoder. The 256 byte symbols are always in the vocabulary, so any text encodes. The 33 Qwen3.5 special tokens
 (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<think>`, `<tool_call>`, ...) come right after the learned
@@ -16,9 +16,10 @@ import tokenizers
 from tokenizers import AddedToken, pre_tokenizers, trainers
 
 from qwenlite.errors import QwenliteError
-from qwenlite.tokenizer import QWEN35_SPECIAL_TOKENS, Tokenizer, qwen35_bpe, qwen35_chat_template, tokenizer_config
+from qwenlite.io.files import atomic_write
+from qwenlite.text.tokenizer import Tokenizer
+from qwenlite.text.vocab import QWEN35_SPECIAL_TOKENS, qwen35_bpe, qwen35_chat_template, tokenizer_config
 from qwenlite.train.data import iter_documents, list_data_files
-from qwenlite.weights import atomic_write
 
 MIN_VOCAB_SIZE = 256 + len(QWEN35_SPECIAL_TOKENS)  # the byte alphabet and the special tokens
 

@@ -1,5 +1,5 @@
-"""OpenAI-compatible HTTP API over the engine: /v1/chat/completions, /v1/completions, /v1/models, /health and
-the web chat page at / (data/chat.html, when installed).
+"""The OpenAI-compatible API over the engine: /v1/chat/completions, /v1/completions, /v1/models, /health
+(serve/app.py routes them).
 
 A thin layer: it renders chat messages with the checkpoint's template, hands token ids to the engine, and turns
 the engine's tokens back into the OpenAI shapes: reasoning in `reasoning_content`, the model's XML tool calls in
@@ -9,7 +9,6 @@ goes away cancels its request, which frees its row before the engine's next step
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import functools
@@ -19,18 +18,16 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from importlib import resources
 
-from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qwenlite.engine import ContextLengthExceeded, Engine, Finish, PromptLogprobs, QueueFull, Token, Usage
-from qwenlite.engine import Request as EngineRequest
 from qwenlite.errors import QwenliteError
-from qwenlite.generate import generation_defaults
-from qwenlite.protocol import (
+from qwenlite.sample import SAMPLING_FIELDS, SamplingParams
+from qwenlite.serve.engine import ContextLengthExceeded, Engine, Finish, PromptLogprobs, QueueFull, Token, Usage
+from qwenlite.serve.engine import Request as EngineRequest
+from qwenlite.serve.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -53,16 +50,12 @@ from qwenlite.protocol import (
     TopLogprob,
     UsageInfo,
 )
-from qwenlite.sample import SamplingParams
-from qwenlite.textstream import Delta, StopMatcher, TextStream, starts_in_reasoning
-from qwenlite.tokenizer import ChatTemplateError, IncrementalDetokenizer, Tokenizer
-from qwenlite.toolcalls import ToolCallDelta, ToolCallParser
+from qwenlite.text.textstream import Delta, StopMatcher, TextStream, starts_in_reasoning
+from qwenlite.text.tokenizer import ASSISTANT_HEADER, ChatTemplateError, IncrementalDetokenizer, Tokenizer
+from qwenlite.text.toolcalls import ToolCallDelta, ToolCallParser
 
-log = logging.getLogger("qwenlite.server")
+log = logging.getLogger("qwenlite.serve")
 
-DEFAULT_CTX = 16384  # the cache is preallocated for every slot: 262144 tokens x 4 slots would not fit a laptop
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty", "seed")  # fmt: skip
 RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "enable_thinking"}
 
 
@@ -78,7 +71,7 @@ class ApiError(Exception):
         return ErrorResponse(error=ErrorBody(message=self.message, type=self.kind, param=self.param, code=self.code))
 
 
-def _error_response(e: ApiError) -> JSONResponse:
+def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body().model_dump(), status_code=e.status)
 
 
@@ -243,7 +236,7 @@ class OpenAIServer:
         self.defaults = dict(defaults or {})  # sampling settings a request leaves out (generation_config.json)
         self.names = {model_name, *aliases}
         self.created = int(time.time())
-        self.assistant_header = tokenizer.encode("<|im_start|>assistant\n")
+        self.assistant_header = tokenizer.encode(ASSISTANT_HEADER)
 
     # Helpers ----------------------------------------------------------------------------------------------------
 
@@ -296,7 +289,8 @@ class OpenAIServer:
         return body
 
     def sampling(self, body) -> SamplingParams:
-        settings = {**self.defaults, **{k: getattr(body, k) for k in SAMPLING_FIELDS if getattr(body, k) is not None}}
+        given = {k: getattr(body, k) for k in (*SAMPLING_FIELDS, "seed")}
+        settings = {**self.defaults, **{k: v for k, v in given.items() if v is not None}}
         if settings.get("top_k", 0) < 0:
             settings["top_k"] = 0  # vLLM's -1: off
         params = SamplingParams(**settings)
@@ -622,118 +616,3 @@ def output_usage(submission: Submission, output: ChatOutput | CompletionOutput, 
     """The engine's counts, with the completion tokens this side consumed (a stop string ends the count)."""
     usage = submission.handles[index].usage
     return Usage(usage.prompt_tokens, output.tokens, usage.cached_tokens)
-
-
-# --- the app and the command ------------------------------------------------------------------------------------
-
-
-def chat_page() -> str | None:
-    page = resources.files("qwenlite") / "data" / "chat.html"
-    return page.read_text(encoding="utf-8") if page.is_file() else None
-
-
-def create_app(
-    engine: Engine,
-    tokenizer: Tokenizer,
-    model_name: str,
-    api_key: str | None = None,
-    defaults: dict | None = None,
-    aliases: Sequence[str] = (),
-) -> FastAPI:
-    api = OpenAIServer(engine, tokenizer, model_name, api_key, defaults, aliases)
-    app = FastAPI(title="qwenlite", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.api = api
-    app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
-    app.add_api_route("/v1/completions", api.completions, methods=["POST"])
-    app.add_api_route("/v1/models", api.models, methods=["GET"])
-    app.add_api_route("/health", api.health, methods=["GET"])
-
-    async def index() -> Response:
-        page = chat_page()
-        if page is None:
-            raise ApiError(404, "this installation has no web chat page (qwenlite/data/chat.html)")
-        return HTMLResponse(page)
-
-    async def api_error(request: Request, e: ApiError) -> Response:
-        return _error_response(e)
-
-    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
-        message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
-        return _error_response(ApiError(e.status_code, message))
-
-    async def internal_error(request: Request, e: Exception) -> Response:
-        log.exception("request failed")
-        return _error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}"))
-
-    app.add_api_route("/", index, methods=["GET"])
-    app.add_exception_handler(ApiError, api_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(Exception, internal_error)
-    return app
-
-
-def serve(
-    model: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    max_concurrency: int = 4,
-    max_queue: int = 64,
-    ctx: int | None = None,
-    cache_mb: float = 1024,
-    dtype: str | None = None,
-    served_model_name: str | None = None,
-    quant: str | None = None,
-) -> None:
-    """Load `model` and serve it until interrupted."""
-    import uvicorn
-
-    from qwenlite.engine import cache_bytes
-    from qwenlite.gguf_import import load_any
-    from qwenlite.hub import resolve_model_path
-
-    path = resolve_model_path(model)
-    loaded, tokenizer = load_any(path, dtype, quant)
-    ctx = min(ctx or DEFAULT_CTX, loaded.config.max_position_embeddings)
-    engine = Engine(loaded, max_concurrency, max_queue, ctx, cache_mb)
-    name = served_model_name or model
-    app = create_app(engine, tokenizer, name, api_key, generation_defaults(path), aliases=(str(path), path.name))
-    print(
-        f"qwenlite serve: {name} on http://{host}:{port}/v1 | context {ctx} tokens x {max_concurrency} slots "
-        f"({cache_bytes(engine.cache) / 2**20:.0f} MiB cache), queue {max_queue}, prompt cache {cache_mb:g} MiB"
-        + (" | API key required" if api_key else ""),
-        flush=True,
-    )
-    try:
-        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
-    finally:
-        engine.close()
-
-
-def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "serve",
-        help="OpenAI-compatible HTTP server (and web chat)",
-        description="Serve a model over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, "
-        "/v1/models, /health, and a chat page at /.",
-    )
-    p.add_argument("model", nargs="?", default="Qwen/Qwen3.5-0.8B", help="default Qwen/Qwen3.5-0.8B")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests")
-    p.add_argument("--max-concurrency", type=int, default=4, help="requests decoded together (default 4)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
-    p.add_argument("--ctx", type=int, help=f"context per request in tokens (default {DEFAULT_CTX} or the model's)")
-    p.add_argument("--cache-mb", type=float, default=1024, help="memory for reusable prompt states (default 1024)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype (default: checkpoint's)")
-    p.add_argument("--served-model-name", help="the model id clients send (default: MODEL as given)")
-    p.add_argument("--quant", choices=["int8", "int4"], help="quantize weights on load")
-    p.set_defaults(func=_cmd_serve)
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    if args.max_concurrency < 1 or args.max_queue < 0 or (args.ctx is not None and args.ctx < 2):
-        raise QwenliteError("--max-concurrency must be >= 1, --max-queue >= 0 and --ctx >= 2")
-    serve(args.model, args.host, args.port, args.api_key, args.max_concurrency, args.max_queue, args.ctx,
-          args.cache_mb, args.dtype, args.served_model_name, args.quant)  # fmt: skip
-    return 0

@@ -9,20 +9,20 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Mapping
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from qwenlite.config import ModelConfig, load_config, resolve_dtype
 from qwenlite.errors import QwenliteError
-from qwenlite.model import Qwen3_5ForCausalLM, initial_value
+from qwenlite.io.files import atomic_write
+from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value
 
 INDEX_FILE = "model.safetensors.index.json"
 V = TypeVar("V")
@@ -84,10 +84,10 @@ class Checkpoint:
 
 
 def expected_shapes(model: Qwen3_5ForCausalLM) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of `model` stores, by our name: a tied head is the embedding's, stored once."""
+    tied = model.config.tie_word_embeddings
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        shapes.pop("lm_head.weight")
-    return shapes
+    return {name: shape for name, shape in shapes.items() if not (tied and name.startswith("lm_head."))}
 
 
 TensorSource = tuple[Path, str]  # (file, name as stored there)
@@ -115,38 +115,57 @@ def match_tensors(
 def load_checkpoint(
     checkpoint_dir: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
 ) -> Checkpoint:
-    """Build the model described by `config.json` and fill it from the safetensors files, strictly."""
+    """Build the model described by `config.json` and fill it from the safetensors files, strictly. A quantized
+    checkpoint is io/quantized.py's (io/load.py picks the loader for any model reference)."""
     root = Path(checkpoint_dir)
     config = load_config(root)
-    if "quantization_config" in config.extra:  # written by `qwenlite quantize`
-        from qwenlite.quant import load_quantized
-
-        return load_quantized(root, dtype, device)
+    if "quantization_config" in config.extra:
+        raise QwenliteError(f"{root} is a quantized checkpoint; load it with qwenlite.io.load.load_model")
     dtype = resolve_dtype(dtype, config)
     with torch.device("meta"):
         model = Qwen3_5ForCausalLM(config)
-    shapes = expected_shapes(model)
-    files, mtp_files = match_tensors(root, shapes, config.tie_word_embeddings)
+    files, mtp_files = match_tensors(root, expected_shapes(model), config.tie_word_embeddings)
+    # One dtype for every tensor, as the reference; forward does norms and gates in fp32.
+    state = {name: t.to(device=device, dtype=dtype) for name, t in read_tensors(files, expected_shapes(model))}
+    return Checkpoint(assemble(model, state, device), config, root, read_mtp(mtp_files))
 
-    handles = {path: open_safetensors(path) for path, _ in (*files.values(), *mtp_files.values())}
-    state: dict[str, torch.Tensor] = {}
+
+def read_tensors(
+    files: Mapping[str, TensorSource], shapes: Mapping[str, tuple[int, ...]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(our name, memory-mapped tensor) for each of `files` (from `match_tensors`), its shape checked."""
+    handles: dict[Path, object] = {}
     for name, (path, stored) in files.items():
+        if path not in handles:
+            handles[path] = open_safetensors(path)
         tensor = read_tensor(handles[path], stored, path)
-        if tuple(tensor.shape) != shapes[name]:
+        if tuple(tensor.shape) != tuple(shapes[name]):
             raise QwenliteError(
-                f"tensor {stored} in {path} has shape {tuple(tensor.shape)}, expected {shapes[name]} from config.json"
+                f"tensor {stored} in {path} has shape {tuple(tensor.shape)}, expected {tuple(shapes[name])} "
+                "from config.json"
             )
-        # One dtype for every tensor, as the reference; forward does norms and gates in fp32.
-        state[name] = tensor.to(device=device, dtype=dtype)
-    if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        yield name, tensor
+
+
+def read_mtp(mtp_files: Mapping[str, TensorSource]) -> dict[str, torch.Tensor]:
+    """The multi-token-prediction head's tensors as stored, memory-mapped (not part of the model's state)."""
+    handles = {path: open_safetensors(path) for path, _ in mtp_files.values()}
+    return {name: read_tensor(handles[path], stored, path) for name, (path, stored) in mtp_files.items()}
+
+
+def assemble(model: Qwen3_5ForCausalLM, state: dict[str, torch.Tensor], device: str | torch.device = "cpu"):
+    """The tail every loader shares: `model`, built on the meta device (quantized or not), takes `state`'s tensors
+    as its own; a tied head takes the embedding's (one Parameter for both, as in a model built whole)."""
+    embed, head = model.model.embed_tokens, model.lm_head
+    if model.config.tie_word_embeddings:
+        state = state | {"lm_head." + k.removeprefix("model.embed_tokens."): v for k, v in state.items()
+                         if k.startswith("model.embed_tokens.")}  # fmt: skip
     model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    if model.config.tie_word_embeddings:
+        for name, p in embed.named_parameters(recurse=False):
+            setattr(head, name, p)
     model.model.init_rope(device)
-    model.eval()
-    mtp = {name: read_tensor(handles[path], stored, path) for name, (path, stored) in mtp_files.items()}
-    return Checkpoint(model=model, config=config, path=root, mtp=mtp)
+    return model.eval()
 
 
 def read_tensor(handle, name: str, path: Path) -> torch.Tensor:
@@ -158,22 +177,6 @@ def read_tensor(handle, name: str, path: Path) -> torch.Tensor:
 
 def _more(names: list[str]) -> str:
     return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename over `path`: a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should be an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(
@@ -200,48 +203,70 @@ def write_checkpoint(
     max_shard_bytes: int = 4 << 30,
     progress: Callable[[int], None] | None = None,
 ) -> None:
-    """Stream (name, tensor) pairs into shards of at most `max_shard_bytes`, each written atomically, then
-    the index (when there are several) and config.json. Holds one shard in memory at a time."""
+    """Stream (name, tensor) pairs into `save_aligned` shards of at most `max_shard_bytes`, each written
+    atomically, then the index (when there are several) and config.json. Holds one shard in memory at a time."""
     out = Path(out_dir)
-    weight_map: dict[str, str] = {}
     shard: dict[str, torch.Tensor] = {}
-    shard_paths: list[Path] = []
-    total = 0
+    written: list[tuple[Path, list[str]]] = []
+    size = total = 0
 
     def flush() -> None:
-        path = out / f"model-{len(shard_paths) + 1:05d}.safetensors"
-        atomic_write(path, lambda p: save_file(shard, str(p), metadata={"format": "pt"}))
-        weight_map.update(dict.fromkeys(shard, path.name))
-        shard_paths.append(path)
+        path = out / f"model-{len(written) + 1:05d}.safetensors"
+        atomic_write(path, lambda p: save_aligned(shard, p, {"format": "pt"}))
+        written.append((path, list(shard)))
         shard.clear()
 
-    size = 0
     for name, t in tensors:
-        n = t.numel() * t.element_size()
-        if shard and size + n > max_shard_bytes:
+        if shard and size + t.nbytes > max_shard_bytes:
             flush()
             size = 0
         shard[name] = t
-        size += n
-        total += n
+        size += t.nbytes
+        total += t.nbytes
         if progress:
-            progress(n)
+            progress(t.nbytes)
     flush()
     # Final names follow the Hugging Face convention, which needs the shard count.
-    names = (
-        ["model.safetensors"]
-        if len(shard_paths) == 1
-        else [f"model-{i + 1:05d}-of-{len(shard_paths):05d}.safetensors" for i in range(len(shard_paths))]
-    )
-    renamed = {p.name: name for p, name in zip(shard_paths, names, strict=True)}
-    for p, name in zip(shard_paths, names, strict=True):
-        os.replace(p, out / name)
-    if len(shard_paths) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}}
+    n = len(written)
+    final = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for (path, _), name in zip(written, final, strict=True):
+        os.replace(path, out / name)
+    if n > 1:
+        weight_map = {t: name for (_, names), name in zip(written, final, strict=True) for t in names}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         atomic_write(out / INDEX_FILE, lambda p: p.write_text(json.dumps(index, indent=2)))
     config_dict = config.to_dict()
     config_dict["dtype"] = str(dtype).removeprefix("torch.")
     atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config_dict, indent=2)))
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+                      torch.bool: "BOOL"}  # fmt: skip
+ALIGN = 64
+
+
+def save_aligned(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """A safetensors file whose tensors start 64-byte aligned in the file, and so in its memory map, whenever the
+    sizes before them allow (tensors of a multiple of 64 bytes, every real packed weight, come first).
+    safetensors' own writer aligns to 8 bytes only, and torch 2.13's int8 kernel crashes on a weight that is not
+    16-byte aligned once M >= 4 (measured)."""
+    # Then the rest, widest dtype first, so that each still starts aligned to its element size.
+    order = sorted(tensors, key=lambda n: (tensors[n].nbytes % ALIGN != 0, -tensors[n].element_size(), n))
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.nbytes]}  # fmt: skip
+        offset += t.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-(8 + len(blob)) % ALIGN)  # safetensors pads its header with spaces too
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in order:
+            f.write(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def write_random_checkpoint(

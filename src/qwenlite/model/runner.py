@@ -1,6 +1,7 @@
-"""A decode step in one call: every layer of the model for one token per row, run by kernels.decode_step in C, so
-that a token costs no Python per layer. The computation is Qwen3_5ForCausalLM.forward's, module by module (its
-twin in the tests); forward takes this path by itself when it applies and falls back to the modules otherwise.
+"""How inference runs the model: `run_model` is forward with the fastest path that applies. A decode step (one
+token per row, no gradients) runs every layer in one call of kernels.decode_step in C, so that a token costs no
+Python per layer; anything else, or a model the C step does not describe, is the model's own forward. The
+computation is Qwen3_5ForCausalLM.forward's, module by module (its twin in the tests).
 
 The C step reads the model from int64 arrays of pointers and sizes (kernels.LIN_FIELDS per projection,
 kernels.LAYER_FIELDS per layer, kernels.MODEL_FIELDS for the rest). Describing the weights walks ~200 modules,
@@ -19,12 +20,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from qwenlite.ops import kernels
+from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
+from qwenlite.ops.cpu import kernels
 from qwenlite.ops.rope import rope_cos_sin
 
 if TYPE_CHECKING:
-    from qwenlite.cache import Cache
-    from qwenlite.model import Qwen3_5ForCausalLM
+    from qwenlite.model.cache import Cache
 
 KIND = {"linear_attention": 0, "full_attention": 1}
 T4 = kernels.LAYER_FIELDS - 2  # the two columns a layer's caches go in (conv + recurrent state, or k + v)
@@ -127,6 +128,19 @@ class Plan:
                       "conv_kernel": c.linear_conv_kernel_dim, "heads": c.num_attention_heads,
                       "kv_heads": c.num_key_value_heads, "head_dim": c.head_dim, "rotary_dim": c.rotary_dim,
                       "gated": int(c.attn_output_gate), "final_norm": norm}  # fmt: skip
+
+
+def run_model(
+    model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, cache: Cache | None = None, logits_to_keep: int = 0
+) -> torch.Tensor:
+    """model(input_ids, cache, logits_to_keep) -> logits, fp32, through the one-call decode step where it applies
+    (any other module, a test's stand-in say, is only called)."""
+    fits = isinstance(model, Qwen3_5ForCausalLM) and cache is not None and input_ids.shape[1] == 1
+    if fits and not torch.is_grad_enabled():
+        logits = decode_in_one_call(model, input_ids, cache)
+        if logits is not None:
+            return logits
+    return model(input_ids, cache, logits_to_keep)
 
 
 def decode_in_one_call(model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor | None:

@@ -25,7 +25,7 @@ def resolve_model_path(model: str) -> Path:
         return path
     if path.is_file():
         if path.suffix == ".gguf":
-            return path  # a llama.cpp GGUF: qwenlite.gguf_import.load_any reads it
+            return path  # a llama.cpp GGUF: qwenlite.io.load.load_model reads it
         raise QwenliteError(f"{model} is a file; pass a checkpoint directory (config.json, *.safetensors) or a .gguf")
     if not _looks_like_hub_id(model):
         raise QwenliteError(f"no such model directory: {model}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from qwenlite.tokenizer import IncrementalDetokenizer, Tokenizer
+from qwenlite.text.tokenizer import IM_START, IncrementalDetokenizer, Tokenizer
 
 
 class StopMatcher:
@@ -45,7 +45,7 @@ def starts_in_reasoning(tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> bool
     """True when the prompt ends inside an open <think> block (the Qwen3.5 template opens one for the
     assistant when thinking is on), so the first generated tokens are reasoning."""
     think, end_think = tokenizer.token_to_id("<think>"), tokenizer.token_to_id("</think>")
-    im_start = tokenizer.token_to_id("<|im_start|>")
+    im_start = tokenizer.token_to_id(IM_START)
     for t in reversed(prompt_ids):
         if t == end_think or t == im_start:
             return False

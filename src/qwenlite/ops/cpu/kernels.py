@@ -1,7 +1,7 @@
-"""qwenlite's own CPU kernels (csrc/kernels.c): decode GEMVs over bf16 / fp32 / int8 / int4 weights,
+"""qwenlite's own CPU kernels (kernels.c beside this file): decode GEMVs over bf16 / fp32 / int8 / int4 weights,
 dequantization for prefill, a Gated DeltaNet token (conv, norms, gates and the delta rule in one pass over the
 state), an attention token, RMSNorm, the prompt's conv + SiLU, and a whole decode step built from them
-(decode.py describes the model to it). Each has a pure-torch reference twin (named in the C file's header) that
+(model/runner.py describes the model to it). Each has a pure-torch reference twin (named in the C file's header) that
 the tests hold it to.
 
 The C file is compiled on first use with the machine's C compiler (`$CC`, default `cc`) for the machine's own
@@ -88,7 +88,7 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot run here (see the module docstring)."""
     if os.environ.get("QWENLITE_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
         return None
-    source = resources.files("qwenlite.ops").joinpath("csrc/kernels.c").read_bytes()
+    source = resources.files("qwenlite.ops.cpu").joinpath("kernels.c").read_bytes()
     cache_dir = Path(os.environ.get("QWENLITE_CACHE", Path.home() / ".cache" / "qwenlite")) / "kernels"
     try:
         lib = ctypes.CDLL(str(_build(source, cache_dir)))
@@ -369,7 +369,7 @@ MODEL_FIELDS = len(MODEL_FIELD_NAMES) + LIN_FIELDS + 1
 def decode_step(model_fields: list[int], layers: torch.Tensor, x: torch.Tensor, vocab: int) -> torch.Tensor:
     """Run every layer for one token per row: x (B, hidden) embeddings, overwritten with the final normed hidden
     states; layers (n_layers, LAYER_FIELDS) int64; returns the logits (B, vocab) in x's dtype. The caller keeps every
-    tensor the fields point at alive (decode.py)."""
+    tensor the fields point at alive (model/runner.py)."""
     m = torch.tensor(model_fields, dtype=torch.int64)
     logits = torch.empty(x.shape[0], vocab, dtype=x.dtype)
     library().qk_decode_step(_p(m), _p(layers), _p(x), _p(logits), torch.get_num_threads())

@@ -18,19 +18,21 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from qwenlite.cache import AttentionCache, Cache, make_cache
 from qwenlite.errors import QwenliteError
 from qwenlite.generate import PREFILL_CHUNK, context_length
-from qwenlite.model import Qwen3_5ForCausalLM
+from qwenlite.model.cache import AttentionCache, Cache, make_cache
+from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
+from qwenlite.model.runner import run_model
 from qwenlite.sample import SamplingParams, apply_processors, make_logits_processors, make_sampler
+from qwenlite.serve.prompt_cache import PromptCache
 
-log = logging.getLogger("qwenlite.engine")
+log = logging.getLogger("qwenlite.serve.engine")
 
 ECHO_CHUNK = 128  # prompt logprobs need every position's logits: (128, V) fp32 is 127 MB at V = 248320
 
@@ -116,51 +118,6 @@ class _Sequence:
     @property
     def request(self) -> Request:
         return self.handle.request
-
-
-def snapshot_bytes(snap: Cache) -> int:
-    tensors = [t for layer in snap.layers for t in vars(layer).values()]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-class PromptCache:
-    """Row snapshots keyed by the exact token ids they cover, least recently used evicted first."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-        self._entries: OrderedDict[tuple[int, ...], tuple[Cache, int]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def lookup(self, ids: Sequence[int]) -> tuple[int, Cache | None]:
-        """The longest stored prefix of `ids` that leaves at least one token to prefill: (its length, snapshot)."""
-        best: tuple[int, ...] | None = None
-        for key in self._entries:
-            if len(ids) > len(key) > (len(best) if best else 0) and tuple(ids[: len(key)]) == key:
-                best = key
-        if best is None:
-            return 0, None
-        self._entries.move_to_end(best)
-        return len(best), self._entries[best][0]
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self.nbytes = 0
-
-    def __contains__(self, ids: Sequence[int]) -> bool:
-        return tuple(ids) in self._entries
-
-    def store(self, ids: Sequence[int], snap: Cache) -> None:
-        key, size = tuple(ids), snapshot_bytes(snap)
-        if size > self.max_bytes or key in self._entries:
-            return
-        while self.nbytes + size > self.max_bytes:
-            _, (_, evicted) = self._entries.popitem(last=False)
-            self.nbytes -= evicted
-        self._entries[key] = (snap, size)
-        self.nbytes += size
 
 
 def cache_bytes(cache: Cache) -> int:
@@ -385,7 +342,7 @@ class Engine:
         view = self.cache.rows(row, row + 1)
         ids = torch.tensor([request.prompt_ids[a:b]], device=self.device)
         k = request.prompt_logprobs
-        logits = self.model(ids, view, logits_to_keep=0 if k is not None else 1)  # (1, T or 1, V)
+        logits = run_model(self.model, ids, view, logits_to_keep=0 if k is not None else 1)  # (1, T or 1, V)
         if k is not None:
             # Position i's logits score prompt token i + 1; the last position's the first generated token.
             targets = torch.tensor(request.prompt_ids[a + 1 : b + 1], device=self.device)
@@ -416,7 +373,7 @@ class Engine:
         n = len(self._rows)
         ids = torch.tensor([[seq.tokens[-1]] for seq in self._rows], device=self.device)  # (n, 1)
         try:
-            logits = self.model(ids, self.cache.rows(0, n))[:, -1]  # (n, V)
+            logits = run_model(self.model, ids, self.cache.rows(0, n))[:, -1]  # (n, V)
         except Exception as e:  # nothing tells which request broke the step: all of them fail
             log.exception("decode step failed")
             self._fail_all(f"{type(e).__name__}: {e}")

@@ -1,24 +1,53 @@
-"""`qwenlite <command>`: wires the library together; holds no model logic.
-
-Errors caused by the user's input print one line and exit non-zero; set QWENLITE_DEBUG=1 for tracebacks."""
+"""`qwenlite run`, `qwenlite chat` and `qwenlite init-random`: a loaded model answering in the terminal."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from qwenlite.cli.options import add_dtype_flag, add_quant_flag
+from qwenlite.config import DTYPES, preset_config
 from qwenlite.errors import QwenliteError
-from qwenlite.hub import DEFAULT_MODEL
+from qwenlite.generate import stream
+from qwenlite.io.checkpoint import write_random_checkpoint
+from qwenlite.io.files import atomic_write
+from qwenlite.io.hub import DEFAULT_MODEL, resolve_model_path
+from qwenlite.io.load import generation_defaults, load_model
+from qwenlite.sample import SAMPLING_FIELDS, SamplingParams
+from qwenlite.text.vocab import write_tokenizer_files
+
+CHAT_HELP = "Chat with a model. Commands: /reset (new conversation), /think (toggle reasoning), /exit."
+
+
+def add_run_commands(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="answer one prompt and exit", description="Stream one answer to stdout.")
+    run.add_argument("args", nargs="+", metavar="[MODEL] PROMPT", help=f"model (default {DEFAULT_MODEL}); '-' = stdin")
+    run.add_argument("--raw", action="store_true", help="plain continuation of PROMPT, no chat template")
+    _add_model_flags(run)
+    _add_sampling_flags(run)
+    run.set_defaults(func=cmd_run)
+
+    chat = sub.add_parser("chat", help="multi-turn chat in the terminal", description=CHAT_HELP)
+    chat.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
+    _add_model_flags(chat)
+    _add_sampling_flags(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    init = sub.add_parser("init-random", help="write a random-weight checkpoint with real shapes")
+    init.add_argument("preset", help="qwen3.5-0.8b, qwen3.5-2b, qwen3.5-4b, qwen3.5-9b or tiny")
+    init.add_argument("outdir")
+    init.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    init.add_argument("--seed", type=int, default=0)
+    init.set_defaults(func=cmd_init_random)
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype (default: checkpoint's)")
+    add_dtype_flag(p)
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: the model's)")
-    p.add_argument("--quant", choices=["int8", "int4"], help="quantize weights on load")
+    add_quant_flag(p)
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -40,83 +69,12 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--verbose", "-v", action="store_true", help="timings on stderr")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwenlite", description="Run Qwen3.5 models.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    run = sub.add_parser("run", help="answer one prompt and exit", description="Stream one answer to stdout.")
-    run.add_argument("args", nargs="+", metavar="[MODEL] PROMPT", help=f"model (default {DEFAULT_MODEL}); '-' = stdin")
-    run.add_argument("--raw", action="store_true", help="plain continuation of PROMPT, no chat template")
-    _add_model_flags(run)
-    _add_sampling_flags(run)
-    run.set_defaults(func=cmd_run)
-
-    chat = sub.add_parser("chat", help="multi-turn chat in the terminal", description=CHAT_HELP)
-    chat.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
-    _add_model_flags(chat)
-    _add_sampling_flags(chat)
-    chat.set_defaults(func=cmd_chat)
-
-    init = sub.add_parser("init-random", help="write a random-weight checkpoint with real shapes")
-    init.add_argument("preset", help="qwen3.5-0.8b, qwen3.5-2b, qwen3.5-4b, qwen3.5-9b or tiny")
-    init.add_argument("outdir")
-    init.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
-    init.add_argument("--seed", type=int, default=0)
-    init.set_defaults(func=cmd_init_random)
-
-    # Each of these modules declares its own command; this file only lists them.
-    from qwenlite.bench import add_bench_command
-    from qwenlite.gguf import add_convert_command
-    from qwenlite.quant import add_quantize_command
-    from qwenlite.server import add_serve_command
-    from qwenlite.train.cli import add_train_commands
-    from qwenlite.train.post_cli import add_post_train_commands
-
-    add_serve_command(sub)
-    add_convert_command(sub)
-    add_quantize_command(sub)
-    add_bench_command(sub)
-    add_post_train_commands(add_train_commands(sub))
-    return parser
-
-
-CHAT_HELP = "Chat with a model. Commands: /reset (new conversation), /think (toggle reasoning), /exit."
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except QwenliteError as e:
-        print(f"qwenlite: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return 0
-    except Exception as e:  # never show a user a traceback unless asked
-        if os.environ.get("QWENLITE_DEBUG"):
-            raise
-        hint = "(QWENLITE_DEBUG=1 shows the traceback)"
-        print(f"qwenlite: internal error: {type(e).__name__}: {e} {hint}", file=sys.stderr)
-        return 2
-
-
-# ---------------------------------------------------------------------------------------------
-# Commands
-
-
 class Session:
     """A loaded model with its tokenizer and the sampling settings from flags over the checkpoint's."""
 
     def __init__(self, model_ref: str, args: argparse.Namespace):
-        from qwenlite.generate import SAMPLING_FIELDS, generation_defaults
-        from qwenlite.gguf_import import load_any
-        from qwenlite.hub import resolve_model_path
-        from qwenlite.sample import SamplingParams
-
         path = resolve_model_path(model_ref)
-        self.model, self.tokenizer = load_any(path, args.dtype, args.quant)
+        self.model, self.tokenizer = load_model(path, args.dtype, args.quant)
         settings = {**generation_defaults(path), **{k: getattr(args, k) for k in SAMPLING_FIELDS}}
         settings = {k: v for k, v in settings.items() if v is not None}
         self.params = SamplingParams(**settings, seed=args.seed)
@@ -133,8 +91,6 @@ class Session:
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, **kwargs))
 
     def answer(self, prompt_ids: list[int]) -> Iterator:
-        from qwenlite.generate import stream
-
         a = self.args
         return stream(self.model, self.tokenizer, prompt_ids, self.params, a.max_tokens, a.stop, a.ctx)
 
@@ -229,9 +185,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_init_random(args: argparse.Namespace) -> int:
-    from qwenlite.config import DTYPES, preset_config
-    from qwenlite.tokenizer import write_tokenizer_files
-    from qwenlite.weights import atomic_write, write_random_checkpoint
+    from qwenlite.config import DTYPES
 
     config = preset_config(args.preset, dtype=args.dtype)
     out = Path(args.outdir)
@@ -242,7 +196,3 @@ def cmd_init_random(args: argparse.Namespace) -> int:
     atomic_write(out / "generation_config.json", lambda p: p.write_text(json.dumps(generation, indent=2)))
     print(f"wrote a random {args.preset} checkpoint to {out}", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,10 +6,11 @@ One forward serves training (no cache: the whole sequence, differentiable) and i
 prefill of any length, then decode steps). Norms, gates and the recurrent state are computed in fp32
 whatever the weight dtype; everything else runs in the weight dtype.
 
-Inference without gradients takes qwenlite's own CPU kernels where they apply (ops/kernels.py): a decode step
-runs the whole model in one C call (decode.py) when it can; otherwise each module takes its own (decode GEMVs,
-the fused Gated DeltaNet and attention tokens, RMSNorm, the prompt's conv). Modules with a `fast` flag say whether
-they may, `set_fast` flips them all, and False runs the pure-torch code, the kernels' reference, everywhere.
+Inference without gradients takes qwenlite's own CPU kernels where they apply (ops/cpu/kernels.py): each module
+takes its own (decode GEMVs, the fused Gated DeltaNet and attention tokens, RMSNorm, the prompt's conv). Modules
+with a `fast` flag say whether they may, `set_fast` flips them all, and False runs the pure-torch code, the
+kernels' reference, everywhere. The whole-model decode step in one C call is the caller's choice
+(model/runner.py), never taken from here.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenlite.config import ModelConfig
-from qwenlite.ops import kernels
 from qwenlite.ops.attention import causal_attention
 from qwenlite.ops.conv import causal_conv1d
+from qwenlite.ops.cpu import kernels
 from qwenlite.ops.delta_rule import gated_delta_rule_chunked, gated_delta_rule_step
 from qwenlite.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 if TYPE_CHECKING:
-    from qwenlite.cache import AttentionCache, Cache, LinearAttentionCache
+    from qwenlite.model.cache import AttentionCache, Cache, LinearAttentionCache
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:
@@ -334,12 +335,6 @@ class Qwen3_5ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V) fp32, or only the last `logits_to_keep` positions: prefill
         needs one row, and the 248K-row head is the costliest matmul of a small model."""
-        if cache is not None and input_ids.shape[1] == 1 and not torch.is_grad_enabled():
-            from qwenlite.decode import decode_in_one_call
-
-            logits = decode_in_one_call(self, input_ids, cache)
-            if logits is not None:
-                return logits
         h = self.model(input_ids, cache)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]

@@ -23,10 +23,8 @@ extra `nextn` blocks that older llama.cpp builds cannot load).
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +36,10 @@ from tqdm import tqdm
 
 from qwenlite.config import ModelConfig, load_config
 from qwenlite.errors import QwenliteError
-from qwenlite.model import Qwen3_5ForCausalLM
-from qwenlite.tokenizer import QWEN35_PATTERN
-from qwenlite.weights import atomic_write, expected_shapes, match_tensors, open_safetensors, read_tensor
+from qwenlite.io.checkpoint import expected_shapes, match_tensors, open_safetensors, read_tensor
+from qwenlite.io.files import atomic_write
+from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
+from qwenlite.text.vocab import QWEN35_PATTERN
 
 ARCH = "qwen35"
 DEFAULT_MROPE_SECTIONS = [11, 11, 10, 0]  # what the converter writes when config.json has no mrope_section
@@ -340,30 +339,3 @@ def export_gguf(
 
     atomic_write(out_path, write)
     return out_path
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_convert_command(subparsers) -> argparse.ArgumentParser:
-    """`qwenlite convert MODEL --to gguf OUT [--dtype f16]`."""
-    p = subparsers.add_parser(
-        "convert",
-        help="write a checkpoint in another format (GGUF for llama.cpp)",
-        description="Write MODEL as one GGUF file with llama.cpp's qwen35 tensor names and conventions.",
-    )
-    p.add_argument("model", help="checkpoint directory or hub id")
-    p.add_argument("--to", choices=["gguf"], required=True, help="output format")
-    p.add_argument("out", help="output file, e.g. model-f16.gguf")
-    p.add_argument("--dtype", choices=list(FILE_TYPES), default="f16", help="type of the weight matrices (default f16)")
-    p.set_defaults(func=cmd_convert)
-    return p
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    from qwenlite.hub import resolve_model_path
-
-    out = export_gguf(resolve_model_path(args.model), args.out, args.dtype)
-    print(f"wrote {out}", file=sys.stderr)
-    return 0

@@ -1,8 +1,8 @@
-"""Run a llama.cpp GGUF of Qwen3.5 (architecture `qwen35`): the inverse of gguf.py's export.
+"""Run a llama.cpp GGUF of Qwen3.5 (architecture `qwen35`): the inverse of gguf_export.py.
 
 - config from the `qwen35.*` metadata (block_count, embedding_length, ssm.*, rope.*, ...); the head is tied when
   there is no `output.weight`; `nextn` (multi-token-prediction) blocks, which newer converters append, are skipped;
-- tensors renamed through gguf.py's own tables (GGUF_NAMES, GGUF_LAYER_NAMES) read backwards, and each of its
+- tensors renamed through gguf_export.py's own tables (GGUF_NAMES, GGUF_LAYER_NAMES) read backwards, and each of its
   conventions undone by `unconvert_tensor`: norms stored as 1 + w, `ssm_a` = -exp(A_log), the conv squeezed to
   (C, K), value heads tiled for ggml's broadcast (untiling is the same transpose with the grid's sides swapped);
 - the tokenizer rebuilt from `tokenizer.ggml.*` (tokens, types, merges, eos id) as a byte-level BPE with Qwen3.5's
@@ -29,10 +29,11 @@ from tqdm import tqdm
 
 from qwenlite.config import DTYPES, ModelConfig
 from qwenlite.errors import QwenliteError
-from qwenlite.gguf import ARCH, GGUF_LAYER_NAMES, GGUF_NAMES, gguf_name, tile_value_heads
-from qwenlite.model import Qwen3_5ForCausalLM
-from qwenlite.tokenizer import ENDOFTEXT, IM_END, Tokenizer, qwen35_bpe
-from qwenlite.weights import expected_shapes
+from qwenlite.io.checkpoint import assemble, expected_shapes
+from qwenlite.io.gguf_export import ARCH, GGUF_LAYER_NAMES, GGUF_NAMES, gguf_name, tile_value_heads
+from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
+from qwenlite.text.tokenizer import ENDOFTEXT, IM_END, Tokenizer
+from qwenlite.text.vocab import qwen35_bpe
 
 OUR_NAMES = {v: k for k, v in GGUF_NAMES.items()}
 OUR_LAYER_NAMES = {v: k for k, v in GGUF_LAYER_NAMES.items()}
@@ -318,13 +319,7 @@ def load_gguf(
                 out = unconvert_tensor(name, dequantize_rows(t), config).to(torch_dtype)
             state[name] = out
             bar.update(t.n_bytes)
-    if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.init_rope()
-    model.eval()
+    assemble(model, state)
     return model, config, tokenizer
 
 
@@ -332,35 +327,3 @@ def _block(name: str) -> int:
     """The block index of a `blk.N.*` tensor; -1 for the others."""
     m = _BLOCK.fullmatch(name)
     return int(m.group(1)) if m else -1
-
-
-# ---------------------------------------------------------------------------------------------
-# One entry point for every model reference
-
-
-def load_any(
-    model_path: str | Path,
-    dtype: torch.dtype | str | None = None,
-    quant: str | None = None,
-    device: str | torch.device = "cpu",
-    with_tokenizer: bool = True,
-) -> tuple[Qwen3_5ForCausalLM, Tokenizer | None]:
-    """A resolved model path -> (model, tokenizer): a .gguf file, a quantized checkpoint (memory-mapped as
-    written) or a Hugging Face checkpoint directory; then `quant` ("int8" / "int4") quantizes on load.
-    `with_tokenizer=False` skips building a checkpoint directory's tokenizer (~280 MB for the 248K vocabulary)
-    and returns None for it; a GGUF's comes from its metadata either way."""
-    from qwenlite.quant import apply_quant, is_quantized_checkpoint, load_quantized
-    from qwenlite.weights import load_checkpoint
-
-    path = Path(model_path)
-    if path.is_file() and path.suffix == ".gguf":
-        model, _config, tokenizer = load_gguf(path, dtype)
-        model = model.to(device)
-        return apply_quant(model, quant), tokenizer
-    if is_quantized_checkpoint(path):
-        if quant:
-            raise QwenliteError(f"{path} is already quantized; drop --quant")
-        model = load_quantized(path, dtype, device).model
-    else:
-        model = apply_quant(load_checkpoint(path, dtype, device).model, quant)
-    return model, Tokenizer.from_dir(path) if with_tokenizer else None

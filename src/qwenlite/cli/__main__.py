@@ -1,0 +1,5 @@
+import sys
+
+from qwenlite.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,39 @@
+"""`qwenlite serve`: argument parsing only; the work is in serve/."""
+
+from __future__ import annotations
+
+import argparse
+
+from qwenlite.cli.options import add_dtype_flag, add_quant_flag
+from qwenlite.errors import QwenliteError
+from qwenlite.io.hub import DEFAULT_MODEL
+from qwenlite.serve.app import DEFAULT_CTX, serve
+
+
+def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (and web chat)",
+        description="Serve a model over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, "
+        "/v1/models, /health, and a chat page at /.",
+    )
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"default {DEFAULT_MODEL}")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests")
+    p.add_argument("--max-concurrency", type=int, default=4, help="requests decoded together (default 4)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
+    p.add_argument("--ctx", type=int, help=f"context per request in tokens (default {DEFAULT_CTX} or the model's)")
+    p.add_argument("--cache-mb", type=float, default=1024, help="memory for reusable prompt states (default 1024)")
+    add_dtype_flag(p)
+    p.add_argument("--served-model-name", help="the model id clients send (default: MODEL as given)")
+    add_quant_flag(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.max_concurrency < 1 or args.max_queue < 0 or (args.ctx is not None and args.ctx < 2):
+        raise QwenliteError("--max-concurrency must be >= 1, --max-queue >= 0 and --ctx >= 2")
+    serve(args.model, args.host, args.port, args.api_key, args.max_concurrency, args.max_queue, args.ctx,
+          args.cache_mb, args.dtype, args.served_model_name, args.quant)  # fmt: skip
+    return 0

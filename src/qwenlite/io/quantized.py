@@ -1,0 +1,168 @@
+"""Quantized checkpoints: the quantized model's state dict (model/quantized.py) on disk.
+
+`quantize_checkpoint` writes it (streaming, one tensor at a time, into a temporary directory renamed when
+complete) with a `quantization_config` block in config.json, and `load_quantized` builds the swapped model on the
+meta device and assigns the memory-mapped tensors to it, converting nothing when the dtype is the stored one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from qwenlite.config import ModelConfig, load_config, resolve_dtype
+from qwenlite.errors import QwenliteError
+from qwenlite.io.checkpoint import (
+    ALIGN,
+    Checkpoint,
+    assemble,
+    expected_shapes,
+    match_tensors,
+    open_safetensors,
+    read_mtp,
+    read_tensor,
+    read_tensors,
+    write_checkpoint,
+)
+from qwenlite.model.quantized import FORMATS, QuantLinear, quantize_model_empty, resolve_group_size
+from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
+
+QUANT_METHOD = "qwenlite"
+
+# Files a checkpoint directory carries besides its weights; copied as they are.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+              "generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")  # fmt: skip
+
+
+def quantization_config(bits: int, group_size: int | None) -> dict:
+    return {"quant_method": QUANT_METHOD, "format": FORMATS[bits], "bits": bits, "group_size": group_size,
+            "symmetric": bits == 8, "modules": "every Linear and the embedding (a tied head shares it)"}  # fmt: skip
+
+
+def _quantized_names(model: Qwen3_5ForCausalLM) -> set[str]:
+    names = {f"{path}.weight" for path, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return names | {"model.embed_tokens.weight"}
+
+
+def quantize_checkpoint(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    bits: int,
+    group_size: int | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write the checkpoint at `checkpoint_dir` quantized to `out_dir`: safetensors with `*.qweight` and
+    `*.scales` / `*.scales_and_zeros` for every Linear and the embedding, the other tensors (and the MTP head)
+    in `dtype` (default: the checkpoint's), config.json with a `quantization_config` block, tokenizer and
+    generation files copied. Reads and quantizes one tensor at a time; `out_dir` appears only when complete."""
+    root, out = Path(checkpoint_dir), Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise QwenliteError(f"{out} already exists and is not empty")
+    config = load_config(root)
+    if "quantization_config" in config.extra:
+        raise QwenliteError(f"{root} is already quantized ({config.extra['quantization_config']})")
+    dtype = dtype or config.torch_dtype
+    with torch.device("meta"):
+        model = Qwen3_5ForCausalLM(config)
+    shapes = expected_shapes(model)
+    for name in _quantized_names(model) & set(shapes):
+        resolve_group_size(bits, group_size, shapes[name][1])  # fail before writing anything
+    files, mtp_files = match_tensors(root, shapes, config.tie_word_embeddings)
+    quantized = _quantized_names(model)
+    qconfig = dataclasses.replace(
+        config, dtype=str(dtype).removeprefix("torch."),
+        extra={**config.extra, "quantization_config": quantization_config(bits, group_size)},
+    )  # fmt: skip
+
+    def tensors(bar: tqdm) -> Iterator[tuple[str, torch.Tensor]]:
+        handles = {}
+        for name, (path, stored) in [*files.items(), *mtp_files.items()]:
+            if path not in handles:
+                handles[path] = open_safetensors(path)
+            t = read_tensor(handles[path], stored, path)
+            if name in quantized:
+                layer = QuantLinear.from_weight(t.to(dtype), bits, group_size)
+                prefix = name.removesuffix(".weight")
+                yield f"{prefix}.qweight", layer.qweight
+                yield f"{prefix}.{'scales' if bits == 8 else 'scales_and_zeros'}", layer.scale_tensor
+            else:
+                yield name, t.to(dtype).contiguous()
+            bar.update(1)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        desc = f"quantizing to int{bits}"
+        with tqdm(total=len(files) + len(mtp_files), unit="tensor", desc=desc, disable=not progress) as bar:
+            write_checkpoint(qconfig, tmp, tensors(bar), dtype, max_shard_bytes=2 << 30)
+        for name in SIDE_FILES:
+            if (root / name).is_file():
+                shutil.copy(root / name, tmp / name)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_quantization_config(config: ModelConfig, where: Path) -> tuple[int, int | None] | None:
+    """(bits, group_size) from config.json's quantization_config, None when there is none; errors when it is
+    not one qwenlite wrote."""
+    qc = config.extra.get("quantization_config")
+    if qc is None:
+        return None
+    bits = qc.get("bits") if isinstance(qc, dict) else None
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD or qc.get("format") != FORMATS.get(bits):
+        raise QwenliteError(f"{where}/config.json: quantization_config {qc} is not a qwenlite int8/int4 checkpoint")
+    group_size = qc.get("group_size")
+    if group_size is not None and (not isinstance(group_size, int) or group_size <= 0):
+        raise QwenliteError(f"{where}/config.json: bad group_size {group_size!r} in quantization_config")
+    return bits, group_size
+
+
+def is_quantized_checkpoint(checkpoint_dir: str | Path) -> bool:
+    return read_quantization_config(load_config(checkpoint_dir), Path(checkpoint_dir)) is not None
+
+
+def load_quantized(
+    checkpoint_dir: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
+) -> Checkpoint:
+    """A checkpoint written by `quantize_checkpoint`, memory-mapped: the packed weights are used in place, and
+    so is everything else when `dtype` is the stored one (otherwise scales and small tensors are converted)."""
+    root = Path(checkpoint_dir)
+    config = load_config(root)
+    found = read_quantization_config(config, root)
+    if found is None:
+        raise QwenliteError(f"{root} is not a quantized checkpoint (no quantization_config in config.json)")
+    bits, group_size = found
+    dtype = resolve_dtype(dtype, config)
+    with torch.device("meta"):
+        model = Qwen3_5ForCausalLM(config)
+    try:
+        quantize_model_empty(model, bits, group_size, dtype)
+    except QwenliteError as e:
+        raise QwenliteError(f"{root}: {e}") from None
+    shapes = expected_shapes(model)
+    dtypes = {name: t.dtype for name, t in model.state_dict().items()}
+    files, mtp_files = match_tensors(root, shapes, config.tie_word_embeddings)
+    state = {}
+    for name, t in read_tensors(files, shapes):
+        want = dtypes[name]
+        if want in (torch.int8, torch.uint8):
+            if t.dtype != want:
+                raise QwenliteError(f"tensor {name} in {root} is {t.dtype}, expected {want} for int{bits}")
+            # A file not written by save_aligned: an aligned copy keeps the int8 kernel usable (see there).
+            state[name] = t.to(device) if t.data_ptr() % ALIGN == 0 else t.clone()
+        else:
+            state[name] = t.to(device=device, dtype=dtype)
+    return Checkpoint(assemble(model, state, device), config, root, read_mtp(mtp_files))

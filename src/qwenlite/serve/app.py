@@ -1,0 +1,101 @@
+"""The HTTP app: the OpenAI routes (serve/openai.py), the web chat page at / (data/chat.html, when installed),
+errors in the OpenAI shape; and `serve`, which loads a model and runs the app under uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qwenlite.io.hub import resolve_model_path
+from qwenlite.io.load import generation_defaults, load_model
+from qwenlite.serve.engine import Engine, cache_bytes
+from qwenlite.serve.openai import ApiError, OpenAIServer, error_response
+from qwenlite.text.tokenizer import Tokenizer
+
+log = logging.getLogger("qwenlite.serve")
+
+DEFAULT_CTX = 16384  # the cache is preallocated for every slot: 262144 tokens x 4 slots would not fit a laptop
+
+
+def chat_page() -> str | None:
+    page = resources.files("qwenlite") / "data" / "chat.html"
+    return page.read_text(encoding="utf-8") if page.is_file() else None
+
+
+def create_app(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    model_name: str,
+    api_key: str | None = None,
+    defaults: dict | None = None,
+    aliases: Sequence[str] = (),
+) -> FastAPI:
+    api = OpenAIServer(engine, tokenizer, model_name, api_key, defaults, aliases)
+    app = FastAPI(title="qwenlite", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.api = api
+    app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/completions", api.completions, methods=["POST"])
+    app.add_api_route("/v1/models", api.models, methods=["GET"])
+    app.add_api_route("/health", api.health, methods=["GET"])
+
+    async def index() -> Response:
+        page = chat_page()
+        if page is None:
+            raise ApiError(404, "this installation has no web chat page (qwenlite/data/chat.html)")
+        return HTMLResponse(page)
+
+    async def api_error(request: Request, e: ApiError) -> Response:
+        return error_response(e)
+
+    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
+        message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+        return error_response(ApiError(e.status_code, message))
+
+    async def internal_error(request: Request, e: Exception) -> Response:
+        log.exception("request failed")
+        return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}"))
+
+    app.add_api_route("/", index, methods=["GET"])
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
+    return app
+
+
+def serve(
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_concurrency: int = 4,
+    max_queue: int = 64,
+    ctx: int | None = None,
+    cache_mb: float = 1024,
+    dtype: str | None = None,
+    served_model_name: str | None = None,
+    quant: str | None = None,
+) -> None:
+    """Load `model` and serve it until interrupted."""
+    import uvicorn
+
+    path = resolve_model_path(model)
+    loaded, tokenizer = load_model(path, dtype, quant)
+    ctx = min(ctx or DEFAULT_CTX, loaded.config.max_position_embeddings)
+    engine = Engine(loaded, max_concurrency, max_queue, ctx, cache_mb)
+    name = served_model_name or model
+    app = create_app(engine, tokenizer, name, api_key, generation_defaults(path), aliases=(str(path), path.name))
+    print(
+        f"qwenlite serve: {name} on http://{host}:{port}/v1 | context {ctx} tokens x {max_concurrency} slots "
+        f"({cache_bytes(engine.cache) / 2**20:.0f} MiB cache), queue {max_queue}, prompt cache {cache_mb:g} MiB"
+        + (" | API key required" if api_key else ""),
+        flush=True,
+    )
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    finally:
+        engine.close()

@@ -1,0 +1,54 @@
+"""Prompt-state reuse: the recurrent state cannot be rewound, so the engine keeps snapshots of a cache row, keyed
+by the exact token ids they cover, in a byte-bounded LRU; a new prompt restores the longest stored prefix."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from qwenlite.model.cache import Cache
+
+
+def snapshot_bytes(snap: Cache) -> int:
+    tensors = [t for layer in snap.layers for t in vars(layer).values()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class PromptCache:
+    """Row snapshots keyed by the exact token ids they cover, least recently used evicted first."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._entries: OrderedDict[tuple[int, ...], tuple[Cache, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, ids: Sequence[int]) -> tuple[int, Cache | None]:
+        """The longest stored prefix of `ids` that leaves at least one token to prefill: (its length, snapshot)."""
+        best: tuple[int, ...] | None = None
+        for key in self._entries:
+            if len(ids) > len(key) > (len(best) if best else 0) and tuple(ids[: len(key)]) == key:
+                best = key
+        if best is None:
+            return 0, None
+        self._entries.move_to_end(best)
+        return len(best), self._entries[best][0]
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
+
+    def __contains__(self, ids: Sequence[int]) -> bool:
+        return tuple(ids) in self._entries
+
+    def store(self, ids: Sequence[int], snap: Cache) -> None:
+        key, size = tuple(ids), snapshot_bytes(snap)
+        if size > self.max_bytes or key in self._entries:
+            return
+        while self.nbytes + size > self.max_bytes:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self.nbytes -= evicted
+        self._entries[key] = (snap, size)
+        self.nbytes += size
