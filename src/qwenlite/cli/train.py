@@ -217,10 +217,9 @@ def cmd_dpo(args: argparse.Namespace) -> int:
 
 
 def cmd_merge_lora(args: argparse.Namespace) -> int:
-    from qwenlite.io.checkpoint import load_checkpoint, save_checkpoint
+    from qwenlite.io.checkpoint import copy_side_files, load_checkpoint, save_checkpoint
     from qwenlite.io.hub import resolve_model_path
     from qwenlite.train.lora import load_adapter, merge_lora
-    from qwenlite.train.posttrain import copy_tokenizer_files
 
     base = resolve_model_path(args.model)
     ckpt = load_checkpoint(base, dtype="float32")  # merge in fp32, save in the checkpoint's dtype
@@ -228,6 +227,6 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     merge_lora(ckpt.model)
     out = Path(args.out)
     save_checkpoint(ckpt.model.to(ckpt.config.torch_dtype), out, extra_tensors=ckpt.mtp)
-    copy_tokenizer_files(base, out)
+    copy_side_files(base, out)
     print(f"wrote the merged checkpoint to {out}", file=sys.stderr)
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,10 @@ from qwenlite.io.files import atomic_write
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value
 
 INDEX_FILE = "model.safetensors.index.json"
+# Files a checkpoint directory carries besides its weights (tokenizer, template, sampling defaults), copied as they
+# are into every checkpoint made from it.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+              "generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")  # fmt: skip
 V = TypeVar("V")
 
 
@@ -281,3 +286,10 @@ def write_random_checkpoint(
     with tqdm(total=total, unit="B", unit_scale=True, desc="writing random weights") as bar:
         items = ((name, initial_value(name, shape, generator).to(dtype)) for name, shape in shapes.items())
         write_checkpoint(config, out_dir, items, dtype, max_shard_bytes=2 << 30, progress=bar.update)
+
+
+def copy_side_files(src: Path, out: Path) -> None:
+    """Copy the `SIDE_FILES` that `src` has into `out`, each atomically."""
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            atomic_write(out / name, lambda p, name=name: shutil.copyfile(src / name, p))

@@ -23,6 +23,7 @@ from qwenlite.io.checkpoint import (
     ALIGN,
     Checkpoint,
     assemble,
+    copy_side_files,
     expected_shapes,
     match_tensors,
     open_safetensors,
@@ -35,10 +36,6 @@ from qwenlite.model.quantized import FORMATS, QuantLinear, quantize_model_empty,
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 
 QUANT_METHOD = "qwenlite"
-
-# Files a checkpoint directory carries besides its weights; copied as they are.
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
-              "generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")  # fmt: skip
 
 
 def quantization_config(bits: int, group_size: int | None) -> dict:
@@ -103,9 +100,7 @@ def quantize_checkpoint(
         desc = f"quantizing to int{bits}"
         with tqdm(total=len(files) + len(mtp_files), unit="tensor", desc=desc, disable=not progress) as bar:
             write_checkpoint(qconfig, tmp, tensors(bar), dtype, max_shard_bytes=2 << 30)
-        for name in SIDE_FILES:
-            if (root / name).is_file():
-                shutil.copy(root / name, tmp / name)
+        copy_side_files(root, tmp)
         if out.exists():
             out.rmdir()  # empty, checked above
         tmp.rename(out)

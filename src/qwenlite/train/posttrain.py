@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenlite.errors import QwenliteError
-from qwenlite.io.checkpoint import Checkpoint, checkpoint_files, load_checkpoint, save_checkpoint
+from qwenlite.io.checkpoint import Checkpoint, checkpoint_files, copy_side_files, load_checkpoint, save_checkpoint
 from qwenlite.io.files import atomic_write
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.text.tokenizer import ENDOFTEXT, IM_END, Tokenizer
@@ -25,11 +24,6 @@ from qwenlite.train.lora import DEFAULT_TARGETS, apply_lora, merge_lora, save_ad
 
 IGNORE = -100  # label of a token that is context, not target
 Logger = Callable[[dict], None]  # receives each step's record
-# Files of a checkpoint directory that travel with the weights (tokenizer, template, sampling defaults).
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json", "special_tokens_map.json",
-    "vocab.json", "merges.txt", "generation_config.json",
-)  # fmt: skip
 
 
 @dataclass
@@ -172,12 +166,6 @@ def is_language_model_layout(checkpoint_dir: Path) -> bool:
     return any(name.startswith("model.language_model.") for name in checkpoint_files(checkpoint_dir))
 
 
-def copy_tokenizer_files(src: Path, out: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            atomic_write(out / name, lambda p, name=name: shutil.copyfile(src / name, p))
-
-
 def save_result(ckpt: Checkpoint, out_dir: Path, lora: LoRASettings | None, history: list[dict]) -> None:
     """Full fine-tuning: a Hugging Face checkpoint in OUT, in the source checkpoint's dtype. LoRA: the PEFT adapter
     in OUT (and with `merge`, the merged checkpoint in OUT/merged). Every file is written atomically."""
@@ -187,7 +175,7 @@ def save_result(ckpt: Checkpoint, out_dir: Path, lora: LoRASettings | None, hist
         _save_merged(ckpt, out_dir)
     else:
         save_adapter(model, out_dir, str(ckpt.path), is_language_model_layout(ckpt.path))
-        copy_tokenizer_files(ckpt.path, out_dir)
+        copy_side_files(ckpt.path, out_dir)
         if lora.merge:
             merge_lora(model)
             _save_merged(ckpt, out_dir / "merged")
@@ -199,7 +187,7 @@ def _save_merged(ckpt: Checkpoint, out: Path) -> None:
     model = ckpt.model.to(device="cpu", dtype=ckpt.config.torch_dtype)
     # The multi-token-prediction head rides along unchanged: a stale draft head only costs acceptance rate.
     save_checkpoint(model, out, extra_tensors=ckpt.mtp)
-    copy_tokenizer_files(ckpt.path, out)
+    copy_side_files(ckpt.path, out)
 
 
 def log_line(record: dict, stream=sys.stderr) -> None:
