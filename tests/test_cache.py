@@ -42,7 +42,8 @@ def tensors_of(cache) -> list[torch.Tensor]:
     out = []
     for layer in cache.layers:
         if isinstance(layer, AttentionCache):
-            out += [layer.k[:, :, : cache.seq_len], layer.v[:, :, : cache.seq_len]]
+            n = int(cache.lengths.max())
+            out += [layer.k[:, :, :n], layer.v[:, :, :n]]
         else:
             assert isinstance(layer, LinearAttentionCache)
             out += [layer.conv, layer.state]
@@ -52,11 +53,11 @@ def tensors_of(cache) -> list[torch.Tensor]:
 def test_restore_then_decode_again_is_identical(model, ids):
     cache = prefilled(model, ids)
     snap = cache.snapshot()
-    assert snap.seq_len == PREFIX
+    assert snap.lengths.tolist() == [PREFIX] * snap.batch_size
     first = decode(model, cache, ids[:, PREFIX:])
-    assert cache.seq_len == PREFIX + DECODE
+    assert cache.lengths.tolist() == [PREFIX + DECODE] * cache.batch_size
     cache.restore(snap)
-    assert cache.seq_len == PREFIX
+    assert cache.lengths.tolist() == [PREFIX] * cache.batch_size
     second = decode(model, cache, ids[:, PREFIX:])
     assert torch.equal(first, second)
     # and the decoded logits are the right ones, not merely repeatable
@@ -85,7 +86,7 @@ def test_snapshot_is_independent_of_later_writes(model, ids):
     live = tensors_of(cache)
     assert all(torch.equal(a, b) for a, b in zip(tensors_of(snap), live, strict=True))
     decode(model, cache, ids[:, PREFIX:])
-    assert snap.seq_len == PREFIX
+    assert snap.lengths.tolist() == [PREFIX] * snap.batch_size
     after = tensors_of(snap)
     assert all(torch.equal(a, b) for a, b in zip(after, frozen, strict=True)), "a later decode changed the snapshot"
     # and the decode really did write the live state that the snapshot was copied from
@@ -111,7 +112,7 @@ def test_restore_into_a_fresh_cache(model, ids, max_len):
 
     fresh = make_cache(model.config, batch_size=2, max_seq_len=max_len, dtype=torch.float32)
     fresh.restore(snap)
-    assert fresh.seq_len == PREFIX
+    assert fresh.lengths.tolist() == [PREFIX] * fresh.batch_size
     assert torch.equal(decode(model, fresh, ids[:, PREFIX:]), expected)
 
 
@@ -144,8 +145,6 @@ def test_rows_at_different_positions_decode_together_as_they_would_alone(model, 
     assert batch.lengths.tolist() == list(lengths)
     together = decode(model, batch, steps)
     assert batch.lengths.tolist() == [n + DECODE for n in lengths]
-    with pytest.raises(ValueError, match="different lengths"):
-        batch.seq_len  # noqa: B018
     for row, n in enumerate(lengths):
         alone = make_cache(model.config, batch_size=1, max_seq_len=MAX_LEN, dtype=torch.float32)
         model(ids[row : row + 1, :n], cache=alone)

@@ -40,7 +40,7 @@ class ScriptedModel(nn.Module):
 
     def forward(self, ids, cache, logits_to_keep=0):
         cache.lengths += ids.shape[1]
-        i = cache.seq_len - self.prompt_len
+        i = int(cache.lengths[0]) - self.prompt_len
         logits = torch.zeros(1, 1, self.config.vocab_size)
         logits[0, 0, self.script[i] if i < len(self.script) else self.eos] = 10.0
         return logits

@@ -1,2 +1,23 @@
+"""The errors qwenlite raises on purpose, one family: the CLI prints any of them in one line and exits non-zero,
+the server answers them with a 4xx in the OpenAI error shape. Anything else is a bug and shows as one."""
+
+
 class QwenliteError(Exception):
-    """An error caused by the user's input (model path, checkpoint, prompt, request); the CLI prints it in one line."""
+    """An error caused by the user's input (model path, checkpoint, prompt, request, flags)."""
+
+
+class CheckpointError(QwenliteError):
+    """A checkpoint that cannot be loaded: missing or corrupt files, an unknown architecture, missing or
+    unexpected tensors."""
+
+
+class InvalidArgument(QwenliteError, ValueError):
+    """A value out of its range: a sampling parameter, a group size, a flag."""
+
+
+class ContextLengthExceeded(QwenliteError, ValueError):
+    """More tokens than the context, or the cache, holds."""
+
+
+class KernelError(QwenliteError):
+    """qwenlite's C kernels and their Python description disagree (a build from another version)."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qwenlite.errors import InvalidArgument
+
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Sampler = Callable[[torch.Tensor], int]
 
@@ -38,7 +40,7 @@ class SamplingParams:
     seed: int | None = None  # None -> a nondeterministic seed
 
     def validate(self) -> None:
-        """Raise ValueError naming the first out-of-range field. Comparisons are written so NaN fails."""
+        """Raise InvalidArgument naming the first out-of-range field. Comparisons are written so NaN fails."""
         rules = {  # field -> (in range, what it must be)
             "temperature": (self.temperature >= 0 and math.isfinite(self.temperature), "finite and >= 0"),
             "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
@@ -54,7 +56,7 @@ class SamplingParams:
         }
         for name, (ok, expected) in rules.items():
             if not ok:
-                raise ValueError(f"SamplingParams.{name} must be {expected}, got {getattr(self, name)!r}")
+                raise InvalidArgument(f"SamplingParams.{name} must be {expected}, got {getattr(self, name)!r}")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -78,10 +78,7 @@ class Session:
         settings = {**generation_defaults(path), **{k: getattr(args, k) for k in SAMPLING_FIELDS}}
         settings = {k: v for k, v in settings.items() if v is not None}
         self.params = SamplingParams(**settings, seed=args.seed)
-        try:
-            self.params.validate()
-        except ValueError as e:
-            raise QwenliteError(str(e)) from None
+        self.params.validate()
         if args.max_tokens < 1:
             raise QwenliteError(f"--max-tokens must be at least 1, got {args.max_tokens}")
         self.args = args

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from qwenlite.config import ModelConfig
+from qwenlite.errors import ContextLengthExceeded, InvalidArgument
 
 
 @dataclass
@@ -37,18 +38,6 @@ class Cache:
     @property
     def batch_size(self) -> int:
         return self.lengths.shape[0]
-
-    @property
-    def seq_len(self) -> int:
-        """The common length of all rows; rows of different lengths have none."""
-        lo, hi = int(self.lengths.min()), int(self.lengths.max())
-        if lo != hi:
-            raise ValueError(f"cache rows have different lengths ({lo}..{hi})")
-        return lo
-
-    @seq_len.setter
-    def seq_len(self, n: int) -> None:
-        self.lengths.fill_(n)
 
     @property
     def max_seq_len(self) -> int:
@@ -102,9 +91,11 @@ class Cache:
         """Return to the point where `snap` was taken, reusing this cache's buffers."""
         n = int(snap.lengths.max()) if snap.batch_size else 0
         if n > self.max_seq_len:
-            raise ValueError(f"snapshot of {n} tokens does not fit a cache of {self.max_seq_len}")
+            raise ContextLengthExceeded(f"snapshot of {n} tokens does not fit a cache of {self.max_seq_len}")
         if snap.batch_size != self.batch_size:
-            raise ValueError(f"snapshot of batch {snap.batch_size} cannot restore a cache of batch {self.batch_size}")
+            raise InvalidArgument(
+                f"snapshot of batch {snap.batch_size} cannot restore a cache of batch {self.batch_size}"
+            )
         for mine, theirs in zip(self.layers, snap.layers, strict=True):
             if isinstance(mine, AttentionCache):
                 mine.k[:, :, :n].copy_(theirs.k[:, :, :n])

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenlite.config import ModelConfig
+from qwenlite.errors import ContextLengthExceeded
 from qwenlite.ops.attention import causal_attention
 from qwenlite.ops.conv import causal_conv1d
 from qwenlite.ops.cpu import kernels
@@ -286,7 +287,7 @@ class TextModel(nn.Module):
         else:
             lengths = cache.lengths.tolist()
             if max(lengths) + T > cache.max_seq_len:
-                raise ValueError(f"{max(lengths) + T} tokens do not fit a cache of {cache.max_seq_len}")
+                raise ContextLengthExceeded(f"{max(lengths) + T} tokens do not fit a cache of {cache.max_seq_len}")
             if min(lengths) == max(lengths):
                 start = lengths[0]
                 positions = steps + start  # (T,)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from qwenlite.errors import ContextLengthExceeded
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.ops.cpu import kernels
 from qwenlite.ops.rope import rope_cos_sin
@@ -164,7 +165,7 @@ def decode_in_one_call(model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, cache
     layers[:, T4:] = torch.tensor(pointers, dtype=torch.int64)
     pos = cache.lengths.contiguous()
     if int(pos.max()) + 1 > cache.max_seq_len:
-        raise ValueError(f"{int(pos.max()) + 1} tokens do not fit a cache of {cache.max_seq_len}")
+        raise ContextLengthExceeded(f"{int(pos.max()) + 1} tokens do not fit a cache of {cache.max_seq_len}")
     cos, sin = rope_cos_sin(pos, model.model.inv_freq, dtype)  # (B, R)
     x = model.model.embed_tokens(input_ids[:, 0]).contiguous()  # (B, hidden), overwritten in place
     step = {"rows": B, "max_seq_len": cache.max_seq_len if cache.max_seq_len < 1 << 62 else 0,

@@ -27,6 +27,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from qwenlite.errors import InvalidArgument
+
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 TILE = 64  # rows per int4 tile
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -40,7 +42,7 @@ def padded_rows(n: int) -> int:
 def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     N, K = w.shape
     if K % group_size:
-        raise ValueError(f"K = {K} is not a multiple of the group size {group_size}")
+        raise InvalidArgument(f"K = {K} is not a multiple of the group size {group_size}")
     return w.reshape(N, K // group_size, group_size)
 
 
@@ -119,7 +121,7 @@ def quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype) -> tuple
     """w (N, K) -> qweight tiled64 (Np/64, K, 32) uint8, scales_and_zeros (K/G, Np, 2) `dtype`; q is computed
     with the stored (rounded) s and z."""
     if group_size not in INT4_GROUP_SIZES:
-        raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+        raise InvalidArgument(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
     N, K = w.shape
     Np = padded_rows(N)
     q = torch.empty(N, K, dtype=torch.uint8, device=w.device)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qwenlite.errors import QwenliteError
+from qwenlite.errors import ContextLengthExceeded, QwenliteError
 from qwenlite.generate import PREFILL_CHUNK, context_length
 from qwenlite.model.cache import AttentionCache, Cache, make_cache
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
@@ -39,10 +39,6 @@ ECHO_CHUNK = 128  # prompt logprobs need every position's logits: (128, V) fp32 
 
 class QueueFull(QwenliteError):
     """Every slot is busy and the waiting queue is full."""
-
-
-class ContextLengthExceeded(QwenliteError):
-    """The prompt does not fit the context."""
 
 
 @dataclass
@@ -176,7 +172,7 @@ class Engine:
     def submit(self, request: Request, on_event: Callable[[Event], None]) -> Handle:
         """Queue a request; `on_event` is called from the engine thread and must not block.
 
-        Raises QueueFull, ContextLengthExceeded, or QwenliteError / ValueError for an invalid request."""
+        Raises QueueFull, ContextLengthExceeded, or another QwenliteError for an invalid request."""
         prompt = request.prompt_ids
         if not prompt:
             raise QwenliteError("the prompt is empty")

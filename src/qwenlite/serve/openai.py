@@ -23,9 +23,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from qwenlite.errors import QwenliteError
+from qwenlite.errors import ContextLengthExceeded, InvalidArgument, QwenliteError
 from qwenlite.sample import SAMPLING_FIELDS, SamplingParams
-from qwenlite.serve.engine import ContextLengthExceeded, Engine, Finish, PromptLogprobs, QueueFull, Token, Usage
+from qwenlite.serve.engine import Engine, Finish, PromptLogprobs, QueueFull, Token, Usage
 from qwenlite.serve.engine import Request as EngineRequest
 from qwenlite.serve.protocol import (
     AssistantMessage,
@@ -296,7 +296,7 @@ class OpenAIServer:
         params = SamplingParams(**settings)
         try:
             params.validate()
-        except ValueError as e:
+        except InvalidArgument as e:
             raise ApiError(400, str(e), param=str(e).split()[0].removeprefix("SamplingParams.")) from None
         return params
 
@@ -317,7 +317,7 @@ class OpenAIServer:
             raise ApiError(429, str(e), code="queue_full") from None
         except ContextLengthExceeded as e:
             raise ApiError(400, str(e), code="context_length_exceeded") from None
-        except (QwenliteError, ValueError) as e:
+        except QwenliteError as e:
             raise ApiError(400, str(e)) from None
 
     def usage(self, usages: list[Usage]) -> UsageInfo:

@@ -29,8 +29,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-int qk_version(void) { return 1; }
-
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
 
 #include <immintrin.h>

@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from qwenlite.errors import KernelError
+
 # Argument types, one letter each: P pointer, L int64, I int, F float (the C file's prototypes).
 SIGNATURES = {
     "qk_gemv_bf16": "PPPLLLI",
@@ -105,7 +107,7 @@ def library() -> ctypes.CDLL | None:
     lib.qk_plan_fields.argtypes = [ctypes.c_int]
     got = tuple(lib.qk_plan_fields(i) for i in range(3))
     if got != (LIN_FIELDS, LAYER_FIELDS, MODEL_FIELDS):  # the C enums and the lists below must agree
-        raise AssertionError(f"decode plan layout: C has {got}, kernels.py {(LIN_FIELDS, LAYER_FIELDS, MODEL_FIELDS)}")
+        raise KernelError(f"decode plan layout: C has {got}, kernels.py {(LIN_FIELDS, LAYER_FIELDS, MODEL_FIELDS)}")
     return lib
 
 
