@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from qwenlite.errors import QwenliteError
+from qwenlite.errors import CheckpointError, QwenliteError
 
 SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text")
 LAYER_TYPES = ("linear_attention", "full_attention")
@@ -57,14 +57,14 @@ class ModelConfig:
                 "full_attention" if (n + 1) % i == 0 else "linear_attention" for n in range(self.num_hidden_layers)
             ]
         if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(LAYER_TYPES):
-            raise QwenliteError(
+            raise CheckpointError(
                 f"config layer_types must list {self.num_hidden_layers} entries from {LAYER_TYPES}, "
                 f"got {self.layer_types}"
             )
         if self.num_attention_heads % self.num_key_value_heads:
-            raise QwenliteError("num_attention_heads must be a multiple of num_key_value_heads")
+            raise CheckpointError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.linear_num_value_heads % self.linear_num_key_heads:
-            raise QwenliteError("linear_num_value_heads must be a multiple of linear_num_key_heads")
+            raise CheckpointError("linear_num_value_heads must be a multiple of linear_num_key_heads")
 
     # Derived values, in one place.
     @property
@@ -92,7 +92,7 @@ class ModelConfig:
         """Accepts a nested `qwen3_5` config (text under `text_config`) or a flat `qwen3_5_text` one."""
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise QwenliteError(
+            raise CheckpointError(
                 f"unsupported model_type {model_type!r}; qwenlite supports {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         text = dict(raw.get("text_config") or raw)
@@ -140,15 +140,15 @@ def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torch
 def load_config(checkpoint_dir: str | Path) -> ModelConfig:
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
-        raise QwenliteError(f"no config.json in {checkpoint_dir}: not a Hugging Face checkpoint directory")
+        raise CheckpointError(f"no config.json in {checkpoint_dir}: not a Hugging Face checkpoint directory")
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QwenliteError(f"{path} is not valid JSON: {e}") from None
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
     try:
         return ModelConfig.from_dict(raw)
     except TypeError as e:
-        raise QwenliteError(f"{path}: {e}") from None
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 # Real shapes of the published checkpoints (DESIGN.md section 1) and a tiny one for tests and demos.

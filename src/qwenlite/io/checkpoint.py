@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from qwenlite.config import ModelConfig, load_config, resolve_dtype
-from qwenlite.errors import QwenliteError
+from qwenlite.errors import CheckpointError
 from qwenlite.io.files import atomic_write
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value
 
@@ -61,15 +61,15 @@ def checkpoint_files(checkpoint_dir: str | Path) -> dict[str, Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise QwenliteError(f"{index} is not a valid safetensors index: {e}") from None
+            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
         files = {name: root / file for name, file in weight_map.items()}
         for path in set(files.values()):
             if not path.is_file():
-                raise QwenliteError(f"{index} lists {path.name}, which is missing from {root}")
+                raise CheckpointError(f"{index} lists {path.name}, which is missing from {root}")
         return files
     shards = sorted(root.glob("*.safetensors"))
     if not shards:
-        raise QwenliteError(f"no *.safetensors weight files in {root}")
+        raise CheckpointError(f"no *.safetensors weight files in {root}")
     return {name: path for path in shards for name in open_safetensors(path).keys()}
 
 
@@ -77,7 +77,7 @@ def open_safetensors(path: Path):
     try:
         return safe_open(path, framework="pt", device="cpu")
     except (SafetensorError, OSError) as e:
-        raise QwenliteError(f"cannot read {path}: corrupt or truncated safetensors file ({e})") from None
+        raise CheckpointError(f"cannot read {path}: corrupt or truncated safetensors file ({e})") from None
 
 
 @dataclass
@@ -109,11 +109,11 @@ def match_tensors(
         files.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
     missing = sorted(set(shapes) - set(files))
     if missing:
-        raise QwenliteError(f"checkpoint {root} is missing tensor {missing[0]}" + _more(missing))
+        raise CheckpointError(f"checkpoint {root} is missing tensor {missing[0]}" + _more(missing))
     unexpected = sorted(set(files) - set(shapes))
     if unexpected:
         path, stored = files[unexpected[0]]
-        raise QwenliteError(f"unexpected tensor {stored} in {path}" + _more(unexpected))
+        raise CheckpointError(f"unexpected tensor {stored} in {path}" + _more(unexpected))
     return files, mtp_files
 
 
@@ -125,7 +125,7 @@ def load_checkpoint(
     root = Path(checkpoint_dir)
     config = load_config(root)
     if "quantization_config" in config.extra:
-        raise QwenliteError(f"{root} is a quantized checkpoint; load it with qwenlite.io.load.load_model")
+        raise CheckpointError(f"{root} is a quantized checkpoint; load it with qwenlite.io.load.load_model")
     dtype = resolve_dtype(dtype, config)
     with torch.device("meta"):
         model = Qwen3_5ForCausalLM(config)
@@ -145,7 +145,7 @@ def read_tensors(
             handles[path] = open_safetensors(path)
         tensor = read_tensor(handles[path], stored, path)
         if tuple(tensor.shape) != tuple(shapes[name]):
-            raise QwenliteError(
+            raise CheckpointError(
                 f"tensor {stored} in {path} has shape {tuple(tensor.shape)}, expected {tuple(shapes[name])} "
                 "from config.json"
             )
@@ -177,7 +177,7 @@ def read_tensor(handle, name: str, path: Path) -> torch.Tensor:
     try:
         return handle.get_tensor(name)
     except (SafetensorError, OSError) as e:
-        raise QwenliteError(f"cannot read tensor {name} from {path}: {e}") from None
+        raise CheckpointError(f"cannot read tensor {name} from {path}: {e}") from None
 
 
 def _more(names: list[str]) -> str:

@@ -28,7 +28,7 @@ from tokenizers import AddedToken
 from tqdm import tqdm
 
 from qwenlite.config import DTYPES, ModelConfig
-from qwenlite.errors import QwenliteError
+from qwenlite.errors import CheckpointError, QwenliteError
 from qwenlite.io.checkpoint import assemble, expected_shapes
 from qwenlite.io.gguf_export import ARCH, GGUF_LAYER_NAMES, GGUF_NAMES, gguf_name, tile_value_heads
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
@@ -48,7 +48,7 @@ def our_name(name: str) -> str:
     m = _BLOCK.fullmatch(name)
     if m and m.group(2) in OUR_LAYER_NAMES:
         return f"model.layers.{m.group(1)}.{OUR_LAYER_NAMES[m.group(2)]}"
-    raise QwenliteError(f"GGUF tensor {name} is not part of a qwen35 text model")
+    raise CheckpointError(f"GGUF tensor {name} is not part of a qwen35 text model")
 
 
 def unconvert_tensor(name: str, t: torch.Tensor, c: ModelConfig) -> torch.Tensor:
@@ -165,7 +165,7 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
             data = data.reshape(rows, row_bytes) if len(ne) > 1 else data
             tensors[name] = GGUFTensor(name, tuple(reversed(ne)), kind, data)
     except (ValueError, OSError, IndexError, KeyError, struct.error) as e:
-        raise QwenliteError(f"cannot read {path}: not a valid GGUF file ({e})") from None
+        raise CheckpointError(f"cannot read {path}: not a valid GGUF file ({e})") from None
     return meta, tensors
 
 
@@ -180,12 +180,12 @@ def config_from_gguf(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], d
     """ModelConfig from `qwen35.*` metadata and the tensors' shapes (ours: rows, cols)."""
     arch = meta.get("general.architecture")
     if arch != ARCH:
-        raise QwenliteError(f"{where}: architecture {arch!r} is not Qwen3.5's {ARCH!r}")
+        raise CheckpointError(f"{where}: architecture {arch!r} is not Qwen3.5's {ARCH!r}")
 
     def key(k: str):
         value = meta.get(f"{arch}.{k}")
         if value is None:
-            raise QwenliteError(f"{where}: metadata {arch}.{k} is missing")
+            raise CheckpointError(f"{where}: metadata {arch}.{k} is missing")
         return _scalar(value)
 
     head_dim, v_heads = key("attention.key_length"), key("ssm.time_step_rank")
@@ -193,7 +193,7 @@ def config_from_gguf(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], d
     interval = key("full_attention_interval")
     heads = key("attention.head_count")
     if "token_embd.weight" not in shapes:
-        raise QwenliteError(f"{where}: tensor token_embd.weight is missing")
+        raise CheckpointError(f"{where}: tensor token_embd.weight is missing")
     q_rows = shapes.get(f"blk.{interval - 1}.attn_q.weight", (2 * heads * head_dim,))[0]
     eos = meta.get("tokenizer.ggml.eos_token_id")
     return ModelConfig(
@@ -227,12 +227,12 @@ def tokenizer_from_gguf(meta: dict[str, Any], where: Path) -> Tokenizer:
     user-defined tokens become added tokens on their ids; unused ([PADn]) ids are left out."""
     model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
     if model != "gpt2" or pre != "qwen35":
-        raise QwenliteError(
+        raise CheckpointError(
             f"{where}: tokenizer {model!r} with pre-tokenizer {pre!r}; qwenlite reads Qwen3.5's ('gpt2', 'qwen35')"
         )
     tokens: list[str] | None = meta.get("tokenizer.ggml.tokens")
     if not tokens:
-        raise QwenliteError(f"{where}: no tokenizer.ggml.tokens; a GGUF without its vocabulary cannot be run")
+        raise CheckpointError(f"{where}: no tokenizer.ggml.tokens; a GGUF without its vocabulary cannot be run")
     types = meta.get("tokenizer.ggml.token_type") or [gguf.TokenType.NORMAL] * len(tokens)
     used = {i for i, kind in enumerate(types) if kind != gguf.TokenType.UNUSED}
     vocab = {tokens[i]: i for i in sorted(used)}
@@ -296,10 +296,10 @@ def load_gguf(
     nextn = range(config.num_hidden_layers, _scalar(meta[f"{ARCH}.block_count"]))
     unexpected = sorted(n for n in stored if n not in wanted and _block(n) not in nextn)
     if unexpected:
-        raise QwenliteError(f"unexpected tensor {unexpected[0]} in {path}")
+        raise CheckpointError(f"unexpected tensor {unexpected[0]} in {path}")
     missing = sorted(n for n in wanted if n not in stored)
     if missing:
-        raise QwenliteError(f"{path} is missing tensor {missing[0]} ({wanted[missing[0]]})")
+        raise CheckpointError(f"{path} is missing tensor {missing[0]} ({wanted[missing[0]]})")
 
     torch_dtype = DTYPES[dtype]
     state: dict[str, torch.Tensor] = {}
@@ -310,7 +310,7 @@ def load_gguf(
             shape, want = t.shape, shapes[name]
             stored_shape = (want[0], want[2]) if name.endswith("conv1d.weight") else want  # conv squeezed
             if shape != stored_shape:
-                raise QwenliteError(f"tensor {g} in {path} has shape {shape}, expected {want} for {name}")
+                raise CheckpointError(f"tensor {g} in {path} has shape {shape}, expected {want} for {name}")
             if name in ("model.embed_tokens.weight", "lm_head.weight"):  # large, and stored as they are
                 out = torch.empty(want, dtype=torch_dtype)
                 for r in range(0, want[0], ROW_CHUNK):

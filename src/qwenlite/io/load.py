@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from qwenlite.errors import QwenliteError
+from qwenlite.errors import CheckpointError, QwenliteError
 from qwenlite.io.checkpoint import load_checkpoint
 from qwenlite.io.gguf_import import load_gguf
 from qwenlite.io.quantized import is_quantized_checkpoint, load_quantized
@@ -51,7 +51,7 @@ def generation_defaults(path: Path) -> dict:
     try:
         cfg = json.loads(file.read_text())
     except json.JSONDecodeError as e:
-        raise QwenliteError(f"{file} is not valid JSON: {e}") from None
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
     out = {k: cfg[k] for k in SAMPLING_FIELDS if isinstance(cfg.get(k), int | float)}
     if cfg.get("do_sample") is False:
         out["temperature"] = 0.0

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qwenlite.config import ModelConfig, load_config, resolve_dtype
-from qwenlite.errors import QwenliteError
+from qwenlite.errors import CheckpointError, QwenliteError
 from qwenlite.io.checkpoint import (
     ALIGN,
     Checkpoint,
@@ -118,10 +118,10 @@ def read_quantization_config(config: ModelConfig, where: Path) -> tuple[int, int
         return None
     bits = qc.get("bits") if isinstance(qc, dict) else None
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD or qc.get("format") != FORMATS.get(bits):
-        raise QwenliteError(f"{where}/config.json: quantization_config {qc} is not a qwenlite int8/int4 checkpoint")
+        raise CheckpointError(f"{where}/config.json: quantization_config {qc} is not a qwenlite int8/int4 checkpoint")
     group_size = qc.get("group_size")
     if group_size is not None and (not isinstance(group_size, int) or group_size <= 0):
-        raise QwenliteError(f"{where}/config.json: bad group_size {group_size!r} in quantization_config")
+        raise CheckpointError(f"{where}/config.json: bad group_size {group_size!r} in quantization_config")
     return bits, group_size
 
 
@@ -138,7 +138,7 @@ def load_quantized(
     config = load_config(root)
     found = read_quantization_config(config, root)
     if found is None:
-        raise QwenliteError(f"{root} is not a quantized checkpoint (no quantization_config in config.json)")
+        raise CheckpointError(f"{root} is not a quantized checkpoint (no quantization_config in config.json)")
     bits, group_size = found
     dtype = resolve_dtype(dtype, config)
     with torch.device("meta"):
@@ -146,7 +146,7 @@ def load_quantized(
     try:
         quantize_model_empty(model, bits, group_size, dtype)
     except QwenliteError as e:
-        raise QwenliteError(f"{root}: {e}") from None
+        raise CheckpointError(f"{root}: {e}") from None
     shapes = expected_shapes(model)
     dtypes = {name: t.dtype for name, t in model.state_dict().items()}
     files, mtp_files = match_tensors(root, shapes, config.tie_word_embeddings)
@@ -155,7 +155,7 @@ def load_quantized(
         want = dtypes[name]
         if want in (torch.int8, torch.uint8):
             if t.dtype != want:
-                raise QwenliteError(f"tensor {name} in {root} is {t.dtype}, expected {want} for int{bits}")
+                raise CheckpointError(f"tensor {name} in {root} is {t.dtype}, expected {want} for int{bits}")
             # A file not written by save_aligned: an aligned copy keeps the int8 kernel usable (see there).
             state[name] = t.to(device) if t.data_ptr() % ALIGN == 0 else t.clone()
         else:

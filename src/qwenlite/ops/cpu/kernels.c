@@ -1,4 +1,4 @@
-/* qwenlite's CPU kernels, built by qwenlite/ops/kernels.py with the machine's C compiler (-O3 -march=native
+/* qwenlite's CPU kernels, built by qwenlite/ops/cpu/kernels.py with the machine's C compiler (-O3 -march=native
  * -fopenmp) and called through ctypes. Each has a pure-torch reference twin it is tested against:
  *
  *   qk_gemv_bf16    y = x W^T, W bf16 (N, K), x and y bf16                     twin: F.linear
@@ -6,11 +6,11 @@
  *   qk_gemv_int4    y = x ((q - 8) * s + z)^T, q in quant_matmul's tiled64       twin: quant_matmul.int4_matmul_ref
  *   qk_gemv_f32     y = x W^T, all fp32                                          twin: F.linear
  *   qk_dequant_int8 / qk_dequant_int4: rows of W (int4: W^T) in bf16 or fp32 (prefill: dequantize, then torch's GEMM)
- *   qk_gdn_decode   a Gated DeltaNet layer's token between projections           twin: model.GatedDeltaNet (torch path)
+ *   qk_gdn_decode   a Gated DeltaNet layer's token between projections           twin: qwen3_5.GatedDeltaNet (torch path)
  *                   (conv, SiLU, L2 norms, gates, delta rule in one pass over the state, gated RMSNorm)
  *   qk_conv_silu    a prompt's causal conv + SiLU, carrying the state              twin: conv.causal_conv1d + F.silu
- *   qk_rmsnorm      zero-centred RMSNorm                                          twin: model.RMSNorm (torch path)
- *   qk_attn_decode  an attention layer's token between projections                twin: model.Attention (torch path)
+ *   qk_rmsnorm      zero-centred RMSNorm                                          twin: qwen3_5.RMSNorm (torch path)
+ *   qk_attn_decode  an attention layer's token between projections                twin: qwen3_5.Attention (torch path)
  *                   (q/k norms, rotary, cache write, attention over the prefix, output gate)
  *   qk_decode_step  the whole model for one token per row, from the above        twin: Qwen3_5ForCausalLM.forward
  *   qk_read         reads memory as a GEMV does, for `qwenlite bench`'s bandwidth figure

@@ -53,8 +53,7 @@ CTYPES = {"P": ctypes.c_void_p, "L": ctypes.c_int64, "I": ctypes.c_int, "F": cty
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off"]
 MAX_ROWS = 8  # rows for the bf16 GEMV and the one-call decode step (decode, batched decode); more: torch's GEMM
 # Quantized weights: up to these many rows a GEMV (a pass over W per 4 rows; a layer's W stays in L3 between
-# passes) beats dequantize-then-GEMM, whose dequantization is a fixed cost (0.8B prompts of 13 / 32 / 64 tokens:
-# int4 77 / 112 / 171 ms against 161 / 194 / 239; int8 111 / 180 / 305 against 152 / 180 / 219, measured).
+# passes) beats dequantize-then-GEMM, whose dequantization is a fixed cost (bench/results/gemv_rows.md).
 INT8_GEMV_ROWS, INT4_GEMV_ROWS = 24, 64
 DEQUANT_ROWS = 16384  # rows of a quantized W dequantized at a time for a GEMM: bounds the temporary (32 MB at K 1024)
 
