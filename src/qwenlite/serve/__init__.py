@@ -1,0 +1,1 @@
+"""Serving: the batched engine over token ids (no HTTP), prompt-state reuse, the OpenAI API and the app."""
