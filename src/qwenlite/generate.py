@@ -14,12 +14,10 @@ import torch
 from qwenlite.errors import QwenliteError
 from qwenlite.model.cache import Cache, make_cache
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
-from qwenlite.model.runner import run_model
+from qwenlite.model.runner import PREFILL_CHUNK, context_length, run_model
 from qwenlite.sample import SamplingParams, apply_processors, make_logits_processors, make_sampler
 from qwenlite.text.textstream import TextStream
 from qwenlite.text.tokenizer import Tokenizer
-
-PREFILL_CHUNK = 512  # bounds the activations of a long prompt; the gated delta rule chunks by 64 inside
 
 
 @dataclass
@@ -63,11 +61,6 @@ def decode_step(model: Qwen3_5ForCausalLM, token: int, cache: Cache) -> torch.Te
     """One token in, the next token's logits (V,) out."""
     ids = torch.tensor([[token]], device=model.device)
     return run_model(model, ids, cache)[0, -1]
-
-
-def context_length(model: Qwen3_5ForCausalLM, max_context: int | None = None) -> int:
-    limit = model.config.max_position_embeddings
-    return min(limit, max_context) if max_context else limit
 
 
 @torch.inference_mode()

@@ -28,6 +28,7 @@ from qwenlite.ops.rope import rope_cos_sin
 if TYPE_CHECKING:
     from qwenlite.model.cache import Cache
 
+PREFILL_CHUNK = 512  # prompt tokens per forward: bounds the activations; the gated delta rule chunks by 64 inside
 KIND = {"linear_attention": 0, "full_attention": 1}
 T4 = kernels.LAYER_FIELDS - 2  # the two columns a layer's caches go in (conv + recurrent state, or k + v)
 
@@ -129,6 +130,12 @@ class Plan:
                       "conv_kernel": c.linear_conv_kernel_dim, "heads": c.num_attention_heads,
                       "kv_heads": c.num_key_value_heads, "head_dim": c.head_dim, "rotary_dim": c.rotary_dim,
                       "gated": int(c.attn_output_gate), "final_norm": norm}  # fmt: skip
+
+
+def context_length(model: Qwen3_5ForCausalLM, max_context: int | None = None) -> int:
+    """The tokens a sequence may hold: the model's limit, or `max_context` below it."""
+    limit = model.config.max_position_embeddings
+    return min(limit, max_context) if max_context else limit
 
 
 def run_model(

@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 import torch
 
 from qwenlite.errors import ContextLengthExceeded, QwenliteError
-from qwenlite.generate import PREFILL_CHUNK, context_length
 from qwenlite.model.cache import AttentionCache, Cache, make_cache
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
-from qwenlite.model.runner import run_model
+from qwenlite.model.runner import PREFILL_CHUNK, context_length, run_model
 from qwenlite.sample import SamplingParams, apply_processors, make_logits_processors, make_sampler
 from qwenlite.serve.prompt_cache import PromptCache
 
