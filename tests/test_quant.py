@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from qwenlite.cli.main import build_parser
 from qwenlite.config import ModelConfig
-from qwenlite.errors import QwenliteError
+from qwenlite.errors import CheckpointError, QwenliteError
 from qwenlite.io.checkpoint import load_checkpoint, save_aligned, save_checkpoint
 from qwenlite.io.quantized import load_quantized, quantization_config, quantize_checkpoint
 from qwenlite.model.cache import make_cache
@@ -324,28 +324,28 @@ def test_corrupt_quantized_checkpoints_fail_clearly(trained, tmp_path):
     bad = broken("truncated")
     data = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(QwenliteError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_quantized(bad)
 
     bad = broken("no-scales")
     tensors = load_file(str(bad / "model.safetensors"))
     del tensors["model.layers.2.mlp.gate_proj.scales_and_zeros"]
     save_file(tensors, str(bad / "model.safetensors"))
-    with pytest.raises(QwenliteError, match=r"missing tensor model\.layers\.2\.mlp\.gate_proj\.scales_and_zeros"):
+    with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.2\.mlp\.gate_proj\.scales_and_zeros"):
         load_quantized(bad)
 
     bad = broken("wrong-dtype")
     tensors = load_file(str(bad / "model.safetensors"))
     tensors["model.layers.1.mlp.up_proj.qweight"] = tensors["model.layers.1.mlp.up_proj.qweight"].to(torch.int8)
     save_file(tensors, str(bad / "model.safetensors"))
-    with pytest.raises(QwenliteError, match=r"up_proj\.qweight .* is torch\.int8, expected torch\.uint8"):
+    with pytest.raises(CheckpointError, match=r"up_proj\.qweight .* is torch\.int8, expected torch\.uint8"):
         load_quantized(bad)
 
     bad = broken("bad-config")
     config = json.loads((bad / "config.json").read_text())
     config["quantization_config"]["format"] = "gptq"
     (bad / "config.json").write_text(json.dumps(config))
-    with pytest.raises(QwenliteError, match="not a qwenlite int8/int4 checkpoint"):
+    with pytest.raises(CheckpointError, match="not a qwenlite int8/int4 checkpoint"):
         load_quantized(bad)
 
     with pytest.raises(QwenliteError, match="already exists and is not empty"):

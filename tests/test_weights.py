@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qwenlite.config import ModelConfig
-from qwenlite.errors import QwenliteError
+from qwenlite.errors import CheckpointError
 from qwenlite.io.checkpoint import load_checkpoint, sanitize, save_checkpoint
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 
@@ -135,7 +135,7 @@ def shard_of(checkpoint: Path, name: str) -> Path:
 def test_missing_config(copy_of):
     path = copy_of("single")
     (path / "config.json").unlink()
-    with pytest.raises(QwenliteError, match="config.json"):
+    with pytest.raises(CheckpointError, match="config.json"):
         load_checkpoint(path)
 
 
@@ -144,7 +144,7 @@ def test_unknown_model_type(copy_of):
     config = json.loads((path / "config.json").read_text())
     config["model_type"] = "llama"
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(QwenliteError) as err:
+    with pytest.raises(CheckpointError) as err:
         load_checkpoint(path)
     message = str(err.value)
     assert "llama" in message
@@ -154,7 +154,7 @@ def test_unknown_model_type(copy_of):
 def test_no_safetensors_file(copy_of):
     path = copy_of("single")
     (path / "model.safetensors").unlink()
-    with pytest.raises(QwenliteError, match="safetensors"):
+    with pytest.raises(CheckpointError, match="safetensors"):
         load_checkpoint(path)
 
 
@@ -162,7 +162,7 @@ def test_index_lists_a_missing_shard(copy_of):
     path = copy_of("sharded")
     shard = shard_of(path, "model.layers.2.linear_attn.A_log")
     shard.unlink()
-    with pytest.raises(QwenliteError, match=shard.name):
+    with pytest.raises(CheckpointError, match=shard.name):
         load_checkpoint(path)
 
 
@@ -173,7 +173,7 @@ def test_truncated_safetensors(copy_of, kind, keep):
     file = shard_of(path, "model.layers.1.mlp.up_proj.weight")
     size = file.stat().st_size
     os.truncate(file, int(size * keep) if keep < 1 else keep)
-    with pytest.raises(QwenliteError, match=file.name):
+    with pytest.raises(CheckpointError, match=file.name):
         load_checkpoint(path)
 
 
@@ -195,7 +195,7 @@ def test_missing_tensor(copy_of, kind, stored, reported):
         data = json.loads(index.read_text())
         del data["weight_map"][stored]
         index.write_text(json.dumps(data))
-    with pytest.raises(QwenliteError, match="missing") as err:
+    with pytest.raises(CheckpointError, match="missing") as err:
         load_checkpoint(path)
     assert reported in str(err.value)
 
@@ -213,7 +213,7 @@ def test_unexpected_tensor(copy_of, kind):
         data = json.loads((path / INDEX_FILE).read_text())
         data["weight_map"][name] = file.name
         (path / INDEX_FILE).write_text(json.dumps(data))
-    with pytest.raises(QwenliteError, match="unexpected") as err:
+    with pytest.raises(CheckpointError, match="unexpected") as err:
         load_checkpoint(path)
     assert name in str(err.value) and file.name in str(err.value)
 
@@ -224,7 +224,7 @@ def test_wrong_shape(copy_of, kind):
     name = "model.layers.2.linear_attn.in_proj_b.weight"  # (Hv, hidden) = (4, 64)
     file = shard_of(path, name)
     rewrite(file, lambda t: t.update({name: torch.zeros(5, 64)}))
-    with pytest.raises(QwenliteError, match="shape") as err:
+    with pytest.raises(CheckpointError, match="shape") as err:
         load_checkpoint(path)
     assert name in str(err.value) and file.name in str(err.value)
 
@@ -234,7 +234,7 @@ def test_wrong_shape_in_the_published_layout_names_the_stored_tensor(copy_of):
     stored = "model.language_model.layers.2.linear_attn.in_proj_b.weight"
     file = shard_of(path, stored)
     rewrite(file, lambda t: t.update({stored: torch.zeros(5, 64)}))
-    with pytest.raises(QwenliteError, match="shape") as err:
+    with pytest.raises(CheckpointError, match="shape") as err:
         load_checkpoint(path)
     assert stored in str(err.value) and file.name in str(err.value)
 
