@@ -129,9 +129,10 @@ def load_checkpoint(
     dtype = resolve_dtype(dtype, config)
     with torch.device("meta"):
         model = Qwen3_5ForCausalLM(config)
-    files, mtp_files = match_tensors(root, expected_shapes(model), config.tie_word_embeddings)
+    shapes = expected_shapes(model)
+    files, mtp_files = match_tensors(root, shapes, config.tie_word_embeddings)
     # One dtype for every tensor, as the reference; forward does norms and gates in fp32.
-    state = {name: t.to(device=device, dtype=dtype) for name, t in read_tensors(files, expected_shapes(model))}
+    state = {name: t.to(device=device, dtype=dtype) for name, t in read_tensors(files, shapes)}
     return Checkpoint(assemble(model, state, device), config, root, read_mtp(mtp_files))
 
 
@@ -158,7 +159,9 @@ def read_mtp(mtp_files: Mapping[str, TensorSource]) -> dict[str, torch.Tensor]:
     return {name: read_tensor(handles[path], stored, path) for name, (path, stored) in mtp_files.items()}
 
 
-def assemble(model: Qwen3_5ForCausalLM, state: dict[str, torch.Tensor], device: str | torch.device = "cpu"):
+def assemble(
+    model: Qwen3_5ForCausalLM, state: dict[str, torch.Tensor], device: str | torch.device = "cpu"
+) -> Qwen3_5ForCausalLM:
     """The tail every loader shares: `model`, built on the meta device (quantized or not), takes `state`'s tensors
     as its own; a tied head takes the embedding's (one Parameter for both, as in a model built whole)."""
     embed, head = model.model.embed_tokens, model.lm_head
