@@ -14,7 +14,6 @@ import contextlib
 import functools
 import hmac
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -53,8 +52,6 @@ from qwenlite.serve.protocol import (
 from qwenlite.text.textstream import Delta, StopMatcher, TextStream, starts_in_reasoning
 from qwenlite.text.tokenizer import ASSISTANT_HEADER, ChatTemplateError, IncrementalDetokenizer, Tokenizer
 from qwenlite.text.toolcalls import ToolCallDelta, ToolCallParser
-
-log = logging.getLogger("qwenlite.serve")
 
 RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "enable_thinking"}
 
