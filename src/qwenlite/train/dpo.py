@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from qwenlite.errors import QwenliteError
 from qwenlite.text.tokenizer import Tokenizer
+from qwenlite.train.common import FINE_TUNING_BETAS, lr_at, make_optimizer
 from qwenlite.train.lora import lora_disabled
 from qwenlite.train.posttrain import (
     Logger,
@@ -38,8 +39,6 @@ from qwenlite.train.posttrain import (
     epoch_order,
     load_for_training,
     log_line,
-    lr_at,
-    make_optimizer,
     pad_batch,
     pad_token_id,
     read_jsonl,
@@ -149,7 +148,7 @@ def train_dpo(
     ckpt = load_for_training(model_path, settings, lora)
     model = ckpt.model
     reference_logps(model, pairs, pad_id, settings.batch_size)
-    optimizer = make_optimizer(model, settings)
+    optimizer = make_optimizer(model, settings.lr, settings.weight_decay, FINE_TUNING_BETAS)
     params = [p for p in model.parameters() if p.requires_grad]
     total_steps = settings.total_steps(len(pairs))
     per_step = settings.batch_size * settings.grad_accum
@@ -158,7 +157,7 @@ def train_dpo(
     history = []
     t0 = time.perf_counter()
     for step in range(total_steps):
-        lr = lr_at(step, total_steps, settings)
+        lr = lr_at(step, total_steps, settings.lr, settings.warmup_steps, settings.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         stats = torch.zeros(4)  # loss, chosen reward, rejected reward, accuracy: summed over the step's pairs

@@ -1,5 +1,5 @@
-"""What SFT and DPO share: settings, reading JSONL with errors that name the line, the learning-rate schedule,
-per-token log-probabilities of a right-padded batch, loading the model to train and writing the result.
+"""What SFT and DPO share: settings, reading JSONL with errors that name the line, per-token log-probabilities of a
+right-padded batch, loading the model to train and writing the result (the schedule and optimizer are common.py's).
 
 The loops themselves live in `sft.py` and `dpo.py`, one visible loop each."""
 
@@ -59,23 +59,6 @@ class TrainSettings:
             return self.max_steps
         per_step = self.batch_size * self.grad_accum
         return max(1, math.ceil(n_examples * self.epochs / per_step))
-
-
-def lr_at(step: int, total: int, s: TrainSettings) -> float:
-    """Linear warmup over `warmup_steps`, then cosine decay to `lr * min_lr_ratio` at the last step."""
-    if step < s.warmup_steps:
-        return s.lr * (step + 1) / s.warmup_steps
-    progress = (step - s.warmup_steps) / max(1, total - s.warmup_steps - 1)
-    return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def make_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.AdamW:
-    # No weight decay on norms, biases and the per-head gate constants (1-D tensors), as usual.
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999))
 
 
 def epoch_order(n: int, total_needed: int, seed: int) -> Iterator[int]:

@@ -49,6 +49,7 @@ from qwenlite.io.files import atomic_write
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value
 from qwenlite.text.tokenizer import ENDOFTEXT, IM_END
 from qwenlite.text.vocab import write_tokenizer_files
+from qwenlite.train import common
 from qwenlite.train import distributed as ddp
 from qwenlite.train.data import BatchIterator, PackedSequences, held_out_batches, pack_corpus, tokenize_corpus
 from qwenlite.train.plots import plot_loss_curve
@@ -68,7 +69,7 @@ class TrainConfig:
     warmup: int = 100  # linear warmup steps
     weight_decay: float = 0.1  # on matrices (projections, embedding, conv), not on norms, A_log, dt_bias
     beta1: float = 0.9
-    beta2: float = 0.95
+    beta2: float = 0.95  # GPT-3 / nanoGPT pretraining's: a second moment that follows the changing gradient scale
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     val_fraction: float = 0.01  # share of the packed windows held out
     eval_every: int = 100  # steps between held-out evaluations (and one at the end)
@@ -130,22 +131,8 @@ def init_weights(model: Qwen3_5ForCausalLM, seed: int) -> None:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to lr * min_lr_ratio."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    low = cfg.lr * cfg.min_lr_ratio
-    return low + 0.5 * (cfg.lr - low) * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]  # the tied head is listed once
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    # The fused kernel exists on CPU too, and is ~5x faster there than the multi-tensor one.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    """Learning rate of optimizer step `step` (0-based): `common.lr_at` over `cfg.steps`."""
+    return common.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
 
 
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -245,7 +232,7 @@ def _pretrain(model_config, data, out, tokenizer_dir, cfg, resume, cache_dir, en
     model.to(env.device).train()
     num_parameters = sum(p.numel() for p in model.parameters())
     wrapped = ddp.wrap_model(model, env, cfg.fsdp)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     batches = BatchIterator(packed, train_idx, cfg.batch_size, cfg.seed, env.rank, env.world_size)
     step, window = 0, {"loss_sum": 0.0, "steps": 0}
     log_path = out / "train_log.jsonl"

@@ -29,6 +29,7 @@ import torch
 
 from qwenlite.errors import QwenliteError
 from qwenlite.text.tokenizer import ASSISTANT_HEADER, IM_END, ChatTemplateError, Tokenizer
+from qwenlite.train.common import FINE_TUNING_BETAS, lr_at, make_optimizer
 from qwenlite.train.posttrain import (
     IGNORE,
     Logger,
@@ -37,8 +38,6 @@ from qwenlite.train.posttrain import (
     epoch_order,
     load_for_training,
     log_line,
-    lr_at,
-    make_optimizer,
     pad_batch,
     pad_token_id,
     read_jsonl,
@@ -147,7 +146,7 @@ def train_sft(
     torch.manual_seed(settings.seed)
     ckpt = load_for_training(model_path, settings, lora)
     model = ckpt.model
-    optimizer = make_optimizer(model, settings)
+    optimizer = make_optimizer(model, settings.lr, settings.weight_decay, FINE_TUNING_BETAS)
     params = [p for p in model.parameters() if p.requires_grad]
     total_steps = settings.total_steps(len(examples))
     per_step = settings.batch_size * settings.grad_accum
@@ -157,7 +156,7 @@ def train_sft(
     t0 = time.perf_counter()
     seen = 0
     for step in range(total_steps):
-        lr = lr_at(step, total_steps, settings)
+        lr = lr_at(step, total_steps, settings.lr, settings.warmup_steps, settings.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = [examples[next(order)] for _ in range(per_step)]
