@@ -8,8 +8,9 @@ import torch
 
 from qwenlite.errors import QwenliteError
 from qwenlite.text.tokenizer import Tokenizer
+from qwenlite.train.common import TrainSettings
 from qwenlite.train.dpo import dpo_loss, load_dpo_data, train_dpo
-from qwenlite.train.posttrain import IGNORE, LoRASettings, TrainSettings
+from qwenlite.train.posttrain import IGNORE, LoRASettings
 
 from tiny_chat import make_chat_checkpoint, write_jsonl
 

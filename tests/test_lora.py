@@ -14,6 +14,7 @@ from safetensors import safe_open
 from qwenlite.cli.main import main
 from qwenlite.errors import QwenliteError
 from qwenlite.io.checkpoint import load_checkpoint
+from qwenlite.train.common import TrainSettings
 from qwenlite.train.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -25,7 +26,7 @@ from qwenlite.train.lora import (
     merge_lora,
     save_adapter,
 )
-from qwenlite.train.posttrain import LoRASettings, TrainSettings, is_language_model_layout
+from qwenlite.train.posttrain import LoRASettings, is_language_model_layout
 from qwenlite.train.sft import train_sft
 
 from helpers import make_hf_checkpoint, max_abs_diff, random_ids, reference_logits
