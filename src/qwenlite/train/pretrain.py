@@ -44,7 +44,7 @@ from safetensors.torch import load_file
 
 from qwenlite.config import ModelConfig, load_config, preset_config
 from qwenlite.errors import QwenliteError
-from qwenlite.io.checkpoint import write_checkpoint
+from qwenlite.io.checkpoint import copy_side_files, write_checkpoint
 from qwenlite.io.files import atomic_write
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value
 from qwenlite.text.tokenizer import ENDOFTEXT, IM_END
@@ -54,7 +54,6 @@ from qwenlite.train import distributed as ddp
 from qwenlite.train.data import BatchIterator, PackedSequences, held_out_batches, pack_corpus, tokenize_corpus
 from qwenlite.train.plots import plot_loss_curve
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 VOCAB_MULTIPLE = 256  # a preset's vocabulary is the tokenizer's rounded up to this (Qwen3.5: 248077 -> 248320)
 
 
@@ -407,12 +406,11 @@ def _on_main_first(env: ddp.DistEnv, fn):
 
 
 def _prepare_out_dir(out: Path, tokenizer_dir: Path, eos_id: int, vocab_size: int) -> None:
-    """Tokenizer files and generation_config.json beside the weights, so that OUT loads as a checkpoint."""
+    """The tokenizer's side files (`io.checkpoint.SIDE_FILES`) and our own generation_config.json beside the
+    weights, so that OUT loads as a checkpoint."""
     out.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        source = tokenizer_dir / name
-        if source.is_file() and source.resolve() != (out / name).resolve():
-            atomic_write(out / name, lambda p, s=source: shutil.copyfile(s, p))
+    if tokenizer_dir.resolve() != out.resolve():  # the default tokenizer is written into OUT itself
+        copy_side_files(tokenizer_dir, out)  # a generation_config.json among them is replaced below
     tokenizer = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
     ids = {t["content"]: t["id"] for t in tokenizer.get("added_tokens", [])}
     stops = [i for i in (ids.get(IM_END), ids.get(ENDOFTEXT, eos_id)) if i is not None and i < vocab_size]
