@@ -199,7 +199,18 @@ def pretrain(
     return result
 
 
-def _pretrain(model_config, data, out, tokenizer_dir, cfg, resume, cache_dir, env, stop_at) -> PretrainResult:
+def _pretrain(
+    model_config: ModelConfig,
+    data: Sequence[str | Path],
+    out: Path,
+    tokenizer_dir: str | Path | None,
+    cfg: TrainConfig,
+    resume: bool,
+    cache_dir: str | Path | None,
+    env: ddp.DistEnv,
+    stop_at: int | None,
+) -> PretrainResult:
+    """The loop (see `pretrain`), after `setup_pretrain`."""
     run = setup_pretrain(model_config, data, out, tokenizer_dir, cfg, resume, cache_dir, env)
     model, wrapped, optimizer, batches = run.model, run.wrapped, run.optimizer, run.batches
     last = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
