@@ -8,8 +8,9 @@ import torch
 
 from qwenlite.errors import QwenliteError
 from qwenlite.text.tokenizer import Tokenizer
+from qwenlite.train.common import TrainSettings
 from qwenlite.train.dpo import dpo_loss, load_dpo_data, train_dpo
-from qwenlite.train.posttrain import IGNORE, LoRASettings, TrainSettings
+from qwenlite.train.posttrain import IGNORE, LoRASettings
 
 from tiny_chat import make_chat_checkpoint, write_jsonl
 
@@ -41,6 +42,17 @@ def test_dpo_loss_of_equal_policies_is_log2():
     loss, chosen, rejected = dpo_loss(x, x - 1, x, x - 1, beta=0.1)
     assert torch.allclose(loss, torch.full((2,), math.log(2)))
     assert torch.equal(chosen, torch.zeros(2)) and torch.equal(rejected, torch.zeros(2))
+
+
+def test_dpo_loss_at_a_nonzero_margin():
+    pc, pr = torch.tensor([-3.0, -8.0]), torch.tensor([-5.0, -4.0])  # policy log-probs: chosen, rejected
+    rc, rr = torch.tensor([-4.0, -6.0]), torch.tensor([-4.5, -5.0])  # reference log-probs
+    beta = 0.3
+    loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta)
+    # margins (pc - rc) - (pr - rr) = 1.5 and -3: -log sigmoid(beta * margin) = log(1 + exp(-beta * margin))
+    expected = [math.log1p(math.exp(-beta * 1.5)), math.log1p(math.exp(-beta * -3.0))]
+    assert loss.tolist() == pytest.approx(expected, rel=1e-6)
+    assert chosen.tolist() == pytest.approx([0.3, -0.6]) and rejected.tolist() == pytest.approx([-0.15, 0.3])
 
 
 def test_pairs_share_the_prompt_and_train_only_the_completion(prefs):

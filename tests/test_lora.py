@@ -14,6 +14,7 @@ from safetensors import safe_open
 from qwenlite.cli.main import main
 from qwenlite.errors import QwenliteError
 from qwenlite.io.checkpoint import load_checkpoint
+from qwenlite.train.common import TrainSettings
 from qwenlite.train.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -25,14 +26,13 @@ from qwenlite.train.lora import (
     merge_lora,
     save_adapter,
 )
-from qwenlite.train.posttrain import LoRASettings, TrainSettings, is_language_model_layout
+from qwenlite.train.posttrain import LoRASettings, is_language_model_layout
 from qwenlite.train.sft import train_sft
 
 from helpers import make_hf_checkpoint, max_abs_diff, random_ids, reference_logits
 from tiny_chat import make_chat_checkpoint, write_jsonl
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")  # every test builds its checkpoint with transformers
 
 IDS = random_ids(2, 40, seed=3)
 CONVERSATIONS = [
@@ -106,6 +106,7 @@ def test_merged_equals_base_plus_adapter(trained):
 
 
 def test_adapter_loads_in_peft(trained):
+    peft = pytest.importorskip("peft")
     config = json.loads((trained / "adapter" / ADAPTER_CONFIG).read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
     ours = base_model(trained / "base")
@@ -122,6 +123,7 @@ def test_adapter_loads_in_peft(trained):
 def test_adapter_for_the_published_layout(tmp_path):
     """Official checkpoints are Qwen3_5ForConditionalGeneration (text under model.language_model): the adapter
     names those modules, so PEFT applies it to the model that checkpoint loads as."""
+    peft = pytest.importorskip("peft")
     hf = make_hf_checkpoint(tmp_path / "base", layout="conditional_generation")
     assert is_language_model_layout(tmp_path / "base")
     ours = base_model(tmp_path / "base")

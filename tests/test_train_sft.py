@@ -10,7 +10,8 @@ import torch
 from qwenlite.cli.main import build_parser
 from qwenlite.errors import QwenliteError
 from qwenlite.io.checkpoint import load_checkpoint
-from qwenlite.train.posttrain import IGNORE, TrainSettings
+from qwenlite.train.common import TrainSettings
+from qwenlite.train.posttrain import IGNORE
 from qwenlite.train.sft import assistant_spans, encode_chat, load_sft_data, train_sft
 
 from helpers import max_abs_diff, random_ids, reference_logits

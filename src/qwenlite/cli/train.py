@@ -13,8 +13,9 @@ from pathlib import Path
 
 from qwenlite.errors import QwenliteError
 from qwenlite.text.vocab import QWEN35_SPECIAL_START_ID, QWEN35_SPECIAL_TOKENS
+from qwenlite.train.common import TrainSettings
 from qwenlite.train.lora import DEFAULT_TARGETS
-from qwenlite.train.posttrain import LoRASettings, TrainSettings
+from qwenlite.train.posttrain import LoRASettings
 from qwenlite.train.pretrain import TrainConfig
 
 QWEN35_VOCAB_SIZE = QWEN35_SPECIAL_START_ID + len(QWEN35_SPECIAL_TOKENS)  # 248077

@@ -202,7 +202,7 @@ def docstring_questions(module: str, source: str) -> list[dict]:
 def fine_tune_chat(model_dir: Path, chat_data: Path, out_dir: Path, s: DemoSettings) -> tuple[Path, list[float]]:
     """Stage 4: full fine-tuning of the pretrained model on the docstring conversations with `train_sft` (the
     model's own chat template, loss on assistant tokens only). Returns (the chat checkpoint, its losses)."""
-    from qwenlite.train.posttrain import TrainSettings
+    from qwenlite.train.common import TrainSettings
     from qwenlite.train.sft import train_sft
 
     log_file = out_dir / "sft_log.jsonl"

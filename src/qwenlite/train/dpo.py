@@ -21,7 +21,6 @@ a second copy of the weights, and at step 0 the loss is exactly log 2.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,16 +29,13 @@ import torch.nn.functional as F
 
 from qwenlite.errors import QwenliteError
 from qwenlite.text.tokenizer import Tokenizer
+from qwenlite.train.common import FINE_TUNING_BETAS, Logger, TrainSettings, make_optimizer, run_steps
 from qwenlite.train.lora import lora_disabled
 from qwenlite.train.posttrain import (
-    Logger,
     LoRASettings,
-    TrainSettings,
     epoch_order,
     load_for_training,
     log_line,
-    lr_at,
-    make_optimizer,
     pad_batch,
     pad_token_id,
     read_jsonl,
@@ -149,19 +145,14 @@ def train_dpo(
     ckpt = load_for_training(model_path, settings, lora)
     model = ckpt.model
     reference_logps(model, pairs, pad_id, settings.batch_size)
-    optimizer = make_optimizer(model, settings)
-    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(model, settings.lr, settings.weight_decay, FINE_TUNING_BETAS)
     total_steps = settings.total_steps(len(pairs))
     per_step = settings.batch_size * settings.grad_accum
     order = epoch_order(len(pairs), total_steps * per_step, settings.seed)
 
-    history = []
-    t0 = time.perf_counter()
-    for step in range(total_steps):
-        lr = lr_at(step, total_steps, settings)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    def train_step() -> tuple[dict, int]:  # one optimizer step's micro-batches; the loop is common.run_steps
         stats = torch.zeros(4)  # loss, chosen reward, rejected reward, accuracy: summed over the step's pairs
+        tokens = 0
         for _ in range(settings.grad_accum):
             batch = [pairs[next(order)] for _ in range(settings.batch_size)]
             logps = sequence_logps(model, [p.chosen for p in batch] + [p.rejected for p in batch], pad_id)
@@ -170,17 +161,12 @@ def train_dpo(
             (losses.sum() / per_step).backward()
             stats += torch.stack([losses.detach().sum(), chosen_r.sum(), rejected_r.sum(),
                                   (chosen_r > rejected_r).float().sum()]).cpu()  # fmt: skip
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+            tokens += sum(len(p.chosen.ids) + len(p.rejected.ids) for p in batch)
         loss, chosen, rejected, accuracy = (stats / per_step).tolist()
-        record = {"step": step + 1, "loss": loss, "reward_chosen": chosen, "reward_rejected": rejected,
-                  "reward_margin": chosen - rejected, "accuracy": accuracy, "lr": lr, "grad_norm": grad_norm,
-                  "elapsed_s": round(time.perf_counter() - t0, 2)}  # fmt: skip
-        history.append(record)
-        if (step + 1) % settings.log_every == 0 or step + 1 == total_steps:
-            log(record)
+        fields = {"loss": loss, "reward_chosen": chosen, "reward_rejected": rejected,
+                  "reward_margin": chosen - rejected, "accuracy": accuracy}  # fmt: skip
+        return fields, tokens
 
+    history = run_steps(model, optimizer, settings, total_steps, train_step, log)
     save_result(ckpt, out_dir, lora, history)
     return history

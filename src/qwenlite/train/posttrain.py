@@ -1,14 +1,14 @@
-"""What SFT and DPO share: settings, reading JSONL with errors that name the line, the learning-rate schedule,
-per-token log-probabilities of a right-padded batch, loading the model to train and writing the result.
+"""What SFT and DPO share besides their loop (`common.run_steps`) and its settings (`common.TrainSettings`): reading
+JSONL with errors that name the line, per-token log-probabilities of a right-padded batch, loading the model to train
+and writing the result.
 
-The loops themselves live in `sft.py` and `dpo.py`, one visible loop each."""
+What differs, one optimizer step's micro-batches, lives in `sft.py` and `dpo.py`."""
 
 from __future__ import annotations
 
 import json
-import math
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +20,10 @@ from qwenlite.io.checkpoint import Checkpoint, checkpoint_files, copy_side_files
 from qwenlite.io.files import atomic_write
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.text.tokenizer import ENDOFTEXT, IM_END, Tokenizer
+from qwenlite.train.common import TrainSettings
 from qwenlite.train.lora import DEFAULT_TARGETS, apply_lora, merge_lora, save_adapter
 
 IGNORE = -100  # label of a token that is context, not target
-Logger = Callable[[dict], None]  # receives each step's record
 
 
 @dataclass
@@ -33,49 +33,6 @@ class LoRASettings:
     dropout: float = 0.0
     targets: Sequence[str] = DEFAULT_TARGETS
     merge: bool = False  # also write the merged model to OUT/merged
-
-
-@dataclass
-class TrainSettings:
-    """Optimisation settings shared by SFT and DPO. One step is `grad_accum` micro-batches of `batch_size`."""
-
-    lr: float = 1e-5
-    epochs: float = 1.0
-    max_steps: int | None = None  # overrides epochs
-    batch_size: int = 1
-    grad_accum: int = 1
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_len: int = 4096  # longer examples are cut (their tail is lost)
-    seed: int = 0
-    log_every: int = 1
-    dtype: str = "float32"  # training dtype of the weights; the output keeps the checkpoint's dtype
-    device: str = "cpu"
-
-    def total_steps(self, n_examples: int) -> int:
-        if self.max_steps is not None:
-            return self.max_steps
-        per_step = self.batch_size * self.grad_accum
-        return max(1, math.ceil(n_examples * self.epochs / per_step))
-
-
-def lr_at(step: int, total: int, s: TrainSettings) -> float:
-    """Linear warmup over `warmup_steps`, then cosine decay to `lr * min_lr_ratio` at the last step."""
-    if step < s.warmup_steps:
-        return s.lr * (step + 1) / s.warmup_steps
-    progress = (step - s.warmup_steps) / max(1, total - s.warmup_steps - 1)
-    return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def make_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.AdamW:
-    # No weight decay on norms, biases and the per-head gate constants (1-D tensors), as usual.
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999))
 
 
 def epoch_order(n: int, total_needed: int, seed: int) -> Iterator[int]:

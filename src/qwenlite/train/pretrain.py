@@ -44,16 +44,16 @@ from safetensors.torch import load_file
 
 from qwenlite.config import ModelConfig, load_config, preset_config
 from qwenlite.errors import QwenliteError
-from qwenlite.io.checkpoint import write_checkpoint
+from qwenlite.io.checkpoint import copy_side_files, write_checkpoint
 from qwenlite.io.files import atomic_write
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value
 from qwenlite.text.tokenizer import ENDOFTEXT, IM_END
 from qwenlite.text.vocab import write_tokenizer_files
+from qwenlite.train import common
 from qwenlite.train import distributed as ddp
 from qwenlite.train.data import BatchIterator, PackedSequences, held_out_batches, pack_corpus, tokenize_corpus
 from qwenlite.train.plots import plot_loss_curve
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 VOCAB_MULTIPLE = 256  # a preset's vocabulary is the tokenizer's rounded up to this (Qwen3.5: 248077 -> 248320)
 
 
@@ -68,7 +68,7 @@ class TrainConfig:
     warmup: int = 100  # linear warmup steps
     weight_decay: float = 0.1  # on matrices (projections, embedding, conv), not on norms, A_log, dt_bias
     beta1: float = 0.9
-    beta2: float = 0.95
+    beta2: float = 0.95  # GPT-3 / nanoGPT pretraining's: a second moment that follows the changing gradient scale
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     val_fraction: float = 0.01  # share of the packed windows held out
     eval_every: int = 100  # steps between held-out evaluations (and one at the end)
@@ -130,22 +130,8 @@ def init_weights(model: Qwen3_5ForCausalLM, seed: int) -> None:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to lr * min_lr_ratio."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    low = cfg.lr * cfg.min_lr_ratio
-    return low + 0.5 * (cfg.lr - low) * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]  # the tied head is listed once
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    # The fused kernel exists on CPU too, and is ~5x faster there than the multi-tensor one.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    """Learning rate of optimizer step `step` (0-based): `common.lr_at` over `cfg.steps`."""
+    return common.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
 
 
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -213,7 +199,103 @@ def pretrain(
     return result
 
 
-def _pretrain(model_config, data, out, tokenizer_dir, cfg, resume, cache_dir, env, stop_at) -> PretrainResult:
+def _pretrain(
+    model_config: ModelConfig,
+    data: Sequence[str | Path],
+    out: Path,
+    tokenizer_dir: str | Path | None,
+    cfg: TrainConfig,
+    resume: bool,
+    cache_dir: str | Path | None,
+    env: ddp.DistEnv,
+    stop_at: int | None,
+) -> PretrainResult:
+    """The loop (see `pretrain`), after `setup_pretrain`."""
+    run = setup_pretrain(model_config, data, out, tokenizer_dir, cfg, resume, cache_dir, env)
+    model, wrapped, optimizer, batches = run.model, run.wrapped, run.optimizer, run.batches
+    last = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
+    step = run.step
+    train_loss = val_loss = None
+    clock = Throughput(run.tokens_per_step, first_step=step)
+    # The logged loss is the mean over the steps since the last log; a checkpoint keeps a partial window.
+    window_loss = torch.tensor(run.log_window["loss_sum"], device=env.device)
+    window_steps = run.log_window["steps"]
+    while step < last:
+        clock.step_begins()
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(cfg.grad_accum):
+            batch = batches.next().to(env.device)  # (B, T + 1)
+            with ddp.gradient_sync(wrapped, enabled=micro == cfg.grad_accum - 1):
+                with autocast(env.device):
+                    loss = causal_lm_loss(wrapped(batch[:, :-1]), batch[:, 1:])
+                (loss / cfg.grad_accum).backward()
+            window_loss += loss.detach() / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_steps += 1
+        clock.steps += 1
+
+        # Logs and evaluations follow cfg.steps, not `last`: a run stopped and resumed logs what one run would.
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            train_loss = ddp.all_reduce_sum(window_loss, env).item() / env.world_size / window_steps
+            norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+            record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": norm.item(),
+                      "tokens_per_s": clock.lap(step), "tokens": step * run.tokens_per_step,
+                      "epoch": round(batches.epoch, 4)}  # fmt: skip
+            _log(env, run.log_path, record, cfg)
+            window_loss.zero_()
+            window_steps = 0
+        if len(run.val_idx) and (step % cfg.eval_every == 0 or step == cfg.steps):
+            val_loss = evaluate(wrapped, run.packed, run.val_idx, cfg, env)
+            _log(env, run.log_path, {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, cfg)
+            clock.drop_lap()
+        if step % cfg.save_every == 0 or step == last:
+            # The partial window as its mean over ranks, so that every rank resumes with the same share.
+            window = {"loss_sum": ddp.all_reduce_sum(window_loss, env).item() / env.world_size, "steps": window_steps}
+            save_training_checkpoint(out, step, model, optimizer, batches, cfg, run.data_fingerprint, window, env)
+            clock.drop_lap()
+
+    return PretrainResult(out, step, train_loss, val_loss, clock.run_rate(), run.num_parameters)
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup and bookkeeping
+
+
+@dataclass
+class PretrainState:
+    """What the loop starts from (`setup_pretrain`)."""
+
+    model: Qwen3_5ForCausalLM  # fp32 master weights
+    wrapped: torch.nn.Module  # what the loop calls: DDP around the model, the model sharded by FSDP2, or the model
+    optimizer: torch.optim.AdamW
+    batches: BatchIterator  # at the data position to continue from
+    packed: PackedSequences
+    val_idx: np.ndarray  # the held-out windows
+    data_fingerprint: dict  # recorded in each checkpoint: a resume on other data or packing is refused
+    step: int  # optimizer steps already taken: 0, or the resumed checkpoint's
+    log_window: dict  # the resumed checkpoint's partial logging window, {"loss_sum", "steps"}
+    tokens_per_step: int  # over all ranks
+    num_parameters: int
+    log_path: Path
+
+
+def setup_pretrain(
+    model_config: ModelConfig,
+    data: Sequence[str | Path],
+    out: Path,
+    tokenizer_dir: str | Path | None,
+    cfg: TrainConfig,
+    resume: bool,
+    cache_dir: str | Path | None,
+    env: ddp.DistEnv,
+) -> PretrainState:
+    """Tokenize and pack the corpus, build the initialised model and its optimizer, restore OUT's newest
+    checkpoint (with `resume`; without, an existing run is an error) and prepare OUT (rank 0)."""
     checkpoint = latest_checkpoint(out)
     if checkpoint is not None and not resume:
         raise QwenliteError(
@@ -245,7 +327,7 @@ def _pretrain(model_config, data, out, tokenizer_dir, cfg, resume, cache_dir, en
     model.to(env.device).train()
     num_parameters = sum(p.numel() for p in model.parameters())
     wrapped = ddp.wrap_model(model, env, cfg.fsdp)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     batches = BatchIterator(packed, train_idx, cfg.batch_size, cfg.seed, env.rank, env.world_size)
     step, window = 0, {"loss_sum": 0.0, "steps": 0}
     log_path = out / "train_log.jsonl"
@@ -261,58 +343,42 @@ def _pretrain(model_config, data, out, tokenizer_dir, cfg, resume, cache_dir, en
     windows = f"{len(train_idx)} training and {len(val_idx)} held-out windows of {cfg.seq_len}"
     _say(env, f"{num_parameters / 1e6:.2f}M parameters | {len(corpus.tokens):,} tokens, {windows} | "
               f"{tokens_per_step:,} tokens per step")  # fmt: skip
-    last = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
-    first = step
-    train_loss = val_loss = None
-    timed_tokens, timed_seconds = 0, 0.0
-    # The logged loss is the mean over the steps since the last log; a checkpoint keeps a partial window.
-    window_loss = torch.tensor(window["loss_sum"], device=env.device)
-    window_steps, timed_steps = window["steps"], 0
-    while step < last:
-        if timed_steps == 0:
-            window_start = time.perf_counter()  # evaluation and checkpoint time are not training time
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(cfg.grad_accum):
-            batch = batches.next().to(env.device)  # (B, T + 1)
-            with ddp.gradient_sync(wrapped, enabled=micro == cfg.grad_accum - 1):
-                with autocast(env.device):
-                    loss = causal_lm_loss(wrapped(batch[:, :-1]), batch[:, 1:])
-                (loss / cfg.grad_accum).backward()
-            window_loss += loss.detach() / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window_steps += 1
-        timed_steps += 1
+    return PretrainState(model, wrapped, optimizer, batches, packed, val_idx, data_fingerprint, step, window,
+                         tokens_per_step, num_parameters, log_path)  # fmt: skip
 
-        # Logs and evaluations follow cfg.steps, not `last`: a run stopped and resumed logs what one run would.
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            train_loss = ddp.all_reduce_sum(window_loss, env).item() / env.world_size / window_steps
-            norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-            seconds = time.perf_counter() - window_start
-            if step - timed_steps > first:  # the first step of a run pays for warm-up
-                timed_tokens, timed_seconds = timed_tokens + timed_steps * tokens_per_step, timed_seconds + seconds
-            record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": norm.item(),
-                      "tokens_per_s": timed_steps * tokens_per_step / seconds, "tokens": step * tokens_per_step,
-                      "epoch": round(batches.epoch, 4)}  # fmt: skip
-            _log(env, log_path, record, cfg)
-            window_loss.zero_()
-            window_steps = timed_steps = 0
-        if len(val_idx) and (step % cfg.eval_every == 0 or step == cfg.steps):
-            val_loss = evaluate(wrapped, packed, val_idx, cfg, env)
-            _log(env, log_path, {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, cfg)
-            timed_steps = 0
-        if step % cfg.save_every == 0 or step == last:
-            # The partial window as its mean over ranks, so that every rank resumes with the same share.
-            window = {"loss_sum": ddp.all_reduce_sum(window_loss, env).item() / env.world_size, "steps": window_steps}
-            save_training_checkpoint(out, step, model, optimizer, batches, cfg, data_fingerprint, window, env)
-            timed_steps = 0
 
-    tokens_per_second = timed_tokens / timed_seconds if timed_seconds else 0.0
-    return PretrainResult(out, step, train_loss, val_loss, tokens_per_second, num_parameters)
+@dataclass
+class Throughput:
+    """Tokens per second of training alone. A lap runs from the first step after a log, an evaluation or a
+    checkpoint (whose time is not training time) to the next log; the run's rate leaves out the lap that holds
+    its first step, which pays for warm-up."""
+
+    tokens_per_step: int
+    first_step: int  # steps taken before this run (a resumed one)
+    steps: int = 0  # in the current lap
+    start: float = 0.0
+    tokens: int = 0  # over the counted laps of this run
+    seconds: float = 0.0
+
+    def step_begins(self) -> None:
+        if self.steps == 0:
+            self.start = time.perf_counter()
+
+    def lap(self, step: int) -> float:
+        """End the current lap after `step` (a log line); returns its tokens per second."""
+        seconds = time.perf_counter() - self.start
+        if step - self.steps > self.first_step:
+            self.tokens, self.seconds = self.tokens + self.steps * self.tokens_per_step, self.seconds + seconds
+        rate = self.steps * self.tokens_per_step / seconds
+        self.steps = 0
+        return rate
+
+    def drop_lap(self) -> None:
+        """After an evaluation or a checkpoint: the steps since the last log stay untimed."""
+        self.steps = 0
+
+    def run_rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
 
 
 def _say(env: ddp.DistEnv, message: str) -> None:
@@ -351,12 +417,11 @@ def _on_main_first(env: ddp.DistEnv, fn):
 
 
 def _prepare_out_dir(out: Path, tokenizer_dir: Path, eos_id: int, vocab_size: int) -> None:
-    """Tokenizer files and generation_config.json beside the weights, so that OUT loads as a checkpoint."""
+    """The tokenizer's side files (`io.checkpoint.SIDE_FILES`) and our own generation_config.json beside the
+    weights, so that OUT loads as a checkpoint."""
     out.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        source = tokenizer_dir / name
-        if source.is_file() and source.resolve() != (out / name).resolve():
-            atomic_write(out / name, lambda p, s=source: shutil.copyfile(s, p))
+    if tokenizer_dir.resolve() != out.resolve():  # the default tokenizer is written into OUT itself
+        copy_side_files(tokenizer_dir, out)  # a generation_config.json among them is replaced below
     tokenizer = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
     ids = {t["content"]: t["id"] for t in tokenizer.get("added_tokens", [])}
     stops = [i for i in (ids.get(IM_END), ids.get(ENDOFTEXT, eos_id)) if i is not None and i < vocab_size]

@@ -21,7 +21,6 @@ another message) is refused rather than guessed at.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,16 +28,13 @@ import torch
 
 from qwenlite.errors import QwenliteError
 from qwenlite.text.tokenizer import ASSISTANT_HEADER, IM_END, ChatTemplateError, Tokenizer
+from qwenlite.train.common import FINE_TUNING_BETAS, Logger, TrainSettings, make_optimizer, run_steps
 from qwenlite.train.posttrain import (
     IGNORE,
-    Logger,
     LoRASettings,
-    TrainSettings,
     epoch_order,
     load_for_training,
     log_line,
-    lr_at,
-    make_optimizer,
     pad_batch,
     pad_token_id,
     read_jsonl,
@@ -147,19 +143,12 @@ def train_sft(
     torch.manual_seed(settings.seed)
     ckpt = load_for_training(model_path, settings, lora)
     model = ckpt.model
-    optimizer = make_optimizer(model, settings)
-    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(model, settings.lr, settings.weight_decay, FINE_TUNING_BETAS)
     total_steps = settings.total_steps(len(examples))
     per_step = settings.batch_size * settings.grad_accum
     order = epoch_order(len(examples), total_steps * per_step, settings.seed)
 
-    history = []
-    t0 = time.perf_counter()
-    seen = 0
-    for step in range(total_steps):
-        lr = lr_at(step, total_steps, settings)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    def train_step() -> tuple[dict, int]:  # one optimizer step's micro-batches; the loop is common.run_steps
         batch = [examples[next(order)] for _ in range(per_step)]
         n_trained = sum(ex.n_trained for ex in batch)
         loss = 0.0
@@ -169,17 +158,8 @@ def train_sft(
             micro_loss = -token_logprobs(model, ids, labels).sum() / n_trained
             micro_loss.backward()
             loss += micro_loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss, "trained_tokens": n_trained}, sum(len(ex.ids) for ex in batch)
 
-        seen += sum(len(ex.ids) for ex in batch)
-        elapsed = time.perf_counter() - t0
-        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": n_trained,
-                  "tokens_per_s": round(seen / elapsed, 1), "elapsed_s": round(elapsed, 2)}  # fmt: skip
-        history.append(record)
-        if (step + 1) % settings.log_every == 0 or step + 1 == total_steps:
-            log(record)
-
+    history = run_steps(model, optimizer, settings, total_steps, train_step, log)
     save_result(ckpt, out_dir, lora, history)
     return history
