@@ -127,6 +127,15 @@ def test_sft_loss_falls_and_the_result_loads_in_transformers(chat_checkpoint, tm
     assert (tmp_path / "out" / "chat_template.jinja").is_file() and (tmp_path / "out" / "tokenizer.json").is_file()
 
 
+def test_max_grad_norm_zero_is_no_clipping(chat_checkpoint, tmp_path):
+    """0 turns clipping off (clip_grad_norm_ with 0 would zero every gradient, and no step would change the
+    weights): the steps equal those under a bound no gradient reaches."""
+    base, data = chat_checkpoint
+    runs = [train_sft(base, data, tmp_path / str(norm), TrainSettings(lr=1e-3, max_steps=3, max_grad_norm=norm),
+                      log=lambda r: None) for norm in (0.0, 1e9)]  # fmt: skip
+    assert [r["loss"] for r in runs[0]] == [r["loss"] for r in runs[1]]
+
+
 def test_gradient_accumulation_is_one_big_batch(chat_checkpoint, tmp_path):
     """The loss is the mean over all trained tokens of a step, however they are split into micro-batches."""
     base, data = chat_checkpoint

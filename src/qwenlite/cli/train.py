@@ -125,7 +125,7 @@ def _add_post_training_flags(p: argparse.ArgumentParser, default_lr: str) -> Non
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     g.add_argument("--warmup-steps", type=int, default=0)
     g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="0 = no clipping (default 1)")
     g.add_argument("--max-len", type=int, default=4096, help="tokens per example; longer ones are cut (default 4096)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="training dtype of the weights")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

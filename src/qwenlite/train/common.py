@@ -57,7 +57,7 @@ class TrainSettings:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0: no clipping, as in pretraining and the Hugging Face Trainer
     max_len: int = 4096  # longer examples are cut (their tail is lost)
     seed: int = 0
     log_every: int = 1
@@ -97,7 +97,7 @@ def run_steps(
         for group in optimizer.param_groups:
             group["lr"] = lr
         fields, step_tokens = train_step()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm or math.inf).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
