@@ -15,6 +15,7 @@ heads keep their recurrent state for hundreds of tokens (across chunk boundaries
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import shutil
@@ -31,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from qwenlite.cli import main as cli_main
 from qwenlite.io.checkpoint import load_checkpoint, save_checkpoint
 from qwenlite.serve.engine import Engine
+from qwenlite.text.tokenizer import IM_END, Tokenizer
 
 TINY_TEXT_CONFIG: dict = {
     "vocab_size": 512,
@@ -207,6 +209,36 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
             if parameter.dim() >= 2:
                 parameter.normal_(0.0, 0.2, generator=generator)
         head = torch.randn(model.lm_head.weight.shape, generator=generator) * 0.2
+    model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
+    model.lm_head.weight = torch.nn.Parameter(head)
+    save_checkpoint(model, path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        shutil.copy(path / "base" / name, path / name)
+    shutil.rmtree(path / "base")
+    return path
+
+
+def scripted_checkpoint(path: Path, script: list[str | int]) -> Path:
+    """The tiny preset made to write `script` (texts and token ids) when decoded greedily after a prompt that ends
+    in the script's first token, then <|im_end|>. Every layer's weights are zero, so each layer adds nothing and the
+    last hidden state is the current token's embedding; the untied head's row for token b is the embedding of the
+    token a it follows in the script (normalised), and every other row is zero. So the next token is a function of
+    the current one: the script's tokens must be distinct."""
+    if (path / "config.json").is_file():
+        return path
+    assert cli_main(["init-random", "tiny", str(path / "base"), "--dtype", "float32"]) == 0
+    model = load_checkpoint(path / "base").model
+    tok = Tokenizer.from_dir(path / "base")
+    ids = [i for piece in script for i in ([piece] if isinstance(piece, int) else tok.encode(piece))]
+    assert len(set(ids)) == len(ids), f"a token of the script would have two successors: {ids}"
+    chain = [*ids, tok.token_to_id(IM_END)]
+    with torch.no_grad():
+        for parameter in model.model.layers.parameters():
+            parameter.zero_()
+        embed = model.model.embed_tokens.weight
+        head = torch.zeros_like(embed)
+        for a, b in itertools.pairwise(chain):
+            head[b] = embed[a] / embed[a].norm() * 10
     model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
     model.lm_head.weight = torch.nn.Parameter(head)
     save_checkpoint(model, path)
