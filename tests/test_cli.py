@@ -248,9 +248,16 @@ def test_hub_id_without_network(capsys, tmp_path, monkeypatch):
     assert "network" in line and "local checkpoint directory" in line
 
 
+def console_script() -> str:
+    """The installed `qwenlite` of the environment running the tests (beside its python, whether or not that
+    environment's bin is on PATH), else the one on PATH."""
+    beside = shutil.which("qwenlite", path=str(Path(sys.executable).parent))
+    return beside or shutil.which("qwenlite") or pytest.fail("the qwenlite console script is not installed")
+
+
 def test_console_script_end_to_end(tiny_dir):
     """The installed entry point, in a fresh process: answer on stdout, exit 0; bad input exits 1."""
-    exe = shutil.which("qwenlite") or pytest.fail("the qwenlite console script is not installed")
+    exe = console_script()
     ok = subprocess.run(
         [exe, "run", str(tiny_dir), "Hi", "--max-tokens", "3", "--temperature", "0", "--raw"],
         capture_output=True,
@@ -264,7 +271,7 @@ def test_console_script_end_to_end(tiny_dir):
 
 def test_chat_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_dir):
     """SIGINT during an answer ends that answer only; the chat then reads the next line."""
-    exe = shutil.which("qwenlite") or pytest.fail("the qwenlite console script is not installed")
+    exe = console_script()
     argv = [exe, "chat", str(tiny_dir), "--max-tokens", "100000", "--temperature", "1", "--seed", "0"]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -272,8 +279,10 @@ def test_chat_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_dir):
         proc.stdin.flush()
         assert proc.stdout.read(1)  # the answer has started streaming
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(b"/exit\n", timeout=120)
+        out, err = proc.communicate(b"/reset\n/exit\n", timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 0, err.decode()
-    assert b"(stopped)" in err and b"Traceback" not in err
+    assert b"Traceback" not in err
+    # The session read the next line after the stop: /reset answered (EOF alone would also exit 0).
+    assert b"(stopped)" in err and b"(new conversation)" in err.partition(b"(stopped)")[2]
