@@ -20,6 +20,7 @@ import json
 import math
 import shutil
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -246,6 +247,15 @@ def scripted_checkpoint(path: Path, script: list[str | int]) -> Path:
         shutil.copy(path / "base" / name, path / name)
     shutil.rmtree(path / "base")
     return path
+
+
+def console_script(name: str = "qwenlite") -> str:
+    """The installed console script of the environment running the tests (beside its python, whether or not that
+    environment's bin is on PATH), else the one on PATH. Run it with this process's environment: PYTHONPATH, when
+    set, decides which qwenlite it imports."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    assert found, f"the {name} console script is not installed"
+    return found
 
 
 class LiveServer:

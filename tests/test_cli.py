@@ -20,7 +20,7 @@ from qwenlite.cli import main
 from qwenlite.cli import run as cli_run
 from qwenlite.sample import SamplingParams
 
-from helpers import scripted_checkpoint, tiny_checkpoint
+from helpers import console_script, scripted_checkpoint, tiny_checkpoint
 
 END_THINK = 248069  # </think> in the Qwen3.5 vocabulary
 
@@ -246,13 +246,6 @@ def test_hub_id_without_network(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     line = _expect_error(capsys, "run", "Qwen/Qwen3.5-0.8B", "hi", needle="Qwen/Qwen3.5-0.8B")
     assert "network" in line and "local checkpoint directory" in line
-
-
-def console_script() -> str:
-    """The installed `qwenlite` of the environment running the tests (beside its python, whether or not that
-    environment's bin is on PATH), else the one on PATH."""
-    beside = shutil.which("qwenlite", path=str(Path(sys.executable).parent))
-    return beside or shutil.which("qwenlite") or pytest.fail("the qwenlite console script is not installed")
 
 
 def test_console_script_end_to_end(tiny_dir):
