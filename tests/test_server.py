@@ -591,10 +591,12 @@ def test_a_full_queue_answers_429_and_closed_streams_free_their_slots(scripted):
             assert r.status_code == 429
             assert r.json()["error"]["code"] == "queue_full" and r.json()["error"]["type"] == "rate_limit_error"
         finally:
+            steps = scripted.engine.decode_steps
             for s in streams:
                 s.__exit__(None, None, None)
     assert all(r.status_code == 200 for r in responses)
     wait_until(lambda: scripted.engine.active == 0 and scripted.engine.waiting == 0, timeout=5)
+    assert scripted.engine.decode_steps - steps <= 10  # freed when closed (typically 0 or 1); 600 tokens otherwise
     assert ask(scripted, "[plain]").choices[0].message.content == "Hello there, friend."
 
 
