@@ -113,8 +113,10 @@ def _randomize(model: torch.nn.Module) -> None:
                 module.A_log.copy_(torch.empty(n).uniform_(math.log(1e-3), math.log(2.0)))
 
 
-def make_hf_model(*, tied: bool = True, layout: str = "causal_lm", scale: float = 0.2, seed: int = 0):
-    """A seeded fp32 transformers model (eval mode, eager attention) with the tiny text config."""
+def make_hf_model(
+    *, tied: bool = True, layout: str = "causal_lm", scale: float = 0.2, seed: int = 0, text_config: dict | None = None
+):
+    """A seeded fp32 transformers model (eval mode, eager attention) with the tiny text config (or `text_config`)."""
     from transformers import (
         Qwen3_5Config,
         Qwen3_5ForCausalLM,
@@ -122,7 +124,7 @@ def make_hf_model(*, tied: bool = True, layout: str = "causal_lm", scale: float 
         Qwen3_5TextConfig,
     )
 
-    text = dict(TINY_TEXT_CONFIG, tie_word_embeddings=tied, initializer_range=scale)
+    text = dict(text_config or TINY_TEXT_CONFIG, tie_word_embeddings=tied, initializer_range=scale)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if layout == "causal_lm":
@@ -150,6 +152,7 @@ def make_hf_checkpoint(
     add_mtp: bool = False,
     scale: float = 0.2,
     seed: int = 0,
+    text_config: dict | None = None,
 ):
     """Write a tiny checkpoint with transformers' `save_pretrained` and return the transformers model.
 
@@ -158,9 +161,11 @@ def make_hf_checkpoint(
     a tiny vision tower under `model.visual.*`, model_type qwen3_5).
     shard_bytes: `max_shard_size`, so a small value writes several shards and `model.safetensors.index.json`.
     add_mtp: append `make_mtp_tensors(seed=seed, scale=scale)` in a shard of their own (MTP_FILE), listed in the index
-    (an index is written if there was none)."""
+    (an index is written if there was none).
+    text_config: instead of TINY_TEXT_CONFIG (not with add_mtp)."""
     path = Path(path)
-    model = make_hf_model(tied=tied, layout=layout, scale=scale, seed=seed)
+    assert not (add_mtp and text_config), "the MTP tensors have TINY_TEXT_CONFIG's shapes"
+    model = make_hf_model(tied=tied, layout=layout, scale=scale, seed=seed, text_config=text_config)
     kwargs = {} if shard_bytes is None else {"max_shard_size": shard_bytes}
     model.save_pretrained(path, **kwargs)
     if add_mtp:
