@@ -133,18 +133,22 @@ def test_prompt_state_reuse_prefills_only_the_new_tokens_and_matches_a_cold_prom
         cold.close()
 
 
-def test_a_prompt_that_extends_a_finished_generation_continues_from_its_state(tiny):
-    """A tool result appended to the answer: the state at the end of the generation is restored."""
+def test_a_prompt_that_extends_a_finished_generation_continues_from_its_state(tiny, monkeypatch):
+    """A tool result appended to the answer: the state at the end of the generation is restored, and only the
+    tokens after it are prefilled."""
     model, tok = tiny
+    prefilled = count_prefilled_tokens(monkeypatch)
     engine = Engine(model, max_concurrency=1, ctx=CTX)
     try:
         prompt = chat_ids(tok, [{"role": "user", "content": "Call a tool."}])
         tokens, finish, _ = run(engine, Request(prompt, GREEDY, 5))
         generated = [t.id for t in tokens]
         follow = prompt + generated + tok.encode("<|im_end|>\n<|im_start|>user\n<tool_response>\n42")
+        prefilled.clear()
         got, finish, _ = run(engine, Request(follow, GREEDY, 6))
         # finished by length: the last sampled token was never fed, so the state covers one token less
         assert finish.usage.cached_tokens == len(prompt) + len(generated) - 1
+        assert sum(prefilled) == len(follow) - finish.usage.cached_tokens
         assert [t.id for t in got] == reference(model, follow, GREEDY, 6)
     finally:
         engine.close()
