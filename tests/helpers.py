@@ -15,10 +15,12 @@ heads keep their recurrent state for hundreds of tokens (across chunk boundaries
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import shutil
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -31,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from qwenlite.cli import main as cli_main
 from qwenlite.io.checkpoint import load_checkpoint, save_checkpoint
 from qwenlite.serve.engine import Engine
+from qwenlite.text.tokenizer import IM_END, Tokenizer
 
 TINY_TEXT_CONFIG: dict = {
     "vocab_size": 512,
@@ -110,8 +113,10 @@ def _randomize(model: torch.nn.Module) -> None:
                 module.A_log.copy_(torch.empty(n).uniform_(math.log(1e-3), math.log(2.0)))
 
 
-def make_hf_model(*, tied: bool = True, layout: str = "causal_lm", scale: float = 0.2, seed: int = 0):
-    """A seeded fp32 transformers model (eval mode, eager attention) with the tiny text config."""
+def make_hf_model(
+    *, tied: bool = True, layout: str = "causal_lm", scale: float = 0.2, seed: int = 0, text_config: dict | None = None
+):
+    """A seeded fp32 transformers model (eval mode, eager attention) with the tiny text config (or `text_config`)."""
     from transformers import (
         Qwen3_5Config,
         Qwen3_5ForCausalLM,
@@ -119,7 +124,7 @@ def make_hf_model(*, tied: bool = True, layout: str = "causal_lm", scale: float 
         Qwen3_5TextConfig,
     )
 
-    text = dict(TINY_TEXT_CONFIG, tie_word_embeddings=tied, initializer_range=scale)
+    text = dict(text_config or TINY_TEXT_CONFIG, tie_word_embeddings=tied, initializer_range=scale)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if layout == "causal_lm":
@@ -147,6 +152,7 @@ def make_hf_checkpoint(
     add_mtp: bool = False,
     scale: float = 0.2,
     seed: int = 0,
+    text_config: dict | None = None,
 ):
     """Write a tiny checkpoint with transformers' `save_pretrained` and return the transformers model.
 
@@ -155,9 +161,11 @@ def make_hf_checkpoint(
     a tiny vision tower under `model.visual.*`, model_type qwen3_5).
     shard_bytes: `max_shard_size`, so a small value writes several shards and `model.safetensors.index.json`.
     add_mtp: append `make_mtp_tensors(seed=seed, scale=scale)` in a shard of their own (MTP_FILE), listed in the index
-    (an index is written if there was none)."""
+    (an index is written if there was none).
+    text_config: instead of TINY_TEXT_CONFIG (not with add_mtp)."""
     path = Path(path)
-    model = make_hf_model(tied=tied, layout=layout, scale=scale, seed=seed)
+    assert not (add_mtp and text_config), "the MTP tensors have TINY_TEXT_CONFIG's shapes"
+    model = make_hf_model(tied=tied, layout=layout, scale=scale, seed=seed, text_config=text_config)
     kwargs = {} if shard_bytes is None else {"max_shard_size": shard_bytes}
     model.save_pretrained(path, **kwargs)
     if add_mtp:
@@ -214,6 +222,45 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
         shutil.copy(path / "base" / name, path / name)
     shutil.rmtree(path / "base")
     return path
+
+
+def scripted_checkpoint(path: Path, script: list[str | int]) -> Path:
+    """The tiny preset made to write `script` (texts and token ids) when decoded greedily after a prompt that ends
+    in the script's first token, then <|im_end|>. Every layer's weights are zero, so each layer adds nothing and the
+    last hidden state is the current token's embedding; the untied head's row for token b is the embedding of the
+    token a it follows in the script (normalised), and every other row is zero. So the next token is a function of
+    the current one: the script's tokens must be distinct."""
+    if (path / "config.json").is_file():
+        return path
+    assert cli_main(["init-random", "tiny", str(path / "base"), "--dtype", "float32"]) == 0
+    model = load_checkpoint(path / "base").model
+    tok = Tokenizer.from_dir(path / "base")
+    ids = [i for piece in script for i in ([piece] if isinstance(piece, int) else tok.encode(piece))]
+    assert len(set(ids)) == len(ids), f"a token of the script would have two successors: {ids}"
+    chain = [*ids, tok.token_to_id(IM_END)]
+    with torch.no_grad():
+        for parameter in model.model.layers.parameters():
+            parameter.zero_()
+        embed = model.model.embed_tokens.weight
+        head = torch.zeros_like(embed)
+        for a, b in itertools.pairwise(chain):
+            head[b] = embed[a] / embed[a].norm() * 10
+    model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
+    model.lm_head.weight = torch.nn.Parameter(head)
+    save_checkpoint(model, path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        shutil.copy(path / "base" / name, path / name)
+    shutil.rmtree(path / "base")
+    return path
+
+
+def console_script(name: str = "qwenlite") -> str:
+    """The installed console script of the environment running the tests (beside its python, whether or not that
+    environment's bin is on PATH), else the one on PATH. Run it with this process's environment: PYTHONPATH, when
+    set, decides which qwenlite it imports."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    assert found, f"the {name} console script is not installed"
+    return found
 
 
 class LiveServer:

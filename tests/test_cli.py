@@ -17,7 +17,12 @@ from safetensors.torch import load_file, save_file
 
 import qwenlite
 from qwenlite.cli import main
+from qwenlite.cli import run as cli_run
 from qwenlite.sample import SamplingParams
+
+from helpers import console_script, scripted_checkpoint, tiny_checkpoint
+
+END_THINK = 248069  # </think> in the Qwen3.5 vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +52,52 @@ def test_init_random_writes_a_full_checkpoint(tiny_dir):
     assert not any(n.endswith(".tmp") for n in names)
 
 
-def test_run_prints_only_the_answer(tiny_dir, capsys):
-    code, out, err = run_cli(
-        capsys, "run", str(tiny_dir), "Once upon a time", "--raw", "--max-tokens", "12", "--temperature", "0"
-    )
-    assert code == 0
-    model, tok = qwenlite.load(str(tiny_dir))
-    ids = tok.encode("Once upon a time")
-    expected = qwenlite.generate(model, tok, ids, SamplingParams(temperature=0), max_tokens=12)
-    assert out == expected + "\n"
-    assert "tok/s" not in out and "tok/s" not in err  # stats only with --verbose
+@pytest.fixture(scope="module")
+def lively_dir(tmp_path_factory) -> Path:
+    """helpers.tiny_checkpoint: a model whose greedy answer depends on the whole prompt (tiny_dir's repeats its
+    last input token, and a chat prompt's last tokens are the template's)."""
+    return tiny_checkpoint(tmp_path_factory)
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["chat", "raw"])
+def test_run_prints_only_the_answer(lively_dir, capsys, monkeypatch, raw):
+    """stdout is the answer and a newline, nothing else; the model saw exactly the prompt's ids (chat-templated, or
+    the plain text with --raw), and the answer is generate's on them, different for two prompts."""
+    model, tok = qwenlite.load(str(lively_dir))
+    seen, stream = [], cli_run.stream
+    monkeypatch.setattr(cli_run, "stream", lambda m, t, ids, *a: seen.append(list(ids)) or stream(m, t, ids, *a))
+    answers = set()
+    for prompt in ("Once upon a time", "Name three colours"):
+        flags = ["--raw"] if raw else []
+        code, out, err = run_cli(
+            capsys, "run", str(lively_dir), prompt, *flags, "--max-tokens", "12", "--temperature", "0"
+        )
+        assert code == 0
+        ids = tok.encode(prompt if raw else tok.apply_chat_template([{"role": "user", "content": prompt}]))
+        assert seen.pop() == ids
+        expected = qwenlite.generate(model, tok, ids, SamplingParams(temperature=0), max_tokens=12)
+        assert out == expected + "\n" and expected.strip()
+        assert "tok/s" not in out and "tok/s" not in err  # stats only with --verbose
+        answers.add(expected)
+    assert len(answers) == 2
+
+
+@pytest.fixture(scope="module")
+def scripted_dir(tmp_path_factory) -> Path:
+    """A model that thinks "Let me think", closes the block and answers "Paris" after a prompt ending in a line break
+    (the thinking template's "<think>\\n"), and answers "Paris" at once after a blank line (the end of the empty block
+    the template writes when thinking is off)."""
+    return scripted_checkpoint(tmp_path_factory.mktemp("scripted"), ["\n", "Let me think", END_THINK, "\n\n", "Paris"])
+
+
+def test_run_think_sends_the_reasoning_to_stderr(scripted_dir, capsys):
+    """README: "One answer, streamed to stdout (only the answer; reasoning goes to stderr)"."""
+    argv = ["run", str(scripted_dir), "Capital of France?", "--temperature", "0", "--max-tokens", "20"]
+    code, out, err = run_cli(capsys, *argv, "--think")
+    assert (code, out) == (0, "Paris\n")
+    assert err == "Let me think\n"  # the reasoning, then a line break before the answer starts
+    code, out, err = run_cli(capsys, *argv, "--no-think")
+    assert (code, out, err) == (0, "Paris\n", "")
 
 
 def test_run_verbose_reports_timings_on_stderr(tiny_dir, capsys):
@@ -209,7 +250,7 @@ def test_hub_id_without_network(capsys, tmp_path, monkeypatch):
 
 def test_console_script_end_to_end(tiny_dir):
     """The installed entry point, in a fresh process: answer on stdout, exit 0; bad input exits 1."""
-    exe = shutil.which("qwenlite") or pytest.fail("the qwenlite console script is not installed")
+    exe = console_script()
     ok = subprocess.run(
         [exe, "run", str(tiny_dir), "Hi", "--max-tokens", "3", "--temperature", "0", "--raw"],
         capture_output=True,
@@ -223,7 +264,7 @@ def test_console_script_end_to_end(tiny_dir):
 
 def test_chat_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_dir):
     """SIGINT during an answer ends that answer only; the chat then reads the next line."""
-    exe = shutil.which("qwenlite") or pytest.fail("the qwenlite console script is not installed")
+    exe = console_script()
     argv = [exe, "chat", str(tiny_dir), "--max-tokens", "100000", "--temperature", "1", "--seed", "0"]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -231,8 +272,10 @@ def test_chat_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_dir):
         proc.stdin.flush()
         assert proc.stdout.read(1)  # the answer has started streaming
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(b"/exit\n", timeout=120)
+        out, err = proc.communicate(b"/reset\n/exit\n", timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 0, err.decode()
-    assert b"(stopped)" in err and b"Traceback" not in err
+    assert b"Traceback" not in err
+    # The session read the next line after the stop: /reset answered (EOF alone would also exit 0).
+    assert b"(stopped)" in err and b"(new conversation)" in err.partition(b"(stopped)")[2]

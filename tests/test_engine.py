@@ -5,6 +5,7 @@ queue, cancellation and context limits hold."""
 from __future__ import annotations
 
 import queue
+import threading
 
 import pytest
 import torch
@@ -13,7 +14,9 @@ from qwenlite.errors import QwenliteError
 from qwenlite.generate import generate_tokens
 from qwenlite.io.checkpoint import load_checkpoint
 from qwenlite.model.cache import make_cache
+from qwenlite.model.runner import run_model
 from qwenlite.sample import SamplingParams
+from qwenlite.serve import engine as engine_module
 from qwenlite.serve.engine import ContextLengthExceeded, Engine, Finish, PromptLogprobs, QueueFull, Request, Token
 from qwenlite.serve.openai import turn_starts
 from qwenlite.serve.prompt_cache import PromptCache, snapshot_bytes
@@ -83,10 +86,24 @@ def test_batched_requests_that_join_and_leave_match_generate(tiny, engine):
     wait_until(lambda: engine.active == 0, timeout=5)
 
 
-def test_prompt_state_reuse_prefills_only_the_new_tokens_and_matches_a_cold_prompt(tiny):
-    """Turn 2 restores the snapshot taken where turn 1's answer starts and prefills the rest: its logprobs are
-    bit-identical to a cold engine's, and its tokens equal `generate_tokens`."""
+def count_prefilled_tokens(monkeypatch) -> list[int]:
+    """Tokens the engines run through prefill (run_model called with logits_to_keep), one entry per piece."""
+    pieces = []
+
+    def counting(model, ids, cache, **kwargs):
+        if "logits_to_keep" in kwargs:
+            pieces.append(ids.shape[1])
+        return run_model(model, ids, cache, **kwargs)
+
+    monkeypatch.setattr(engine_module, "run_model", counting)
+    return pieces
+
+
+def test_prompt_state_reuse_prefills_only_the_new_tokens_and_matches_a_cold_prompt(tiny, monkeypatch):
+    """Turn 2 restores the snapshot taken where turn 1's answer starts and prefills the rest, and only the rest: its
+    logprobs are bit-identical to a cold engine's, and its tokens equal `generate_tokens`."""
     model, tok = tiny
+    prefilled = count_prefilled_tokens(monkeypatch)
     header = tok.encode("<|im_start|>assistant\n")
     warm = Engine(model, max_concurrency=2, ctx=CTX)
     cold = Engine(model, max_concurrency=2, ctx=CTX, cache_mb=0)
@@ -102,10 +119,13 @@ def test_prompt_state_reuse_prefills_only_the_new_tokens_and_matches_a_cold_prom
         assert ids2[:shared] == ids1[:shared] and ids2[shared] != ids1[shared]
 
         request = Request(ids2, GREEDY, 8, logprobs=5, snapshot_at=turn_starts(ids2, header))
+        prefilled.clear()
         got, finish, _ = run(warm, request)
         assert finish.usage.cached_tokens == shared and finish.usage.prompt_tokens == len(ids2)
+        assert sum(prefilled) == len(ids2) - shared  # what the model ran, not only what usage reports
+        prefilled.clear()
         expected, cold_finish, _ = run(cold, request)
-        assert cold_finish.usage.cached_tokens == 0
+        assert cold_finish.usage.cached_tokens == 0 and sum(prefilled) == len(ids2)
         assert [(t.id, t.logprob, t.top_logprobs) for t in got] == [(t.id, t.logprob, t.top_logprobs) for t in expected]
         assert [t.id for t in got] == reference(model, ids2, GREEDY, 8)
     finally:
@@ -113,18 +133,22 @@ def test_prompt_state_reuse_prefills_only_the_new_tokens_and_matches_a_cold_prom
         cold.close()
 
 
-def test_a_prompt_that_extends_a_finished_generation_continues_from_its_state(tiny):
-    """A tool result appended to the answer: the state at the end of the generation is restored."""
+def test_a_prompt_that_extends_a_finished_generation_continues_from_its_state(tiny, monkeypatch):
+    """A tool result appended to the answer: the state at the end of the generation is restored, and only the
+    tokens after it are prefilled."""
     model, tok = tiny
+    prefilled = count_prefilled_tokens(monkeypatch)
     engine = Engine(model, max_concurrency=1, ctx=CTX)
     try:
         prompt = chat_ids(tok, [{"role": "user", "content": "Call a tool."}])
         tokens, finish, _ = run(engine, Request(prompt, GREEDY, 5))
         generated = [t.id for t in tokens]
         follow = prompt + generated + tok.encode("<|im_end|>\n<|im_start|>user\n<tool_response>\n42")
+        prefilled.clear()
         got, finish, _ = run(engine, Request(follow, GREEDY, 6))
         # finished by length: the last sampled token was never fed, so the state covers one token less
         assert finish.usage.cached_tokens == len(prompt) + len(generated) - 1
+        assert sum(prefilled) == len(follow) - finish.usage.cached_tokens
         assert [t.id for t in got] == reference(model, follow, GREEDY, 6)
     finally:
         engine.close()
@@ -164,16 +188,54 @@ def test_a_full_queue_refuses_at_once(tiny):
 
 
 def test_cancelling_frees_the_slot_before_the_next_step(tiny, engine):
+    """Cancelled during a step (here from its own listener, as its third token is emitted, so the timing is exact):
+    no token after that one, no decode step between the cancel and its Finish, and its row is free."""
+    prompt = tiny[1].encode("a long story")
+    tokens, steps, finish = [], {}, []
+    handed_back = threading.Event()
+
+    def on_event(event):
+        if isinstance(event, Token):
+            tokens.append(event.id)
+            if len(tokens) == 3:
+                assert handed_back.wait(5)
+                handle.cancel()
+                steps["at cancel"] = engine.decode_steps
+        else:
+            steps["at finish"] = engine.decode_steps
+            finish.append(event)
+
+    handle = engine.submit(Request(prompt, GREEDY, 400), on_event)
+    handed_back.set()
+    wait_until(lambda: finish, timeout=10)
+    assert finish[0].reason == "cancelled" and len(tokens) == 3 and finish[0].usage.completion_tokens == 3
+    assert steps["at finish"] == steps["at cancel"]
+    wait_until(lambda: engine.active == 0, timeout=2)
+
+
+def test_cancelling_from_another_thread_costs_at_most_the_step_in_flight(tiny, engine):
+    """cancel() from the caller's thread, mid-decode: the step running then may still emit one token; the next
+    step does not run for it."""
     prompt = tiny[1].encode("a long story")
     events: queue.SimpleQueue = queue.SimpleQueue()
-    handle = engine.submit(Request(prompt, GREEDY, 400), events.put)
-    assert isinstance(events.get(timeout=10), Token)
-    handle.cancel()
+    after_cancel, handle = [], []
+
+    def on_event(event):
+        if handle and handle[0].cancelled:
+            after_cancel.append((event, engine.decode_steps))
+        events.put(event)
+
+    handle.append(engine.submit(Request(prompt, GREEDY, 400), on_event))
+    for _ in range(3):
+        assert isinstance(events.get(timeout=10), Token)
+    handle[0].cancel()
+    steps = engine.decode_steps
+    wait_until(lambda: after_cancel and isinstance(after_cancel[-1][0], Finish), timeout=5)
+    *late, (finish, steps_at_finish) = after_cancel
+    assert finish.reason == "cancelled"
+    assert len(late) <= 1 and all(isinstance(e, Token) for e, _ in late)
+    assert steps_at_finish - steps <= 1
     wait_until(lambda: engine.active == 0, timeout=2)
-    rest = []
-    while not isinstance(event := events.get(timeout=5), Finish):
-        rest.append(event)
-    assert event.reason == "cancelled" and len(rest) < 400 - 1
 
 
 def test_the_context_limits_each_request(tiny):
@@ -191,7 +253,12 @@ def test_the_context_limits_each_request(tiny):
 
 
 def test_a_listener_that_fails_cancels_only_its_own_request(tiny, engine):
+    """The failing listener's request stops at once (its first token raises; the step in flight may emit one more,
+    then it is cancelled); the other request runs to its end with the tokens it gets alone."""
+    seen = []
+
     def broken(event):
+        seen.append(event)
         raise RuntimeError("client went away")
 
     prompt = tiny[1].encode("hello")
@@ -199,6 +266,9 @@ def test_a_listener_that_fails_cancels_only_its_own_request(tiny, engine):
     tokens, finish, _ = run(engine, Request(prompt, GREEDY, 4))
     assert finish.reason == "length" and [t.id for t in tokens] == reference(tiny[0], prompt, GREEDY, 4)
     wait_until(lambda: engine.active == 0, timeout=2)
+    *emitted, last = seen
+    assert isinstance(last, Finish) and last.reason == "cancelled"
+    assert 1 <= len(emitted) <= 2 and all(isinstance(e, Token) for e in emitted)
 
 
 def test_invalid_requests_are_refused_at_submit(tiny, engine):

@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 import qwenlite.io.gguf_export as qg
 from qwenlite.cli.convert import add_convert_command
 from qwenlite.errors import QwenliteError
-from qwenlite.io.checkpoint import sanitize
+from qwenlite.io.checkpoint import load_checkpoint, sanitize
 from qwenlite.io.gguf_export import GGUF_LAYER_NAMES, GGUF_NAMES, export_gguf
+from qwenlite.io.load import load_model
 
-from helpers import TINY_TEXT_CONFIG, make_hf_checkpoint
+from helpers import TINY_TEXT_CONFIG, make_hf_checkpoint, max_abs_diff
 from tiny_chat import make_chat_checkpoint, write_tiny_tokenizer
 
 C = TINY_TEXT_CONFIG
@@ -139,6 +140,51 @@ def test_published_layout(tmp_path):
     got = {t.name: read_tensor(t) for t in reader.tensors}
     assert set(got) == set(want)
     assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+# A block of 32 values quantized and dequantized by gguf-py (llama.cpp's reference rounding) is off by at most this
+# fraction of the block's largest |value|: half a step (Q8_0: amax / 127; Q4_0: amax / 8, but the value opposite the
+# largest may round to 8 and clip to 7, a whole step), plus the scale's fp16 rounding (2^-11 relative, times up to
+# 127 or 8 steps).
+BLOCK_ERROR = {"q8_0": 1 / 254 + 2**-11, "q4_0": 1 / 8 + 2**-11}
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0"])
+def test_quantized_export_loads_back_within_the_formats_error(checkpoints, tmp_path, dtype):
+    """export_gguf's Q8_0 / Q4_0 files, loaded back by load_model: every matrix is quantized (no F16 fallback here,
+    every row splits into blocks of 32) and comes back as gguf-py's quantize -> dequantize of the original, so within
+    BLOCK_ERROR of it per block; the other tensors are F32 and come back as they were; and the model runs."""
+    path = checkpoints[False]  # untied: the head is a quantized matrix too
+    out = export_gguf(path, tmp_path / f"{dtype}.gguf", dtype, progress=False)
+    qtype, file_type = qg.FILE_TYPES[dtype]
+    reader = gguf.GGUFReader(out)
+    assert field(reader, "general.file_type") == int(file_type)
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    model, tokenizer = load_model(out, "float32")
+    original = load_checkpoint(path, "float32").model
+    c, loaded = original.config, model.state_dict()
+    quantized = set()
+    for name, want in original.state_dict().items():
+        got, kind = loaded[name], types[qg.gguf_name(name)]
+        if kind == F32:
+            # log(-(-exp(x))) and (1 + w) - 1 round; the rest is exact (as test_gguf_import checks for F32 files)
+            tol = 1e-6 if name.endswith("A_log") else 2**-23 if name.endswith("norm.weight") else 0
+            assert (got - want).abs().max() <= tol, name
+            continue
+        assert kind == qtype, name
+        quantized.add(name)
+        theirs, back = qg.convert_tensor(name, want, c), qg.convert_tensor(name, got, c)  # llama.cpp's layout
+        rounded = gguf.quants.dequantize(gguf.quants.quantize(theirs.numpy(), qtype), qtype)
+        assert torch.equal(back, torch.from_numpy(rounded).reshape(back.shape)), name
+        amax = theirs.reshape(-1, 32).abs().amax(1, keepdim=True)
+        assert ((back - theirs).reshape(-1, 32).abs() <= amax * BLOCK_ERROR[dtype]).all(), name
+    assert quantized == {n for n, t in original.state_dict().items() if t.dim() == 2}  # the conv is 3-D
+    ids = torch.tensor([tokenizer.encode("The capital of France is Paris.")])
+    with torch.no_grad():
+        logits, want = model(ids), original(ids)
+    assert torch.isfinite(logits).all() and logits.shape == want.shape
+    if dtype == "q8_0":  # Q4_0 on this random, chaotic model: see test_gguf_import's docstring
+        assert max_abs_diff(logits, want) < 2.0
 
 
 def test_metadata(checkpoints, tmp_path):

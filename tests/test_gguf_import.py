@@ -8,6 +8,11 @@ Tolerances (max |logit difference|, fp32 compute, logits of max ~6.5):
 - vs the unrounded original, only a sanity bound: F16 0.15, BF16 0.6, Q8_0 2.0 (measured 0.06, 0.25, 1.05; mean KL
   1e-5, 5e-4, 5e-3); Q4_0 none (this random tiny model is chaotic, weights N(0, 0.2): Q4_0 gives KL 0.7 here;
   int4's accuracy is measured on a trained model in test_quant.py).
+
+K-quants: gguf-py reads Q4_K / Q6_K but cannot write them (its quantize raises NotImplementedError), so `k_quantize`
+below writes them: simple round-to-nearest per sub-block, packed in ggml's layout, checked against gguf-py's
+dequantizer. A model of hidden 256 (K-quant rows are 256-value super-blocks) in llama.cpp's Q4_K_M mix then runs
+with the logits of our model holding the same dequantized matrices (1e-4).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from qwenlite.io.quantized import quantize_checkpoint
 from qwenlite.model.quantized import QuantLinear
 from qwenlite.text.tokenizer import Tokenizer
 
-from helpers import max_abs_diff, random_ids, reference_logits
+from helpers import TINY_TEXT_CONFIG, max_abs_diff, random_ids, reference_logits
 from tiny_chat import make_chat_checkpoint
 from train_helpers import single_threaded
 
@@ -59,12 +64,88 @@ def is_matrix(gguf_tensor_name: str) -> bool:
     return qg.tensor_type(gguf_tensor_name, 2, T.F16) != T.F32
 
 
+# --- K-quants, which gguf-py cannot write -------------------------------------------------------------------------
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).view(np.uint8).reshape(-1, 2)
+
+
+def _divide(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.divide(a, b, out=np.zeros(np.broadcast_shapes(a.shape, b.shape), np.float32), where=b > 0)
+
+
+def _q6_k(x: np.ndarray) -> np.ndarray:
+    """(n, 256) -> (n, 210) blocks: ql (128: low nibbles), qh (64: high 2 bits), 16 int8 scales, fp16 d; value
+    = d * scale[sub-block of 16] * (q - 32). The nibble and bit order is gguf-py's Q6_K.dequantize_blocks read
+    backwards."""
+    n = x.shape[0]
+    sub = x.reshape(n, 16, 16)
+    step = np.abs(sub).max(-1) / 31  # (n, 16)
+    d = (step.max(-1) / 127).astype(np.float16).astype(np.float32)  # (n,)
+    scales = _divide(step, d[:, None]).round().clip(-128, 127)
+    q = _divide(sub, (d[:, None] * scales)[..., None]).round().clip(-32, 31)
+    q = (q + 32).astype(np.uint8).reshape(n, 256)
+    low, high = (q & 0xF).reshape(n, 2, 2, 64), (q >> 4).reshape(n, 2, 4, 32)
+    ql = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(n, 128)
+    qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).reshape(n, 64)
+    return np.concatenate([ql, qh, scales.astype(np.int8).view(np.uint8), _f16(d)], axis=1)
+
+
+def _q4_k(x: np.ndarray) -> np.ndarray:
+    """(n, 256) -> (n, 144) blocks: fp16 d and dmin, 12 bytes of eight 6-bit scales and mins, 128 bytes of nibbles;
+    value = d * scale[sub-block of 32] * q - dmin * min[sub-block] (gguf-py's Q4_K.dequantize_blocks backwards)."""
+    n = x.shape[0]
+    sub = x.reshape(n, 8, 32)
+    low = np.minimum(sub.min(-1), 0)  # (n, 8)
+    step, offset = (sub.max(-1) - low) / 15, -low
+    d = (step.max(-1) / 63).astype(np.float16).astype(np.float32)
+    dmin = (offset.max(-1) / 63).astype(np.float16).astype(np.float32)
+    sc = _divide(step, d[:, None]).round().clip(0, 63).astype(np.uint8)
+    mn = _divide(offset, dmin[:, None]).round().clip(0, 63).astype(np.uint8)
+    q = _divide(sub + (dmin[:, None] * mn)[..., None], (d[:, None] * sc)[..., None]).round().clip(0, 15)
+    q = q.astype(np.uint8).reshape(n, 4, 2, 32)
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, 128)
+    packed = np.concatenate(
+        [
+            sc[:, :4] | ((sc[:, 4:] >> 4) << 6),
+            mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
+            (sc[:, 4:] & 0xF) | ((mn[:, 4:] & 0xF) << 4),
+        ],
+        axis=1,
+    )
+    return np.concatenate([_f16(d), _f16(dmin), packed, qs], axis=1)
+
+
+def k_quantize(values: np.ndarray, qtype) -> np.ndarray:
+    """(rows, K) fp32, K a multiple of 256 -> (rows, bytes per row) uint8 in `qtype` (Q4_K or Q6_K)."""
+    blocks = values.astype(np.float32).reshape(-1, 256)
+    packed = {T.Q4_K: _q4_k, T.Q6_K: _q6_k}[qtype](blocks)
+    return packed.reshape(values.shape[0], -1)
+
+
+def quantize(values: np.ndarray, qtype) -> np.ndarray:
+    return k_quantize(values, qtype) if qtype in (T.Q4_K, T.Q6_K) else gguf.quants.quantize(values, qtype)
+
+
+# A 256-value super-block through k_quantize and gguf-py's dequantize is off by at most this fraction of its largest
+# |value| (half a step of amax / 31, resp. of a range <= 2 amax over 15; plus the 6-bit and 8-bit scales' rounding).
+K_BLOCK_ERROR = {T.Q6_K: 1 / 32, T.Q4_K: 1 / 8}
+
+
+def within_block_error(got: torch.Tensor, want: torch.Tensor, block: int, fraction: float) -> bool:
+    amax = want.reshape(-1, block).abs().amax(1, keepdim=True)
+    return bool(((got - want).reshape(-1, block).abs() <= amax * fraction).all())
+
+
 def rewrite_gguf(src: Path, dst: Path, qtype=None, fields=None, drop=(), add=None) -> Path:
-    """Copy a GGUF with gguf-py: matrices quantized to `qtype` (as llama-quantize --pure would), metadata `fields`
-    overridden, tensors in `drop` left out, tensors `add` (name -> fp32 array) appended."""
+    """Copy a GGUF with gguf-py: matrices quantized to `qtype` (as llama-quantize --pure would; or a function of the
+    tensor's name, for a mix), metadata `fields` overridden, tensors in `drop` left out, tensors `add` (name -> fp32
+    array) appended."""
     reader = gguf.GGUFReader(src)
     fields = dict(fields or {})
-    if qtype is not None and qtype.name.lower() in FILE_TYPES:
+    qtype_of = qtype if callable(qtype) else lambda name: qtype
+    if qtype is not None and not callable(qtype) and qtype.name.lower() in FILE_TYPES:
         fields["general.file_type"] = (int(FILE_TYPES[qtype.name.lower()]), gguf.GGUFValueType.UINT32)
     writer = gguf.GGUFWriter(dst, arch=fields.pop("general.architecture", qg.ARCH))
     for field in reader.fields.values():
@@ -79,7 +160,8 @@ def rewrite_gguf(src: Path, dst: Path, qtype=None, fields=None, drop=(), add=Non
         if t.name in drop:
             continue
         if qtype is not None and t.tensor_type == T.F32 and is_matrix(t.name):
-            writer.add_tensor(t.name, gguf.quants.quantize(np.asarray(t.data), qtype), raw_dtype=qtype)
+            kind = qtype_of(t.name)
+            writer.add_tensor(t.name, quantize(np.asarray(t.data), kind), raw_dtype=kind)
         else:
             writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
     for name, value in (add or {}).items():
@@ -109,16 +191,18 @@ def gguf_file(models, tied: bool, kind: str, tmp_path: Path) -> Path:
     return f32 if kind == "f32" else rewrite_gguf(f32, tmp_path / f"{kind}.gguf", QTYPES[kind])
 
 
-def rounded_model(ckpt: Path, kind: str):
-    """Our fp32 model with every matrix the file stores in `kind` put through it in llama.cpp's layout."""
+def rounded_model(ckpt: Path, kind):
+    """Our fp32 model with every matrix the file stores in `kind` (a name of QTYPES, or a function of the GGUF tensor
+    name giving its type) put through it in llama.cpp's layout."""
     model = load_checkpoint(ckpt, "float32").model
-    qtype = QTYPES[kind]
+    qtype_of = kind if callable(kind) else lambda name: QTYPES[kind]
     with torch.no_grad():
         for name, p in model.state_dict().items():
             if name == "lm_head.weight" and model.config.tie_word_embeddings or not is_matrix(gguf_name(name)):
                 continue
             theirs = convert_tensor(name, p, model.config).numpy()
-            back = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(theirs, qtype), qtype).copy())
+            qtype = qtype_of(gguf_name(name))
+            back = torch.from_numpy(gguf.quants.dequantize(quantize(theirs, qtype), qtype).copy())
             p.copy_(unconvert_tensor(name, back.reshape(theirs.shape), model.config))
     return model
 
@@ -233,6 +317,57 @@ def test_k_quants_dequantize_by_rows(tmp_path, kind):
     assert torch.equal(dequantize_rows(tensors["w"]), want)
     assert torch.equal(dequantize_rows(tensors["w"], slice(2, 5)), want[2:5])
     assert torch.isfinite(want).all() and want.abs().max() > 0
+
+
+@pytest.mark.parametrize("kind", [T.Q4_K, T.Q6_K])
+def test_k_quantize_writes_what_gguf_py_reads(kind):
+    """The test's own K-quant writer against gguf-py's reader: values of very different sizes per row and per
+    sub-block, a zero block and a negative-only one come back within K_BLOCK_ERROR of each super-block's largest."""
+    gen = torch.Generator().manual_seed(int(kind))
+    x = torch.randn(6, 512, generator=gen) * torch.logspace(-3, 1, 6)[:, None]
+    x[:, :256] *= torch.rand(256, generator=gen) * 3  # sub-blocks of different ranges
+    x[2, 256:] = 0
+    x[3, :256] = -x[3, :256].abs()
+    back = torch.from_numpy(gguf.quants.dequantize(k_quantize(x.numpy(), kind), kind).copy())
+    assert back.shape == x.shape
+    assert within_block_error(back, x, 256, K_BLOCK_ERROR[kind])
+    assert torch.equal(back[2, 256:], torch.zeros(256))
+
+
+K_TEXT_CONFIG = dict(  # every matrix row (hidden 256, MLP 512, 4 x 64 heads, 4 x 64 value heads) splits into 256s
+    TINY_TEXT_CONFIG, hidden_size=256, intermediate_size=512, head_dim=64, linear_value_head_dim=64
+)
+
+
+def q4_k_m(name: str):
+    """llama.cpp's Q4_K_M mix, simplified: Q6_K for the head, the embedding and the MLP's down projection."""
+    return T.Q6_K if name in ("output.weight", "token_embd.weight") or name.endswith("ffn_down.weight") else T.Q4_K
+
+
+def test_a_k_quant_model_imports(tmp_path):
+    """A whole model in Q4_K / Q6_K: imported, its matrices are those blocks dequantized (within the formats' error of
+    the originals) and its logits are those of our model holding the same dequantized matrices."""
+    ckpt = tmp_path / "ckpt"
+    make_chat_checkpoint(ckpt, tied=False, text_config=K_TEXT_CONFIG)
+    f32 = export_gguf(ckpt, tmp_path / "f32.gguf", "f32", progress=False)
+    file_type = {"general.file_type": (int(gguf.LlamaFileType.MOSTLY_Q4_K_M), gguf.GGUFValueType.UINT32)}
+    path = rewrite_gguf(f32, tmp_path / "q4_k_m.gguf", q4_k_m, fields=file_type)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert {types[n] for n in types if is_matrix(n)} == {T.Q4_K, T.Q6_K}
+
+    model, config, _ = load_gguf(path, "float32", progress=False)
+    assert config.hidden_size == 256 and not config.tie_word_embeddings
+    original = load_checkpoint(ckpt, "float32").model
+    loaded = model.state_dict()
+    for name, want in original.state_dict().items():
+        if is_matrix(gguf_name(name)):
+            got = convert_tensor(name, loaded[name], config)
+            kind = types[gguf_name(name)]
+            assert within_block_error(got, convert_tensor(name, want, config), 256, K_BLOCK_ERROR[kind]), name
+    ids = random_ids(2, 40, seed=1)
+    with torch.no_grad():
+        logits, want = model(ids), rounded_model(ckpt, q4_k_m)(ids)
+    assert max_abs_diff(logits, want) < 1e-4 and want.abs().max() > 1
 
 
 def test_nextn_blocks_are_skipped(models, tmp_path):

@@ -13,6 +13,7 @@ from qwenlite.config import ModelConfig
 from qwenlite.io.checkpoint import load_checkpoint
 from qwenlite.model.cache import AttentionCache, make_cache
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
+from qwenlite.ops.delta_rule import CHUNK_SIZE
 
 from helpers import (
     MTP_FILE,
@@ -25,7 +26,7 @@ from helpers import (
 )
 
 LOGIT_ATOL = 1e-4  # fp32 parity with the reference, and cached vs uncached
-LENGTHS = [1, 63, 64, 65, 200]  # chunk size is 64
+LENGTHS = [1, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1, 200]  # around the delta rule's chunk, and several
 LAYOUTS = {
     "tied": dict(tied=True),
     "untied": dict(tied=False),  # as 9B

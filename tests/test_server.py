@@ -5,14 +5,21 @@ for what a random model never writes (tool calls, reasoning); every bad input's 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import torch
 from torch import nn
 
+import qwenlite
 from qwenlite.cli import main as cli_main
 from qwenlite.config import preset_config
 from qwenlite.generate import generate_tokens, stream
@@ -24,7 +31,7 @@ from qwenlite.serve.openai import turn_starts
 from qwenlite.text.tokenizer import Tokenizer
 from qwenlite.text.toolcalls import ToolCallDelta, ToolCallParser
 
-from helpers import LiveServer, tiny_checkpoint, wait_until
+from helpers import LiveServer, console_script, tiny_checkpoint, wait_until
 
 GREEDY = SamplingParams(temperature=0)
 CTX = 1024
@@ -222,6 +229,72 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(live):
         steps = live.engine.decode_steps
     freed = wait_until(lambda: live.engine.active == 0, timeout=5)
     assert freed < 2.0 and live.engine.decode_steps - steps <= 10  # typically 1
+
+
+# --- the `qwenlite serve` command ---------------------------------------------------------------------------------
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses of the sockets listening on `port` (IPv4 and IPv6), from /proc/net/tcp*: hex as the kernel
+    writes them, 0100007F for 127.0.0.1 and 00000000 for 0.0.0.0."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
+def test_the_serve_command_binds_localhost_and_takes_the_checkpoints_defaults(tiny, tiny_dir, tmp_path):
+    """`qwenlite serve CHECKPOINT --port P` as a user starts it (the console script, a fresh process, no --host) on a
+    checkpoint whose generation_config.json says do_sample false (with a temperature that would sample): it loads,
+    listens on 127.0.0.1 only, and a request that names no sampling settings is greedy: twice the in-process greedy
+    answer (sampling at 0.7 on this random model would give two different ones)."""
+    model, tok = tiny
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for f in tiny_dir.iterdir():
+        if f.name != "generation_config.json":
+            (ckpt / f.name).symlink_to(f)
+    generation = {"do_sample": False, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "eos_token_id": [248046, 248044]}
+    (ckpt / "generation_config.json").write_text(json.dumps(generation))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(qwenlite.__file__).parents[1])}  # this checkout's qwenlite
+    argv = [console_script(), "serve", str(ckpt), "--port", str(port), "--ctx", "256", "--max-concurrency", "1"]
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        t0 = time.perf_counter()
+        while True:
+            assert proc.poll() is None, log.read_text()
+            assert time.perf_counter() - t0 < 45, "no answer on /health within 45 s\n" + log.read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert f"qwenlite serve: {ckpt} on http://127.0.0.1:{port}/v1" in log.read_text()
+        assert listening_addresses(port) == {"0100007F"}  # 127.0.0.1, not 0.0.0.0 or ::
+
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+        assert [m.id for m in client.models.list().data] == [str(ckpt)]
+        messages = [{"role": "user", "content": "Name three colours."}]
+        expected, _ = run_answer(model, tok, chat_ids(tok, messages), 12)
+        for _ in range(2):
+            reply = client.chat.completions.create(model=str(ckpt), messages=messages, max_tokens=12)
+            assert reply.choices[0].message.content == expected
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------
@@ -518,10 +591,12 @@ def test_a_full_queue_answers_429_and_closed_streams_free_their_slots(scripted):
             assert r.status_code == 429
             assert r.json()["error"]["code"] == "queue_full" and r.json()["error"]["type"] == "rate_limit_error"
         finally:
+            steps = scripted.engine.decode_steps
             for s in streams:
                 s.__exit__(None, None, None)
     assert all(r.status_code == 200 for r in responses)
     wait_until(lambda: scripted.engine.active == 0 and scripted.engine.waiting == 0, timeout=5)
+    assert scripted.engine.decode_steps - steps <= 10  # freed when closed (typically 0 or 1); 600 tokens otherwise
     assert ask(scripted, "[plain]").choices[0].message.content == "Hello there, friend."
 
 

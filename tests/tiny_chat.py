@@ -61,9 +61,12 @@ def write_tiny_tokenizer(path: str | Path) -> None:
     (path / "chat_template.jinja").write_text(qwen35_chat_template())
 
 
-def make_chat_checkpoint(path: str | Path, *, tied: bool = True, scale: float = 0.2, seed: int = 0):
-    """The tiny transformers checkpoint with the tiny tokenizer and template; returns the transformers model."""
-    hf_model = make_hf_checkpoint(path, tied=tied, scale=scale, seed=seed)
+def make_chat_checkpoint(
+    path: str | Path, *, tied: bool = True, scale: float = 0.2, seed: int = 0, text_config: dict | None = None
+):
+    """The tiny transformers checkpoint (or one with `text_config`, vocab_size >= TINY_VOCAB) with the tiny tokenizer
+    and template; returns the transformers model."""
+    hf_model = make_hf_checkpoint(path, tied=tied, scale=scale, seed=seed, text_config=text_config)
     write_tiny_tokenizer(path)
     return hf_model
 
