@@ -2,7 +2,7 @@
 
 - config from the `qwen35.*` metadata (block_count, embedding_length, ssm.*, rope.*, ...); the head is tied when
   there is no `output.weight`; `nextn` (multi-token-prediction) blocks, which newer converters append, are skipped;
-- tensors renamed through gguf_export.py's own tables (GGUF_NAMES, GGUF_LAYER_NAMES) read backwards, and each of its
+- tensors found under the exporter's own names (gguf_export.gguf_name of each of ours), and each of its
   conventions undone by `unconvert_tensor`: norms stored as 1 + w, `ssm_a` = -exp(A_log), the conv squeezed to
   (C, K), value heads tiled for ggml's broadcast (untiling is the same transpose with the grid's sides swapped);
 - the tokenizer rebuilt from `tokenizer.ggml.*` (tokens, types, merges, eos id) as a byte-level BPE with Qwen3.5's
@@ -30,25 +30,13 @@ from tqdm import tqdm
 from qwenlite.config import DTYPES, ModelConfig
 from qwenlite.errors import CheckpointError, QwenliteError
 from qwenlite.io.checkpoint import assemble, expected_shapes
-from qwenlite.io.gguf_export import ARCH, GGUF_LAYER_NAMES, GGUF_NAMES, gguf_name, tile_value_heads
+from qwenlite.io.gguf_export import ARCH, gguf_name, tile_value_heads
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.text.tokenizer import ENDOFTEXT, IM_END, Tokenizer
 from qwenlite.text.vocab import qwen35_bpe
 
-OUR_NAMES = {v: k for k, v in GGUF_NAMES.items()}
-OUR_LAYER_NAMES = {v: k for k, v in GGUF_LAYER_NAMES.items()}
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 ROW_CHUNK = 8192  # rows dequantized at a time: bounds the fp32 temporary of the 248K-row embedding
-
-
-def our_name(name: str) -> str:
-    """llama.cpp's qwen35 tensor name -> ours."""
-    if name in OUR_NAMES:
-        return OUR_NAMES[name]
-    m = _BLOCK.fullmatch(name)
-    if m and m.group(2) in OUR_LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{OUR_LAYER_NAMES[m.group(2)]}"
-    raise CheckpointError(f"GGUF tensor {name} is not part of a qwen35 text model")
 
 
 def unconvert_tensor(name: str, t: torch.Tensor, c: ModelConfig) -> torch.Tensor:
