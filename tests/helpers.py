@@ -31,7 +31,7 @@ import uvicorn
 from safetensors.torch import load_file, save_file
 
 from qwenlite.cli import main as cli_main
-from qwenlite.io.checkpoint import load_checkpoint, save_checkpoint
+from qwenlite.io.checkpoint import copy_side_files, load_checkpoint, save_checkpoint
 from qwenlite.serve.engine import Engine
 from qwenlite.text.tokenizer import IM_END, Tokenizer
 
@@ -215,11 +215,16 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
             if parameter.dim() >= 2:
                 parameter.normal_(0.0, 0.2, generator=generator)
         head = torch.randn(model.lm_head.weight.shape, generator=generator) * 0.2
+    return save_untied(model, head, path)
+
+
+def save_untied(model, head: torch.Tensor, path: Path) -> Path:
+    """Write `model` with `head` as its own (untied) output matrix to `path`, beside the tokenizer and generation
+    files of the random checkpoint it was made from (`path`/base, removed)."""
     model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
     model.lm_head.weight = torch.nn.Parameter(head)
     save_checkpoint(model, path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-        shutil.copy(path / "base" / name, path / name)
+    copy_side_files(path / "base", path)
     shutil.rmtree(path / "base")
     return path
 
@@ -245,13 +250,7 @@ def scripted_checkpoint(path: Path, script: list[str | int]) -> Path:
         head = torch.zeros_like(embed)
         for a, b in itertools.pairwise(chain):
             head[b] = embed[a] / embed[a].norm() * 10
-    model.config = dataclasses.replace(model.config, tie_word_embeddings=False)
-    model.lm_head.weight = torch.nn.Parameter(head)
-    save_checkpoint(model, path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-        shutil.copy(path / "base" / name, path / name)
-    shutil.rmtree(path / "base")
-    return path
+    return save_untied(model, head, path)
 
 
 def console_script(name: str = "qwenlite") -> str:

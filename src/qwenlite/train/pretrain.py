@@ -191,7 +191,8 @@ def pretrain(
     out = Path(out_dir)
     env = ddp.init_distributed(device)
     try:
-        result = _pretrain(model_config, data, out, tokenizer_dir, cfg, resume, cache_dir, env, stop_at)
+        run = setup_pretrain(model_config, data, out, tokenizer_dir, cfg, resume, cache_dir, env)
+        result = _pretrain(run, out, cfg, env, stop_at)
     except BaseException:
         ddp.shutdown(env, wait_for_others=False)  # the others may be inside a collective that never completes
         raise
@@ -199,19 +200,8 @@ def pretrain(
     return result
 
 
-def _pretrain(
-    model_config: ModelConfig,
-    data: Sequence[str | Path],
-    out: Path,
-    tokenizer_dir: str | Path | None,
-    cfg: TrainConfig,
-    resume: bool,
-    cache_dir: str | Path | None,
-    env: ddp.DistEnv,
-    stop_at: int | None,
-) -> PretrainResult:
+def _pretrain(run: PretrainState, out: Path, cfg: TrainConfig, env: ddp.DistEnv, stop_at: int | None) -> PretrainResult:
     """The loop (see `pretrain`), after `setup_pretrain`."""
-    run = setup_pretrain(model_config, data, out, tokenizer_dir, cfg, resume, cache_dir, env)
     model, wrapped, optimizer, batches = run.model, run.wrapped, run.optimizer, run.batches
     last = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
     step = run.step
