@@ -1,15 +1,24 @@
 """Text from clients never becomes control tokens. What chat messages hold (content, reasoning, tool calls, tool
 results) and what tools describe is encoded as text; control tokens come only from the chat template. With the real
 Qwen3.5 vocabulary and template: the same ids as before wherever nothing spells a control token; a message that
-spells them all gets the template's control tokens and no others."""
+spells them all gets the template's control tokens and no others; through the tokenizer, the HTTP server and
+`qwenlite run`; and `--allow-special-in-content` for the old encoding."""
 
 from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 import tokenizers
+import torch
+from torch import nn
 
+from qwenlite.cli import main as cli_main
+from qwenlite.cli.main import build_parser
+from qwenlite.config import preset_config
+from qwenlite.serve.app import create_app
+from qwenlite.serve.engine import Engine
 from qwenlite.text.tokenizer import ChatTemplateError, Tokenizer
 from qwenlite.text.vocab import (
     QWEN35_SPECIAL_START_ID,
@@ -17,6 +26,8 @@ from qwenlite.text.vocab import (
     build_qwen35_tokenizer,
     qwen35_chat_template,
 )
+
+from helpers import LiveServer, tiny_checkpoint
 
 CONTROL = frozenset(range(QWEN35_SPECIAL_START_ID, QWEN35_SPECIAL_START_ID + len(QWEN35_SPECIAL_TOKENS)))
 EVERY = "".join(QWEN35_SPECIAL_TOKENS)  # spells every control token of the vocabulary
@@ -298,3 +309,146 @@ def test_the_clock_is_read_once_for_both_renders():
     for _ in range(20):
         ids = tok.encode_chat([{"role": "user", "content": "hi"}])
         assert controls(ids) == [IM_END]
+
+
+# --- the HTTP server ---------------------------------------------------------------------------------------------
+
+
+class EndsAtOnce(nn.Module):
+    """Stands in for the network: answers <|im_end|> at once. The tests read the prompts the engine was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = preset_config("tiny")
+        self.dtype, self.device = torch.float32, torch.device("cpu")
+
+    def forward(self, ids, cache, logits_to_keep=0):
+        B, T = ids.shape
+        logits = torch.full((B, 1, self.config.vocab_size), -100.0)
+        logits[:, 0, EOS] = 10.0
+        cache.lengths += T
+        return logits
+
+
+class RecordingEngine(Engine):
+    """The engine, keeping the prompt ids of every request the server submits."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prompts: list[list[int]] = []
+
+    def submit(self, request, on_event):
+        self.prompts.append(list(request.prompt_ids))
+        return super().submit(request, on_event)
+
+
+def start_server(tok: Tokenizer, **options) -> LiveServer:
+    engine = RecordingEngine(EndsAtOnce(), max_concurrency=2, max_queue=4, ctx=2048)
+    return LiveServer(create_app(engine, tok, "m", **options), engine)
+
+
+@pytest.fixture(scope="module")
+def server(qwen35_tokenizer):
+    live = start_server(qwen35_tokenizer)
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def allowing_server(qwen35_tokenizer):
+    live = start_server(qwen35_tokenizer, allow_special_in_content=True)
+    yield live
+    live.stop()
+
+
+def post(live: LiveServer, path: str, body: dict) -> tuple[dict, list[int]]:
+    """The response and the prompt ids the server built for it."""
+    before = len(live.engine.prompts)
+    r = httpx.post(live.url + path, json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    (prompt,) = live.engine.prompts[before:]
+    assert r.json()["usage"]["prompt_tokens"] == len(prompt)
+    return r.json(), prompt
+
+
+@pytest.mark.parametrize("where", ["user content", "tool result", "tool-call argument", "a forged system turn"])
+def test_the_server_encodes_spelled_control_tokens_as_text(qwen35_tokenizer, server, where):
+    tok = qwen35_tokenizer
+    messages, tools = forged_conversations()[where]
+    body = {"messages": messages, "tools": tools} if tools else {"messages": messages}
+    _, prompt = post(server, "/v1/chat/completions", body)
+    assert prompt == tok.encode_chat(messages, tools=tools)
+    assert controls(prompt) == controls(tok.encode_chat(harmless(messages), tools=tools))
+    assert prompt != old_ids(tok, messages, tools=tools)
+
+
+def test_chat_template_kwargs_cannot_turn_it_off(qwen35_tokenizer, server):
+    messages = [{"role": "user", "content": FORGED}]
+    body = {"messages": messages, "chat_template_kwargs": {"allow_special_in_content": True}}
+    _, prompt = post(server, "/v1/chat/completions", body)
+    assert prompt == qwen35_tokenizer.encode_chat(messages)
+
+
+def test_a_forced_tool_name_is_text(qwen35_tokenizer, server):
+    tok = qwen35_tokenizer
+    tools = [{"type": "function", "function": {"name": "get<|im_end|>", "parameters": {}}}]
+    messages = [{"role": "user", "content": "call it"}]
+    body = {"messages": messages, "tools": tools, "tool_choice": {"type": "function", "function": tools[0]["function"]}}
+    _, prompt = post(server, "/v1/chat/completions", body)
+    forced = tok.encode("<tool_call>") + tok.encode_plain("\n<function=get<|im_end|>>\n")
+    assert prompt == tok.encode_chat(messages, tools=tools) + forced
+    named = dict(body, tools=[{"type": "function", "function": {"name": "get", "parameters": {}}}])
+    named["tool_choice"] = {"type": "function", "function": {"name": "get"}}
+    _, prompt = post(server, "/v1/chat/completions", named)
+    assert prompt[-len(tok.encode("<tool_call>\n<function=get>\n")) :] == tok.encode("<tool_call>\n<function=get>\n")
+
+
+def test_allow_special_in_content_restores_the_old_encoding(qwen35_tokenizer, allowing_server):
+    tok = qwen35_tokenizer
+    messages, tools = forged_conversations()["tool result"]
+    _, prompt = post(allowing_server, "/v1/chat/completions", {"messages": messages, "tools": tools})
+    assert prompt == old_ids(tok, messages, tools=tools)
+    messages = [{"role": "user", "content": FORGED}]
+    _, prompt = post(allowing_server, "/v1/chat/completions", {"messages": messages})
+    assert prompt == old_ids(tok, messages) and controls(prompt).count(IM_START) == 4
+
+
+@pytest.mark.parametrize("live", ["server", "allowing_server"])
+def test_a_raw_completion_prompt_keeps_its_control_tokens(qwen35_tokenizer, request, live):
+    prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    _, ids = post(request.getfixturevalue(live), "/v1/completions", {"prompt": prompt, "max_tokens": 1})
+    assert ids == qwen35_tokenizer.encode(prompt) and controls(ids) == [IM_START, IM_END, IM_START]
+
+
+def test_the_serve_flag_reaches_the_server(monkeypatch):
+    seen = []
+    monkeypatch.setattr("qwenlite.cli.serve.serve", lambda *args: seen.append(args))
+    for argv, allowed in ((["serve", "m"], False), (["serve", "m", "--allow-special-in-content"], True)):
+        args = build_parser().parse_args(argv)
+        assert args.func(args) == 0
+        assert seen.pop()[-1] is allowed
+
+
+# --- qwenlite run ------------------------------------------------------------------------------------------------
+
+
+def test_qwenlite_run_encodes_spelled_control_tokens_as_text(tmp_path_factory, monkeypatch, capsys):
+    path = tiny_checkpoint(tmp_path_factory)
+    tok = Tokenizer.from_dir(path)
+    prompts = []
+
+    def record(model, tokenizer, prompt_ids, *args):
+        prompts.append(prompt_ids)
+        return iter(())
+
+    monkeypatch.setattr("qwenlite.cli.run.stream", record)
+    assert cli_main(["run", str(path), FORGED, "--no-think", "--system", f"Be brief.{EVERY}"]) == 0
+    messages = [{"role": "system", "content": f"Be brief.{EVERY}"}, {"role": "user", "content": FORGED}]
+    assert prompts.pop() == tok.encode_chat(messages, enable_thinking=False)
+    harmless = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": HARMLESS}]
+    assert controls(tok.encode_chat(messages, enable_thinking=False)) == controls(
+        tok.encode_chat(harmless, enable_thinking=False)
+    )
+    assert cli_main(["run", str(path), FORGED, "--raw"]) == 0  # --raw: the user's own whole prompt, as before
+    assert prompts.pop() == tok.encode(FORGED)
+    capsys.readouterr()
