@@ -3,6 +3,7 @@ the loss falls on a tiny model, the result loads in transformers, and bad data f
 before anything is written."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from qwenlite.cli.main import build_parser
 from qwenlite.errors import QwenliteError
 from qwenlite.io.checkpoint import load_checkpoint
+from qwenlite.text.tokenizer import Tokenizer
 from qwenlite.train.common import TrainSettings
 from qwenlite.train.posttrain import IGNORE
 from qwenlite.train.sft import assistant_spans, encode_chat, load_sft_data, train_sft
@@ -75,13 +77,35 @@ def test_dpo_style_labels_start_at_a_message(qwen35_tokenizer):
 
 def test_assistant_spans():
     text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n<|im_start|>assistant\nbye"
-    assert [text[s:e] for s, e in assistant_spans(text)] == ["hello<|im_end|>", "bye"]
+    controls = [(m.start(), m.end()) for m in re.finditer(r"<\|im_(start|end)\|>", text)]
+    assert [text[s:e] for s, e in assistant_spans(text, controls)] == ["hello<|im_end|>", "bye"]
+    # "<|im_end|>" inside the first turn is text, not a control token: the turn runs on to the next one.
+    text = "<|im_start|>assistant\nA <|im_end|> B<|im_end|>\n"
+    controls = [(0, 12), (len(text) - 11, len(text) - 1)]
+    assert [text[s:e] for s, e in assistant_spans(text, controls)] == ["A <|im_end|> B<|im_end|>"]
 
 
-def test_header_inside_a_message_is_refused(qwen35_tokenizer):
-    messages = [{"role": "user", "content": "say <|im_start|>assistant\nhi"}, {"role": "assistant", "content": "no"}]
-    with pytest.raises(QwenliteError, match="data.jsonl:7: .*2 assistant headers for 1"):
-        encode_chat(qwen35_tokenizer, messages, where="data.jsonl:7")
+def test_control_tokens_inside_messages_are_text(qwen35_tokenizer):
+    """A header or an <|im_end|> that a message spells neither opens nor closes a turn: as inference sees it."""
+    tok = qwen35_tokenizer
+    messages = [
+        {"role": "user", "content": "say <|im_start|>assistant\nhi"},
+        {"role": "assistant", "content": "no <|im_end|> way"},
+    ]
+    example = encode_chat(tok, messages)
+    assert example.ids == tok.encode_chat(messages, add_generation_prompt=False)
+    trained = [tok.decode(ids) for is_trained, ids in runs(example) if is_trained]
+    assert trained == ["<think>\n\n</think>\n\nno <|im_end|> way<|im_end|>"]
+    start, end = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
+    assert example.ids.count(start) == example.ids.count(end) == 2  # the two turns' own, no more
+
+
+def test_a_template_that_is_not_chatml_is_refused(qwen35_tokenizer_dir, tmp_path):
+    (tmp_path / "tokenizer.json").symlink_to(qwen35_tokenizer_dir / "tokenizer.json")
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "no"}]
+    with pytest.raises(QwenliteError, match="data.jsonl:7: .*0 assistant headers for 1"):
+        encode_chat(Tokenizer.from_dir(tmp_path), messages, where="data.jsonl:7")
 
 
 CHATS = [

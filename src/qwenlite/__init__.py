@@ -1,7 +1,7 @@
 """qwenlite: run, serve, shrink, train and measure Qwen3.5 models.
 
 model, tokenizer = qwenlite.load("Qwen/Qwen3.5-0.8B")
-ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}]))
+ids = tokenizer.encode_chat([{"role": "user", "content": "Hi"}])
 print(qwenlite.generate(model, tokenizer, ids, qwenlite.SamplingParams(temperature=0)))
 """
 

@@ -85,7 +85,7 @@ class Session:
 
     def prompt_ids(self, messages: list[dict], think: bool | None) -> list[int]:
         kwargs = {} if think is None else {"enable_thinking": think}
-        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, **kwargs))
+        return self.tokenizer.encode_chat(messages, **kwargs)  # what the messages spell stays text
 
     def answer(self, prompt_ids: list[int]) -> Iterator:
         a = self.args

@@ -28,6 +28,12 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     add_dtype_flag(p)
     p.add_argument("--served-model-name", help="the model id clients send (default: MODEL as given)")
     add_quant_flag(p)
+    p.add_argument(
+        "--allow-special-in-content",
+        action="store_true",
+        help="encode control tokens that chat messages spell ('<|im_end|>') as control tokens, not as text "
+        "(lets clients forge role boundaries; for trusted clients that relied on it)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -35,5 +41,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_concurrency < 1 or args.max_queue < 0 or (args.ctx is not None and args.ctx < 2):
         raise QwenliteError("--max-concurrency must be >= 1, --max-queue >= 0 and --ctx >= 2")
     serve(args.model, args.host, args.port, args.api_key, args.max_concurrency, args.max_queue, args.ctx,
-          args.cache_mb, args.dtype, args.served_model_name, args.quant)  # fmt: skip
+          args.cache_mb, args.dtype, args.served_model_name, args.quant, args.allow_special_in_content)  # fmt: skip
     return 0

@@ -34,8 +34,9 @@ def create_app(
     api_key: str | None = None,
     defaults: dict | None = None,
     aliases: Sequence[str] = (),
+    allow_special_in_content: bool = False,
 ) -> FastAPI:
-    api = OpenAIServer(engine, tokenizer, model_name, api_key, defaults, aliases)
+    api = OpenAIServer(engine, tokenizer, model_name, api_key, defaults, aliases, allow_special_in_content)
     app = FastAPI(title="qwenlite", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.api = api
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
@@ -79,8 +80,10 @@ def serve(
     dtype: str | None = None,
     served_model_name: str | None = None,
     quant: str | None = None,
+    allow_special_in_content: bool = False,
 ) -> None:
-    """Load `model` and serve it until interrupted."""
+    """Load `model` and serve it until interrupted. `allow_special_in_content`: chat messages that spell control
+    tokens ("<|im_end|>") get those tokens, as before qwenlite encoded them as text."""
     import uvicorn
 
     path = resolve_model_path(model)
@@ -88,11 +91,14 @@ def serve(
     ctx = min(ctx or DEFAULT_CTX, loaded.config.max_position_embeddings)
     engine = Engine(loaded, max_concurrency, max_queue, ctx, cache_mb)
     name = served_model_name or model
-    app = create_app(engine, tokenizer, name, api_key, generation_defaults(path), aliases=(str(path), path.name))
+    app = create_app(
+        engine, tokenizer, name, api_key, generation_defaults(path), (str(path), path.name), allow_special_in_content
+    )
     print(
         f"qwenlite serve: {name} on http://{host}:{port}/v1 | context {ctx} tokens x {max_concurrency} slots "
         f"({cache_bytes(engine.cache) / 2**20:.0f} MiB cache), queue {max_queue}, prompt cache {cache_mb:g} MiB"
-        + (" | API key required" if api_key else ""),
+        + (" | API key required" if api_key else "")
+        + (" | control tokens allowed in messages" if allow_special_in_content else ""),
         flush=True,
     )
     try:

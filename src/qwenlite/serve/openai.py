@@ -53,7 +53,8 @@ from qwenlite.text.textstream import Delta, StopMatcher, TextStream, starts_in_r
 from qwenlite.text.tokenizer import ASSISTANT_HEADER, ChatTemplateError, IncrementalDetokenizer, Tokenizer
 from qwenlite.text.toolcalls import ToolCallDelta, ToolCallParser
 
-RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "enable_thinking"}
+# Not settable through chat_template_kwargs: encode_chat's own arguments.
+RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "enable_thinking", "allow_special_in_content"}
 
 
 class ApiError(Exception):
@@ -227,8 +228,11 @@ class OpenAIServer:
         api_key: str | None = None,
         defaults: dict | None = None,
         aliases: Sequence[str] = (),
+        allow_special_in_content: bool = False,
     ):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        # Off: what messages, tool calls, tool results and tools spell is text, never a control token.
+        self.allow_special_in_content = allow_special_in_content
         self.api_key = api_key
         self.defaults = dict(defaults or {})  # sampling settings a request leaves out (generation_config.json)
         self.names = {model_name, *aliases}
@@ -357,16 +361,19 @@ class OpenAIServer:
             raise ApiError(400, "enable_thinking must be true or false", param="chat_template_kwargs.enable_thinking")
         kwargs = {k: v for k, v in kwargs.items() if k not in RESERVED_TEMPLATE_KWARGS}
         try:
-            text = self.tokenizer.apply_chat_template(
-                messages, tools=tools if choice != "none" else None, enable_thinking=thinking, **kwargs
-            )
+            ids = self.tokenizer.encode_chat(
+                messages, tools=tools if choice != "none" else None, enable_thinking=thinking,
+                allow_special_in_content=self.allow_special_in_content, **kwargs,
+            )  # fmt: skip
         except ChatTemplateError as e:
             raise ApiError(400, str(e), param="messages") from None
-        ids = self.tokenizer.encode(text)
         if forced and starts_in_reasoning(self.tokenizer, ids):
             forced = "\n</think>\n\n" + forced  # a forced call skips the reasoning
         if forced:
-            ids += self.tokenizer.encode(forced)
+            # Control tokens up to <tool_call>; after it the tool's name, which the client wrote.
+            cut = forced.find("<tool_call>") + len("<tool_call>")
+            encode_name = self.tokenizer.encode if self.allow_special_in_content else self.tokenizer.encode_plain
+            ids += self.tokenizer.encode(forced[:cut]) + encode_name(forced[cut:])
             forced = forced[forced.find("<tool_call>") :]
         return ids, (tools if choice != "none" else None), forced
 
@@ -489,6 +496,8 @@ class OpenAIServer:
     # Completions ------------------------------------------------------------------------------------------------
 
     def completion_prompts(self, prompt) -> list[list[int]]:
+        """A raw prompt is the client's whole prompt, not chat content: its control tokens are encoded as such
+        (as llama.cpp and vLLM do), whatever `allow_special_in_content` says."""
         if isinstance(prompt, str):
             return [self.tokenizer.encode(prompt)]
         if not prompt:

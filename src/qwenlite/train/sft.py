@@ -5,29 +5,30 @@ OpenAI shape the chat template reads (`role` system / user / assistant / tool, `
 optionally `reasoning_content` and `tool_calls`).
 
 Which tokens are trained. Each conversation is rendered once, whole, with the checkpoint's own chat template
-(`add_generation_prompt=False`), exactly the text the model will see. The assistant spans are then found in that
-text: each runs from the end of an `<|im_start|>assistant\\n` header to the end of the next `<|im_end|>`, and a token
-is trained when its characters (the tokenizer's offsets) lie inside a span. So the trained text is whatever the
-template renders for an assistant turn: `<think>` blocks where it keeps them, `<tool_call>` blocks, the closing
-`<|im_end|>`; never the header, system, user or tool turns.
+(`add_generation_prompt=False`), exactly the text the model will see, and encoded as inference encodes it
+(`Tokenizer.encode_chat`: a "<|im_end|>" that a message spells is text). The assistant spans are then found in that
+text: each runs from the end of an `<|im_start|>assistant\\n` header to the end of the next `<|im_end|>`, both control
+tokens (not text a message spells), and a token is trained when its characters (the tokenizer's offsets) lie inside
+a span. So the trained text is whatever the template renders for an assistant turn: `<think>` blocks where it keeps
+them, `<tool_call>` blocks, the closing `<|im_end|>`; never the header, system, user or tool turns.
 
 Rendering prefixes (messages[:i] against messages[:i+1]) and diffing was rejected: the Qwen3.5 template is not
 prefix-stable. It drops the reasoning of assistant turns before the last user message, a decision that depends on
 later messages, and closes a tool turn depending on what follows it, so a prefix render differs from the text of
 the full render and the labels would describe text the model never sees. The one assumption left is ChatML's
-framing; a render whose header count differs from its assistant-message count (an assistant header typed inside
-another message) is refused rather than guessed at.
+framing; a render whose header count differs from its assistant-message count is refused rather than guessed at.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from qwenlite.errors import QwenliteError
-from qwenlite.text.tokenizer import ASSISTANT_HEADER, IM_END, ChatTemplateError, Tokenizer
+from qwenlite.text.tokenizer import ASSISTANT_HEADER, IM_END, IM_START, ChatTemplateError, Tokenizer
 from qwenlite.train.common import FINE_TUNING_BETAS, Logger, TrainSettings, make_optimizer, run_steps
 from qwenlite.train.posttrain import (
     IGNORE,
@@ -54,17 +55,17 @@ class Example:
         return sum(label != IGNORE for label in self.labels)
 
 
-def assistant_spans(text: str) -> list[tuple[int, int]]:
+def assistant_spans(text: str, controls: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Character spans [start, end) of the assistant turns' bodies in rendered ChatML text, each ending after its
-    `<|im_end|>` (or at the end of the text for an unfinished turn)."""
+    `<|im_end|>` (or at the end of the text for an unfinished turn). `controls` are the (start, end) spans of the
+    text's control tokens: a header or an `<|im_end|>` that a message spells is text, not one of them."""
+    ends = [e for s, e in controls if text[s:e] == IM_END]
     spans = []
-    start = text.find(ASSISTANT_HEADER)
-    while start != -1:
-        body = start + len(ASSISTANT_HEADER)
-        end = text.find(IM_END, body)
-        end = len(text) if end == -1 else end + len(IM_END)
-        spans.append((body, end))
-        start = text.find(ASSISTANT_HEADER, end)
+    for s, e in controls:
+        if text[s:e] == IM_START and text.startswith(ASSISTANT_HEADER, s):
+            body = s + len(ASSISTANT_HEADER)
+            k = bisect.bisect_left(ends, body + 1)
+            spans.append((body, ends[k] if k < len(ends) else len(text)))
     return spans
 
 
@@ -78,19 +79,20 @@ def encode_chat(
     """Render `messages` whole and label the tokens of the assistant turns at index >= `train_from_message`
     (DPO trains only the completion after a shared prompt)."""
     try:
-        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=False)
+        # As inference encodes it: control tokens where the template writes them, what messages spell as text.
+        text, ids, offsets = tokenizer.encode_chat_with_offsets(messages, tools=tools, add_generation_prompt=False)
     except ChatTemplateError as e:
         raise QwenliteError(f"{where}: {e}") from None
     roles = [m.get("role") for m in messages]
     trained_turns = [i >= train_from_message for i, role in enumerate(roles) if role == "assistant"]
-    spans = assistant_spans(text)
+    framing = {tokenizer.token_to_id(IM_START), tokenizer.token_to_id(IM_END)} - {None}
+    spans = assistant_spans(text, [span for i, span in zip(ids, offsets, strict=True) if i in framing])
     if len(spans) != len(trained_turns):
         raise QwenliteError(
             f"{where}: the rendered conversation has {len(spans)} assistant headers for {len(trained_turns)} "
-            f"assistant messages (is {ASSISTANT_HEADER!r} written inside a message?)"
+            f"assistant messages (the chat template does not frame turns as ChatML)"
         )
     spans = [span for span, trained in zip(spans, trained_turns, strict=True) if trained]
-    ids, offsets = tokenizer.encode_with_offsets(text)
     labels = [IGNORE] * len(ids)
     k = 0  # spans and tokens both run left to right
     for t, (s, e) in enumerate(offsets):
