@@ -207,10 +207,14 @@ def test_cli_table_and_json(chat, capsys):
     assert set(got["divergence"]) >= {"kl_mean", "kl_stderr", "kl_median", "kl_p99", "kl_max", "top1_agreement",
                                       "perplexity_ratio"}  # fmt: skip
 
-    assert main([*argv, "--quant", "int4", "--base", str(path)]) == 0
+    assert main([*argv, "--base", str(path), "--base-dtype", "bfloat16"]) == 0
     out = capsys.readouterr().out
-    for label in ("base (float32)", "base perplexity", "perplexity ratio", "KL(base || model)", "top-1 agreement"):
+    for label in ("base (bfloat16)", "base perplexity", "perplexity ratio", "KL(base || model)", "top-1 agreement"):
         assert label in out, label
+
+    assert main([*argv, "--base", str(path), "--base-quant", "int8", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["precision"], got["divergence"]["base_precision"]) == ("float32", "int8")
 
 
 def swapped_vocabulary(path, dest):
