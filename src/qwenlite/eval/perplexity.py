@@ -21,9 +21,10 @@ How it differs from llama.cpp's `perplexity`: llama.cpp drops the tokens after t
 least two windows), starts each window with BOS where the model has one (Qwen3.5 has none), and scores only the
 second half of each window, so that every scored token sees at least ctx/2 tokens of context; here every token
 after a window's first is scored, so the same model and ctx give a higher perplexity than llama.cpp's. For the KL
-statistics llama.cpp first saves the base's logits to a file (`--kl-divergence-base`, ctx x vocab values per
-window) and reads them back in a second run with `--kl-divergence`; here both models run window by window in one
-process.
+statistics llama.cpp first runs the base and saves its log-probabilities at the scored positions to a file
+(`--kl-divergence-base`: vocab 16-bit values per position, clamped 16 nats below the largest), then runs the model
+with `--kl-divergence` against that file; here both models run window by window in one process, in fp32 throughout
+(so the smallest KL values can differ from llama.cpp's), and top-1 agreement is llama.cpp's "same top p".
 
 Memory: one window at a time. A window's final hidden states (ctx, hidden) come from one forward pass without a
 cache; the head then runs over POSITIONS positions at a time, so per model at most POSITIONS x vocab fp32 logits
