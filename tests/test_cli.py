@@ -100,6 +100,15 @@ def test_run_think_sends_the_reasoning_to_stderr(scripted_dir, capsys):
     assert (code, out, err) == (0, "Paris\n", "")
 
 
+def test_run_raw_prints_the_continuation_exactly(tmp_path_factory, capsys):
+    """A raw prompt opens no chat channel: the continuation's leading blank line is printed (then the line break
+    `run` ends with), as the decoded tokens say."""
+    scripted = scripted_checkpoint(tmp_path_factory.mktemp("raw"), ["Once", "\n\n", "upon"])
+    capsys.readouterr()  # what building the checkpoint printed
+    argv = ["run", str(scripted), "Once", "--raw", "--temperature", "0", "--max-tokens", "10"]
+    assert run_cli(capsys, *argv) == (0, "\n\nupon\n", "")
+
+
 def test_run_verbose_reports_timings_on_stderr(tiny_dir, capsys):
     code, out, err = run_cli(
         capsys, "run", str(tiny_dir), "Hi", "--max-tokens", "4", "--temperature", "0", "--no-think", "--verbose"

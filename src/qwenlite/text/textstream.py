@@ -54,6 +54,9 @@ def starts_in_reasoning(tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> bool
     return False
 
 
+CHANNEL_OPENERS = (IM_START, "<think>", "</think>")
+
+
 @dataclass
 class Delta:
     text: str = ""  # answer text
@@ -71,9 +74,11 @@ class TextStream:
         self.in_reasoning = starts_in_reasoning(tokenizer, prompt_ids)
         self.detok = IncrementalDetokenizer(tokenizer)
         self.matcher = StopMatcher(stop)
-        # Newlines that open a channel (after <think> / </think>) are dropped, and so are those that close the
-        # reasoning: held back until more reasoning shows they were inside it.
-        self.at_channel_start = True
+        # Newlines that open a channel (the answer of a chat prompt, after <think> / </think>) are dropped, and so
+        # are those that close the reasoning: held back until more reasoning shows they were inside it. A prompt
+        # with none of those tokens (a raw continuation) opens no channel: its continuation comes out exactly.
+        openers = {tokenizer.token_to_id(t) for t in CHANNEL_OPENERS}
+        self.at_channel_start = not openers.isdisjoint(prompt_ids)
         self.held = ""
 
     def _emit(self, text: str) -> Delta:
