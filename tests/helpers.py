@@ -31,6 +31,7 @@ import uvicorn
 from safetensors.torch import load_file, save_file
 
 from qwenlite.cli import main as cli_main
+from qwenlite.config import preset_config
 from qwenlite.io.checkpoint import copy_side_files, load_checkpoint, save_checkpoint
 from qwenlite.serve.engine import Engine
 from qwenlite.text.tokenizer import IM_END, Tokenizer
@@ -290,3 +291,42 @@ def wait_until(condition, timeout: float = 10.0) -> float:
         assert time.perf_counter() - t0 < timeout, "timed out"
         time.sleep(0.005)
     return time.perf_counter() - t0
+
+
+SCRIPT_EOS = 248046  # <|im_end|> in the Qwen3.5 vocabulary
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for the network in a batch: each row answers with the script whose marker text appears last in
+    its prompt, token by token, then <|im_end|>. The row's script and position live in its cache (the first
+    recurrent state's first entries), so they move with the row through copy_row, snapshots and restores."""
+
+    def __init__(self, tok: Tokenizer, scripts: dict[str, list], delay: float = 0.0):
+        super().__init__()
+        self.config = preset_config("tiny")
+        self.dtype, self.device = torch.float32, torch.device("cpu")  # what generation and the engine ask
+        self.tok, self.markers, self.delay = tok, list(scripts), delay
+        self.scripts = [sum(([p] if isinstance(p, int) else tok.encode(p) for p in s), []) for s in scripts.values()]
+
+    def _script(self, ids: list[int]) -> int | None:
+        text = self.tok.decode(ids)
+        where = [(text.rfind(m), k) for k, m in enumerate(self.markers)]
+        position, k = max(where)
+        return k if position >= 0 else None
+
+    def forward(self, ids, cache, logits_to_keep=0):
+        B, T = ids.shape
+        state = cache.layers[0].state  # (B, Hv, Dk, Dv): [b, 0, 0, 0] = script, [b, 0, 0, 1] = position
+        if T > 1 or logits_to_keep == 1:  # a prefill piece, of one row
+            k = self._script(ids[0].tolist())
+            if k is not None:
+                state[0, 0, 0, 0] = k
+            state[0, 0, 0, 1] = 0
+        time.sleep(self.delay)
+        logits = torch.full((B, 1, self.config.vocab_size), -100.0)  # any temperature picks the script
+        for b in range(B):
+            script, pos = self.scripts[int(state[b, 0, 0, 0])], int(state[b, 0, 0, 1])
+            logits[b, 0, script[pos] if pos < len(script) else SCRIPT_EOS] = 10.0
+            state[b, 0, 0, 1] = pos + 1
+        cache.lengths += T
+        return logits

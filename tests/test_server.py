@@ -17,11 +17,9 @@ import httpx
 import openai
 import pytest
 import torch
-from torch import nn
 
 import qwenlite
 from qwenlite.cli import main as cli_main
-from qwenlite.config import preset_config
 from qwenlite.generate import generate_tokens, stream
 from qwenlite.io.checkpoint import load_checkpoint
 from qwenlite.sample import SamplingParams
@@ -31,7 +29,7 @@ from qwenlite.serve.openai import turn_starts
 from qwenlite.text.tokenizer import Tokenizer
 from qwenlite.text.toolcalls import ToolCallDelta, ToolCallParser
 
-from helpers import LiveServer, console_script, tiny_checkpoint, wait_until
+from helpers import LiveServer, ScriptedModel, console_script, tiny_checkpoint, wait_until
 
 GREEDY = SamplingParams(temperature=0)
 CTX = 1024
@@ -448,43 +446,7 @@ def test_the_server_keeps_serving_after_bad_input(tiny, live):
 
 # --- a scripted model: tool calls, reasoning, stop strings, auth, a full queue ------------------------------------
 
-THINK, END_THINK, EOS = 248068, 248069, 248046
-
-
-class ScriptedModel(nn.Module):
-    """Stands in for the network in a batch: each row answers with the script whose marker text appears last in
-    its prompt, token by token, then <|im_end|>. The row's script and position live in its cache (the first
-    recurrent state's first entries), so they move with the row through copy_row, snapshots and restores."""
-
-    def __init__(self, tok: Tokenizer, scripts: dict[str, list], delay: float = 0.0):
-        super().__init__()
-        self.config = preset_config("tiny")
-        self.dtype, self.device = torch.float32, torch.device("cpu")  # what generation and the engine ask
-        self.tok, self.markers, self.delay = tok, list(scripts), delay
-        self.scripts = [sum(([p] if isinstance(p, int) else tok.encode(p) for p in s), []) for s in scripts.values()]
-
-    def _script(self, ids: list[int]) -> int | None:
-        text = self.tok.decode(ids)
-        where = [(text.rfind(m), k) for k, m in enumerate(self.markers)]
-        position, k = max(where)
-        return k if position >= 0 else None
-
-    def forward(self, ids, cache, logits_to_keep=0):
-        B, T = ids.shape
-        state = cache.layers[0].state  # (B, Hv, Dk, Dv): [b, 0, 0, 0] = script, [b, 0, 0, 1] = position
-        if T > 1 or logits_to_keep == 1:  # a prefill piece, of one row
-            k = self._script(ids[0].tolist())
-            if k is not None:
-                state[0, 0, 0, 0] = k
-            state[0, 0, 0, 1] = 0
-        time.sleep(self.delay)
-        logits = torch.full((B, 1, self.config.vocab_size), -100.0)  # any temperature picks the script
-        for b in range(B):
-            script, pos = self.scripts[int(state[b, 0, 0, 0])], int(state[b, 0, 0, 1])
-            logits[b, 0, script[pos] if pos < len(script) else EOS] = 10.0
-            state[b, 0, 0, 1] = pos + 1
-        cache.lengths += T
-        return logits
+THINK, END_THINK = 248068, 248069
 
 
 TOOL_CALL = ("Let me check.\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
