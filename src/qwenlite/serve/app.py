@@ -1,5 +1,6 @@
 """The HTTP app: the OpenAI routes (serve/openai.py), the web chat page at / (data/chat.html, when installed),
-errors in the OpenAI shape; and `serve`, which loads a model and runs the app under uvicorn."""
+Prometheus metrics at /metrics (serve/metrics.py), errors in the OpenAI shape; and `serve`, which loads a model and
+runs the app under uvicorn."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwenlite.io.hub import resolve_model_path
 from qwenlite.io.load import generation_defaults, load_model
 from qwenlite.serve.engine import Engine, cache_bytes
+from qwenlite.serve.metrics import Metrics
 from qwenlite.serve.openai import ApiError, OpenAIServer, error_response
 from qwenlite.text.tokenizer import Tokenizer
 
@@ -36,7 +39,8 @@ def create_app(
     aliases: Sequence[str] = (),
     allow_special_in_content: bool = False,
 ) -> FastAPI:
-    api = OpenAIServer(engine, tokenizer, model_name, api_key, defaults, aliases, allow_special_in_content)
+    metrics = Metrics(engine)
+    api = OpenAIServer(engine, tokenizer, model_name, api_key, defaults, aliases, allow_special_in_content, metrics)
     app = FastAPI(title="qwenlite", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.api = api
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
@@ -50,6 +54,11 @@ def create_app(
             raise ApiError(404, "this installation has no web chat page (qwenlite/data/chat.html)")
         return HTMLResponse(page)
 
+    async def prometheus() -> Response:
+        """The Prometheus text format. Without the API key, like /health: scrapers usually scrape without auth (vLLM
+        serves its /metrics so too), and the numbers say nothing of what clients sent."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     async def api_error(request: Request, e: ApiError) -> Response:
         return error_response(e)
 
@@ -62,6 +71,7 @@ def create_app(
         return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}"))
 
     app.add_api_route("/", index, methods=["GET"])
+    app.add_api_route("/metrics", prometheus, methods=["GET"])
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)

@@ -26,6 +26,7 @@ from qwenlite.errors import ContextLengthExceeded, InvalidArgument, QwenliteErro
 from qwenlite.sample import SAMPLING_FIELDS, SamplingParams
 from qwenlite.serve.engine import Engine, Finish, PromptLogprobs, QueueFull, Token, Usage
 from qwenlite.serve.engine import Request as EngineRequest
+from qwenlite.serve.metrics import Metrics, Trace
 from qwenlite.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -216,6 +217,15 @@ async def _cancelled_on_disconnect(request: Request, submission: Submission):
         submission.cancel()
 
 
+@contextlib.asynccontextmanager
+async def _finished(trace: Trace):
+    """A stream that stops without saying how (the client went away, the task was cancelled) counts as 499."""
+    try:
+        yield
+    finally:
+        trace.finish(499)
+
+
 # --- the API ----------------------------------------------------------------------------------------------------
 
 
@@ -229,8 +239,10 @@ class OpenAIServer:
         defaults: dict | None = None,
         aliases: Sequence[str] = (),
         allow_special_in_content: bool = False,
+        metrics: Metrics | None = None,
     ):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.metrics = metrics or Metrics(engine)
         # Off: what messages, tool calls, tool results and tools spell is text, never a control token.
         self.allow_special_in_content = allow_special_in_content
         self.api_key = api_key
@@ -377,7 +389,29 @@ class OpenAIServer:
             forced = forced[forced.find("<tool_call>") :]
         return ids, (tools if choice != "none" else None), forced
 
+    async def traced(self, endpoint: str, handler, request: Request) -> Response:
+        """Runs `handler(request, trace)` and counts the request once it has finished: here for a JSON answer or
+        an error, at the stream's end for a stream (499 when the client went away)."""
+        trace = self.metrics.trace(endpoint)
+        try:
+            response = await handler(request, trace)
+        except ApiError as e:
+            trace.finish(e.status)
+            raise
+        except asyncio.CancelledError:
+            trace.finish(499)
+            raise
+        except Exception:
+            trace.finish(500)
+            raise
+        if not isinstance(response, StreamingResponse):
+            trace.finish(response.status_code)
+        return response
+
     async def chat_completions(self, request: Request) -> Response:
+        return await self.traced("/v1/chat/completions", self._chat_completions, request)
+
+    async def _chat_completions(self, request: Request, trace: Trace) -> Response:
         body: ChatCompletionRequest = await self.parse(request, ChatCompletionRequest)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is not None and max_tokens < 1:
@@ -396,11 +430,12 @@ class OpenAIServer:
         )
         submission = self.submit([engine_request])
         output = ChatOutput(self.tokenizer, ids, _stops(body.stop), tools, forced)
+        trace.usages = lambda: [output_usage(submission, output)]
         head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name)
-        answer = self._chat_events(submission, output, body.logprobs)
+        answer = self._chat_events(submission, output, body.logprobs, trace)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = self._chat_stream(request, submission, output, answer, head, include_usage)
+            stream = self._chat_stream(request, submission, output, answer, head, include_usage, trace)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         async with _cancelled_on_disconnect(request, submission):
             message, logprobs, finish = await self._collect_chat(answer)
@@ -435,7 +470,7 @@ class OpenAIServer:
         return message, logprobs, finish
 
     async def _chat_events(
-        self, submission: Submission, output: ChatOutput, want_logprobs: bool
+        self, submission: Submission, output: ChatOutput, want_logprobs: bool, trace: Trace
     ) -> AsyncIterator[tuple[list[Piece], list[TokenLogprob], str | None]]:
         """(pieces, logprob entries, None) per token, then ([...], [], finish reason) once."""
         if output.initial:
@@ -443,6 +478,7 @@ class OpenAIServer:
         while True:
             _, event = await submission.get()
             if isinstance(event, Token):
+                trace.token()
                 pieces, hit = output.add(event.id)
                 entries = [self.logprob_entry(event)] if want_logprobs else []
                 if hit:
@@ -459,13 +495,15 @@ class OpenAIServer:
                 yield pieces, [], "tool_calls" if event.reason == "stop" and output.called_tools else event.reason
                 return
 
-    async def _chat_stream(self, request, submission, output: ChatOutput, answer, head: dict, include_usage: bool):
+    async def _chat_stream(
+        self, request, submission, output: ChatOutput, answer, head: dict, include_usage: bool, trace: Trace
+    ):
         def chunk(delta: AssistantMessage, entries=None, finish=None) -> str:
             logprobs = ChoiceLogprobs(content=entries) if entries else None
             choice = ChatChunkChoice(delta=delta, logprobs=logprobs, finish_reason=finish)
             return _sse(ChatCompletionChunk(**head, choices=[choice]))
 
-        async with _cancelled_on_disconnect(request, submission):
+        async with _cancelled_on_disconnect(request, submission), _finished(trace):
             yield chunk(AssistantMessage(role="assistant", content=""))
             try:
                 async for pieces, entries, finish in answer:
@@ -484,6 +522,7 @@ class OpenAIServer:
                     if entries or finish:
                         yield chunk(AssistantMessage(), entries, finish)
             except ApiError as e:
+                trace.finish(e.status)
                 if e.status != 499:
                     yield _sse(e.body())
                     yield "data: [DONE]\n\n"
@@ -491,6 +530,7 @@ class OpenAIServer:
             if include_usage:
                 usage = self.usage([output_usage(submission, output)])
                 yield _sse(ChatCompletionChunk(**head, choices=[], usage=usage))
+            trace.finish(200)
             yield "data: [DONE]\n\n"
 
     # Completions ------------------------------------------------------------------------------------------------
@@ -507,6 +547,9 @@ class OpenAIServer:
         return [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
 
     async def completions(self, request: Request) -> Response:
+        return await self.traced("/v1/completions", self._completions, request)
+
+    async def _completions(self, request: Request, trace: Trace) -> Response:
         body: CompletionRequest = await self.parse(request, CompletionRequest)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default
         if max_tokens < (0 if body.echo else 1):
@@ -536,11 +579,12 @@ class OpenAIServer:
                 r.prompt_logprobs = 0  # echo alone with nothing to generate: a prefill that returns no tokens
         submission = self.submit(requests)
         outputs = [CompletionOutput(self, ids, body) for ids in prompts]
+        trace.usages = lambda: [output_usage(submission, o, i) for i, o in enumerate(outputs)]
         head = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name)
-        events = self._completion_events(submission, outputs)
+        events = self._completion_events(submission, outputs, trace)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = self._completion_stream(request, submission, events, outputs, head, include_usage)
+            stream = self._completion_stream(request, submission, events, outputs, head, include_usage, trace)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         choices = [CompletionChoice(index=i, text=o.echo, logprobs=o.logprobs) for i, o in enumerate(outputs)]
         async with _cancelled_on_disconnect(request, submission):
@@ -550,7 +594,7 @@ class OpenAIServer:
         usage = self.usage([output_usage(submission, o, i) for i, o in enumerate(outputs)])
         return JSONResponse(Completion(**head, choices=choices, usage=usage).model_dump(exclude_none=True))
 
-    async def _completion_events(self, submission: Submission, outputs: list[CompletionOutput]):
+    async def _completion_events(self, submission: Submission, outputs: list[CompletionOutput], trace: Trace):
         """(choice index, text, finish reason or None) until every choice has finished."""
         running = set(range(len(outputs)))
         while running:
@@ -561,6 +605,7 @@ class OpenAIServer:
             if isinstance(event, PromptLogprobs):
                 output.add_prompt(event)
             elif isinstance(event, Token):
+                trace.token(index)
                 text, hit = output.add(event)
                 if hit:
                     submission.handles[index].cancel()
@@ -575,7 +620,9 @@ class OpenAIServer:
                 running.discard(index)
                 yield index, output.finish(), event.reason
 
-    async def _completion_stream(self, request, submission, events, outputs, head: dict, include_usage: bool):
+    async def _completion_stream(
+        self, request, submission, events, outputs, head: dict, include_usage: bool, trace: Trace
+    ):
         def chunk(index: int, text: str, logprobs=None, finish=None) -> str:
             choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)
             return _sse(Completion(**head, choices=[choice]))
@@ -590,7 +637,7 @@ class OpenAIServer:
             return CompletionLogprobs(tokens=lp.tokens[n:], token_logprobs=lp.token_logprobs[n:],
                                       top_logprobs=lp.top_logprobs[n:], text_offset=lp.text_offset[n:])  # fmt: skip
 
-        async with _cancelled_on_disconnect(request, submission):
+        async with _cancelled_on_disconnect(request, submission), _finished(trace):
             echoed = [not o.echo for o in outputs]
             try:
                 async for index, text, finish in events:
@@ -598,6 +645,7 @@ class OpenAIServer:
                         text, echoed[index] = outputs[index].echo + text, True
                     yield chunk(index, text, new_logprobs(index), finish)
             except ApiError as e:
+                trace.finish(e.status)
                 if e.status != 499:
                     yield _sse(e.body())
                     yield "data: [DONE]\n\n"
@@ -605,6 +653,7 @@ class OpenAIServer:
             if include_usage:
                 usage = self.usage([output_usage(submission, o, i) for i, o in enumerate(outputs)])
                 yield _sse(Completion(**head, choices=[], usage=usage))
+            trace.finish(200)
             yield "data: [DONE]\n\n"
 
     # The rest ---------------------------------------------------------------------------------------------------
