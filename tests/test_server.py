@@ -404,7 +404,11 @@ BAD_REQUESTS = [
         400,
         "tool_choice",
     ),  # fmt: skip
-    ("n > 1", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+    ("n = 0", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n"),
+    ("n = 17", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 17}, 400, "n"),
+    ("completion n = 0", "/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
+    ("completion n = 17", "/v1/completions", {"prompt": "x", "n": 17}, 400, "n"),
+    ("n * prompts over the queue", "/v1/completions", {"prompt": ["x", "y"], "n": 9}, 400, "n"),
     (
         "completion max_tokens 0 without echo",
         "/v1/completions",

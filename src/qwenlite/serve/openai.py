@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hmac
 import json
@@ -53,6 +54,8 @@ from qwenlite.serve.protocol import (
 from qwenlite.text.textstream import Delta, StopMatcher, TextStream, starts_in_reasoning
 from qwenlite.text.tokenizer import ASSISTANT_HEADER, ChatTemplateError, IncrementalDetokenizer, Tokenizer
 from qwenlite.text.toolcalls import ToolCallDelta, ToolCallParser
+
+MAX_N = 16  # samples per prompt (`n`)
 
 # Not settable through chat_template_kwargs: encode_chat's own arguments.
 RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "enable_thinking", "allow_special_in_content"}
@@ -297,9 +300,22 @@ class OpenAIServer:
         if body.model is not None and body.model not in self.names:
             raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")  # fmt: skip
-        if body.n != 1:
-            raise ApiError(400, "only n=1 is supported", param="n")
+        if not 1 <= body.n <= MAX_N:
+            raise ApiError(400, f"n must be between 1 and {MAX_N}, got {body.n}", param="n")
         return body
+
+    def check_n(self, n: int, prompts: int = 1) -> None:
+        """The n * prompts engine requests must fit the engine's slots and queue at once."""
+        capacity = self.engine.max_concurrency + self.engine.max_queue
+        if n > 1 and n * prompts > capacity:
+            raise ApiError(400, f"n={n} for {prompts} prompt(s) asks for {n * prompts} samples; this server "
+                           f"queues at most {capacity} at once", param="n")  # fmt: skip
+
+    @staticmethod
+    def samples(params: SamplingParams, n: int) -> list[SamplingParams]:
+        """The settings of a prompt's n samples: with a request seed s, sample i draws with seed s + i, so a
+        seeded request is reproducible and its samples differ; without one every sample seeds its own draws."""
+        return [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i) for i in range(n)]
 
     def sampling(self, body) -> SamplingParams:
         given = {k: getattr(body, k) for k in (*SAMPLING_FIELDS, "seed")}
@@ -419,94 +435,116 @@ class OpenAIServer:
         params = self.sampling(body)
         ids, tools, forced = self.chat_prompt(body)
         self.check_context(ids, "messages")
+        self.check_n(body.n)
         top = body.top_logprobs or 0
-        engine_request = EngineRequest(
-            ids,
-            params,
-            max_tokens if max_tokens is not None else self.engine.ctx,
-            frozenset(self.tokenizer.eos_token_ids),
-            logprobs=top if body.logprobs else None,
-            snapshot_at=turn_starts(ids, self.assistant_header),
-        )
-        submission = self.submit([engine_request])
-        output = ChatOutput(self.tokenizer, ids, _stops(body.stop), tools, forced)
-        trace.usages = lambda: [output_usage(submission, output)]
+        engine_requests = [
+            EngineRequest(
+                ids,
+                sample,
+                max_tokens if max_tokens is not None else self.engine.ctx,
+                frozenset(self.tokenizer.eos_token_ids),
+                logprobs=top if body.logprobs else None,
+                snapshot_at=turn_starts(ids, self.assistant_header),
+            )
+            for sample in self.samples(params, body.n)
+        ]
+        submission = self.submit(engine_requests)
+        outputs = [ChatOutput(self.tokenizer, ids, _stops(body.stop), tools, forced) for _ in range(body.n)]
+        trace.usages = lambda: choice_usages(submission, outputs, body.n)
         head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name)
-        answer = self._chat_events(submission, output, body.logprobs, trace)
+        answer = self._chat_events(submission, outputs, body.logprobs, trace)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = self._chat_stream(request, submission, output, answer, head, include_usage, trace)
+            stream = self._chat_stream(request, submission, outputs, answer, head, include_usage, trace)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         async with _cancelled_on_disconnect(request, submission):
-            message, logprobs, finish = await self._collect_chat(answer)
-        choice = ChatChoice(
-            message=message,
-            logprobs=ChoiceLogprobs(content=logprobs) if body.logprobs else None,
-            finish_reason=finish,
-        )
-        usage = self.usage([output_usage(submission, output)])
-        return JSONResponse(ChatCompletion(**head, choices=[choice], usage=usage).model_dump(exclude_none=True))
+            answers = await self._collect_chat(answer, body.n)
+        choices = [
+            ChatChoice(
+                index=i,
+                message=message,
+                logprobs=ChoiceLogprobs(content=logprobs) if body.logprobs else None,
+                finish_reason=finish,
+            )
+            for i, (message, logprobs, finish) in enumerate(answers)
+        ]
+        usage = self.usage(choice_usages(submission, outputs, body.n))
+        return JSONResponse(ChatCompletion(**head, choices=choices, usage=usage).model_dump(exclude_none=True))
 
-    async def _collect_chat(self, answer) -> tuple[AssistantMessage, list[TokenLogprob], str | None]:
-        calls: dict[int, ToolCallOut] = {}
-        content, reasoning, logprobs, finish = [], [], [], None
-        async for pieces, entries, reason in answer:
-            logprobs += entries
-            finish = reason or finish
+    async def _collect_chat(self, answer, n: int) -> list[tuple[AssistantMessage, list[TokenLogprob], str | None]]:
+        calls: list[dict[int, ToolCallOut]] = [{} for _ in range(n)]
+        content, reasoning, logprobs = ([[] for _ in range(n)] for _ in range(3))
+        finish: list[str | None] = [None] * n
+        async for i, pieces, entries, reason in answer:
+            logprobs[i] += entries
+            finish[i] = reason or finish[i]
             for p in pieces:
                 if isinstance(p, ToolCallDelta):
-                    call = calls.setdefault(p.index, ToolCallOut(type="function", function=FunctionCallOut()))
+                    call = calls[i].setdefault(p.index, ToolCallOut(type="function", function=FunctionCallOut()))
                     call.id = call.id or p.id
                     call.function.name = call.function.name or p.name
                     call.function.arguments += p.arguments
                 else:
-                    (content if p[0] == "content" else reasoning).append(p[1])
-        message = AssistantMessage(
-            role="assistant",
-            content="".join(content) if content or not calls else None,
-            reasoning_content="".join(reasoning) or None,
-            tool_calls=[calls[i] for i in sorted(calls)] or None,
-        )
-        return message, logprobs, finish
+                    (content[i] if p[0] == "content" else reasoning[i]).append(p[1])
+        messages = [
+            AssistantMessage(
+                role="assistant",
+                content="".join(content[i]) if content[i] or not calls[i] else None,
+                reasoning_content="".join(reasoning[i]) or None,
+                tool_calls=[calls[i][j] for j in sorted(calls[i])] or None,
+            )
+            for i in range(n)
+        ]
+        return list(zip(messages, logprobs, finish, strict=True))
 
     async def _chat_events(
-        self, submission: Submission, output: ChatOutput, want_logprobs: bool, trace: Trace
-    ) -> AsyncIterator[tuple[list[Piece], list[TokenLogprob], str | None]]:
-        """(pieces, logprob entries, None) per token, then ([...], [], finish reason) once."""
-        if output.initial:
-            yield output.initial, [], None
-        while True:
-            _, event = await submission.get()
+        self, submission: Submission, outputs: list[ChatOutput], want_logprobs: bool, trace: Trace
+    ) -> AsyncIterator[tuple[int, list[Piece], list[TokenLogprob], str | None]]:
+        """(choice index, pieces, logprob entries, None) per token, then (index, [...], [], finish reason) once
+        per choice, until every choice has finished."""
+        for i, output in enumerate(outputs):
+            if output.initial:
+                yield i, output.initial, [], None
+        running = set(range(len(outputs)))
+        while running:
+            index, event = await submission.get()
+            if index not in running:
+                continue  # stopped by a stop string already; this is the engine catching up
+            output = outputs[index]
             if isinstance(event, Token):
-                trace.token()
+                trace.token(index)
                 pieces, hit = output.add(event.id)
                 entries = [self.logprob_entry(event)] if want_logprobs else []
                 if hit:
-                    submission.cancel()
-                    yield pieces, entries, "tool_calls" if output.called_tools else "stop"
-                    return
-                yield pieces, entries, None
+                    submission.handles[index].cancel()
+                    running.discard(index)
+                    yield index, pieces, entries, "tool_calls" if output.called_tools else "stop"
+                else:
+                    yield index, pieces, entries, None
             elif isinstance(event, Finish):
-                if event.reason == "error":
-                    raise ApiError(500, f"generation failed: {event.error}")
-                if event.reason == "cancelled":
+                if event.reason in ("error", "cancelled"):
+                    submission.cancel()
+                    if event.reason == "error":
+                        raise ApiError(500, f"generation failed: {event.error}")
                     raise ApiError(499, "the request was cancelled", kind="cancelled")
+                running.discard(index)
                 pieces = output.finish()
-                yield pieces, [], "tool_calls" if event.reason == "stop" and output.called_tools else event.reason
-                return
+                reason = "tool_calls" if event.reason == "stop" and output.called_tools else event.reason
+                yield index, pieces, [], reason
 
     async def _chat_stream(
-        self, request, submission, output: ChatOutput, answer, head: dict, include_usage: bool, trace: Trace
+        self, request, submission, outputs: list[ChatOutput], answer, head: dict, include_usage: bool, trace: Trace
     ):
-        def chunk(delta: AssistantMessage, entries=None, finish=None) -> str:
+        def chunk(index: int, delta: AssistantMessage, entries=None, finish=None) -> str:
             logprobs = ChoiceLogprobs(content=entries) if entries else None
-            choice = ChatChunkChoice(delta=delta, logprobs=logprobs, finish_reason=finish)
+            choice = ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)
             return _sse(ChatCompletionChunk(**head, choices=[choice]))
 
         async with _cancelled_on_disconnect(request, submission), _finished(trace):
-            yield chunk(AssistantMessage(role="assistant", content=""))
+            for i in range(len(outputs)):
+                yield chunk(i, AssistantMessage(role="assistant", content=""))
             try:
-                async for pieces, entries, finish in answer:
+                async for index, pieces, entries, finish in answer:
                     for p in pieces:
                         if isinstance(p, ToolCallDelta):
                             function = FunctionCallOut(name=p.name, arguments=p.arguments)
@@ -517,10 +555,10 @@ class OpenAIServer:
                             delta = AssistantMessage(content=p[1])
                         else:
                             delta = AssistantMessage(reasoning_content=p[1])
-                        yield chunk(delta, entries)
+                        yield chunk(index, delta, entries)
                         entries = None
                     if entries or finish:
-                        yield chunk(AssistantMessage(), entries, finish)
+                        yield chunk(index, AssistantMessage(), entries, finish)
             except ApiError as e:
                 trace.finish(e.status)
                 if e.status != 499:
@@ -528,7 +566,7 @@ class OpenAIServer:
                     yield "data: [DONE]\n\n"
                 return
             if include_usage:
-                usage = self.usage([output_usage(submission, output)])
+                usage = self.usage(choice_usages(submission, outputs, len(outputs)))
                 yield _sse(ChatCompletionChunk(**head, choices=[], usage=usage))
             trace.finish(200)
             yield "data: [DONE]\n\n"
@@ -563,35 +601,37 @@ class OpenAIServer:
             if min(ids) < 0 or max(ids) >= vocab:
                 raise ApiError(400, f"prompt {i} has token ids outside [0, {vocab})", param="prompt")
             self.check_context(ids, "prompt")
-        requests = [
+        self.check_n(body.n, len(prompts))
+        requests = [  # prompt-major: choice p * n + i is prompt p's sample i, as OpenAI orders them
             EngineRequest(
                 ids,
-                params,
+                sample,
                 max_tokens,
                 frozenset(self.tokenizer.eos_token_ids),
                 logprobs=body.logprobs,
                 prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
             )
             for ids in prompts
+            for sample in self.samples(params, body.n)
         ]
         if body.echo and body.logprobs is None and max_tokens == 0:
             for r in requests:
                 r.prompt_logprobs = 0  # echo alone with nothing to generate: a prefill that returns no tokens
         submission = self.submit(requests)
-        outputs = [CompletionOutput(self, ids, body) for ids in prompts]
-        trace.usages = lambda: [output_usage(submission, o, i) for i, o in enumerate(outputs)]
+        outputs = [CompletionOutput(self, ids, body) for ids in prompts for _ in range(body.n)]
+        trace.usages = lambda: choice_usages(submission, outputs, body.n)
         head = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name)
         events = self._completion_events(submission, outputs, trace)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = self._completion_stream(request, submission, events, outputs, head, include_usage, trace)
+            stream = self._completion_stream(request, submission, events, outputs, body.n, head, include_usage, trace)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         choices = [CompletionChoice(index=i, text=o.echo, logprobs=o.logprobs) for i, o in enumerate(outputs)]
         async with _cancelled_on_disconnect(request, submission):
             async for index, text, finish in events:
                 choices[index].text += text
                 choices[index].finish_reason = finish or choices[index].finish_reason
-        usage = self.usage([output_usage(submission, o, i) for i, o in enumerate(outputs)])
+        usage = self.usage(choice_usages(submission, outputs, body.n))
         return JSONResponse(Completion(**head, choices=choices, usage=usage).model_dump(exclude_none=True))
 
     async def _completion_events(self, submission: Submission, outputs: list[CompletionOutput], trace: Trace):
@@ -621,7 +661,7 @@ class OpenAIServer:
                 yield index, output.finish(), event.reason
 
     async def _completion_stream(
-        self, request, submission, events, outputs, head: dict, include_usage: bool, trace: Trace
+        self, request, submission, events, outputs, n: int, head: dict, include_usage: bool, trace: Trace
     ):
         def chunk(index: int, text: str, logprobs=None, finish=None) -> str:
             choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)
@@ -651,7 +691,7 @@ class OpenAIServer:
                     yield "data: [DONE]\n\n"
                 return
             if include_usage:
-                usage = self.usage([output_usage(submission, o, i) for i, o in enumerate(outputs)])
+                usage = self.usage(choice_usages(submission, outputs, n))
                 yield _sse(Completion(**head, choices=[], usage=usage))
             trace.finish(200)
             yield "data: [DONE]\n\n"
@@ -671,3 +711,10 @@ def output_usage(submission: Submission, output: ChatOutput | CompletionOutput, 
     """The engine's counts, with the completion tokens this side consumed (a stop string ends the count)."""
     usage = submission.handles[index].usage
     return Usage(usage.prompt_tokens, output.tokens, usage.cached_tokens)
+
+
+def choice_usages(submission: Submission, outputs: Sequence[ChatOutput | CompletionOutput], n: int) -> list[Usage]:
+    """One per choice, n choices a prompt: a prompt's tokens (and cached tokens) count once, on its first sample,
+    as OpenAI counts them; every choice's completion tokens count."""
+    usages = [output_usage(submission, o, i) for i, o in enumerate(outputs)]
+    return [u if i % n == 0 else Usage(0, u.completion_tokens, 0) for i, u in enumerate(usages)]
