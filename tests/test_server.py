@@ -619,3 +619,89 @@ def test_text_that_is_not_a_tool_call_stays_content():
     assert parse(["x <tool_call> no function here </tool_call> y"])[0] == "x<tool_call> no function here  y"
     content, calls = parse(["<tool_call>\n<function=get_weather>\n<parameter=city>\nOs"])  # cut short by max_tokens
     assert content == "" and calls == [{"name": "get_weather", "arguments": {}}]
+
+
+# --- n samples per prompt ---------------------------------------------------------------------------------------
+
+
+def sse_events(url: str, payload: dict) -> list:
+    """A streamed response's data lines, parsed; the last is the string "[DONE]"."""
+    events = []
+    with httpx.stream("POST", url, json=payload, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                data = line.removeprefix("data: ")
+                events.append(data if data == "[DONE]" else json.loads(data))
+    assert events.count("[DONE]") == 1 and events[-1] == "[DONE]"
+    return events
+
+
+def test_chat_n_samples_draw_with_seed_plus_i_and_stream_the_same(live):
+    """What a pass@k harness asks: n = 3 with seed s is three requests with seeds s, s + 1, s + 2."""
+    messages = [{"role": "user", "content": "Write a word."}]
+    payload = {"model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 1, "seed": 40}
+    url = live.url + "/v1/chat/completions"
+    alone = [httpx.post(url, json={**payload, "seed": 40 + i}, timeout=60).json() for i in range(3)]
+    reply = httpx.post(url, json={**payload, "n": 3}, timeout=60).json()
+    assert [c["index"] for c in reply["choices"]] == [0, 1, 2]
+    texts = [c["message"]["content"] for c in reply["choices"]]
+    assert texts == [a["choices"][0]["message"]["content"] for a in alone]
+    assert len(set(texts)) == 3  # the samples differ
+    assert [c["finish_reason"] for c in reply["choices"]] == [a["choices"][0]["finish_reason"] for a in alone]
+    usage = reply["usage"]
+    assert usage["prompt_tokens"] == alone[0]["usage"]["prompt_tokens"]  # the prompt counts once
+    assert usage["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone)
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+    events = sse_events(url, {**payload, "n": 3, "stream": True, "stream_options": {"include_usage": True}})
+    chunks = [e for e in events[:-1] if e["choices"]]
+    streamed, finishes = ["", "", ""], [[], [], []]
+    for c in chunks:
+        (choice,) = c["choices"]
+        streamed[choice["index"]] += choice["delta"].get("content") or ""
+        if choice.get("finish_reason"):
+            finishes[choice["index"]].append(choice["finish_reason"])
+    assert streamed == texts
+    assert finishes == [[c["finish_reason"]] for c in reply["choices"]]  # one finish_reason per choice
+    assert events[-2]["choices"] == [] and events[-2]["usage"] == usage
+
+    unseeded = httpx.post(url, json={**payload, "seed": None, "n": 3}, timeout=60).json()
+    assert len({c["message"]["content"] for c in unseeded["choices"]}) > 1  # each sample draws its own
+
+
+def test_completions_n_samples_are_prompt_major(live):
+    """2 prompts x n = 2: choice p * 2 + i is prompt p with seed s + i; a prompt's tokens count once."""
+    prompts = ["The sky is", "Once upon a time, in a land far away,"]
+    payload = {"model": "tiny", "max_tokens": 5, "temperature": 1, "seed": 7}
+    url = live.url + "/v1/completions"
+    alone = [
+        [httpx.post(url, json={**payload, "prompt": p, "seed": 7 + i}, timeout=60).json() for i in range(2)]
+        for p in prompts
+    ]
+    reply = httpx.post(url, json={**payload, "prompt": prompts, "n": 2}, timeout=60).json()
+    assert [c["index"] for c in reply["choices"]] == [0, 1, 2, 3]
+    expected = [alone[p][i]["choices"][0]["text"] for p in range(2) for i in range(2)]
+    assert [c["text"] for c in reply["choices"]] == expected
+    assert expected[0] != expected[1] and expected[2] != expected[3]
+    usage = reply["usage"]
+    assert usage["prompt_tokens"] == sum(alone[p][0]["usage"]["prompt_tokens"] for p in range(2))
+    assert usage["completion_tokens"] == sum(a["usage"]["completion_tokens"] for pair in alone for a in pair)
+
+    events = sse_events(url, {**payload, "prompt": prompts, "n": 2, "stream": True,
+                              "stream_options": {"include_usage": True}})  # fmt: skip
+    streamed = [""] * 4
+    for e in events[:-2]:
+        (choice,) = e["choices"]
+        streamed[choice["index"]] += choice["text"]
+    assert streamed == expected and events[-2]["usage"] == usage
+
+
+def test_n_is_bounded_per_request_and_by_the_queue(live):
+    """n above 16 is refused as such, whatever the queue holds; n * prompts beyond slots + queue names both."""
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    too_many = httpx.post(live.url + "/v1/chat/completions", json={**chat, "n": 17}).json()["error"]
+    assert too_many["param"] == "n" and "between 1 and 16, got 17" in too_many["message"]
+    over = httpx.post(live.url + "/v1/completions", json={"prompt": ["x", "y"], "n": 9, "max_tokens": 1}).json()
+    assert over["error"]["param"] == "n" and "18 samples" in over["error"]["message"]
+    assert httpx.post(live.url + "/v1/completions", json={"prompt": ["x", "y"], "n": 8, "max_tokens": 1}).is_success
