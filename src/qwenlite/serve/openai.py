@@ -193,8 +193,26 @@ class Submission:
     def _put(self, index: int, event) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
 
-    async def get(self):
-        return await self.queue.get()
+    async def events(self) -> AsyncIterator[tuple[int, Token | PromptLogprobs | Finish]]:
+        """(choice index, event) for the choices still running, until each has finished. A Finish that is an error
+        or a cancellation ends them all (ApiError 500 / 499); `stop(index)` ends one early (a stop string)."""
+        self.running = set(range(len(self.handles)))
+        while self.running:
+            index, event = await self.queue.get()
+            if index not in self.running:
+                continue  # stopped by a stop string already; this is the engine catching up
+            if isinstance(event, Finish):
+                if event.reason in ("error", "cancelled"):
+                    self.cancel()
+                    if event.reason == "error":
+                        raise ApiError(500, f"generation failed: {event.error}")
+                    raise ApiError(499, "the request was cancelled", kind="cancelled")
+                self.running.discard(index)
+            yield index, event
+
+    def stop(self, index: int) -> None:
+        self.handles[index].cancel()
+        self.running.discard(index)
 
     def cancel(self) -> None:
         for handle in self.handles:
@@ -505,29 +523,18 @@ class OpenAIServer:
         for i, output in enumerate(outputs):
             if output.initial:
                 yield i, output.initial, [], None
-        running = set(range(len(outputs)))
-        while running:
-            index, event = await submission.get()
-            if index not in running:
-                continue  # stopped by a stop string already; this is the engine catching up
+        async for index, event in submission.events():
             output = outputs[index]
             if isinstance(event, Token):
                 trace.token(index)
                 pieces, hit = output.add(event.id)
                 entries = [self.logprob_entry(event)] if want_logprobs else []
                 if hit:
-                    submission.handles[index].cancel()
-                    running.discard(index)
+                    submission.stop(index)
                     yield index, pieces, entries, "tool_calls" if output.called_tools else "stop"
                 else:
                     yield index, pieces, entries, None
             elif isinstance(event, Finish):
-                if event.reason in ("error", "cancelled"):
-                    submission.cancel()
-                    if event.reason == "error":
-                        raise ApiError(500, f"generation failed: {event.error}")
-                    raise ApiError(499, "the request was cancelled", kind="cancelled")
-                running.discard(index)
                 pieces = output.finish()
                 reason = "tool_calls" if event.reason == "stop" and output.called_tools else event.reason
                 yield index, pieces, [], reason
@@ -636,11 +643,7 @@ class OpenAIServer:
 
     async def _completion_events(self, submission: Submission, outputs: list[CompletionOutput], trace: Trace):
         """(choice index, text, finish reason or None) until every choice has finished."""
-        running = set(range(len(outputs)))
-        while running:
-            index, event = await submission.get()
-            if index not in running:
-                continue  # stopped by a stop string already; this is the engine catching up
+        async for index, event in submission.events():
             output = outputs[index]
             if isinstance(event, PromptLogprobs):
                 output.add_prompt(event)
@@ -648,16 +651,9 @@ class OpenAIServer:
                 trace.token(index)
                 text, hit = output.add(event)
                 if hit:
-                    submission.handles[index].cancel()
-                    running.discard(index)
+                    submission.stop(index)
                 yield index, text, "stop" if hit else None
-            elif event.reason in ("error", "cancelled"):
-                submission.cancel()
-                if event.reason == "error":
-                    raise ApiError(500, f"generation failed: {event.error}")
-                raise ApiError(499, "the request was cancelled", kind="cancelled")
             else:
-                running.discard(index)
                 yield index, output.finish(), event.reason
 
     async def _completion_stream(
