@@ -1,12 +1,16 @@
-"""qwenlite's C kernels (ops/kernels.py) against their pure-torch reference twins, over the real layer shapes of
-the 0.8B / 2B models and awkward ones, and the whole model with them against the model without. Those tests need a
-CPU with AVX-512 BF16 and are skipped elsewhere; the fallbacks (no compiler, QWENLITE_KERNELS=0) run on every CPU and
-check that the model then runs on torch's kernels and answers what transformers answers.
+"""qwenlite's C kernels (ops/cpu/kernels.py) against their pure-torch reference twins, over the real layer shapes of
+the 0.8B / 2B models and awkward ones, and the whole model with them against the model without: once for every
+instruction set this CPU can run (the `isa` fixture forces each through QWENLITE_ISA: on an AVX-512 BF16 machine
+both avx512 and avx2, on an AVX2 one avx2; skipped only on a CPU with neither). The fallbacks (no compiler,
+QWENLITE_KERNELS=0) and the choice of instruction set run on every CPU and check that the model then runs on torch's
+kernels and answers what transformers answers.
 
 Tolerances (max |fast - ref| / max |ref|):
 - fp32 outputs: 1e-5 (accumulation order; measured <= 8e-7);
 - bf16 outputs: 1e-2 (both round to bf16, a step of 2^-8 relative; an output near a rounding boundary may land
   one step apart, measured <= 3.2e-3);
+- int8 / int4 GEMVs with bf16 activations on avx2 (activations as int16 in blocks with power-of-two scales, integer
+  products): bf16's 1e-2; the int16 rounding (at most 2^-16 of a block's largest value) is far below it;
 - int8 / int4 past INT8_GEMV_ROWS / INT4_GEMV_ROWS rows (dequantize to the activation dtype, then torch's GEMM):
   the same two, as in bf16 the dequantized weight is rounded to bf16 like any bf16 model's;
 - dequantization: bitwise equal to the reference's, rounded to the output dtype;
@@ -31,6 +35,7 @@ import torch.nn.functional as F
 
 import qwenlite
 from qwenlite.config import ModelConfig, preset_config
+from qwenlite.errors import KernelError
 from qwenlite.io.checkpoint import load_checkpoint
 from qwenlite.model.cache import make_cache
 from qwenlite.model.qwen3_5 import Attention, GatedDeltaNet, RMSNorm
@@ -42,16 +47,20 @@ from qwenlite.ops.rope import rope_cos_sin, rope_inv_freq
 
 from helpers import make_hf_checkpoint, random_ids, tiny_checkpoint
 
-
-def cpu_has_avx512_bf16() -> bool:
-    try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+KERNEL_ISAS = [isa for isa in kernels.runnable_isas() if isa != "torch"]
 
 
-# The kernel-vs-twin tests; the fallback tests at the end run on every CPU.
-needs_kernels = pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the C kernels need AVX-512 BF16")
+@pytest.fixture(params=KERNEL_ISAS or [pytest.param("none", marks=pytest.mark.skip(reason="no kernels for this CPU"))])
+def isa(request, monkeypatch):
+    """Each instruction set this CPU runs, forced through QWENLITE_ISA for one test."""
+    monkeypatch.setenv("QWENLITE_ISA", request.param)
+    kernels.library.cache_clear()
+    yield request.param
+    kernels.library.cache_clear()  # the next test chooses again, after monkeypatch restores the environment
+
+
+# The kernel-vs-twin tests run once per instruction set; the fallback tests at the end run on every CPU.
+needs_kernels = pytest.mark.usefixtures("isa")
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 # (K, N): the 0.8B's and 2B's projections and head, then shapes that are not multiples of anything.
@@ -83,9 +92,8 @@ def rows_for(N: int) -> tuple[int, ...]:
     return (1, 8) if N > 100_000 else (1, 3, 8, 19, 70)
 
 
-@needs_kernels
-def test_kernels_build_here():
-    assert kernels.available(), "the C kernels did not build on a CPU with AVX-512 BF16"
+def test_kernels_build_here(isa):
+    assert kernels.available() and kernels.isa() == isa, f"the {isa} kernels did not build on a CPU that runs them"
 
 
 @needs_kernels
@@ -407,3 +415,63 @@ def test_kernels_switched_off_run_the_model_on_torch(hf_tiny, tmp_path):
     assert got["warnings"] == [] and got["available"] is False
     assert not any(tmp_path.iterdir())  # nothing was compiled
     assert got["tokens"] == expected
+
+
+# --- choosing the instruction set, on every CPU ------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_cpu(monkeypatch):
+    """Pretend to be an x86 CPU with the given /proc/cpuinfo flags; the kernels choose again before and after."""
+
+    def pretend(*flags: str) -> None:
+        monkeypatch.setattr(kernels, "_cpuinfo", lambda: ("Test CPU", frozenset(flags)))
+        monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
+        kernels.library.cache_clear()
+
+    yield pretend
+    kernels.library.cache_clear()
+
+
+AVX2_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe")
+
+
+def test_the_fastest_instruction_set_the_cpu_runs_is_chosen(fake_cpu, monkeypatch):
+    monkeypatch.delenv("QWENLITE_ISA", raising=False)
+    monkeypatch.delenv("QWENLITE_KERNELS", raising=False)
+    fake_cpu(*AVX2_FLAGS, "avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+    assert kernels.runnable_isas() == ["avx512", "avx2", "torch"]
+    fake_cpu(*AVX2_FLAGS, "avx512f", "avx512bw", "avx512vl")  # AVX-512 without BF16 (Skylake-X, Zen 3 has none)
+    assert kernels.runnable_isas() == ["avx2", "torch"]
+    fake_cpu("sse4_2", "avx", "avx2")  # AVX2 without FMA: no fast path, torch's kernels, no error
+    assert kernels.runnable_isas() == ["torch"]
+    assert not kernels.available() and kernels.isa() == "torch"
+    monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
+    assert kernels.runnable_isas() == ["torch"]
+
+
+def test_a_forced_instruction_set_the_cpu_cannot_run_is_a_one_line_error(fake_cpu, monkeypatch):
+    fake_cpu(*AVX2_FLAGS)
+    monkeypatch.setenv("QWENLITE_ISA", "avx512")
+    with pytest.raises(KernelError, match=r"^QWENLITE_ISA=avx512: this CPU \(Test CPU\) lacks avx512f, avx512bw, "
+                                          r"avx512vl, avx512_bf16; it can run avx2, torch$"):  # fmt: skip
+        kernels.available()
+    monkeypatch.setenv("QWENLITE_ISA", "sse9")
+    with pytest.raises(KernelError, match="QWENLITE_ISA=sse9: unknown; choose one of avx512, avx2, torch"):
+        kernels.isa()
+    monkeypatch.setenv("QWENLITE_ISA", "torch")
+    kernels.library.cache_clear()
+    assert kernels.isa() == "torch" and not kernels.available()
+
+
+def test_the_cli_reports_a_bad_isa_in_one_line(tmp_path):
+    """Through the command line: no traceback, one line that names the variable."""
+    env = {**os.environ, "QWENLITE_ISA": "sse9", "PYTHONPATH": str(Path(qwenlite.__file__).parents[1])}
+    argv = [sys.executable, "-m", "qwenlite.cli", "init-random", "tiny", str(tmp_path / "m"), "--dtype", "float32"]
+    assert subprocess.run(argv, env=env, capture_output=True, timeout=120).returncode == 0
+    done = subprocess.run([*argv[:3], "run", str(tmp_path / "m"), "Hi", "--max-tokens", "2"], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "qwenlite: error: QWENLITE_ISA=sse9: unknown; choose one of avx512, avx2, torch"
+    ]

@@ -24,6 +24,7 @@ class BenchResult:
     model: str
     precision: str
     threads: int
+    kernels: str  # the instruction set of qwenlite's CPU kernels that ran ("avx512", "avx2"), or "torch"
     weight_bytes: int  # every tensor of the model, once
     bytes_per_token: int  # what one decode step reads: all of it but an untied embedding
     load_seconds: float
@@ -60,7 +61,7 @@ class BenchResult:
             ("  of which the model", f"{added_ratio:.2f}x the weights (Python and torch: "
                                      f"{self.rss_before_load_bytes / gib:.2f} GiB before loading)"),
         ]  # fmt: skip
-        title = f"qwenlite bench {self.model} ({self.precision}, {self.threads} threads)"
+        title = f"qwenlite bench {self.model} ({self.precision}, {self.threads} threads, {self.kernels} kernels)"
         return "\n".join([title, *(f"  {k:<22} {v}" for k, v in rows)])
 
 
@@ -110,6 +111,7 @@ def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, pr
     from qwenlite.io.hub import resolve_model_path
     from qwenlite.io.load import load_model
     from qwenlite.model.cache import make_cache
+    from qwenlite.ops.cpu import kernels
     from qwenlite.sample import greedy
 
     if threads:
@@ -141,8 +143,8 @@ def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, pr
     bits = getattr(model.lm_head, "bits", None)  # a QuantLinear head: quantized on load or a quantized checkpoint
     precision = f"int{bits}" if bits else str(model.dtype).removeprefix("torch.")
     return BenchResult(
-        model=model_ref, precision=precision, threads=torch.get_num_threads(), weight_bytes=total,
-        bytes_per_token=per_token, load_seconds=load_seconds, prompt_tokens=prompt,
+        model=model_ref, precision=precision, threads=torch.get_num_threads(), kernels=kernels.isa(),
+        weight_bytes=total, bytes_per_token=per_token, load_seconds=load_seconds, prompt_tokens=prompt,
         prefill_tok_s=prompt / prefill_s, time_to_first_token_s=prefill_s, decode_tokens=decode,
         decode_tok_s=decode / decode_s, bandwidth_gb_s=bandwidth / 1e9, decode_limit_tok_s=bandwidth / per_token,
         peak_rss_bytes=peak_rss(), rss_before_load_bytes=rss_before,

@@ -1,14 +1,22 @@
-"""qwenlite's own CPU kernels (kernels.c beside this file): decode GEMVs over bf16 / fp32 / int8 / int4 weights,
+"""qwenlite's own CPU kernels, one C file per instruction set beside this module (avx512.c for AVX-512 with BF16,
+avx2.c for AVX2 + FMA; common.h and step.h shared): decode GEMVs over bf16 / fp32 / int8 / int4 weights,
 dequantization for prefill, a Gated DeltaNet token (conv, norms, gates and the delta rule in one pass over the
 state), an attention token, RMSNorm, the prompt's conv + SiLU, and a whole decode step built from them
-(model/runner.py describes the model to it). Each has a pure-torch reference twin (named in the C file's header) that
-the tests hold it to.
+(model/runner.py describes the model to it). Each has a pure-torch reference twin (named in avx512.c's header) that
+the tests hold every instruction set's build to.
 
-The C file is compiled on first use with the machine's C compiler (`$CC`, default `cc`) for the machine's own
-CPU (-march=native), cached under `$QWENLITE_CACHE` (default ~/.cache/qwenlite)/kernels by a hash of the source,
-the compiler and the CPU, and loaded with ctypes (the calls release the GIL). The kernels need AVX-512 with BF16;
-on any other CPU, without a compiler, or with QWENLITE_KERNELS=0, `available()` is False and the callers use
-torch's kernels. A failed build says why once, as a warning.
+The instruction set is chosen once, from the CPU's features as the OS reports them (/proc/cpuinfo lists a feature
+only when the kernel enabled its register state): `avx512` where AVX-512 F/BW/VL and BF16 are present, else `avx2`
+where AVX2, FMA and the rest of x86-64-v3 are, else `torch` (torch's own kernels; also on ARM until NEON kernels
+exist). `QWENLITE_ISA=avx512|avx2|torch` forces one: a CPU that cannot run it is a KernelError that says what it
+lacks (so every path can be tested and benchmarked on one machine that has them). `QWENLITE_KERNELS=0` is
+`QWENLITE_ISA=torch`.
+
+The chosen file is compiled on first use with the machine's C compiler (`$CC`, default `cc`; `-march=native` for
+avx512, `-march=x86-64-v3` for avx2, so the AVX2 build is what an AVX2 laptop runs), cached under `$QWENLITE_CACHE`
+(default ~/.cache/qwenlite)/kernels by a hash of the sources, the flags, the compiler and the CPU, and loaded with
+ctypes (the calls release the GIL). Without a compiler the automatic choice warns once and falls back to torch; a
+forced one fails.
 
 Threads: OpenMP, sharing torch's libgomp (loaded by `import torch` before this library), with torch's thread
 count passed on every call.
@@ -34,7 +42,7 @@ import torch.nn.functional as F
 
 from qwenlite.errors import KernelError
 
-# Argument types, one letter each: P pointer, L int64, I int, F float (the C file's prototypes).
+# Argument types, one letter each: P pointer, L int64, I int, F float (the C files' prototypes).
 SIGNATURES = {
     "qk_gemv_bf16": "PPPLLLI",
     "qk_gemv_int8": "PPILPIPILLLI",
@@ -50,7 +58,13 @@ SIGNATURES = {
     "qk_conv_silu": "PPPPIILLLLI",
 }
 CTYPES = {"P": ctypes.c_void_p, "L": ctypes.c_int64, "I": ctypes.c_int, "F": ctypes.c_float}
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off"]
+CFLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off"]
+# Per instruction set: the /proc/cpuinfo flags it needs, and the compiler's target.
+ISAS = {
+    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512_bf16"), ["-march=native"]),
+    "avx2": (("avx2", "fma", "f16c", "bmi1", "bmi2", "movbe"), ["-march=x86-64-v3"]),
+}
+SOURCES = ("common.h", "step.h")  # besides the instruction set's own file
 MAX_ROWS = 8  # rows for the bf16 GEMV and the one-call decode step (decode, batched decode); more: torch's GEMM
 # Quantized weights: up to these many rows a GEMV (a pass over W per 4 rows; a layer's W stays in L3 between
 # passes) beats dequantize-then-GEMM, whose dequantization is a fixed cost (bench/results/gemv_rows.md).
@@ -58,46 +72,79 @@ INT8_GEMV_ROWS, INT4_GEMV_ROWS = 24, 64
 DEQUANT_ROWS = 16384  # rows of a quantized W dequantized at a time for a GEMM: bounds the temporary (32 MB at K 1024)
 
 
-def _cpu_id() -> str:
+@functools.cache
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and feature flags as the OS reports them (empty off Linux)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return platform.processor()
-    return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+        return platform.processor(), frozenset()
+    field = {ln.split(":", 1)[0].strip(): ln.split(":", 1)[1].strip() for ln in reversed(lines) if ":" in ln}
+    return field.get("model name", platform.processor()), frozenset(field.get("flags", "").split())
 
 
-def _build(source: bytes, cache_dir: Path) -> Path:
+def missing_features(isa: str) -> list[str]:
+    """What this CPU lacks to run `isa`'s kernels ([] = it can)."""
+    if isa == "torch":
+        return []
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return [f"an x86-64 CPU (this is {platform.machine()})"]
+    return [f for f in ISAS[isa][0] if f not in _cpuinfo()[1]]
+
+
+def runnable_isas() -> list[str]:
+    """The instruction sets this CPU can run, fastest first; always ends with "torch"."""
+    return [isa for isa in ISAS if not missing_features(isa)] + ["torch"]
+
+
+def isa() -> str:
+    """The kernels in use: "avx512", "avx2", or "torch" (no fast path here, QWENLITE_KERNELS=0 or QWENLITE_ISA=torch,
+    or the automatic choice failed to build and warned). A QWENLITE_ISA this CPU cannot run is a KernelError."""
+    lib = library()
+    return "torch" if lib is None else lib.qk_isa().decode()
+
+
+def _isa(forced: str) -> str:
+    if not forced:
+        return runnable_isas()[0]
+    if forced != "torch" and forced not in ISAS:
+        raise KernelError(f"QWENLITE_ISA={forced}: unknown; choose one of {', '.join([*ISAS, 'torch'])}")
+    if lacks := missing_features(forced):
+        raise KernelError(f"QWENLITE_ISA={forced}: this CPU ({_cpuinfo()[0]}) lacks {', '.join(lacks)}; "
+                          f"it can run {', '.join(runnable_isas())}")  # fmt: skip
+    return forced
+
+
+def _build(isa: str, cache_dir: Path) -> Path:
     cc = os.environ.get("CC", "cc")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(b"\0".join([source, version.encode(), _cpu_id().encode(), " ".join(CFLAGS).encode()]))
-    lib = cache_dir / f"kernels-{key.hexdigest()[:16]}.so"
+    files = {name: resources.files("qwenlite.ops.cpu").joinpath(name).read_bytes() for name in (f"{isa}.c", *SOURCES)}
+    flags = [*CFLAGS, *ISAS[isa][1]]
+    name, features = _cpuinfo()
+    key = hashlib.sha256(b"\0".join([*files.values(), version.encode(), name.encode(),
+                                      " ".join(sorted(features)).encode(), " ".join(flags).encode()]))  # fmt: skip
+    lib = cache_dir / f"kernels-{isa}-{key.hexdigest()[:16]}.so"
     if lib.exists():
         return lib
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
-        src.write_bytes(source)
-        done = subprocess.run([cc, *CFLAGS, str(src), "-o", str(out)], capture_output=True, text=True)
+        for name, text in files.items():
+            (Path(tmp) / name).write_bytes(text)
+        out = Path(tmp) / "kernels.so"
+        done = subprocess.run([cc, *flags, str(Path(tmp) / f"{isa}.c"), "-o", str(out)], capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-2000:]}")
-        out.replace(lib)  # atomic: a concurrent build of the same source writes the same file
+        out.replace(lib)  # atomic: a concurrent build of the same sources writes the same file
     return lib
 
 
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or None where they cannot run here (see the module docstring)."""
-    if os.environ.get("QWENLITE_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
-        return None
-    source = resources.files("qwenlite.ops.cpu").joinpath("kernels.c").read_bytes()
+def _load(isa: str) -> ctypes.CDLL:
     cache_dir = Path(os.environ.get("QWENLITE_CACHE", Path.home() / ".cache" / "qwenlite")) / "kernels"
-    try:
-        lib = ctypes.CDLL(str(_build(source, cache_dir)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        warnings.warn(f"qwenlite: CPU kernels unavailable, using torch's ({e})", RuntimeWarning, stacklevel=2)
-        return None
-    if not lib.qk_simd():
-        return None  # built, but this CPU lacks AVX-512 BF16: torch's kernels are the fast path here
+    lib = ctypes.CDLL(str(_build(isa, cache_dir)))
+    lib.qk_isa.restype = ctypes.c_char_p
+    if lib.qk_isa().decode() != isa:
+        raise KernelError(f"kernels built for {isa} report {lib.qk_isa().decode()}")
     for name, letters in SIGNATURES.items():
         getattr(lib, name).argtypes = [CTYPES[c] for c in letters]
         getattr(lib, name).restype = None
@@ -108,6 +155,25 @@ def library() -> ctypes.CDLL | None:
     if got != (LIN_FIELDS, LAYER_FIELDS, MODEL_FIELDS):  # the C enums and the lists below must agree
         raise KernelError(f"decode plan layout: C has {got}, kernels.py {(LIN_FIELDS, LAYER_FIELDS, MODEL_FIELDS)}")
     return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels of the chosen instruction set, or None where torch's kernels are the path (see the
+    module docstring). Tests that switch QWENLITE_ISA call `library.cache_clear()`."""
+    if os.environ.get("QWENLITE_KERNELS", "1") == "0":
+        return None
+    forced = os.environ.get("QWENLITE_ISA", "").strip().lower()
+    chosen = _isa(forced)
+    if chosen == "torch":
+        return None
+    try:
+        return _load(chosen)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        if forced:
+            raise KernelError(f"QWENLITE_ISA={forced}: the kernels did not build ({e})") from e
+        warnings.warn(f"qwenlite: CPU kernels unavailable, using torch's ({e})", RuntimeWarning, stacklevel=2)
+        return None
 
 
 def available() -> bool:
@@ -378,5 +444,5 @@ def decode_step(model_fields: list[int], layers: torch.Tensor, x: torch.Tensor, 
 
 
 def read_memory(buf: torch.Tensor) -> float:
-    """Read a contiguous fp32 CPU tensor once (AVX-512 loads on all of torch's threads); returns its sum."""
+    """Read a contiguous fp32 CPU tensor once (vector loads on all of torch's threads); returns its sum."""
     return library().qk_read(_p(buf), buf.numel(), torch.get_num_threads())

@@ -1,0 +1,65 @@
+/* What every instruction set's kernels share (avx512.c, avx2.c include it first): the C library, bf16 <-> fp32
+ * scalars as torch rounds them, the fp32 staging buffer and the thread heuristic. Nothing here uses SIMD intrinsics;
+ * each file's -m flags decide what the compiler makes of the loops. */
+
+#ifndef QK_COMMON_H
+#define QK_COMMON_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MB 4 /* activation rows per pass over the weights */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline void store_out(void *y, int y_bf16, int64_t i, float v) {
+    if (y_bf16)
+        ((uint16_t *)y)[i] = f32_to_bf16(v);
+    else
+        ((float *)y)[i] = v;
+}
+
+static inline float load_scale(const void *s, int s_bf16, int64_t i) {
+    return s_bf16 ? bf16_to_f32(((const uint16_t *)s)[i]) : ((const float *)s)[i];
+}
+
+
+/* x (M, K) fp32 or bf16 -> fp32, in a per-thread buffer that grows as needed */
+static _Thread_local float *xbuf;
+static _Thread_local size_t xcap;
+
+static const float *stage_f32(const void *x, int x_bf16, int64_t n) {
+    if (!x_bf16) return (const float *)x;
+    if ((size_t)n > xcap) {
+        free(xbuf);
+        xcap = (size_t)n;
+        xbuf = aligned_alloc(64, ((xcap * sizeof(float)) + 63) & ~(size_t)63);
+    }
+    const uint16_t *h = (const uint16_t *)x;
+    for (int64_t i = 0; i < n; i++) xbuf[i] = bf16_to_f32(h[i]);
+    return xbuf;
+}
+
+static inline int threads_for(int nthreads, int64_t work) { return work < (1 << 18) ? 1 : nthreads; }
+
+/* 1 or 16 values of fp32 or bf16 (`bf`, a compile-time constant where it matters) as fp32, and back */
+static inline float ld1(const void *p, int64_t i, const int bf) {
+    return bf ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+#endif
