@@ -5,6 +5,7 @@ quiet machine):
     python bench/compare.py --workdir /tmp/qwcmp                         # 0.8b and 2b, bf16 / int8 / int4
     python bench/compare.py --workdir /tmp/qwcmp --models 2b --precisions int4 --threads 2 --repeat 3
     python bench/compare.py --workdir /tmp/qwcmp-smoke --models tiny --repeat 1 --prompt 32 --decode 8  # smoke
+    python bench/compare.py --workdir /tmp/qwcmp --isa avx2,torch    # qwenlite once per kernel instruction set
 
 Precisions are paired as qwenlite bf16 / llama.cpp BF16, qwenlite int8 (one scale per output channel) / Q8_0
 (one per 32 weights), qwenlite int4 (one scale per 128 weights) / Q4_0 (one per 32); transformers runs at bf16.
@@ -23,7 +24,14 @@ minutes); keep it out of the project's environment:
 
     python3 -m venv /work/llvenv && CMAKE_ARGS="-DGGML_NATIVE=ON" /work/llvenv/bin/pip install llama-cpp-python
 
-At the end a markdown table, the raw results and a bar chart go to --out: compare.md, compare.json, compare.png.
+qwenlite runs with the kernels it chooses for this CPU, or once per instruction set named by --isa (QWENLITE_ISA:
+avx512, avx2, torch), each a column of its own ("qwenlite avx2"). To compare against llama.cpp's AVX2 build on an
+AVX-512 machine, build a second venv with CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF" and pass
+it as --llama-python.
+
+At the end a markdown table, the raw results and a bar chart go to --out (default: bench/results/<this machine>,
+named by CPU, best kernel instruction set and cores, so that each machine's results stay): compare.md,
+compare.json (with the CPU's model and SIMD flags), compare.png.
 Random weights give the real speed: decode reads every weight once per token whatever its value.
 """
 
@@ -192,10 +200,10 @@ def ensure_artifacts(workdir: Path, model: str, precisions: list[str]) -> dict[s
 # Measuring
 
 
-def run_json(cmd: list[str]) -> dict:
+def run_json(cmd: list[str], env: dict | None = None) -> dict:
     """Run a measurement; its last stdout line is a JSON object. On failure: {"error": what it said last}."""
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     if proc.returncode == 0 and lines:
         try:
@@ -227,9 +235,11 @@ def measure(a: argparse.Namespace, model: str, precision: str, engine: str, path
         print(f"  warning: {busy} other runnable task(s) on this machine; the figures will suffer", flush=True)
     sizes = ["--prompt", str(a.prompt), "--decode", str(a.decode), "--repeat", str(a.repeat),
              "--threads", str(a.threads)]  # fmt: skip
-    if engine == "qwenlite":
+    if engine.startswith("qwenlite"):
         path = paths[precision]
-        r = run_json(qwenlite_cli("bench", str(path), *sizes, "--json"))
+        isa = engine.partition(" ")[2]
+        env = {**os.environ, "QWENLITE_ISA": isa} if isa else None
+        r = run_json(qwenlite_cli("bench", str(path), *sizes, "--json"), env)
     elif engine == "llama.cpp":
         path = paths[f"gguf-{precision}"]
         r = run_json([a.llama_python, __file__, "--engine", "llama", "--path", str(path), *sizes])
@@ -307,18 +317,25 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def engines_in(results: list[dict]) -> list[str]:
+    """The engines measured, in the plan's order (one "qwenlite ISA" column per --isa value)."""
+    return list(dict.fromkeys(r["engine"] for r in results))
+
+
 def summary(results: list[dict], models: list[str], precisions: list[str]) -> str:
-    lines = ["qwenlite / llama.cpp (prefill, decode):"]
-    for model in models:
-        for precision in precisions:
-            q, ll = find(results, model, precision, "qwenlite"), find(results, model, precision, "llama.cpp")
-            lines.append(f"  {model} {precision} vs {LLAMA_NAMES[precision]}: "
-                         f"{ratio(q, ll, 'prefill_tok_s')}, {ratio(q, ll, 'decode_tok_s')}")  # fmt: skip
-    if "bf16" in precisions and any(r["engine"] == "transformers" for r in results):
-        lines.append("qwenlite / transformers, bf16 (prefill, decode):")
+    lines = []
+    for q_engine in (e for e in engines_in(results) if e.startswith("qwenlite")):
+        lines.append(f"{q_engine} / llama.cpp (prefill, decode):")
         for model in models:
-            q, t = find(results, model, "bf16", "qwenlite"), find(results, model, "bf16", "transformers")
-            lines.append(f"  {model}: {ratio(q, t, 'prefill_tok_s')}, {ratio(q, t, 'decode_tok_s')}")
+            for precision in precisions:
+                q, ll = find(results, model, precision, q_engine), find(results, model, precision, "llama.cpp")
+                lines.append(f"  {model} {precision} vs {LLAMA_NAMES[precision]}: "
+                             f"{ratio(q, ll, 'prefill_tok_s')}, {ratio(q, ll, 'decode_tok_s')}")  # fmt: skip
+        if "bf16" in precisions and any(r["engine"] == "transformers" for r in results):
+            lines.append(f"{q_engine} / transformers, bf16 (prefill, decode):")
+            for model in models:
+                q, t = find(results, model, "bf16", q_engine), find(results, model, "bf16", "transformers")
+                lines.append(f"  {model}: {ratio(q, t, 'prefill_tok_s')}, {ratio(q, t, 'decode_tok_s')}")
     return "\n".join(lines)
 
 
@@ -337,8 +354,10 @@ def plot(results: list[dict], models: list[str], precisions: list[str], title: s
     import matplotlib.pyplot as plt
 
     groups = [(m, p) for m in models for p in precisions]
-    colors = {"qwenlite": "tab:blue", "llama.cpp": "tab:orange", "transformers": "tab:green"}
-    engines = [e for e in ENGINES if any(r["engine"] == e for r in results)]
+    engines = engines_in(results)
+    blues = iter(["tab:blue", "tab:cyan", "tab:purple", "navy"])
+    colors = {e: next(blues) if e.startswith("qwenlite") else {"llama.cpp": "tab:orange"}.get(e, "tab:green")
+              for e in engines}  # fmt: skip
     width = 0.8 / len(engines)
     fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 1.9 * len(groups) + 2), 9))
     for ax, key, label in zip(axes, ("decode_tok_s", "prefill_tok_s"), ("decode tok/s", "prefill tok/s"), strict=True):
@@ -347,7 +366,7 @@ def plot(results: list[dict], models: list[str], precisions: list[str], title: s
             found = [find(results, m, p, engine) for m, p in groups]
             bars = ax.bar(xs, [r[key] if r else 0.0 for r in found], width, color=colors[engine], label=engine)
             ax.bar_label(bars, [bar_text(results, m, p, engine, key) for m, p in groups], fontsize=7, padding=2)
-            if engine != "qwenlite" or key != "decode_tok_s":
+            if not engine.startswith("qwenlite") or key != "decode_tok_s":
                 continue
             for x, r in zip(xs, found, strict=True):  # the bandwidth limit: a dashed cap over each qwenlite bar
                 if r and "decode_limit_tok_s" in r:
@@ -356,6 +375,7 @@ def plot(results: list[dict], models: list[str], precisions: list[str], title: s
                     # Left of the dash, clear of the bar's own value label above it.
                     ax.annotate(f"limit {y:.0f}", (x - width / 2, y), textcoords="offset points", xytext=(-2, 0),
                                 ha="right", va="center", fontsize=7)  # fmt: skip
+        if key == "decode_tok_s":
             ax.plot([], [], "k--", label="qwenlite decode limit (memory bandwidth)")
         ax.set_xticks(range(len(groups)), [f"{m} {p}" for m, p in groups])
         ax.set_ylabel(label)
@@ -370,17 +390,22 @@ def plot(results: list[dict], models: list[str], precisions: list[str], title: s
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    """The CPU (model name, SIMD flags, the kernels qwenlite would choose), the cores, Python, the commit, and a slug
+    naming this machine's results folder."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
+    from qwenlite.ops.cpu import kernels
+
+    cpu, flags = kernels._cpuinfo()
+    simd = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c", "asimd", "sve", "i8mm", "bf16")))
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
     except OSError:
         commit = ""
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "qwenlite_commit": commit}
+    best = kernels.runnable_isas()[0]
+    slug = "-".join([*"".join(c if c.isalnum() else " " for c in cpu.lower()).split(), best, f"{os.cpu_count()}c"])
+    return {"cpu": cpu, "simd_flags": simd, "kernels": best, "cores": os.cpu_count(),
+            "python": platform.python_version(), "qwenlite_commit": commit, "slug": slug}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,9 +423,11 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
     p.add_argument("--decode", type=int, default=128, help="decode steps (default 128)")
     p.add_argument("--skip-transformers", action="store_true", help="measure qwenlite and llama.cpp only")
+    p.add_argument("--isa", help="comma-separated QWENLITE_ISA values to measure qwenlite with, each a column "
+                   "(default: the kernels qwenlite chooses here)")  # fmt: skip
     p.add_argument("--llama-python", default=DEFAULT_LLAMA_PYTHON if os.path.exists(DEFAULT_LLAMA_PYTHON)
                    else sys.executable, help="a Python with llama-cpp-python (default: %(default)s)")  # fmt: skip
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output folder (default: %(default)s)")
+    p.add_argument("--out", help="output folder (default: bench/results/<this machine>)")
     p.add_argument("--engine", choices=["llama", "transformers"], help=argparse.SUPPRESS)  # internal: one measurement
     p.add_argument("--path", help=argparse.SUPPRESS)  # internal: the GGUF or checkpoint it measures
     a = p.parse_args()
@@ -418,13 +445,16 @@ def main() -> None:
         if getattr(a, name) < 1:
             p.error(f"--{name} must be at least 1")
 
-    workdir, out = Path(a.workdir), Path(a.out)
+    info = machine()
+    workdir, out = Path(a.workdir), Path(a.out or Path(__file__).parent / "results" / info["slug"])
     paths = {model: ensure_artifacts(workdir, model, precisions) for model in models}
 
-    plan = [(m, p, e) for m in models for p in precisions for e in ("qwenlite", "llama.cpp")]
+    qwenlites = [f"qwenlite {isa}" for isa in a.isa.split(",")] if a.isa else ["qwenlite"]
+    plan = [(m, p, e) for m in models for p in precisions for e in (*qwenlites, "llama.cpp")]
     if not a.skip_transformers and "bf16" in precisions:
         plan += [(m, "bf16", "transformers") for m in models]
-    plan.sort(key=lambda x: (models.index(x[0]), precisions.index(x[1]), ENGINES.index(x[2])))
+    order = [*qwenlites, *ENGINES[1:]]
+    plan.sort(key=lambda x: (models.index(x[0]), precisions.index(x[1]), order.index(x[2])))
     settings = f"{a.threads} threads, prompt {a.prompt}, decode {a.decode}, best of {a.repeat} x {a.rounds} rounds"
     print(f"[measure] {len(plan)} runs x {a.rounds} rounds, one at a time; {settings}", flush=True)
     best: dict[tuple[str, str, str], dict] = {}
@@ -438,7 +468,6 @@ def main() -> None:
             best[(model, precision, engine)] = better(best.get((model, precision, engine)), r)
     results = [best[k] for k in plan]
 
-    info = machine()
     title = f"qwenlite vs llama.cpp vs transformers: {info['cpu']}, {settings}"
     md = "\n\n".join([f"# {title}", table(results), "```\n" + summary(results, models, precisions) + "\n```"])
     print("\n" + table(results) + "\n\n" + summary(results, models, precisions))
