@@ -185,9 +185,10 @@ class ModelConfig:
         if "torch_dtype" in text and "dtype" not in text:
             text["dtype"] = text["torch_dtype"]
         if family == "qwen2":
-            # Qwen2 has no head_dim key (transformers divides) and no attention_bias (q/k/v biased, o_proj not).
+            # Qwen2 has no head_dim key (transformers divides unless one is set) and no attention_bias (q/k/v
+            # biased, o_proj not).
             text.pop("attention_bias", None)
-            if text.get("hidden_size") and text.get("num_attention_heads"):
+            if text.get("head_dim") is None and text.get("hidden_size") and text.get("num_attention_heads"):
                 text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
         text = {**DENSE_DEFAULTS, **{k: v for k, v in text.items() if v is not None}}
         text.setdefault("num_key_value_heads", text.get("num_attention_heads", cls.num_attention_heads))
