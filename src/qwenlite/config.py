@@ -12,7 +12,18 @@ import torch
 
 from qwenlite.errors import CheckpointError, QwenliteError
 
-SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text")
+SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3", "qwen2")
+# The dense families: every layer full attention, a plain RMSNorm (w * x_hat), no output gate, full rotary.
+DENSE_FAMILIES = ("qwen3", "qwen2")
+ARCHITECTURES = {"qwen3_5_text": "Qwen3_5ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# What transformers' Qwen3Config / Qwen2Config assume for a key config.json leaves out, where ours (Qwen3.5's)
+# differ; head_dim is Qwen3's 128, or hidden_size / num_attention_heads for Qwen2, which has no such key.
+DENSE_DEFAULTS: dict[str, Any] = {"vocab_size": 151936, "max_position_embeddings": 32768, "tie_word_embeddings": False,
+                                  "rope_theta": 10000.0, "head_dim": 128}  # fmt: skip
+# Keys of the Qwen3.5 layers (Gated DeltaNet, output gate, MTP) that a dense family's config.json does not have.
+QWEN35_ONLY_KEYS = ("attn_output_gate", "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+                    "linear_num_key_heads", "linear_num_value_heads", "full_attention_interval",
+                    "partial_rotary_factor", "mtp_num_hidden_layers")  # fmt: skip
 LAYER_TYPES = ("linear_attention", "full_attention")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,6 +62,10 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        if self.model_type not in ARCHITECTURES:
+            raise CheckpointError(f"unsupported model_type {self.model_type!r}; choose from {', '.join(ARCHITECTURES)}")
+        if self.layer_types is None and self.dense:
+            self.layer_types = ["full_attention"] * self.num_hidden_layers
         if self.layer_types is None:
             i = self.full_attention_interval
             self.layer_types = [
@@ -61,12 +76,41 @@ class ModelConfig:
                 f"config layer_types must list {self.num_hidden_layers} entries from {LAYER_TYPES}, "
                 f"got {self.layer_types}"
             )
+        if self.dense and (self.attn_output_gate or self.partial_rotary_factor != 1.0 or "linear_attention" in
+                           self.layer_types):  # fmt: skip
+            raise CheckpointError(
+                f"a {self.model_type} model has full attention in every layer, no output gate and full rotary"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise CheckpointError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.linear_num_value_heads % self.linear_num_key_heads:
             raise CheckpointError("linear_num_value_heads must be a multiple of linear_num_key_heads")
 
     # Derived values, in one place.
+    @property
+    def dense(self) -> bool:
+        """Qwen3 / Qwen2: all layers full attention, and a plain RMSNorm `w * x_hat` everywhere."""
+        return self.model_type in DENSE_FAMILIES
+
+    @property
+    def zero_centred_norms(self) -> bool:
+        """Qwen3.5's RMSNorm scales by (1 + w), w stored zero-centred; the dense families' by w."""
+        return not self.dense
+
+    @property
+    def qk_norm(self) -> bool:
+        """Per-head RMSNorm of q and k before the rotary: Qwen3.5 and Qwen3, not Qwen2."""
+        return self.model_type != "qwen2"
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Qwen2 always has q/k/v biases; the others as `attention_bias` says (which also covers o_proj)."""
+        return self.model_type == "qwen2" or self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.model_type != "qwen2" and self.attention_bias
+
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
@@ -89,12 +133,15 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
-        """Accepts a nested `qwen3_5` config (text under `text_config`) or a flat `qwen3_5_text` one."""
+        """Accepts a nested `qwen3_5` config (text under `text_config`), a flat `qwen3_5_text` one, or a dense
+        `qwen3` / `qwen2` one."""
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise CheckpointError(
                 f"unsupported model_type {model_type!r}; qwenlite supports {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        if model_type in DENSE_FAMILIES:
+            return cls.from_dense_dict(raw)
         text = dict(raw.get("text_config") or raw)
         # The multimodal wrapper owns tying, dtype and eos; the text config may repeat them.
         for key in ("tie_word_embeddings", "dtype", "torch_dtype", "eos_token_id"):
@@ -114,17 +161,61 @@ class ModelConfig:
         extra = {k: v for k, v in text.items() if k not in names and k not in derived}
         return cls(**known, extra=extra)
 
+    @classmethod
+    def from_dense_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        """A `qwen3` / `qwen2` config.json, with transformers' defaults for the keys it leaves out. Refuses what the
+        model does not compute: a sliding window, rotary scaling, an activation other than SiLU."""
+        family = raw["model_type"]
+        text = dict(raw)
+        if text.get("use_sliding_window") or "sliding_attention" in (text.get("layer_types") or []):
+            raise CheckpointError(
+                f"this {family} checkpoint uses sliding-window attention (use_sliding_window), "
+                "which qwenlite does not implement"
+            )
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise CheckpointError(
+                f"this {family} checkpoint uses {rope_type!r} rotary scaling; qwenlite has only the default"
+            )
+        if text.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"this {family} checkpoint uses hidden_act {text['hidden_act']!r}; qwenlite has silu")
+        if "rope_theta" in rope:
+            text["rope_theta"] = rope["rope_theta"]
+        if "torch_dtype" in text and "dtype" not in text:
+            text["dtype"] = text["torch_dtype"]
+        if family == "qwen2":
+            # Qwen2 has no head_dim key (transformers divides unless one is set) and no attention_bias (q/k/v
+            # biased, o_proj not).
+            text.pop("attention_bias", None)
+            if text.get("head_dim") is None and text.get("hidden_size") and text.get("num_attention_heads"):
+                text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
+        text = {**DENSE_DEFAULTS, **{k: v for k, v in text.items() if v is not None}}
+        text.setdefault("num_key_value_heads", text.get("num_attention_heads", cls.num_attention_heads))
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", *QWEN35_ONLY_KEYS}
+        known = {k: v for k, v in text.items() if k in names}
+        derived = {"torch_dtype", "architectures", "rope_parameters", "rope_scaling", *QWEN35_ONLY_KEYS}
+        extra = {k: v for k, v in raw.items() if k not in names and k not in derived}
+        return cls(**known, attn_output_gate=False, partial_rotary_factor=1.0, mtp_num_hidden_layers=0, extra=extra)
+
     def to_dict(self) -> dict[str, Any]:
-        """A flat `qwen3_5_text` config.json that transformers' Qwen3_5ForCausalLM reads."""
+        """A flat config.json that transformers' class for this family reads (`Qwen3_5ForCausalLM`,
+        `Qwen3ForCausalLM`, `Qwen2ForCausalLM`)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         out = {**self.extra, **out}
-        out["architectures"] = ["Qwen3_5ForCausalLM"]
+        out["architectures"] = [ARCHITECTURES[self.model_type]]
         out["rope_parameters"] = {
             "rope_type": "default",
             "rope_theta": out.pop("rope_theta"),
             "partial_rotary_factor": out.pop("partial_rotary_factor"),
         }
         out.pop("full_attention_interval")
+        if self.dense:
+            del out["rope_parameters"]["partial_rotary_factor"]
+            for key in QWEN35_ONLY_KEYS:
+                out.pop(key, None)
+            if self.model_type == "qwen2":
+                out.pop("attention_bias")
         return out
 
 
@@ -166,6 +257,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                        num_key_value_heads=4, linear_num_key_heads=16, linear_num_value_heads=32,
                        tie_word_embeddings=False),
     # mlx-lm's Qwen3.5 test shape: hidden 128, 4 layers (3 linear : 1 full), the real vocabulary.
+    # Qwen/Qwen3-0.6B (dense: every layer full attention).
+    "qwen3-0.6b": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                       rope_theta=1_000_000.0, partial_rotary_factor=1.0, attn_output_gate=False,
+                       max_position_embeddings=40960, tie_word_embeddings=True),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
                  linear_key_head_dim=32, linear_value_head_dim=32, tie_word_embeddings=True),
@@ -175,4 +271,5 @@ PRESETS: dict[str, dict[str, Any]] = {
 def preset_config(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise QwenliteError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    return ModelConfig(**{**PRESETS[name], "mtp_num_hidden_layers": 1, **overrides})
+    mtp = 0 if PRESETS[name].get("model_type") in DENSE_FAMILIES else 1
+    return ModelConfig(**{**PRESETS[name], "mtp_num_hidden_layers": mtp, **overrides})

@@ -37,7 +37,7 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     chat.set_defaults(func=cmd_chat)
 
     init = sub.add_parser("init-random", help="write a random-weight checkpoint with real shapes")
-    init.add_argument("preset", help="qwen3.5-0.8b, qwen3.5-2b, qwen3.5-4b, qwen3.5-9b or tiny")
+    init.add_argument("preset", help="qwen3.5-0.8b, qwen3.5-2b, qwen3.5-4b, qwen3.5-9b, qwen3-0.6b or tiny")
     init.add_argument("outdir")
     init.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     init.add_argument("--seed", type=int, default=0)
@@ -187,9 +187,13 @@ def cmd_init_random(args: argparse.Namespace) -> int:
     config = preset_config(args.preset, dtype=args.dtype)
     out = Path(args.outdir)
     write_random_checkpoint(config, out, DTYPES[args.dtype], seed=args.seed)
-    write_tokenizer_files(out)
-    generation = {"eos_token_id": [248046, 248044], "pad_token_id": 248044, "do_sample": True,
-                  "temperature": 0.7, "top_p": 0.8, "top_k": 20}  # fmt: skip
+    write_tokenizer_files(out, qwen3=config.dense)
+    if config.dense:  # Qwen3's vocabulary and sampling defaults
+        generation = {"eos_token_id": [151645, 151643], "pad_token_id": 151643, "do_sample": True,
+                      "temperature": 0.6, "top_p": 0.95, "top_k": 20}  # fmt: skip
+    else:
+        generation = {"eos_token_id": [248046, 248044], "pad_token_id": 248044, "do_sample": True,
+                      "temperature": 0.7, "top_p": 0.8, "top_k": 20}  # fmt: skip
     atomic_write(out / "generation_config.json", lambda p: p.write_text(json.dumps(generation, indent=2)))
     print(f"wrote a random {args.preset} checkpoint to {out}", file=sys.stderr)
     return 0

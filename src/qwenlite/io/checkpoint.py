@@ -287,7 +287,10 @@ def write_random_checkpoint(
     generator = torch.Generator().manual_seed(seed)
     total = sum(math.prod(s) for s in shapes.values()) * torch.finfo(dtype).bits // 8
     with tqdm(total=total, unit="B", unit_scale=True, desc="writing random weights") as bar:
-        items = ((name, initial_value(name, shape, generator).to(dtype)) for name, shape in shapes.items())
+        zero_centred = config.zero_centred_norms
+        items = (
+            (name, initial_value(name, shape, generator, zero_centred).to(dtype)) for name, shape in shapes.items()
+        )
         write_checkpoint(config, out_dir, items, dtype, max_shard_bytes=2 << 30, progress=bar.update)
 
 

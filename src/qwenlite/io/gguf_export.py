@@ -292,6 +292,8 @@ def export_gguf(
     root, out_path = Path(checkpoint_dir), Path(out_path)
     matrix_type, file_type = FILE_TYPES[dtype]
     c = load_config(root)
+    if c.dense:
+        raise QwenliteError(f"GGUF export of {c.model_type} checkpoints is not built yet; qwenlite exports Qwen3.5")
     check_layer_types(c)
     plan = plan_tensors(root, c, matrix_type)
 

@@ -1,5 +1,7 @@
-"""The Qwen3.5 dense text model. Attribute paths mirror the checkpoint's tensor names
-(`model.layers.{i}.linear_attn.in_proj_qkv.weight`, `model.layers.{i}.self_attn.q_norm.weight`, ...), so
+"""The Qwen3.5 dense text model, and the dense Qwen3 / Qwen2 models it contains: the same decoder with full
+attention in every layer, no output gate, full rotary and a plain RMSNorm (`w * x_hat`); q/k norms for Qwen3,
+q/k/v biases for Qwen2 (ModelConfig's derived flags say which). Attribute paths mirror the checkpoint's tensor
+names (`model.layers.{i}.linear_attn.in_proj_qkv.weight`, `model.layers.{i}.self_attn.q_norm.weight`, ...), so
 loading is a name lookup.
 
 One forward serves training (no cache: the whole sequence, differentiable) and inference (a `Cache`:
@@ -79,15 +81,20 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """Zero-centred RMSNorm: x_hat * (1 + w), w initialised to 0 (layer, final, q/k norms)."""
+    """Zero-centred RMSNorm (Qwen3.5): x_hat * (1 + w), w initialised to 0 (layer, final, q/k norms). With
+    `zero_centred=False` the plain RMSNorm of Qwen3 / Qwen2: w * x_hat, w initialised to 1."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, zero_centred: bool = True):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
+        self.zero_centred = zero_centred
+        self.weight = nn.Parameter(torch.zeros(dim) if zero_centred else torch.ones(dim))
         self.fast = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.zero_centred:
+            # As the reference: x_hat rounded to the input dtype, then the weight (no kernel computes this one).
+            return (self.weight * rms_normalize(x, self.eps).to(x.dtype)).to(x.dtype)
         if self.fast and not needs_grad(x, self.weight) and kernels.rmsnorm_ok(x, self.weight):
             return kernels.rmsnorm(x, self.weight, self.eps)
         return (rms_normalize(x, self.eps) * (1.0 + self.weight.float())).to(x.dtype)
@@ -163,8 +170,9 @@ class GatedDeltaNet(nn.Module):
 
 
 class Attention(nn.Module):
-    """Gated attention: q_proj emits per head the query and an output gate; per-head q/k RMSNorm; partial
-    rotary; GQA; output o_proj(attn * sigmoid(gate))."""
+    """Gated attention (Qwen3.5): q_proj emits per head the query and an output gate; per-head q/k RMSNorm;
+    partial rotary; GQA; output o_proj(attn * sigmoid(gate)). Qwen3: no gate, plain q/k norms, full rotary.
+    Qwen2: no gate, no q/k norms, biases on q/k/v."""
 
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -175,12 +183,16 @@ class Attention(nn.Module):
         )
         q_out = self.num_heads * self.head_dim * (2 if c.attn_output_gate else 1)
         self.gated = c.attn_output_gate
-        self.q_proj = Linear(c.hidden_size, q_out, bias=c.attention_bias)
-        self.k_proj = Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.attention_bias)
-        self.v_proj = Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.attention_bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
-        self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps)
+        self.q_proj = Linear(c.hidden_size, q_out, bias=c.qkv_bias)
+        self.k_proj = Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.qkv_bias)
+        self.v_proj = Linear(c.hidden_size, self.num_kv_heads * self.head_dim, bias=c.qkv_bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, c.hidden_size, bias=c.o_bias)
+        self.qk_norm = c.qk_norm
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps, c.zero_centred_norms)
+            self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps, c.zero_centred_norms)
+        # The fused decode kernel computes Qwen3.5's zero-centred q/k norms; other layers take the torch path.
+        self.fused_decode = c.qk_norm and c.zero_centred_norms
         self.fast = True
 
     def forward(
@@ -195,16 +207,19 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         D = self.head_dim
         qg = self.q_proj(x)
-        small = (self.q_norm.weight, self.k_norm.weight)
-        if cache is not None and self.fast and not needs_grad(x) and kernels.attn_decode_ok(qg, cache.k, *small):
+        fused = cache is not None and self.fast and self.fused_decode and not needs_grad(x)
+        if fused and kernels.attn_decode_ok(qg, cache.k, self.q_norm.weight, self.k_norm.weight):
             pos = torch.tensor([start] * B if isinstance(start, int) else start)
             o = kernels.attn_decode(self, qg, self.k_proj(x), self.v_proj(x), cos, sin, cache.k, cache.v, pos)
             return self.o_proj(o)
         q = qg.view(B, T, self.num_heads, -1)
         if self.gated:
             q, gate = q.split(D, dim=-1)  # per head: [query | gate]
-        q = apply_rope(self.q_norm(q).transpose(1, 2), cos, sin)  # (B, H, T, D)
-        k = apply_rope(self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, D)).transpose(1, 2), cos, sin)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, D)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, D).transpose(1, 2)
         if cache is None:
             o = causal_attention(q, k, v, scale=D**-0.5)
@@ -249,8 +264,8 @@ class DecoderLayer(nn.Module):
         else:
             self.self_attn = Attention(c)
         self.mlp = MLP(c)
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.zero_centred_norms)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.zero_centred_norms)
 
     def forward(self, x, cos, sin, cache=None, start: int = 0) -> torch.Tensor:
         h = self.input_layernorm(x)
@@ -267,7 +282,7 @@ class TextModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(c, t) for t in c.layer_types)
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.zero_centred_norms)
         self.config = c
         self.init_rope()
 
@@ -302,13 +317,17 @@ class TextModel(nn.Module):
         return self.norm(x)
 
 
-def initial_value(name: str, shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
-    """The documented initialisation, by tensor name, in fp32: zero-centred norms start at 0 (scale 1), the
-    gated norm's weight at 1, dt_bias at 1, A_log at log(U(0.01, 16)) as the reference; every projection,
-    the conv and the embedding from N(0, 0.02)."""
+def initial_value(
+    name: str, shape: tuple[int, ...], generator: torch.Generator | None = None, zero_centred: bool = True
+) -> torch.Tensor:
+    """The documented initialisation, by tensor name, in fp32: zero-centred norms start at 0 (scale 1), plain
+    ones (`zero_centred=False`: Qwen3 / Qwen2) at 1, the gated norm's weight at 1, dt_bias at 1, A_log at
+    log(U(0.01, 16)) as the reference; biases at 0; every projection, the conv and the embedding from N(0, 0.02)."""
     if name.endswith("linear_attn.norm.weight") or name.endswith("dt_bias"):
         return torch.ones(shape)
     if name.endswith("norm.weight"):
+        return torch.zeros(shape) if zero_centred else torch.ones(shape)
+    if name.endswith(".bias"):
         return torch.zeros(shape)
     if name.endswith("A_log"):
         return torch.empty(shape).uniform_(0.01, 16, generator=generator).log()

@@ -21,13 +21,16 @@ import torch
 from torch import nn
 
 from qwenlite.errors import ContextLengthExceeded
-from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
+from qwenlite.model.qwen3_5 import Attention, Qwen3_5ForCausalLM, RMSNorm
 from qwenlite.ops.cpu import kernels
 from qwenlite.ops.rope import rope_cos_sin
 
 if TYPE_CHECKING:
     from qwenlite.model.cache import Cache
 
+# The model types kernels.decode_step describes: Qwen3.5's layers (zero-centred norms, q/k norms, no biases). The
+# dense Qwen3 / Qwen2 models compute other norms and carry biases, so they decode through the forward.
+PLANNED_MODEL_TYPES = ("qwen3_5_text",)
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds the activations; the gated delta rule chunks by 64 inside
 KIND = {"linear_attention": 0, "full_attention": 1}
 T4 = kernels.LAYER_FIELDS - 2  # the two columns a layer's caches go in (conv + recurrent state, or k + v)
@@ -89,6 +92,8 @@ class Plan:
         c, m = model.config, model.model
         self.keep(model, "model", "lm_head")
         self.keep(m, "embed_tokens", "norm", "layers")
+        if c.model_type not in PLANNED_MODEL_TYPES or not planned_modules(model):
+            return
         dtype, wdtype = model.dtype, m.norm.weight.dtype
         eps = round(c.rms_norm_eps * 1e9)
         dims = (c.hidden_size, c.intermediate_size, c.head_dim, c.linear_key_head_dim, c.linear_value_head_dim)
@@ -130,6 +135,14 @@ class Plan:
                       "conv_kernel": c.linear_conv_kernel_dim, "heads": c.num_attention_heads,
                       "kv_heads": c.num_key_value_heads, "head_dim": c.head_dim, "rotary_dim": c.rotary_dim,
                       "gated": int(c.attn_output_gate), "final_norm": norm}  # fmt: skip
+
+
+def planned_modules(model: Qwen3_5ForCausalLM) -> bool:
+    """Whether every norm is zero-centred and every attention layer has its q/k norms: the module layout the C step
+    reads (a check on the modules themselves, beside the one on the model type)."""
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+    attention = [m for m in model.modules() if isinstance(m, Attention)]
+    return all(n.zero_centred for n in norms) and all(a.qk_norm and a.fused_decode for a in attention)
 
 
 def context_length(model: Qwen3_5ForCausalLM, max_context: int | None = None) -> int:

