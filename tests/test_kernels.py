@@ -1,9 +1,10 @@
 """qwenlite's C kernels (ops/cpu/kernels.py) against their pure-torch reference twins, over the real layer shapes of
 the 0.8B / 2B models and awkward ones, and the whole model with them against the model without: once for every
 instruction set this CPU can run (the `isa` fixture forces each through QWENLITE_ISA: on an AVX-512 BF16 machine
-both avx512 and avx2, on an AVX2 one avx2; skipped only on a CPU with neither). The fallbacks (no compiler,
-QWENLITE_KERNELS=0) and the choice of instruction set run on every CPU and check that the model then runs on torch's
-kernels and answers what transformers answers.
+both avx512 and avx2, on an AVX2 one avx2, on AArch64 Linux neon; skipped only on a CPU with none of them; on x86,
+test_kernels_neon.py checks neon under qemu). The fallbacks (no compiler, QWENLITE_KERNELS=0) and the choice of
+instruction set run on every CPU and check that the model then runs on torch's kernels and answers what transformers
+answers.
 
 Tolerances (max |fast - ref| / max |ref|):
 - fp32 outputs: 1e-5 (accumulation order; measured <= 8e-7);
@@ -422,11 +423,12 @@ def test_kernels_switched_off_run_the_model_on_torch(hf_tiny, tmp_path):
 
 @pytest.fixture
 def fake_cpu(monkeypatch):
-    """Pretend to be an x86 CPU with the given /proc/cpuinfo flags; the kernels choose again before and after."""
+    """Pretend to be a CPU (x86 unless `machine` says otherwise) with the given /proc/cpuinfo flags; the kernels
+    choose again before and after."""
 
-    def pretend(*flags: str) -> None:
+    def pretend(*flags: str, machine: str = "x86_64") -> None:
         monkeypatch.setattr(kernels, "_cpuinfo", lambda: ("Test CPU", frozenset(flags)))
-        monkeypatch.setattr(kernels.platform, "machine", lambda: "x86_64")
+        monkeypatch.setattr(kernels.platform, "machine", lambda: machine)
         kernels.library.cache_clear()
 
     yield pretend
@@ -434,6 +436,7 @@ def fake_cpu(monkeypatch):
 
 
 AVX2_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe")
+ARM_FEATURES = ("fp", "asimd", "evtstrm", "aes", "pmull", "sha1", "sha2", "crc32", "atomics", "asimddp")  # Cortex-A76
 
 
 def test_the_fastest_instruction_set_the_cpu_runs_is_chosen(fake_cpu, monkeypatch):
@@ -447,7 +450,32 @@ def test_the_fastest_instruction_set_the_cpu_runs_is_chosen(fake_cpu, monkeypatc
     assert kernels.runnable_isas() == ["torch"]
     assert not kernels.available() and kernels.isa() == "torch"
     monkeypatch.setattr(kernels.platform, "machine", lambda: "aarch64")
-    assert kernels.runnable_isas() == ["torch"]
+    assert kernels.runnable_isas() == ["torch"]  # x86 flags on ARM: no x86 kernels there, and no asimd
+    fake_cpu(*ARM_FEATURES, machine="aarch64")
+    assert kernels.runnable_isas() == ["neon", "torch"]
+    fake_cpu(*ARM_FEATURES, *AVX2_FLAGS, "avx512f", "avx512bw", "avx512vl", "avx512_bf16", machine="aarch64")
+    assert kernels.runnable_isas() == ["neon", "torch"]  # x86 sets only on x86, whatever the flags say
+    fake_cpu(*ARM_FEATURES, *AVX2_FLAGS, machine="x86_64")
+    assert kernels.runnable_isas() == ["avx2", "torch"]  # and neon only on ARM
+
+
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 108.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp
+CPU implementer\t: 0x41
+CPU part\t: 0xd0b
+
+processor\t: 1
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp
+"""
+
+
+def test_cpuinfo_features_are_read_on_x86_and_arm():
+    """x86 lists a CPU's features as "flags", AArch64 Linux as "Features" (and names no model)."""
+    name, features = kernels.parse_cpuinfo(ARM_CPUINFO)
+    assert {"asimd", "asimddp"} <= features and "fp" in features and name
+    x86 = "processor\t: 0\nmodel name\t: Test x86\nflags\t\t: fpu sse2 avx2 fma\n"
+    assert kernels.parse_cpuinfo(x86) == ("Test x86", frozenset({"fpu", "sse2", "avx2", "fma"}))
 
 
 def test_a_forced_instruction_set_the_cpu_cannot_run_is_a_one_line_error(fake_cpu, monkeypatch):
@@ -456,8 +484,15 @@ def test_a_forced_instruction_set_the_cpu_cannot_run_is_a_one_line_error(fake_cp
     with pytest.raises(KernelError, match=r"^QWENLITE_ISA=avx512: this CPU \(Test CPU\) lacks avx512f, avx512bw, "
                                           r"avx512vl, avx512_bf16; it can run avx2, torch$"):  # fmt: skip
         kernels.available()
+    monkeypatch.setenv("QWENLITE_ISA", "neon")
+    with pytest.raises(KernelError, match=r"^QWENLITE_ISA=neon: this CPU \(Test CPU\) lacks an AArch64 CPU \(this is "
+                                          r"x86_64\); it can run avx2, torch$"):  # fmt: skip
+        kernels.available()
+    fake_cpu("fp", "evtstrm", machine="aarch64")  # ARM without Advanced SIMD (the Linux ABI allows it)
+    with pytest.raises(KernelError, match=r"lacks asimd; it can run torch$"):
+        kernels.available()
     monkeypatch.setenv("QWENLITE_ISA", "sse9")
-    with pytest.raises(KernelError, match="QWENLITE_ISA=sse9: unknown; choose one of avx512, avx2, torch"):
+    with pytest.raises(KernelError, match="QWENLITE_ISA=sse9: unknown; choose one of avx512, avx2, neon, torch"):
         kernels.isa()
     monkeypatch.setenv("QWENLITE_ISA", "torch")
     kernels.library.cache_clear()
@@ -473,5 +508,5 @@ def test_the_cli_reports_a_bad_isa_in_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
-        "qwenlite: error: QWENLITE_ISA=sse9: unknown; choose one of avx512, avx2, torch"
+        "qwenlite: error: QWENLITE_ISA=sse9: unknown; choose one of avx512, avx2, neon, torch"
     ]

@@ -24,7 +24,7 @@ class BenchResult:
     model: str
     precision: str
     threads: int
-    kernels: str  # the instruction set of qwenlite's CPU kernels that ran ("avx512", "avx2"), or "torch"
+    kernels: str  # the instruction set of qwenlite's CPU kernels that ran ("avx512", "avx2", "neon"), or "torch"
     weight_bytes: int  # every tensor of the model, once
     bytes_per_token: int  # what one decode step reads: all of it but an untied embedding
     load_seconds: float

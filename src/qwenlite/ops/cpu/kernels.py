@@ -1,19 +1,21 @@
 """qwenlite's own CPU kernels, one C file per instruction set beside this module (avx512.c for AVX-512 with BF16,
-avx2.c for AVX2 + FMA; common.h and step.h shared): decode GEMVs over bf16 / fp32 / int8 / int4 weights,
-dequantization for prefill, a Gated DeltaNet token (conv, norms, gates and the delta rule in one pass over the
-state), an attention token, RMSNorm, the prompt's conv + SiLU, and a whole decode step built from them
-(model/runner.py describes the model to it). Each has a pure-torch reference twin (named in avx512.c's header) that
-the tests hold every instruction set's build to.
+avx2.c for AVX2 + FMA, neon.c for AArch64's Advanced SIMD; common.h and step.h shared): decode GEMVs over bf16 /
+fp32 / int8 / int4 weights, dequantization for prefill, a Gated DeltaNet token (conv, norms, gates and the delta rule
+in one pass over the state), an attention token, RMSNorm, the prompt's conv + SiLU, and a whole decode step built from
+them (model/runner.py describes the model to it). Each has a pure-torch reference twin (named in avx512.c's header)
+that the tests hold every instruction set's build to.
 
 The instruction set is chosen once, from the CPU's features as the OS reports them (/proc/cpuinfo lists a feature
-only when the kernel enabled its register state): `avx512` where AVX-512 F/BW/VL and BF16 are present, else `avx2`
-where AVX2, FMA and the rest of x86-64-v3 are, else `torch` (torch's own kernels; also on ARM until NEON kernels
-exist). `QWENLITE_ISA=avx512|avx2|torch` forces one: a CPU that cannot run it is a KernelError that says what it
+only when the kernel enabled its register state): on x86-64 `avx512` where AVX-512 F/BW/VL and BF16 are present,
+else `avx2` where AVX2, FMA and the rest of x86-64-v3 are; on AArch64 `neon` where the "Features" line lists
+`asimd`; else `torch` (torch's own kernels; also off Linux, where there is no /proc/cpuinfo to ask).
+`QWENLITE_ISA=avx512|avx2|neon|torch` forces one: a CPU that cannot run it is a KernelError that says what it
 lacks (so every path can be tested and benchmarked on one machine that has them). `QWENLITE_KERNELS=0` is
 `QWENLITE_ISA=torch`.
 
 The chosen file is compiled on first use with the machine's C compiler (`$CC`, default `cc`; `-march=native` for
-avx512, `-march=x86-64-v3` for avx2, so the AVX2 build is what an AVX2 laptop runs), cached under `$QWENLITE_CACHE`
+avx512, `-march=x86-64-v3` for avx2, so the AVX2 build is what an AVX2 laptop runs, `-march=armv8-a+simd` for neon,
+what tests/test_kernels_neon.py cross-compiles and runs under qemu), cached under `$QWENLITE_CACHE`
 (default ~/.cache/qwenlite)/kernels by a hash of the sources, the flags, the compiler and the CPU, and loaded with
 ctypes (the calls release the GIL). Without a compiler the automatic choice warns once and falls back to torch; a
 forced one fails.
@@ -59,10 +61,14 @@ SIGNATURES = {
 }
 CTYPES = {"P": ctypes.c_void_p, "L": ctypes.c_int64, "I": ctypes.c_int, "F": ctypes.c_float}
 CFLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off"]
-# Per instruction set: the /proc/cpuinfo flags it needs, and the compiler's target.
+# The architectures, as platform.machine() names them.
+ARCHES = {"x86-64": ("x86_64", "AMD64"), "AArch64": ("aarch64", "arm64")}
+# Per instruction set, fastest first within an architecture: its architecture, the /proc/cpuinfo flags it needs
+# ("flags" on x86, "Features" on ARM), and the compiler's target.
 ISAS = {
-    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512_bf16"), ["-march=native"]),
-    "avx2": (("avx2", "fma", "f16c", "bmi1", "bmi2", "movbe"), ["-march=x86-64-v3"]),
+    "avx512": ("x86-64", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"), ["-march=native"]),
+    "avx2": ("x86-64", ("avx2", "fma", "f16c", "bmi1", "bmi2", "movbe"), ["-march=x86-64-v3"]),
+    "neon": ("AArch64", ("asimd",), ["-march=armv8-a+simd"]),
 }
 SOURCES = ("common.h", "step.h")  # besides the instruction set's own file
 MAX_ROWS = 8  # rows for the bf16 GEMV and the one-call decode step (decode, batched decode); more: torch's GEMM
@@ -76,20 +82,28 @@ DEQUANT_ROWS = 16384  # rows of a quantized W dequantized at a time for a GEMM: 
 def _cpuinfo() -> tuple[str, frozenset[str]]:
     """The CPU's model name and feature flags as the OS reports them (empty off Linux)."""
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return parse_cpuinfo(Path("/proc/cpuinfo").read_text())
     except OSError:
         return platform.processor(), frozenset()
+
+
+def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
+    """/proc/cpuinfo's model name and the first processor's features: x86's "flags", ARM's "Features" (ARM names no
+    model: then the platform's)."""
+    lines = text.splitlines()
     field = {ln.split(":", 1)[0].strip(): ln.split(":", 1)[1].strip() for ln in reversed(lines) if ":" in ln}
-    return field.get("model name", platform.processor()), frozenset(field.get("flags", "").split())
+    name = field.get("model name") or platform.processor() or platform.machine()
+    return name, frozenset(field.get("flags", field.get("Features", "")).split())
 
 
 def missing_features(isa: str) -> list[str]:
     """What this CPU lacks to run `isa`'s kernels ([] = it can)."""
     if isa == "torch":
         return []
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return [f"an x86-64 CPU (this is {platform.machine()})"]
-    return [f for f in ISAS[isa][0] if f not in _cpuinfo()[1]]
+    arch, flags, _ = ISAS[isa]
+    if platform.machine() not in ARCHES[arch]:
+        return [f"an {arch} CPU (this is {platform.machine()})"]
+    return [f for f in flags if f not in _cpuinfo()[1]]
 
 
 def runnable_isas() -> list[str]:
@@ -98,8 +112,9 @@ def runnable_isas() -> list[str]:
 
 
 def isa() -> str:
-    """The kernels in use: "avx512", "avx2", or "torch" (no fast path here, QWENLITE_KERNELS=0 or QWENLITE_ISA=torch,
-    or the automatic choice failed to build and warned). A QWENLITE_ISA this CPU cannot run is a KernelError."""
+    """The kernels in use: "avx512", "avx2", "neon", or "torch" (no fast path here, QWENLITE_KERNELS=0 or
+    QWENLITE_ISA=torch, or the automatic choice failed to build and warned). A QWENLITE_ISA this CPU cannot run is a
+    KernelError."""
     lib = library()
     return "torch" if lib is None else lib.qk_isa().decode()
 
@@ -119,7 +134,7 @@ def _build(isa: str, cache_dir: Path) -> Path:
     cc = os.environ.get("CC", "cc")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     files = {name: resources.files("qwenlite.ops.cpu").joinpath(name).read_bytes() for name in (f"{isa}.c", *SOURCES)}
-    flags = [*CFLAGS, *ISAS[isa][1]]
+    flags = [*CFLAGS, *ISAS[isa][2]]
     name, features = _cpuinfo()
     key = hashlib.sha256(b"\0".join([*files.values(), version.encode(), name.encode(),
                                       " ".join(sorted(features)).encode(), " ".join(flags).encode()]))  # fmt: skip
