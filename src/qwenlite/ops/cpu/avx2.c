@@ -60,7 +60,8 @@ static inline __m256 round8(__m256 v, const int bf) { return bf ? cvt_bf16x8(cvt
 
 /* e^x, the Cephes polynomial of avx512.c's exp16, with 2^n applied in two halves (n up to 128 at x = 88.37) */
 static inline __m256 exp8(__m256 x) {
-    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.37626f)), _mm256_set1_ps(-88.37626f));
+    /* clamped; x86 min / max return the second operand when one is NaN: x second, so a NaN stays a NaN */
+    x = _mm256_max_ps(_mm256_set1_ps(-88.37626f), _mm256_min_ps(_mm256_set1_ps(88.37626f), x));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
