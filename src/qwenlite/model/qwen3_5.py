@@ -41,14 +41,20 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
 
 class Linear(nn.Linear):
     """nn.Linear whose inference over a few rows (decode, batched decode) of bf16 runs qwenlite's GEMV, which
-    streams the weights at close to the memory bandwidth; anything else is F.linear."""
+    streams the weights at close to the memory bandwidth, and over many rows (prefill) of bf16 an fp32 GEMM on CPUs
+    whose bf16 GEMM is slow (kernels.linear_fp32); anything else is F.linear."""
 
     fast = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self.fast and not needs_grad(x, self.weight) and kernels.gemv_bf16_ok(x2, self.weight):
-            y = kernels.gemv_bf16(x2, self.weight)
+        if self.fast and not needs_grad(x, self.weight):
+            if kernels.gemv_bf16_ok(x2, self.weight):
+                y = kernels.gemv_bf16(x2, self.weight)
+            elif kernels.linear_fp32_ok(x2, self.weight):
+                y = kernels.linear_fp32(x2, self.weight)
+            else:
+                return F.linear(x, self.weight, self.bias)
             if self.bias is not None:
                 y = y + self.bias
             return y.reshape(*x.shape[:-1], self.out_features)

@@ -75,7 +75,8 @@ MAX_ROWS = 8  # rows for the bf16 GEMV and the one-call decode step (decode, bat
 # Quantized weights: up to these many rows a GEMV (a pass over W per 4 rows; a layer's W stays in L3 between
 # passes) beats dequantize-then-GEMM, whose dequantization is a fixed cost (bench/results/gemv_rows.md).
 INT8_GEMV_ROWS, INT4_GEMV_ROWS = 24, 64
-DEQUANT_ROWS = 16384  # rows of a quantized W dequantized at a time for a GEMM: bounds the temporary (32 MB at K 1024)
+DEQUANT_ROWS = 16384  # rows of a quantized W dequantized at a time for a bf16 GEMM: bounds the temporary (32 MB at K
+# 1024); half as many for an fp32 GEMM
 
 
 @functools.cache
@@ -195,6 +196,23 @@ def available() -> bool:
     return library() is not None
 
 
+@functools.cache
+def bf16_gemm_is_fast() -> bool:
+    """Whether torch's bf16 GEMM keeps up with its fp32 one on this CPU: with AVX512-BF16 or AMX-BF16 (oneDNN's native
+    bf16). Elsewhere it does not (AVX2 Zen, 2 threads: x W^T at 11 GFLOP/s against fp32's 37; x @ W with W stored
+    (K, N) 7.2 s against 95 ms), so prefill dequantizes to fp32 and bf16 projections of many rows run in fp32."""
+    return bool({"avx512_bf16", "amx_bf16"} & _cpuinfo()[1])
+
+
+def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a GEMM over activations of `dtype` runs in here: bf16 only where bf16_gemm_is_fast()."""
+    return dtype if dtype != torch.bfloat16 or bf16_gemm_is_fast() else torch.float32
+
+
+def dequant_rows(dtype: torch.dtype) -> int:
+    return DEQUANT_ROWS if dtype != torch.float32 else DEQUANT_ROWS // 2
+
+
 def _p(t: torch.Tensor) -> int:
     return t.data_ptr()
 
@@ -228,6 +246,22 @@ def gemv_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def linear_fp32_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """x (M, K) bf16 with more rows than the GEMV takes, weight (N, K) bf16, on a CPU whose bf16 GEMM is slow."""
+    return (x.dim() == 2 and x.shape[0] > MAX_ROWS and x.dtype == weight.dtype == torch.bfloat16
+            and x.device.type == weight.device.type == "cpu" and gemm_dtype(x.dtype) == torch.float32)  # fmt: skip
+
+
+def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) -> bf16 as torch's fp32 GEMM computes it (bf16 GEMMs accumulate in fp32 and round once:
+    the same sums), a chunk of the weight's rows at a time upcast into a reused buffer; needs `linear_fp32_ok`."""
+    (N, K), xf, step, out = weight.shape, x.float(), dequant_rows(torch.float32), []
+    for r in range(0, N, step):
+        w = scratch((min(step, N - r), K), torch.float32)
+        out.append(F.linear(xf, w.copy_(weight[r : r + step])).to(torch.bfloat16))
+    return torch.cat(out, dim=-1)
+
+
 # ---------------------------------------------------------------------------------------------
 # int8 weights (quant_matmul's format)
 
@@ -242,14 +276,15 @@ def int8_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> boo
 
 def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (M, K) -> (M, N) in x's dtype; needs `int8_ok`. A GEMV for up to INT8_GEMV_ROWS rows, else W dequantized
-    DEQUANT_ROWS rows at a time into x's dtype for torch's GEMM (prefill)."""
+    a chunk of rows at a time for torch's GEMM (prefill), in x's dtype or fp32 (`gemm_dtype`)."""
     if x.shape[0] <= INT8_GEMV_ROWS:
         return int8_gemv(x, qweight, scales)
-    (N, K), out = qweight.shape, []
-    for r in range(0, N, DEQUANT_ROWS):
-        rows = slice(r, min(r + DEQUANT_ROWS, N))
-        w = int8_dequant(qweight, scales, rows, x.dtype, scratch((rows.stop - r, K), x.dtype))
-        out.append(F.linear(x, w))
+    (N, K), dtype, out = qweight.shape, gemm_dtype(x.dtype), []
+    xg, step = x.to(dtype), dequant_rows(dtype)
+    for r in range(0, N, step):
+        rows = slice(r, min(r + step, N))
+        w = int8_dequant(qweight, scales, rows, dtype, scratch((rows.stop - r, K), dtype))
+        out.append(F.linear(xg, w).to(x.dtype))
     return torch.cat(out, dim=-1)
 
 
@@ -302,11 +337,12 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     layout the tiles dequantize to with whole-vector stores)."""
     if x.shape[0] <= INT4_GEMV_ROWS:
         return int4_gemv(x, packed, scales_and_zeros, group_size, n)
-    (tiles, K, _), step, out = packed.shape, DEQUANT_ROWS // 64, []
+    (tiles, K, _), dtype, out = packed.shape, gemm_dtype(x.dtype), []
+    xg, step = x.to(dtype), dequant_rows(dtype) // 64
     for t in range(0, tiles, step):
         chunk = slice(t, min(t + step, tiles))
-        w_t = scratch((K, (chunk.stop - t) * 64), x.dtype)
-        out.append(x @ int4_dequant_t(packed, scales_and_zeros, group_size, chunk, x.dtype, w_t))
+        w_t = scratch((K, (chunk.stop - t) * 64), dtype)
+        out.append((xg @ int4_dequant_t(packed, scales_and_zeros, group_size, chunk, dtype, w_t)).to(x.dtype))
     return torch.cat(out, dim=-1)[:, :n]
 
 
