@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import shutil
 import struct
@@ -153,6 +154,67 @@ def read_tensors(
         yield name, tensor
 
 
+def stream_tensors(
+    files: Mapping[str, TensorSource], shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(our name, memory-mapped tensor) for each of `files`, like `read_tensors`, for one pass over a whole
+    checkpoint (quantizing): when the next tensor is asked for, the previous one's pages are dropped from this
+    process (MADV_DONTNEED; still readable, a later access reads them from the file again). A mapping otherwise
+    keeps every page it touched resident until it is unmapped: the whole checkpoint by the end of a pass. The
+    tensors must not be written to. `shapes`, when given, are checked."""
+    maps: dict[Path, tuple[mmap.mmap, int, dict]] = {}
+    for name, (path, stored) in files.items():
+        if path not in maps:
+            maps[path] = _map_safetensors(path)
+        mapped, start, header = maps[path]
+        dtype, shape, (lo, hi) = _entry(header, stored, path)
+        if shapes is not None and shape != tuple(shapes[name]):
+            raise CheckpointError(
+                f"tensor {stored} in {path} has shape {shape}, expected {tuple(shapes[name])} from config.json"
+            )
+        if start + hi > len(mapped):
+            raise CheckpointError(f"cannot read {path}: corrupt or truncated safetensors file (at {stored})")
+        if hi == lo:
+            yield name, torch.empty(shape, dtype=dtype)
+            continue
+        yield (
+            name,
+            torch.frombuffer(mapped, dtype=dtype, count=(hi - lo) // dtype.itemsize, offset=start + lo).view(shape),
+        )
+        if hasattr(mmap, "MADV_DONTNEED"):  # not on Windows: there the pages stay until the end
+            page = (start + lo) // mmap.PAGESIZE * mmap.PAGESIZE
+            mapped.madvise(mmap.MADV_DONTNEED, page, start + hi - page)
+
+
+def _map_safetensors(path: Path) -> tuple[mmap.mmap, int, dict]:
+    """A safetensors file mapped copy-on-write (never written: its pages stay the file's), where its data starts,
+    and its header's tensor entries."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        header.pop("__metadata__", None)
+        return mapped, 8 + length, header
+    except (OSError, struct.error, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: corrupt or truncated safetensors file ({e})") from None
+
+
+def _entry(header: dict, stored: str, path: Path) -> tuple[torch.dtype, tuple[int, ...], tuple[int, int]]:
+    """(dtype, shape, (start, end) bytes) of tensor `stored` in a safetensors header, checked against each other."""
+    try:
+        entry = header[stored]
+        dtype = SAFETENSORS_TYPES[entry["dtype"]]
+        shape = tuple(int(n) for n in entry["shape"])
+        start, end = entry["data_offsets"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"cannot read tensor {stored} from {path}: bad safetensors header ({e!r})") from None
+    nbytes = math.prod(shape) * dtype.itemsize
+    if end - start != nbytes:
+        raise CheckpointError(f"cannot read tensor {stored} from {path}: {end - start} bytes for shape {shape}")
+    return dtype, shape, (start, end)
+
+
 def read_mtp(mtp_files: Mapping[str, TensorSource]) -> dict[str, torch.Tensor]:
     """The multi-token-prediction head's tensors as stored, memory-mapped (not part of the model's state)."""
     handles = {path: open_safetensors(path) for path, _ in mtp_files.values()}
@@ -251,6 +313,7 @@ def write_checkpoint(
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                       torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
                       torch.bool: "BOOL"}  # fmt: skip
+SAFETENSORS_TYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 ALIGN = 64
 
 

@@ -11,8 +11,8 @@ import torch
 from qwenlite.errors import CheckpointError, QwenliteError
 from qwenlite.io.checkpoint import load_checkpoint
 from qwenlite.io.gguf_import import load_gguf
-from qwenlite.io.quantized import is_quantized_checkpoint, load_quantized
-from qwenlite.model.quantized import apply_quant
+from qwenlite.io.quantized import is_quantized_checkpoint, load_and_quantize, load_quantized
+from qwenlite.model.quantized import apply_quant, quant_bits
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.sample import SAMPLING_FIELDS
 from qwenlite.text.tokenizer import Tokenizer
@@ -26,20 +26,24 @@ def load_model(
     with_tokenizer: bool = True,
 ) -> tuple[Qwen3_5ForCausalLM, Tokenizer | None]:
     """A resolved model path -> (model, tokenizer): a .gguf file, a quantized checkpoint (memory-mapped as
-    written) or a Hugging Face checkpoint directory; then `quant` ("int8" / "int4") quantizes on load.
+    written) or a Hugging Face checkpoint directory; `quant` ("int8" / "int4") quantizes on load, a checkpoint
+    directory one tensor at a time (never holding its unquantized weights).
     `with_tokenizer=False` skips building a checkpoint directory's tokenizer (~280 MB for the 248K vocabulary)
     and returns None for it; a GGUF's comes from its metadata either way."""
     path = Path(model_path)
+    bits = quant_bits(quant)
     if path.is_file() and path.suffix == ".gguf":
         model, _config, tokenizer = load_gguf(path, dtype)
         model = model.to(device)
         return apply_quant(model, quant), tokenizer
     if is_quantized_checkpoint(path):
-        if quant:
+        if bits:
             raise QwenliteError(f"{path} is already quantized; drop --quant")
         model = load_quantized(path, dtype, device).model
+    elif bits:
+        model = load_and_quantize(path, bits, dtype=dtype, device=device).model  # one tensor at a time
     else:
-        model = apply_quant(load_checkpoint(path, dtype, device).model, quant)
+        model = load_checkpoint(path, dtype, device).model
     return model, Tokenizer.from_dir(path) if with_tokenizer else None
 
 

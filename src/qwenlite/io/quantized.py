@@ -1,16 +1,21 @@
-"""Quantized checkpoints: the quantized model's state dict (model/quantized.py) on disk.
+"""Quantized checkpoints: the quantized model's state dict (model/quantized.py) on disk, and quantization on load.
 
-`quantize_checkpoint` writes it (streaming, one tensor at a time, into a temporary directory renamed when
-complete) with a `quantization_config` block in config.json, and `load_quantized` builds the swapped model on the
-meta device and assigns the memory-mapped tensors to it, converting nothing when the dtype is the stored one.
+`quantize_checkpoint` writes it into a temporary directory renamed when complete, with a `quantization_config`
+block in config.json; `load_and_quantize` keeps the same tensors in memory instead (`--quant` on a Hugging Face
+checkpoint). Both read the unquantized checkpoint through one stream (`quantize_tensors` over
+`io.checkpoint.stream_tensors`): one tensor read, quantized and let go at a time, so that the peak is the
+quantized model plus the largest unquantized tensor, never the whole unquantized model. `load_quantized` builds
+the swapped model on the meta device and assigns the memory-mapped tensors of a quantized checkpoint to it,
+converting nothing when the dtype is the stored one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -22,14 +27,14 @@ from qwenlite.errors import CheckpointError, QwenliteError
 from qwenlite.io.checkpoint import (
     ALIGN,
     Checkpoint,
+    TensorSource,
     assemble,
     copy_side_files,
     expected_shapes,
     match_tensors,
-    open_safetensors,
     read_mtp,
-    read_tensor,
     read_tensors,
+    stream_tensors,
     write_checkpoint,
 )
 from qwenlite.model.quantized import FORMATS, QuantLinear, quantize_model_empty, resolve_group_size
@@ -48,6 +53,53 @@ def _quantized_names(model: Qwen3_5ForCausalLM) -> set[str]:
     return names | {"model.embed_tokens.weight"}
 
 
+@dataclasses.dataclass
+class _Source:
+    """An unquantized checkpoint about to be quantized: checked (names, shapes, group sizes) before any tensor
+    is read."""
+
+    config: ModelConfig
+    model: Qwen3_5ForCausalLM  # on the meta device, unquantized
+    shapes: dict[str, tuple[int, ...]]
+    files: dict[str, TensorSource]
+    mtp_files: dict[str, TensorSource]
+
+    @classmethod
+    def open(cls, root: Path, bits: int, group_size: int | None) -> _Source:
+        config = load_config(root)
+        if "quantization_config" in config.extra:
+            raise QwenliteError(f"{root} is already quantized ({config.extra['quantization_config']})")
+        with torch.device("meta"):
+            model = Qwen3_5ForCausalLM(config)
+        shapes = expected_shapes(model)
+        for name in _quantized_names(model) & set(shapes):
+            resolve_group_size(bits, group_size, shapes[name][1])  # fail before reading anything
+        files, mtp_files = match_tensors(root, shapes, config.tie_word_embeddings)
+        return cls(config, model, shapes, files, mtp_files)
+
+
+def quantize_tensors(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    quantized: set[str],
+    bits: int,
+    group_size: int | None,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, unquantized tensor) pairs -> the quantized model's state dict entries, one tensor at a time: the
+    `quantized` names as `*.qweight` and `*.scales` / `*.scales_and_zeros`, the rest converted to `dtype`. Every
+    tensor yielded is a new one on `device`, its own memory (not a view of a memory map). A source in another
+    dtype than `dtype` costs one converted copy of the tensor at hand."""
+    for name, t in tensors:
+        if name in quantized:
+            layer = QuantLinear.from_weight(t.to(device=device, dtype=dtype), bits, group_size)
+            prefix = name.removesuffix(".weight")
+            yield f"{prefix}.qweight", layer.qweight
+            yield f"{prefix}.{'scales' if bits == 8 else 'scales_and_zeros'}", layer.scale_tensor
+        else:
+            yield name, t.to(device=device, dtype=dtype, copy=True)
+
+
 def quantize_checkpoint(
     checkpoint_dir: str | Path,
     out_dir: str | Path,
@@ -59,47 +111,25 @@ def quantize_checkpoint(
     """Write the checkpoint at `checkpoint_dir` quantized to `out_dir`: safetensors with `*.qweight` and
     `*.scales` / `*.scales_and_zeros` for every Linear and the embedding, the other tensors (and the MTP head)
     in `dtype` (default: the checkpoint's), config.json with a `quantization_config` block, tokenizer and
-    generation files copied. Reads and quantizes one tensor at a time; `out_dir` appears only when complete."""
+    generation files copied. Reads and quantizes one tensor at a time (memory: one output shard, at most 2 GiB,
+    plus the largest unquantized tensor); `out_dir` appears only when complete."""
     root, out = Path(checkpoint_dir), Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise QwenliteError(f"{out} already exists and is not empty")
-    config = load_config(root)
-    if "quantization_config" in config.extra:
-        raise QwenliteError(f"{root} is already quantized ({config.extra['quantization_config']})")
-    dtype = dtype or config.torch_dtype
-    with torch.device("meta"):
-        model = Qwen3_5ForCausalLM(config)
-    shapes = expected_shapes(model)
-    for name in _quantized_names(model) & set(shapes):
-        resolve_group_size(bits, group_size, shapes[name][1])  # fail before writing anything
-    files, mtp_files = match_tensors(root, shapes, config.tie_word_embeddings)
-    quantized = _quantized_names(model)
+    src = _Source.open(root, bits, group_size)
+    dtype = dtype or src.config.torch_dtype
     qconfig = dataclasses.replace(
-        config, dtype=str(dtype).removeprefix("torch."),
-        extra={**config.extra, "quantization_config": quantization_config(bits, group_size)},
+        src.config, dtype=str(dtype).removeprefix("torch."),
+        extra={**src.config.extra, "quantization_config": quantization_config(bits, group_size)},
     )  # fmt: skip
-
-    def tensors(bar: tqdm) -> Iterator[tuple[str, torch.Tensor]]:
-        handles = {}
-        for name, (path, stored) in [*files.items(), *mtp_files.items()]:
-            if path not in handles:
-                handles[path] = open_safetensors(path)
-            t = read_tensor(handles[path], stored, path)
-            if name in quantized:
-                layer = QuantLinear.from_weight(t.to(dtype), bits, group_size)
-                prefix = name.removesuffix(".weight")
-                yield f"{prefix}.qweight", layer.qweight
-                yield f"{prefix}.{'scales' if bits == 8 else 'scales_and_zeros'}", layer.scale_tensor
-            else:
-                yield name, t.to(dtype).contiguous()
-            bar.update(1)
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        desc = f"quantizing to int{bits}"
-        with tqdm(total=len(files) + len(mtp_files), unit="tensor", desc=desc, disable=not progress) as bar:
-            write_checkpoint(qconfig, tmp, tensors(bar), dtype, max_shard_bytes=2 << 30)
+        read = itertools.chain(stream_tensors(src.files, src.shapes), stream_tensors(src.mtp_files))
+        total = len(src.files) + len(src.mtp_files)
+        with tqdm(read, total=total, unit="tensor", desc=f"quantizing to int{bits}", disable=not progress) as bar:
+            tensors = quantize_tensors(bar, _quantized_names(src.model), bits, group_size, dtype)
+            write_checkpoint(qconfig, tmp, tensors, dtype, max_shard_bytes=2 << 30)
         copy_side_files(root, tmp)
         if out.exists():
             out.rmdir()  # empty, checked above
@@ -108,6 +138,29 @@ def quantize_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def load_and_quantize(
+    checkpoint_dir: str | Path,
+    bits: int,
+    group_size: int | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Checkpoint:
+    """A Hugging Face checkpoint quantized as it is read: what `quantize_model(load_checkpoint(...).model)`
+    gives, built from the stream `quantize_checkpoint` writes, without ever holding the unquantized model. The
+    MTP head stays memory-mapped, as `load_checkpoint` leaves it. Progress shows on a terminal only."""
+    root = Path(checkpoint_dir)
+    src = _Source.open(root, bits, group_size)
+    dtype = resolve_dtype(dtype, src.config)
+    quantized = _quantized_names(src.model)
+    model = quantize_model_empty(src.model, bits, group_size, dtype)
+    read = stream_tensors(src.files, src.shapes)
+    desc = f"quantizing to int{bits}"
+    with tqdm(read, total=len(src.files), unit="tensor", desc=desc, disable=None if progress else True) as bar:
+        state = dict(quantize_tensors(bar, quantized, bits, group_size, dtype, device))
+    return Checkpoint(assemble(model, state, device), src.config, root, read_mtp(src.mtp_files))
 
 
 def read_quantization_config(config: ModelConfig, where: Path) -> tuple[int, int | None] | None:

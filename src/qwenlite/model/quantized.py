@@ -212,10 +212,17 @@ def quantize_model_empty(model: Qwen3_5ForCausalLM, bits: int, group_size: int |
     return model
 
 
-def apply_quant(model: Qwen3_5ForCausalLM, quant: str | None) -> Qwen3_5ForCausalLM:
-    """`--quant int8|int4` on run/chat/serve: quantize a loaded model in place (None or "none": as is)."""
+def quant_bits(quant: str | None) -> int | None:
+    """`--quant int8|int4` as bits; None or "none": no quantization."""
     if quant in (None, "none"):
-        return model
+        return None
     if quant not in QUANT_CHOICES:
         raise QwenliteError(f"unknown quantization {quant!r}; choose from {', '.join(QUANT_CHOICES)}")
-    return quantize_model(model, QUANT_CHOICES[quant])
+    return QUANT_CHOICES[quant]
+
+
+def apply_quant(model: Qwen3_5ForCausalLM, quant: str | None) -> Qwen3_5ForCausalLM:
+    """`--quant int8|int4` on a model already in memory: quantize it in place (None or "none": as is). A
+    checkpoint on disk quantizes on load without holding its unquantized weights (io/quantized.py)."""
+    bits = quant_bits(quant)
+    return model if bits is None else quantize_model(model, bits)
