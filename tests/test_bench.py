@@ -61,3 +61,16 @@ def test_bench_table_and_bad_flags(tiny, capsys):
     assert main(["bench", str(tiny), "--decode", "0"]) == 1
     assert "--decode must be at least 1" in capsys.readouterr().err
     assert main(["bench", str(tiny / "missing")]) == 1
+
+
+def test_bench_a_tiny_vocabulary(tmp_path, capsys):
+    """A checkpoint with fewer than 1000 tokens (a transformers test model) is benchmarked too, its prompt drawn from
+    its own vocabulary; also which kernels ran is named."""
+    from qwenlite.ops.cpu import kernels
+
+    from helpers import make_hf_checkpoint
+
+    make_hf_checkpoint(tmp_path)  # vocabulary of 512
+    r = bench_json(capsys, str(tmp_path))
+    check_consistent(r, "float32")
+    assert r["kernels"] == kernels.isa()

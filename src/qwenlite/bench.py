@@ -121,7 +121,8 @@ def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, pr
     model, _ = load_model(resolve_model_path(model_ref), dtype, quant, with_tokenizer=False)
     load_seconds = time.perf_counter() - t
     total, per_token = weight_bytes(model)
-    ids = torch.randint(1000, min(100_000, model.config.vocab_size), (prompt,),
+    vocab = model.config.vocab_size  # ids past the control tokens, or any id of a tiny vocabulary
+    ids = torch.randint(1000 if vocab > 2000 else 0, min(100_000, vocab), (prompt,),
                         generator=torch.Generator().manual_seed(0)).tolist()  # fmt: skip
 
     def run(n_prompt: int, n_decode: int) -> tuple[float, float]:
