@@ -327,21 +327,9 @@ static void conv_cases(void) {
 
 /* ------------------------------------------------------------------------------------------------------------ */
 /* The whole decode step (step.h) on a two-layer model (a Gated DeltaNet layer, an attention layer), with its field
- * orders copied from step.h and checked against qk_plan_fields. */
+ * orders from plan.h (step.h's), checked against qk_plan_fields. */
 
-enum { LIN_FMT, LIN_W, LIN_S, LIN_S_BF16, LIN_G, LIN_N, LIN_NP, LIN_K, LIN_FIELDS };
-enum { FMT_BF16, FMT_F32, FMT_INT8, FMT_INT4 };
-enum {
-    L_KIND, L_IN_NORM, L_POST_NORM,
-    L_LIN0, L_LIN1 = L_LIN0 + LIN_FIELDS, L_LIN2 = L_LIN1 + LIN_FIELDS, L_LIN3 = L_LIN2 + LIN_FIELDS,
-    L_LIN4 = L_LIN3 + LIN_FIELDS, L_GATE = L_LIN4 + LIN_FIELDS, L_UP = L_GATE + LIN_FIELDS, L_DOWN = L_UP + LIN_FIELDS,
-    L_T0 = L_DOWN + LIN_FIELDS, L_T1, L_T2, L_T3, L_T4, L_T5, L_FIELDS
-};
-enum {
-    M_ACT_BF16, M_W_BF16, M_B, M_HIDDEN, M_INTER, M_LAYERS, M_EPS_E9,
-    M_HK, M_HV, M_DK, M_DV, M_KC, M_H, M_HKV, M_D, M_TMAX, M_R, M_GATED,
-    M_POS, M_COS, M_SIN, M_FINAL_NORM, M_HEAD, M_VOCAB = M_HEAD + LIN_FIELDS, M_FIELDS
-};
+#include "plan.h"
 
 #define ADDR(p) ((int64_t)(intptr_t)(p))
 

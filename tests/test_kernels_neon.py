@@ -53,7 +53,7 @@ FAMILIES = ["gemv", "int8", "int4", "dequant", "rmsnorm", "gdn", "attn", "conv",
 def build(cc: str, isa: str, out: Path, *extra: str) -> Path:
     """The driver linked with `isa`'s kernels, compiled as kernels.py compiles the library (as a program)."""
     flags = [f for f in kernels.CFLAGS if f not in ("-shared", "-fPIC")] + kernels.ISAS[isa][2]
-    argv = [cc, *flags, *extra, str(DRIVER), str(SOURCES / f"{isa}.c"), "-o", str(out), "-lm"]
+    argv = [cc, *flags, *extra, "-I", str(SOURCES), str(DRIVER), str(SOURCES / f"{isa}.c"), "-o", str(out), "-lm"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     return out

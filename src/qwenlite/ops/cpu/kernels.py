@@ -70,7 +70,7 @@ ISAS = {
     "avx2": ("x86-64", ("avx2", "fma", "f16c", "bmi1", "bmi2", "movbe"), ["-march=x86-64-v3"]),
     "neon": ("AArch64", ("asimd",), ["-march=armv8-a+simd"]),
 }
-SOURCES = ("common.h", "step.h")  # besides the instruction set's own file
+SOURCES = ("common.h", "plan.h", "step.h")  # besides the instruction set's own file
 MAX_ROWS = 8  # rows for the bf16 GEMV and the one-call decode step (decode, batched decode); more: torch's GEMM
 # Quantized weights: up to these many rows a GEMV (a pass over W per 4 rows; a layer's W stays in L3 between
 # passes) beats dequantize-then-GEMM, whose dequantization is a fixed cost (bench/results/gemv_rows.md).
