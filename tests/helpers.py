@@ -330,3 +330,10 @@ class ScriptedModel(torch.nn.Module):
             state[b, 0, 0, 1] = pos + 1
         cache.lengths += T
         return logits
+
+
+def kl_and_top1(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
+    """Mean KL(ref || out) over positions, and how often the two agree on the most likely token."""
+    lp, lq = ref.float().log_softmax(-1), out.float().log_softmax(-1)
+    kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
+    return kl, (ref.argmax(-1) == out.argmax(-1)).float().mean().item()

@@ -26,7 +26,7 @@ from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value, set_fast
 from qwenlite.ops.cpu import kernels
 from qwenlite.sample import SamplingParams
 
-from helpers import make_hf_checkpoint, max_abs_diff, random_ids, reference_logits
+from helpers import kl_and_top1, make_hf_checkpoint, max_abs_diff, random_ids, reference_logits
 
 LOGIT_ATOL = 1e-4
 VOCAB = 320
@@ -240,11 +240,6 @@ def trained(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(f"trained-{family}")
     save_checkpoint(model.eval(), path)
     return path, markov_ids(successors, 4, 64, gen)
-
-
-def kl_and_top1(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
-    lp, lq = ref.log_softmax(-1), out.log_softmax(-1)
-    return (lp.exp() * (lp - lq)).sum(-1).mean().item(), (ref.argmax(-1) == out.argmax(-1)).float().mean().item()
 
 
 # test_quant.py's tolerances for the dense Qwen3.5 model.

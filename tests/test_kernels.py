@@ -46,7 +46,7 @@ from qwenlite.ops.conv import causal_conv1d
 from qwenlite.ops.cpu import kernels
 from qwenlite.ops.rope import rope_cos_sin, rope_inv_freq
 
-from helpers import make_hf_checkpoint, random_ids, tiny_checkpoint
+from helpers import kl_and_top1, make_hf_checkpoint, random_ids, tiny_checkpoint
 
 KERNEL_ISAS = [isa for isa in kernels.runnable_isas() if isa != "torch"]
 
@@ -349,8 +349,10 @@ def test_quantized_model_with_kernels_equals_reference(tmp_path_factory, bits):
     bf16's 2^-8, but every such difference flips a few bf16 roundings the fp32 path shares with the reference, and
     this model amplifies them: logits max relative error int8 3.3e-2 (fp32 path 6.3e-3), int4 1.7e-2 (1.1e-2); mean
     KL(reference || fast) int8 1.2e-3 (1.2e-4), int4 5.3e-4 (2.0e-4). The bounds below are 1.5x and 4x those; a
-    kernel that reads a wrong lane is off by 1e0. (No real checkpoint is reachable here: a trained model's figures
-    are left to `qwenlite perplexity --base`.)"""
+    kernel that reads a wrong lane is off by 1e0. On a model with real predictions (test_quant.py's `trained`: a tiny
+    Qwen3.5 trained on a Markov chain, mean top probability 0.69), its 256 held-out tokens decoded one by one in bf16,
+    the cost is small: mean KL int8 9.9e-6 (fp32-activation path 2.2e-6), int4 1.1e-5 (3.9e-6), top-1 agreement 100%
+    in all four; quantizing the weights costs that model up to 1e-4 (int8) and 1e-2 (int4)."""
     from qwenlite.model.quantized import quantize_model
     from qwenlite.model.qwen3_5 import set_fast
 
@@ -364,9 +366,8 @@ def test_quantized_model_with_kernels_equals_reference(tmp_path_factory, bits):
         ref = [model(torch.tensor([prompt]), cache, logits_to_keep=1)[0, -1]]
         ref += [model(torch.tensor([[t]]), cache)[0, -1] for t in tokens[:-1]]
     assert relative_error(fast_logits, torch.stack(ref)) <= 5e-2
-    p, q = torch.stack(ref).float().log_softmax(-1), fast_logits.float().log_softmax(-1)
-    kl = (p.exp() * (p - q)).sum(-1)
-    assert kl.mean() <= 5e-3, kl
+    kl, _ = kl_and_top1(torch.stack(ref), fast_logits)
+    assert kl <= 5e-3, kl
 
 
 @needs_kernels

@@ -47,7 +47,7 @@ from qwenlite.model.quantized import QuantEmbedding, QuantLinear, apply_quant, q
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value, set_fast
 from qwenlite.ops import quant_matmul as qm
 
-from helpers import make_hf_checkpoint, random_ids, tiny_checkpoint
+from helpers import kl_and_top1, make_hf_checkpoint, random_ids, tiny_checkpoint
 from tiny_chat import write_tiny_tokenizer
 from train_helpers import single_threaded
 
@@ -204,12 +204,6 @@ def trained(tmp_path_factory):
     save_checkpoint(model.eval(), path)
     write_tiny_tokenizer(path)
     return path, markov_batch(successors, 4, 64, gen)
-
-
-def kl_and_top1(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
-    lp, lq = ref.log_softmax(-1), out.log_softmax(-1)
-    kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
-    return kl, (ref.argmax(-1) == out.argmax(-1)).float().mean().item()
 
 
 @pytest.mark.parametrize(("bits", "group_size", "max_kl", "min_top1"), [(8, None, 1e-4, 0.99), (4, 32, 1e-2, 0.95),
