@@ -136,8 +136,8 @@ def _build(isa: str, cache_dir: Path) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     files = {name: resources.files("qwenlite.ops.cpu").joinpath(name).read_bytes() for name in (f"{isa}.c", *SOURCES)}
     flags = [*CFLAGS, *ISAS[isa][2]]
-    name, features = _cpuinfo()
-    key = hashlib.sha256(b"\0".join([*files.values(), version.encode(), name.encode(),
+    cpu, features = _cpuinfo()
+    key = hashlib.sha256(b"\0".join([*files.values(), version.encode(), cpu.encode(),
                                       " ".join(sorted(features)).encode(), " ".join(flags).encode()]))  # fmt: skip
     lib = cache_dir / f"kernels-{isa}-{key.hexdigest()[:16]}.so"
     if lib.exists():
