@@ -62,6 +62,24 @@ def isa(request, monkeypatch):
 
 # The kernel-vs-twin tests run once per instruction set; the fallback tests at the end run on every CPU.
 needs_kernels = pytest.mark.usefixtures("isa")
+# The GEMV tests over the real shapes check every instruction set inside one test, against one computation of their
+# slow fp32 reference.
+needs_some_kernels = pytest.mark.skipif(not KERNEL_ISAS, reason="no kernels for this CPU")
+
+
+@pytest.fixture
+def each_isa(monkeypatch):
+    """each_isa() yields each instruction set this CPU runs, forced through QWENLITE_ISA until the next."""
+
+    def each():
+        for isa in KERNEL_ISAS:
+            monkeypatch.setenv("QWENLITE_ISA", isa)
+            kernels.library.cache_clear()
+            yield isa
+
+    yield each
+    kernels.library.cache_clear()  # the next test chooses again, after monkeypatch restores the environment
+
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 # (K, N): the 0.8B's and 2B's projections and head, then shapes that are not multiples of anything.
@@ -97,17 +115,19 @@ def test_kernels_build_here(isa):
     assert kernels.available() and kernels.isa() == isa, f"the {isa} kernels did not build on a CPU that runs them"
 
 
-@needs_kernels
+@needs_some_kernels
 @pytest.mark.parametrize("K,N", REAL + AWKWARD_BF16)
-def test_gemv_bf16_matches_linear(K, N):
+def test_gemv_bf16_matches_linear(K, N, each_isa):
     gen = torch.Generator().manual_seed(K + N)
     w = torch.randn(N, K, generator=gen).to(torch.bfloat16)
-    for M in (1, 3, 5, 8):
-        x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
-        assert kernels.gemv_bf16_ok(x, w)
-        assert relative_error(kernels.gemv_bf16(x, w), F.linear(x, w)) <= TOLERANCE[torch.bfloat16], M
-    assert not kernels.gemv_bf16_ok(torch.randn(kernels.MAX_ROWS + 1, K).to(torch.bfloat16), w)
-    assert not kernels.gemv_bf16_ok(torch.randn(1, K), w)  # fp32 activations: torch's
+    xs = [torch.randn(M, K, generator=gen).to(torch.bfloat16) for M in (1, 3, 5, 8)]
+    refs = [F.linear(x, w) for x in xs]
+    for isa in each_isa():
+        for x, ref in zip(xs, refs, strict=True):
+            assert kernels.gemv_bf16_ok(x, w)
+            assert relative_error(kernels.gemv_bf16(x, w), ref) <= TOLERANCE[torch.bfloat16], (isa, len(x))
+        assert not kernels.gemv_bf16_ok(torch.randn(kernels.MAX_ROWS + 1, K).to(torch.bfloat16), w)
+        assert not kernels.gemv_bf16_ok(torch.randn(1, K), w)  # fp32 activations: torch's
 
 
 @pytest.mark.parametrize("K,N", [(1024, 6144), (3584, 1024), (100, 96)])
@@ -132,42 +152,46 @@ def test_linear_fp32_matches_bf16_linear(K, N, monkeypatch):
     assert not kernels.linear_fp32_ok(x.reshape(-1, K), layer.weight)
 
 
-@needs_kernels
+@needs_some_kernels
 @pytest.mark.parametrize("K,N,dtype", QUANT_CASES + [(K, N, torch.float32) for K, N in AWKWARD_INT8], ids=str)
-def test_int8_matches_reference(K, N, dtype):
+def test_int8_matches_reference(K, N, dtype, each_isa):
     gen = torch.Generator().manual_seed(K * N)
     w = torch.randn(N, K, generator=gen) * 0.05
     for G in group_sizes(K, N, (16, 32, K)):  # group-wise, and one scale per channel
         q, s = qm.quantize_int8(w, G, dtype)
         xs = [torch.randn(M, K, generator=gen).to(dtype) for M in rows_for(N)]
         refs = qm.int8_matmul_ref(torch.cat(xs), q, s).split([len(x) for x in xs])  # one pass of the slow reference
-        for x, ref in zip(xs, refs, strict=True):
-            assert kernels.int8_ok(x, q, s)
-            assert relative_error(kernels.int8_matmul(x, q, s), ref) <= TOLERANCE[dtype], (G, len(x))
-        if N < 100_000:
-            rows = slice(N // 3, N)
-            want = qm.dequantize_int8(q[rows], s[rows]).to(dtype)
-            assert torch.equal(kernels.int8_dequant(q, s, rows, dtype), want)
+        rows = slice(N // 3, N)
+        want = qm.dequantize_int8(q[rows], s[rows]).to(dtype) if N < 100_000 else None
+        for isa in each_isa():
+            for x, ref in zip(xs, refs, strict=True):
+                assert kernels.int8_ok(x, q, s)
+                assert relative_error(kernels.int8_matmul(x, q, s), ref) <= TOLERANCE[dtype], (isa, G, len(x))
+            if want is not None:
+                assert torch.equal(kernels.int8_dequant(q, s, rows, dtype), want), isa
 
 
-@needs_kernels
+@needs_some_kernels
 @pytest.mark.parametrize("K,N,dtype", QUANT_CASES + [(K, N, torch.float32) for K, N in AWKWARD_INT4], ids=str)
-def test_int4_matches_reference(K, N, dtype):
+def test_int4_matches_reference(K, N, dtype, each_isa):
     gen = torch.Generator().manual_seed(K * N + 1)
     w = torch.randn(N, K, generator=gen) * 0.05
     for G in group_sizes(K, N, (32, 128)):
         packed, sz = qm.quantize_int4(w, G, dtype)
         xs = [torch.randn(M, K, generator=gen).to(dtype) for M in rows_for(N)]
         refs = qm.int4_matmul_ref(torch.cat(xs), packed, sz, N).split([len(x) for x in xs])
-        for x, ref in zip(xs, refs, strict=True):
-            assert kernels.int4_ok(x, packed, sz, G)
-            fast = kernels.int4_matmul(x, packed, sz, G, N)
-            assert fast.shape == ref.shape == (len(x), N)
-            assert relative_error(fast, ref) <= TOLERANCE[dtype], (G, len(x))
+        tiles = slice(packed.shape[0] // 2, packed.shape[0])
+        want = None
         if N < 100_000:
-            tiles = slice(packed.shape[0] // 2, packed.shape[0])
             want = qm.dequantize_int4(packed, sz, slice(tiles.start * 64, tiles.stop * 64)).to(dtype)
-            assert torch.equal(kernels.int4_dequant_t(packed, sz, G, tiles, dtype).t(), want)
+        for isa in each_isa():
+            for x, ref in zip(xs, refs, strict=True):
+                assert kernels.int4_ok(x, packed, sz, G)
+                fast = kernels.int4_matmul(x, packed, sz, G, N)
+                assert fast.shape == ref.shape == (len(x), N)
+                assert relative_error(fast, ref) <= TOLERANCE[dtype], (isa, G, len(x))
+            if want is not None:
+                assert torch.equal(kernels.int4_dequant_t(packed, sz, G, tiles, dtype).t(), want), isa
 
 
 @needs_kernels
