@@ -37,7 +37,7 @@ void qk_attn_decode(const void *qg, const void *kx, const void *vx, const void *
 void qk_conv_silu(const void *x, void *state, const void *w, float *out, int act_bf16, int w_bf16, int64_t B,
                   int64_t T, int64_t C, int64_t Kc, int nthreads);
 int qk_plan_fields(int which);
-void qk_decode_step(const int64_t *m, const int64_t *layers, void *x, void *logits, int nthreads);
+int qk_decode_step(const int64_t *m, const int64_t *layers, void *x, void *logits, int nthreads);
 float qk_read(const float *p, int64_t n, int nthreads);
 
 #define THREADS 2 /* OpenMP on, in the calls big enough for threads_for to split */
@@ -368,7 +368,7 @@ static void step_case(const char *tag, int abf, int wbf, int fmt, int qfmt_attn,
     const int64_t B = 2, Hd = 64, I = 128, HK = 2, HV = 4, DK = 16, DV = 16, KC = 4, H = 4, HKV = 2, D = 32, TMAX = 8;
     const int64_t R = 16, VOCAB = 40, Cq = 2 * HK * DK + HV * DV;
     if (qk_plan_fields(0) != LIN_FIELDS || qk_plan_fields(1) != L_FIELDS || qk_plan_fields(2) != M_FIELDS) {
-        fprintf(stderr, "kernels_driver: step.h's plan layout changed: update the enums here\n");
+        fprintf(stderr, "kernels_driver: plan.h and the library disagree on the plan layout\n");
         exit(4);
     }
     int64_t m[M_FIELDS] = {0}, layers[2 * L_FIELDS] = {0};
@@ -415,7 +415,10 @@ static void step_case(const char *tag, int abf, int wbf, int fmt, int qfmt_attn,
         rotary(B, R, abf, &cos, &sin);
         void *x = values(B * Hd, abf, 1.0f, 0.0f), *logits = alloc((size_t)(B * VOCAB) * 4);
         m[M_POS] = ADDR(pos), m[M_COS] = ADDR(cos), m[M_SIN] = ADDR(sin);
-        qk_decode_step(m, layers, x, logits, THREADS);
+        if (qk_decode_step(m, layers, x, logits, THREADS)) {
+            fprintf(stderr, "kernels_driver: qk_decode_step could not allocate its buffer\n");
+            exit(2);
+        }
         char name[48];
         snprintf(name, sizeof name, "step logits%d %s", step, tag);
         emit(name, logits, B * VOCAB, abf, 0);

@@ -425,6 +425,18 @@ def test_decode_plan_follows_the_model(tmp_path_factory):
     assert relative_error(fast_logits(model, prompt), reference_logits(model, prompt)) <= 1e-4
 
 
+@needs_kernels
+def test_a_decode_step_that_cannot_allocate_is_a_memory_error():
+    """The step's one buffer is checked: a size no allocator grants (a hidden size of 2^50) is a MemoryError before
+    anything is read or written, not a crash."""
+    fields = [0] * kernels.MODEL_FIELDS
+    fields[kernels.MODEL_FIELD_NAMES.index("rows")] = 1
+    fields[kernels.MODEL_FIELD_NAMES.index("hidden")] = 1 << 50
+    no_layers = torch.zeros(0, kernels.LAYER_FIELDS, dtype=torch.int64)
+    with pytest.raises(MemoryError, match="could not be allocated"):
+        kernels.decode_step(fields, no_layers, torch.zeros(1, 16), vocab=4)
+
+
 # --- the fallbacks, on every CPU ---------------------------------------------------------------------------------
 
 GREEDY_RUN = """

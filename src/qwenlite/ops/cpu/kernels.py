@@ -165,6 +165,7 @@ def _load(isa: str) -> ctypes.CDLL:
         getattr(lib, name).argtypes = [CTYPES[c] for c in letters]
         getattr(lib, name).restype = None
     lib.qk_read.restype = ctypes.c_float
+    lib.qk_decode_step.restype = ctypes.c_int
     lib.qk_plan_fields.restype = ctypes.c_int
     lib.qk_plan_fields.argtypes = [ctypes.c_int]
     got = tuple(lib.qk_plan_fields(i) for i in range(3))
@@ -490,7 +491,8 @@ def decode_step(model_fields: list[int], layers: torch.Tensor, x: torch.Tensor, 
     tensor the fields point at alive (model/runner.py)."""
     m = torch.tensor(model_fields, dtype=torch.int64)
     logits = torch.empty(x.shape[0], vocab, dtype=x.dtype)
-    library().qk_decode_step(_p(m), _p(layers), _p(x), _p(logits), torch.get_num_threads())
+    if library().qk_decode_step(_p(m), _p(layers), _p(x), _p(logits), torch.get_num_threads()):
+        raise MemoryError(f"the decode step's buffer for {x.shape[0]} rows could not be allocated")
     return logits
 
 

@@ -41,8 +41,9 @@ static void silu_mul(void *g, const void *u, int64_t n, int bf) {
     }
 }
 
-/* x (B, hidden) act: the embeddings in, the final normed hidden states out (in place); logits (B, vocab) act. */
-void qk_decode_step(const int64_t *m, const int64_t *layers, void *x, void *logits, int nthreads) {
+/* x (B, hidden) act: the embeddings in, the final normed hidden states out (in place); logits (B, vocab) act.
+ * Returns 0, or 1 when its buffer could not be allocated (nothing computed). */
+int qk_decode_step(const int64_t *m, const int64_t *layers, void *x, void *logits, int nthreads) {
     const int bf = (int)m[M_ACT_BF16], wbf = (int)m[M_W_BF16];
     const int64_t B = m[M_B], Hd = m[M_HIDDEN], esz = bf ? 2 : 4;
     const float eps = (float)m[M_EPS_E9] * 1e-9f;
@@ -51,6 +52,7 @@ void qk_decode_step(const int64_t *m, const int64_t *layers, void *x, void *logi
     const int64_t dims[] = {Cq, vdim, m[M_H] * m[M_D] * 2, Hd};
     for (int i = 0; i < 4; i++) widest = dims[i] > widest ? dims[i] : widest;
     char *buf = malloc((size_t)(B * esz * (Hd + 4 * widest + 2 * m[M_HV])));
+    if (!buf) return 1;
     char *h = buf, *t0 = h + B * Hd * esz, *t1 = t0 + B * widest * esz, *t2 = t1 + B * widest * esz,
          *t3 = t2 + B * widest * esz, *ta = t3 + B * widest * esz, *tb = ta + B * m[M_HV] * esz;
     for (int64_t li = 0; li < m[M_LAYERS]; li++) {
@@ -84,5 +86,6 @@ void qk_decode_step(const int64_t *m, const int64_t *layers, void *x, void *logi
     memcpy(x, h, (size_t)(B * Hd * esz));
     linear(m + M_HEAD, x, logits, B, bf, nthreads);
     free(buf);
+    return 0;
 }
 
