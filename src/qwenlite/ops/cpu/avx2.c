@@ -178,19 +178,6 @@ static void quantize_x16(const uint16_t *x, int64_t M, int64_t K, int64_t BL, in
         }
 }
 
-/* A per-thread scratch buffer of at least n bytes (64-byte aligned), kept between calls; NULL if allocation fails. */
-static void *scratch(int slot, size_t n) {
-    static _Thread_local void *buf[2];
-    static _Thread_local size_t cap[2];
-    if (n > cap[slot]) {
-        free(buf[slot]);
-        cap[slot] = (n + 63) & ~(size_t)63;
-        buf[slot] = aligned_alloc(64, cap[slot]);
-        if (!buf[slot]) cap[slot] = 0;
-    }
-    return buf[slot];
-}
-
 /* ------------------------------------------------------------------------------------------------------------ */
 /* int8 weights, symmetric: W = q * s, q (N, K) int8, s (N, K/G); G % 16 == 0 */
 

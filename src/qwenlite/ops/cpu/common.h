@@ -1,6 +1,6 @@
-/* What every instruction set's kernels share (avx512.c, avx2.c include it first): the C library, bf16 <-> fp32
- * scalars as torch rounds them, the fp32 staging buffer and the thread heuristic. Nothing here uses SIMD intrinsics;
- * each file's -m flags decide what the compiler makes of the loops. */
+/* What every instruction set's kernels share (avx512.c, avx2.c and neon.c include it first): the C library,
+ * bf16 <-> fp32 scalars as torch rounds them, the fp32 staging buffer, per-thread scratch buffers and the thread
+ * heuristic. Nothing here uses SIMD intrinsics; each file's -m flags decide what the compiler makes of the loops. */
 
 #ifndef QK_COMMON_H
 #define QK_COMMON_H
@@ -60,6 +60,19 @@ static inline int threads_for(int nthreads, int64_t work) { return work < (1 << 
 /* 1 or 16 values of fp32 or bf16 (`bf`, a compile-time constant where it matters) as fp32, and back */
 static inline float ld1(const void *p, int64_t i, const int bf) {
     return bf ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* A per-thread scratch buffer of at least n bytes (64-byte aligned), kept between calls; NULL if allocation fails. */
+static void *scratch(int slot, size_t n) {
+    static _Thread_local void *buf[2];
+    static _Thread_local size_t cap[2];
+    if (n > cap[slot]) {
+        free(buf[slot]);
+        cap[slot] = (n + 63) & ~(size_t)63;
+        buf[slot] = aligned_alloc(64, cap[slot]);
+        if (!buf[slot]) cap[slot] = 0;
+    }
+    return buf[slot];
 }
 
 #endif

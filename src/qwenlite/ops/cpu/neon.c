@@ -82,19 +82,6 @@ static inline float sumsq(const float *x, int64_t n) {
     return hsum4(acc);
 }
 
-/* A per-thread scratch buffer of at least n bytes (64-byte aligned), kept between calls; NULL if allocation fails. */
-static void *scratch(int slot, size_t n) {
-    static _Thread_local void *buf[2];
-    static _Thread_local size_t cap[2];
-    if (n > cap[slot]) {
-        free(buf[slot]);
-        cap[slot] = (n + 63) & ~(size_t)63;
-        buf[slot] = aligned_alloc(64, cap[slot]);
-        if (!buf[slot]) cap[slot] = 0;
-    }
-    return buf[slot];
-}
-
 /* x (n values, fp32 or bf16) as fp32: bf16 widened into scratch slot 0 (common.h's stage_f32, with the allocation
  * checked); NULL if it fails. n % 4 == 0 or a scalar tail. */
 static const float *staged(const void *x, int x_bf16, int64_t n) {
