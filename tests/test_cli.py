@@ -199,6 +199,17 @@ def test_missing_model_directory(capsys, tmp_path):
     _expect_error(capsys, "run", str(tmp_path / "nope"), "hi", needle="no such model directory")
 
 
+@pytest.mark.parametrize(
+    ("command", "device", "needle"),
+    [("run", "tpu", "unknown device 'tpu'"), ("run", "mps", "'mps' is not supported"),
+     ("bench", "cuda:99", "device 'cuda:99':"), ("serve", "cuda:x", "unknown device 'cuda:x'")],
+)  # fmt: skip
+def test_a_device_this_machine_lacks_is_one_line(tiny_dir, capsys, command, device, needle):
+    """Checked before loading; cuda:99 fails on a CPU-only torch (no GPU) and on a GPU machine (no GPU 99) alike."""
+    args = [str(tiny_dir), "hi"] if command == "run" else [str(tiny_dir)]
+    _expect_error(capsys, command, *args, "--device", device, needle=needle)
+
+
 def test_missing_config(tiny_dir, tmp_path, capsys):
     d = copy_checkpoint(tiny_dir, tmp_path / "c")
     (d / "config.json").unlink()

@@ -37,6 +37,8 @@ class BenchResult:
     decode_limit_tok_s: float
     peak_rss_bytes: int
     rss_before_load_bytes: int
+    device: str = "cpu"
+    peak_device_bytes: int = 0  # a GPU's peak allocated memory (0 on the CPU)
 
     @property
     def limit_ratio(self) -> float:
@@ -61,7 +63,11 @@ class BenchResult:
             ("  of which the model", f"{added_ratio:.2f}x the weights (Python and torch: "
                                      f"{self.rss_before_load_bytes / gib:.2f} GiB before loading)"),
         ]  # fmt: skip
-        title = f"qwenlite bench {self.model} ({self.precision}, {self.threads} threads, {self.kernels} kernels)"
+        if self.device != "cpu":
+            peak, ratio = self.peak_device_bytes / gib, self.peak_device_bytes / self.weight_bytes
+            rows.append((f"peak {self.device} memory", f"{peak:.2f} GiB ({ratio:.2f}x the weights)"))
+        where = f"{self.kernels} kernels" if self.device == "cpu" else self.device
+        title = f"qwenlite bench {self.model} ({self.precision}, {self.threads} threads, {where})"
         return "\n".join([title, *(f"  {k:<22} {v}" for k, v in rows)])
 
 
@@ -74,6 +80,12 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for a GPU's queued work, so that a timer reads when it finished, not when it was queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure_bandwidth(model: torch.nn.Module, repeat: int = 5) -> float:
     """Bytes per second of a parallel read of the model's largest weight tensor (the head or the embedding,
     far larger than any cache: no extra memory), best of `repeat`."""
@@ -82,11 +94,13 @@ def measure_bandwidth(model: torch.nn.Module, repeat: int = 5) -> float:
     largest = max((t for t in [*model.parameters(), *model.buffers()]), key=lambda t: t.nbytes)
     raw = largest.detach().reshape(-1).view(torch.uint8)
     buf = raw[: raw.numel() // 256 * 256].view(torch.float32)  # any bits: only the time to read them counts
-    read = kernels.read_memory if kernels.available() else torch.sum
+    read = kernels.read_memory if kernels.available() and buf.device.type == "cpu" else torch.sum
     best = float("inf")
     for _ in range(repeat):
+        synchronize(buf.device)
         t = time.perf_counter()
         read(buf)
+        synchronize(buf.device)
         best = min(best, time.perf_counter() - t)
     return buf.nbytes / best
 
@@ -106,7 +120,7 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, prompt: int = 512, decode: int = 128,
-          repeat: int = 3, threads: int | None = None) -> BenchResult:  # fmt: skip
+          repeat: int = 3, threads: int | None = None, device: str = "cpu") -> BenchResult:  # fmt: skip
     from qwenlite.generate import decode_step, prefill
     from qwenlite.io.hub import resolve_model_path
     from qwenlite.io.load import load_model
@@ -118,7 +132,9 @@ def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, pr
         torch.set_num_threads(threads)
     rss_before = current_rss()
     t = time.perf_counter()
-    model, _ = load_model(resolve_model_path(model_ref), dtype, quant, with_tokenizer=False)
+    model, _ = load_model(resolve_model_path(model_ref), dtype, quant, device, with_tokenizer=False)
+    where = model.device
+    synchronize(where)
     load_seconds = time.perf_counter() - t
     total, per_token = weight_bytes(model)
     vocab = model.config.vocab_size  # ids past the control tokens, or any id of a tiny vocabulary
@@ -128,8 +144,9 @@ def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, pr
     def run(n_prompt: int, n_decode: int) -> tuple[float, float]:
         cache = make_cache(model.config, max_seq_len=n_prompt + n_decode + 1, dtype=model.dtype, device=model.device)
         with torch.inference_mode():
+            synchronize(where)
             t0 = time.perf_counter()
-            token = greedy(prefill(model, ids[:n_prompt], cache))
+            token = greedy(prefill(model, ids[:n_prompt], cache))  # greedy's .item() waits for the GPU
             t1 = time.perf_counter()
             for _ in range(n_decode):
                 token = greedy(decode_step(model, token, cache))
@@ -148,5 +165,6 @@ def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, pr
         weight_bytes=total, bytes_per_token=per_token, load_seconds=load_seconds, prompt_tokens=prompt,
         prefill_tok_s=prompt / prefill_s, time_to_first_token_s=prefill_s, decode_tokens=decode,
         decode_tok_s=decode / decode_s, bandwidth_gb_s=bandwidth / 1e9, decode_limit_tok_s=bandwidth / per_token,
-        peak_rss_bytes=peak_rss(), rss_before_load_bytes=rss_before,
+        peak_rss_bytes=peak_rss(), rss_before_load_bytes=rss_before, device=str(where),
+        peak_device_bytes=torch.cuda.max_memory_allocated(where) if where.type == "cuda" else 0,
     )  # fmt: skip

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from qwenlite import bench
-from qwenlite.cli.options import add_dtype_flag, add_quant_flag
+from qwenlite.cli.options import add_device_flag, add_dtype_flag, add_quant_flag
 from qwenlite.errors import QwenliteError
 
 
@@ -20,6 +20,7 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="checkpoint directory, quantized checkpoint, .gguf file or hub id")
     add_quant_flag(p)
     add_dtype_flag(p)
+    add_device_flag(p)
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
     p.add_argument("--decode", type=int, default=128, help="decode steps (default 128)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs; the best counts (default 3)")
@@ -32,6 +33,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for name in ("prompt", "decode", "repeat"):
         if getattr(args, name) < 1:
             raise QwenliteError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    result = bench.bench(args.model, args.quant, args.dtype, args.prompt, args.decode, args.repeat, args.threads)
+    result = bench.bench(
+        args.model, args.quant, args.dtype, args.prompt, args.decode, args.repeat, args.threads, args.device
+    )
     print(json.dumps(result.to_dict()) if args.json else result.table())
     return 0

@@ -14,3 +14,7 @@ def add_dtype_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None
 
 def add_quant_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument("--quant", choices=list(QUANT_CHOICES), help="quantize weights on load")
+
+
+def add_device_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from qwenlite.cli.options import add_dtype_flag, add_quant_flag
+from qwenlite.cli.options import add_device_flag, add_dtype_flag, add_quant_flag
 from qwenlite.config import DTYPES, preset_config
 from qwenlite.errors import QwenliteError
 from qwenlite.generate import stream
@@ -48,6 +48,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     add_dtype_flag(p)
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: the model's)")
     add_quant_flag(p)
+    add_device_flag(p)
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -74,7 +75,7 @@ class Session:
 
     def __init__(self, model_ref: str, args: argparse.Namespace):
         path = resolve_model_path(model_ref)
-        self.model, self.tokenizer = load_model(path, args.dtype, args.quant)
+        self.model, self.tokenizer = load_model(path, args.dtype, args.quant, args.device)
         settings = {**generation_defaults(path), **{k: getattr(args, k) for k in SAMPLING_FIELDS}}
         settings = {k: v for k, v in settings.items() if v is not None}
         self.params = SamplingParams(**settings, seed=args.seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from qwenlite.cli.options import add_dtype_flag, add_quant_flag
+from qwenlite.cli.options import add_device_flag, add_dtype_flag, add_quant_flag
 from qwenlite.errors import QwenliteError
 from qwenlite.io.hub import DEFAULT_MODEL
 from qwenlite.serve.app import DEFAULT_CTX, serve
@@ -28,6 +28,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     add_dtype_flag(p)
     p.add_argument("--served-model-name", help="the model id clients send (default: MODEL as given)")
     add_quant_flag(p)
+    add_device_flag(p)
     p.add_argument(
         "--allow-special-in-content",
         action="store_true",
@@ -41,5 +42,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_concurrency < 1 or args.max_queue < 0 or (args.ctx is not None and args.ctx < 2):
         raise QwenliteError("--max-concurrency must be >= 1, --max-queue >= 0 and --ctx >= 2")
     serve(args.model, args.host, args.port, args.api_key, args.max_concurrency, args.max_queue, args.ctx,
-          args.cache_mb, args.dtype, args.served_model_name, args.quant, args.allow_special_in_content)  # fmt: skip
+          args.cache_mb, args.dtype, args.served_model_name, args.quant, args.allow_special_in_content,
+          args.device)  # fmt: skip
     return 0

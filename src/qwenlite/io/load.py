@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from qwenlite.errors import CheckpointError, QwenliteError
+from qwenlite.errors import CheckpointError, InvalidArgument, QwenliteError
 from qwenlite.io.checkpoint import load_checkpoint
 from qwenlite.io.gguf_import import load_gguf
 from qwenlite.io.quantized import is_quantized_checkpoint, load_and_quantize, load_quantized
@@ -32,6 +32,7 @@ def load_model(
     and returns None for it; a GGUF's comes from its metadata either way."""
     path = Path(model_path)
     bits = quant_bits(quant)
+    device = check_device(device)
     if path.is_file() and path.suffix == ".gguf":
         model, _config, tokenizer = load_gguf(path, dtype)
         model = model.to(device)
@@ -45,6 +46,23 @@ def load_model(
     else:
         model = load_checkpoint(path, dtype, device).model
     return model, Tokenizer.from_dir(path) if with_tokenizer else None
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device that this machine has: a one-line error instead of torch's traceback."""
+    try:
+        where = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InvalidArgument(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if where.type not in ("cpu", "cuda"):
+        raise InvalidArgument(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
+    if where.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InvalidArgument(f"device {device!r}: torch sees no CUDA GPU (torch {torch.__version__})")
+        if (where.index or 0) >= count:
+            raise InvalidArgument(f"device {device!r}: this machine has {count} CUDA GPU(s)")
+    return where
 
 
 def generation_defaults(path: Path) -> dict:

@@ -91,13 +91,14 @@ def serve(
     served_model_name: str | None = None,
     quant: str | None = None,
     allow_special_in_content: bool = False,
+    device: str = "cpu",
 ) -> None:
     """Load `model` and serve it until interrupted. `allow_special_in_content`: chat messages that spell control
     tokens ("<|im_end|>") get those tokens, as before qwenlite encoded them as text."""
     import uvicorn
 
     path = resolve_model_path(model)
-    loaded, tokenizer = load_model(path, dtype, quant)
+    loaded, tokenizer = load_model(path, dtype, quant, device)
     ctx = min(ctx or DEFAULT_CTX, loaded.config.max_position_embeddings)
     engine = Engine(loaded, max_concurrency, max_queue, ctx, cache_mb)
     name = served_model_name or model
@@ -106,7 +107,8 @@ def serve(
     )
     print(
         f"qwenlite serve: {name} on http://{host}:{port}/v1 | context {ctx} tokens x {max_concurrency} slots "
-        f"({cache_bytes(engine.cache) / 2**20:.0f} MiB cache), queue {max_queue}, prompt cache {cache_mb:g} MiB"
+        f"({cache_bytes(engine.cache) / 2**20:.0f} MiB cache on {loaded.device}), queue {max_queue}, "
+        f"prompt cache {cache_mb:g} MiB"
         + (" | API key required" if api_key else "")
         + (" | control tokens allowed in messages" if allow_special_in_content else ""),
         flush=True,

@@ -51,8 +51,10 @@ class LoRALinear(nn.Module):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         # PEFT's default: A as nn.Linear's own init (Kaiming-uniform, a=sqrt(5)), B zero.
         bound = 1 / math.sqrt(self.lora_A.in_features)  # what kaiming_uniform_(a=sqrt(5)) gives
+        # Drawn on the CPU (a seeded generator is a CPU one): the same adapter on every device.
+        a = torch.empty(self.lora_A.weight.shape).uniform_(-bound, bound, generator=generator)
         with torch.no_grad():
-            self.lora_A.weight.uniform_(-bound, bound, generator=generator)
+            self.lora_A.weight.copy_(a)
             self.lora_B.weight.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
