@@ -1,4 +1,4 @@
-"""`qwenlite perplexity`: argument parsing only; the work is in eval/perplexity.py."""
+"""`qwenlite perplexity` and `qwenlite eval`: argument parsing only; the work is in eval/."""
 
 from __future__ import annotations
 
@@ -38,4 +38,44 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         args.model, args.file, args.ctx, args.dtype, args.quant, args.base, args.base_dtype, args.base_quant
     )
     print(json.dumps(result.to_dict()) if args.json else result.table())
+    return 0
+
+
+EVAL_HELP = """Score a model on lm-evaluation-harness tasks (the harness's registry, or local YAML tasks under
+--include-path) with qwenlite's engine: each multiple-choice context is prefilled once and every choice scored from
+its saved state. Writes the harness's results JSON with --output-path."""
+
+
+def add_eval_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="lm-evaluation-harness tasks (accuracy, perplexity, ...)", description=EVAL_HELP)
+    p.add_argument("model", help="checkpoint directory, quantized checkpoint, .gguf file or hub id")
+    p.add_argument("--tasks", required=True, help="comma-separated task names (harness names or local YAML tasks)")
+    p.add_argument("--include-path", metavar="DIR", help="a folder of local task YAML files")
+    p.add_argument("--limit", type=float, help="examples per task (a fraction below 1)")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's)")
+    p.add_argument("--output-path", metavar="FILE", help="write the results JSON here")
+    p.add_argument("--max-length", type=int, help="longest input in tokens (default: the model's context)")
+    p.add_argument("--apply-chat-template", action="store_true", help="wrap prompts in the model's chat template")
+    p.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
+                   help="reasoning on/off when the chat template is applied (default: the template's)")  # fmt: skip
+    p.add_argument("--cache", metavar="PREFIX", help="cache finished requests in PREFIX*.db: a rerun resumes")
+    p.add_argument("--log-samples", action="store_true", help="keep every scored sample in the results")
+    add_quant_flag(p)
+    add_dtype_flag(p)
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from qwenlite.eval import harness  # imports lm-evaluation-harness (seconds): only for this command
+
+    if args.limit is not None and args.limit <= 0:
+        raise InvalidArgument(f"--limit must be positive, got {args.limit:g}")
+    if args.max_length is not None and args.max_length < 2:
+        raise InvalidArgument(f"--max-length must be at least 2, got {args.max_length}")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = harness.evaluate(
+        args.model, tasks, args.include_path, args.limit, args.num_fewshot, args.output_path, args.quant, args.dtype,
+        args.max_length, args.apply_chat_template, args.think, args.cache, args.log_samples,
+    )  # fmt: skip
+    print(harness.make_table(results))
     return 0

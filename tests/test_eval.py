@@ -1,0 +1,173 @@
+"""`qwenlite eval`: the same local tasks through qwenlite's harness model and through the harness's own `hf` backend
+(transformers) on one tiny checkpoint give the same metrics: multiple choice (acc, acc_norm), generate_until (exact
+match, greedy with stop strings), loglikelihood_rolling (word and byte perplexity, bits per byte); and each
+request's scores agree: log-likelihoods to 1e-4 absolute (fp32 on both sides; qwenlite prefills the context and
+scores the continuation from its cache, transformers runs the whole sequence at once), greedy flags and generated
+text exactly. Bad input: an unknown task (with the closest names), a missing include path, one line each."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from qwenlite.cli.main import main
+from qwenlite.errors import QwenliteError
+from qwenlite.eval import harness
+
+from helpers import TINY_TEXT_CONFIG
+from tiny_chat import make_chat_checkpoint
+from train_helpers import single_threaded
+
+MAX_LENGTH = 48  # short enough that the rolling task needs several windows and long contexts are truncated
+QUESTIONS = [
+    ("What is two plus two?", ["four", "six", "Paris"], 0),
+    ("The capital of France is", ["Paris", "sunny", "four"], 0),
+    ("Three plus three is", ["six", "four", "the weather"], 0),
+    ("You are a helpful", ["assistant", "question", "Paris"], 0),
+    # a context longer than MAX_LENGTH: both backends keep its last tokens
+    ("The weather in Paris is sunny. " * 6 + "The weather is", ["sunny", "four"], 0),
+]
+TEXTS = [
+    "The capital of France is Paris. The weather in Paris is sunny. " * 4,
+    "What is two plus two? Two plus two is four. Three plus three is six.",
+]
+
+TASKS = {
+    "tiny_mc": """
+task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files: {test: DIR/mc.jsonl}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
+target_delimiter: " "
+metric_list:
+  - {metric: acc, aggregation: mean, higher_is_better: true}
+  - {metric: acc_norm, aggregation: mean, higher_is_better: true}
+""",
+    "tiny_gen": """
+task: tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files: {test: DIR/mc.jsonl}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{question}}"
+doc_to_target: "{{choices[answer]}}"
+generation_kwargs: {until: [".", "?"], max_gen_toks: 12, do_sample: false}
+metric_list:
+  - {metric: exact_match, aggregation: mean, higher_is_better: true}
+""",
+    "tiny_ppl": """
+task: tiny_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files: {test: DIR/text.jsonl}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list:
+  - {metric: word_perplexity, aggregation: weighted_perplexity, higher_is_better: false}
+  - {metric: byte_perplexity, aggregation: weighted_perplexity, higher_is_better: false}
+  - {metric: bits_per_byte, aggregation: bits_per_byte, higher_is_better: false}
+""",
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    with single_threaded():  # see train_helpers: a neighbour on the other core stalls two-thread OpenMP
+        yield
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(checkpoint directory, task directory): the tiny chat checkpoint (tokenizer of ~480 ids) and three tasks."""
+    root = tmp_path_factory.mktemp("eval")
+    model = root / "model"
+    make_chat_checkpoint(model, text_config=dict(TINY_TEXT_CONFIG, max_position_embeddings=MAX_LENGTH))
+    tasks = root / "tasks"
+    tasks.mkdir()
+    rows = [{"question": q, "choices": c, "answer": a} for q, c, a in QUESTIONS]
+    (tasks / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tasks / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    for name, yaml in TASKS.items():
+        (tasks / f"{name}.yaml").write_text(yaml.replace("DIR", str(tasks)))
+    return model, tasks
+
+
+def run_both(model, tasks, names: list[str]) -> tuple[dict, dict]:
+    from lm_eval import simple_evaluate
+
+    ours = harness.evaluate(str(model), names, str(tasks), dtype="float32", log_samples=True, bootstrap_iters=0)
+    theirs = simple_evaluate(
+        model="hf", model_args=f"pretrained={model},dtype=float32,max_length={MAX_LENGTH}", tasks=names,
+        task_manager=harness.task_manager(str(tasks)), log_samples=True, bootstrap_iters=0, device="cpu",
+    )  # fmt: skip
+    return ours, theirs
+
+
+def test_eval_equals_the_harness_hf_backend(setup):
+    model, tasks = setup
+    names = ["tiny_mc", "tiny_gen", "tiny_ppl"]
+    ours, theirs = run_both(model, tasks, names)
+    for name in names:
+        a, b = ours["results"][name], theirs["results"][name]
+        metrics = [k for k, v in b.items() if isinstance(v, float | int) and "stderr" not in k]
+        assert metrics, b
+        for key in metrics:
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (name, key, a[key], b[key])
+        for x, y in zip(ours["samples"][name], theirs["samples"][name], strict=True):
+            for r, s in zip(x["resps"], y["resps"], strict=True):
+                if name == "tiny_gen":
+                    assert r == s
+                elif name == "tiny_mc":
+                    assert r[0][0] == pytest.approx(s[0][0], abs=1e-4) and r[0][1] == s[0][1]
+                else:
+                    assert r[0] == pytest.approx(s[0], abs=1e-4)
+    # the metrics are not degenerate: some choices right, some wrong; the texts have finite perplexity
+    assert 0 < ours["results"]["tiny_mc"]["acc,none"] < 1
+    assert math.isfinite(ours["results"]["tiny_ppl"]["word_perplexity,none"])
+
+
+def test_eval_cli_writes_the_results_json(setup, tmp_path, capsys):
+    model, tasks = setup
+    out = tmp_path / "results.json"
+    argv = ["eval", str(model), "--tasks", "tiny_mc", "--include-path", str(tasks), "--output-path", str(out),
+            "--dtype", "float32", "--limit", "3"]  # fmt: skip
+    assert main(argv) == 0
+    written = json.loads(out.read_text())
+    assert written["results"]["tiny_mc"]["acc,none"] in (0, 1 / 3, 2 / 3, 1)
+    assert "tiny_mc" in capsys.readouterr().out  # the harness's table
+
+
+def test_unknown_task_names_the_closest(setup, capsys):
+    model, tasks = setup
+    with pytest.raises(QwenliteError, match="unknown task 'tiny_mcq'; did you mean tiny_mc"):
+        harness.evaluate(str(model), ["tiny_mcq"], str(tasks))
+    code = main(["eval", str(model), "--tasks", "tiny_mc", "--include-path", str(tasks / "nope")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and err.count("\n") == 0 and "no such directory" in err, err
+
+
+def test_a_task_that_needs_the_network_offline_is_one_line(setup):
+    """A registry task downloads its dataset from the hub; offline (HF_HUB_OFFLINE, read when `datasets` is
+    imported: hence a process of its own) that is one line naming --include-path, nothing written."""
+    model, tasks = setup
+    out = tasks.parent / "never.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    argv = [sys.executable, "-m", "qwenlite", "eval", str(model), "--tasks", "arc_easy", "--limit", "2",
+            "--output-path", str(out)]  # fmt: skip
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and lines and "--include-path" in lines[-1] and "Traceback" not in done.stderr
+    assert lines[-1].startswith("qwenlite: error:") and not out.exists()
