@@ -17,3 +17,16 @@ def qwen35_tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def qwen35_tokenizer(qwen35_tokenizer_dir) -> Tokenizer:
     return Tokenizer.from_dir(qwen35_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def qwen36_tokenizer_dir(qwen35_tokenizer_dir, tmp_path_factory):
+    """The same tokenizer files with a Qwen3.6-style chat template (helpers.qwen36_style_template)."""
+    from helpers import qwen36_style_template
+
+    path = tmp_path_factory.mktemp("qwen36_tokenizer")
+    for file in qwen35_tokenizer_dir.iterdir():
+        (path / file.name).symlink_to(file)
+    (path / "chat_template.jinja").unlink()
+    (path / "chat_template.jinja").write_text(qwen36_style_template())
+    return path

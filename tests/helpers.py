@@ -254,6 +254,29 @@ def scripted_checkpoint(path: Path, script: list[str | int]) -> Path:
     return save_untied(model, head, path)
 
 
+def qwen36_style_template() -> str:
+    """The packaged Qwen3.5 template with the two variables the newer templates read: Qwen3.6's condition for keeping
+    an assistant turn's reasoning (`preserve_thinking`, else only turns after the last user query), and a
+    `reasoning_effort` that Qwen3.8's validates (here written into the generation prompt, where a test sees it)."""
+    from qwenlite.text.vocab import qwen35_chat_template
+
+    source = qwen35_chat_template()
+    old = "{%- if loop.index0 > ns.last_query_index %}"
+    assert source.count(old) == 1
+    keep = ("{%- if (preserve_thinking is defined and preserve_thinking is true)"
+            " or (loop.index0 > ns.last_query_index) %}")  # fmt: skip
+    effort = (
+        "{%- if reasoning_effort is defined and reasoning_effort not in ('low', 'medium', 'xhigh') %}"
+        "{{- raise_exception('reasoning_effort must be low, medium or xhigh') }}{%- endif %}"
+    )
+    prompt = "{{- '<|im_start|>assistant\\n' }}"
+    assert source.count(prompt) == 1, prompt
+    with_effort = prompt + (
+        "{%- if reasoning_effort is defined %}{{- 'Effort: ' + reasoning_effort + '\\n' }}{%- endif %}"
+    )
+    return effort + source.replace(old, keep).replace(prompt, with_effort)
+
+
 def console_script(name: str = "qwenlite") -> str:
     """The installed console script of the environment running the tests (beside its python, whether or not that
     environment's bin is on PATH), else the one on PATH. Run it with this process's environment: PYTHONPATH, when

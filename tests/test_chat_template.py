@@ -212,3 +212,28 @@ def test_template_is_sandboxed():
     tok = Tokenizer(build_qwen35_tokenizer(), chat_template="{{ messages.__class__.__mro__ }}")
     with pytest.raises(ValueError):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+@pytest.fixture(scope="module")
+def newer(qwen36_tokenizer_dir):
+    """(ours, transformers') tokenizers with a Qwen3.6-style template."""
+    ours = Tokenizer.from_dir(qwen36_tokenizer_dir)
+    return ours, transformers.AutoTokenizer.from_pretrained(str(qwen36_tokenizer_dir))
+
+
+@pytest.mark.parametrize("preserve", [True, False, None])
+@pytest.mark.parametrize("effort", ["low", "xhigh", None])
+def test_newer_template_variables_render_as_transformers_renders_them(newer, preserve, effort):
+    """preserve_thinking (Qwen3.6) and reasoning_effort (Qwen3.8) reach the checkpoint's template as transformers
+    passes them: earlier reasoning kept only when asked, an effort the template refuses is a ChatTemplateError."""
+    ours, theirs = newer
+    kwargs = {k: v for k, v in {"preserve_thinking": preserve, "reasoning_effort": effort}.items() if v is not None}
+    messages = [*MULTI_TURN, {"role": "user", "content": "And 4+4?"}]
+    out = ours.apply_chat_template(messages, enable_thinking=True, **kwargs)
+    assert out == reference(theirs, messages, enable_thinking=True, **kwargs)
+    assert ("EARLY REASONING" in out) == bool(preserve) and ("LATEST REASONING" in out) == bool(preserve)
+    assert (f"Effort: {effort}\n" in out) == (effort is not None)
+    ids = ours.encode_chat(messages, enable_thinking=True, **kwargs)
+    assert ours.decode(ids) == out
+    with pytest.raises(QwenliteError, match="reasoning_effort must be low, medium or xhigh"):
+        ours.apply_chat_template(messages, reasoning_effort="extreme")

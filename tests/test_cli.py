@@ -19,8 +19,9 @@ import qwenlite
 from qwenlite.cli import main
 from qwenlite.cli import run as cli_run
 from qwenlite.sample import SamplingParams
+from qwenlite.text.tokenizer import Tokenizer
 
-from helpers import console_script, scripted_checkpoint, tiny_checkpoint
+from helpers import console_script, qwen36_style_template, scripted_checkpoint, tiny_checkpoint
 
 END_THINK = 248069  # </think> in the Qwen3.5 vocabulary
 
@@ -116,6 +117,23 @@ def test_run_verbose_reports_timings_on_stderr(tiny_dir, capsys):
     assert code == 0
     assert "tok/s" in err and "time to first token" in err
     assert "tok/s" not in out
+
+
+def test_run_passes_the_newer_template_variables(tiny_dir, tmp_path, capsys):
+    """--reasoning-effort, --preserve-thinking and --chat-template-kwargs reach a checkpoint's template (a
+    Qwen3.6-style one here, which writes the effort into the prompt): the prompt grows by exactly those tokens."""
+    d = copy_checkpoint(tiny_dir, tmp_path / "newer")
+    (d / "chat_template.jinja").write_text(qwen36_style_template())
+    tok = Tokenizer.from_dir(d)
+    messages = [{"role": "user", "content": "Hi"}]
+    for flags, kwargs in [([], {}), (["--reasoning-effort", "low"], {"reasoning_effort": "low"}),
+                          (["--chat-template-kwargs", '{"reasoning_effort": "medium", "preserve_thinking": true}'],
+                           {"reasoning_effort": "medium"})]:  # fmt: skip
+        code, _, err = run_cli(capsys, "run", str(d), "Hi", "--max-tokens", "1", "--verbose", "--no-think", *flags)
+        n = len(tok.encode_chat(messages, enable_thinking=False, **kwargs))
+        assert code == 0 and f"prompt {n} tok" in err, (flags, n, err)
+    _expect_error(capsys, "run", str(d), "Hi", "--reasoning-effort", "max", needle="reasoning_effort must be")
+    _expect_error(capsys, "run", str(d), "Hi", "--chat-template-kwargs", '{"tools": []}', needle="cannot set tools")
 
 
 def test_run_seeded_sampling_is_reproducible(tiny_dir, capsys):

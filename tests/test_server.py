@@ -705,3 +705,38 @@ def test_n_is_bounded_per_request_and_by_the_queue(live):
     over = httpx.post(live.url + "/v1/completions", json={"prompt": ["x", "y"], "n": 9, "max_tokens": 1}).json()
     assert over["error"]["param"] == "n" and "18 samples" in over["error"]["message"]
     assert httpx.post(live.url + "/v1/completions", json={"prompt": ["x", "y"], "n": 8, "max_tokens": 1}).is_success
+
+
+def test_preserved_reasoning_lets_the_next_turn_reuse_the_whole_answer(qwen36_tokenizer_dir):
+    """With a Qwen3.6-style template, `preserve_thinking` keeps the reasoning in the history: the next turn's prompt
+    then starts with the whole of the last prompt and answer, so it restores that state, where without it only the
+    prompt up to the dropped reasoning is restored. OpenAI's `reasoning_effort` reaches the template too."""
+    tok = Tokenizer.from_dir(qwen36_tokenizer_dir)
+    engine = Engine(ScriptedModel(tok, SCRIPTS), max_concurrency=1, max_queue=4, ctx=CTX)
+    server = LiveServer(create_app(engine, tok, "scripted"), engine)
+    try:
+        client = server.client()
+        turn1 = [{"role": "user", "content": "[think] 6*7?"}]
+        cached = {}
+        for preserve in (False, True):
+            engine.prompt_cache.clear()
+            kwargs = {"chat_template_kwargs": {"enable_thinking": True, "preserve_thinking": preserve}}
+            first = client.chat.completions.create(model="scripted", messages=turn1, extra_body=kwargs)
+            answer = first.choices[0].message
+            assert (answer.reasoning_content, answer.content) == ("Six times seven.", "The answer is 42.")
+            turn2 = [*turn1, {"role": "assistant", "content": answer.content,
+                              "reasoning_content": answer.reasoning_content},
+                     {"role": "user", "content": "[plain] thanks"}]  # fmt: skip
+            kwargs["chat_template_kwargs"]["enable_thinking"] = False  # the history renders the same either way
+            second = client.chat.completions.create(model="scripted", messages=turn2, extra_body=kwargs)
+            assert second.choices[0].message.content == "Hello there, friend."
+            cached[preserve] = second.usage.prompt_tokens_details.cached_tokens
+            whole = first.usage.prompt_tokens + first.usage.completion_tokens
+        assert cached[True] >= whole - 1 > cached[False] > 0, (cached, whole)
+
+        effort = client.chat.completions.create(model="scripted", messages=turn1, reasoning_effort="low")
+        assert effort.usage.prompt_tokens == len(tok.encode_chat(turn1, reasoning_effort="low"))
+        with pytest.raises(openai.BadRequestError, match="reasoning_effort must be"):
+            client.chat.completions.create(model="scripted", messages=turn1, extra_body={"reasoning_effort": "max"})
+    finally:
+        server.stop()

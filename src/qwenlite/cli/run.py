@@ -17,6 +17,7 @@ from qwenlite.io.files import atomic_write
 from qwenlite.io.hub import DEFAULT_MODEL, resolve_model_path
 from qwenlite.io.load import generation_defaults, load_model
 from qwenlite.sample import SAMPLING_FIELDS, SamplingParams
+from qwenlite.text.tokenizer import ENCODE_CHAT_ARGUMENTS
 from qwenlite.text.vocab import write_tokenizer_files
 
 CHAT_HELP = "Chat with a model. Commands: /reset (new conversation), /think (toggle reasoning), /exit."
@@ -66,8 +67,24 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--think", action=argparse.BooleanOptionalAction, default=None, help="reasoning on/off (default: template's)"
     )
+    g.add_argument("--reasoning-effort", metavar="LEVEL",
+                   help="the template's reasoning_effort (Qwen3.8 templates: low, medium, xhigh)")  # fmt: skip
+    g.add_argument("--preserve-thinking", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep earlier turns' reasoning in the history (Qwen3.6 and later templates)")  # fmt: skip
+    g.add_argument("--chat-template-kwargs", metavar="JSON", type=_json_object, default={},
+                   help="more variables for the chat template, as a JSON object")  # fmt: skip
     g.add_argument("--system", help="system prompt")
     g.add_argument("--verbose", "-v", action="store_true", help="timings on stderr")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"preserve_thinking\": true}'")
+    return value
 
 
 class Session:
@@ -80,12 +97,19 @@ class Session:
         settings = {k: v for k, v in settings.items() if v is not None}
         self.params = SamplingParams(**settings, seed=args.seed)
         self.params.validate()
+        if reserved := sorted(ENCODE_CHAT_ARGUMENTS & set(args.chat_template_kwargs)):
+            raise QwenliteError(f"--chat-template-kwargs cannot set {', '.join(reserved)}")
         if args.max_tokens < 1:
             raise QwenliteError(f"--max-tokens must be at least 1, got {args.max_tokens}")
         self.args = args
 
     def prompt_ids(self, messages: list[dict], think: bool | None) -> list[int]:
-        kwargs = {} if think is None else {"enable_thinking": think}
+        """The messages through the checkpoint's template, with the flags' template variables (the named flags
+        over --chat-template-kwargs)."""
+        a = self.args
+        named = {"enable_thinking": think, "reasoning_effort": a.reasoning_effort,
+                 "preserve_thinking": a.preserve_thinking}  # fmt: skip
+        kwargs = {**a.chat_template_kwargs, **{k: v for k, v in named.items() if v is not None}}
         return self.tokenizer.encode_chat(messages, **kwargs)  # what the messages spell stays text
 
     def answer(self, prompt_ids: list[int]) -> Iterator:

@@ -52,13 +52,19 @@ from qwenlite.serve.protocol import (
     UsageInfo,
 )
 from qwenlite.text.textstream import Delta, StopMatcher, TextStream, starts_in_reasoning
-from qwenlite.text.tokenizer import ASSISTANT_HEADER, ChatTemplateError, IncrementalDetokenizer, Tokenizer
+from qwenlite.text.tokenizer import (
+    ASSISTANT_HEADER,
+    ENCODE_CHAT_ARGUMENTS,
+    ChatTemplateError,
+    IncrementalDetokenizer,
+    Tokenizer,
+)
 from qwenlite.text.toolcalls import ToolCallDelta, ToolCallParser
 
 MAX_N = 16  # samples per prompt (`n`)
 
-# Not settable through chat_template_kwargs: encode_chat's own arguments.
-RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "enable_thinking", "allow_special_in_content"}
+# Not settable through chat_template_kwargs: encode_chat's own arguments (enable_thinking is taken apart).
+RESERVED_TEMPLATE_KWARGS = ENCODE_CHAT_ARGUMENTS | {"enable_thinking"}
 
 
 class ApiError(Exception):
@@ -406,6 +412,8 @@ class OpenAIServer:
         if thinking is not None and not isinstance(thinking, bool):
             raise ApiError(400, "enable_thinking must be true or false", param="chat_template_kwargs.enable_thinking")
         kwargs = {k: v for k, v in kwargs.items() if k not in RESERVED_TEMPLATE_KWARGS}
+        if body.reasoning_effort is not None:
+            kwargs.setdefault("reasoning_effort", body.reasoning_effort)  # OpenAI's field, as the template's variable
         try:
             ids = self.tokenizer.encode_chat(
                 messages, tools=tools if choice != "none" else None, enable_thinking=thinking,

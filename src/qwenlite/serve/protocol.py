@@ -91,6 +91,7 @@ class ChatCompletionRequest(_Generation):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false}, as vLLM
+    reasoning_effort: str | None = None  # passed to the chat template (Qwen3.8's reads it), as vLLM does
 
 
 class CompletionRequest(_Generation):

@@ -26,6 +26,8 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 ASSISTANT_HEADER = IM_START + "assistant\n"  # where a ChatML answer starts
 ENDOFTEXT = "<|endoftext|>"
+# encode_chat's own arguments: a template variable of one of these names cannot be passed through it.
+ENCODE_CHAT_ARGUMENTS = frozenset({"messages", "tools", "add_generation_prompt", "allow_special_in_content"})
 _REPLACEMENT = "\ufffd"
 
 
