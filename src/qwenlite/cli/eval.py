@@ -1,4 +1,5 @@
-"""`qwenlite perplexity` and `qwenlite eval`: argument parsing only; the work is in eval/."""
+"""`qwenlite perplexity`, `qwenlite eval` and `qwenlite report`: argument parsing only; the work is in eval/ and
+report.py."""
 
 from __future__ import annotations
 
@@ -78,4 +79,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.max_length, args.apply_chat_template, args.think, args.cache, args.log_samples,
     )  # fmt: skip
     print(harness.make_table(results))
+    return 0
+
+
+def add_report_command(sub: argparse._SubParsersAction) -> None:
+    from qwenlite import report
+
+    p = sub.add_parser(
+        "report",
+        help="quality, size and speed of a model's variants side by side (report.md, report.json, plots)",
+        description=report.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="checkpoint directory, quantized checkpoint, .gguf file or hub id")
+    p.add_argument("--variants", default="bf16,int8,int4", help="comma-separated (default bf16,int8,int4); the "
+                   "first is the reference of the KL column")  # fmt: skip
+    p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text for perplexity and KL")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per perplexity window (default 512)")
+    p.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks (gives the density columns)")
+    p.add_argument("--include-path", metavar="DIR", help="a folder of local task YAML files")
+    p.add_argument("--limit", type=float, help="examples per task")
+    p.add_argument("--prompt", type=int, default=128, help="bench prompt tokens (default 128)")
+    p.add_argument("--decode", type=int, default=32, help="bench decode steps (default 32)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from qwenlite import report
+
+    if args.prompt < 1 or args.decode < 1:
+        raise InvalidArgument("--prompt and --decode must be at least 1")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
+    report.report(args.model, args.variants, args.text, args.out, args.ctx, tasks, args.include_path, args.limit,
+                  args.prompt, args.decode)  # fmt: skip
+    print(f"wrote {args.out}/report.md, report.json and two plots")
     return 0

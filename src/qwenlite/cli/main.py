@@ -11,7 +11,7 @@ import sys
 
 from qwenlite.cli.bench import add_bench_command
 from qwenlite.cli.convert import add_convert_command, add_quantize_command
-from qwenlite.cli.eval import add_eval_command, add_perplexity_command
+from qwenlite.cli.eval import add_eval_command, add_perplexity_command, add_report_command
 from qwenlite.cli.run import add_run_commands
 from qwenlite.cli.serve import add_serve_command
 from qwenlite.cli.train import add_train_commands
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_commands(sub)
     add_perplexity_command(sub)
     add_eval_command(sub)
+    add_report_command(sub)
     return parser
 
 

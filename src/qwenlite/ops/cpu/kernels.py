@@ -88,6 +88,10 @@ def _cpuinfo() -> tuple[str, frozenset[str]]:
         return platform.processor(), frozenset()
 
 
+def cpu_name() -> str:
+    return _cpuinfo()[0]
+
+
 def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
     """/proc/cpuinfo's model name and the first processor's features: x86's "flags", ARM's "Features" (ARM names no
     model: then the platform's)."""
