@@ -262,7 +262,7 @@ def plan_tensors(root: Path, c: ModelConfig, matrix_type: gguf.GGMLQuantizationT
     with torch.device("meta"):
         shapes = expected_shapes(Qwen3_5ForCausalLM(c))
     # A tied checkpoint gets no output tensor: llama.cpp falls back to token_embd.
-    files, _mtp = match_tensors(root, shapes, c.tie_word_embeddings)
+    files, _mtp = match_tensors(root, shapes, c)
 
     def order(name: str) -> tuple[int, int, str]:
         m = _LAYER.fullmatch(name)
@@ -292,7 +292,7 @@ def export_gguf(
     root, out_path = Path(checkpoint_dir), Path(out_path)
     matrix_type, file_type = FILE_TYPES[dtype]
     c = load_config(root)
-    if c.dense:
+    if c.dense or c.moe:
         raise QwenliteError(f"GGUF export of {c.model_type} checkpoints is not built yet; qwenlite exports Qwen3.5")
     check_layer_types(c)
     plan = plan_tensors(root, c, matrix_type)
