@@ -325,3 +325,76 @@ def test_a_fused_tensor_with_another_expert_count_is_refused(checkpoints, tmp_pa
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"gate_up_proj .* has shape \(4, 48, 64\), expected 5 experts"):
         load_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands around the model: they take a MoE model through the forward
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(checkpoints, tmp_path_factory):
+    """The per-expert checkpoint beside tiny_chat's tokenizer (480 ids, below the model's 512) and template."""
+    from tiny_chat import write_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("moe-chat")
+    for f in checkpoints["per-expert"][2].iterdir():
+        (path / f.name).symlink_to(f)
+    write_tiny_tokenizer(path)
+    return path
+
+
+def test_run_command_prints_what_generate_writes(checkpoints, with_tokenizer, capsys):
+    """`qwenlite run --raw` on a MoE checkpoint prints the greedy continuation `generate` writes (the forward decode:
+    the whole-model C step never plans a MoE model)."""
+    from qwenlite.cli.main import main as cli_main
+    from qwenlite.generate import generate
+    from qwenlite.text.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(with_tokenizer)
+    greedy = SamplingParams(temperature=0.0)
+    expected = generate(checkpoints["per-expert"][1], tok, tok.encode("The capital of France"), greedy, 8)
+    assert expected.strip()
+    argv = ["run", str(with_tokenizer), "The capital of France", "--raw", "--temperature", "0", "--max-tokens", "8"]
+    assert cli_main([*argv, "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_serving_engine_batches_a_moe_model(checkpoints):
+    """The server's engine: requests of different lengths decoded together, each as `generate_tokens` alone."""
+    import queue
+
+    from qwenlite.serve.engine import Engine, Finish, Request
+
+    model = checkpoints["per-expert"][1]
+    greedy = SamplingParams(temperature=0.0)
+    prompts = [random_ids(1, n, vocab=VOCAB, seed=n)[0].tolist() for n in (4, 11, 7)]
+    engine = Engine(model, max_concurrency=4, ctx=64)
+    try:
+        queues = [queue.SimpleQueue() for _ in prompts]
+        for prompt, q in zip(prompts, queues, strict=True):
+            engine.submit(Request(prompt, greedy, 10), q.put)
+        for prompt, q in zip(prompts, queues, strict=True):
+            events = []
+            while not isinstance(event := q.get(timeout=60), Finish):
+                events.append(event.id)
+            assert events == list(generate_tokens(model, prompt, greedy, 10))
+    finally:
+        engine.close()
+
+
+def test_bench_counts_only_the_active_experts(checkpoints, capsys):
+    """`qwenlite bench` on a MoE checkpoint: a decode step reads 3 of the 5 routed experts and the shared expert of
+    each layer, and every other weight but the (untied) embedding."""
+    from qwenlite.cli.main import main as cli_main
+
+    path = checkpoints["per-expert"][2]
+    argv = ["bench", str(path), "--prompt", "12", "--decode", "4", "--repeat", "1", "--json"]
+    assert cli_main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    H, I, S, E, k, layers = 64, 24, 40, 5, 3, 4
+    expert, shared = 3 * H * I * 4, 3 * H * S * 4  # fp32 bytes
+    assert r["active_expert_bytes_per_token"] == layers * (k * expert + shared)
+    assert r["weight_bytes"] - r["bytes_per_token"] == VOCAB * H * 4 + layers * (E - k) * expert
+    assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
+    assert cli_main(argv[:-1]) == 0
+    assert "active experts" in capsys.readouterr().out
