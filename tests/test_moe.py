@@ -33,6 +33,14 @@ from helpers import (
     random_ids,
     reference_logits,
 )
+from train_helpers import single_threaded
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    with single_threaded():  # see train_helpers: a neighbour on the other core stalls two-thread OpenMP
+        yield
+
 
 LOGIT_ATOL = 1e-4
 VOCAB = TINY_TEXT_CONFIG["vocab_size"]
@@ -398,3 +406,105 @@ def test_bench_counts_only_the_active_experts(checkpoints, capsys):
     assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
     assert cli_main(argv[:-1]) == 0
     assert "active experts" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantization: the experts and the shared expert quantized like any Linear, the router and the shared expert's
+# gate kept in the activations' dtype
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A MoE of hidden 128 (a multiple of every int4 group; experts 128 wide, the shared expert 256) trained 60
+    AdamW steps on test_families.py's Markov chain, so that its predictions are confident; saved in the per-expert
+    layout and, the same tensors, in the fused one; and held-out ids."""
+    from test_families import markov_ids
+
+    from qwenlite.io.checkpoint import save_checkpoint
+    from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value
+
+    config = ModelConfig(model_type="qwen3_5_moe_text", vocab_size=512, hidden_size=128, num_hidden_layers=2,
+                         layer_types=["linear_attention", "full_attention"], num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+                         linear_key_head_dim=32, linear_value_head_dim=32, max_position_embeddings=256, num_experts=5,
+                         num_experts_per_tok=3, moe_intermediate_size=128, shared_expert_intermediate_size=256,
+                         tie_word_embeddings=False, dtype="float32")  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    model = Qwen3_5ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(initial_value(name, tuple(p.shape), gen))
+    successors = torch.randint(0, 256, (config.vocab_size, 3), generator=gen)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
+    for _ in range(60):
+        x = markov_ids(successors, 16, 40, gen)
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 1.6, loss.item()  # from 6.2; the chain's entropy is 0.80
+    path = tmp_path_factory.mktemp("trained-moe")
+    save_checkpoint(model.eval(), path / "per-expert")
+    fused = {}
+    for name, t in model.state_dict().items():
+        prefix, expert, rest = name.partition(".experts.")
+        if not expert:
+            fused[name] = t
+        elif rest == "0.gate_proj.weight":  # one fused pair per layer, from all of its experts
+            experts = model.get_submodule(prefix).experts
+            fused[prefix + ".experts.gate_up_proj"] = torch.stack(
+                [torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts]
+            ).detach()
+            fused[prefix + ".experts.down_proj"] = torch.stack([e.down_proj.weight for e in experts]).detach()
+    copy_with(path / "per-expert", path / "fused")
+    save_file(fused, str(path / "fused" / "model.safetensors"), metadata={"format": "pt"})
+    return path, markov_ids(successors, 4, 64, gen)
+
+
+# test_quant.py's tolerances for the dense Qwen3.5 model.
+@pytest.mark.parametrize(("bits", "group_size", "max_kl", "min_top1"), [(8, None, 1e-4, 0.99), (4, 32, 1e-2, 0.95),
+                                                                       (4, 128, 1e-2, 0.95)])  # fmt: skip
+def test_quantized_logits_stay_close(trained, bits, group_size, max_kl, min_top1):
+    from qwenlite.model.quantized import QuantLinear, quantize_model
+
+    from helpers import kl_and_top1
+
+    path, ids = trained
+    model = load_checkpoint(path / "per-expert").model
+    with torch.no_grad():
+        ref = model(ids)
+        assert ref.softmax(-1).amax(-1).mean() > 0.5  # confident predictions, far from uniform (1/512)
+        quantized = quantize_model(model, bits, group_size)
+        mlp = quantized.model.layers[1].mlp
+        assert all(isinstance(m, QuantLinear) for m in (mlp.experts[4].down_proj, mlp.shared_expert.up_proj))
+        assert mlp.gate.weight.dtype == mlp.shared_expert_gate.weight.dtype == torch.float32  # kept as they were
+        kl, top1 = kl_and_top1(ref, quantized(ids))
+    assert kl <= max_kl and top1 >= min_top1, (kl, top1)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantize_on_load_and_quantized_checkpoint(trained, tmp_path, quant):
+    """load_model(quant=...) from either expert layout and `qwenlite quantize` then load: the same logits; the
+    quantized checkpoint stores every expert's packed weights and the router unquantized; greedy decoding with the
+    kernels where they apply equals the pure-torch reference."""
+    from qwenlite.cli.main import main as cli_main
+    from qwenlite.io.load import load_model
+    from qwenlite.model.qwen3_5 import set_fast
+
+    path, ids = trained
+    on_load, _ = load_model(path / "per-expert", "float32", quant=quant, with_tokenizer=False)
+    from_fused, _ = load_model(path / "fused", "float32", quant=quant, with_tokenizer=False)
+    argv = ["quantize", str(path / "fused"), str(tmp_path / "q"), "--bits", quant.removeprefix("int")]
+    assert cli_main(argv) == 0
+    stored = load_file(str(tmp_path / "q" / "model.safetensors"))
+    assert stored["model.layers.0.mlp.gate.weight"].dtype == torch.float32
+    assert stored["model.layers.0.mlp.experts.4.down_proj.qweight"].dtype in (torch.int8, torch.uint8)
+    reloaded, _ = load_model(tmp_path / "q", "float32", with_tokenizer=False)
+    with torch.no_grad():
+        expected = on_load(ids)
+        assert torch.equal(from_fused(ids), expected)
+        assert max_abs_diff(reloaded(ids), expected) <= 1e-5
+    prompt = ids[0, :10].tolist()
+    fast = list(generate_tokens(reloaded, prompt, SamplingParams(temperature=0.0), max_tokens=12))
+    set_fast(reloaded, False)
+    assert list(generate_tokens(reloaded, prompt, SamplingParams(temperature=0.0), max_tokens=12)) == fast
