@@ -508,3 +508,57 @@ def test_quantize_on_load_and_quantized_checkpoint(trained, tmp_path, quant):
     fast = list(generate_tokens(reloaded, prompt, SamplingParams(temperature=0.0), max_tokens=12))
     set_fast(reloaded, False)
     assert list(generate_tokens(reloaded, prompt, SamplingParams(temperature=0.0), max_tokens=12)) == fast
+
+
+# ---------------------------------------------------------------------------------------------
+# The 35B-A3B preset and shallower copies of a preset
+
+
+def test_35b_a3b_preset_has_the_published_shapes():
+    """Qwen/Qwen3.5-35B-A3B's config.json (text_config), as public copies of it show and transformers'
+    Qwen3_5MoeTextConfig defaults repeat: 2048 hidden, 40 layers (every 4th full attention), 256 experts of 512,
+    8 per token, a shared expert of 512, untied."""
+    from qwenlite.config import preset_config
+
+    c = preset_config("qwen3.5-35b-a3b")
+    published = dict(model_type="qwen3_5_moe_text", vocab_size=248320, hidden_size=2048, num_hidden_layers=40,
+                     num_attention_heads=16, num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
+                     linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128, num_experts=256,
+                     num_experts_per_tok=8, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+                     tie_word_embeddings=False, rope_theta=1e7, partial_rotary_factor=0.25,
+                     max_position_embeddings=262144, mtp_num_hidden_layers=1)  # fmt: skip
+    assert {k: getattr(c, k) for k in published} == published
+    assert c.layer_types.count("full_attention") == 10 and c.layer_types[3] == "full_attention"
+    # the same numbers through transformers' reading of the config qwenlite writes
+    import transformers
+
+    theirs = transformers.Qwen3_5MoeTextConfig(**c.to_dict())
+    assert (theirs.num_experts, theirs.moe_intermediate_size, theirs.layer_types) == (256, 512, c.layer_types)
+
+
+def test_layers_keeps_the_pattern_and_the_shapes(tmp_path, capsys):
+    """`init-random PRESET --layers N`: the first N layers of the whole model (linear and full attention where they
+    are), every tensor at its real shape; a count outside 1..layers is a one-line error."""
+    from qwenlite.cli.main import main as cli_main
+    from qwenlite.config import preset_config
+    from qwenlite.io.checkpoint import expected_shapes
+    from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
+
+    c = preset_config("qwen3.5-35b-a3b", 8)
+    assert c.num_hidden_layers == 8 and c.layer_types == ["linear_attention"] * 3 + ["full_attention"] + [
+        "linear_attention"] * 3 + ["full_attention"]  # fmt: skip
+    with torch.device("meta"):
+        shallow = expected_shapes(Qwen3_5ForCausalLM(preset_config("qwen3.5-35b-a3b", 4)))
+    assert shallow["model.layers.2.mlp.experts.255.down_proj.weight"] == (2048, 512)
+    assert shallow["model.layers.3.self_attn.q_proj.weight"] == (2 * 16 * 256, 2048)
+    assert shallow["model.layers.0.linear_attn.in_proj_qkv.weight"] == (2 * 16 * 128 + 32 * 128, 2048)
+    assert shallow["lm_head.weight"] == (248320, 2048)
+
+    assert cli_main(["init-random", "tiny", str(tmp_path / "m"), "--layers", "2", "--dtype", "float32"]) == 0
+    written = load_config(tmp_path / "m")
+    assert written.num_hidden_layers == 2 and written.layer_types == ["linear_attention"] * 2
+    assert load_checkpoint(tmp_path / "m").model.model.layers[1].mlp.up_proj.out_features == 256
+    capsys.readouterr()
+    assert cli_main(["init-random", "tiny", str(tmp_path / "n"), "--layers", "5"]) == 1
+    assert capsys.readouterr().err.strip() == "qwenlite: error: --layers must be between 1 and tiny's 4, got 5"
+    assert not (tmp_path / "n").exists()

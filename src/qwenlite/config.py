@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from qwenlite.errors import CheckpointError, QwenliteError
+from qwenlite.errors import CheckpointError, InvalidArgument, QwenliteError
 
 SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3", "qwen2")
 # The dense families: every layer full attention, a plain RMSNorm (w * x_hat), no output gate, full rotary.
@@ -309,8 +309,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def preset_config(name: str, **overrides: Any) -> ModelConfig:
+def preset_config(name: str, layers: int | None = None, **overrides: Any) -> ModelConfig:
+    """A preset's config; `layers` makes a shallower copy: the whole model's first `layers` layers, linear and full
+    attention where they are in it, each at its real shape (benchmarks of a large model on a small machine)."""
     if name not in PRESETS:
         raise QwenliteError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     mtp = 0 if PRESETS[name].get("model_type") in DENSE_FAMILIES else 1
-    return ModelConfig(**{**PRESETS[name], "mtp_num_hidden_layers": mtp, **overrides})
+    config = ModelConfig(**{**PRESETS[name], "mtp_num_hidden_layers": mtp, **overrides})
+    if layers is None:
+        return config
+    if not 1 <= layers <= config.num_hidden_layers:
+        raise InvalidArgument(f"--layers must be between 1 and {name}'s {config.num_hidden_layers}, got {layers}")
+    return dataclasses.replace(config, num_hidden_layers=layers, layer_types=config.layer_types[:layers])
