@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -562,3 +563,83 @@ def test_layers_keeps_the_pattern_and_the_shapes(tmp_path, capsys):
     assert cli_main(["init-random", "tiny", str(tmp_path / "n"), "--layers", "5"]) == 1
     assert capsys.readouterr().err.strip() == "qwenlite: error: --layers must be between 1 and tiny's 4, got 5"
     assert not (tmp_path / "n").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF: llama.cpp's qwen35moe
+
+
+def test_gguf_tables_match_gguf_py_tensor_map():
+    """Our qwen35moe names agree with gguf-py's TensorNameMap, which llama.cpp's converter uses: the per-layer MoE
+    tensors by their checkpoint names, the stacked experts by the merged names the converter gives them."""
+    import gguf
+
+    from qwenlite.io.gguf_export import GGUF_EXPERT_NAMES, GGUF_MOE_LAYER_NAMES
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN35MOE, 4)
+    for ours, theirs in GGUF_MOE_LAYER_NAMES.items():
+        assert name_map.get_name(f"model.layers.2.{ours}", try_suffixes=(".weight",)) == f"blk.2.{theirs}", ours
+    for ours, theirs in GGUF_EXPERT_NAMES.items():
+        merged = f"model.layers.2.mlp.experts.{ours}"  # the converter stacks experts.{e}.<ours> under this name
+        assert name_map.get_name(merged, try_suffixes=(".weight",)) == f"blk.2.{theirs}", ours
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+def test_gguf_export_and_import(checkpoints, with_tokenizer, tmp_path, dtype):
+    """`qwenlite convert --to gguf` writes llama.cpp's qwen35moe: the experts stacked per layer and projection in expert
+    order, the router and the shared expert's gate in F32, the shared expert as *_shexp, the expert counts in the
+    metadata, every name one that gguf-py declares for the architecture; the same file from the fused layout; and it
+    loads back to the model's logits (f32: <= 1e-5; q8_0: the format's rounding, top-1 kept)."""
+    import gguf
+
+    from qwenlite.cli.main import main as cli_main
+    from qwenlite.io.load import load_model
+
+    hf, model, _ = checkpoints["per-expert"]
+    out = tmp_path / "m.gguf"
+    assert cli_main(["convert", str(with_tokenizer), "--to", "gguf", str(out), "--dtype", dtype]) == 0
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.architecture"].contents() == "qwen35moe"
+    counts = {k: reader.fields[f"qwen35moe.{k}"].contents() for k in ("expert_count", "expert_used_count",
+              "expert_feed_forward_length", "expert_shared_feed_forward_length")}  # fmt: skip
+    assert counts == {"expert_count": 5, "expert_used_count": 3, "expert_feed_forward_length": 24,
+                      "expert_shared_feed_forward_length": 40}  # fmt: skip
+    tensors = {t.name: t for t in reader.tensors}
+    declared = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.QWEN35MOE]}
+    assert {n.removesuffix(".weight").removesuffix(".bias").replace(".1.", ".{bid}.", 1) for n in tensors
+            if n.startswith("blk.1.")} <= declared  # fmt: skip
+    gate_up = tensors["blk.2.ffn_up_exps.weight"]
+    assert gate_up.shape.tolist() == [64, 24, 5]  # ne: (H, I, E), torch's (E, I, H) reversed
+    assert tensors["blk.2.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert tensors["blk.2.ffn_gate_inp_shexp.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert tensors["blk.2.ffn_down_shexp.weight"].shape.tolist() == [40, 64]
+    if dtype == "f32":
+        up = torch.from_numpy(np.asarray(gate_up.data).copy()).reshape(5, 24, 64)
+        assert torch.equal(up[3], model.model.layers[2].mlp.experts[3].up_proj.weight)
+
+    fused_dir = tmp_path / "fused"
+    fused_dir.mkdir()
+    for f in checkpoints["fused"][2].iterdir():
+        (fused_dir / f.name).symlink_to(f)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (fused_dir / f).symlink_to(with_tokenizer / f)
+    assert cli_main(["convert", str(fused_dir), "--to", "gguf", str(tmp_path / "f.gguf"), "--dtype", dtype]) == 0
+    assert {t.name: bytes(t.data) for t in gguf.GGUFReader(tmp_path / "f.gguf").tensors} == {
+        n: bytes(t.data) for n, t in tensors.items()
+    }
+
+    back, _ = load_model(out, "float32")
+    assert back.config.moe and back.config.num_experts_per_tok == 3
+    ids = random_ids(2, 24, vocab=VOCAB, seed=4)
+    if dtype == "f32":
+        assert max_abs_diff(forward(back, ids), forward(model, ids)) <= 1e-5
+        return
+    # Q8_0: each weight as gguf-py's own rounding leaves it (the logits of this random model amplify a 0.4% weight
+    # error past any useful bound); rows of 24 (down_proj) do not split into blocks of 32: F16, as the converter.
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    for e in (0, 4):
+        ours, theirs = back.model.layers[1].mlp.experts[e], model.model.layers[1].mlp.experts[e]
+        rounded = gguf.quants.dequantize(gguf.quants.quantize(theirs.gate_proj.weight.detach().numpy(), q8), q8)
+        assert torch.equal(ours.gate_proj.weight, torch.from_numpy(rounded))
+        assert torch.equal(ours.down_proj.weight, theirs.down_proj.weight.half().float())
+    assert torch.equal(back.model.layers[1].mlp.gate.weight, model.model.layers[1].mlp.gate.weight)
