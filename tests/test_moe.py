@@ -268,6 +268,23 @@ def test_router_matches_the_reference_ties_included():
         assert (got_e[:, :2].sort(-1).values == torch.tensor([1, 3])).any(-1).any()  # a tie was among the top k
 
 
+def test_bfloat16_moe_block_equals_the_reference_bit_for_bit(checkpoints):
+    """In bf16 the MoE block (router, the routed experts summed in expert order, the gated shared expert) gives the
+    very bits of transformers' Qwen3_5MoeSparseMoeBlock with its eager expert loop, pure torch on both sides."""
+    import copy
+
+    from qwenlite.model.qwen3_5 import set_fast
+
+    hf, _, path = checkpoints["per-expert"]
+    theirs = copy.deepcopy(hf.model.layers[2].mlp).to(torch.bfloat16)
+    theirs.experts.config._experts_implementation = "eager"
+    ours = load_checkpoint(path, "bfloat16").model.model.layers[2].mlp
+    set_fast(ours, False)
+    x = torch.randn(3, 40, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+
+
 def test_prefill_groups_by_expert_and_decode_reads_only_the_chosen(checkpoints):
     """Each expert runs at most once per layer over all of a prompt's tokens, and a decode step of one row runs
     exactly top-k experts per layer."""
