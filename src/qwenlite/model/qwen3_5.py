@@ -308,16 +308,18 @@ class SparseMoeBlock(nn.Module):
         slots = chosen.flatten().argsort(stable=True)  # (N * k,) the (token, rank) slots grouped by expert
         counts = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
         weights = weights.flatten()
-        y = x.new_empty(N * k, H)
+        y = x.new_empty(N * k, H)  # row i: slot slots[i]'s output, so each expert writes one contiguous block
         start = 0
         for expert, n in zip(self.experts, counts, strict=True):
             if n:
                 s = slots[start : start + n]
-                y[s] = expert(x.index_select(0, s // k)) * weights[s, None]
+                y[start : start + n] = expert(x.index_select(0, s // k)) * weights[s, None]
                 start += n
-        # Each token's k outputs added in expert order, as the reference's index_add_ loop over experts adds them
-        # (torch's CPU index_add_ itself can take 100 ms a call with two threads on a busy core).
-        y = y.view(N, k, H).gather(1, chosen.argsort(-1)[..., None].expand(N, k, H))
+        # Each token's k outputs added in expert order, as the reference's index_add_ loop over experts adds them: a
+        # token's rows of y, ascending, are in expert order. (Scatters, torch's CPU index_add_ / index_put_, can take
+        # 10-100 ms a call with two threads on a busy core.)
+        rows = slots.argsort().view(N, k).sort(-1).values  # (N, k)
+        y = y.index_select(0, rows.flatten()).view(N, k, H)
         out = y[:, 0]
         for j in range(1, k):
             out = out + y[:, j]
