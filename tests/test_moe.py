@@ -483,6 +483,8 @@ def trained(tmp_path_factory):
 @pytest.mark.parametrize(("bits", "group_size", "max_kl", "min_top1"), [(8, None, 1e-4, 0.99), (4, 32, 1e-2, 0.95),
                                                                        (4, 128, 1e-2, 0.95)])  # fmt: skip
 def test_quantized_logits_stay_close(trained, bits, group_size, max_kl, min_top1):
+    """Mean KL(fp32 || quantized) per position and top-1 agreement (measured: int8 2.0e-5 / 1.0, int4 group 32
+    9.9e-4 / 1.0, group 128 1.4e-3 / 0.988; top-1 probability of the fp32 model 0.71)."""
     from qwenlite.model.quantized import QuantLinear, quantize_model
 
     from helpers import kl_and_top1
