@@ -100,10 +100,10 @@ def make_mtp_tensors(text_config: dict = TINY_TEXT_CONFIG, seed: int = 0, scale:
 
 
 def _randomize(model: torch.nn.Module) -> None:
-    """Draw the parameters transformers sets to constants (see the module docstring)."""
+    """Draw the parameters transformers sets to constants (see the module docstring), in Qwen3.5 and Qwen3.5 MoE."""
     with torch.no_grad():
         for module in model.modules():
-            kind = type(module).__name__
+            kind = type(module).__name__.replace("Qwen3_5Moe", "Qwen3_5")
             if kind == "Qwen3_5RMSNorm":  # zero-centred: x_hat * (1 + w)
                 module.weight.normal_(0.0, 0.1)
             elif kind == "Qwen3_5RMSNormGated":  # plain: w * x_hat * silu(z)

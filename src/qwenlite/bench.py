@@ -1,8 +1,9 @@
 """`qwenlite bench MODEL [--quant int8|int4]`: how fast a model runs on this machine, and how close decode gets
 to what the memory bandwidth allows.
 
-At batch 1 a decode step reads every weight once (the embedding only one row), so its ceiling is the machine's
-memory bandwidth divided by the bytes read per token. The bench measures that bandwidth itself (a parallel read
+At batch 1 a decode step reads every weight once (the embedding only one row; of a mixture-of-experts layer, the
+router's top-k experts and the shared expert), so its ceiling is the machine's memory bandwidth divided by the bytes
+read per token. The bench measures that bandwidth itself (a parallel read
 of the model's largest tensor, far larger than the caches, before and after the timed runs), then prefill of a
 `--prompt`-token prompt (time to first token included), `--decode` greedy decode steps, and the peak resident
 memory: best of `--repeat` runs after a warm-up that pages the weights in. The prompt is random token ids; random
@@ -26,7 +27,8 @@ class BenchResult:
     threads: int
     kernels: str  # the instruction set of qwenlite's CPU kernels that ran ("avx512", "avx2", "neon"), or "torch"
     weight_bytes: int  # every tensor of the model, once
-    bytes_per_token: int  # what one decode step reads: all of it but an untied embedding
+    bytes_per_token: int  # what one decode step reads: all of it but an untied embedding and the experts not chosen
+    active_expert_bytes_per_token: int  # of which the experts a token runs (top-k routed + shared; 0: no MoE)
     load_seconds: float
     prompt_tokens: int
     prefill_tok_s: float
@@ -53,6 +55,8 @@ class BenchResult:
         added_ratio = (self.peak_rss_bytes - self.rss_before_load_bytes) / self.weight_bytes
         rows = [
             ("weights", f"{self.weight_bytes / gb:.2f} GB ({self.bytes_per_token / gb:.2f} GB read per decode token)"),
+            *([("active experts", f"{self.active_expert_bytes_per_token / gb:.3f} GB read per decode token "
+                                    "(routed top-k + shared)")] if self.active_expert_bytes_per_token else []),
             ("load", f"{self.load_seconds:.1f} s"),
             (f"prefill ({self.prompt_tokens} tok)", f"{self.prefill_tok_s:.1f} tok/s"),
             ("time to first token", f"{self.time_to_first_token_s * 1000:.0f} ms"),
@@ -105,8 +109,14 @@ def measure_bandwidth(model: torch.nn.Module, repeat: int = 5) -> float:
     return buf.nbytes / best
 
 
-def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
-    """(bytes of all tensors counted once, bytes one decode step reads)."""
+def weight_bytes(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(bytes of all tensors counted once, bytes one decode step reads, of which its active experts). A MoE layer's
+    token reads top_k of its equally sized routed experts, and the shared expert."""
+    from qwenlite.model.qwen3_5 import SparseMoeBlock
+
+    def nbytes(module: torch.nn.Module) -> int:
+        return sum(t.nbytes for t in [*module.parameters(), *module.buffers()])
+
     seen: dict[int, int] = {}
     for t in [*model.parameters(), *model.buffers()]:
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
@@ -116,7 +126,13 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     untied = sum(seen.get(p, 0) for p in {t.untyped_storage().data_ptr() for t in [*embed.parameters(),
                                                                                      *embed.buffers()]}
                  if p not in head_storages)  # fmt: skip
-    return total, total - untied
+    routed = chosen = shared = 0
+    for moe in (m for m in model.modules() if isinstance(m, SparseMoeBlock)):
+        experts = nbytes(moe.experts)
+        routed += experts
+        chosen += experts * moe.top_k // len(moe.experts)
+        shared += nbytes(moe.shared_expert)
+    return total, total - untied - routed + chosen, chosen + shared
 
 
 def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, prompt: int = 512, decode: int = 128,
@@ -136,7 +152,7 @@ def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, pr
     where = model.device
     synchronize(where)
     load_seconds = time.perf_counter() - t
-    total, per_token = weight_bytes(model)
+    total, per_token, active_experts = weight_bytes(model)
     vocab = model.config.vocab_size  # ids past the control tokens, or any id of a tiny vocabulary
     ids = torch.randint(1000 if vocab > 2000 else 0, min(100_000, vocab), (prompt,),
                         generator=torch.Generator().manual_seed(0)).tolist()  # fmt: skip
@@ -162,7 +178,8 @@ def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, pr
     precision = f"int{bits}" if bits else str(model.dtype).removeprefix("torch.")
     return BenchResult(
         model=model_ref, precision=precision, threads=torch.get_num_threads(), kernels=kernels.isa(),
-        weight_bytes=total, bytes_per_token=per_token, load_seconds=load_seconds, prompt_tokens=prompt,
+        weight_bytes=total, bytes_per_token=per_token, active_expert_bytes_per_token=active_experts,
+        load_seconds=load_seconds, prompt_tokens=prompt,
         prefill_tok_s=prompt / prefill_s, time_to_first_token_s=prefill_s, decode_tokens=decode,
         decode_tok_s=decode / decode_s, bandwidth_gb_s=bandwidth / 1e9, decode_limit_tok_s=bandwidth / per_token,
         peak_rss_bytes=peak_rss(), rss_before_load_bytes=rss_before, device=str(where),

@@ -10,12 +10,22 @@ from typing import Any
 
 import torch
 
-from qwenlite.errors import CheckpointError, QwenliteError
+from qwenlite.errors import CheckpointError, InvalidArgument, QwenliteError
 
-SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3", "qwen2")
+SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3", "qwen2")
 # The dense families: every layer full attention, a plain RMSNorm (w * x_hat), no output gate, full rotary.
 DENSE_FAMILIES = ("qwen3", "qwen2")
-ARCHITECTURES = {"qwen3_5_text": "Qwen3_5ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"qwen3_5_text": "Qwen3_5ForCausalLM", "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # fmt: skip
+# The mixture-of-experts family: Qwen3.5's layers with a routed MLP (wrapper config `qwen3_5_moe`, text config
+# `qwen3_5_moe_text`), and what transformers' Qwen3_5MoeTextConfig assumes for a key config.json leaves out, where
+# ours (Qwen3.5-0.8B's) differ.
+MOE_FAMILIES = ("qwen3_5_moe", "qwen3_5_moe_text")
+MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
+MOE_DEFAULTS: dict[str, Any] = {"hidden_size": 2048, "num_hidden_layers": 40, "num_attention_heads": 16,
+                                "max_position_embeddings": 32768, "tie_word_embeddings": False,
+                                "linear_num_value_heads": 32, "num_experts": 256, "num_experts_per_tok": 8,
+                                "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512}  # fmt: skip
 # What transformers' Qwen3Config / Qwen2Config assume for a key config.json leaves out, where ours (Qwen3.5's)
 # differ; head_dim is Qwen3's 128, or hidden_size / num_attention_heads for Qwen2, which has no such key.
 DENSE_DEFAULTS: dict[str, Any] = {"vocab_size": 151936, "max_position_embeddings": 32768, "tie_word_embeddings": False,
@@ -56,6 +66,12 @@ class ModelConfig:
     rope_theta: float = 10_000_000.0
     partial_rotary_factor: float = 0.25
     mtp_num_hidden_layers: int = 0
+    # Mixture of experts (qwen3_5_moe_text only): every layer's MLP is a router over `num_experts` experts of
+    # `moe_intermediate_size`, `num_experts_per_tok` of them per token, plus a gated shared expert.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
     dtype: str = "bfloat16"
     eos_token_id: int | list[int] | None = None
     # Unknown keys of the source file, kept so that a config written back loses nothing.
@@ -81,6 +97,13 @@ class ModelConfig:
             raise CheckpointError(
                 f"a {self.model_type} model has full attention in every layer, no output gate and full rotary"
             )
+        if self.moe and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise CheckpointError(
+                f"num_experts_per_tok must be between 1 and num_experts ({self.num_experts}), "
+                f"got {self.num_experts_per_tok}"
+            )
+        if self.moe and min(self.moe_intermediate_size, self.shared_expert_intermediate_size) < 1:
+            raise CheckpointError("moe_intermediate_size and shared_expert_intermediate_size must be positive")
         if self.num_attention_heads % self.num_key_value_heads:
             raise CheckpointError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.linear_num_value_heads % self.linear_num_key_heads:
@@ -91,6 +114,11 @@ class ModelConfig:
     def dense(self) -> bool:
         """Qwen3 / Qwen2: all layers full attention, and a plain RMSNorm `w * x_hat` everywhere."""
         return self.model_type in DENSE_FAMILIES
+
+    @property
+    def moe(self) -> bool:
+        """Qwen3.5 MoE: each layer's MLP is routed experts plus a gated shared expert."""
+        return self.model_type == "qwen3_5_moe_text"
 
     @property
     def zero_centred_norms(self) -> bool:
@@ -133,8 +161,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
-        """Accepts a nested `qwen3_5` config (text under `text_config`), a flat `qwen3_5_text` one, or a dense
-        `qwen3` / `qwen2` one."""
+        """Accepts a nested `qwen3_5` / `qwen3_5_moe` config (text under `text_config`), a flat `qwen3_5_text` /
+        `qwen3_5_moe_text` one, or a dense `qwen3` / `qwen2` one."""
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise CheckpointError(
@@ -153,7 +181,9 @@ class ModelConfig:
         for key in ("rope_theta", "partial_rotary_factor"):
             if key in rope:
                 text[key] = rope[key]
-        text["model_type"] = "qwen3_5_text"
+        if model_type in MOE_FAMILIES:
+            text = {**MOE_DEFAULTS, **{k: v for k, v in text.items() if v is not None}}
+        text["model_type"] = "qwen3_5_moe_text" if model_type in MOE_FAMILIES else "qwen3_5_text"
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in text.items() if k in names and v is not None}
         # Unknown keys ride along; the ones to_dict() writes itself do not.
@@ -192,15 +222,15 @@ class ModelConfig:
                 text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
         text = {**DENSE_DEFAULTS, **{k: v for k, v in text.items() if v is not None}}
         text.setdefault("num_key_value_heads", text.get("num_attention_heads", cls.num_attention_heads))
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra", *QWEN35_ONLY_KEYS}
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", *QWEN35_ONLY_KEYS, *MOE_KEYS}
         known = {k: v for k, v in text.items() if k in names}
-        derived = {"torch_dtype", "architectures", "rope_parameters", "rope_scaling", *QWEN35_ONLY_KEYS}
+        derived = {"torch_dtype", "architectures", "rope_parameters", "rope_scaling", *QWEN35_ONLY_KEYS, *MOE_KEYS}
         extra = {k: v for k, v in raw.items() if k not in names and k not in derived}
         return cls(**known, attn_output_gate=False, partial_rotary_factor=1.0, mtp_num_hidden_layers=0, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
         """A flat config.json that transformers' class for this family reads (`Qwen3_5ForCausalLM`,
-        `Qwen3ForCausalLM`, `Qwen2ForCausalLM`)."""
+        `Qwen3_5MoeForCausalLM`, `Qwen3ForCausalLM`, `Qwen2ForCausalLM`)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         out = {**self.extra, **out}
         out["architectures"] = [ARCHITECTURES[self.model_type]]
@@ -210,6 +240,9 @@ class ModelConfig:
             "partial_rotary_factor": out.pop("partial_rotary_factor"),
         }
         out.pop("full_attention_interval")
+        if not self.moe:
+            for key in MOE_KEYS:
+                out.pop(key)
         if self.dense:
             del out["rope_parameters"]["partial_rotary_factor"]
             for key in QWEN35_ONLY_KEYS:
@@ -256,6 +289,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen3.5-9b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=32, num_attention_heads=16,
                        num_key_value_heads=4, linear_num_key_heads=16, linear_num_value_heads=32,
                        tie_word_embeddings=False),
+    # Qwen/Qwen3.5-35B-A3B (and Qwen3.6-35B-A3B, the same shapes): 256 experts of 512, 8 per token, a shared expert
+    # of 512; 40 layers (30 linear : 10 full). Its config.json as published copies show it (and transformers'
+    # Qwen3_5MoeTextConfig defaults, documented as this checkpoint's).
+    "qwen3.5-35b-a3b": dict(model_type="qwen3_5_moe_text", hidden_size=2048, intermediate_size=512,
+                            num_hidden_layers=40, num_attention_heads=16, num_key_value_heads=2,
+                            linear_num_key_heads=16, linear_num_value_heads=32, num_experts=256,
+                            num_experts_per_tok=8, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+                            tie_word_embeddings=False),
     # mlx-lm's Qwen3.5 test shape: hidden 128, 4 layers (3 linear : 1 full), the real vocabulary.
     # Qwen/Qwen3-0.6B (dense: every layer full attention).
     "qwen3-0.6b": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
@@ -268,8 +309,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def preset_config(name: str, **overrides: Any) -> ModelConfig:
+def preset_config(name: str, layers: int | None = None, **overrides: Any) -> ModelConfig:
+    """A preset's config; `layers` makes a shallower copy: the whole model's first `layers` layers, linear and full
+    attention where they are in it, each at its real shape (benchmarks of a large model on a small machine)."""
     if name not in PRESETS:
         raise QwenliteError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     mtp = 0 if PRESETS[name].get("model_type") in DENSE_FAMILIES else 1
-    return ModelConfig(**{**PRESETS[name], "mtp_num_hidden_layers": mtp, **overrides})
+    config = ModelConfig(**{**PRESETS[name], "mtp_num_hidden_layers": mtp, **overrides})
+    if layers is None:
+        return config
+    if not 1 <= layers <= config.num_hidden_layers:
+        raise InvalidArgument(f"--layers must be between 1 and {name}'s {config.num_hidden_layers}, got {layers}")
+    return dataclasses.replace(config, num_hidden_layers=layers, layer_types=config.layer_types[:layers])

@@ -38,7 +38,10 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     chat.set_defaults(func=cmd_chat)
 
     init = sub.add_parser("init-random", help="write a random-weight checkpoint with real shapes")
-    init.add_argument("preset", help="qwen3.5-0.8b, qwen3.5-2b, qwen3.5-4b, qwen3.5-9b, qwen3-0.6b or tiny")
+    init.add_argument(
+        "preset", help="qwen3.5-0.8b, qwen3.5-2b, qwen3.5-4b, qwen3.5-9b, qwen3.5-35b-a3b, qwen3-0.6b or tiny"
+    )
+    init.add_argument("--layers", type=int, help="keep only the first N layers (their real shapes and attention kinds)")
     init.add_argument("outdir")
     init.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     init.add_argument("--seed", type=int, default=0)
@@ -209,7 +212,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_init_random(args: argparse.Namespace) -> int:
     from qwenlite.config import DTYPES
 
-    config = preset_config(args.preset, dtype=args.dtype)
+    config = preset_config(args.preset, args.layers, dtype=args.dtype)
     out = Path(args.outdir)
     write_random_checkpoint(config, out, DTYPES[args.dtype], seed=args.seed)
     write_tokenizer_files(out, qwen3=config.dense)

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -34,13 +34,41 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", 
 V = TypeVar("V")
 
 
-def sanitize(tensors: Mapping[str, V]) -> tuple[dict[str, V], dict[str, V]]:
+# A fused expert tensor of transformers' in-memory layout (`save_pretrained(save_original_format=False)` writes it):
+# `mlp.experts.gate_up_proj` (E, 2I, H) holds each expert's gate rows then its up rows, `mlp.experts.down_proj`
+# (E, H, I) each expert's down_proj. Ours: one module per expert; the parts are views, no copy.
+FUSED_EXPERTS = {"gate_up_proj": (("gate_proj", 0), ("up_proj", 1)), "down_proj": (("down_proj", None),)}
+
+
+@dataclass(frozen=True)
+class Part(Generic[V]):
+    """Expert `expert`'s share of a fused expert tensor stored as `source`: its gate (half 0) or up (half 1) rows of
+    gate_up_proj, or (half None) its whole down_proj. `experts` is the count config.json gives."""
+
+    source: V
+    expert: int
+    half: int | None
+    experts: int
+
+    def take(self, fused: torch.Tensor, where: str) -> torch.Tensor:
+        """This part of the fused tensor, a view of it; the fused tensor's expert count checked."""
+        if fused.dim() != 3 or fused.shape[0] != self.experts:
+            raise CheckpointError(
+                f"fused expert tensor {where} has shape {tuple(fused.shape)}, expected {self.experts} experts "
+                "(num_experts in config.json) first"
+            )
+        t = fused[self.expert]
+        return t if self.half is None else t.chunk(2, dim=0)[self.half]
+
+
+def sanitize(tensors: Mapping[str, V], num_experts: int = 0) -> tuple[dict[str, V | Part[V]], dict[str, V]]:
     """Raw checkpoint names -> (our text-model names, MTP head names). Pure and idempotent.
 
     `Qwen3_5ForConditionalGeneration` keeps the text model under `model.language_model.`, a vision tower
     under `model.visual.` (skipped: qwenlite is text-only) and the multi-token-prediction head under `mtp.`
-    (returned apart, for speculative decoding)."""
-    text: dict[str, V] = {}
+    (returned apart, for speculative decoding). A MoE model (`num_experts` > 0) stored with fused expert tensors
+    gets one `Part` per expert and projection, named as the per-expert layout stores it."""
+    text: dict[str, V | Part[V]] = {}
     mtp: dict[str, V] = {}
     for name, value in tensors.items():
         if name.startswith(("model.visual.", "visual.")):
@@ -50,6 +78,12 @@ def sanitize(tensors: Mapping[str, V]) -> tuple[dict[str, V], dict[str, V]]:
             continue
         if name.startswith("model.language_model."):
             name = "model." + name.removeprefix("model.language_model.")
+        experts, _, last = name.rpartition(".")
+        if num_experts and experts.endswith(".mlp.experts") and last in FUSED_EXPERTS:
+            for e in range(num_experts):
+                for projection, half in FUSED_EXPERTS[last]:
+                    text[f"{experts}.{e}.{projection}.weight"] = Part(value, e, half, num_experts)
+            continue
         text[name] = value
     return text, mtp
 
@@ -97,23 +131,29 @@ def expected_shapes(model: Qwen3_5ForCausalLM) -> dict[str, tuple[int, ...]]:
 
 
 TensorSource = tuple[Path, str]  # (file, name as stored there)
+Stored = TensorSource | Part[TensorSource]  # a tensor, or an expert's part of a fused one
+
+
+def source(stored: Stored) -> TensorSource:
+    return stored.source if isinstance(stored, Part) else stored
 
 
 def match_tensors(
-    root: Path, shapes: Mapping[str, tuple[int, ...]], tied: bool
-) -> tuple[dict[str, TensorSource], dict[str, TensorSource]]:
+    root: Path, shapes: Mapping[str, tuple[int, ...]], config: ModelConfig
+) -> tuple[dict[str, Stored], dict[str, TensorSource]]:
     """Where each tensor the model needs is stored, strictly: a missing or unexpected tensor is an error that
     names it. Returns (model tensors, MTP head tensors), keyed by our names."""
     # Values carry (file, stored name): sanitizing renames, reading needs the name as stored.
-    files, mtp_files = sanitize({name: (path, name) for name, path in checkpoint_files(root).items()})
-    if tied:
+    sources = {name: (path, name) for name, path in checkpoint_files(root).items()}
+    files, mtp_files = sanitize(sources, config.num_experts if config.moe else 0)
+    if config.tie_word_embeddings:
         files.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
     missing = sorted(set(shapes) - set(files))
     if missing:
         raise CheckpointError(f"checkpoint {root} is missing tensor {missing[0]}" + _more(missing))
     unexpected = sorted(set(files) - set(shapes))
     if unexpected:
-        path, stored = files[unexpected[0]]
+        path, stored = source(files[unexpected[0]])
         raise CheckpointError(f"unexpected tensor {stored} in {path}" + _more(unexpected))
     return files, mtp_files
 
@@ -131,21 +171,24 @@ def load_checkpoint(
     with torch.device("meta"):
         model = Qwen3_5ForCausalLM(config)
     shapes = expected_shapes(model)
-    files, mtp_files = match_tensors(root, shapes, config.tie_word_embeddings)
+    files, mtp_files = match_tensors(root, shapes, config)
     # One dtype for every tensor, as the reference; forward does norms and gates in fp32.
     state = {name: t.to(device=device, dtype=dtype) for name, t in read_tensors(files, shapes)}
     return Checkpoint(assemble(model, state, device), config, root, read_mtp(mtp_files))
 
 
 def read_tensors(
-    files: Mapping[str, TensorSource], shapes: Mapping[str, tuple[int, ...]]
+    files: Mapping[str, Stored], shapes: Mapping[str, tuple[int, ...]]
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(our name, memory-mapped tensor) for each of `files` (from `match_tensors`), its shape checked."""
     handles: dict[Path, object] = {}
-    for name, (path, stored) in files.items():
+    for name, where in files.items():
+        path, stored = source(where)
         if path not in handles:
             handles[path] = open_safetensors(path)
-        tensor = read_tensor(handles[path], stored, path)
+        tensor = read_tensor(handles[path], stored, path)  # a view of the file's mapping: no copy
+        if isinstance(where, Part):
+            tensor = where.take(tensor, f"{stored} in {path}")
         if tuple(tensor.shape) != tuple(shapes[name]):
             raise CheckpointError(
                 f"tensor {stored} in {path} has shape {tuple(tensor.shape)}, expected {tuple(shapes[name])} "
@@ -155,7 +198,7 @@ def read_tensors(
 
 
 def stream_tensors(
-    files: Mapping[str, TensorSource], shapes: Mapping[str, tuple[int, ...]] | None = None
+    files: Mapping[str, Stored], shapes: Mapping[str, tuple[int, ...]] | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(our name, memory-mapped tensor) for each of `files`, like `read_tensors`, for one pass over a whole
     checkpoint (quantizing): when the next tensor is asked for, the previous one's pages are dropped from this
@@ -163,25 +206,30 @@ def stream_tensors(
     keeps every page it touched resident until it is unmapped: the whole checkpoint by the end of a pass. The
     tensors must not be written to. `shapes`, when given, are checked."""
     maps: dict[Path, tuple[mmap.mmap, int, dict]] = {}
-    for name, (path, stored) in files.items():
+    for name, where in files.items():
+        path, stored = source(where)
         if path not in maps:
             maps[path] = _map_safetensors(path)
         mapped, start, header = maps[path]
         dtype, shape, (lo, hi) = _entry(header, stored, path)
-        if shapes is not None and shape != tuple(shapes[name]):
-            raise CheckpointError(
-                f"tensor {stored} in {path} has shape {shape}, expected {tuple(shapes[name])} from config.json"
-            )
         if start + hi > len(mapped):
             raise CheckpointError(f"cannot read {path}: corrupt or truncated safetensors file (at {stored})")
         if hi == lo:
-            yield name, torch.empty(shape, dtype=dtype)
-            continue
-        yield (
-            name,
-            torch.frombuffer(mapped, dtype=dtype, count=(hi - lo) // dtype.itemsize, offset=start + lo).view(shape),
-        )
-        if hasattr(mmap, "MADV_DONTNEED"):  # not on Windows: there the pages stay until the end
+            tensor = torch.empty(shape, dtype=dtype)
+        else:
+            count = (hi - lo) // dtype.itemsize
+            tensor = torch.frombuffer(mapped, dtype=dtype, count=count, offset=start + lo).view(shape)
+        if isinstance(where, Part):  # an expert's part of a fused tensor: only its bytes are read and let go
+            part = where.take(tensor, f"{stored} in {path}")
+            offset = part.data_ptr() - tensor.data_ptr()
+            lo, hi, tensor = lo + offset, lo + offset + part.nbytes, part
+        if shapes is not None and tuple(tensor.shape) != tuple(shapes[name]):
+            raise CheckpointError(
+                f"tensor {stored} in {path} has shape {tuple(tensor.shape)}, expected {tuple(shapes[name])} "
+                "from config.json"
+            )
+        yield name, tensor
+        if hi > lo and hasattr(mmap, "MADV_DONTNEED"):  # not on Windows: there the pages stay until the end
             page = (start + lo) // mmap.PAGESIZE * mmap.PAGESIZE
             mapped.madvise(mmap.MADV_DONTNEED, page, start + hi - page)
 

@@ -1,4 +1,4 @@
-"""Export a checkpoint as GGUF for llama.cpp's `qwen35` architecture.
+"""Export a checkpoint as GGUF for llama.cpp's `qwen35` architecture (`qwen35moe` for Qwen3.5 MoE).
 
 The conventions are llama.cpp's converter's (convert_hf_to_gguf.py; the classes now live in
 conversion/qwen.py: Qwen3NextModel, _LinearAttentionVReorderBase, _Qwen35MRopeMixin, Qwen3_5TextModel; the
@@ -16,6 +16,12 @@ re-implemented here, never copied:
 - metadata `qwen35.*` as the converter writes it, with rope.dimension_sections defaulting to [11, 11, 10, 0];
 - the tokenizer as "gpt2" BPE with pre-tokenizer "qwen35": every id up to vocab_size (unused ids as [PADn]),
   token types, merges, special ids and chat template (via gguf-py's SpecialVocab, as the converter).
+
+Qwen3.5 MoE (`qwen35moe`, the converter's Qwen2MoeModel rules): each layer's experts stacked into one 3-D tensor
+per projection (`ffn_gate_exps` / `ffn_up_exps` (E, I, H), `ffn_down_exps` (E, H, I) in torch order), the shared
+expert as `ffn_*_shexp`, the router `ffn_gate_inp` and the shared expert's gate `ffn_gate_inp_shexp` in F32
+(the converter keeps the router F32; its gate, one row, costs nothing either); `expert_count`, `expert_used_count`,
+`expert_feed_forward_length`, `expert_shared_feed_forward_length` in the metadata.
 
 The multi-token-prediction head is not exported (llama.cpp's converter does so only in its newest versions, as
 extra `nextn` blocks that older llama.cpp builds cannot load).
@@ -36,12 +42,13 @@ from tqdm import tqdm
 
 from qwenlite.config import ModelConfig, load_config
 from qwenlite.errors import QwenliteError
-from qwenlite.io.checkpoint import expected_shapes, match_tensors, open_safetensors, read_tensor
+from qwenlite.io.checkpoint import Part, Stored, expected_shapes, match_tensors, open_safetensors, read_tensor, source
 from qwenlite.io.files import atomic_write
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.text.vocab import QWEN35_PATTERN
 
 ARCH = "qwen35"
+MOE_ARCH = "qwen35moe"
 DEFAULT_MROPE_SECTIONS = [11, 11, 10, 0]  # what the converter writes when config.json has no mrope_section
 # --dtype -> (type of the big matrices, general.file_type)
 FILE_TYPES = {
@@ -79,17 +86,39 @@ GGUF_LAYER_NAMES = {  # model.layers.{i}.<key> -> blk.{i}.<value>
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
+GGUF_MOE_LAYER_NAMES = {  # qwen35moe's, beside the above but the dense MLP's
+    "mlp.gate.weight": "ffn_gate_inp.weight",  # the router
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+}
+# model.layers.{i}.mlp.experts.{e}.<key> -> blk.{i}.<value>, expert e of the stacked tensor
+GGUF_EXPERT_NAMES = {"gate_proj.weight": "ffn_gate_exps.weight", "up_proj.weight": "ffn_up_exps.weight",
+                     "down_proj.weight": "ffn_down_exps.weight"}  # fmt: skip
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(.+)")
 
 
 def gguf_name(name: str) -> str:
-    """Our (sanitized) checkpoint tensor name -> llama.cpp's qwen35 name."""
+    """Our (sanitized) checkpoint tensor name -> llama.cpp's qwen35 / qwen35moe name (every expert of a layer
+    and projection -> the one stacked tensor; `expert_index` says where)."""
     if name in GGUF_NAMES:
         return GGUF_NAMES[name]
     m = _LAYER.fullmatch(name)
-    if m and m.group(2) in GGUF_LAYER_NAMES:
-        return f"blk.{m.group(1)}.{GGUF_LAYER_NAMES[m.group(2)]}"
+    if m and m.group(2) in GGUF_LAYER_NAMES | GGUF_MOE_LAYER_NAMES:
+        return f"blk.{m.group(1)}.{(GGUF_LAYER_NAMES | GGUF_MOE_LAYER_NAMES)[m.group(2)]}"
+    e = _EXPERT.fullmatch(m.group(2)) if m else None
+    if e and e.group(2) in GGUF_EXPERT_NAMES:
+        return f"blk.{m.group(1)}.{GGUF_EXPERT_NAMES[e.group(2)]}"
     raise QwenliteError(f"tensor {name} has no llama.cpp qwen35 name")
+
+
+def expert_index(name: str) -> int | None:
+    """The expert a per-expert tensor name belongs to (its slice of the stacked GGUF tensor), else None."""
+    m = _LAYER.fullmatch(name)
+    e = _EXPERT.fullmatch(m.group(2)) if m else None
+    return int(e.group(1)) if e else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +160,8 @@ def tensor_type(
 ) -> gguf.GGMLQuantizationType:
     """F32 for 1-D tensors, norms, the conv and anything not named *.weight; `matrix_type` for the rest, or F16
     when a row of `row` values does not split into its blocks (as the converter falls back)."""
-    if ndim <= 1 or name.endswith("_norm.weight") or ".ssm_conv1d." in name or not name.endswith(".weight"):
+    if (ndim <= 1 or name.endswith("_norm.weight") or ".ssm_conv1d." in name or ".ffn_gate_inp" in name
+            or not name.endswith(".weight")):  # fmt: skip
         return gguf.GGMLQuantizationType.F32
     if row is not None and row % gguf.GGML_QUANT_SIZES[matrix_type][0]:
         return gguf.GGMLQuantizationType.F16
@@ -190,6 +220,11 @@ def add_model_metadata(writer: gguf.GGUFWriter, c: ModelConfig, raw: dict, file_
     writer.add_ssm_inner_size(c.linear_value_dim)
     writer.add_full_attention_interval(c.full_attention_interval)
     writer.add_rope_dimension_count(c.rotary_dim)
+    if c.moe:
+        writer.add_expert_count(c.num_experts)
+        writer.add_expert_used_count(c.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(c.moe_intermediate_size)
+        writer.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
 
 
 def _looks_special(token: str) -> bool:
@@ -249,12 +284,11 @@ def add_tokenizer_metadata(writer: gguf.GGUFWriter, root: Path, vocab_size: int)
 
 @dataclass
 class PlannedTensor:
-    name: str  # ours
+    names: tuple[str, ...]  # ours: one, or a layer's experts in order (stacked)
     gguf_name: str
     shape: tuple[int, ...]  # as written (numpy order)
     qtype: gguf.GGMLQuantizationType
-    file: Path
-    stored: str  # name in the safetensors file
+    sources: tuple[Stored, ...]  # where each of `names` is stored
 
 
 def plan_tensors(root: Path, c: ModelConfig, matrix_type: gguf.GGMLQuantizationType) -> list[PlannedTensor]:
@@ -262,24 +296,38 @@ def plan_tensors(root: Path, c: ModelConfig, matrix_type: gguf.GGMLQuantizationT
     with torch.device("meta"):
         shapes = expected_shapes(Qwen3_5ForCausalLM(c))
     # A tied checkpoint gets no output tensor: llama.cpp falls back to token_embd.
-    files, _mtp = match_tensors(root, shapes, c.tie_word_embeddings)
+    files, _mtp = match_tensors(root, shapes, c)
 
-    def order(name: str) -> tuple[int, int, str]:
+    def order(name: str) -> tuple[int, int, str, int]:
         m = _LAYER.fullmatch(name)
         if m:
-            return (1, int(m.group(1)), m.group(2))
-        return ({"model.embed_tokens.weight": 0, "model.norm.weight": 2}.get(name, 3), 0, name)
+            e = expert_index(name)  # a layer's experts together, in expert order
+            key = m.group(2) if e is None else "mlp.experts." + m.group(2).split(".", 3)[3]
+            return (1, int(m.group(1)), key, e or 0)
+        return ({"model.embed_tokens.weight": 0, "model.norm.weight": 2}.get(name, 3), 0, name, 0)
 
-    plan = []
+    grouped: dict[str, list[str]] = {}
     for name in sorted(shapes, key=order):
-        shape = shapes[name]
-        if name.endswith("conv1d.weight"):
+        grouped.setdefault(gguf_name(name), []).append(name)
+    plan = []
+    for target, names in grouped.items():
+        shape = shapes[names[0]]
+        if names[0].endswith("conv1d.weight"):
             shape = (shape[0], shape[2])
-        target = gguf_name(name)
-        file, stored = files[name]
+        if expert_index(names[0]) is not None:
+            shape = (len(names), *shape)
         qtype = tensor_type(target, len(shape), matrix_type, shape[-1])
-        plan.append(PlannedTensor(name, target, shape, qtype, file, stored))
+        plan.append(PlannedTensor(tuple(names), target, shape, qtype, tuple(files[n] for n in names)))
     return plan
+
+
+def _read(handles: dict, stored: Stored) -> torch.Tensor:
+    """A tensor of the checkpoint (an expert's part of a fused one included), memory-mapped."""
+    path, name = source(stored)
+    if path not in handles:
+        handles[path] = open_safetensors(path)
+    t = read_tensor(handles[path], name, path)
+    return stored.take(t, f"{name} in {path}") if isinstance(stored, Part) else t
 
 
 def export_gguf(
@@ -297,7 +345,7 @@ def export_gguf(
     check_layer_types(c)
     plan = plan_tensors(root, c, matrix_type)
 
-    writer = gguf.GGUFWriter(path=None, arch=ARCH)
+    writer = gguf.GGUFWriter(path=None, arch=MOE_ARCH if c.moe else ARCH)
     total_params = sum(int(np.prod(t.shape)) for t in plan)
     metadata = gguf.Metadata.load(None, root, name, total_params)
     metadata.name = metadata.name or name or root.resolve().name
@@ -330,10 +378,10 @@ def export_gguf(
             writer.write_ti_data_to_file()
             with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="writing GGUF", disable=not progress) as bar:
                 for t in plan:
-                    if t.file not in handles:
-                        handles[t.file] = open_safetensors(t.file)
-                    data = _to_numpy(convert_tensor(t.name, read_tensor(handles[t.file], t.stored, t.file), c), t.qtype)
-                    assert data.shape == stored_shape(t), (t.name, data.shape, t.shape)
+                    parts = [convert_tensor(n, _read(handles, s), c) for n, s in zip(t.names, t.sources, strict=True)]
+                    stacked = expert_index(t.names[0]) is not None
+                    data = _to_numpy(torch.stack(parts) if stacked else parts[0], t.qtype)
+                    assert data.shape == stored_shape(t), (t.gguf_name, data.shape, t.shape)
                     writer.write_tensor_data(data)
                     bar.update(data.nbytes)
         finally:

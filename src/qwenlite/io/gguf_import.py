@@ -1,10 +1,12 @@
-"""Run a llama.cpp GGUF of Qwen3.5 (architecture `qwen35`): the inverse of gguf_export.py.
+"""Run a llama.cpp GGUF of Qwen3.5 (architecture `qwen35`, or `qwen35moe` for Qwen3.5 MoE): the inverse of
+gguf_export.py.
 
 - config from the `qwen35.*` metadata (block_count, embedding_length, ssm.*, rope.*, ...); the head is tied when
   there is no `output.weight`; `nextn` (multi-token-prediction) blocks, which newer converters append, are skipped;
 - tensors found under the exporter's own names (gguf_export.gguf_name of each of ours), and each of its
   conventions undone by `unconvert_tensor`: norms stored as 1 + w, `ssm_a` = -exp(A_log), the conv squeezed to
   (C, K), value heads tiled for ggml's broadcast (untiling is the same transpose with the grid's sides swapped);
+  a MoE layer's stacked `ffn_*_exps` tensor converted once, each expert's module given its view of it;
 - the tokenizer rebuilt from `tokenizer.ggml.*` (tokens, types, merges, eos id) as a byte-level BPE with Qwen3.5's
   pre-tokenizer and normaliser, the chat template from `tokenizer.chat_template`: no tokenizer.json needed.
 
@@ -30,7 +32,7 @@ from tqdm import tqdm
 from qwenlite.config import DTYPES, ModelConfig
 from qwenlite.errors import CheckpointError, QwenliteError
 from qwenlite.io.checkpoint import assemble, expected_shapes
-from qwenlite.io.gguf_export import ARCH, gguf_name, tile_value_heads
+from qwenlite.io.gguf_export import ARCH, MOE_ARCH, expert_index, gguf_name, tile_value_heads
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.text.tokenizer import ENDOFTEXT, IM_END, Tokenizer
 from qwenlite.text.vocab import qwen35_bpe
@@ -165,10 +167,10 @@ def _scalar(value) -> int:
 
 
 def config_from_gguf(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], dtype: str, where: Path) -> ModelConfig:
-    """ModelConfig from `qwen35.*` metadata and the tensors' shapes (ours: rows, cols)."""
+    """ModelConfig from `qwen35.*` / `qwen35moe.*` metadata and the tensors' shapes (ours: rows, cols)."""
     arch = meta.get("general.architecture")
-    if arch != ARCH:
-        raise CheckpointError(f"{where}: architecture {arch!r} is not Qwen3.5's {ARCH!r}")
+    if arch not in (ARCH, MOE_ARCH):
+        raise CheckpointError(f"{where}: architecture {arch!r} is not Qwen3.5's {ARCH!r} or {MOE_ARCH!r}")
 
     def key(k: str):
         value = meta.get(f"{arch}.{k}")
@@ -184,10 +186,19 @@ def config_from_gguf(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], d
         raise CheckpointError(f"{where}: tensor token_embd.weight is missing")
     q_rows = shapes.get(f"blk.{interval - 1}.attn_q.weight", (2 * heads * head_dim,))[0]
     eos = meta.get("tokenizer.ggml.eos_token_id")
+    moe = {}
+    if arch == MOE_ARCH:
+        moe = dict(model_type="qwen3_5_moe_text", num_experts=key("expert_count"),
+                   num_experts_per_tok=key("expert_used_count"),
+                   moe_intermediate_size=key("expert_feed_forward_length"),
+                   shared_expert_intermediate_size=key("expert_shared_feed_forward_length"))  # fmt: skip
+    # A MoE model computes no dense MLP: its feed_forward_length, when written at all, is only carried along.
+    intermediate = meta.get(f"{arch}.feed_forward_length") if moe else key("feed_forward_length")
     return ModelConfig(
+        **moe,
         vocab_size=shapes["token_embd.weight"][0],
         hidden_size=key("embedding_length"),
-        intermediate_size=key("feed_forward_length"),
+        intermediate_size=_scalar(intermediate or moe.get("moe_intermediate_size")),
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=key("attention.head_count_kv"),
@@ -265,8 +276,8 @@ def default_dtype(meta: dict[str, Any]) -> str:
 def load_gguf(
     path: str | Path, dtype: torch.dtype | str | None = None, progress: bool = True
 ) -> tuple[Qwen3_5ForCausalLM, ModelConfig, Tokenizer]:
-    """A llama.cpp qwen35 GGUF -> (model, config, tokenizer), every tensor dequantized to `dtype` (default: see
-    `default_dtype`). Strict: a missing, unexpected or misshapen tensor is an error that names it."""
+    """A llama.cpp qwen35 / qwen35moe GGUF -> (model, config, tokenizer), every tensor dequantized to `dtype`
+    (default: see `default_dtype`). Strict: a missing, unexpected or misshapen tensor is an error that names it."""
     path = Path(path)
     meta, stored = read_gguf(path)
     if isinstance(dtype, torch.dtype):
@@ -279,33 +290,38 @@ def load_gguf(
     with torch.device("meta"):
         model = Qwen3_5ForCausalLM(config)
     shapes = expected_shapes(model)
-    wanted = {gguf_name(name): name for name in shapes}
+    wanted: dict[str, list[str]] = {}  # GGUF name -> ours: one, or a layer's experts in order
+    for name in sorted(shapes, key=lambda n: expert_index(n) or 0):
+        wanted.setdefault(gguf_name(name), []).append(name)
     # Blocks past the text model's layers (up to block_count) are the multi-token-prediction head: not read.
-    nextn = range(config.num_hidden_layers, _scalar(meta[f"{ARCH}.block_count"]))
+    nextn = range(config.num_hidden_layers, _scalar(meta[f"{meta['general.architecture']}.block_count"]))
     unexpected = sorted(n for n in stored if n not in wanted and _block(n) not in nextn)
     if unexpected:
         raise CheckpointError(f"unexpected tensor {unexpected[0]} in {path}")
     missing = sorted(n for n in wanted if n not in stored)
     if missing:
-        raise CheckpointError(f"{path} is missing tensor {missing[0]} ({wanted[missing[0]]})")
+        raise CheckpointError(f"{path} is missing tensor {missing[0]} ({wanted[missing[0]][0]})")
 
     torch_dtype = DTYPES[dtype]
     state: dict[str, torch.Tensor] = {}
     total = sum(stored[g].n_bytes for g in wanted)
     with tqdm(total=total, unit="B", unit_scale=True, desc="reading GGUF", disable=not progress) as bar:
-        for g, name in wanted.items():
-            t = stored[g]
+        for g, names in wanted.items():
+            t, name = stored[g], names[0]
             shape, want = t.shape, shapes[name]
             stored_shape = (want[0], want[2]) if name.endswith("conv1d.weight") else want  # conv squeezed
+            stacked = expert_index(name) is not None
+            if stacked:
+                stored_shape = (len(names), *want)
             if shape != stored_shape:
-                raise CheckpointError(f"tensor {g} in {path} has shape {shape}, expected {want} for {name}")
+                raise CheckpointError(f"tensor {g} in {path} has shape {shape}, expected {stored_shape} for {name}")
             if name in ("model.embed_tokens.weight", "lm_head.weight"):  # large, and stored as they are
                 out = torch.empty(want, dtype=torch_dtype)
                 for r in range(0, want[0], ROW_CHUNK):
                     out[r : r + ROW_CHUNK] = dequantize_rows(t, slice(r, r + ROW_CHUNK))
             else:
                 out = unconvert_tensor(name, dequantize_rows(t), config).to(torch_dtype)
-            state[name] = out
+            state.update(zip(names, out.unbind(0), strict=True) if stacked else [(name, out)])
             bar.update(t.n_bytes)
     assemble(model, state)
     return model, config, tokenizer

@@ -27,6 +27,7 @@ from qwenlite.errors import CheckpointError, QwenliteError
 from qwenlite.io.checkpoint import (
     ALIGN,
     Checkpoint,
+    Stored,
     TensorSource,
     assemble,
     copy_side_files,
@@ -61,7 +62,7 @@ class _Source:
     config: ModelConfig
     model: Qwen3_5ForCausalLM  # on the meta device, unquantized
     shapes: dict[str, tuple[int, ...]]
-    files: dict[str, TensorSource]
+    files: dict[str, Stored]
     mtp_files: dict[str, TensorSource]
 
     @classmethod
@@ -74,7 +75,7 @@ class _Source:
         shapes = expected_shapes(model)
         for name in _quantized_names(model) & set(shapes):
             resolve_group_size(bits, group_size, shapes[name][1])  # fail before reading anything
-        files, mtp_files = match_tensors(root, shapes, config.tie_word_embeddings)
+        files, mtp_files = match_tensors(root, shapes, config)
         return cls(config, model, shapes, files, mtp_files)
 
 
@@ -202,7 +203,7 @@ def load_quantized(
         raise CheckpointError(f"{root}: {e}") from None
     shapes = expected_shapes(model)
     dtypes = {name: t.dtype for name, t in model.state_dict().items()}
-    files, mtp_files = match_tensors(root, shapes, config.tie_word_embeddings)
+    files, mtp_files = match_tensors(root, shapes, config)
     state = {}
     for name, t in read_tensors(files, shapes):
         want = dtypes[name]

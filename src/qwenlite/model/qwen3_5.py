@@ -1,6 +1,7 @@
-"""The Qwen3.5 dense text model, and the dense Qwen3 / Qwen2 models it contains: the same decoder with full
-attention in every layer, no output gate, full rotary and a plain RMSNorm (`w * x_hat`); q/k norms for Qwen3,
-q/k/v biases for Qwen2 (ModelConfig's derived flags say which). Attribute paths mirror the checkpoint's tensor
+"""The Qwen3.5 text model, and the models it contains: Qwen3.5 MoE, whose layers' MLP is routed experts plus a
+gated shared expert (`SparseMoeBlock`); the dense Qwen3 / Qwen2, the same decoder with full attention in every
+layer, no output gate, full rotary and a plain RMSNorm (`w * x_hat`), q/k norms for Qwen3, q/k/v biases for Qwen2
+(ModelConfig's derived flags say which). Attribute paths mirror the checkpoint's tensor
 names (`model.layers.{i}.linear_attn.in_proj_qkv.weight`, `model.layers.{i}.self_attn.q_norm.weight`, ...), so
 loading is a name lookup.
 
@@ -251,14 +252,79 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, c: ModelConfig):
+    """SwiGLU: the dense layers' MLP, and each expert (and the shared expert) of a MoE layer at its own width."""
+
+    def __init__(self, c: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=False)
+        width = intermediate_size or c.intermediate_size
+        self.gate_proj = Linear(c.hidden_size, width, bias=False)
+        self.up_proj = Linear(c.hidden_size, width, bias=False)
+        self.down_proj = Linear(width, c.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """x W^T for the router's logits and the shared expert's gate: not a Linear, so that quantization leaves these
+    few small matrices in the activations' dtype (the reference keeps them so; llama.cpp stores ffn_gate_inp as F32)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits (N, E) -> (weights (N, k) in the logits' dtype, experts (N, k)): softmax over all experts in
+    fp32, the top k (ties as torch.topk breaks them), renormalised to sum to 1, as the reference."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    return (weights / weights.sum(-1, keepdim=True)).to(logits.dtype), experts
+
+
+class SparseMoeBlock(nn.Module):
+    """Qwen3.5 MoE's MLP: each token through its top-k routed experts, weighted, plus the shared expert scaled by
+    sigmoid(shared_expert_gate(x)). One module per expert (`experts.{e}.gate_proj`, ...), so an expert is an MLP
+    like any other (quantized, given the decode GEMVs) and a fused checkpoint layout loads as views of its tensors.
+    Tokens are grouped by expert: each expert that received any runs once over its rows, so a decode step reads
+    only the selected experts' weights."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.top_k = c.num_experts_per_tok
+        self.gate = Gate(c.hidden_size, c.num_experts)
+        self.experts = nn.ModuleList(MLP(c, c.moe_intermediate_size) for _ in range(c.num_experts))
+        self.shared_expert = MLP(c, c.shared_expert_intermediate_size)
+        self.shared_expert_gate = Gate(c.hidden_size, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, H = x.shape
+        N, k = B * T, self.top_k
+        x = x.reshape(N, H)
+        weights, chosen = route(self.gate(x), k)  # (N, k)
+        slots = chosen.flatten().argsort(stable=True)  # (N * k,) the (token, rank) slots grouped by expert
+        counts = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
+        weights = weights.flatten()
+        y = x.new_empty(N * k, H)  # row i: slot slots[i]'s output, so each expert writes one contiguous block
+        start = 0
+        for expert, n in zip(self.experts, counts, strict=True):
+            if n:
+                s = slots[start : start + n]
+                y[start : start + n] = expert(x.index_select(0, s // k)) * weights[s, None]
+                start += n
+        # Each token's k outputs added in expert order, as the reference's index_add_ loop over experts adds them: a
+        # token's rows of y, ascending, are in expert order. (Scatters, torch's CPU index_add_ / index_put_, can take
+        # 10-100 ms a call with two threads on a busy core.)
+        rows = slots.argsort().view(N, k).sort(-1).values  # (N, k)
+        y = y.index_select(0, rows.flatten()).view(N, k, H)
+        out = y[:, 0]
+        for j in range(1, k):
+            out = out + y[:, j]
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return (out + shared).reshape(B, T, H)
 
 
 class DecoderLayer(nn.Module):
@@ -269,7 +335,7 @@ class DecoderLayer(nn.Module):
             self.linear_attn = GatedDeltaNet(c)
         else:
             self.self_attn = Attention(c)
-        self.mlp = MLP(c)
+        self.mlp = SparseMoeBlock(c) if c.moe else MLP(c)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.zero_centred_norms)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.zero_centred_norms)
 

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from qwenlite.model.cache import Cache
 
 # The model types kernels.decode_step describes: Qwen3.5's layers (zero-centred norms, q/k norms, no biases). The
-# dense Qwen3 / Qwen2 models compute other norms and carry biases, so they decode through the forward.
+# dense Qwen3 / Qwen2 models compute other norms and carry biases, and Qwen3.5 MoE routes its MLP, so they decode
+# through the forward (whose Linear / QuantLinear layers still take the GEMV kernels).
 PLANNED_MODEL_TYPES = ("qwen3_5_text",)
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds the activations; the gated delta rule chunks by 64 inside
 KIND = {"linear_attention": 0, "full_attention": 1}
