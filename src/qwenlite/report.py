@@ -37,7 +37,7 @@ BONSAI = "PrismML, Bonsai whitepaper: intelligence density = -ln(error rate) / G
 
 @dataclass
 class Variant:
-    name: str  # as given in --variants
+    name: str  # as given in --variants (a path: its last part)
     model: str  # the model reference it loads
     dtype: str | None = None
     quant: str | None = None
@@ -73,7 +73,7 @@ def parse_variants(model: str, spec: str) -> list[Variant]:
         elif name in QUANT_CHOICES:
             variants.append(Variant(name, model, quant=name))
         elif Path(name).exists():
-            variants.append(Variant(name, name))
+            variants.append(Variant(Path(name).name, name))  # a file's name reads better in tables and plots
         else:
             choices = ", ".join([*DTYPE_VARIANTS, *QUANT_CHOICES])
             raise InvalidArgument(f"variant {name!r} is neither {choices} nor an existing checkpoint or .gguf file")
