@@ -7,6 +7,7 @@ decode together (continuous batching), and `rows(a, b)` is a view that writes th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -112,10 +113,12 @@ def make_cache(
     max_seq_len: int = 4096,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
+    layer_types: Sequence[str] | None = None,
 ) -> Cache:
+    """A cache for the model of `config`, or for layers of `layer_types` (the MTP head's one attention layer)."""
     c = config
     layers: list[LayerCache] = []
-    for layer_type in c.layer_types:
+    for layer_type in c.layer_types if layer_types is None else layer_types:
         if layer_type == "full_attention":
             shape = (batch_size, c.num_key_value_heads, max_seq_len, c.head_dim)
             layers.append(

@@ -297,11 +297,12 @@ class TextModel(nn.Module):
         inv_freq = rope_inv_freq(self.config.rotary_dim, self.config.rope_theta)
         self.register_buffer("inv_freq", inv_freq.to(device) if device else inv_freq, persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> final hidden states (B, T, hidden), normed."""
-        T = input_ids.shape[1]
-        x = self.embed_tokens(input_ids)
-        steps = torch.arange(T, device=input_ids.device)
+    def rotary(
+        self, T: int, cache: Cache | None, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, int | list[int]]:
+        """cos, sin for T tokens after what `cache` holds, and where they start (one int, or one per row when the
+        rows' lengths differ). The MTP head (model/mtp.py) positions its tokens the same way."""
+        steps = torch.arange(T, device=device)
         start: int | list[int] = 0
         if cache is None:
             positions = steps  # (T,)
@@ -315,11 +316,17 @@ class TextModel(nn.Module):
             else:
                 start = lengths
                 positions = (cache.lengths.to(steps.device)[:, None] + steps).unsqueeze(1)  # (B, 1, T)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, dtype)
+        return cos, sin, start
+
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> final hidden states (B, T, hidden), normed."""
+        x = self.embed_tokens(input_ids)
+        cos, sin, start = self.rotary(input_ids.shape[1], cache, x.dtype, input_ids.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, start)
         if cache is not None:
-            cache.lengths += T
+            cache.lengths += input_ids.shape[1]
         return self.norm(x)
 
 
