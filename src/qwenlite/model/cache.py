@@ -26,6 +26,8 @@ class AttentionCache:
 class LinearAttentionCache:
     conv: torch.Tensor  # (B, K-1, conv_dim): the last K-1 inputs of the causal conv
     state: torch.Tensor  # (B, Hv, Dk, Dv) fp32
+    # While drafted tokens are verified (`Cache.track`): (conv, state) after each token of the forward but its last.
+    trail: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 LayerCache = AttentionCache | LinearAttentionCache
@@ -76,6 +78,27 @@ class Cache:
                 layer.conv[dst] = layer.conv[src]
                 layer.state[dst] = layer.state[src]
         self.lengths[dst] = n
+
+    def track(self) -> None:
+        """Keep the recurrent state after every token of the next forward (see GatedDeltaNet.mix_keeping_states), so
+        that `rewind` can return to any of them: the verification step of speculative decoding."""
+        for layer in self.layers:
+            if isinstance(layer, LinearAttentionCache):
+                layer.trail = []
+
+    def rewind(self, run: int, keep: int) -> None:
+        """After a tracked forward of `run` tokens, keep its first `keep` (1..run) as if only they had been run: the
+        recurrent layers take the state kept after token `keep`, attention forgets the rest by length. Ends tracking."""
+        if not 1 <= keep <= run:
+            raise InvalidArgument(f"cannot keep {keep} tokens of a tracked forward of {run}")
+        for layer in self.layers:
+            if isinstance(layer, LinearAttentionCache):
+                if keep < run:
+                    conv, state = layer.trail[keep - 1]
+                    layer.conv.copy_(conv)
+                    layer.state.copy_(state)
+                layer.trail = None
+        self.lengths -= run - keep
 
     def snapshot(self) -> Cache:
         """An independent copy of the state (KV trimmed to the longest row)."""

@@ -142,13 +142,37 @@ class GatedDeltaNet(nn.Module):
         self.fast = True
 
     def forward(self, x: torch.Tensor, cache: LinearAttentionCache | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        qkv = self.in_proj_qkv(x)  # (B, T, conv_dim)
+        if cache is not None and cache.trail is not None and x.shape[1] > 1:
+            return self.out_proj(self.mix_keeping_states(x, cache))
+        qkv, a, b, z = self.in_proj_qkv(x), self.in_proj_a(x), self.in_proj_b(x), self.in_proj_z(x)
+        return self.out_proj(self.mix(qkv, a, b, z, cache))
+
+    def mix_keeping_states(self, x: torch.Tensor, cache: LinearAttentionCache) -> torch.Tensor:
+        """`mix` for drafted tokens under verification (speculative decoding): the projections over all rows at once,
+        then the conv and the recurrence token by token, appending to `cache.trail` the (conv, state) after each
+        token but the last (which the cache holds), since a recurrent state cannot be rewound to the last accepted
+        token. Token by token is the decode step's computation; for a few rows it costs no more than the chunked
+        form."""
+        qkv, a, b, z = self.in_proj_qkv(x), self.in_proj_a(x), self.in_proj_b(x), self.in_proj_z(x)
+        out = []
+        for t in range(x.shape[1]):
+            if t:
+                cache.trail.append((cache.conv.clone(), cache.state.clone()))
+            out.append(self.mix(qkv[:, t : t + 1], a[:, t : t + 1], b[:, t : t + 1], z[:, t : t + 1], cache))
+        return torch.cat(out, dim=1)
+
+    def mix(
+        self, qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, z: torch.Tensor, cache: LinearAttentionCache | None
+    ) -> torch.Tensor:
+        """Between the projections and out_proj: conv + SiLU, the gated delta rule, the gated norm with z.
+        qkv (B, T, conv_dim), a and b (B, T, Hv), z (B, T, Hv Dv) -> (B, T, Hv Dv)."""
+        B, T, _ = qkv.shape
         small = (self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight)
-        if cache is not None and self.fast and not needs_grad(x) and kernels.gdn_decode_ok(qkv, cache.state, *small):
-            a, b, z = self.in_proj_a(x), self.in_proj_b(x), self.in_proj_z(x)
-            return self.out_proj(kernels.gdn_decode(self, qkv, a, b, z, cache.conv, cache.state))
-        if cache is not None and self.fast and not needs_grad(x) and kernels.conv_silu_ok(qkv, cache.conv, small[0]):
+        fast = cache is not None and self.fast and not needs_grad(qkv)
+        if fast and kernels.gdn_decode_ok(qkv, cache.state, *small):
+            return kernels.gdn_decode(self, qkv, a, b, z, cache.conv, cache.state)
+        dtype = qkv.dtype
+        if fast and kernels.conv_silu_ok(qkv, cache.conv, small[0]):
             qkv, conv_state = kernels.conv_silu(qkv, self.conv1d.weight, cache.conv), None  # state advanced in place
         else:
             qkv, conv_state = causal_conv1d(qkv, self.conv1d.weight, cache.conv if cache is not None else None)
@@ -157,8 +181,8 @@ class GatedDeltaNet(nn.Module):
         q = l2_normalize(q.reshape(B, T, self.num_k_heads, self.head_k_dim)) * self.head_k_dim**-0.5
         k = l2_normalize(k.reshape(B, T, self.num_k_heads, self.head_k_dim))
         v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
-        beta = self.in_proj_b(x).float().sigmoid()  # (B, T, Hv)
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())  # log decay
+        beta = b.float().sigmoid()  # (B, T, Hv)
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())  # log decay
 
         if cache is None:
             o, _ = gated_delta_rule_chunked(q, k, v, g, beta)
@@ -170,9 +194,9 @@ class GatedDeltaNet(nn.Module):
             else:
                 o, state = gated_delta_rule_chunked(q, k, v, g, beta, cache.state)
                 cache.state.copy_(state)
-        o = o.to(x.dtype)  # (B, T, Hv, Dv)
-        z = self.in_proj_z(x).reshape(B, T, self.num_v_heads, self.head_v_dim)
-        return self.out_proj(self.norm(o, z).reshape(B, T, self.value_dim))
+        o = o.to(dtype)  # (B, T, Hv, Dv)
+        z = z.reshape(B, T, self.num_v_heads, self.head_v_dim)
+        return self.norm(o, z).reshape(B, T, self.value_dim)
 
 
 class Attention(nn.Module):
