@@ -157,7 +157,10 @@ class GatedDeltaNet(nn.Module):
         out = []
         for t in range(x.shape[1]):
             if t:
-                cache.trail.append((cache.conv.clone(), cache.state.clone()))
+                conv, state = (
+                    cache.spare.pop() if cache.spare else (torch.empty_like(cache.conv), torch.empty_like(cache.state))
+                )
+                cache.trail.append((conv.copy_(cache.conv), state.copy_(cache.state)))
             out.append(self.mix(qkv[:, t : t + 1], a[:, t : t + 1], b[:, t : t + 1], z[:, t : t + 1], cache))
         return torch.cat(out, dim=1)
 
