@@ -5,9 +5,12 @@ plain sampling's distribution (chi-square tests)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from qwenlite.cli import main
 from qwenlite.errors import InvalidArgument
 from qwenlite.generate import GenerationStats, decode_step, generate_tokens, prefill, stream
 from qwenlite.io.load import load_model, load_mtp
@@ -22,7 +25,7 @@ from qwenlite.sample import (
 )
 from qwenlite.speculative import MTPDraft, NgramDraft, Speculation
 
-from helpers import TINY_TEXT_CONFIG, make_hf_checkpoint, random_ids
+from helpers import TINY_TEXT_CONFIG, make_hf_checkpoint, random_ids, tiny_checkpoint
 
 GREEDY = SamplingParams(temperature=0)
 V = TINY_TEXT_CONFIG["vocab_size"]
@@ -301,3 +304,51 @@ def test_sampling_with_the_mtp_head_stays_in_the_filtered_support(tiny):
         for i, t in enumerate(tokens):
             logits = model(torch.tensor([prompt + tokens[:i]]))[0, -1]
             assert t in torch.topk(logits, 3).indices.tolist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command line: --speculate K and --draft on run and bench.
+
+
+@pytest.fixture(scope="module")
+def lively(tmp_path_factory):
+    """The tiny preset with the real vocabulary and tokenizer (no MTP head)."""
+    return tiny_checkpoint(tmp_path_factory)
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_run_with_ngram_drafts_prints_plain_decodings_answer(lively, capsys):
+    argv = ["run", str(lively), "one two three one two three one two", "--raw", "--temperature", "0"]
+    argv += ["--max-tokens", "24"]
+    code, plain, _ = cli(capsys, *argv)
+    assert code == 0
+    code, spec, err = cli(capsys, *argv, "--speculate", "3", "--draft", "ngram", "--verbose")
+    assert (code, spec) == (0, plain)
+    assert "speculation: acceptance" in err
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [(["--speculate", "2"], "use --draft ngram"), (["--speculate", "9"], "1..8"), (["--speculate", "-1"], "1..8")],
+)
+def test_speculate_bad_input_is_one_line(lively, capsys, flags, needle):
+    code, _, err = cli(capsys, "run", str(lively), "hi", *flags)
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("qwenlite: error:") and needle in lines[0], err
+
+
+def test_bench_reports_speculation(lively, capsys):
+    argv = ["bench", str(lively), "--prompt", "16", "--decode", "6", "--repeat", "1", "--speculate", "2"]
+    code, out, _ = cli(capsys, *argv, "--draft", "ngram", "--json")
+    assert code == 0
+    r = json.loads(out)
+    assert r["speculate"] == 2 and r["draft"] == "ngram" and r["speculative_decode_tok_s"] > 0
+    assert 0 <= r["acceptance_rate"] <= 1 and r["mean_accepted_length"] >= 1
+    assert sorted(r["verify_cost"]) == ["1", "2", "3", "4"] and all(c > 0 for c in r["verify_cost"].values())
+    code, out, _ = cli(capsys, *argv, "--draft", "ngram")
+    assert code == 0 and "speculative (K=2, ngram)" in out and "verify K+1 / decode 1" in out

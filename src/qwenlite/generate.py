@@ -26,7 +26,7 @@ from qwenlite.sample import (
     probabilities,
     verify_draft,
 )
-from qwenlite.speculative import Speculation, forward_hidden
+from qwenlite.speculative import Speculation, forward_hidden, verify_forward
 from qwenlite.text.textstream import TextStream
 from qwenlite.text.tokenizer import Tokenizer
 
@@ -206,9 +206,7 @@ def speculative_tokens(
         k = min(speculation.k, max_tokens - produced - 1)
         drafts = draft.propose(history, hidden, k, pick)[:k] if k > 0 else []
         ids = [history[-1]] + [t for t, _ in drafts]
-        cache.track()
-        hidden = model.model(torch.tensor([ids], device=model.device), cache)[0]  # (T, H)
-        rows = model.lm_head(hidden).float()  # (T, V)
+        hidden, rows = verify_forward(model, ids, cache)  # (T, H), (T, V)
         out = []
         for i, (token, q) in enumerate(drafts):
             logits = process(rows[i], history + out)

@@ -21,17 +21,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from qwenlite.errors import InvalidArgument
+from qwenlite.errors import CheckpointError, InvalidArgument
+from qwenlite.io.load import load_mtp
 from qwenlite.model.cache import Cache, make_cache
 from qwenlite.model.mtp import MTP
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.model.runner import PREFILL_CHUNK
 
+DRAFTS = ("mtp", "ngram")
 MAX_SPECULATE = 8  # drafts per verification; the forward's rows stay within the kernels' GEMV (kernels.MAX_ROWS + 1)
 
 # A draft's choice from its logits: (token, its distribution q, or None when the token is deterministic).
@@ -56,8 +59,12 @@ class Speculation:
     k: int  # drafts per verification, 1..MAX_SPECULATE
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.k, int) and 1 <= self.k <= MAX_SPECULATE):
-            raise InvalidArgument(f"--speculate takes 1..{MAX_SPECULATE} drafted tokens (0 = off), got {self.k}")
+        check_speculate(self.k)
+
+
+def check_speculate(k: int) -> None:
+    if not (isinstance(k, int) and 1 <= k <= MAX_SPECULATE):
+        raise InvalidArgument(f"--speculate takes 1..{MAX_SPECULATE} drafted tokens (0 = off), got {k}")
 
 
 class MTPDraft:
@@ -122,3 +129,31 @@ def forward_hidden(model: Qwen3_5ForCausalLM, ids: Sequence[int], cache: Cache) 
         hidden.append(model.model(torch.tensor([ids[start : start + PREFILL_CHUNK]], device=device), cache)[0])
     h = torch.cat(hidden)
     return h, model.lm_head(h[-1:]).float()[0]
+
+
+def verify_forward(model: Qwen3_5ForCausalLM, ids: Sequence[int], cache: Cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pending token and the drafts `ids` through the forward, their recurrent states kept (`Cache.track`:
+    follow with `cache.rewind`) -> (final hidden states (T, H), logits (T, V) fp32). Few rows: the projections take
+    the GEMV kernels, one pass over the weights for all of them."""
+    cache.track()
+    hidden = model.model(torch.tensor([list(ids)], device=model.device), cache)[0]
+    return hidden, model.lm_head(hidden).float()
+
+
+def make_speculation(
+    model_path: str | Path, model: Qwen3_5ForCausalLM, k: int, draft: str = "mtp"
+) -> Speculation | None:
+    """`--speculate K --draft mtp|ngram` for a loaded model: None for K = 0 (off)."""
+    if k == 0:
+        return None
+    if draft not in DRAFTS:
+        raise InvalidArgument(f"unknown draft {draft!r}; choose from {', '.join(DRAFTS)}")
+    if draft == "ngram":
+        return Speculation(NgramDraft(), k)
+    check_speculate(k)  # before the head is read
+    head = load_mtp(model_path, model)
+    if head is None:
+        raise CheckpointError(
+            f"{model_path} has no multi-token-prediction head (mtp.* tensors) to draft with; use --draft ngram"
+        )
+    return Speculation(MTPDraft(model, head), k)
