@@ -35,7 +35,7 @@ from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.model.runner import PREFILL_CHUNK
 
 DRAFTS = ("mtp", "ngram")
-MAX_SPECULATE = 8  # drafts per verification; the forward's rows stay within the kernels' GEMV (kernels.MAX_ROWS + 1)
+MAX_SPECULATE = 8  # drafts per verification: a forward of up to 9 rows
 
 # A draft's choice from its logits: (token, its distribution q, or None when the token is deterministic).
 Pick = Callable[[torch.Tensor, list[int]], tuple[int, torch.Tensor | None]]

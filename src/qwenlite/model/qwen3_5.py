@@ -151,8 +151,7 @@ class GatedDeltaNet(nn.Module):
         """`mix` for drafted tokens under verification (speculative decoding): the projections over all rows at once,
         then the conv and the recurrence token by token, appending to `cache.trail` the (conv, state) after each
         token but the last (which the cache holds), since a recurrent state cannot be rewound to the last accepted
-        token. Token by token is the decode step's computation; for a few rows it costs no more than the chunked
-        form."""
+        token. Token by token, each step is the decode step's computation (the fused kernel where it applies)."""
         qkv, a, b, z = self.in_proj_qkv(x), self.in_proj_a(x), self.in_proj_b(x), self.in_proj_z(x)
         out = []
         for t in range(x.shape[1]):
