@@ -8,6 +8,11 @@ of the model's largest tensor, far larger than the caches, before and after the 
 `--prompt`-token prompt (time to first token included), `--decode` greedy decode steps, and the peak resident
 memory: best of `--repeat` runs after a warm-up that pages the weights in. The prompt is random token ids; random
 weights give the real speed.
+
+With `--speculate K` it also decodes speculatively (`--draft mtp|ngram`) and prints the acceptance rate, the mean
+accepted length (tokens per verification forward) and what a verification forward of K+1 tokens costs against
+one decode token for K = 1..4: with acceptance a the expected speed-up is (1 - a^(K+1)) / ((1 - a) (cost + draft)).
+Random weights draft at random: their acceptance says nothing of a trained model's.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import os
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -41,6 +46,12 @@ class BenchResult:
     rss_before_load_bytes: int
     device: str = "cpu"
     peak_device_bytes: int = 0  # a GPU's peak allocated memory (0 on the CPU)
+    speculate: int = 0  # --speculate K (0: the fields below are not measured)
+    draft: str = ""
+    speculative_decode_tok_s: float = 0.0
+    acceptance_rate: float = 0.0
+    mean_accepted_length: float = 0.0
+    verify_cost: dict[int, float] = field(default_factory=dict)  # K -> a forward of K+1 tokens / one decode token
 
     @property
     def limit_ratio(self) -> float:
@@ -70,6 +81,16 @@ class BenchResult:
         if self.device != "cpu":
             peak, ratio = self.peak_device_bytes / gib, self.peak_device_bytes / self.weight_bytes
             rows.append((f"peak {self.device} memory", f"{peak:.2f} GiB ({ratio:.2f}x the weights)"))
+        if self.speculate:
+            speedup = self.speculative_decode_tok_s / self.decode_tok_s
+            costs = ", ".join(f"K={k} {c:.2f}x" for k, c in sorted(self.verify_cost.items()))
+            rows += [
+                (f"speculative (K={self.speculate}, {self.draft})",
+                 f"{self.speculative_decode_tok_s:.1f} tok/s ({speedup:.2f}x plain decode)"),
+                ("  acceptance", f"{self.acceptance_rate:.0%} of drafts, mean accepted length "
+                                 f"{self.mean_accepted_length:.2f} tok per verification"),
+                ("  verify K+1 / decode 1", costs),
+            ]  # fmt: skip
         where = f"{self.kernels} kernels" if self.device == "cpu" else self.device
         title = f"qwenlite bench {self.model} ({self.precision}, {self.threads} threads, {where})"
         return "\n".join([title, *(f"  {k:<22} {v}" for k, v in rows)])
@@ -135,23 +156,61 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int, int]:
     return total, total - untied - routed + chosen, chosen + shared
 
 
-def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, prompt: int = 512, decode: int = 128,
-          repeat: int = 3, threads: int | None = None, device: str = "cpu") -> BenchResult:  # fmt: skip
+def verify_cost(model: torch.nn.Module, ids: list[int], ks: range = range(1, 5), repeat: int = 5) -> dict[int, float]:
+    """K -> the time of a verification forward of K+1 tokens (speculative.verify_forward, and the rewind to one)
+    over one decode step's, both after the prompt `ids`: what speculation pays per pass over the weights. Best of
+    `repeat`; the state is not restored between runs (values do not change the time)."""
     from qwenlite.generate import decode_step, prefill
+    from qwenlite.model.cache import make_cache
+    from qwenlite.speculative import verify_forward
+
+    cache = make_cache(model.config, max_seq_len=len(ids) + max(ks) + 1, dtype=model.dtype, device=model.device)
+
+    def one() -> None:
+        decode_step(model, ids[-1], cache)
+        cache.lengths -= 1
+
+    def verify(k: int) -> None:
+        verify_forward(model, ids[-k - 1 :], cache)
+        cache.rewind(k + 1, 1)
+        cache.lengths -= 1
+
+    def best(step) -> float:
+        step()  # warm-up: buffers, the decode plan
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    with torch.inference_mode():
+        prefill(model, ids, cache)
+        base = best(one)
+        return {k: best(lambda k=k: verify(k)) / base for k in ks}
+
+
+def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, prompt: int = 512, decode: int = 128,
+          repeat: int = 3, threads: int | None = None, device: str = "cpu", speculate: int = 0,
+          draft: str = "mtp") -> BenchResult:  # fmt: skip
+    from qwenlite.generate import GenerationStats, decode_step, generate_tokens, prefill
     from qwenlite.io.hub import resolve_model_path
     from qwenlite.io.load import load_model
     from qwenlite.model.cache import make_cache
     from qwenlite.ops.cpu import kernels
-    from qwenlite.sample import greedy
+    from qwenlite.sample import SamplingParams, greedy
+    from qwenlite.speculative import make_speculation
 
     if threads:
         torch.set_num_threads(threads)
     rss_before = current_rss()
     t = time.perf_counter()
-    model, _ = load_model(resolve_model_path(model_ref), dtype, quant, device, with_tokenizer=False)
+    path = resolve_model_path(model_ref)
+    model, _ = load_model(path, dtype, quant, device, with_tokenizer=False)
     where = model.device
     synchronize(where)
     load_seconds = time.perf_counter() - t
+    speculation = make_speculation(path, model, speculate, draft)
     total, per_token, active_experts = weight_bytes(model)
     vocab = model.config.vocab_size  # ids past the control tokens, or any id of a tiny vocabulary
     ids = torch.randint(1000 if vocab > 2000 else 0, min(100_000, vocab), (prompt,),
@@ -174,6 +233,20 @@ def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, pr
     runs = [run(prompt, decode) for _ in range(repeat)]
     prefill_s, decode_s = min(r[0] for r in runs), min(r[1] for r in runs)
     bandwidth = max(before, measure_bandwidth(model))
+    spec: dict = {}
+    if speculation is not None:
+        runs = []
+        for _ in range(repeat):
+            stats = GenerationStats()
+            # decode + 1 tokens: the first comes from prefill, as in `run` above
+            for _ in generate_tokens(model, ids, SamplingParams(temperature=0), decode + 1, stats=stats,
+                                     speculation=speculation):  # fmt: skip
+                pass
+            runs.append(stats)
+        fastest = min(runs, key=lambda s: s.decode_seconds)
+        spec = dict(speculate=speculate, draft=draft, speculative_decode_tok_s=decode / fastest.decode_seconds,
+                    acceptance_rate=fastest.acceptance_rate, mean_accepted_length=fastest.mean_accepted_length,
+                    verify_cost=verify_cost(model, ids, repeat=max(repeat, 5)))  # fmt: skip
     bits = getattr(model.lm_head, "bits", None)  # a QuantLinear head: quantized on load or a quantized checkpoint
     precision = f"int{bits}" if bits else str(model.dtype).removeprefix("torch.")
     return BenchResult(
@@ -184,4 +257,5 @@ def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, pr
         decode_tok_s=decode / decode_s, bandwidth_gb_s=bandwidth / 1e9, decode_limit_tok_s=bandwidth / per_token,
         peak_rss_bytes=peak_rss(), rss_before_load_bytes=rss_before, device=str(where),
         peak_device_bytes=torch.cuda.max_memory_allocated(where) if where.type == "cuda" else 0,
+        **spec,
     )  # fmt: skip

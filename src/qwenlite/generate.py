@@ -15,7 +15,18 @@ from qwenlite.errors import QwenliteError
 from qwenlite.model.cache import Cache, make_cache
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.model.runner import PREFILL_CHUNK, context_length, run_model
-from qwenlite.sample import SamplingParams, apply_processors, make_logits_processors, make_sampler
+from qwenlite.sample import (
+    SamplingParams,
+    apply_processors,
+    draw,
+    greedy,
+    make_generator,
+    make_logits_processors,
+    make_sampler,
+    probabilities,
+    verify_draft,
+)
+from qwenlite.speculative import Speculation, forward_hidden, verify_forward
 from qwenlite.text.textstream import TextStream
 from qwenlite.text.tokenizer import Tokenizer
 
@@ -28,6 +39,18 @@ class GenerationStats:
     decode_seconds: float = 0.0
     time_to_first_token: float = 0.0
     finish_reason: str = "length"  # "stop" once an end-of-turn token or a stop string ends generation
+    draft_tokens: int = 0  # speculative decoding: tokens drafted, drafts the model kept, verification forwards
+    accepted_tokens: int = 0
+    verify_steps: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per verification forward: the kept drafts and the model's own next token."""
+        return (self.accepted_tokens + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
 
     @property
     def prompt_tokens_per_second(self) -> float:
@@ -40,11 +63,17 @@ class GenerationStats:
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds else 0.0
 
     def summary(self) -> str:
-        return (
+        line = (
             f"prompt {self.prompt_tokens} tok, {self.prompt_tokens_per_second:.1f} tok/s | "
             f"generated {self.generated_tokens} tok, {self.decode_tokens_per_second:.1f} tok/s | "
             f"time to first token {self.time_to_first_token * 1000:.0f} ms"
         )
+        if self.verify_steps:
+            line += (
+                f" | speculation: acceptance {self.acceptance_rate:.1%}, "
+                f"{self.mean_accepted_length:.2f} tok per verification"
+            )
+        return line
 
 
 def prefill(model: Qwen3_5ForCausalLM, ids: Sequence[int], cache: Cache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
@@ -72,10 +101,12 @@ def generate_tokens(
     stop_ids: Iterable[int] = (),
     max_context: int | None = None,
     stats: GenerationStats | None = None,
+    speculation: Speculation | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids until a stop id (not yielded), `max_tokens`, or the context is full.
 
-    `stats`, if given, is filled in as generation goes."""
+    `stats`, if given, is filled in as generation goes. `speculation`: the same tokens (the same distribution when
+    sampling), drafted and verified several at a time (speculative.py)."""
     params.validate()
     if not prompt_ids:
         raise QwenliteError("the prompt is empty")
@@ -86,6 +117,9 @@ def generate_tokens(
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt_ids)
     stop = frozenset(stop_ids)
+    if speculation is not None:
+        yield from speculative_tokens(model, prompt_ids, params, max_tokens, stop, speculation, stats)
+        return
     processors = make_logits_processors(params, len(prompt_ids))
     sample = make_sampler(params)
     history = torch.tensor(list(prompt_ids)) if processors else None
@@ -118,6 +152,81 @@ def generate_tokens(
         logits = decode_step(model, token, cache)
 
 
+def speculative_tokens(
+    model: Qwen3_5ForCausalLM,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    max_tokens: int,
+    stop: frozenset[int],
+    speculation: Speculation,
+    stats: GenerationStats,
+) -> Iterator[int]:
+    """`generate_tokens` with speculation (which has checked its arguments; see speculative.py): the same tokens
+    yielded, the same stops. `stats` also counts drafted and accepted tokens and verification steps."""
+    processors = make_logits_processors(params, len(prompt_ids))
+    generator = make_generator(params, model.device) if params.temperature > 0 else None
+    history = list(prompt_ids)
+
+    def process(logits: torch.Tensor, context: list[int]) -> torch.Tensor:
+        return apply_processors(processors, torch.tensor(context), logits) if processors else logits
+
+    def pick(logits: torch.Tensor, drafted: list[int]) -> tuple[int, torch.Tensor | None]:
+        logits = process(logits, history + drafted)
+        if generator is None:
+            return greedy(logits), None
+        q = probabilities(logits, params)
+        return draw(q, generator), q
+
+    def choose(logits: torch.Tensor, context: list[int]) -> int:
+        logits = process(logits, context)
+        return greedy(logits) if generator is None else draw(probabilities(logits, params), generator)
+
+    # The verification writes the pending token and k drafts, within the last of max_tokens (k is capped so).
+    max_seq_len = len(prompt_ids) + max_tokens
+    cache = make_cache(model.config, max_seq_len=max_seq_len, dtype=model.dtype, device=model.device)
+    draft = speculation.draft
+    draft.begin(max_seq_len)
+    t0 = time.perf_counter()
+    hidden, logits = forward_hidden(model, prompt_ids, cache)
+    out = [choose(logits, history)]
+    stats.prefill_seconds = stats.time_to_first_token = time.perf_counter() - t0
+    produced = 0
+    while True:
+        for token in out:
+            if token in stop:
+                stats.finish_reason = "stop"
+                return
+            produced += 1
+            stats.generated_tokens += 1
+            stats.decode_seconds = time.perf_counter() - t0 - stats.prefill_seconds
+            yield token
+            history.append(token)
+            if produced == max_tokens:
+                return
+        k = min(speculation.k, max_tokens - produced - 1)
+        drafts = draft.propose(history, hidden, k, pick)[:k] if k > 0 else []
+        ids = [history[-1]] + [t for t, _ in drafts]
+        hidden, rows = verify_forward(model, ids, cache)  # (T, H), (T, V)
+        out = []
+        for i, (token, q) in enumerate(drafts):
+            logits = process(rows[i], history + out)
+            if generator is None:
+                right = greedy(logits)
+                kept = right == token
+            else:
+                kept, right = verify_draft(probabilities(logits, params), q, token, generator)
+            out.append(right)
+            if not kept:
+                break
+        else:
+            out.append(choose(rows[len(drafts)], history + out))
+        cache.rewind(len(ids), len(out))
+        hidden = hidden[: len(out)]
+        stats.draft_tokens += len(drafts)
+        stats.accepted_tokens += len(out) - 1
+        stats.verify_steps += 1
+
+
 @dataclass
 class Chunk:
     text: str = ""  # answer text
@@ -135,12 +244,14 @@ def stream(
     max_tokens: int = 512,
     stop: Sequence[str] = (),
     max_context: int | None = None,
+    speculation: Speculation | None = None,
 ) -> Iterator[Chunk]:
     """Yield text chunks as tokens arrive: reasoning and answer apart, never a broken UTF-8 sequence, stop
     strings cut out. The last chunk carries the finish reason and the timings."""
     text = TextStream(tokenizer, prompt_ids, stop)
     stats = GenerationStats()
-    tokens = generate_tokens(model, prompt_ids, params, max_tokens, tokenizer.eos_token_ids, max_context, stats)
+    eos = tokenizer.eos_token_ids
+    tokens = generate_tokens(model, prompt_ids, params, max_tokens, eos, max_context, stats, speculation)
     for token in tokens:
         delta, hit = text.add(token)
         if delta:

@@ -182,6 +182,48 @@ def greedy(logits: torch.Tensor) -> int:
     return int(torch.argmax(logits))
 
 
+def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator:
+    """The random generator of a sampler: seeded by params.seed, or nondeterministically when it is None."""
+    generator = torch.Generator(device=device)
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+    return generator
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution `make_sampler` draws from, as (V,) fp32 probabilities (0 where a filter removed a token)."""
+    weights, ids = filter_weights(logits, params)
+    if ids is not None:
+        weights = torch.zeros(logits.shape[-1], dtype=weights.dtype, device=weights.device).scatter_(0, ids, weights)
+    return weights / weights.sum()
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """A token drawn from probabilities (V,), which are left alone."""
+    return _draw(probs.clone(), generator)
+
+
+def verify_draft(p: torch.Tensor, q: torch.Tensor | None, token: int, generator: torch.Generator) -> tuple[bool, int]:
+    """The rejection rule of speculative sampling (Leviathan et al. 2023, Chen et al. 2023), which leaves the
+    output distributed as p: a draft `token` drawn from q (V,) is kept with probability min(1, p / q); otherwise
+    the token is drawn from max(0, p - q), renormalised. q None: a deterministic draft, q = one-hot(token).
+    Returns (kept, the token)."""
+    q_token = 1.0 if q is None else float(q[token])
+    u = float(torch.rand(1, generator=generator, dtype=torch.float64, device=p.device))
+    if u * q_token < float(p[token]):  # u < p / q without dividing by a q that may be tiny
+        return True, token
+    residual = p.clone()
+    if q is None:
+        residual[token] = 0.0
+    else:
+        residual.sub_(q).clamp_(min=0.0)
+    if not residual.sum() > 0:  # p == q up to rounding: a rejection then has no mass to move; p is the answer
+        residual = p.clone()
+    return False, _draw(residual, generator)
+
+
 def make_sampler(params: SamplingParams) -> Sampler:
     """logits (V,) -> token id. Temperature 0 is argmax; otherwise a draw seeded by params.seed.
 
@@ -197,11 +239,7 @@ def make_sampler(params: SamplingParams) -> Sampler:
     def sample(logits: torch.Tensor) -> int:
         nonlocal generator
         if generator is None or generator.device != logits.device:
-            generator = torch.Generator(device=logits.device)
-            if params.seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(params.seed)
+            generator = make_generator(params, logits.device)
         weights, ids = filter_weights(logits, params)
         index = _draw(weights, generator)
         return index if ids is None else int(ids[index])

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from qwenlite import bench
-from qwenlite.cli.options import add_device_flag, add_dtype_flag, add_quant_flag
+from qwenlite.cli.options import add_device_flag, add_dtype_flag, add_quant_flag, add_speculate_flags
 from qwenlite.errors import QwenliteError
 
 
@@ -25,6 +25,7 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode", type=int, default=128, help="decode steps (default 128)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs; the best counts (default 3)")
     p.add_argument("--threads", type=int, help="threads (default: torch's, one per core)")
+    add_speculate_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=cmd_bench)
 
@@ -33,8 +34,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for name in ("prompt", "decode", "repeat"):
         if getattr(args, name) < 1:
             raise QwenliteError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    result = bench.bench(
-        args.model, args.quant, args.dtype, args.prompt, args.decode, args.repeat, args.threads, args.device
-    )
+    result = bench.bench(args.model, args.quant, args.dtype, args.prompt, args.decode, args.repeat, args.threads,
+                         args.device, args.speculate, args.draft)  # fmt: skip
     print(json.dumps(result.to_dict()) if args.json else result.table())
     return 0

@@ -6,6 +6,7 @@ import argparse
 
 from qwenlite.config import DTYPES
 from qwenlite.model.quantized import QUANT_CHOICES
+from qwenlite.speculative import DRAFTS
 
 
 def add_dtype_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -18,3 +19,10 @@ def add_quant_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None
 
 def add_device_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+
+
+def add_speculate_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    speculate = "speculative decoding: draft K tokens (1..8) and verify them in one pass; 0 = off (default)"
+    p.add_argument("--speculate", type=int, default=0, metavar="K", help=speculate)
+    draft = "drafts from the checkpoint's MTP head (default) or by prompt lookup"
+    p.add_argument("--draft", choices=list(DRAFTS), default="mtp", help=draft)

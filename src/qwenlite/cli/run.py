@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from qwenlite.cli.options import add_device_flag, add_dtype_flag, add_quant_flag
+from qwenlite.cli.options import add_device_flag, add_dtype_flag, add_quant_flag, add_speculate_flags
 from qwenlite.config import DTYPES, preset_config
 from qwenlite.errors import QwenliteError
 from qwenlite.generate import stream
@@ -17,6 +17,7 @@ from qwenlite.io.files import atomic_write
 from qwenlite.io.hub import DEFAULT_MODEL, resolve_model_path
 from qwenlite.io.load import generation_defaults, load_model
 from qwenlite.sample import SAMPLING_FIELDS, SamplingParams
+from qwenlite.speculative import make_speculation
 from qwenlite.text.tokenizer import ENCODE_CHAT_ARGUMENTS
 from qwenlite.text.vocab import write_tokenizer_files
 
@@ -53,6 +54,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: the model's)")
     add_quant_flag(p)
     add_device_flag(p)
+    add_speculate_flags(p)
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -104,6 +106,7 @@ class Session:
             raise QwenliteError(f"--chat-template-kwargs cannot set {', '.join(reserved)}")
         if args.max_tokens < 1:
             raise QwenliteError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+        self.speculation = make_speculation(path, self.model, args.speculate, args.draft)
         self.args = args
 
     def prompt_ids(self, messages: list[dict], think: bool | None) -> list[int]:
@@ -117,7 +120,9 @@ class Session:
 
     def answer(self, prompt_ids: list[int]) -> Iterator:
         a = self.args
-        return stream(self.model, self.tokenizer, prompt_ids, self.params, a.max_tokens, a.stop, a.ctx)
+        return stream(
+            self.model, self.tokenizer, prompt_ids, self.params, a.max_tokens, a.stop, a.ctx, self.speculation
+        )
 
 
 def _print_stream(session: Session, prompt_ids: list[int]) -> dict:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from qwenlite.config import ModelConfig, load_config, resolve_dtype
 from qwenlite.errors import CheckpointError
 from qwenlite.io.files import atomic_write
+from qwenlite.model.mtp import MTP, PREFIX
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -267,6 +268,28 @@ def read_mtp(mtp_files: Mapping[str, TensorSource]) -> dict[str, torch.Tensor]:
     """The multi-token-prediction head's tensors as stored, memory-mapped (not part of the model's state)."""
     handles = {path: open_safetensors(path) for path, _ in mtp_files.values()}
     return {name: read_tensor(handles[path], stored, path) for name, (path, stored) in mtp_files.items()}
+
+
+def assemble_mtp(
+    config: ModelConfig, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> MTP:
+    """The MTP head from a checkpoint's `mtp.*` tensors (`read_mtp`), strictly, in `dtype` on `device`."""
+    with torch.device("meta"):
+        head = MTP(config)
+    shapes = {PREFIX + name: tuple(t.shape) for name, t in head.state_dict().items()}
+    missing = sorted(set(shapes) - set(tensors))
+    if missing:
+        raise CheckpointError(f"the MTP head is missing tensor {missing[0]}" + _more(missing))
+    unexpected = sorted(set(tensors) - set(shapes))
+    if unexpected:
+        more = _more(unexpected)
+        raise CheckpointError(f"unexpected MTP tensor {unexpected[0]} (qwenlite runs one MTP layer)" + more)
+    for name, t in tensors.items():
+        if tuple(t.shape) != shapes[name]:
+            raise CheckpointError(f"MTP tensor {name} has shape {tuple(t.shape)}, expected {shapes[name]}")
+    state = {name.removeprefix(PREFIX): t.to(device=device, dtype=dtype) for name, t in tensors.items()}
+    head.load_state_dict(state, strict=True, assign=True)
+    return head.eval()
 
 
 def assemble(

@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from qwenlite.errors import CheckpointError, InvalidArgument, QwenliteError
-from qwenlite.io.checkpoint import load_checkpoint
+from qwenlite.io.checkpoint import assemble_mtp, checkpoint_files, load_checkpoint, read_mtp, sanitize
 from qwenlite.io.gguf_import import load_gguf
 from qwenlite.io.quantized import is_quantized_checkpoint, load_and_quantize, load_quantized
+from qwenlite.model.mtp import MTP
 from qwenlite.model.quantized import apply_quant, quant_bits
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.sample import SAMPLING_FIELDS
@@ -63,6 +64,19 @@ def check_device(device: str | torch.device) -> torch.device:
         if (where.index or 0) >= count:
             raise InvalidArgument(f"device {device!r}: this machine has {count} CUDA GPU(s)")
     return where
+
+
+def load_mtp(model_path: str | Path, model: Qwen3_5ForCausalLM) -> MTP | None:
+    """The multi-token-prediction head a checkpoint directory ships for `model` (the model's dtype and device), or
+    None where there is none (a GGUF, a checkpoint without `mtp.*`). Unquantized even in a quantized checkpoint
+    (quantize_checkpoint stores it so): one layer, small beside the shared head, which is the model's."""
+    path = Path(model_path)
+    if not path.is_dir():
+        return None
+    _, mtp_files = sanitize({name: (file, name) for name, file in checkpoint_files(path).items()})
+    if not mtp_files:
+        return None
+    return assemble_mtp(model.config, read_mtp(mtp_files), model.dtype, model.device)
 
 
 def generation_defaults(path: Path) -> dict:

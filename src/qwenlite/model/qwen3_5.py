@@ -143,13 +143,39 @@ class GatedDeltaNet(nn.Module):
         self.fast = True
 
     def forward(self, x: torch.Tensor, cache: LinearAttentionCache | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        qkv = self.in_proj_qkv(x)  # (B, T, conv_dim)
+        if cache is not None and cache.trail is not None and x.shape[1] > 1:
+            return self.out_proj(self.mix_keeping_states(x, cache))
+        qkv, a, b, z = self.in_proj_qkv(x), self.in_proj_a(x), self.in_proj_b(x), self.in_proj_z(x)
+        return self.out_proj(self.mix(qkv, a, b, z, cache))
+
+    def mix_keeping_states(self, x: torch.Tensor, cache: LinearAttentionCache) -> torch.Tensor:
+        """`mix` for drafted tokens under verification (speculative decoding): the projections over all rows at once,
+        then the conv and the recurrence token by token, appending to `cache.trail` the (conv, state) after each
+        token but the last (which the cache holds), since a recurrent state cannot be rewound to the last accepted
+        token. Token by token, each step is the decode step's computation (the fused kernel where it applies)."""
+        qkv, a, b, z = self.in_proj_qkv(x), self.in_proj_a(x), self.in_proj_b(x), self.in_proj_z(x)
+        out = []
+        for t in range(x.shape[1]):
+            if t:
+                conv, state = (
+                    cache.spare.pop() if cache.spare else (torch.empty_like(cache.conv), torch.empty_like(cache.state))
+                )
+                cache.trail.append((conv.copy_(cache.conv), state.copy_(cache.state)))
+            out.append(self.mix(qkv[:, t : t + 1], a[:, t : t + 1], b[:, t : t + 1], z[:, t : t + 1], cache))
+        return torch.cat(out, dim=1)
+
+    def mix(
+        self, qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, z: torch.Tensor, cache: LinearAttentionCache | None
+    ) -> torch.Tensor:
+        """Between the projections and out_proj: conv + SiLU, the gated delta rule, the gated norm with z.
+        qkv (B, T, conv_dim), a and b (B, T, Hv), z (B, T, Hv Dv) -> (B, T, Hv Dv)."""
+        B, T, _ = qkv.shape
         small = (self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight)
-        if cache is not None and self.fast and not needs_grad(x) and kernels.gdn_decode_ok(qkv, cache.state, *small):
-            a, b, z = self.in_proj_a(x), self.in_proj_b(x), self.in_proj_z(x)
-            return self.out_proj(kernels.gdn_decode(self, qkv, a, b, z, cache.conv, cache.state))
-        if cache is not None and self.fast and not needs_grad(x) and kernels.conv_silu_ok(qkv, cache.conv, small[0]):
+        fast = cache is not None and self.fast and not needs_grad(qkv)
+        if fast and kernels.gdn_decode_ok(qkv, cache.state, *small):
+            return kernels.gdn_decode(self, qkv, a, b, z, cache.conv, cache.state)
+        dtype = qkv.dtype
+        if fast and kernels.conv_silu_ok(qkv, cache.conv, small[0]):
             qkv, conv_state = kernels.conv_silu(qkv, self.conv1d.weight, cache.conv), None  # state advanced in place
         else:
             qkv, conv_state = causal_conv1d(qkv, self.conv1d.weight, cache.conv if cache is not None else None)
@@ -158,8 +184,8 @@ class GatedDeltaNet(nn.Module):
         q = l2_normalize(q.reshape(B, T, self.num_k_heads, self.head_k_dim)) * self.head_k_dim**-0.5
         k = l2_normalize(k.reshape(B, T, self.num_k_heads, self.head_k_dim))
         v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
-        beta = self.in_proj_b(x).float().sigmoid()  # (B, T, Hv)
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())  # log decay
+        beta = b.float().sigmoid()  # (B, T, Hv)
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())  # log decay
 
         if cache is None:
             o, _ = gated_delta_rule_chunked(q, k, v, g, beta)
@@ -171,9 +197,9 @@ class GatedDeltaNet(nn.Module):
             else:
                 o, state = gated_delta_rule_chunked(q, k, v, g, beta, cache.state)
                 cache.state.copy_(state)
-        o = o.to(x.dtype)  # (B, T, Hv, Dv)
-        z = self.in_proj_z(x).reshape(B, T, self.num_v_heads, self.head_v_dim)
-        return self.out_proj(self.norm(o, z).reshape(B, T, self.value_dim))
+        o = o.to(dtype)  # (B, T, Hv, Dv)
+        z = z.reshape(B, T, self.num_v_heads, self.head_v_dim)
+        return self.norm(o, z).reshape(B, T, self.value_dim)
 
 
 class Attention(nn.Module):
@@ -363,11 +389,12 @@ class TextModel(nn.Module):
         inv_freq = rope_inv_freq(self.config.rotary_dim, self.config.rope_theta)
         self.register_buffer("inv_freq", inv_freq.to(device) if device else inv_freq, persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> final hidden states (B, T, hidden), normed."""
-        T = input_ids.shape[1]
-        x = self.embed_tokens(input_ids)
-        steps = torch.arange(T, device=input_ids.device)
+    def rotary(
+        self, T: int, cache: Cache | None, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, int | list[int]]:
+        """cos, sin for T tokens after what `cache` holds, and where they start (one int, or one per row when the
+        rows' lengths differ). The MTP head (model/mtp.py) positions its tokens the same way."""
+        steps = torch.arange(T, device=device)
         start: int | list[int] = 0
         if cache is None:
             positions = steps  # (T,)
@@ -381,11 +408,17 @@ class TextModel(nn.Module):
             else:
                 start = lengths
                 positions = (cache.lengths.to(steps.device)[:, None] + steps).unsqueeze(1)  # (B, 1, T)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, dtype)
+        return cos, sin, start
+
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> final hidden states (B, T, hidden), normed."""
+        x = self.embed_tokens(input_ids)
+        cos, sin, start = self.rotary(input_ids.shape[1], cache, x.dtype, input_ids.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, start)
         if cache is not None:
-            cache.lengths += T
+            cache.lengths += input_ids.shape[1]
         return self.norm(x)
 
 

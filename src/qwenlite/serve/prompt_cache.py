@@ -6,11 +6,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import torch
+
 from qwenlite.model.cache import Cache
 
 
 def snapshot_bytes(snap: Cache) -> int:
-    tensors = [t for layer in snap.layers for t in vars(layer).values()]
+    # Tensors only: a linear-attention layer also has its verification trail (None or a list, see Cache.track).
+    tensors = [t for layer in snap.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

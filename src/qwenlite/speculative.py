@@ -1,0 +1,159 @@
+"""Speculative decoding, exact: a draft proposes k tokens, one forward of the main model over the pending token and
+the k drafts gives k+1 rows of logits, and the longest prefix of drafts the model agrees with is kept, plus the
+model's own next token. At batch 1 a CPU's decode reads every weight once per token; a forward of k+1 rows reads
+them once for all, so each accepted draft is a token for a fraction of a pass.
+
+Exactness: greedy, a draft is kept iff it is the argmax of the processed logits, so the output is plain decoding's,
+token for token; sampling, the rejection rule (sample.verify_draft) keeps the output distributed as plain
+sampling's. Logits processors (penalties) see each row's own history, drafts included, and the same filters
+(temperature, top-k, top-p, min-p) shape both the model's and the draft's distributions. Rollback: attention
+forgets rejected tokens by length, but the Gated DeltaNet's recurrent and conv states cannot be rewound, so the
+verification forward keeps the state after each token (Cache.track / Cache.rewind): the state after the last kept
+token is the one plain decoding reaches. Keeping per-token states costs a copy of each layer's state per draft;
+the alternative, a snapshot and a recompute of the kept tokens, would read the weights a second time.
+
+Drafts: the checkpoint's MTP head (`MTPDraft`, model/mtp.py) and prompt lookup (`NgramDraft`). The core works on
+token ids; the loop that drafts, verifies and rolls back is generate.py's `speculative_tokens`, which
+`generate_tokens` runs when given a `Speculation`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from qwenlite.errors import CheckpointError, InvalidArgument
+from qwenlite.io.load import load_mtp
+from qwenlite.model.cache import Cache, make_cache
+from qwenlite.model.mtp import MTP
+from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
+from qwenlite.model.runner import PREFILL_CHUNK
+
+DRAFTS = ("mtp", "ngram")
+MAX_SPECULATE = 8  # drafts per verification: a forward of up to 9 rows
+
+# A draft's choice from its logits: (token, its distribution q, or None when the token is deterministic).
+Pick = Callable[[torch.Tensor, list[int]], tuple[int, torch.Tensor | None]]
+
+
+class Draft(Protocol):
+    def begin(self, max_seq_len: int) -> None:
+        """A new sequence of at most `max_seq_len` tokens."""
+
+    def propose(
+        self, tokens: Sequence[int], hidden: torch.Tensor, k: int, pick: Pick
+    ) -> list[tuple[int, torch.Tensor | None]]:
+        """Up to k (token, q) after `tokens` (prompt and generated, the last one not yet run by the model).
+        `hidden` (n, H): the model's final hidden states at the n positions it ran since the last call (the last
+        n before the last token). `pick(logits, drafted so far)` chooses a token the way the sampler would."""
+
+
+@dataclass
+class Speculation:
+    draft: Draft
+    k: int  # drafts per verification, 1..MAX_SPECULATE
+
+    def __post_init__(self) -> None:
+        check_speculate(self.k)
+
+
+def check_speculate(k: int) -> None:
+    if not (isinstance(k, int) and 1 <= k <= MAX_SPECULATE):
+        raise InvalidArgument(f"--speculate takes 1..{MAX_SPECULATE} drafted tokens (0 = off), got {k}")
+
+
+class MTPDraft:
+    """Drafts with the checkpoint's MTP head: its first step reads the hidden states of the positions the model ran
+    since the last call (their KV entries replace the ones its chained drafts wrote), the next ones its own output."""
+
+    def __init__(self, model: Qwen3_5ForCausalLM, head: MTP):
+        self.model, self.head = model, head
+        self.cache: Cache | None = None
+
+    def begin(self, max_seq_len: int) -> None:
+        m = self.model
+        self.cache = make_cache(m.config, 1, max_seq_len, m.dtype, m.device, layer_types=["full_attention"])
+
+    def propose(
+        self, tokens: Sequence[int], hidden: torch.Tensor, k: int, pick: Pick
+    ) -> list[tuple[int, torch.Tensor | None]]:
+        n, last = hidden.shape[0], len(tokens) - 1
+        self.cache.lengths.fill_(last - n)  # forget what earlier drafts wrote past the model's positions
+        ids = torch.tensor([tokens[last - n + 1 :]], device=self.model.device)  # tokens t+1 of hidden t
+        for start in range(0, n, PREFILL_CHUNK):
+            end = min(start + PREFILL_CHUNK, n)
+            out = self.head(self.model, ids[:, start:end], hidden[None, start:end], self.cache)[:, -1:]
+        drafts: list[tuple[int, torch.Tensor | None]] = []
+        for j in range(k):
+            token, q = pick(self.model.lm_head(out)[0, -1].float(), [t for t, _ in drafts])
+            drafts.append((token, q))
+            if j + 1 < k:
+                out = self.head(self.model, torch.tensor([[token]], device=self.model.device), out, self.cache)
+        return drafts
+
+
+class NgramDraft:
+    """Prompt lookup: the longest suffix of the context (up to `max_ngram` tokens) that occurred earlier proposes
+    the tokens that followed its latest earlier occurrence. Pays where output repeats input (code edits, summaries)."""
+
+    def __init__(self, max_ngram: int = 3):
+        self.max_ngram = max_ngram
+
+    def begin(self, max_seq_len: int) -> None:
+        pass
+
+    def propose(
+        self, tokens: Sequence[int], hidden: torch.Tensor, k: int, pick: Pick
+    ) -> list[tuple[int, torch.Tensor | None]]:
+        seq = np.asarray(tokens)
+        for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
+            windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)  # every earlier n-gram
+            starts = np.flatnonzero((windows == seq[-n:]).all(axis=1))
+            if len(starts):
+                follow = seq[starts[-1] + n : starts[-1] + n + k]
+                return [(int(t), None) for t in follow]
+        return []
+
+
+def forward_hidden(model: Qwen3_5ForCausalLM, ids: Sequence[int], cache: Cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids through the model's forward in pieces of PREFILL_CHUNK -> (final hidden states (T, H), logits of the last
+    position (V,) fp32): the drafts need every position's hidden state, which the one-call decode step keeps to C."""
+    device = model.device
+    hidden = []
+    for start in range(0, len(ids), PREFILL_CHUNK):
+        hidden.append(model.model(torch.tensor([ids[start : start + PREFILL_CHUNK]], device=device), cache)[0])
+    h = torch.cat(hidden)
+    return h, model.lm_head(h[-1:]).float()[0]
+
+
+def verify_forward(model: Qwen3_5ForCausalLM, ids: Sequence[int], cache: Cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pending token and the drafts `ids` through the forward, their recurrent states kept (`Cache.track`:
+    follow with `cache.rewind`) -> (final hidden states (T, H), logits (T, V) fp32). Few rows: the projections take
+    the GEMV kernels, one pass over the weights for all of them."""
+    cache.track()
+    hidden = model.model(torch.tensor([list(ids)], device=model.device), cache)[0]
+    return hidden, model.lm_head(hidden).float()
+
+
+def make_speculation(
+    model_path: str | Path, model: Qwen3_5ForCausalLM, k: int, draft: str = "mtp"
+) -> Speculation | None:
+    """`--speculate K --draft mtp|ngram` for a loaded model: None for K = 0 (off)."""
+    if k == 0:
+        return None
+    if draft not in DRAFTS:
+        raise InvalidArgument(f"unknown draft {draft!r}; choose from {', '.join(DRAFTS)}")
+    if draft == "ngram":
+        return Speculation(NgramDraft(), k)
+    check_speculate(k)  # before the head is read
+    head = load_mtp(model_path, model)
+    if head is None:
+        raise CheckpointError(
+            f"{model_path} has no multi-token-prediction head (mtp.* tensors) to draft with; use --draft ngram"
+        )
+    return Speculation(MTPDraft(model, head), k)

@@ -1,0 +1,378 @@
+"""Speculative decoding (speculative.py, generate.speculative_tokens) is exact: greedy output is plain decoding's
+token for token whatever the drafts (the checkpoint's random MTP head, drafts always right, right and wrong in a
+chosen pattern), stops end at the same token, the caches after a rejection are plain decoding's, and sampling keeps
+plain sampling's distribution (chi-square tests)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qwenlite.cli import main
+from qwenlite.errors import CheckpointError, InvalidArgument
+from qwenlite.generate import GenerationStats, decode_step, generate_tokens, prefill, stream
+from qwenlite.io.load import load_model, load_mtp
+from qwenlite.model.cache import AttentionCache, make_cache
+from qwenlite.sample import (
+    SamplingParams,
+    apply_processors,
+    make_generator,
+    make_logits_processors,
+    probabilities,
+    verify_draft,
+)
+from qwenlite.speculative import MTPDraft, NgramDraft, Speculation, make_speculation
+
+from helpers import TINY_TEXT_CONFIG, make_hf_checkpoint, random_ids, tiny_checkpoint
+
+GREEDY = SamplingParams(temperature=0)
+V = TINY_TEXT_CONFIG["vocab_size"]
+N = 40  # generated tokens
+STATE_TOL = 1e-5  # fp32: the verification's projections over several rows against the decode step's over one
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's matmuls are microseconds: a second thread only adds contention (measured 14 ms against
+    up to 490 ms per sampled generation on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny published-layout checkpoint with a random MTP head, fp32; a prompt; plain greedy decoding's tokens."""
+    path = tmp_path_factory.mktemp("tiny")
+    make_hf_checkpoint(path, layout="conditional_generation", add_mtp=True)
+    model, _ = load_model(path, "float32", with_tokenizer=False)
+    prompt = random_ids(1, 17, seed=11)[0].tolist()
+    return model, load_mtp(path, model), prompt, list(generate_tokens(model, prompt, GREEDY, N))
+
+
+class PatternDraft:
+    """Proposes plain decoding's own tokens `ref`, wrong (the right token + 1) where `wrong(round, j)` says. Checks
+    that it is handed the hidden states of exactly the positions the model ran since its last call."""
+
+    def __init__(self, ref: list[int], prompt_len: int, wrong=lambda r, j: False):
+        self.ref, self.prompt_len, self.wrong = ref, prompt_len, wrong
+
+    def begin(self, max_seq_len):
+        self.round, self.expect_hidden = 0, self.prompt_len
+
+    def propose(self, tokens, hidden, k, pick):
+        assert hidden.shape[0] == self.expect_hidden
+        g = len(tokens) - self.prompt_len  # generated so far, the pending token included
+        right = [self.ref[g + j] if g + j < len(self.ref) else 0 for j in range(k)]
+        drafts = [((t + 1) % V if self.wrong(self.round, j) else t, None) for j, t in enumerate(right)]
+        kept = next((j for j in range(k) if drafts[j][0] != right[j]), k)
+        self.round, self.expect_hidden = self.round + 1, kept + 1
+        return drafts
+
+
+def speculate(model, prompt, draft, k, params=GREEDY, max_tokens=N, stop_ids=()):
+    stats = GenerationStats()
+    tokens = list(generate_tokens(model, prompt, params, max_tokens, stop_ids, None, stats, Speculation(draft, k)))
+    return tokens, stats
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_greedy_is_plain_decoding_with_the_mtp_head(tiny, k):
+    model, head, prompt, ref = tiny
+    tokens, stats = speculate(model, prompt, MTPDraft(model, head), k)
+    assert tokens == ref
+    assert stats.draft_tokens > 0 and stats.verify_steps > 0
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_greedy_is_plain_decoding_when_drafts_are_always_right(tiny, k):
+    model, _, prompt, ref = tiny
+    tokens, stats = speculate(model, prompt, PatternDraft(ref, len(prompt)), k)
+    assert tokens == ref
+    assert stats.accepted_tokens == stats.draft_tokens  # every draft kept: k + 1 tokens per forward
+    assert stats.verify_steps == -(-(N - 1) // (k + 1))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_greedy_is_plain_decoding_with_a_rejection_at_every_position(tiny, k):
+    """Round r's first wrong draft is draft r % (k + 1) (k + 1: none wrong): every accepted length occurs."""
+    model, _, prompt, ref = tiny
+    tokens, stats = speculate(model, prompt, PatternDraft(ref, len(prompt), lambda r, j: j == r % (k + 1)), k)
+    assert tokens == ref
+    assert 0 < stats.accepted_tokens < stats.draft_tokens
+
+
+def test_greedy_with_penalties_is_plain_decoding(tiny):
+    """Processors see each row's own history, drafts included."""
+    model, head, prompt, _ = tiny
+    params = SamplingParams(temperature=0, repetition_penalty=1.5, presence_penalty=1.0, frequency_penalty=0.5)
+    ref = list(generate_tokens(model, prompt, params, N))
+    assert ref != tiny[3]  # the penalties change the output, so they are in play
+    assert speculate(model, prompt, PatternDraft(ref, len(prompt), lambda r, j: j == r % 3), 3, params)[0] == ref
+    assert speculate(model, prompt, MTPDraft(model, head), 2, params)[0] == ref
+
+
+def test_greedy_is_plain_decoding_on_a_quantized_model(tmp_path):
+    """int8 on load (int4's groups of 128 do not divide the tiny hidden size of 64): the verification's GEMVs over
+    several rows against the decode step's over one; the MTP head stays unquantized and drafts through the model's
+    quantized embedding and head."""
+    make_hf_checkpoint(tmp_path, layout="conditional_generation", add_mtp=True)
+    model, _ = load_model(tmp_path, "float32", "int8", with_tokenizer=False)
+    head = load_mtp(tmp_path, model)
+    prompt = random_ids(1, 17, seed=11)[0].tolist()
+    ref = list(generate_tokens(model, prompt, GREEDY, N))
+    assert speculate(model, prompt, MTPDraft(model, head), 3)[0] == ref
+    assert speculate(model, prompt, PatternDraft(ref, len(prompt), lambda r, j: j == r % 4), 3)[0] == ref
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 3, 7, 12])
+def test_max_tokens_ends_inside_an_accepted_run(tiny, max_tokens):
+    model, _, prompt, ref = tiny
+    tokens, _ = speculate(model, prompt, PatternDraft(ref, len(prompt)), 4, max_tokens=max_tokens)
+    assert tokens == ref[:max_tokens]
+
+
+def test_stop_id_ends_inside_an_accepted_run(tiny):
+    model, _, prompt, ref = tiny
+    for j in (1, 6, 9):  # drafts always right, k = 4: the stop falls inside a run of 5
+        stop = ref[j]
+        want = list(generate_tokens(model, prompt, GREEDY, N, [stop]))
+        assert want == ref[: ref.index(stop)]
+        tokens, stats = speculate(model, prompt, PatternDraft(ref, len(prompt)), 4, stop_ids=[stop])
+        assert tokens == want and stats.finish_reason == "stop"
+
+
+def test_stop_string_ends_at_the_same_token(tiny, qwen35_tokenizer):
+    model, head, prompt, ref = tiny
+    text = qwen35_tokenizer.decode(ref)
+    stop = qwen35_tokenizer.decode(ref[8:10])
+    assert stop and stop in text
+    plain = list(stream(model, qwen35_tokenizer, prompt, GREEDY, N, [stop]))
+    spec = list(
+        stream(
+            model,
+            qwen35_tokenizer,
+            prompt,
+            GREEDY,
+            N,
+            [stop],
+            speculation=Speculation(PatternDraft(ref, len(prompt)), 4),
+        )
+    )
+    assert [(c.text, c.token_ids, c.finish_reason) for c in spec] == [
+        (c.text, c.token_ids, c.finish_reason) for c in plain
+    ]
+    assert plain[-1].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("run", [1, 3, 5])
+def test_rewind_leaves_the_caches_of_plain_decoding(tiny, run):
+    """A tracked forward of `run` tokens rewound to its first `keep`: the cache plain decoding has after them."""
+    model, _, prompt, ref = tiny
+    ids = ref[:run]
+    for keep in range(1, run + 1):
+        plain = make_cache(model.config, max_seq_len=64, dtype=torch.float32)
+        prefill(model, prompt, plain)
+        for t in ids[:keep]:
+            decode_step(model, t, plain)
+        spec = make_cache(model.config, max_seq_len=64, dtype=torch.float32)
+        prefill(model, prompt, spec)
+        spec.track()
+        with torch.inference_mode():
+            model.model(torch.tensor([ids]), spec)
+        spec.rewind(run, keep)
+        n = len(prompt) + keep
+        assert spec.lengths.tolist() == plain.lengths.tolist() == [n]
+        for mine, theirs in zip(spec.layers, plain.layers, strict=True):
+            if isinstance(mine, AttentionCache):
+                pairs = [(mine.k[:, :, :n], theirs.k[:, :, :n]), (mine.v[:, :, :n], theirs.v[:, :, :n])]
+            else:
+                assert mine.trail is None
+                pairs = [(mine.conv, theirs.conv), (mine.state, theirs.state)]
+            for a, b in pairs:
+                assert (a - b).abs().max() < STATE_TOL
+
+
+def test_ngram_proposes_what_followed_the_longest_earlier_match():
+    draft = NgramDraft(max_ngram=3)
+    pick = None
+    # "7 8 9" occurred earlier, followed by 4 5 6 (the latest occurrence of the longest suffix wins)
+    assert draft.propose([7, 8, 9, 1, 2, 7, 8, 9, 4, 5, 6, 0, 8, 9], None, 3, pick) == [(4, None), (5, None), (6, None)]
+    assert draft.propose([1, 2, 3, 1, 2], None, 5, pick) == [(3, None), (1, None), (2, None)]
+    assert draft.propose([1, 2, 3], None, 2, pick) == []
+
+
+def test_greedy_with_ngram_drafts_is_plain_decoding(tiny):
+    model, _, _, _ = tiny
+    prompt = [5, 6, 7, 8, 9, 10] * 4  # a repetitive prompt, so that lookups find something
+    ref = list(generate_tokens(model, prompt, GREEDY, N))
+    tokens, stats = speculate(model, prompt, NgramDraft(), 3)
+    assert tokens == ref and stats.draft_tokens > 0
+
+
+def test_a_gguf_has_no_head_to_draft_with(tiny, tmp_path):
+    """GGUF import keeps no MTP layer: --speculate with the default draft names the alternative."""
+    model = tiny[0]
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(CheckpointError, match="no multi-token-prediction head .* use --draft ngram"):
+        make_speculation(gguf, model, 2)
+    assert make_speculation(gguf, model, 0) is None
+    assert isinstance(make_speculation(gguf, model, 2, "ngram").draft, NgramDraft)
+
+
+def test_speculate_out_of_range_is_refused():
+    for k in (0, 9, -1):
+        with pytest.raises(InvalidArgument, match="1..8"):
+            Speculation(NgramDraft(), k)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling: chi-square goodness of fit, p-value threshold 1e-3 (seeded, so the outcome is fixed).
+
+
+def chi_square_p(counts: torch.Tensor, probs: torch.Tensor, pool_below: float = 5.0) -> float:
+    """p-value of the chi-square test of `counts` against `probs`; cells expecting fewer than `pool_below` pooled."""
+    expected = probs.double() * counts.sum()
+    small = expected < pool_below
+    obs = torch.cat([counts[~small].double(), counts[small].double().sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
+    df = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat / 2))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_rejection_rule_leaves_the_target_distribution(deterministic):
+    """verify_draft on 6 tokens: a draft drawn from q (or a fixed draft), kept or replaced, is distributed as p."""
+    p = torch.tensor([0.05, 0.3, 0.1, 0.25, 0.0, 0.3])
+    q = torch.tensor([0.4, 0.1, 0.2, 0.1, 0.15, 0.05])
+    gen = make_generator(SamplingParams(seed=0))
+    counts = torch.zeros(6)
+    for _ in range(20000):
+        if deterministic:
+            kept, token = verify_draft(p, None, 3, gen)
+        else:
+            draft = int(torch.multinomial(q, 1, generator=gen))
+            kept, token = verify_draft(p, q, draft, gen)
+        counts[token] += 1
+    assert counts[4] == 0  # p = 0 is never produced
+    assert chi_square_p(counts, p) > 1e-3
+
+
+class NoisyDraft:
+    """Drafts from the model's own logits plus seeded noise, chosen by `pick` (the sampler's filters): a q that
+    overlaps p without being it, so that drafts are both kept and rejected."""
+
+    def __init__(self, model, seed: int):
+        self.model, self.gen = model, torch.Generator().manual_seed(seed)
+
+    def begin(self, max_seq_len):
+        pass
+
+    def propose(self, tokens, hidden, k, pick):
+        drafted = []
+        for _ in range(k):
+            logits = self.model(torch.tensor([list(tokens) + drafted]))[0, -1]
+            token, q = pick(logits + torch.randn(logits.shape, generator=self.gen), drafted)
+            drafted.append(token)
+        return [(t, q) for t in drafted]
+
+
+@torch.inference_mode()
+def test_sampling_keeps_the_distribution(tiny):
+    """Four tokens sampled with top-k 2 and penalties, 600 times, with k = 2: the second and third are verified
+    drafts (drawn from q, filtered as p is), the fourth the model's own or a replacement; the counts of the
+    4-token outcomes fit the exact distribution computed by enumeration. This checks the wiring (rows, histories,
+    filters on both sides; a rule that keeps every draft fails it); the rule's residual distribution, whose errors
+    are subtle when q is close to p, is checked with more samples by test_rejection_rule_leaves_the_target_...."""
+    model, head, prompt, _ = tiny
+    base = dict(temperature=1.0, top_k=2, repetition_penalty=1.3, presence_penalty=0.5)
+    processors = make_logits_processors(SamplingParams(**base), len(prompt))
+
+    def dist(context):
+        logits = model(torch.tensor([context]))[0, -1].float()
+        return probabilities(apply_processors(processors, torch.tensor(context), logits), SamplingParams(**base))
+
+    exact = {(): 1.0}
+    for _ in range(4):
+        exact = {
+            seq + (t,): pr * float(p[t])
+            for seq, pr in exact.items()
+            for p in [dist(prompt + list(seq))]
+            for t in p.nonzero().flatten().tolist()
+        }
+    index = {t: i for i, t in enumerate(exact)}
+    counts = torch.zeros(len(exact))
+    stats = GenerationStats()
+    for seed in range(600):
+        speculation = Speculation(NoisyDraft(model, seed), 2)
+        tokens = generate_tokens(model, prompt, SamplingParams(**base, seed=seed), 4, (), None, stats, speculation)
+        counts[index[tuple(tokens)]] += 1
+    assert 0 < stats.accepted_tokens < stats.draft_tokens  # drafts both kept and rejected
+    assert chi_square_p(counts, torch.tensor(list(exact.values()))) > 1e-3
+
+
+def test_sampling_with_the_mtp_head_stays_in_the_filtered_support(tiny):
+    """The MTP head's drafts (random here: nearly always rejected) feed the same rule: each token is one the
+    filters allow after its own prefix."""
+    model, head, prompt, _ = tiny
+    params = SamplingParams(temperature=0.8, top_k=3, seed=1)
+    tokens, stats = speculate(model, prompt, MTPDraft(model, head), 3, params, max_tokens=12)
+    assert len(tokens) == 12 and stats.draft_tokens > 0
+    with torch.inference_mode():
+        for i, t in enumerate(tokens):
+            logits = model(torch.tensor([prompt + tokens[:i]]))[0, -1]
+            assert t in torch.topk(logits, 3).indices.tolist()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command line: --speculate K and --draft on run and bench.
+
+
+@pytest.fixture(scope="module")
+def lively(tmp_path_factory):
+    """The tiny preset with the real vocabulary and tokenizer (no MTP head)."""
+    return tiny_checkpoint(tmp_path_factory)
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_run_with_ngram_drafts_prints_plain_decodings_answer(lively, capsys):
+    argv = ["run", str(lively), "one two three one two three one two", "--raw", "--temperature", "0"]
+    argv += ["--max-tokens", "24"]
+    code, plain, _ = cli(capsys, *argv)
+    assert code == 0
+    code, spec, err = cli(capsys, *argv, "--speculate", "3", "--draft", "ngram", "--verbose")
+    assert (code, spec) == (0, plain)
+    assert "speculation: acceptance" in err
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [(["--speculate", "2"], "use --draft ngram"), (["--speculate", "9"], "1..8"), (["--speculate", "-1"], "1..8")],
+)
+def test_speculate_bad_input_is_one_line(lively, capsys, flags, needle):
+    code, _, err = cli(capsys, "run", str(lively), "hi", *flags)
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("qwenlite: error:") and needle in lines[0], err
+
+
+def test_bench_reports_speculation(lively, capsys):
+    argv = ["bench", str(lively), "--prompt", "16", "--decode", "6", "--repeat", "1", "--speculate", "2"]
+    code, out, _ = cli(capsys, *argv, "--draft", "ngram", "--json")
+    assert code == 0
+    r = json.loads(out)
+    assert r["speculate"] == 2 and r["draft"] == "ngram" and r["speculative_decode_tok_s"] > 0
+    assert 0 <= r["acceptance_rate"] <= 1 and r["mean_accepted_length"] >= 1
+    assert sorted(r["verify_cost"]) == ["1", "2", "3", "4"] and all(c > 0 for c in r["verify_cost"].values())
+    code, out, _ = cli(capsys, *argv, "--draft", "ngram")
+    assert code == 0 and "speculative (K=2, ngram)" in out and "verify K+1 / decode 1" in out
