@@ -190,6 +190,35 @@ def random_ids(batch: int, length: int, vocab: int = TINY_TEXT_CONFIG["vocab_siz
     return torch.randint(0, vocab, (batch, length), generator=gen)
 
 
+def batched_and_single_decodes(model, vocab: int, lengths=(5, 13, 8), steps: int = 5):
+    """Prompts of `lengths` decoded `steps` greedy tokens together, rows at different positions as the engine batches
+    them, and each alone: (batched, singles), logits (B, steps, V) each, through the runner as inference calls it."""
+    from qwenlite.model import runner
+    from qwenlite.model.cache import make_cache
+
+    prompts = [random_ids(1, n, vocab=vocab, seed=n)[0] for n in lengths]
+
+    def decode(cache, firsts):
+        tokens, out = firsts, []
+        for _ in range(steps):
+            logits = runner.run_model(model, tokens, cache)[:, -1]
+            out.append(logits)
+            tokens = logits.argmax(-1, keepdim=True)
+        return torch.stack(out, 1)  # (B, steps, V)
+
+    with torch.no_grad():
+        singles = []
+        for p in prompts:
+            cache = make_cache(model.config, 1, 32, torch.float32)
+            runner.run_model(model, p[None, :-1], cache)
+            singles.append(decode(cache, p[None, -1:]))
+        cache = make_cache(model.config, len(prompts), 32, torch.float32)
+        for b, p in enumerate(prompts):
+            runner.run_model(model, p[None, :-1], cache.rows(b, b + 1))
+        assert cache.lengths.tolist() == [n - 1 for n in lengths]
+        return decode(cache, torch.stack([p[-1:] for p in prompts])), torch.cat(singles)
+
+
 @torch.no_grad()
 def reference_logits(hf_model, input_ids: torch.Tensor) -> torch.Tensor:
     """Full-forward logits (B, T, V) fp32 of a transformers model, no cache."""

@@ -30,6 +30,7 @@ from helpers import (
     TINY_TEXT_CONFIG,
     TINY_VISION_CONFIG,
     _randomize,
+    batched_and_single_decodes,
     max_abs_diff,
     random_ids,
     reference_logits,
@@ -203,29 +204,8 @@ def test_cached_decode_matches_full_recompute(checkpoints, T):
 
 def test_batched_decode_equals_single(checkpoints):
     """Rows at different positions decode together (as the engine batches them) exactly as each alone."""
-    model = checkpoints["per-expert"][1]
-    prompts = [random_ids(1, n, vocab=VOCAB, seed=n)[0] for n in (5, 13, 8)]
-    steps = 5
-
-    def decode(cache, firsts):
-        tokens, out = firsts, []
-        for _ in range(steps):
-            logits = runner.run_model(model, tokens, cache)[:, -1]
-            out.append(logits)
-            tokens = logits.argmax(-1, keepdim=True)
-        return torch.stack(out, 1)  # (B, steps, V)
-
-    with torch.no_grad():
-        singles = []
-        for p in prompts:
-            cache = make_cache(model.config, 1, 32, torch.float32)
-            runner.run_model(model, p[None, :-1], cache)
-            singles.append(decode(cache, p[None, -1:]))
-        cache = make_cache(model.config, len(prompts), 32, torch.float32)
-        for b, p in enumerate(prompts):
-            runner.run_model(model, p[None, :-1], cache.rows(b, b + 1))
-        batched = decode(cache, torch.stack([p[-1:] for p in prompts]))
-    assert max_abs_diff(batched, torch.cat(singles)) <= LOGIT_ATOL
+    batched, singles = batched_and_single_decodes(checkpoints["per-expert"][1], VOCAB)
+    assert max_abs_diff(batched, singles) <= LOGIT_ATOL
 
 
 def test_bfloat16_stays_as_close_as_the_reference(checkpoints):
