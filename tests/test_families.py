@@ -1,6 +1,6 @@
 """The dense families, Qwen3 (`qwen3`) and Qwen2 / Qwen2.5 (`qwen2`), against transformers' Qwen3ForCausalLM and
 Qwen2ForCausalLM: logits, greedy generation, cached and batched decoding, quantization, loading through every
-command's path, and the inputs qwenlite refuses.
+command's path, GGUF export and import in llama.cpp's qwen3 / qwen2 conventions, and the inputs qwenlite refuses.
 
 Tiny checkpoints with odd counts (3 layers, 4 heads over 2 KV heads, head dim 16, a hidden size that is not heads *
 head dim for Qwen3); weights drawn as helpers.py draws them, and the constants transformers initialises (norm

@@ -292,6 +292,11 @@ def test_errors(checkpoints, tmp_path):
     with pytest.raises(QwenliteError, match="full_attention_interval"):
         export_gguf(src, tmp_path / "a.gguf")
     shutil.copy(checkpoints[True] / "config.json", src / "config.json")
+    spec = json.loads((src / "tokenizer.json").read_text())
+    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\s+|\S+"  # neither Qwen3.5's nor Qwen3's
+    (src / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(QwenliteError, match="with Qwen3.5's or Qwen2 / Qwen3's pre-tokenizer regex"):
+        export_gguf(src, tmp_path / "a.gguf")
     (src / "tokenizer.json").unlink()
     with pytest.raises(QwenliteError, match="no tokenizer.json"):
         export_gguf(src, tmp_path / "a.gguf")
