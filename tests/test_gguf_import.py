@@ -417,6 +417,10 @@ def test_errors(models, tmp_path):
     path = rewrite_gguf(f32, tmp_path / "extra.gguf", add={"blk.2.surprise.weight": np.ones(4)})
     with pytest.raises(QwenliteError, match=r"unexpected tensor blk\.2\.surprise\.weight"):
         load_gguf(path, progress=False)
+    fields = {"qwen35.rope.scaling.type": ("yarn", gguf.GGUFValueType.STRING)}
+    path = rewrite_gguf(f32, tmp_path / "yarn.gguf", fields=fields)
+    with pytest.raises(QwenliteError, match="uses 'yarn' rotary scaling; qwenlite has only the default"):
+        load_gguf(path, progress=False)
     fields = {"tokenizer.ggml.pre": ("llama-bpe", gguf.GGUFValueType.STRING)}
     path = rewrite_gguf(f32, tmp_path / "pre.gguf", fields=fields)
     with pytest.raises(QwenliteError, match="pre-tokenizer 'llama-bpe'"):

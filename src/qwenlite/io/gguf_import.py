@@ -3,7 +3,8 @@ Qwen2 (`qwen3` / `qwen2`): the inverse of gguf_export.py.
 
 - config from the `<arch>.*` metadata (block_count, embedding_length, ssm.*, rope.*, ...); the head is tied when
   there is no `output.weight`; `nextn` (multi-token-prediction) blocks, which newer converters append, are skipped;
-  a dense file without attention.key_length has llama.cpp's head size, embedding_length / head_count;
+  a dense file without attention.key_length has llama.cpp's head size, embedding_length / head_count; rotary
+  scaling (rope.scaling.type other than none) is refused, as config.py refuses it in a config.json;
 - tensors found under the exporter's own names (gguf_export.gguf_name of each of ours), and each of its
   conventions undone by `unconvert_tensor`: Qwen3.5's norms stored as 1 + w, `ssm_a` = -exp(A_log), the conv
   squeezed to (C, K), value heads tiled for ggml's broadcast (untiling is the same transpose with the grid's sides
@@ -187,6 +188,9 @@ def config_from_gguf(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], d
 
     if "token_embd.weight" not in shapes:
         raise CheckpointError(f"{where}: tensor token_embd.weight is missing")
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling != "none":  # as config.py refuses it in a config.json
+        raise CheckpointError(f"{where} uses {scaling!r} rotary scaling; qwenlite has only the default")
     common = dict(
         model_type=model_type,
         vocab_size=shapes["token_embd.weight"][0],
