@@ -1,6 +1,6 @@
 """The dense families, Qwen3 (`qwen3`) and Qwen2 / Qwen2.5 (`qwen2`), against transformers' Qwen3ForCausalLM and
 Qwen2ForCausalLM: logits, greedy generation, cached and batched decoding, quantization, loading through every
-command's path, and the inputs qwenlite refuses.
+command's path, GGUF export and import in llama.cpp's qwen3 / qwen2 conventions, and the inputs qwenlite refuses.
 
 Tiny checkpoints with odd counts (3 layers, 4 heads over 2 KV heads, head dim 16, a hidden size that is not heads *
 head dim for Qwen3); weights drawn as helpers.py draws them, and the constants transformers initialises (norm
@@ -9,7 +9,10 @@ weights at 1, biases at 0) drawn too, so that an ignored norm or bias shows in t
 from __future__ import annotations
 
 import json
+import shutil
 
+import gguf
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +21,8 @@ from qwenlite.config import ModelConfig, load_config, preset_config
 from qwenlite.errors import CheckpointError, QwenliteError
 from qwenlite.generate import generate_tokens
 from qwenlite.io.checkpoint import load_checkpoint, save_checkpoint, write_random_checkpoint
+from qwenlite.io.gguf_export import export_gguf, gguf_name
+from qwenlite.io.gguf_import import load_gguf
 from qwenlite.io.load import load_model
 from qwenlite.model import runner
 from qwenlite.model.cache import make_cache
@@ -25,6 +30,7 @@ from qwenlite.model.quantized import QuantLinear, quantize_model
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value, set_fast
 from qwenlite.ops.cpu import kernels
 from qwenlite.sample import SamplingParams
+from qwenlite.text.tokenizer import Tokenizer
 
 from helpers import (
     batched_and_single_decodes,
@@ -34,6 +40,7 @@ from helpers import (
     random_ids,
     reference_logits,
 )
+from tiny_chat import write_tiny_tokenizer
 
 LOGIT_ATOL = 1e-4
 VOCAB = 320
@@ -349,8 +356,6 @@ def test_a_dense_config_with_qwen35_layers_is_refused():
 
 def test_run_command_answers_with_a_dense_model(trained, tmp_path, capsys):
     """`qwenlite run` on a Qwen3 / Qwen2 checkpoint: the checkpoint's tokenizer and template, the forward decode."""
-    from tiny_chat import write_tiny_tokenizer
-
     path, _ = trained
     write_tiny_tokenizer(path)
     assert cli_main(["run", str(path), "What is two plus two?", "--max-tokens", "6", "--temperature", "0"]) == 0
@@ -392,11 +397,140 @@ def test_lora_defaults_take_the_layers_a_dense_model_has(checkpoints):
         apply_lora(model, 2, targets=["q_proj", "in_proj_qkv"])  # named explicitly: must exist
 
 
-def test_gguf_export_refuses_the_dense_families(checkpoints, tmp_path, capsys):
-    path = checkpoints["qwen3"][2]
+# ---------------------------------------------------------------------------------------------
+# GGUF: llama.cpp's qwen3 / qwen2 conventions, as gguf-py (the converter's own tables) states them
+
+GGUF_ARCH = {"qwen3": gguf.MODEL_ARCH.QWEN3, "qwen2": gguf.MODEL_ARCH.QWEN2}
+
+
+def gguf_checkpoint(checkpoints, family, tmp_path):
+    """A copy of the family's checkpoint with a tiny tokenizer of Qwen2 / Qwen3's split regex (a GGUF carries one)."""
+    path = shutil.copytree(checkpoints[family][2], tmp_path / "ckpt")
+    write_tiny_tokenizer(path, qwen3=True, vocab=VOCAB)
+    return path
+
+
+def gguf_field(reader, key):
+    return reader.fields[key].contents() if key in reader.fields else None
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2"])
+def test_gguf_export_is_llamacpps(checkpoints, family, tmp_path):
+    """F32 export: every tensor under the name gguf-py's TensorNameMap gives the transformers name for the arch, of
+    the transformers shape, with the transformers values bit for bit (no q/k permutation; norms as w); the head
+    only when untied; the metadata the converter writes (key_length only where config.json has head_dim)."""
+    hf, _, _ = checkpoints[family]
+    path = gguf_checkpoint(checkpoints, family, tmp_path)
+    reader = gguf.GGUFReader(export_gguf(path, tmp_path / "m.gguf", "f32", progress=False))
+    name_map = gguf.get_tensor_name_map(GGUF_ARCH[family], 3)
+    tied = hf.config.tie_word_embeddings
+    want = {name_map.get_name(n, try_suffixes=(".weight", ".bias")): t for n, t in hf.state_dict().items()
+            if not (tied and n == "lm_head.weight")}  # fmt: skip
+    assert None not in want  # a TensorNameMap knows only the tensors its architecture declares
+    got = {t.name: t for t in reader.tensors}
+    assert set(got) == set(want)
+    assert ("output.weight" in got) is not tied
+    for name, t in got.items():
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32, name
+        values = torch.from_numpy(np.array(t.data)).reshape(tuple(reversed(t.shape.tolist())))
+        assert torch.equal(values, want[name]), name
+
+    c = hf.config
+    meta = {
+        "general.architecture": family,
+        "general.file_type": int(gguf.LlamaFileType.ALL_F32),
+        f"{family}.block_count": 3,
+        f"{family}.context_length": 512,
+        f"{family}.embedding_length": c.hidden_size,
+        f"{family}.feed_forward_length": c.intermediate_size,
+        f"{family}.attention.head_count": 4,
+        f"{family}.attention.head_count_kv": 2,
+        f"{family}.attention.key_length": 16 if family == "qwen3" else None,  # Qwen2's config.json has no head_dim
+        f"{family}.attention.value_length": 16 if family == "qwen3" else None,
+        f"{family}.rope.dimension_sections": None,
+        f"{family}.rope.dimension_count": None,
+        f"{family}.ssm.conv_kernel": None,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "qwen2",
+    }
+    assert {k: gguf_field(reader, k) for k in meta} == meta
+    assert gguf_field(reader, f"{family}.rope.freq_base") == pytest.approx(c.rope_parameters["rope_theta"])
+    assert gguf_field(reader, f"{family}.attention.layer_norm_rms_epsilon") == pytest.approx(1e-6)
+    assert len(gguf_field(reader, "tokenizer.ggml.tokens")) == VOCAB
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2"])
+def test_gguf_round_trip(checkpoints, family, tmp_path):
+    """The F32 file read back by `load_model` (what `qwenlite run x.gguf` does): the same config, the same
+    weights, fp32 logits within 1e-5 of the checkpoint's (measured: equal) and LOGIT_ATOL of transformers'; the same
+    tokenizer and template."""
+    hf, original, _ = checkpoints[family]
+    path = gguf_checkpoint(checkpoints, family, tmp_path)
+    out = export_gguf(path, tmp_path / "m.gguf", "f32", progress=False)
+    model, tokenizer = load_model(out)  # an all-F32 file loads as float32
+    c, want_c = model.config, original.config
+    fields = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "tie_word_embeddings", "rope_theta", "qk_norm", "qkv_bias",
+              "zero_centred_norms", "rotary_dim", "dtype")  # fmt: skip
+    assert {f: getattr(c, f) for f in fields} == {f: getattr(want_c, f) for f in fields}
+    assert c.rms_norm_eps == pytest.approx(want_c.rms_norm_eps, rel=1e-7)  # GGUF stores it as float32
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[n], t) for n, t in original.state_dict().items())
+    ids = random_ids(2, 23, vocab=VOCAB, seed=7)
+    got = forward(model, ids)
+    assert max_abs_diff(got, forward(original, ids)) <= 1e-5
+    assert max_abs_diff(got, reference_logits(hf, ids)) <= LOGIT_ATOL
+    reference = Tokenizer.from_dir(path)
+    text = "<|im_start|>user\nWhat is two plus two? naïve 12345<|im_end|>"
+    assert tokenizer.encode(text) == reference.encode(text) and len(reference.encode(text)) > 10
+    assert tokenizer.chat_template == reference.chat_template and tokenizer.eos_token_ids == reference.eos_token_ids
+
+
+# Q8_0 round trip: each matrix is checked exactly against gguf-py's rounding; the logits only get sanity bounds
+# (max |diff|, mean KL; top-1 agreement >= 0.9), these random models (weights N(0, 0.2), logits up to ~6) magnifying
+# rounding as a trained one would not. Measured over 2 x 40 positions: qwen3 (hidden 48, so every matrix but o_proj
+# falls back to F16, as the converter does for rows that do not split into blocks of 32) 0.12, KL 1.5e-4, top-1
+# 0.975; qwen2 (every matrix Q8_0) 0.46, KL 2.5e-3, top-1 0.94. F32 files come back with equal logits.
+Q8_0_BOUNDS = {"qwen3": (0.5, 1e-3), "qwen2": (1.0, 1e-2)}
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2"])
+def test_gguf_q8_0_round_trip(checkpoints, family, tmp_path):
+    """Q8_0 export loaded back: each matrix is gguf-py's quantize -> dequantize of the original (F16 where a row
+    does not split into blocks), norms and biases F32 and exact; logits within Q8_0_BOUNDS of the original."""
+    _, original, _ = checkpoints[family]
+    path = gguf_checkpoint(checkpoints, family, tmp_path)
+    out = export_gguf(path, tmp_path / "q8.gguf", "q8_0", progress=False)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors}
+    model, _config, _ = load_gguf(out, "float32", progress=False)
+    loaded, T = model.state_dict(), gguf.GGMLQuantizationType
+    for name, want in original.state_dict().items():
+        if name == "lm_head.weight" and original.config.tie_word_embeddings:
+            continue
+        kind = types[gguf_name(name, dense=True)]
+        if want.dim() == 1:
+            assert kind == T.F32 and torch.equal(loaded[name], want), name
+            continue
+        assert kind == (T.Q8_0 if want.shape[1] % 32 == 0 else T.F16), name
+        if kind == T.F16:
+            rounded = want.half().float()
+        else:
+            rounded = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(want.numpy(), kind), kind))
+        assert torch.equal(loaded[name], rounded), name
+    assert (T.Q8_0 in types.values()) and (family != "qwen2" or T.F16 not in types.values())
+    ids = random_ids(2, 40, vocab=VOCAB, seed=3)
+    got, want = forward(model, ids), forward(original, ids)
+    kl, top1 = kl_and_top1(want, got)
+    max_diff, max_kl = Q8_0_BOUNDS[family]
+    assert max_abs_diff(got, want) <= max_diff and kl <= max_kl and top1 >= 0.9
+
+
+def test_gguf_export_refuses_qwen3_attention_biases(checkpoints, tmp_path, capsys):
+    path = gguf_checkpoint(checkpoints, "qwen3-bias", tmp_path)
     assert cli_main(["convert", str(path), "--to", "gguf", str(tmp_path / "m.gguf")]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == ["qwenlite: error: GGUF export of qwen3 checkpoints is not built yet; qwenlite exports Qwen3.5"]
+    assert lines == ["qwenlite: error: this qwen3 checkpoint has attention biases (attention_bias), which llama.cpp's "
+                     "qwen3 architecture does not read; GGUF cannot carry them"]  # fmt: skip
     assert not (tmp_path / "m.gguf").exists()
 
 

@@ -19,6 +19,7 @@ from qwenlite.errors import QwenliteError
 from qwenlite.io.checkpoint import load_checkpoint, sanitize
 from qwenlite.io.gguf_export import GGUF_LAYER_NAMES, GGUF_NAMES, export_gguf
 from qwenlite.io.load import load_model
+from qwenlite.text.vocab import QWEN3_PATTERN, build_qwen3_tokenizer
 
 from helpers import TINY_TEXT_CONFIG, make_hf_checkpoint, max_abs_diff
 from tiny_chat import make_chat_checkpoint, write_tiny_tokenizer
@@ -236,17 +237,31 @@ def test_metadata(checkpoints, tmp_path):
     assert field(reader, "tokenizer.chat_template") == (path / "chat_template.jinja").read_text()
 
 
+# The text llama.cpp's converter tokenizes to name a pre-tokenizer by hashing the ids (conversion/base.py,
+# get_vocab_base_pre).
+CHKTXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 "
+    "3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
+    "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+
+
+def chkhsh(ids: list[int]) -> str:
+    return hashlib.sha256(str(ids).encode()).hexdigest()
+
+
 def test_qwen35_pre_tokenizer_is_llamacpps(qwen35_tokenizer):
-    """llama.cpp's converter names the pre-tokenizer by hashing the tokenization of a fixed text
-    (conversion/base.py, get_vocab_base_pre); the real Qwen3.5 vocabulary must hash to its "qwen35" entry."""
-    chktxt = (
-        "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 "
-        "3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
-        "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
-        "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
-    )
-    digest = hashlib.sha256(str(qwen35_tokenizer.encode(chktxt)).encode()).hexdigest()
-    assert digest == "d30d75d9059f1aa2c19359de71047b3ae408c70875e8a3ccf8c5fba56c9d8af4"  # res = "qwen35"
+    """The real Qwen3.5 vocabulary must hash to the converter's "qwen35" entry."""
+    assert chkhsh(qwen35_tokenizer.encode(CHKTXT)) == "d30d75d9059f1aa2c19359de71047b3ae408c70875e8a3ccf8c5fba56c9d8af4"
+
+
+def test_qwen3_pre_tokenizer_is_llamacpps_qwen2():
+    """Qwen3's vocabulary (Qwen2's ranks and split regex) hashes to the converter's "qwen2" entry (its reference:
+    Qwen/Qwen1.5-7B), the name a qwen3 / qwen2 export writes for that regex."""
+    ids = build_qwen3_tokenizer().encode(CHKTXT).ids
+    assert chkhsh(ids) == "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea"
+    assert qg.PRE_TOKENIZERS["qwen2"] == QWEN3_PATTERN
 
 
 def test_a_failed_export_leaves_the_previous_file(checkpoints, tmp_path, monkeypatch):
@@ -277,6 +292,11 @@ def test_errors(checkpoints, tmp_path):
     with pytest.raises(QwenliteError, match="full_attention_interval"):
         export_gguf(src, tmp_path / "a.gguf")
     shutil.copy(checkpoints[True] / "config.json", src / "config.json")
+    spec = json.loads((src / "tokenizer.json").read_text())
+    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\s+|\S+"  # neither Qwen3.5's nor Qwen3's
+    (src / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(QwenliteError, match="with Qwen3.5's or Qwen2 / Qwen3's pre-tokenizer regex"):
+        export_gguf(src, tmp_path / "a.gguf")
     (src / "tokenizer.json").unlink()
     with pytest.raises(QwenliteError, match="no tokenizer.json"):
         export_gguf(src, tmp_path / "a.gguf")

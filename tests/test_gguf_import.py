@@ -40,6 +40,7 @@ from qwenlite.io.load import load_model
 from qwenlite.io.quantized import quantize_checkpoint
 from qwenlite.model.quantized import QuantLinear
 from qwenlite.text.tokenizer import Tokenizer
+from qwenlite.text.vocab import write_tokenizer_files
 
 from helpers import TINY_TEXT_CONFIG, max_abs_diff, random_ids, reference_logits
 from tiny_chat import make_chat_checkpoint
@@ -146,7 +147,8 @@ def rewrite_gguf(src: Path, dst: Path, qtype=None, fields=None, drop=(), add=Non
     qtype_of = qtype if callable(qtype) else lambda name: qtype
     if qtype is not None and not callable(qtype) and qtype.name.lower() in FILE_TYPES:
         fields["general.file_type"] = (int(FILE_TYPES[qtype.name.lower()]), gguf.GGUFValueType.UINT32)
-    writer = gguf.GGUFWriter(dst, arch=fields.pop("general.architecture", qg.ARCH))
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(dst, arch=fields.pop("general.architecture", arch))
     for field in reader.fields.values():
         if field.name.startswith("GGUF.") or field.name == "general.architecture":
             continue
@@ -261,26 +263,36 @@ def test_config_and_tokenizer(models, tmp_path):
     assert bf16_config.dtype == "bfloat16"  # the default for anything but an all-F32 file
 
 
-def test_real_vocabulary_tokenizer(qwen35_tokenizer_dir, qwen35_tokenizer, tmp_path):
-    """The full Qwen3.5 vocabulary (248077 ids) through tokenizer.ggml.* and back: same ids as tokenizer.json."""
-    writer = gguf.GGUFWriter(tmp_path / "tok.gguf", arch=qg.ARCH)
-    qg.add_tokenizer_metadata(writer, qwen35_tokenizer_dir, 248320)
+@pytest.mark.parametrize("qwen3", [False, True], ids=["qwen35", "qwen3"])
+def test_real_vocabulary_tokenizer(request, tmp_path, qwen3):
+    """The full Qwen3.5 vocabulary (248077 ids), or Qwen3's (151669, pre-tokenizer "qwen2": the split regex without
+    combining marks, which the Hindi below tells apart), through tokenizer.ggml.* and back: same ids as
+    tokenizer.json."""
+    if qwen3:
+        root = tmp_path / "qwen3"
+        write_tokenizer_files(root, qwen3=True)
+    else:
+        root = request.getfixturevalue("qwen35_tokenizer_dir")
+    reference = Tokenizer.from_dir(root)
+    writer = gguf.GGUFWriter(tmp_path / "tok.gguf", arch="qwen3" if qwen3 else "qwen35")
+    qg.add_tokenizer_metadata(writer, root, 151936 if qwen3 else 248320)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     meta, _ = read_gguf(tmp_path / "tok.gguf")
+    assert meta["tokenizer.ggml.pre"] == ("qwen2" if qwen3 else "qwen35")
     tokenizer = tokenizer_from_gguf(meta, tmp_path)
     texts = [
         "Hello world! 12345 naïve café 😀🦙 e\u0301",
-        "我想在apple工作1314151天～ нещо на Български",
+        "我想在apple工作1314151天～ нещо на Български हिन्दी भाषा",
         "<|im_start|>user\nHi<|im_end|>\n<think>\nx</think>\n<tool_call>",
         "  \n\n\t spaces   \r\n I'LL don't",
     ]
     for text in texts:
-        assert tokenizer.encode(text) == qwen35_tokenizer.encode(text), text
-    assert tokenizer.vocab_size == qwen35_tokenizer.vocab_size == 248077
-    assert tokenizer.eos_token_ids == qwen35_tokenizer.eos_token_ids
+        assert tokenizer.encode(text) == reference.encode(text), text
+    assert tokenizer.vocab_size == reference.vocab_size == (151669 if qwen3 else 248077)
+    assert tokenizer.eos_token_ids == reference.eos_token_ids
 
 
 def test_our_reader_agrees_with_gguf_py(models):
@@ -305,7 +317,7 @@ def test_k_quants_dequantize_by_rows(tmp_path, kind):
         blocks[..., 0:2], blocks[..., 2:4] = scale, scale  # d, dmin at the front
     else:
         blocks[..., -2:] = scale  # d at the back
-    writer = gguf.GGUFWriter(tmp_path / "k.gguf", arch=qg.ARCH)
+    writer = gguf.GGUFWriter(tmp_path / "k.gguf", arch="qwen35")
     writer.add_tensor("w", raw, raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -395,13 +407,19 @@ def test_errors(models, tmp_path):
     with pytest.raises(QwenliteError, match="not a valid GGUF"):
         load_gguf(tmp_path / "cut2.gguf", progress=False)
     path = rewrite_gguf(f32, tmp_path / "llama.gguf", fields={"general.architecture": "llama"})
-    with pytest.raises(QwenliteError, match="architecture 'llama'"):
+    with pytest.raises(
+        QwenliteError, match="architecture 'llama' is not one qwenlite reads .'qwen35', 'qwen35moe', 'qwen3', 'qwen2'.$"
+    ):
         load_gguf(path, progress=False)
     path = rewrite_gguf(f32, tmp_path / "missing.gguf", drop={"blk.1.ssm_a"})
     with pytest.raises(QwenliteError, match=r"missing tensor blk\.1\.ssm_a"):
         load_gguf(path, progress=False)
     path = rewrite_gguf(f32, tmp_path / "extra.gguf", add={"blk.2.surprise.weight": np.ones(4)})
     with pytest.raises(QwenliteError, match=r"unexpected tensor blk\.2\.surprise\.weight"):
+        load_gguf(path, progress=False)
+    fields = {"qwen35.rope.scaling.type": ("yarn", gguf.GGUFValueType.STRING)}
+    path = rewrite_gguf(f32, tmp_path / "yarn.gguf", fields=fields)
+    with pytest.raises(QwenliteError, match="uses 'yarn' rotary scaling; qwenlite has only the default"):
         load_gguf(path, progress=False)
     fields = {"tokenizer.ggml.pre": ("llama-bpe", gguf.GGUFValueType.STRING)}
     path = rewrite_gguf(f32, tmp_path / "pre.gguf", fields=fields)

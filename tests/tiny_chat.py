@@ -15,7 +15,13 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers,
 from tokenizers.models import BPE
 
 from qwenlite.text.tokenizer import ENDOFTEXT, IM_END
-from qwenlite.text.vocab import QWEN35_PATTERN, QWEN35_SPECIAL_TOKENS, qwen35_chat_template
+from qwenlite.text.vocab import (
+    QWEN3_PATTERN,
+    QWEN3_SPECIAL_TOKENS,
+    QWEN35_PATTERN,
+    QWEN35_SPECIAL_TOKENS,
+    qwen35_chat_template,
+)
 
 from helpers import make_hf_checkpoint
 
@@ -29,32 +35,34 @@ CORPUS = [
 ]
 
 
-def tiny_tokenizer() -> tokenizers.Tokenizer:
+def tiny_tokenizer(qwen3: bool = False, vocab: int = TINY_VOCAB) -> tokenizers.Tokenizer:
+    """`vocab` ids in all; with `qwen3`, Qwen2 / Qwen3's split regex and their 26 special tokens."""
+    pattern, specials = (QWEN3_PATTERN, QWEN3_SPECIAL_TOKENS) if qwen3 else (QWEN35_PATTERN, QWEN35_SPECIAL_TOKENS)
     tok = tokenizers.Tokenizer(BPE(ignore_merges=True))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN35_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB - len(QWEN35_SPECIAL_TOKENS),
+        vocab_size=vocab - len(specials),
         min_frequency=1,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
     tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False) for t in QWEN35_SPECIAL_TOKENS]
+        [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False) for t in specials]
     )
     return tok
 
 
-def write_tiny_tokenizer(path: str | Path) -> None:
+def write_tiny_tokenizer(path: str | Path, qwen3: bool = False, vocab: int = TINY_VOCAB) -> None:
     path = Path(path)
-    tiny_tokenizer().save(str(path / "tokenizer.json"))
+    tiny_tokenizer(qwen3, vocab).save(str(path / "tokenizer.json"))
     config = {"tokenizer_class": "TokenizersBackend", "bos_token": None, "eos_token": IM_END, "pad_token": ENDOFTEXT,
               "unk_token": None, "add_prefix_space": False, "clean_up_tokenization_spaces": False}  # fmt: skip
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))

@@ -43,7 +43,8 @@ def add_convert_command(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "convert",
         help="write a checkpoint in another format (GGUF for llama.cpp)",
-        description="Write MODEL as one GGUF file with llama.cpp's qwen35 tensor names and conventions.",
+        description="Write MODEL as one GGUF file with llama.cpp's tensor names and conventions for its family "
+        "(qwen35, qwen35moe, qwen3, qwen2).",
     )
     p.add_argument("model", help="checkpoint directory or hub id")
     p.add_argument("--to", choices=["gguf"], required=True, help="output format")

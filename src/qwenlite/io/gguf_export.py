@@ -1,4 +1,5 @@
-"""Export a checkpoint as GGUF for llama.cpp's `qwen35` architecture (`qwen35moe` for Qwen3.5 MoE).
+"""Export a checkpoint as GGUF for llama.cpp's `qwen35` architecture (`qwen35moe` for Qwen3.5 MoE, `qwen3` and
+`qwen2` for the dense families).
 
 The conventions are llama.cpp's converter's (convert_hf_to_gguf.py; the classes now live in
 conversion/qwen.py: Qwen3NextModel, _LinearAttentionVReorderBase, _Qwen35MRopeMixin, Qwen3_5TextModel; the
@@ -23,6 +24,14 @@ expert as `ffn_*_shexp`, the router `ffn_gate_inp` and the shared expert's gate 
 (the converter keeps the router F32; its gate, one row, costs nothing either); `expert_count`, `expert_used_count`,
 `expert_feed_forward_length`, `expert_shared_feed_forward_length` in the metadata.
 
+Qwen3 and Qwen2 (`qwen3` / `qwen2`, the converter's Qwen3Model / Qwen2Model: plain TextModel rules): the
+tensors as stored (no q/k permutation, RMSNorm weights w as they are, since llama.cpp multiplies by w and these norms
+are not zero-centred), the norm before the MLP as `ffn_norm` (qwen35's is `post_attention_norm`), Qwen2's q/k/v
+biases as `attn_q.bias` ...; metadata without the rope sections and ssm keys, and key_length / value_length only when
+config.json has head_dim (Qwen3 does, Qwen2 does not: llama.cpp then divides). A Qwen3 checkpoint with
+attention_bias is refused: llama.cpp's qwen3 reads no attention biases. The tokenizer's pre-tokenizer is named by its
+split regex: Qwen2 / Qwen3's is llama.cpp's "qwen2" (the converter finds it by hash, and so does a test).
+
 The multi-token-prediction head is not exported (llama.cpp's converter does so only in its newest versions, as
 extra `nextn` blocks that older llama.cpp builds cannot load).
 """
@@ -45,10 +54,12 @@ from qwenlite.errors import QwenliteError
 from qwenlite.io.checkpoint import Part, Stored, expected_shapes, match_tensors, open_safetensors, read_tensor, source
 from qwenlite.io.files import atomic_write
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
-from qwenlite.text.vocab import QWEN35_PATTERN
+from qwenlite.text.vocab import QWEN3_PATTERN, QWEN35_PATTERN
 
-ARCH = "qwen35"
-MOE_ARCH = "qwen35moe"
+# our model_type -> llama.cpp's architecture
+GGUF_ARCHES = {"qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe", "qwen3": "qwen3", "qwen2": "qwen2"}
+# llama.cpp's pre-tokenizer name -> the split regex it stands for
+PRE_TOKENIZERS = {"qwen35": QWEN35_PATTERN, "qwen2": QWEN3_PATTERN}
 DEFAULT_MROPE_SECTIONS = [11, 11, 10, 0]  # what the converter writes when config.json has no mrope_section
 # --dtype -> (type of the big matrices, general.file_type)
 FILE_TYPES = {
@@ -93,6 +104,12 @@ GGUF_MOE_LAYER_NAMES = {  # qwen35moe's, beside the above but the dense MLP's
     "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
     "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
 }
+GGUF_DENSE_LAYER_NAMES = {  # qwen3's and qwen2's, over the above
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+}
 # model.layers.{i}.mlp.experts.{e}.<key> -> blk.{i}.<value>, expert e of the stacked tensor
 GGUF_EXPERT_NAMES = {"gate_proj.weight": "ffn_gate_exps.weight", "up_proj.weight": "ffn_up_exps.weight",
                      "down_proj.weight": "ffn_down_exps.weight"}  # fmt: skip
@@ -100,18 +117,19 @@ _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(.+)")
 
 
-def gguf_name(name: str) -> str:
-    """Our (sanitized) checkpoint tensor name -> llama.cpp's qwen35 / qwen35moe name (every expert of a layer
-    and projection -> the one stacked tensor; `expert_index` says where)."""
+def gguf_name(name: str, dense: bool = False) -> str:
+    """Our (sanitized) checkpoint tensor name -> llama.cpp's qwen35 / qwen35moe name, or with `dense` its qwen3 /
+    qwen2 name (every expert of a layer and projection -> the one stacked tensor; `expert_index` says where)."""
     if name in GGUF_NAMES:
         return GGUF_NAMES[name]
+    layer_names = GGUF_LAYER_NAMES | (GGUF_DENSE_LAYER_NAMES if dense else GGUF_MOE_LAYER_NAMES)
     m = _LAYER.fullmatch(name)
-    if m and m.group(2) in GGUF_LAYER_NAMES | GGUF_MOE_LAYER_NAMES:
-        return f"blk.{m.group(1)}.{(GGUF_LAYER_NAMES | GGUF_MOE_LAYER_NAMES)[m.group(2)]}"
-    e = _EXPERT.fullmatch(m.group(2)) if m else None
+    if m and m.group(2) in layer_names:
+        return f"blk.{m.group(1)}.{layer_names[m.group(2)]}"
+    e = _EXPERT.fullmatch(m.group(2)) if m and not dense else None
     if e and e.group(2) in GGUF_EXPERT_NAMES:
         return f"blk.{m.group(1)}.{GGUF_EXPERT_NAMES[e.group(2)]}"
-    raise QwenliteError(f"tensor {name} has no llama.cpp qwen35 name")
+    raise QwenliteError(f"tensor {name} has no llama.cpp {'qwen3 / qwen2' if dense else 'qwen35'} name")
 
 
 def expert_index(name: str) -> int | None:
@@ -134,7 +152,7 @@ def tile_value_heads(t: torch.Tensor, dim: int, num_k_heads: int, head_dim: int)
 
 
 def convert_tensor(name: str, t: torch.Tensor, c: ModelConfig) -> torch.Tensor:
-    """Our tensor -> the values llama.cpp expects under its qwen35 name, fp32. Pure."""
+    """Our tensor -> the values llama.cpp expects under its name, fp32. Pure."""
     t = t.float()
     if ".linear_attn." in name and c.linear_num_value_heads != c.linear_num_key_heads:
         Hk, Dv, key_dim = c.linear_num_key_heads, c.linear_value_head_dim, c.linear_key_dim
@@ -150,7 +168,7 @@ def convert_tensor(name: str, t: torch.Tensor, c: ModelConfig) -> torch.Tensor:
         return -torch.exp(t)
     if name.endswith("conv1d.weight"):
         return t.squeeze(1)  # (C, 1, K) -> (C, K)
-    if name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+    if c.zero_centred_norms and name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
         return t + 1  # zero-centred RMSNorm: llama.cpp multiplies by the stored weight
     return t
 
@@ -205,14 +223,18 @@ def add_model_metadata(writer: gguf.GGUFWriter, c: ModelConfig, raw: dict, file_
     writer.add_feed_forward_length(c.intermediate_size)
     writer.add_head_count(c.num_attention_heads)
     writer.add_head_count_kv(c.num_key_value_heads)
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    sections = list(rope.get("mrope_section") or DEFAULT_MROPE_SECTIONS)
-    writer.add_rope_dimension_sections((sections + [0, 0, 0, 0])[:4])
+    if not c.dense:
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        sections = list(rope.get("mrope_section") or DEFAULT_MROPE_SECTIONS)
+        writer.add_rope_dimension_sections((sections + [0, 0, 0, 0])[:4])
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_key_length(c.head_dim)
-    writer.add_value_length(c.head_dim)
+    if not c.dense or "head_dim" in raw:  # the converter writes them when config.json has head_dim
+        writer.add_key_length(c.head_dim)
+        writer.add_value_length(c.head_dim)
     writer.add_file_type(file_type)
+    if c.dense:
+        return
     writer.add_ssm_conv_kernel(c.linear_conv_kernel_dim)
     writer.add_ssm_state_size(c.linear_key_head_dim)
     writer.add_ssm_group_count(c.linear_num_key_heads)
@@ -251,10 +273,12 @@ def add_tokenizer_metadata(writer: gguf.GGUFWriter, root: Path, vocab_size: int)
         tok = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises plain Exception for malformed files
         raise QwenliteError(f"cannot read {path}: {e}") from None
-    if (spec.get("model") or {}).get("type") != "BPE" or QWEN35_PATTERN not in _regexes(spec.get("pre_tokenizer")):
+    regexes = _regexes(spec.get("pre_tokenizer"))
+    pre = next((name for name, pattern in PRE_TOKENIZERS.items() if pattern in regexes), None)
+    if (spec.get("model") or {}).get("type") != "BPE" or pre is None:
         raise QwenliteError(
-            f"{path} is not a byte-level BPE with Qwen3.5's pre-tokenizer regex; llama.cpp's 'qwen35' pre-tokenizer "
-            "would split text differently"
+            f"{path} is not a byte-level BPE with Qwen3.5's or Qwen2 / Qwen3's pre-tokenizer regex; llama.cpp's "
+            "'qwen35' and 'qwen2' pre-tokenizers would split text differently"
         )
     vocab = tok.get_vocab(with_added_tokens=True)
     if max(vocab.values()) >= vocab_size:
@@ -271,7 +295,7 @@ def add_tokenizer_metadata(writer: gguf.GGUFWriter, root: Path, vocab_size: int)
         else:
             types[i] = gguf.TokenType.USER_DEFINED
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen35")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     # Merges, special ids (eos, pad, ...), add_*_token flags and the chat template, read as the converter reads them.
@@ -308,7 +332,7 @@ def plan_tensors(root: Path, c: ModelConfig, matrix_type: gguf.GGMLQuantizationT
 
     grouped: dict[str, list[str]] = {}
     for name in sorted(shapes, key=order):
-        grouped.setdefault(gguf_name(name), []).append(name)
+        grouped.setdefault(gguf_name(name, c.dense), []).append(name)
     plan = []
     for target, names in grouped.items():
         shape = shapes[names[0]]
@@ -333,19 +357,24 @@ def _read(handles: dict, stored: Stored) -> torch.Tensor:
 def export_gguf(
     checkpoint_dir: str | Path, out_path: str | Path, dtype: str = "f16", name: str | None = None, progress=True
 ) -> Path:
-    """Write the checkpoint at `checkpoint_dir` as one GGUF file for llama.cpp's qwen35 architecture. The file is
-    written under a temporary name and renamed when complete; tensors are converted and written one at a time."""
+    """Write the checkpoint at `checkpoint_dir` as one GGUF file for llama.cpp's architecture of its family (see
+    GGUF_ARCHES). The file is written under a temporary name and renamed when complete; tensors are converted and
+    written one at a time."""
     if dtype not in FILE_TYPES:
         raise QwenliteError(f"unknown GGUF dtype {dtype!r}; choose from {', '.join(FILE_TYPES)}")
     root, out_path = Path(checkpoint_dir), Path(out_path)
     matrix_type, file_type = FILE_TYPES[dtype]
     c = load_config(root)
-    if c.dense:
-        raise QwenliteError(f"GGUF export of {c.model_type} checkpoints is not built yet; qwenlite exports Qwen3.5")
-    check_layer_types(c)
+    if c.o_bias:
+        raise QwenliteError(
+            f"this {c.model_type} checkpoint has attention biases (attention_bias), which llama.cpp's "
+            f"{GGUF_ARCHES[c.model_type]} architecture does not read; GGUF cannot carry them"
+        )
+    if not c.dense:
+        check_layer_types(c)
     plan = plan_tensors(root, c, matrix_type)
 
-    writer = gguf.GGUFWriter(path=None, arch=MOE_ARCH if c.moe else ARCH)
+    writer = gguf.GGUFWriter(path=None, arch=GGUF_ARCHES[c.model_type])
     total_params = sum(int(np.prod(t.shape)) for t in plan)
     metadata = gguf.Metadata.load(None, root, name, total_params)
     metadata.name = metadata.name or name or root.resolve().name

@@ -1,14 +1,18 @@
-"""Run a llama.cpp GGUF of Qwen3.5 (architecture `qwen35`, or `qwen35moe` for Qwen3.5 MoE): the inverse of
-gguf_export.py.
+"""Run a llama.cpp GGUF of Qwen3.5 (architecture `qwen35`, or `qwen35moe` for Qwen3.5 MoE) or of the dense Qwen3 /
+Qwen2 (`qwen3` / `qwen2`): the inverse of gguf_export.py.
 
-- config from the `qwen35.*` metadata (block_count, embedding_length, ssm.*, rope.*, ...); the head is tied when
+- config from the `<arch>.*` metadata (block_count, embedding_length, ssm.*, rope.*, ...); the head is tied when
   there is no `output.weight`; `nextn` (multi-token-prediction) blocks, which newer converters append, are skipped;
+  a dense file without attention.key_length has llama.cpp's head size, embedding_length / head_count; rotary
+  scaling (rope.scaling.type other than none) is refused, as config.py refuses it in a config.json;
 - tensors found under the exporter's own names (gguf_export.gguf_name of each of ours), and each of its
-  conventions undone by `unconvert_tensor`: norms stored as 1 + w, `ssm_a` = -exp(A_log), the conv squeezed to
-  (C, K), value heads tiled for ggml's broadcast (untiling is the same transpose with the grid's sides swapped);
-  a MoE layer's stacked `ffn_*_exps` tensor converted once, each expert's module given its view of it;
-- the tokenizer rebuilt from `tokenizer.ggml.*` (tokens, types, merges, eos id) as a byte-level BPE with Qwen3.5's
-  pre-tokenizer and normaliser, the chat template from `tokenizer.chat_template`: no tokenizer.json needed.
+  conventions undone by `unconvert_tensor`: Qwen3.5's norms stored as 1 + w, `ssm_a` = -exp(A_log), the conv
+  squeezed to (C, K), value heads tiled for ggml's broadcast (untiling is the same transpose with the grid's sides
+  swapped); a MoE layer's stacked `ffn_*_exps` tensor converted once, each expert's module given its view of it;
+  the dense families' tensors are stored as they are;
+- the tokenizer rebuilt from `tokenizer.ggml.*` (tokens, types, merges, eos id) as a byte-level BPE with the split
+  regex its pre-tokenizer names (`qwen35`, or `qwen2` for Qwen2 / Qwen3's) and NFC, the chat template from
+  `tokenizer.chat_template`: no tokenizer.json needed.
 
 This first version dequantizes every tensor to the target dtype at load, with gguf-py's `gguf.quants.dequantize`
 (F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K and the other types it knows), a block of rows at a time. Keeping Q8_0 /
@@ -29,10 +33,10 @@ import torch
 from tokenizers import AddedToken
 from tqdm import tqdm
 
-from qwenlite.config import DTYPES, ModelConfig
+from qwenlite.config import DENSE_FAMILIES, DTYPES, ModelConfig
 from qwenlite.errors import CheckpointError, QwenliteError
 from qwenlite.io.checkpoint import assemble, expected_shapes
-from qwenlite.io.gguf_export import ARCH, MOE_ARCH, expert_index, gguf_name, tile_value_heads
+from qwenlite.io.gguf_export import GGUF_ARCHES, PRE_TOKENIZERS, expert_index, gguf_name, tile_value_heads
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.text.tokenizer import ENDOFTEXT, IM_END, Tokenizer
 from qwenlite.text.vocab import qwen35_bpe
@@ -42,14 +46,14 @@ ROW_CHUNK = 8192  # rows dequantized at a time: bounds the fp32 temporary of the
 
 
 def unconvert_tensor(name: str, t: torch.Tensor, c: ModelConfig) -> torch.Tensor:
-    """llama.cpp's values under its qwen35 name -> our tensor `name`, fp32. Pure; the inverse of
-    gguf.convert_tensor."""
+    """llama.cpp's values under its name -> our tensor `name`, fp32. Pure; the inverse of
+    gguf_export.convert_tensor."""
     t = t.float()
     if name.endswith("A_log"):
         t = torch.log(-t)
     elif name.endswith("conv1d.weight"):
         t = t.unsqueeze(1)  # (C, K) -> (C, 1, K)
-    elif name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+    elif c.zero_centred_norms and name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
         t = t - 1  # stored as the multiplier 1 + w
     if ".linear_attn." in name and c.linear_num_value_heads != c.linear_num_key_heads:
         # Tiled order is a (Hv/Hk, Hk) grid of heads; transposing it back is the export's tiling with r = Hv/Hk.
@@ -160,17 +164,21 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
 
 
 def _scalar(value) -> int:
-    # llama.cpp allows some per-layer keys as arrays (head_count_kv); qwen35 writes scalars.
+    # llama.cpp allows some per-layer keys as arrays (head_count_kv); the converter writes scalars for ours.
     if isinstance(value, list):
         value = max(value)
     return value
 
 
 def config_from_gguf(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], dtype: str, where: Path) -> ModelConfig:
-    """ModelConfig from `qwen35.*` / `qwen35moe.*` metadata and the tensors' shapes (ours: rows, cols)."""
+    """ModelConfig from `<arch>.*` metadata (qwen35, qwen35moe, qwen3, qwen2) and the tensors' shapes (ours: rows,
+    cols)."""
     arch = meta.get("general.architecture")
-    if arch not in (ARCH, MOE_ARCH):
-        raise CheckpointError(f"{where}: architecture {arch!r} is not Qwen3.5's {ARCH!r} or {MOE_ARCH!r}")
+    model_type = {a: t for t, a in GGUF_ARCHES.items()}.get(arch)
+    if model_type is None:
+        raise CheckpointError(
+            f"{where}: architecture {arch!r} is not one qwenlite reads ({', '.join(map(repr, GGUF_ARCHES.values()))})"
+        )
 
     def key(k: str):
         value = meta.get(f"{arch}.{k}")
@@ -178,34 +186,54 @@ def config_from_gguf(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], d
             raise CheckpointError(f"{where}: metadata {arch}.{k} is missing")
         return _scalar(value)
 
+    if "token_embd.weight" not in shapes:
+        raise CheckpointError(f"{where}: tensor token_embd.weight is missing")
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling != "none":  # as config.py refuses it in a config.json
+        raise CheckpointError(f"{where} uses {scaling!r} rotary scaling; qwenlite has only the default")
+    common = dict(
+        model_type=model_type,
+        vocab_size=shapes["token_embd.weight"][0],
+        hidden_size=key("embedding_length"),
+        num_attention_heads=key("attention.head_count"),
+        num_key_value_heads=key("attention.head_count_kv"),
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        max_position_embeddings=key("context_length"),
+        tie_word_embeddings="output.weight" not in shapes,
+        rope_theta=float(key("rope.freq_base")),
+        mtp_num_hidden_layers=0,
+        dtype=dtype,
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+    )
+    if model_type in DENSE_FAMILIES:
+        head_dim = meta.get(f"{arch}.attention.key_length") or common["hidden_size"] // common["num_attention_heads"]
+        return ModelConfig(
+            **common,
+            intermediate_size=key("feed_forward_length"),
+            num_hidden_layers=key("block_count"),
+            head_dim=_scalar(head_dim),
+            attn_output_gate=False,
+            partial_rotary_factor=1.0,
+        )
     head_dim, v_heads = key("attention.key_length"), key("ssm.time_step_rank")
     layers = key("block_count") - int(meta.get(f"{arch}.nextn_predict_layers") or 0)
     interval = key("full_attention_interval")
-    heads = key("attention.head_count")
-    if "token_embd.weight" not in shapes:
-        raise CheckpointError(f"{where}: tensor token_embd.weight is missing")
+    heads = common["num_attention_heads"]
     q_rows = shapes.get(f"blk.{interval - 1}.attn_q.weight", (2 * heads * head_dim,))[0]
-    eos = meta.get("tokenizer.ggml.eos_token_id")
     moe = {}
-    if arch == MOE_ARCH:
-        moe = dict(model_type="qwen3_5_moe_text", num_experts=key("expert_count"),
+    if model_type == "qwen3_5_moe_text":
+        moe = dict(num_experts=key("expert_count"),
                    num_experts_per_tok=key("expert_used_count"),
                    moe_intermediate_size=key("expert_feed_forward_length"),
                    shared_expert_intermediate_size=key("expert_shared_feed_forward_length"))  # fmt: skip
     # A MoE model computes no dense MLP: its feed_forward_length, when written at all, is only carried along.
     intermediate = meta.get(f"{arch}.feed_forward_length") if moe else key("feed_forward_length")
     return ModelConfig(
+        **common,
         **moe,
-        vocab_size=shapes["token_embd.weight"][0],
-        hidden_size=key("embedding_length"),
         intermediate_size=_scalar(intermediate or moe.get("moe_intermediate_size")),
         num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=key("attention.head_count_kv"),
         head_dim=head_dim,
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-        max_position_embeddings=key("context_length"),
-        tie_word_embeddings="output.weight" not in shapes,
         attn_output_gate=q_rows == 2 * heads * head_dim,
         linear_conv_kernel_dim=key("ssm.conv_kernel"),
         linear_key_head_dim=key("ssm.state_size"),
@@ -213,21 +241,18 @@ def config_from_gguf(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], d
         linear_num_key_heads=key("ssm.group_count"),
         linear_num_value_heads=v_heads,
         full_attention_interval=interval,
-        rope_theta=float(key("rope.freq_base")),
         partial_rotary_factor=key("rope.dimension_count") / head_dim,
-        mtp_num_hidden_layers=0,
-        dtype=dtype,
-        eos_token_id=eos,
     )
 
 
 def tokenizer_from_gguf(meta: dict[str, Any], where: Path) -> Tokenizer:
-    """Byte-level BPE from tokenizer.ggml.tokens / token_type / merges with Qwen3.5's pre-tokenizer; control and
-    user-defined tokens become added tokens on their ids; unused ([PADn]) ids are left out."""
+    """Byte-level BPE from tokenizer.ggml.tokens / token_type / merges with the split regex of its pre-tokenizer;
+    control and user-defined tokens become added tokens on their ids; unused ([PADn]) ids are left out."""
     model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
-    if model != "gpt2" or pre != "qwen35":
+    if model != "gpt2" or pre not in PRE_TOKENIZERS:
         raise CheckpointError(
-            f"{where}: tokenizer {model!r} with pre-tokenizer {pre!r}; qwenlite reads Qwen3.5's ('gpt2', 'qwen35')"
+            f"{where}: tokenizer {model!r} with pre-tokenizer {pre!r}; qwenlite reads 'gpt2' with "
+            f"{' or '.join(map(repr, PRE_TOKENIZERS))} (Qwen3.5's, Qwen2 / Qwen3's)"
         )
     tokens: list[str] | None = meta.get("tokenizer.ggml.tokens")
     if not tokens:
@@ -236,7 +261,7 @@ def tokenizer_from_gguf(meta: dict[str, Any], where: Path) -> Tokenizer:
     used = {i for i, kind in enumerate(types) if kind != gguf.TokenType.UNUSED}
     vocab = {tokens[i]: i for i in sorted(used)}
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-    tok = qwen35_bpe(vocab, merges)
+    tok = qwen35_bpe(vocab, merges, PRE_TOKENIZERS[pre])
 
     def added(kind) -> list[AddedToken]:
         return [AddedToken(tokens[i], special=kind == gguf.TokenType.CONTROL, normalized=False)
@@ -276,8 +301,9 @@ def default_dtype(meta: dict[str, Any]) -> str:
 def load_gguf(
     path: str | Path, dtype: torch.dtype | str | None = None, progress: bool = True
 ) -> tuple[Qwen3_5ForCausalLM, ModelConfig, Tokenizer]:
-    """A llama.cpp qwen35 / qwen35moe GGUF -> (model, config, tokenizer), every tensor dequantized to `dtype`
-    (default: see `default_dtype`). Strict: a missing, unexpected or misshapen tensor is an error that names it."""
+    """A llama.cpp qwen35 / qwen35moe / qwen3 / qwen2 GGUF -> (model, config, tokenizer), every tensor dequantized
+    to `dtype` (default: see `default_dtype`). Strict: a missing, unexpected or misshapen tensor is an error that
+    names it."""
     path = Path(path)
     meta, stored = read_gguf(path)
     if isinstance(dtype, torch.dtype):
@@ -292,7 +318,7 @@ def load_gguf(
     shapes = expected_shapes(model)
     wanted: dict[str, list[str]] = {}  # GGUF name -> ours: one, or a layer's experts in order
     for name in sorted(shapes, key=lambda n: expert_index(n) or 0):
-        wanted.setdefault(gguf_name(name), []).append(name)
+        wanted.setdefault(gguf_name(name, config.dense), []).append(name)
     # Blocks past the text model's layers (up to block_count) are the multi-token-prediction head: not read.
     nextn = range(config.num_hidden_layers, _scalar(meta[f"{meta['general.architecture']}.block_count"]))
     unexpected = sorted(n for n in stored if n not in wanted and _block(n) not in nextn)
