@@ -107,3 +107,16 @@ def test_a_task_that_needs_the_network_offline_is_one_line(setup):
     lines = done.stderr.strip().splitlines()
     assert done.returncode != 0 and lines and "--include-path" in lines[-1] and "Traceback" not in done.stderr
     assert lines[-1].startswith("qwenlite: error:") and not out.exists()
+
+
+def test_batch_size_changes_nothing_but_speed(setup):
+    """Choices scored one per forward, two per forward (a context's state restored between batches), or all at once
+    (the default, which the transformers comparison above runs) score the same, to fp32 rounding."""
+    model, tasks = setup
+    runs = [harness.evaluate(str(model), ["tiny_mc"], str(tasks), dtype="float32", log_samples=True, batch_size=b,
+                             bootstrap_iters=0)["samples"]["tiny_mc"] for b in (1, 2)]  # fmt: skip
+    for one, two in zip(*runs, strict=True):
+        for r, s in zip(one["resps"], two["resps"], strict=True):
+            assert r[0][0] == pytest.approx(s[0][0], abs=1e-5) and r[0][1] == s[0][1]
+    with pytest.raises(QwenliteError, match="batch size must be at least 1"):
+        harness.evaluate(str(model), ["tiny_mc"], str(tasks), batch_size=0)

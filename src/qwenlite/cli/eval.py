@@ -61,6 +61,7 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
                    help="reasoning on/off when the chat template is applied (default: the template's)")  # fmt: skip
     p.add_argument("--cache", metavar="PREFIX", help="cache finished requests in PREFIX*.db: a rerun resumes")
     p.add_argument("--log-samples", action="store_true", help="keep every scored sample in the results")
+    p.add_argument("--batch-size", type=int, default=8, help="continuations of one context per forward (default 8)")
     add_quant_flag(p)
     add_dtype_flag(p)
     p.set_defaults(func=cmd_eval)
@@ -76,7 +77,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     results = harness.evaluate(
         args.model, tasks, args.include_path, args.limit, args.num_fewshot, args.output_path, args.quant, args.dtype,
-        args.max_length, args.apply_chat_template, args.think, args.cache, args.log_samples,
+        args.max_length, args.apply_chat_template, args.think, args.cache, args.log_samples, batch_size=args.batch_size,
     )  # fmt: skip
     print(harness.make_table(results))
     return 0

@@ -3,7 +3,8 @@
 The harness owns the tasks (its registry, or local YAML under `--include-path`), the prompts, few-shot sampling,
 the metrics and the results JSON; `QwenliteLM` answers its three kinds of request:
 - loglikelihood (multiple choice and friends): requests are grouped by context; each context is prefilled once,
-  its cache state snapshotted, and every continuation scored from a restore of that state (the harness's `hf`
+  its state copied into up to `batch_size` rows, and that many continuations scored in one forward, right-padded
+  (a row's padding comes after its last scored position, and the rows are dropped after) (the harness's `hf`
   backend runs context + continuation again for every choice);
 - loglikelihood_rolling (perplexity tasks): the harness's own disjoint windows of `max_length` tokens;
 - generate_until: greedy decoding through `generate_tokens`, stopped at the end-of-turn ids, at `max_gen_toks`, or
@@ -49,10 +50,17 @@ class QwenliteLM(TemplateLM):
     applies it (`--apply-chat-template`); None leaves the template's default."""
 
     def __init__(
-        self, model: Qwen3_5ForCausalLM, tokenizer: Tokenizer, max_length: int | None = None, think: bool | None = None
+        self,
+        model: Qwen3_5ForCausalLM,
+        tokenizer: Tokenizer,
+        max_length: int | None = None,
+        think: bool | None = None,
+        batch_size: int = 8,
     ):
         super().__init__()
-        self.model, self.qtokenizer, self.think = model, tokenizer, think
+        if batch_size < 1:
+            raise InvalidArgument(f"batch size must be at least 1, got {batch_size}")
+        self.model, self.qtokenizer, self.think, self.batch_size = model, tokenizer, think, batch_size
         context = model.config.max_position_embeddings
         self.max_length = min(max_length or context, context)
         eot = tokenizer.special_tokens.get("eos_token") or ENDOFTEXT
@@ -95,25 +103,33 @@ class QwenliteLM(TemplateLM):
             by_context[context].append(i)
             parts.append(continuation)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
+        device = self.model.device
         for context, members in tqdm(by_context.items(), desc="loglikelihood", unit="context", disable=disable_tqdm):
             longest = max(len(parts[i]) for i in members)
-            cache = make_cache(self.model.config, max_seq_len=len(context) + longest, dtype=self.model.dtype,
-                               device=self.model.device)  # fmt: skip
-            first = torch.log_softmax(prefill(self.model, list(context), cache).float(), -1)
-            state = cache.snapshot() if len(members) > 1 else None
-            for n, i in enumerate(members):
-                if state is not None and n:
-                    cache.restore(state)
-                tokens = parts[i]
-                logp = first[None]
-                if len(tokens) > 1:
-                    ids = torch.tensor([tokens[:-1]], device=self.model.device)
-                    rest = torch.log_softmax(run_model(self.model, ids, cache)[0].float(), -1)
-                    logp = torch.cat([logp, rest])
-                target = torch.tensor(tokens, device=logp.device)
-                total = logp.gather(-1, target[:, None]).sum().item()
-                results[i] = (total, bool((logp.argmax(-1) == target).all()))
-                self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+            rows = min(len(members), self.batch_size)
+            cache = make_cache(self.model.config, rows, len(context) + longest, self.model.dtype, device)
+            first = torch.log_softmax(prefill(self.model, list(context), cache.rows(0, 1)).float(), -1)
+            state = cache.rows(0, 1).snapshot() if longest > 1 else None
+            for a in range(0, len(members), rows):
+                batch = members[a : a + rows]
+                logps = [first[None]] * len(batch)
+                width = max(len(parts[i]) for i in batch) - 1
+                if width:
+                    if a:
+                        cache.rows(0, 1).restore(state)
+                    for r in range(1, len(batch)):
+                        cache.copy_row(0, r)
+                    ids = [parts[i][:-1] + [parts[i][-1]] * (width - len(parts[i]) + 1) for i in batch]  # padded
+                    view = cache.rows(0, len(batch))
+                    rest = torch.log_softmax(run_model(self.model, torch.tensor(ids, device=device), view).float(), -1)
+                    logps = [torch.cat([first[None], rest[r, : len(parts[i]) - 1]]) for r, i in enumerate(batch)]
+                for i, logp in zip(batch, logps, strict=True):
+                    target = torch.tensor(parts[i], device=logp.device)
+                    results[i] = (
+                        logp.gather(-1, target[:, None]).sum().item(),
+                        bool((logp.argmax(-1) == target).all()),
+                    )
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -188,17 +204,19 @@ def evaluate(
     use_cache: str | None = None,
     log_samples: bool = False,
     bootstrap_iters: int = 1000,
+    batch_size: int = 8,
 ) -> dict:
     """Run `tasks` on a qwenlite model; returns the harness's results dict (and writes it to `output_path` as
     JSON, atomically). `use_cache`: a path prefix for the harness's SQLite cache of finished requests, so an
-    interrupted run resumes where it stopped. `bootstrap_iters`: resamples for the standard errors of metrics that
+    interrupted run resumes where it stopped. `batch_size`: continuations of one context scored in one forward.
+    `bootstrap_iters`: resamples for the standard errors of metrics that
     have no closed form (the harness's default is 100000; 0 = no standard errors)."""
     if not tasks:
         raise InvalidArgument("--tasks names no task")
     manager = task_manager(include_path)
     check_tasks(tasks, manager)
     model, tokenizer = load_model(resolve_model_path(model_ref), dtype, quant)
-    lm = QwenliteLM(model, tokenizer, max_length, think)
+    lm = QwenliteLM(model, tokenizer, max_length, think, batch_size)
     try:
         results = simple_evaluate(
             model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager, use_cache=use_cache,
