@@ -25,6 +25,7 @@ from qwenlite.config import ModelConfig, load_config, resolve_dtype
 from qwenlite.errors import CheckpointError
 from qwenlite.io.files import atomic_write
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value
+from qwenlite.model.vision import VisionModel
 
 INDEX_FILE = "model.safetensors.index.json"
 # Files a checkpoint directory carries besides its weights (tokenizer, template, sampling defaults), copied as they
@@ -34,16 +35,18 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", 
 V = TypeVar("V")
 
 
-def sanitize(tensors: Mapping[str, V]) -> tuple[dict[str, V], dict[str, V]]:
-    """Raw checkpoint names -> (our text-model names, MTP head names). Pure and idempotent.
+def sanitize(tensors: Mapping[str, V], vision: bool = False) -> tuple[dict[str, V], dict[str, V]]:
+    """Raw checkpoint names -> (our model's names, MTP head names). Pure and idempotent.
 
     `Qwen3_5ForConditionalGeneration` keeps the text model under `model.language_model.`, a vision tower
-    under `model.visual.` (skipped: qwenlite is text-only) and the multi-token-prediction head under `mtp.`
-    (returned apart, for speculative decoding)."""
+    under `model.visual.` (ours `visual.` with `vision`, else skipped) and the multi-token-prediction head under
+    `mtp.` (returned apart, for speculative decoding)."""
     text: dict[str, V] = {}
     mtp: dict[str, V] = {}
     for name, value in tensors.items():
         if name.startswith(("model.visual.", "visual.")):
+            if vision:
+                text["visual." + name.removeprefix("model.").removeprefix("visual.")] = value
             continue
         if name.startswith("mtp."):
             mtp[name] = value
@@ -100,12 +103,12 @@ TensorSource = tuple[Path, str]  # (file, name as stored there)
 
 
 def match_tensors(
-    root: Path, shapes: Mapping[str, tuple[int, ...]], tied: bool
+    root: Path, shapes: Mapping[str, tuple[int, ...]], tied: bool, vision: bool = False
 ) -> tuple[dict[str, TensorSource], dict[str, TensorSource]]:
     """Where each tensor the model needs is stored, strictly: a missing or unexpected tensor is an error that
-    names it. Returns (model tensors, MTP head tensors), keyed by our names."""
+    names it. Returns (model tensors, MTP head tensors), keyed by our names; the vision tower's with `vision`."""
     # Values carry (file, stored name): sanitizing renames, reading needs the name as stored.
-    files, mtp_files = sanitize({name: (path, name) for name, path in checkpoint_files(root).items()})
+    files, mtp_files = sanitize({name: (path, name) for name, path in checkpoint_files(root).items()}, vision)
     if tied:
         files.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
     missing = sorted(set(shapes) - set(files))
@@ -119,19 +122,30 @@ def match_tensors(
 
 
 def load_checkpoint(
-    checkpoint_dir: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
+    checkpoint_dir: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    vision: bool = False,
 ) -> Checkpoint:
     """Build the model described by `config.json` and fill it from the safetensors files, strictly. A quantized
-    checkpoint is io/quantized.py's (io/load.py picks the loader for any model reference)."""
+    checkpoint is io/quantized.py's (io/load.py picks the loader for any model reference). `vision` keeps the
+    vision tower (`model.visual`) of a checkpoint that has one, in the same dtype; training loads go without."""
     root = Path(checkpoint_dir)
     config = load_config(root)
     if "quantization_config" in config.extra:
         raise CheckpointError(f"{root} is a quantized checkpoint; load it with qwenlite.io.load.load_model")
     dtype = resolve_dtype(dtype, config)
+    vision = (
+        vision
+        and config.vision_config is not None
+        and any(name.startswith(("model.visual.", "visual.")) for name in checkpoint_files(root))
+    )
     with torch.device("meta"):
         model = Qwen3_5ForCausalLM(config)
+        if vision:
+            model.visual = VisionModel(config.vision_config)
     shapes = expected_shapes(model)
-    files, mtp_files = match_tensors(root, shapes, config.tie_word_embeddings)
+    files, mtp_files = match_tensors(root, shapes, config.tie_word_embeddings, vision)
     # One dtype for every tensor, as the reference; forward does norms and gates in fp32.
     state = {name: t.to(device=device, dtype=dtype) for name, t in read_tensors(files, shapes)}
     return Checkpoint(assemble(model, state, device), config, root, read_mtp(mtp_files))
@@ -235,6 +249,8 @@ def assemble(
         for name, p in embed.named_parameters(recurse=False):
             setattr(head, name, p)
     model.model.init_rope(device)
+    if model.visual is not None:
+        model.visual.init_rope(device)
     return model.eval()
 
 

@@ -17,6 +17,7 @@ kernels' reference, everywhere. The whole-model decode step in one C call is the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,12 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenlite.config import ModelConfig
-from qwenlite.errors import ContextLengthExceeded
+from qwenlite.errors import ContextLengthExceeded, QwenliteError
+from qwenlite.model.vision import ImageInput, VisionModel, mrope_positions
 from qwenlite.ops.attention import causal_attention
 from qwenlite.ops.conv import causal_conv1d
 from qwenlite.ops.cpu import kernels
 from qwenlite.ops.delta_rule import gated_delta_rule_chunked, gated_delta_rule_step
-from qwenlite.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from qwenlite.ops.rope import apply_rope, mrope_cos_sin, rope_cos_sin, rope_inv_freq
 
 if TYPE_CHECKING:
     from qwenlite.model.cache import AttentionCache, Cache, LinearAttentionCache
@@ -297,25 +299,37 @@ class TextModel(nn.Module):
         inv_freq = rope_inv_freq(self.config.rotary_dim, self.config.rope_theta)
         self.register_buffer("inv_freq", inv_freq.to(device) if device else inv_freq, persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> final hidden states (B, T, hidden), normed."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: Cache | None = None,
+        embeds: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> final hidden states (B, T, hidden), normed. A prompt with images (one row) passes its
+        input embeddings (1, T, hidden) and multimodal rotary positions (3, T) (`Qwen3_5ForCausalLM.embed_prompt`);
+        otherwise a row's positions continue from its cache's length plus its rope delta."""
         T = input_ids.shape[1]
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if embeds is None else embeds
         steps = torch.arange(T, device=input_ids.device)
         start: int | list[int] = 0
-        if cache is None:
-            positions = steps  # (T,)
-        else:
+        if cache is not None:
             lengths = cache.lengths.tolist()
             if max(lengths) + T > cache.max_seq_len:
                 raise ContextLengthExceeded(f"{max(lengths) + T} tokens do not fit a cache of {cache.max_seq_len}")
-            if min(lengths) == max(lengths):
-                start = lengths[0]
-                positions = steps + start  # (T,)
+            start = lengths[0] if min(lengths) == max(lengths) else lengths
+        if positions is not None:
+            cos, sin = mrope_cos_sin(positions, self.inv_freq, self.config.mrope_section or [11, 11, 10], x.dtype)
+        else:
+            if cache is None:
+                positions = steps  # (T,)
             else:
-                start = lengths
-                positions = (cache.lengths.to(steps.device)[:, None] + steps).unsqueeze(1)  # (B, 1, T)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+                first = (cache.lengths + cache.rope_deltas).tolist()  # each row's next rope position
+                if min(first) == max(first):
+                    positions = steps + first[0]  # (T,)
+                else:
+                    positions = (torch.tensor(first, device=steps.device)[:, None] + steps).unsqueeze(1)  # (B, 1, T)
+            cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, start)
         if cache is not None:
@@ -348,6 +362,8 @@ class Qwen3_5ForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # The vision tower, when the loader keeps one (io/checkpoint.load_checkpoint(vision=True)).
+        self.visual: VisionModel | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -358,10 +374,44 @@ class Qwen3_5ForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.model.norm.weight.device
 
-    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: Cache | None = None,
+        logits_to_keep: int = 0,
+        embeds: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V) fp32, or only the last `logits_to_keep` positions: prefill
-        needs one row, and the 248K-row head is the costliest matmul of a small model."""
-        h = self.model(input_ids, cache)
+        needs one row, and the 248K-row head is the costliest matmul of a small model. `embeds` and `positions`:
+        a prompt with images, from `embed_prompt`."""
+        h = self.model(input_ids, cache, embeds, positions)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.lm_head(h).float()
+
+    def embed_prompt(
+        self, ids: Sequence[int], images: Sequence[ImageInput], start: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A prompt whose `<|image_pad|>` runs hold `images` -> the input embeddings (1, T - start, hidden) and
+        rotary positions (3, T - start) of its tokens from `start` on, with each run replaced by its image's
+        features, and the prompt's rope delta. Only images that reach past `start` are encoded: a restored prefix
+        needs none of the others."""
+        c = self.config
+        if self.visual is None or c.image_token_id is None:
+            raise QwenliteError("this model reads no images: its checkpoint has no vision tower (model.visual.*)")
+        positions, delta = mrope_positions(ids, images, c.image_token_id)
+        device = self.device
+        input_ids = torch.tensor([list(ids[start:])], device=device)
+        embeds = self.model.embed_tokens(input_ids)
+        ends = torch.tensor([0, *(i.tokens for i in images)]).cumsum(0)  # where each image's run ends, among runs
+        where = (input_ids[0] == c.image_token_id).nonzero()[:, 0]  # pad tokens from `start` on
+        skipped = int(ends[-1]) - len(where)  # pad tokens before `start`
+        wanted = [i for i, image in enumerate(images) if ends[i + 1] > skipped]
+        if wanted:
+            chosen = [images[i] for i in wanted]
+            pixels = torch.cat([i.pixel_values for i in chosen]).to(device)
+            features = self.visual(pixels, [i.grid_thw for i in chosen])  # (tokens, hidden)
+            features = features[skipped - int(ends[wanted[0]]) :]
+            embeds[0, where] = features.to(embeds.dtype)
+        return embeds, positions[:, start:].to(device), delta
