@@ -4,58 +4,42 @@ with the real vocabulary and chat template; then decoding's refusals, and prompt
 
 from __future__ import annotations
 
+import base64
 import io
-import json
-import shutil
+import sys
+from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from qwenlite.cli.main import main as cli_main
 from qwenlite.errors import InvalidImage, QwenliteError
-from qwenlite.generate import generate_tokens, prefill
+from qwenlite.generate import generate_tokens, prefill, stream
 from qwenlite.io.checkpoint import load_checkpoint
 from qwenlite.io.images import MAX_DECODED_PIXELS, ImageProcessor, decode_image, expand_image_tokens
 from qwenlite.model.cache import make_cache
 from qwenlite.sample import SamplingParams
+from qwenlite.serve import image_urls
+from qwenlite.serve.app import create_app
+from qwenlite.serve.engine import Engine
 from qwenlite.text.tokenizer import Tokenizer
 
-from helpers import TINY_TEXT_CONFIG, _randomize, max_abs_diff
+from helpers import IMAGE_PAD, LiveServer, make_multimodal_checkpoint, max_abs_diff
 
 GREEDY = SamplingParams(temperature=0)
 NEW_TOKENS = 8
-IMAGE_PAD = 248056
-# patch 16 x merge 2: sides are multiples of 32; between 4 and 16 image tokens per image
-PREPROCESSOR = {"size": {"shortest_edge": 64 * 64, "longest_edge": 128 * 128}, "patch_size": 16,
-                "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                "image_std": [0.26862954, 0.26130258, 0.27577711],
-                "image_processor_type": "Qwen2VLImageProcessor"}  # fmt: skip
-VISION = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
-          "patch_size": 16, "num_position_embeddings": 16, "initializer_range": 0.2}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def mm(tmp_path_factory, qwen35_tokenizer_dir):
-    """(transformers model, its PIL processor, qwenlite model, tokenizer, processor, dir): a tiny multimodal
-    checkpoint on the real vocabulary, written by transformers' `save_pretrained`, with processor files."""
-    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+    """(transformers model, its PIL processor, qwenlite model, tokenizer, processor, dir)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     path = tmp_path_factory.mktemp("multimodal")
-    text = dict(TINY_TEXT_CONFIG, vocab_size=248320, initializer_range=0.2, tie_word_embeddings=False)
-    text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[2, 1, 1], mrope_interleaved=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        config = Qwen3_5Config(text_config=text, vision_config=VISION, tie_word_embeddings=False)
-        config._attn_implementation = "eager"
-        hf = Qwen3_5ForConditionalGeneration(config)
-        _randomize(hf)
-    hf = hf.float().eval()
-    hf.save_pretrained(path)
-    for file in qwen35_tokenizer_dir.iterdir():
-        shutil.copy(file, path / file.name)
-    (path / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    hf = make_multimodal_checkpoint(path, qwen35_tokenizer_dir)
     model = load_checkpoint(path, vision=True).model
     reference = Qwen2VLImageProcessorPil.from_pretrained(path)
     return hf, reference, model, Tokenizer.from_dir(path), ImageProcessor.from_dir(path), path
@@ -267,3 +251,143 @@ def test_a_text_only_load_keeps_no_tower(mm):
     image = processor.load(encoded(picture(64, 64)))
     with pytest.raises(QwenliteError, match="no vision tower"):
         list(generate_tokens(model, chat_prompt(tok, [image], [user(image_part(), "?")]), GREEDY, 2, images=[image]))
+
+
+# --- the command line and the server -------------------------------------------------------------------------
+
+
+def write_pictures(tmp_path, *seeds: int) -> list[str]:
+    paths = []
+    for seed in seeds:
+        path = tmp_path / f"picture-{seed}.png"
+        path.write_bytes(encoded(picture(64 + 32 * seed, 64, seed=seed)))
+        paths.append(str(path))
+    return paths
+
+
+def cold_answer(mm, messages: list[dict], paths: list[str]) -> str:
+    """Greedy text for these messages (image parts as {"type": "image"}) through generate, no server, no CLI."""
+    _, _, model, tok, processor, _ = mm
+    images = [processor.load(p) for p in paths]
+    ids = chat_prompt(tok, images, messages)
+    return "".join(c.text for c in stream(model, tok, ids, GREEDY, NEW_TOKENS, images=images))
+
+
+def test_run_with_images_in_order(mm, tmp_path, capsys):
+    path = mm[5]
+    a, b = write_pictures(tmp_path, 1, 2)
+    answers = []
+    for order in ([a, b], [b, a]):
+        flags = [x for p in order for x in ("--image", p)]
+        assert (
+            cli_main(["run", str(path), "Compare them.", *flags, "--max-tokens", str(NEW_TOKENS), "--temperature", "0"])
+            == 0
+        )
+        out = capsys.readouterr().out
+        assert out == cold_answer(mm, [user(image_part(), image_part(), "Compare them.")], order) + "\n"
+        answers.append(out)
+    assert answers[0] != answers[1]  # the order reached the model
+
+
+def test_chat_attaches_an_image_to_the_next_message(mm, tmp_path, capsys, monkeypatch):
+    path = mm[5]
+    (a,) = write_pictures(tmp_path, 3)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/image {a}\nWhat is it?\nAnd its colour?\n"))
+    assert cli_main(["chat", str(path), "--max-tokens", str(NEW_TOKENS), "--temperature", "0"]) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    turn = [user(image_part(), "What is it?")]
+    assert first == cold_answer(mm, turn, [a])
+    history = [*turn, {"role": "assistant", "content": first}, user("And its colour?")]
+    assert second == cold_answer(mm, history, [a])
+
+
+@pytest.fixture(scope="module")
+def live(mm):
+    _, _, model, tok, processor, _ = mm
+    engine = Engine(model, max_concurrency=2, max_queue=4, ctx=512)
+    server = LiveServer(create_app(engine, tok, "mm", images=processor), engine)
+    yield server
+    server.stop()
+
+
+def data_url(path: str) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def url_part(path: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": data_url(path)}}
+
+
+def test_openai_image_url_parts_equal_qwenlite_run(mm, live, tmp_path, capsys):
+    path = mm[5]
+    a, b = write_pictures(tmp_path, 1, 2)
+    assert cli_main(["run", str(path), "Compare them.", "--image", a, "--image", b, "--max-tokens", str(NEW_TOKENS),
+                     "--temperature", "0"]) == 0  # fmt: skip
+    expected = capsys.readouterr().out.removesuffix("\n")
+    reply = live.client().chat.completions.create(
+        model="mm", messages=[user(url_part(a), url_part(b), "Compare them.")], max_tokens=NEW_TOKENS, temperature=0
+    )
+    assert reply.choices[0].message.content == expected
+    assert reply.usage.prompt_tokens == len(
+        chat_prompt(mm[3], [mm[4].load(a), mm[4].load(b)], [user(image_part(), image_part(), "Compare them.")])
+    )
+
+
+def test_a_follow_up_about_the_same_image_restores_its_state(mm, live, tmp_path):
+    a, b = write_pictures(tmp_path, 4, 5)
+    client = live.client()
+    first = [user(url_part(a), "What is it?")]
+    reply = client.chat.completions.create(model="mm", messages=first, max_tokens=NEW_TOKENS, temperature=0)
+    answer = reply.choices[0].message.content
+    follow = [*first, {"role": "assistant", "content": answer}, user("And its colour?")]
+    again = client.chat.completions.create(model="mm", messages=follow, max_tokens=NEW_TOKENS, temperature=0)
+    image_tokens = mm[4].load(a).tokens
+    assert again.usage.prompt_tokens_details.cached_tokens > image_tokens  # the image was not encoded again
+    plain = [user(image_part(), "What is it?"), {"role": "assistant", "content": answer}, user("And its colour?")]
+    assert again.choices[0].message.content == cold_answer(mm, plain, [a])
+    # The same words about another image share no state past the text before it.
+    other = [user(url_part(b), "What is it?"), *follow[1:]]
+    third = client.chat.completions.create(model="mm", messages=other, max_tokens=NEW_TOKENS, temperature=0)
+    before_image = mm[3].encode_chat([user(image_part())]).index(IMAGE_PAD)
+    assert third.usage.prompt_tokens_details.cached_tokens <= before_image
+    assert third.choices[0].message.content == cold_answer(mm, [user(image_part(), "What is it?"), *plain[1:]], [b])
+
+
+def bad_url(kind: str, tmp_path) -> str:
+    png = encoded(picture(64, 64))
+    data = {
+        "truncated": png[: len(png) // 2],
+        "corrupt": png[:100] + bytes(200) + png[300:],
+        "not an image": b"hello, world",
+        "decompression bomb": encoded(Image.new("L", (10_000, 10_000))),
+    }
+    if kind in data:
+        return "data:image/png;base64," + base64.b64encode(data[kind]).decode()
+    return {"not base64": "data:image/png;base64,@@@@", "http": "http://example.com/cat.png",
+            "local path": "/etc/passwd", "file": "file:///etc/passwd"}[kind]  # fmt: skip
+
+
+BAD = ["truncated", "corrupt", "not an image", "decompression bomb", "not base64", "http", "local path", "file",
+       "too many bytes"]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_bad_images_are_400s_in_the_openai_error_shape(live, tmp_path, monkeypatch, kind):
+    url = bad_url("truncated" if kind == "too many bytes" else kind, tmp_path)
+    if kind == "too many bytes":
+        monkeypatch.setattr(image_urls, "MAX_IMAGE_BYTES", 100)
+    body = {"model": "mm", "messages": [user("Look:", {"type": "image_url", "image_url": {"url": url}})]}
+    r = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "messages.0.content.1.image_url"
+    assert "\n" not in error["message"] and "Traceback" not in error["message"]
+    assert live.engine.active == 0
+
+
+def test_image_urls_need_the_flag_and_a_public_address():
+    with pytest.raises(InvalidImage, match="--allow-image-urls"):
+        image_urls.image_bytes("https://example.com/a.png")
+    for url in ("http://127.0.0.1/a.png", "http://localhost:8000/a.png", "http://10.0.0.1/a.png", "http://[::1]/a"):
+        with pytest.raises(InvalidImage, match="private or local network"):
+            image_urls.image_bytes(url, allow_urls=True)

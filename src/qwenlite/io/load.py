@@ -27,7 +27,8 @@ def load_model(
 ) -> tuple[Qwen3_5ForCausalLM, Tokenizer | None]:
     """A resolved model path -> (model, tokenizer): a .gguf file, a quantized checkpoint (memory-mapped as
     written) or a Hugging Face checkpoint directory; `quant` ("int8" / "int4") quantizes on load, a checkpoint
-    directory one tensor at a time (never holding its unquantized weights).
+    directory one tensor at a time (never holding its unquantized weights). An unquantized checkpoint directory
+    keeps its vision tower; quantized and GGUF loads are text-only.
     `with_tokenizer=False` skips building a checkpoint directory's tokenizer (~280 MB for the 248K vocabulary)
     and returns None for it; a GGUF's comes from its metadata either way."""
     path = Path(model_path)
@@ -43,7 +44,7 @@ def load_model(
     elif bits:
         model = load_and_quantize(path, bits, dtype=dtype, device=device).model  # one tensor at a time
     else:
-        model = load_checkpoint(path, dtype, device).model
+        model = load_checkpoint(path, dtype, device, vision=True).model
     return model, Tokenizer.from_dir(path) if with_tokenizer else None
 
 

@@ -399,7 +399,10 @@ class Qwen3_5ForCausalLM(nn.Module):
         needs none of the others."""
         c = self.config
         if self.visual is None or c.image_token_id is None:
-            raise QwenliteError("this model reads no images: its checkpoint has no vision tower (model.visual.*)")
+            raise QwenliteError(
+                "this model reads no images: it has no vision tower (a text-only checkpoint; quantized and GGUF "
+                "loads keep none yet)"
+            )
         positions, delta = mrope_positions(ids, images, c.image_token_id)
         device = self.device
         input_ids = torch.tensor([list(ids[start:])], device=device)
