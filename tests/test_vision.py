@@ -20,6 +20,7 @@ from qwenlite.errors import InvalidImage, QwenliteError
 from qwenlite.generate import generate_tokens, prefill, stream
 from qwenlite.io.checkpoint import load_checkpoint
 from qwenlite.io.images import MAX_DECODED_PIXELS, ImageProcessor, decode_image, expand_image_tokens
+from qwenlite.io.load import load_model
 from qwenlite.model.cache import make_cache
 from qwenlite.sample import SamplingParams
 from qwenlite.serve import image_urls
@@ -157,6 +158,24 @@ def test_vision_features_match_transformers(mm):
     assert max_abs_diff(got, expected) <= 1e-4
 
 
+def test_bf16_features_are_as_close_to_fp32_as_the_references(mm):
+    """In bf16 the tower rounds as the reference does: ours within twice transformers' own bf16 error of the fp32
+    features (both ~1 bf16 step at the features' scale, measured)."""
+    from transformers import Qwen3_5ForConditionalGeneration
+
+    hf, reference, _, _, processor, path = mm
+    hf16 = Qwen3_5ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="eager")
+    ours16 = load_checkpoint(path, dtype="bfloat16", vision=True).model
+    images = [picture(640, 480, seed=6), picture(64, 96, seed=7)]
+    inputs = reference_inputs(reference, images)
+    with torch.no_grad():
+        exact = hf.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
+        theirs = hf16.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
+        ours = ours16.visual(inputs["pixel_values"], [tuple(g) for g in inputs["image_grid_thw"].tolist()])
+    assert ours.dtype == torch.bfloat16
+    assert max_abs_diff(ours, exact) <= 2 * max_abs_diff(theirs, exact)
+
+
 def chat_prompt(tok: Tokenizer, images: list, messages: list[dict]) -> list[int]:
     return expand_image_tokens(tok.encode_chat(messages), images, IMAGE_PAD)
 
@@ -242,6 +261,19 @@ def test_prefill_pieces_that_cut_an_image_compute_the_same(mm, chunk):
         logits.append(prefill(model, ids, cache, chunk=size, images=images))
         assert int(cache.rope_deltas[0]) < 0  # the images advanced the positions less than their token counts
     assert max_abs_diff(*logits) <= 1e-4
+
+
+def test_quantizing_on_load_keeps_the_tower_as_it_is(mm):
+    _, _, model, tok, processor, path = mm
+    quantized, _ = load_model(path, quant="int8")
+    assert type(quantized.model.layers[0].mlp.up_proj) is not type(model.model.layers[0].mlp.up_proj)
+    assert type(quantized.visual.blocks[0].attn.qkv) is torch.nn.Linear
+    image = processor.load(encoded(picture(64, 96)))
+    with torch.no_grad():
+        features = [m.visual(image.pixel_values, [image.grid_thw]) for m in (model, quantized)]
+    torch.testing.assert_close(*features, rtol=0, atol=0)
+    ids = chat_prompt(tok, [image], [user(image_part(), "What is it?")])
+    assert len(list(generate_tokens(quantized, ids, GREEDY, NEW_TOKENS, images=[image]))) == NEW_TOKENS
 
 
 def test_a_text_only_load_keeps_no_tower(mm):

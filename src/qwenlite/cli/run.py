@@ -92,7 +92,7 @@ class Session:
 
     def load_image(self, path: str) -> ImageInput:
         if self.model.visual is None:
-            raise QwenliteError(f"{self.path} reads no images: it has no vision tower (or --quant / GGUF dropped it)")
+            raise QwenliteError(f"{self.path} reads no images: it has no vision tower (or is a quantized or GGUF file)")
         return ImageProcessor.from_dir(self.path, self.model.config.vision_config).load(path)
 
     def prompt_ids(self, messages: list[dict], think: bool | None, images: Sequence[ImageInput] = ()) -> list[int]:

@@ -103,14 +103,20 @@ TensorSource = tuple[Path, str]  # (file, name as stored there)
 
 
 def match_tensors(
-    root: Path, shapes: Mapping[str, tuple[int, ...]], tied: bool, vision: bool = False
+    root: Path, shapes: Mapping[str, tuple[int, ...]], tied: bool
 ) -> tuple[dict[str, TensorSource], dict[str, TensorSource]]:
     """Where each tensor the model needs is stored, strictly: a missing or unexpected tensor is an error that
-    names it. Returns (model tensors, MTP head tensors), keyed by our names; the vision tower's with `vision`."""
+    names it. Returns (model tensors, MTP head tensors), keyed by our names."""
     # Values carry (file, stored name): sanitizing renames, reading needs the name as stored.
-    files, mtp_files = sanitize({name: (path, name) for name, path in checkpoint_files(root).items()}, vision)
+    files, mtp_files = sanitize({name: (path, name) for name, path in checkpoint_files(root).items()})
     if tied:
         files.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
+    check_names(root, shapes, files)
+    return files, mtp_files
+
+
+def check_names(root: Path, shapes: Mapping[str, tuple[int, ...]], files: Mapping[str, TensorSource]) -> None:
+    """A missing or unexpected tensor is an error that names it."""
     missing = sorted(set(shapes) - set(files))
     if missing:
         raise CheckpointError(f"checkpoint {root} is missing tensor {missing[0]}" + _more(missing))
@@ -118,7 +124,6 @@ def match_tensors(
     if unexpected:
         path, stored = files[unexpected[0]]
         raise CheckpointError(f"unexpected tensor {stored} in {path}" + _more(unexpected))
-    return files, mtp_files
 
 
 def load_checkpoint(
@@ -129,26 +134,43 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Build the model described by `config.json` and fill it from the safetensors files, strictly. A quantized
     checkpoint is io/quantized.py's (io/load.py picks the loader for any model reference). `vision` keeps the
-    vision tower (`model.visual`) of a checkpoint that has one, in the same dtype; training loads go without."""
+    vision tower of a checkpoint that has one (`load_vision`); training loads go without."""
     root = Path(checkpoint_dir)
     config = load_config(root)
     if "quantization_config" in config.extra:
         raise CheckpointError(f"{root} is a quantized checkpoint; load it with qwenlite.io.load.load_model")
     dtype = resolve_dtype(dtype, config)
-    vision = (
-        vision
-        and config.vision_config is not None
-        and any(name.startswith(("model.visual.", "visual.")) for name in checkpoint_files(root))
-    )
     with torch.device("meta"):
         model = Qwen3_5ForCausalLM(config)
-        if vision:
-            model.visual = VisionModel(config.vision_config)
     shapes = expected_shapes(model)
-    files, mtp_files = match_tensors(root, shapes, config.tie_word_embeddings, vision)
+    files, mtp_files = match_tensors(root, shapes, config.tie_word_embeddings)
     # One dtype for every tensor, as the reference; forward does norms and gates in fp32.
     state = {name: t.to(device=device, dtype=dtype) for name, t in read_tensors(files, shapes)}
-    return Checkpoint(assemble(model, state, device), config, root, read_mtp(mtp_files))
+    model = assemble(model, state, device)
+    if vision:
+        model.visual = load_vision(root, config, dtype, device)
+    return Checkpoint(model, config, root, read_mtp(mtp_files))
+
+
+def load_vision(
+    root: Path, config: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> VisionModel | None:
+    """The vision tower (`model.visual.*`, strictly) of a checkpoint whose config has one, in `dtype` (never
+    quantized: it runs once per image over hundreds of rows, where weight-only int8 saves no time), or None."""
+    if config.vision_config is None:
+        return None
+    named, _ = sanitize({name: (path, name) for name, path in checkpoint_files(root).items()}, vision=True)
+    files = {k.removeprefix("visual."): v for k, v in named.items() if k.startswith("visual.")}
+    if not files:
+        return None
+    with torch.device("meta"):
+        tower = VisionModel(config.vision_config)
+    shapes = {name: tuple(t.shape) for name, t in tower.state_dict().items()}
+    check_names(root, shapes, files)
+    state = {name: t.to(device=device, dtype=dtype) for name, t in read_tensors(files, shapes)}
+    tower.load_state_dict(state, strict=True, assign=True)
+    tower.init_rope(device)
+    return tower.eval()
 
 
 def read_tensors(
@@ -249,8 +271,6 @@ def assemble(
         for name, p in embed.named_parameters(recurse=False):
             setattr(head, name, p)
     model.model.init_rope(device)
-    if model.visual is not None:
-        model.visual.init_rope(device)
     return model.eval()
 
 

@@ -362,7 +362,7 @@ class Qwen3_5ForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # The vision tower, when the loader keeps one (io/checkpoint.load_checkpoint(vision=True)).
+        # The vision tower, when the loader keeps one (io/checkpoint.load_vision).
         self.visual: VisionModel | None = None
 
     @property
@@ -400,8 +400,8 @@ class Qwen3_5ForCausalLM(nn.Module):
         c = self.config
         if self.visual is None or c.image_token_id is None:
             raise QwenliteError(
-                "this model reads no images: it has no vision tower (a text-only checkpoint; quantized and GGUF "
-                "loads keep none yet)"
+                "this model reads no images: it has no vision tower (a text-only checkpoint, a quantized checkpoint "
+                "or a GGUF file)"
             )
         positions, delta = mrope_positions(ids, images, c.image_token_id)
         device = self.device
