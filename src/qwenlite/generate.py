@@ -15,7 +15,7 @@ from qwenlite.errors import QwenliteError
 from qwenlite.model.cache import Cache, make_cache
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.model.runner import PREFILL_CHUNK, context_length, run_model
-from qwenlite.model.vision import ImageInput
+from qwenlite.model.vision import ImageInput, embed_prompt
 from qwenlite.sample import SamplingParams, apply_processors, make_logits_processors, make_sampler
 from qwenlite.text.textstream import TextStream
 from qwenlite.text.tokenizer import Tokenizer
@@ -60,7 +60,7 @@ def prefill(
     device = model.device
     logits = embeds = positions = None
     if images:
-        embeds, positions, delta = model.embed_prompt(ids, images)
+        embeds, positions, delta = embed_prompt(model, ids, images)
         cache.rope_deltas.fill_(delta)
     for start in range(0, len(ids), chunk):
         piece = torch.tensor([ids[start : start + chunk]], device=device)

@@ -17,7 +17,6 @@ kernels' reference, everywhere. The whole-model decode step in one C call is the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,8 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenlite.config import ModelConfig
-from qwenlite.errors import ContextLengthExceeded, QwenliteError
-from qwenlite.model.vision import ImageInput, VisionModel, mrope_positions
+from qwenlite.errors import ContextLengthExceeded
 from qwenlite.ops.attention import causal_attention
 from qwenlite.ops.conv import causal_conv1d
 from qwenlite.ops.cpu import kernels
@@ -307,7 +305,7 @@ class TextModel(nn.Module):
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> final hidden states (B, T, hidden), normed. A prompt with images (one row) passes its
-        input embeddings (1, T, hidden) and multimodal rotary positions (3, T) (`Qwen3_5ForCausalLM.embed_prompt`);
+        input embeddings (1, T, hidden) and multimodal rotary positions (3, T) (model/vision.embed_prompt);
         otherwise a row's positions continue from its cache's length plus its rope delta."""
         T = input_ids.shape[1]
         x = self.embed_tokens(input_ids) if embeds is None else embeds
@@ -362,8 +360,8 @@ class Qwen3_5ForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # The vision tower, when the loader keeps one (io/checkpoint.load_vision).
-        self.visual: VisionModel | None = None
+        # The vision tower (model/vision.VisionModel), when the loader keeps one (io/checkpoint.load_vision).
+        self.visual: nn.Module | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -389,32 +387,3 @@ class Qwen3_5ForCausalLM(nn.Module):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.lm_head(h).float()
-
-    def embed_prompt(
-        self, ids: Sequence[int], images: Sequence[ImageInput], start: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """A prompt whose `<|image_pad|>` runs hold `images` -> the input embeddings (1, T - start, hidden) and
-        rotary positions (3, T - start) of its tokens from `start` on, with each run replaced by its image's
-        features, and the prompt's rope delta. Only images that reach past `start` are encoded: a restored prefix
-        needs none of the others."""
-        c = self.config
-        if self.visual is None or c.image_token_id is None:
-            raise QwenliteError(
-                "this model reads no images: it has no vision tower (a text-only checkpoint, a quantized checkpoint "
-                "or a GGUF file)"
-            )
-        positions, delta = mrope_positions(ids, images, c.image_token_id)
-        device = self.device
-        input_ids = torch.tensor([list(ids[start:])], device=device)
-        embeds = self.model.embed_tokens(input_ids)
-        ends = torch.tensor([0, *(i.tokens for i in images)]).cumsum(0)  # where each image's run ends, among runs
-        where = (input_ids[0] == c.image_token_id).nonzero()[:, 0]  # pad tokens from `start` on
-        skipped = int(ends[-1]) - len(where)  # pad tokens before `start`
-        wanted = [i for i, image in enumerate(images) if ends[i + 1] > skipped]
-        if wanted:
-            chosen = [images[i] for i in wanted]
-            pixels = torch.cat([i.pixel_values for i in chosen]).to(device)
-            features = self.visual(pixels, [i.grid_thw for i in chosen])  # (tokens, hidden)
-            features = features[skipped - int(ends[wanted[0]]) :]
-            embeds[0, where] = features.to(embeds.dtype)
-        return embeds, positions[:, start:].to(device), delta

@@ -161,7 +161,7 @@ def run_model(
 ) -> torch.Tensor:
     """model(input_ids, cache, logits_to_keep) -> logits, fp32, through the one-call decode step where it applies
     (any other module, a test's stand-in say, is only called). A piece of a prompt with images (`embeds`,
-    `positions` from `embed_prompt`) always takes the forward."""
+    `positions` from model/vision.embed_prompt) always takes the forward."""
     fits = isinstance(model, Qwen3_5ForCausalLM) and cache is not None and input_ids.shape[1] == 1
     if fits and embeds is None and not torch.is_grad_enabled():
         logits = decode_in_one_call(model, input_ids, cache)

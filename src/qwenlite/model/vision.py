@@ -10,6 +10,10 @@ and a GELU(tanh) MLP, then merges each 2 x 2 block into one vector of the text m
 The text model then gives each token three rotary positions (t, h, w): equal for text, the grid coordinates for
 image tokens, and text after an image continues from the image's largest position + 1, so a sequence's rope position
 runs behind its token count by `rope_delta` from there on (negative: an image of N tokens advances it by its side).
+`embed_prompt` gives the text model a prompt's embeddings, image features in place, and those positions.
+
+The projections are the text model's `Linear`: a bf16 tower takes the same fp32 GEMM on CPUs whose bf16 GEMM is slow
+(4-6x at these shapes, measured), and `set_fast(model, False)` gives the pure-torch reference.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 
 from qwenlite.config import VisionConfig
 from qwenlite.errors import QwenliteError
+from qwenlite.model.qwen3_5 import Linear, Qwen3_5ForCausalLM
 from qwenlite.ops.rope import apply_rope, rope_inv_freq
 
 
@@ -43,7 +48,8 @@ class ImageInput:
 
 
 class PatchEmbed(nn.Module):
-    """A Conv3d with stride = kernel over one patch is a linear map of the flattened patch: computed as one."""
+    """A Conv3d with stride = kernel over one patch is a linear map of the flattened patch: computed as one, in fp32
+    and rounded once as the reference's GEMM does (torch's bf16 GEMM is slow on many CPUs)."""
 
     def __init__(self, c: VisionConfig):
         super().__init__()
@@ -51,16 +57,16 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv3d(c.in_channels, c.hidden_size, kernel, stride=kernel, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.proj.weight
-        return F.linear(x.to(w.dtype), w.reshape(w.shape[0], -1), self.proj.bias)  # (N, D)
+        w, b = self.proj.weight, self.proj.bias
+        return F.linear(x.float(), w.reshape(w.shape[0], -1).float(), b.float()).to(w.dtype)  # (N, D)
 
 
 class VisionAttention(nn.Module):
     def __init__(self, c: VisionConfig):
         super().__init__()
         self.num_heads = c.num_heads
-        self.qkv = nn.Linear(c.hidden_size, 3 * c.hidden_size, bias=True)
-        self.proj = nn.Linear(c.hidden_size, c.hidden_size, bias=True)
+        self.qkv = Linear(c.hidden_size, 3 * c.hidden_size, bias=True)
+        self.proj = Linear(c.hidden_size, c.hidden_size, bias=True)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """x (N, D); cos/sin (N, head_dim) fp32; attention within each frame of `lengths` patches, not across."""
@@ -78,8 +84,8 @@ class VisionAttention(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, c: VisionConfig):
         super().__init__()
-        self.linear_fc1 = nn.Linear(c.hidden_size, c.intermediate_size, bias=True)
-        self.linear_fc2 = nn.Linear(c.intermediate_size, c.hidden_size, bias=True)
+        self.linear_fc1 = Linear(c.hidden_size, c.intermediate_size, bias=True)
+        self.linear_fc2 = Linear(c.intermediate_size, c.hidden_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate="tanh"))
@@ -106,8 +112,8 @@ class PatchMerger(nn.Module):
         super().__init__()
         self.merged = c.hidden_size * c.spatial_merge_size**2
         self.norm = nn.LayerNorm(c.hidden_size, eps=1e-6)
-        self.linear_fc1 = nn.Linear(self.merged, self.merged, bias=True)
-        self.linear_fc2 = nn.Linear(self.merged, c.out_hidden_size, bias=True)
+        self.linear_fc1 = Linear(self.merged, self.merged, bias=True)
+        self.linear_fc2 = Linear(self.merged, c.out_hidden_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x).reshape(-1, self.merged)
@@ -195,3 +201,32 @@ def mrope_positions(ids: Sequence[int], images: Sequence[ImageInput], image_toke
         raise QwenliteError(f"{len(images)} images but <|image_pad|> tokens for {k} in the prompt")
     positions = torch.cat(out, 1) if out else torch.zeros(3, 0, dtype=torch.long)
     return positions, pos - len(ids)
+
+
+def embed_prompt(
+    model: Qwen3_5ForCausalLM, ids: Sequence[int], images: Sequence[ImageInput], start: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A prompt whose `<|image_pad|>` runs hold `images` -> the input embeddings (1, T - start, hidden) and rotary
+    positions (3, T - start) of its tokens from `start` on, each run replaced by its image's features, and the
+    prompt's rope delta: what `model`'s forward takes for it. Only images that reach past `start` are encoded: a
+    restored prefix needs none of the others."""
+    c = model.config
+    if model.visual is None or c.image_token_id is None:
+        raise QwenliteError(
+            "this model reads no images: it has no vision tower (a text-only checkpoint, a quantized checkpoint "
+            "or a GGUF file)"
+        )
+    positions, delta = mrope_positions(ids, images, c.image_token_id)
+    device = model.device
+    input_ids = torch.tensor([list(ids[start:])], device=device)
+    embeds = model.model.embed_tokens(input_ids)
+    ends = torch.tensor([0, *(i.tokens for i in images)]).cumsum(0)  # where each image's run ends, among runs
+    where = (input_ids[0] == c.image_token_id).nonzero()[:, 0]  # pad tokens from `start` on
+    skipped = int(ends[-1]) - len(where)  # pad tokens before `start`
+    wanted = [i for i in range(len(images)) if ends[i + 1] > skipped]
+    if wanted:
+        chosen = [images[i] for i in wanted]
+        pixels = torch.cat([i.pixel_values for i in chosen]).to(device)
+        features = model.visual(pixels, [i.grid_thw for i in chosen])  # (tokens, hidden)
+        embeds[0, where] = features[skipped - int(ends[wanted[0]]) :].to(embeds.dtype)
+    return embeds, positions[:, start:].to(device), delta

@@ -28,7 +28,7 @@ from qwenlite.errors import ContextLengthExceeded, QwenliteError
 from qwenlite.model.cache import AttentionCache, Cache, make_cache
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.model.runner import PREFILL_CHUNK, context_length, run_model
-from qwenlite.model.vision import ImageInput, mrope_positions
+from qwenlite.model.vision import ImageInput, embed_prompt, mrope_positions
 from qwenlite.sample import SamplingParams, apply_processors, make_logits_processors, make_sampler
 from qwenlite.serve.prompt_cache import PromptCache, image_key
 
@@ -334,7 +334,7 @@ class Engine:
             self.cache.reset_row(row)
         seq.handle.usage.cached_tokens = seq.start = start
         if request.images:  # only the images past the restored prefix are encoded
-            seq.embeds, seq.positions, delta = self.model.embed_prompt(request.prompt_ids, request.images, start)
+            seq.embeds, seq.positions, delta = embed_prompt(self.model, request.prompt_ids, request.images, start)
             view.rope_deltas.fill_(delta)
         # Cut at every named position past the restored prefix, so warm and cold prompts compute the same.
         n = len(request.prompt_ids)
