@@ -71,14 +71,15 @@ class VisionAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """x (N, D); cos/sin (N, head_dim) fp32; attention within each frame of `lengths` patches, not across."""
         N, D = x.shape
-        q, k, v = self.qkv(x).reshape(N, 3, self.num_heads, -1).permute(1, 2, 0, 3)  # each (H, N, Dh)
+        q, k, v = self.qkv(x).reshape(1, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # each (1, H, N, Dh)
         # The reference rotates in fp32 and rounds back.
         q, k = (apply_rope(t.float(), cos, sin).to(x.dtype) for t in (q, k))
+        # 4-D: torch's CPU flash attention takes it (3-D inputs fall back to the N x N math path, 3x slower).
         out = [
             F.scaled_dot_product_attention(qs, ks, vs)
-            for qs, ks, vs in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1), strict=True)
+            for qs, ks, vs in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2), strict=True)
         ]
-        return self.proj(torch.cat(out, 1).transpose(0, 1).reshape(N, D))
+        return self.proj(torch.cat(out, 2)[0].transpose(0, 1).reshape(N, D))
 
 
 class VisionMLP(nn.Module):
