@@ -58,7 +58,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.proj.weight, self.proj.bias
-        return F.linear(x.float(), w.reshape(w.shape[0], -1).float(), b.float()).to(w.dtype)  # (N, D)
+        x = x.to(w.dtype).float()  # the pixels rounded to the weights' dtype first, as the reference
+        return F.linear(x, w.reshape(w.shape[0], -1).float(), b.float()).to(w.dtype)  # (N, D)
 
 
 class VisionAttention(nn.Module):
