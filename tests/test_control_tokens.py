@@ -426,7 +426,7 @@ def test_the_serve_flag_reaches_the_server(monkeypatch):
     for argv, allowed in ((["serve", "m"], False), (["serve", "m", "--allow-special-in-content"], True)):
         args = build_parser().parse_args(argv)
         assert args.func(args) == 0
-        assert seen.pop()[-1] is allowed
+        assert seen.pop()[-2] is allowed  # then allow_image_urls
 
 
 # --- qwenlite run ------------------------------------------------------------------------------------------------

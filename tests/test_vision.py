@@ -417,6 +417,14 @@ def test_bad_images_are_400s_in_the_openai_error_shape(live, tmp_path, monkeypat
     assert live.engine.active == 0
 
 
+def test_the_image_url_flag_reaches_the_server(monkeypatch):
+    seen = []
+    monkeypatch.setattr("qwenlite.cli.serve.serve", lambda *args: seen.append(args))
+    for argv, allowed in ((["serve", "m"], False), (["serve", "m", "--allow-image-urls"], True)):
+        assert cli_main(argv) == 0
+        assert seen.pop()[-1] is allowed
+
+
 def test_image_urls_need_the_flag_and_a_public_address():
     with pytest.raises(InvalidImage, match="--allow-image-urls"):
         image_urls.image_bytes("https://example.com/a.png")
