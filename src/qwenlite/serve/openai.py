@@ -418,10 +418,7 @@ class OpenAIServer:
                 message["role"] = "system"
             if isinstance(m.content, list):
                 for j, p in enumerate(m.content):
-                    if (p.type, p.text is None, p.image_url is None) not in (
-                        ("text", False, True),
-                        ("image_url", True, False),
-                    ):
+                    if (p.type, p.text is None, p.image_url is None) not in VALID_PARTS:
                         raise ApiError(400, "content parts are text or image_url", param=f"messages.{i}.content.{j}")
                 # The template writes a placeholder per image part: it needs no URL (megabytes of base64).
                 message["content"] = [{"type": "image"} if p["type"] == "image_url" else p for p in message["content"]]
@@ -449,8 +446,10 @@ class OpenAIServer:
             )  # fmt: skip
         except ChatTemplateError as e:
             raise ApiError(400, str(e), param="messages") from None
-        if images:
-            ids = expand_image_tokens(ids, images, self.engine.model.config.image_token_id)
+        try:
+            ids = expand_image_tokens(ids, images, self.engine.model.config.image_token_id) if images else ids
+        except QwenliteError as e:  # the template wrote a placeholder for fewer (or more) parts than it was sent
+            raise ApiError(400, str(e), param="messages") from None
         if forced and starts_in_reasoning(self.tokenizer, ids):
             forced = "\n</think>\n\n" + forced  # a forced call skips the reasoning
         if forced:
