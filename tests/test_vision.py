@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from qwenlite.cli.main import main as cli_main
-from qwenlite.errors import InvalidImage, QwenliteError
+from qwenlite.config import ModelConfig
+from qwenlite.errors import CheckpointError, InvalidImage, QwenliteError
 from qwenlite.generate import generate_tokens, prefill, stream
 from qwenlite.io.checkpoint import load_checkpoint
 from qwenlite.io.images import MAX_DECODED_PIXELS, ImageProcessor, decode_image, expand_image_tokens
@@ -59,6 +60,22 @@ def encoded(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     buf = io.BytesIO()
     image.save(buf, fmt, **kwargs)
     return buf.getvalue()
+
+
+def test_the_wrapper_config_gives_the_tower_and_the_rotary_sections():
+    raw = {"model_type": "qwen3_5", "image_token_id": 248056, "video_token_id": 248057,
+           "text_config": {"hidden_size": 64, "rope_parameters": {"rope_theta": 1e7, "mrope_section": [11, 11, 10]}},
+           "vision_config": {"depth": 12, "hidden_size": 768, "num_heads": 12, "out_hidden_size": 1024,
+                             "deepstack_visual_indexes": [], "rope_parameters": {"rope_theta": 10000.0}}}  # fmt: skip
+    c = ModelConfig.from_dict(raw)
+    assert (c.vision_config.depth, c.vision_config.hidden_size, c.vision_config.patch_size) == (12, 768, 16)
+    assert (c.image_token_id, c.mrope_section) == (248056, [11, 11, 10])
+    out = c.to_dict()  # the flat text config: the tower is not written
+    assert "vision_config" not in out and "image_token_id" not in out and "video_token_id" not in out
+    assert out["rope_parameters"]["mrope_section"] == [11, 11, 10]
+    assert ModelConfig.from_dict({**raw, "vision_config": None}).vision_config is None
+    with pytest.raises(CheckpointError, match="gelu_pytorch_tanh"):
+        ModelConfig.from_dict({**raw, "vision_config": {"hidden_act": "quick_gelu"}})
 
 
 # --- preprocessing -------------------------------------------------------------------------------------------
