@@ -68,6 +68,18 @@ TINY_VISION_CONFIG: dict = {
     "num_position_embeddings": 16,
 }
 
+# A multimodal checkpoint on the real vocabulary: patch 16 x merge 2 (sides multiples of 32, as published), between
+# 4 and 16 tokens per image, CLIP's mean and std (not the published 0.5) so a normalisation mix-up shows
+MULTIMODAL_PREPROCESSOR: dict = {"size": {"shortest_edge": 64 * 64, "longest_edge": 128 * 128}, "patch_size": 16,
+                                 "temporal_patch_size": 2, "merge_size": 2,
+                                 "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                                 "image_std": [0.26862954, 0.26130258, 0.27577711],
+                                 "image_processor_type": "Qwen2VLImageProcessor"}  # fmt: skip
+MULTIMODAL_VISION_CONFIG: dict = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                                  "out_hidden_size": TINY_TEXT_CONFIG["hidden_size"], "patch_size": 16,
+                                  "num_position_embeddings": 16, "initializer_range": 0.2}  # fmt: skip
+IMAGE_PAD = 248056  # <|image_pad|>
+
 MTP_FILE = "model-mtp.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -182,6 +194,28 @@ def make_hf_checkpoint(
         total = sum(t.numel() * t.element_size() for t in mtp.values())
         index["metadata"]["total_size"] = index["metadata"].get("total_size", 0) + total
         index_path.write_text(json.dumps(index, indent=2))
+    return model
+
+
+def make_multimodal_checkpoint(path: Path, tokenizer_dir: Path, seed: int = 0):
+    """A `Qwen3_5ForConditionalGeneration` (tiny text model on the real 248320 vocabulary, untied, a two-block vision
+    tower with lively random weights) written by `save_pretrained` beside the tokenizer files and a
+    preprocessor_config.json; returns the transformers model (fp32, eager attention)."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    text = dict(TINY_TEXT_CONFIG, vocab_size=248320, initializer_range=0.2, tie_word_embeddings=False)
+    text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[2, 1, 1], mrope_interleaved=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = Qwen3_5Config(text_config=text, vision_config=MULTIMODAL_VISION_CONFIG, tie_word_embeddings=False)
+        config._attn_implementation = "eager"
+        model = Qwen3_5ForConditionalGeneration(config)
+        _randomize(model)
+    model = model.float().eval()
+    model.save_pretrained(path)
+    for file in Path(tokenizer_dir).iterdir():
+        shutil.copy(file, Path(path) / file.name)
+    (Path(path) / "preprocessor_config.json").write_text(json.dumps(MULTIMODAL_PREPROCESSOR))
     return model
 
 

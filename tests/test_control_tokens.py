@@ -422,11 +422,11 @@ def test_a_raw_completion_prompt_keeps_its_control_tokens(qwen35_tokenizer, requ
 
 def test_the_serve_flag_reaches_the_server(monkeypatch):
     seen = []
-    monkeypatch.setattr("qwenlite.cli.serve.serve", lambda *args: seen.append(args))
+    monkeypatch.setattr("qwenlite.cli.serve.serve", lambda *args, **kwargs: seen.append(kwargs))
     for argv, allowed in ((["serve", "m"], False), (["serve", "m", "--allow-special-in-content"], True)):
         args = build_parser().parse_args(argv)
         assert args.func(args) == 0
-        assert seen.pop()[-1] is allowed
+        assert seen.pop()["allow_special_in_content"] is allowed
 
 
 # --- qwenlite run ------------------------------------------------------------------------------------------------

@@ -384,11 +384,18 @@ BAD_REQUESTS = [
         "messages",
     ),  # fmt: skip
     (
-        "an image",
+        "an image part without its url",
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
         400,
-        "messages.0.content",
+        "messages.0.content.0",
+    ),  # fmt: skip
+    (
+        "an image for a model without a vision tower",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+        400,
+        "messages.0.content.0.image_url",
     ),  # fmt: skip
     (
         "enable_thinking not a bool",

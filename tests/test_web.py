@@ -1,20 +1,24 @@
 """The web chat page in headless Chromium (Debian's, driven by Playwright; no browser download): send a message
-and see the streamed answer, stop an answer, start a new chat, reasoning in its own block, API key prompt."""
+and see the streamed answer, stop an answer, start a new chat, reasoning in its own block, API key prompt; images
+attached by button, paste and drop, shown as thumbnails."""
 
 from __future__ import annotations
 
+import base64
 import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from playwright.sync_api import Page, expect, sync_playwright
 
 from qwenlite.io.checkpoint import load_checkpoint
+from qwenlite.io.images import ImageProcessor
 from qwenlite.serve.app import create_app
 from qwenlite.serve.engine import Engine
 from qwenlite.text.tokenizer import Tokenizer
 
-from helpers import LiveServer, tiny_checkpoint, wait_until
+from helpers import LiveServer, make_multimodal_checkpoint, tiny_checkpoint, wait_until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Flags for a sandboxed machine without network: no background connections, no GPU, no first-run UI.
@@ -103,3 +107,54 @@ def test_thinking_toggle_shows_reasoning_in_its_own_block(page):
     expect(reasoning.locator("div")).not_to_be_empty()
     page.locator("#stop").click()
     expect(page.locator("#send")).to_be_visible()
+
+
+@pytest.fixture(scope="module")
+def live_mm(tmp_path_factory, qwen35_tokenizer_dir):
+    """A server for a checkpoint with a vision tower."""
+    path = tmp_path_factory.mktemp("multimodal-web")
+    make_multimodal_checkpoint(path, qwen35_tokenizer_dir)
+    engine = Engine(load_checkpoint(path, vision=True).model, max_concurrency=2, max_queue=4, ctx=1024)
+    app = create_app(engine, Tokenizer.from_dir(path), "mm", images=ImageProcessor.from_dir(path))
+    server = LiveServer(app, engine)
+    yield server
+    server.stop()
+
+
+# A File made in the page from base64 bytes, handed over as a paste into the input or a drop on the page.
+HAND_OVER = """([b64, kind]) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const data = new DataTransfer();
+  data.items.add(new File([bytes], "picture.png", { type: "image/png" }));
+  if (kind === "paste") {
+    document.getElementById("input").dispatchEvent(new ClipboardEvent("paste", { clipboardData: data, bubbles: true }));
+  } else {
+    document.dispatchEvent(new DragEvent("drop", { dataTransfer: data, bubbles: true }));
+  }
+}"""
+
+
+def test_images_attach_by_button_paste_and_drop_and_show_as_thumbnails(browser, live_mm, tmp_path):
+    png = tmp_path / "picture.png"
+    Image.radial_gradient("L").convert("RGB").resize((96, 64)).save(png)
+    page = browser.new_context().new_page()
+    page.goto(live_mm.url + "/")
+    expect(page.locator("#model")).to_have_text("mm")
+    page.set_input_files("#file", str(png))
+    expect(page.locator("#attachments img")).to_have_count(1)
+    b64 = base64.b64encode(png.read_bytes()).decode()
+    page.evaluate(HAND_OVER, [b64, "paste"])
+    expect(page.locator("#attachments img")).to_have_count(2)
+    page.evaluate(HAND_OVER, [b64, "drop"])
+    expect(page.locator("#attachments img")).to_have_count(3)
+    page.locator("#attachments img").nth(2).click()  # a click takes one back
+    expect(page.locator("#attachments img")).to_have_count(2)
+    send(page, "What are these?")
+    expect(page.locator(".msg.user .thumbs img")).to_have_count(2)
+    expect(page.locator("#attachments img")).to_have_count(0)
+    expect(page.locator(".msg.assistant .content")).not_to_be_empty()  # the server took the image parts
+    expect(page.locator(".msg .error")).to_have_count(0)
+    page.locator("#stop").click()
+    expect(page.locator("#send")).to_be_visible()
+    page.reload()  # the conversation, images included, is kept in the browser
+    expect(page.locator(".msg.user .thumbs img")).to_have_count(2)

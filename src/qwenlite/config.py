@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,40 @@ QWEN35_ONLY_KEYS = ("attn_output_gate", "linear_conv_kernel_dim", "linear_key_he
                     "partial_rotary_factor", "mtp_num_hidden_layers")  # fmt: skip
 LAYER_TYPES = ("linear_attention", "full_attention")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Keys of the multimodal wrapper config (`qwen3_5`) that belong to neither the text nor the vision config.
+WRAPPER_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
+@dataclass
+class VisionConfig:
+    """The vision tower's `vision_config` (model_type `qwen3_5_vision`); field names are its keys."""
+
+    depth: int = 27
+    hidden_size: int = 1152
+    hidden_act: str = "gelu_pytorch_tanh"
+    intermediate_size: int = 4304
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 16
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    out_hidden_size: int = 3584
+    num_position_embeddings: int = 2304
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.hidden_act != "gelu_pytorch_tanh":
+            raise CheckpointError(f"vision_config hidden_act {self.hidden_act!r} is not gelu_pytorch_tanh")
+        if self.hidden_size % self.num_heads:
+            raise CheckpointError("vision_config hidden_size must be a multiple of num_heads")
+        if math.isqrt(self.num_position_embeddings) ** 2 != self.num_position_embeddings:
+            raise CheckpointError("vision_config num_position_embeddings must be a square (a side x side grid)")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> VisionConfig:
+        raw = {**raw, "rope_theta": (raw.get("rope_parameters") or {}).get("rope_theta", raw.get("rope_theta"))}
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names and v is not None})
 
 
 @dataclass
@@ -74,6 +109,12 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0
     dtype: str = "bfloat16"
     eos_token_id: int | list[int] | None = None
+    # Multimodal rotary positions (rope_parameters' mrope_section: rotary frequencies per t / h / w stream,
+    # interleaved); text positions are the same in all three, so only image tokens see them.
+    mrope_section: list[int] | None = None
+    # The multimodal wrapper's vision tower and image tokens; None for a text-only config. Not written by to_dict.
+    vision_config: VisionConfig | None = None
+    image_token_id: int | None = None
     # Unknown keys of the source file, kept so that a config written back loses nothing.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -178,16 +219,19 @@ class ModelConfig:
         if "torch_dtype" in text and "dtype" not in text:
             text["dtype"] = text["torch_dtype"]
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-        for key in ("rope_theta", "partial_rotary_factor"):
+        for key in ("rope_theta", "partial_rotary_factor", "mrope_section"):
             if key in rope:
                 text[key] = rope[key]
         if model_type in MOE_FAMILIES:
             text = {**MOE_DEFAULTS, **{k: v for k, v in text.items() if v is not None}}
+        if raw is not text and raw.get("vision_config"):
+            text["vision_config"] = VisionConfig.from_dict(raw["vision_config"])
+            text.update({k: raw[k] for k in WRAPPER_KEYS if k in raw})
         text["model_type"] = "qwen3_5_moe_text" if model_type in MOE_FAMILIES else "qwen3_5_text"
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in text.items() if k in names and v is not None}
         # Unknown keys ride along; the ones to_dict() writes itself do not.
-        derived = {"torch_dtype", "architectures", "rope_parameters"}
+        derived = {"torch_dtype", "architectures", "rope_parameters", *WRAPPER_KEYS}
         extra = {k: v for k, v in text.items() if k not in names and k not in derived}
         return cls(**known, extra=extra)
 
@@ -231,7 +275,8 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         """A flat config.json that transformers' class for this family reads (`Qwen3_5ForCausalLM`,
         `Qwen3_5MoeForCausalLM`, `Qwen3ForCausalLM`, `Qwen2ForCausalLM`)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        skip = ("extra", "vision_config", "image_token_id", "mrope_section")
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         out = {**self.extra, **out}
         out["architectures"] = [ARCHITECTURES[self.model_type]]
         out["rope_parameters"] = {
@@ -239,6 +284,8 @@ class ModelConfig:
             "rope_theta": out.pop("rope_theta"),
             "partial_rotary_factor": out.pop("partial_rotary_factor"),
         }
+        if self.mrope_section is not None:
+            out["rope_parameters"] |= {"mrope_section": self.mrope_section, "mrope_interleaved": True}
         out.pop("full_attention_interval")
         if not self.moe:
             for key in MOE_KEYS:

@@ -21,3 +21,7 @@ class ContextLengthExceeded(QwenliteError, ValueError):
 
 class KernelError(QwenliteError):
     """qwenlite's C kernels and their Python description disagree (a build from another version)."""
+
+
+class InvalidImage(QwenliteError, ValueError):
+    """An image that cannot be read: not an image, corrupt, truncated, too large, or of an impossible shape."""

@@ -15,6 +15,7 @@ from qwenlite.errors import QwenliteError
 from qwenlite.model.cache import Cache, make_cache
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.model.runner import PREFILL_CHUNK, context_length, run_model
+from qwenlite.model.vision import ImageInput, embed_prompt
 from qwenlite.sample import (
     SamplingParams,
     apply_processors,
@@ -76,13 +77,27 @@ class GenerationStats:
         return line
 
 
-def prefill(model: Qwen3_5ForCausalLM, ids: Sequence[int], cache: Cache, chunk: int = PREFILL_CHUNK) -> torch.Tensor:
-    """Run the prompt through the model in pieces of `chunk` tokens; returns the last position's logits (V,)."""
+def prefill(
+    model: Qwen3_5ForCausalLM,
+    ids: Sequence[int],
+    cache: Cache,
+    chunk: int = PREFILL_CHUNK,
+    images: Sequence[ImageInput] = (),
+) -> torch.Tensor:
+    """Run the prompt through the model in pieces of `chunk` tokens; returns the last position's logits (V,).
+    `images` fill the prompt's `<|image_pad|>` runs, in order (io/images.expand_image_tokens lays them out)."""
     device = model.device
-    logits = None
+    logits = embeds = positions = None
+    if images:
+        embeds, positions, delta = embed_prompt(model, ids, images)
+        cache.rope_deltas.fill_(delta)
     for start in range(0, len(ids), chunk):
         piece = torch.tensor([ids[start : start + chunk]], device=device)
-        logits = run_model(model, piece, cache, logits_to_keep=1)
+        if embeds is None:
+            logits = run_model(model, piece, cache, logits_to_keep=1)
+        else:
+            end = start + piece.shape[1]
+            logits = run_model(model, piece, cache, 1, embeds[:, start:end], positions[:, start:end])
     return logits[0, -1]
 
 
@@ -102,11 +117,12 @@ def generate_tokens(
     max_context: int | None = None,
     stats: GenerationStats | None = None,
     speculation: Speculation | None = None,
+    images: Sequence[ImageInput] = (),
 ) -> Iterator[int]:
     """Yield generated token ids until a stop id (not yielded), `max_tokens`, or the context is full.
 
     `stats`, if given, is filled in as generation goes. `speculation`: the same tokens (the same distribution when
-    sampling), drafted and verified several at a time (speculative.py)."""
+    sampling), drafted and verified several at a time (speculative.py). `images` go to `prefill`."""
     params.validate()
     if not prompt_ids:
         raise QwenliteError("the prompt is empty")
@@ -118,6 +134,8 @@ def generate_tokens(
     stats.prompt_tokens = len(prompt_ids)
     stop = frozenset(stop_ids)
     if speculation is not None:
+        if images:
+            raise QwenliteError("speculative decoding does not take images yet: drop --speculate for this prompt")
         yield from speculative_tokens(model, prompt_ids, params, max_tokens, stop, speculation, stats)
         return
     processors = make_logits_processors(params, len(prompt_ids))
@@ -131,7 +149,7 @@ def generate_tokens(
     )
 
     t0 = time.perf_counter()
-    logits = prefill(model, prompt_ids, cache)
+    logits = prefill(model, prompt_ids, cache, images=images)
     for n in range(max_tokens):
         if processors:
             logits = apply_processors(processors, history, logits)
@@ -245,13 +263,14 @@ def stream(
     stop: Sequence[str] = (),
     max_context: int | None = None,
     speculation: Speculation | None = None,
+    images: Sequence[ImageInput] = (),
 ) -> Iterator[Chunk]:
     """Yield text chunks as tokens arrive: reasoning and answer apart, never a broken UTF-8 sequence, stop
     strings cut out. The last chunk carries the finish reason and the timings."""
     text = TextStream(tokenizer, prompt_ids, stop)
     stats = GenerationStats()
     eos = tokenizer.eos_token_ids
-    tokens = generate_tokens(model, prompt_ids, params, max_tokens, eos, max_context, stats, speculation)
+    tokens = generate_tokens(model, prompt_ids, params, max_tokens, eos, max_context, stats, speculation, images)
     for token in tokens:
         delta, hit = text.add(token)
         if delta:

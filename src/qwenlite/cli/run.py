@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from qwenlite.cli.options import add_device_flag, add_dtype_flag, add_quant_flag, add_speculate_flags
@@ -15,19 +15,25 @@ from qwenlite.generate import stream
 from qwenlite.io.checkpoint import write_random_checkpoint
 from qwenlite.io.files import atomic_write
 from qwenlite.io.hub import DEFAULT_MODEL, resolve_model_path
+from qwenlite.io.images import ImageProcessor, expand_image_tokens
 from qwenlite.io.load import generation_defaults, load_model
+from qwenlite.model.vision import ImageInput
 from qwenlite.sample import SAMPLING_FIELDS, SamplingParams
 from qwenlite.speculative import make_speculation
 from qwenlite.text.tokenizer import ENCODE_CHAT_ARGUMENTS
 from qwenlite.text.vocab import write_tokenizer_files
 
-CHAT_HELP = "Chat with a model. Commands: /reset (new conversation), /think (toggle reasoning), /exit."
+CHAT_HELP = (
+    "Chat with a model. Commands: /image PATH (attach to the next message), /reset (new conversation), "
+    "/think (toggle reasoning), /exit."
+)
 
 
 def add_run_commands(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="answer one prompt and exit", description="Stream one answer to stdout.")
     run.add_argument("args", nargs="+", metavar="[MODEL] PROMPT", help=f"model (default {DEFAULT_MODEL}); '-' = stdin")
     run.add_argument("--raw", action="store_true", help="plain continuation of PROMPT, no chat template")
+    run.add_argument("--image", action="append", default=[], metavar="PATH", help="an image before PROMPT (repeatable)")
     _add_model_flags(run)
     _add_sampling_flags(run)
     run.set_defaults(func=cmd_run)
@@ -108,30 +114,37 @@ class Session:
             raise QwenliteError(f"--max-tokens must be at least 1, got {args.max_tokens}")
         self.speculation = make_speculation(path, self.model, args.speculate, args.draft)
         self.args = args
+        self.path = path
 
-    def prompt_ids(self, messages: list[dict], think: bool | None) -> list[int]:
+    def load_image(self, path: str) -> ImageInput:
+        if self.model.visual is None:
+            raise QwenliteError(f"{self.path} reads no images: it has no vision tower (or is a quantized or GGUF file)")
+        return ImageProcessor.from_dir(self.path, self.model.config.vision_config).load(path)
+
+    def prompt_ids(self, messages: list[dict], think: bool | None, images: Sequence[ImageInput] = ()) -> list[int]:
         """The messages through the checkpoint's template, with the flags' template variables (the named flags
-        over --chat-template-kwargs)."""
+        over --chat-template-kwargs); each image part's placeholder as many image tokens as its image (`images`,
+        in the messages' order) has. What the messages spell stays text."""
         a = self.args
         named = {"enable_thinking": think, "reasoning_effort": a.reasoning_effort,
                  "preserve_thinking": a.preserve_thinking}  # fmt: skip
         kwargs = {**a.chat_template_kwargs, **{k: v for k, v in named.items() if v is not None}}
-        return self.tokenizer.encode_chat(messages, **kwargs)  # what the messages spell stays text
+        ids = self.tokenizer.encode_chat(messages, **kwargs)
+        return expand_image_tokens(ids, images, self.model.config.image_token_id) if images else ids
 
-    def answer(self, prompt_ids: list[int]) -> Iterator:
+    def answer(self, prompt_ids: list[int], images: Sequence[ImageInput] = ()) -> Iterator:
         a = self.args
-        return stream(
-            self.model, self.tokenizer, prompt_ids, self.params, a.max_tokens, a.stop, a.ctx, self.speculation
-        )
+        return stream(self.model, self.tokenizer, prompt_ids, self.params, a.max_tokens, a.stop, a.ctx,
+                      self.speculation, images)  # fmt: skip
 
 
-def _print_stream(session: Session, prompt_ids: list[int]) -> dict:
+def _print_stream(session: Session, prompt_ids: list[int], images: Sequence[ImageInput] = ()) -> dict:
     """Answer to stdout, reasoning to stderr (dim on a terminal); returns the assistant message."""
     dim, reset = ("\033[2m", "\033[0m") if sys.stderr.isatty() else ("", "")
     answer, reasoning = [], []
     stats = None
     try:
-        for chunk in session.answer(prompt_ids):
+        for chunk in session.answer(prompt_ids, images):
             if chunk.reasoning:
                 reasoning.append(chunk.reasoning)
                 sys.stderr.write(dim + chunk.reasoning + reset)
@@ -160,15 +173,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     model_ref, prompt = (DEFAULT_MODEL, args.args[0]) if len(args.args) == 1 else args.args
     if prompt == "-":
         prompt = sys.stdin.read()
+    if args.raw and args.image:
+        raise QwenliteError("--image needs the chat template, which --raw leaves out")
     session = Session(model_ref, args)
+    images = [session.load_image(p) for p in args.image]
     if args.raw:
         ids = session.tokenizer.encode(prompt)
     else:
+        content = [*({"type": "image"} for _ in images), {"type": "text", "text": prompt}] if images else prompt
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": prompt}
+            {"role": "user", "content": content}
         ]
-        ids = session.prompt_ids(messages, args.think)
-    _print_stream(session, ids)
+        ids = session.prompt_ids(messages, args.think, images)
+    _print_stream(session, ids, images)
     return 0
 
 
@@ -177,6 +194,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
+    images: list[ImageInput] = []  # the conversation's, in order
+    attached: list[ImageInput] = []  # for the next message
     think = args.think
     if interactive:
         print(f"qwenlite chat: {args.model}. {CHAT_HELP} Ctrl-C stops an answer.", file=sys.stderr)
@@ -194,16 +213,27 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if text in ("/exit", "/quit", "/bye"):
             return 0
         if text == "/reset":
-            messages = list(system)
+            messages, images, attached = list(system), [], []
             print("(new conversation)", file=sys.stderr)
+            continue
+        if text.startswith("/image "):
+            try:
+                attached.append(session.load_image(text.removeprefix("/image ").strip()))
+                print(f"(image attached to the next message: {len(attached)})", file=sys.stderr)
+            except QwenliteError as e:
+                print(f"qwenlite: error: {e}", file=sys.stderr)
             continue
         if text == "/think":
             think = not (think if think is not None else False)
             print(f"(reasoning {'on' if think else 'off'})", file=sys.stderr)
             continue
-        messages.append({"role": "user", "content": line})
+        content = [*({"type": "image"} for _ in attached), {"type": "text", "text": line}] if attached else line
+        messages.append({"role": "user", "content": content})
+        turn_images = images + attached
         try:
-            messages.append(_print_stream(session, session.prompt_ids(messages, think)))
+            ids = session.prompt_ids(messages, think, turn_images)
+            messages.append(_print_stream(session, ids, turn_images))
+            images, attached = turn_images, []
         except KeyboardInterrupt:
             # The partial answer is dropped: the next turn starts from the user's message alone.
             messages.pop()

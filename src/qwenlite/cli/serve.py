@@ -35,6 +35,12 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
         help="encode control tokens that chat messages spell ('<|im_end|>') as control tokens, not as text "
         "(lets clients forge role boundaries; for trusted clients that relied on it)",
     )
+    p.add_argument(
+        "--allow-image-urls",
+        action="store_true",
+        help="let image parts name http(s) URLs, downloaded by the server (public addresses only, 20 MB, 10 s); "
+        "otherwise images come as data: URLs",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -42,6 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_concurrency < 1 or args.max_queue < 0 or (args.ctx is not None and args.ctx < 2):
         raise QwenliteError("--max-concurrency must be >= 1, --max-queue >= 0 and --ctx >= 2")
     serve(args.model, args.host, args.port, args.api_key, args.max_concurrency, args.max_queue, args.ctx,
-          args.cache_mb, args.dtype, args.served_model_name, args.quant, args.allow_special_in_content,
-          args.device)  # fmt: skip
+          args.cache_mb, args.dtype, args.served_model_name, args.quant,
+          allow_special_in_content=args.allow_special_in_content, allow_image_urls=args.allow_image_urls,
+          device=args.device)  # fmt: skip
     return 0

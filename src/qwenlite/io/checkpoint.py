@@ -26,6 +26,7 @@ from qwenlite.errors import CheckpointError
 from qwenlite.io.files import atomic_write
 from qwenlite.model.mtp import MTP, PREFIX
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value
+from qwenlite.model.vision import VisionModel
 
 INDEX_FILE = "model.safetensors.index.json"
 # Files a checkpoint directory carries besides its weights (tokenizer, template, sampling defaults), copied as they
@@ -62,17 +63,21 @@ class Part(Generic[V]):
         return t if self.half is None else t.chunk(2, dim=0)[self.half]
 
 
-def sanitize(tensors: Mapping[str, V], num_experts: int = 0) -> tuple[dict[str, V | Part[V]], dict[str, V]]:
-    """Raw checkpoint names -> (our text-model names, MTP head names). Pure and idempotent.
+def sanitize(
+    tensors: Mapping[str, V], num_experts: int = 0, vision: bool = False
+) -> tuple[dict[str, V | Part[V]], dict[str, V]]:
+    """Raw checkpoint names -> (our model's names, MTP head names). Pure and idempotent.
 
     `Qwen3_5ForConditionalGeneration` keeps the text model under `model.language_model.`, a vision tower
-    under `model.visual.` (skipped: qwenlite is text-only) and the multi-token-prediction head under `mtp.`
-    (returned apart, for speculative decoding). A MoE model (`num_experts` > 0) stored with fused expert tensors
+    under `model.visual.` (ours `visual.` with `vision`, else skipped) and the multi-token-prediction head under
+    `mtp.` (returned apart, for speculative decoding). A MoE model (`num_experts` > 0) stored with fused expert tensors
     gets one `Part` per expert and projection, named as the per-expert layout stores it."""
     text: dict[str, V | Part[V]] = {}
     mtp: dict[str, V] = {}
     for name, value in tensors.items():
         if name.startswith(("model.visual.", "visual.")):
+            if vision:
+                text["visual." + name.removeprefix("model.").removeprefix("visual.")] = value
             continue
         if name.startswith("mtp."):
             mtp[name] = value
@@ -149,6 +154,12 @@ def match_tensors(
     files, mtp_files = sanitize(sources, config.num_experts if config.moe else 0)
     if config.tie_word_embeddings:
         files.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
+    check_names(root, shapes, files)
+    return files, mtp_files
+
+
+def check_names(root: Path, shapes: Mapping[str, tuple[int, ...]], files: Mapping[str, TensorSource]) -> None:
+    """A missing or unexpected tensor is an error that names it."""
     missing = sorted(set(shapes) - set(files))
     if missing:
         raise CheckpointError(f"checkpoint {root} is missing tensor {missing[0]}" + _more(missing))
@@ -156,14 +167,17 @@ def match_tensors(
     if unexpected:
         path, stored = source(files[unexpected[0]])
         raise CheckpointError(f"unexpected tensor {stored} in {path}" + _more(unexpected))
-    return files, mtp_files
 
 
 def load_checkpoint(
-    checkpoint_dir: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
+    checkpoint_dir: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    vision: bool = False,
 ) -> Checkpoint:
     """Build the model described by `config.json` and fill it from the safetensors files, strictly. A quantized
-    checkpoint is io/quantized.py's (io/load.py picks the loader for any model reference)."""
+    checkpoint is io/quantized.py's (io/load.py picks the loader for any model reference). `vision` keeps the
+    vision tower of a checkpoint that has one (`load_vision`); training loads go without."""
     root = Path(checkpoint_dir)
     config = load_config(root)
     if "quantization_config" in config.extra:
@@ -175,7 +189,31 @@ def load_checkpoint(
     files, mtp_files = match_tensors(root, shapes, config)
     # One dtype for every tensor, as the reference; forward does norms and gates in fp32.
     state = {name: t.to(device=device, dtype=dtype) for name, t in read_tensors(files, shapes)}
-    return Checkpoint(assemble(model, state, device), config, root, read_mtp(mtp_files))
+    model = assemble(model, state, device)
+    if vision:
+        model.visual = load_vision(root, config, dtype, device)
+    return Checkpoint(model, config, root, read_mtp(mtp_files))
+
+
+def load_vision(
+    root: Path, config: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> VisionModel | None:
+    """The vision tower (`model.visual.*`, strictly) of a checkpoint whose config has one, in `dtype` (never
+    quantized: it runs once per image over hundreds of rows, where weight-only int8 saves no time), or None."""
+    if config.vision_config is None:
+        return None
+    named, _ = sanitize({name: (path, name) for name, path in checkpoint_files(root).items()}, vision=True)
+    files = {k.removeprefix("visual."): v for k, v in named.items() if k.startswith("visual.")}
+    if not files:
+        return None
+    with torch.device("meta"):
+        tower = VisionModel(config.vision_config)
+    shapes = {name: tuple(t.shape) for name, t in tower.state_dict().items()}
+    check_names(root, shapes, files)
+    state = {name: t.to(device=device, dtype=dtype) for name, t in read_tensors(files, shapes)}
+    tower.load_state_dict(state, strict=True, assign=True)
+    tower.init_rope(device)
+    return tower.eval()
 
 
 def read_tensors(

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from qwenlite.errors import CheckpointError, InvalidArgument, QwenliteError
-from qwenlite.io.checkpoint import assemble_mtp, checkpoint_files, load_checkpoint, read_mtp, sanitize
+from qwenlite.io.checkpoint import assemble_mtp, checkpoint_files, load_checkpoint, load_vision, read_mtp, sanitize
 from qwenlite.io.gguf_import import load_gguf
 from qwenlite.io.quantized import is_quantized_checkpoint, load_and_quantize, load_quantized
 from qwenlite.model.mtp import MTP
@@ -28,7 +28,8 @@ def load_model(
 ) -> tuple[Qwen3_5ForCausalLM, Tokenizer | None]:
     """A resolved model path -> (model, tokenizer): a .gguf file, a quantized checkpoint (memory-mapped as
     written) or a Hugging Face checkpoint directory; `quant` ("int8" / "int4") quantizes on load, a checkpoint
-    directory one tensor at a time (never holding its unquantized weights).
+    directory one tensor at a time (never holding its unquantized weights). A checkpoint directory keeps its vision
+    tower, unquantized; quantized checkpoints and GGUF files are text-only.
     `with_tokenizer=False` skips building a checkpoint directory's tokenizer (~280 MB for the 248K vocabulary)
     and returns None for it; a GGUF's comes from its metadata either way."""
     path = Path(model_path)
@@ -44,8 +45,9 @@ def load_model(
         model = load_quantized(path, dtype, device).model
     elif bits:
         model = load_and_quantize(path, bits, dtype=dtype, device=device).model  # one tensor at a time
+        model.visual = load_vision(path, model.config, model.dtype, device)  # unquantized
     else:
-        model = load_checkpoint(path, dtype, device).model
+        model = load_checkpoint(path, dtype, device, vision=True).model
     return model, Tokenizer.from_dir(path) if with_tokenizer else None
 
 

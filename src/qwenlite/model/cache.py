@@ -37,9 +37,11 @@ LayerCache = AttentionCache | LinearAttentionCache
 
 
 class Cache:
-    def __init__(self, layers: list[LayerCache], lengths: torch.Tensor):
+    def __init__(self, layers: list[LayerCache], lengths: torch.Tensor, rope_deltas: torch.Tensor | None = None):
         self.layers = layers
-        self.lengths = lengths  # (B,) int64 on the CPU: tokens processed per row, the next token's position
+        self.lengths = lengths  # (B,) int64 on the CPU: tokens processed per row, the next token's KV slot
+        # (B,) int64: the next token's rotary position minus its slot; nonzero after an image (model/vision.py)
+        self.rope_deltas = torch.zeros_like(lengths) if rope_deltas is None else rope_deltas
 
     @property
     def batch_size(self) -> int:
@@ -60,7 +62,7 @@ class Cache:
             else LinearAttentionCache(c.conv[start:stop], c.state[start:stop])
             for c in self.layers
         ]
-        return Cache(layers, self.lengths[start:stop])
+        return Cache(layers, self.lengths[start:stop], self.rope_deltas[start:stop])
 
     def reset_row(self, row: int) -> None:
         """Make `row` an empty sequence: zero recurrent state (KV past length 0 is never read)."""
@@ -69,6 +71,7 @@ class Cache:
                 layer.conv[row].zero_()
                 layer.state[row].zero_()
         self.lengths[row] = 0
+        self.rope_deltas[row] = 0
 
     def copy_row(self, src: int, dst: int) -> None:
         """Make row `dst` a copy of row `src` (e.g. to keep the active rows of a batch contiguous)."""
@@ -81,6 +84,7 @@ class Cache:
                 layer.conv[dst] = layer.conv[src]
                 layer.state[dst] = layer.state[src]
         self.lengths[dst] = n
+        self.rope_deltas[dst] = self.rope_deltas[src]
 
     def track(self) -> None:
         """Keep the recurrent state after every token of the next forward (see GatedDeltaNet.mix_keeping_states), so
@@ -113,7 +117,7 @@ class Cache:
                 layers.append(AttentionCache(layer.k[:, :, :n].clone(), layer.v[:, :, :n].clone()))
             else:
                 layers.append(LinearAttentionCache(layer.conv.clone(), layer.state.clone()))
-        return Cache(layers, self.lengths.clone())
+        return Cache(layers, self.lengths.clone(), self.rope_deltas.clone())
 
     def restore(self, snap: Cache) -> None:
         """Return to the point where `snap` was taken, reusing this cache's buffers."""
@@ -132,6 +136,7 @@ class Cache:
                 mine.conv.copy_(theirs.conv)
                 mine.state.copy_(theirs.state)
         self.lengths.copy_(snap.lengths)
+        self.rope_deltas.copy_(snap.rope_deltas)
 
 
 def make_cache(

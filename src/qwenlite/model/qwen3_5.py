@@ -30,7 +30,7 @@ from qwenlite.ops.attention import causal_attention
 from qwenlite.ops.conv import causal_conv1d
 from qwenlite.ops.cpu import kernels
 from qwenlite.ops.delta_rule import gated_delta_rule_chunked, gated_delta_rule_step
-from qwenlite.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from qwenlite.ops.rope import apply_rope, mrope_cos_sin, rope_cos_sin, rope_inv_freq
 
 if TYPE_CHECKING:
     from qwenlite.model.cache import AttentionCache, Cache, LinearAttentionCache
@@ -390,31 +390,47 @@ class TextModel(nn.Module):
         self.register_buffer("inv_freq", inv_freq.to(device) if device else inv_freq, persistent=False)
 
     def rotary(
-        self, T: int, cache: Cache | None, dtype: torch.dtype, device: torch.device
+        self,
+        T: int,
+        cache: Cache | None,
+        dtype: torch.dtype,
+        device: torch.device,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, int | list[int]]:
-        """cos, sin for T tokens after what `cache` holds, and where they start (one int, or one per row when the
-        rows' lengths differ). The MTP head (model/mtp.py) positions its tokens the same way."""
+        """cos, sin for T tokens after what `cache` holds, and where they start in the cache (one int, or one per
+        row when the rows' lengths differ). `positions`: a prompt with images' multimodal rotary positions (3, T);
+        otherwise a row's positions continue from its cache's length plus its rope delta. The MTP head
+        (model/mtp.py) positions its tokens the same way."""
         steps = torch.arange(T, device=device)
         start: int | list[int] = 0
-        if cache is None:
-            positions = steps  # (T,)
-        else:
+        if cache is not None:
             lengths = cache.lengths.tolist()
             if max(lengths) + T > cache.max_seq_len:
                 raise ContextLengthExceeded(f"{max(lengths) + T} tokens do not fit a cache of {cache.max_seq_len}")
-            if min(lengths) == max(lengths):
-                start = lengths[0]
-                positions = steps + start  # (T,)
+            start = lengths[0] if min(lengths) == max(lengths) else lengths
+        if positions is not None:
+            return *mrope_cos_sin(positions, self.inv_freq, self.config.mrope_section or [11, 11, 10], dtype), start
+        if cache is None:
+            positions = steps  # (T,)
+        else:
+            first = (cache.lengths + cache.rope_deltas).tolist()  # each row's next rope position
+            if min(first) == max(first):
+                positions = steps + first[0]  # (T,)
             else:
-                start = lengths
-                positions = (cache.lengths.to(steps.device)[:, None] + steps).unsqueeze(1)  # (B, 1, T)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, dtype)
-        return cos, sin, start
+                positions = (torch.tensor(first, device=steps.device)[:, None] + steps).unsqueeze(1)  # (B, 1, T)
+        return *rope_cos_sin(positions, self.inv_freq, dtype), start
 
-    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> final hidden states (B, T, hidden), normed."""
-        x = self.embed_tokens(input_ids)
-        cos, sin, start = self.rotary(input_ids.shape[1], cache, x.dtype, input_ids.device)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: Cache | None = None,
+        embeds: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> final hidden states (B, T, hidden), normed. A prompt with images (one row) passes its
+        input embeddings (1, T, hidden) and multimodal rotary positions (3, T) (model/vision.embed_prompt)."""
+        x = self.embed_tokens(input_ids) if embeds is None else embeds
+        cos, sin, start = self.rotary(input_ids.shape[1], cache, x.dtype, input_ids.device, positions)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, start)
         if cache is not None:
@@ -447,6 +463,8 @@ class Qwen3_5ForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # The vision tower (model/vision.VisionModel), when the loader keeps one (io/checkpoint.load_vision).
+        self.visual: nn.Module | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -457,10 +475,18 @@ class Qwen3_5ForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.model.norm.weight.device
 
-    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: Cache | None = None,
+        logits_to_keep: int = 0,
+        embeds: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V) fp32, or only the last `logits_to_keep` positions: prefill
-        needs one row, and the 248K-row head is the costliest matmul of a small model."""
-        h = self.model(input_ids, cache)
+        needs one row, and the 248K-row head is the costliest matmul of a small model. `embeds` and `positions`:
+        a prompt with images, from `embed_prompt`."""
+        h = self.model(input_ids, cache, embeds, positions)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.lm_head(h).float()

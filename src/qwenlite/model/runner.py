@@ -153,15 +153,23 @@ def context_length(model: Qwen3_5ForCausalLM, max_context: int | None = None) ->
 
 
 def run_model(
-    model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, cache: Cache | None = None, logits_to_keep: int = 0
+    model: Qwen3_5ForCausalLM,
+    input_ids: torch.Tensor,
+    cache: Cache | None = None,
+    logits_to_keep: int = 0,
+    embeds: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """model(input_ids, cache, logits_to_keep) -> logits, fp32, through the one-call decode step where it applies
-    (any other module, a test's stand-in say, is only called)."""
+    (any other module, a test's stand-in say, is only called). A piece of a prompt with images (`embeds`,
+    `positions` from model/vision.embed_prompt) always takes the forward."""
     fits = isinstance(model, Qwen3_5ForCausalLM) and cache is not None and input_ids.shape[1] == 1
-    if fits and not torch.is_grad_enabled():
+    if fits and embeds is None and not torch.is_grad_enabled():
         logits = decode_in_one_call(model, input_ids, cache)
         if logits is not None:
             return logits
+    if embeds is not None:
+        return model(input_ids, cache, logits_to_keep, embeds, positions)
     return model(input_ids, cache, logits_to_keep)
 
 
@@ -187,7 +195,8 @@ def decode_in_one_call(model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, cache
     pos = cache.lengths.contiguous()
     if int(pos.max()) + 1 > cache.max_seq_len:
         raise ContextLengthExceeded(f"{int(pos.max()) + 1} tokens do not fit a cache of {cache.max_seq_len}")
-    cos, sin = rope_cos_sin(pos, model.model.inv_freq, dtype)  # (B, R)
+    # Decode tokens are text: the three multimodal streams agree, at the slot plus the rope delta.
+    cos, sin = rope_cos_sin(pos + cache.rope_deltas, model.model.inv_freq, dtype)  # (B, R)
     x = model.model.embed_tokens(input_ids[:, 0]).contiguous()  # (B, hidden), overwritten in place
     step = {"rows": B, "max_seq_len": cache.max_seq_len if cache.max_seq_len < 1 << 62 else 0,
             "positions": pos.data_ptr(), "cos": cos.data_ptr(), "sin": sin.data_ptr()}  # fmt: skip

@@ -18,6 +18,20 @@ def rope_cos_sin(
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def mrope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, section: list[int], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multimodal rotary: positions (3, T) for the t, h and w streams -> cos, sin (T, rotary_dim). Frequency j takes
+    stream h where j % 3 == 1 and j < 3 * section[1], w where j % 3 == 2 and j < 3 * section[2], t elsewhere (the
+    interleaved layout); with equal streams (text) it is `rope_cos_sin` of one of them."""
+    freqs = positions.float()[..., None] * inv_freq  # (3, T, R/2)
+    picked = freqs[0].clone()
+    for stream in (1, 2):
+        picked[..., stream : 3 * section[stream] : 3] = freqs[stream, ..., stream : 3 * section[stream] : 3]
+    emb = torch.cat([picked, picked], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, H, T, D); cos/sin (T, R), or (B, 1, T, R) for per-row positions, with R <= D. Dims past R pass
     through unchanged."""

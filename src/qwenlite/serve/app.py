@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwenlite.io.hub import resolve_model_path
+from qwenlite.io.images import ImageProcessor
 from qwenlite.io.load import generation_defaults, load_model
 from qwenlite.serve.engine import Engine, cache_bytes
 from qwenlite.serve.metrics import Metrics
@@ -38,9 +39,13 @@ def create_app(
     defaults: dict | None = None,
     aliases: Sequence[str] = (),
     allow_special_in_content: bool = False,
+    images: ImageProcessor | None = None,
+    allow_image_urls: bool = False,
 ) -> FastAPI:
+    """`images`: the checkpoint's image preprocessing, for a model with a vision tower (None: no images)."""
     metrics = Metrics(engine)
-    api = OpenAIServer(engine, tokenizer, model_name, api_key, defaults, aliases, allow_special_in_content, metrics)
+    api = OpenAIServer(engine, tokenizer, model_name, api_key, defaults, aliases, allow_special_in_content, metrics,
+                       images, allow_image_urls)  # fmt: skip
     app = FastAPI(title="qwenlite", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.api = api
     app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
@@ -91,10 +96,12 @@ def serve(
     served_model_name: str | None = None,
     quant: str | None = None,
     allow_special_in_content: bool = False,
+    allow_image_urls: bool = False,
     device: str = "cpu",
 ) -> None:
     """Load `model` and serve it until interrupted. `allow_special_in_content`: chat messages that spell control
-    tokens ("<|im_end|>") get those tokens, as before qwenlite encoded them as text."""
+    tokens ("<|im_end|>") get those tokens, as before qwenlite encoded them as text. `allow_image_urls`: image
+    parts may name public http(s) URLs, which the server downloads (else data: URLs only)."""
     import uvicorn
 
     path = resolve_model_path(model)
@@ -102,15 +109,16 @@ def serve(
     ctx = min(ctx or DEFAULT_CTX, loaded.config.max_position_embeddings)
     engine = Engine(loaded, max_concurrency, max_queue, ctx, cache_mb)
     name = served_model_name or model
-    app = create_app(
-        engine, tokenizer, name, api_key, generation_defaults(path), (str(path), path.name), allow_special_in_content
-    )
+    images = ImageProcessor.from_dir(path, loaded.config.vision_config) if loaded.visual is not None else None
+    app = create_app(engine, tokenizer, name, api_key, generation_defaults(path), (str(path), path.name),
+                     allow_special_in_content, images, allow_image_urls)  # fmt: skip
     print(
         f"qwenlite serve: {name} on http://{host}:{port}/v1 | context {ctx} tokens x {max_concurrency} slots "
         f"({cache_bytes(engine.cache) / 2**20:.0f} MiB cache on {loaded.device}), queue {max_queue}, "
         f"prompt cache {cache_mb:g} MiB"
         + (" | API key required" if api_key else "")
-        + (" | control tokens allowed in messages" if allow_special_in_content else ""),
+        + (" | control tokens allowed in messages" if allow_special_in_content else "")
+        + (" | images" + (" (and image URLs)" if allow_image_urls else "") if images else ""),
         flush=True,
     )
     try:

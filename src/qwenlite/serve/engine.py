@@ -28,8 +28,9 @@ from qwenlite.errors import ContextLengthExceeded, QwenliteError
 from qwenlite.model.cache import AttentionCache, Cache, make_cache
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.model.runner import PREFILL_CHUNK, context_length, run_model
+from qwenlite.model.vision import ImageInput, embed_prompt, mrope_positions
 from qwenlite.sample import SamplingParams, apply_processors, make_logits_processors, make_sampler
-from qwenlite.serve.prompt_cache import PromptCache
+from qwenlite.serve.prompt_cache import PromptCache, image_key
 
 log = logging.getLogger("qwenlite.serve.engine")
 
@@ -49,6 +50,7 @@ class Request:
     logprobs: int | None = None  # per generated token: its logprob and this many alternatives; None = off
     prompt_logprobs: int | None = None  # the same for each prompt token (echo); such a prompt is prefilled cold
     snapshot_at: tuple[int, ...] = ()  # prompt positions worth a snapshot for later prompts
+    images: tuple[ImageInput, ...] = ()  # what the prompt's <|image_pad|> runs hold, in order
 
 
 @dataclass
@@ -101,11 +103,15 @@ class _Sequence:
     on_event: Callable[[Event], None]
     max_tokens: int
     tokens: list[int]  # prompt + generated
+    keyed: tuple  # the prompt as the prompt cache keys it: image tokens stand for their image's content
     processors: list = field(default_factory=list)
     sampler: Callable[[torch.Tensor], int] | None = None
     history: torch.Tensor | None = None  # (L,) the sequence so far, for the penalties
     pieces: deque = field(default_factory=deque)  # prefill pieces left: (start, end, snapshot after)
     logits: torch.Tensor | None = None  # (V,) the next token's, after prefill
+    embeds: torch.Tensor | None = None  # (1, T, hidden) a prompt with images: its embeddings from `start` on,
+    positions: torch.Tensor | None = None  # (3, T) and multimodal rotary positions
+    start: int = 0  # the first prompt position not restored from a snapshot
     prompt_lp: list = field(default_factory=list)
     prompt_top: list = field(default_factory=list)
     finished: str | None = None
@@ -113,6 +119,10 @@ class _Sequence:
     @property
     def request(self) -> Request:
         return self.handle.request
+
+    def key(self, n: int) -> tuple:
+        """The prompt cache's key for the first n tokens (prompt, then generated)."""
+        return (self.keyed + tuple(self.tokens[len(self.keyed) : n]))[:n]
 
 
 def cache_bytes(cache: Cache) -> int:
@@ -186,8 +196,14 @@ class Engine:
         if request.max_tokens < (0 if request.prompt_logprobs is not None else 1):
             raise QwenliteError(f"max_tokens must be at least 1, got {request.max_tokens}")
         request.params.validate()
+        keyed = tuple(prompt)
+        if request.images:
+            if getattr(self.model, "visual", None) is None:
+                raise QwenliteError("this model reads no images: it has no vision tower")
+            mrope_positions(prompt, request.images, self.model.config.image_token_id)  # fail here, not in the engine
+            keyed = image_key(prompt, request.images, self.model.config.image_token_id)
         handle = Handle(self, request)
-        seq = _Sequence(handle, on_event, min(request.max_tokens, self.ctx - len(prompt)), list(prompt))
+        seq = _Sequence(handle, on_event, min(request.max_tokens, self.ctx - len(prompt)), list(prompt), keyed)
         with self._cond:
             if self._closed:
                 raise QwenliteError("the engine is shut down")
@@ -311,12 +327,15 @@ class Engine:
         view = self.cache.rows(row, row + 1)
         start, snap = 0, None
         if request.prompt_logprobs is None:
-            start, snap = self.prompt_cache.lookup(request.prompt_ids)
+            start, snap = self.prompt_cache.lookup(seq.keyed)
         if snap is not None:
             view.restore(snap)
         else:
             self.cache.reset_row(row)
-        seq.handle.usage.cached_tokens = start
+        seq.handle.usage.cached_tokens = seq.start = start
+        if request.images:  # only the images past the restored prefix are encoded
+            seq.embeds, seq.positions, delta = embed_prompt(self.model, request.prompt_ids, request.images, start)
+            view.rope_deltas.fill_(delta)
         # Cut at every named position past the restored prefix, so warm and cold prompts compute the same.
         n = len(request.prompt_ids)
         chunk = ECHO_CHUNK if request.prompt_logprobs is not None else self.prefill_chunk
@@ -337,7 +356,13 @@ class Engine:
         view = self.cache.rows(row, row + 1)
         ids = torch.tensor([request.prompt_ids[a:b]], device=self.device)
         k = request.prompt_logprobs
-        logits = run_model(self.model, ids, view, logits_to_keep=0 if k is not None else 1)  # (1, T or 1, V)
+        keep = 0 if k is not None else 1
+        if seq.embeds is None:
+            logits = run_model(self.model, ids, view, logits_to_keep=keep)  # (1, T or 1, V)
+        else:
+            i, j = a - seq.start, b - seq.start
+            embeds, positions = seq.embeds[:, i:j], seq.positions[:, i:j]
+            logits = run_model(self.model, ids, view, logits_to_keep=keep, embeds=embeds, positions=positions)
         if k is not None:
             # Position i's logits score prompt token i + 1; the last position's the first generated token.
             targets = torch.tensor(request.prompt_ids[a + 1 : b + 1], device=self.device)
@@ -345,11 +370,12 @@ class Engine:
             seq.prompt_lp += logprobs.gather(1, targets[:, None])[:, 0].tolist()
             seq.prompt_top += [_top(lp, k) if k else None for lp in logprobs]
         seq.logits = logits[0, -1]
-        if snapshot and self.prompt_cache.max_bytes and seq.tokens[:b] not in self.prompt_cache:
-            self.prompt_cache.store(seq.tokens[:b], view.snapshot())
+        if snapshot and self.prompt_cache.max_bytes and seq.key(b) not in self.prompt_cache:
+            self.prompt_cache.store(seq.key(b), view.snapshot())
         return b - a
 
     def _after_prefill(self, seq: _Sequence) -> None:
+        seq.embeds = seq.positions = None
         if seq.request.prompt_logprobs is not None:
             self._emit(seq, PromptLogprobs([None, *seq.prompt_lp], [None, *seq.prompt_top]))
         if seq.max_tokens == 0:
@@ -411,7 +437,7 @@ class Engine:
         """Snapshot a finished generation: a next prompt (a tool result, say) may extend it."""
         if not self.prompt_cache.max_bytes or seq.request.prompt_logprobs is not None:
             return
-        covered = seq.tokens[: int(self.cache.lengths[row])]  # the last sampled token was never fed
+        covered = seq.key(int(self.cache.lengths[row]))  # the last sampled token was never fed
         if covered not in self.prompt_cache:
             self.prompt_cache.store(covered, self.cache.rows(row, row + 1).snapshot())
 

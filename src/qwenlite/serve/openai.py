@@ -24,9 +24,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from qwenlite.errors import ContextLengthExceeded, InvalidArgument, QwenliteError
+from qwenlite.io.images import ImageProcessor, expand_image_tokens
+from qwenlite.model.vision import ImageInput
 from qwenlite.sample import SAMPLING_FIELDS, SamplingParams
 from qwenlite.serve.engine import Engine, Finish, PromptLogprobs, QueueFull, Token, Usage
 from qwenlite.serve.engine import Request as EngineRequest
+from qwenlite.serve.image_urls import image_bytes
 from qwenlite.serve.metrics import Metrics, Trace
 from qwenlite.serve.protocol import (
     AssistantMessage,
@@ -62,6 +65,7 @@ from qwenlite.text.tokenizer import (
 from qwenlite.text.toolcalls import ToolCallDelta, ToolCallParser
 
 MAX_N = 16  # samples per prompt (`n`)
+VALID_PARTS = (("text", False, True), ("image_url", True, False))  # (type, no text, no image_url)
 
 # Not settable through chat_template_kwargs: encode_chat's own arguments (enable_thinking is taken apart).
 RESERVED_TEMPLATE_KWARGS = ENCODE_CHAT_ARGUMENTS | {"enable_thinking"}
@@ -267,8 +271,12 @@ class OpenAIServer:
         aliases: Sequence[str] = (),
         allow_special_in_content: bool = False,
         metrics: Metrics | None = None,
+        images: ImageProcessor | None = None,
+        allow_image_urls: bool = False,
     ):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.images = images  # None: the model reads no images
+        self.allow_image_urls = allow_image_urls
         self.metrics = metrics or Metrics(engine)
         # Off: what messages, tool calls, tool results and tools spell is text, never a control token.
         self.allow_special_in_content = allow_special_in_content
@@ -386,15 +394,40 @@ class OpenAIServer:
 
     # Chat -------------------------------------------------------------------------------------------------------
 
-    def chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int], list[dict] | None, str]:
-        """-> (prompt ids, tools to parse calls for or None, forced start of the answer)."""
+    def chat_images(self, body: ChatCompletionRequest) -> list[ImageInput]:
+        """The images of the messages' `image_url` parts, in order, decoded and preprocessed (CPU work: run it off
+        the event loop). A bad image is a 400 naming its part."""
+        images = []
+        for i, m in enumerate(body.messages):
+            for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+                if part.type != "image_url" or part.image_url is None:
+                    continue
+                param = f"messages.{i}.content.{j}.image_url"
+                if self.images is None:
+                    raise ApiError(400, "this model reads no images: it has no vision tower", param=param)
+                try:
+                    data = image_bytes(part.image_url.url, self.allow_image_urls)
+                    images.append(self.images.load(data, name=f"the image in {param}"))
+                except QwenliteError as e:
+                    raise ApiError(400, str(e), param=param) from None
+        return images
+
+    def chat_prompt(
+        self, body: ChatCompletionRequest, images: Sequence[ImageInput] = ()
+    ) -> tuple[list[int], list[dict] | None, str]:
+        """-> (prompt ids, tools to parse calls for or None, forced start of the answer); each image part is its
+        image's tokens (`images`, from `chat_images`)."""
         messages = []
         for i, m in enumerate(body.messages):
             message = m.model_dump(exclude_none=True)
             if message["role"] == "developer":
                 message["role"] = "system"
-            if isinstance(m.content, list) and any(p.type != "text" or p.text is None for p in m.content):
-                raise ApiError(400, "only text content parts are supported", param=f"messages.{i}.content")
+            if isinstance(m.content, list):
+                for j, p in enumerate(m.content):
+                    if (p.type, p.text is None, p.image_url is None) not in VALID_PARTS:
+                        raise ApiError(400, "content parts are text or image_url", param=f"messages.{i}.content.{j}")
+                # The template writes a placeholder per image part: it needs no URL (megabytes of base64).
+                message["content"] = [{"type": "image"} if p["type"] == "image_url" else p for p in message["content"]]
             messages.append(message)
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         choice = body.tool_choice or ("auto" if tools else "none")
@@ -420,6 +453,10 @@ class OpenAIServer:
                 allow_special_in_content=self.allow_special_in_content, **kwargs,
             )  # fmt: skip
         except ChatTemplateError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        try:
+            ids = expand_image_tokens(ids, images, self.engine.model.config.image_token_id) if images else ids
+        except QwenliteError as e:  # the template wrote a placeholder for fewer (or more) parts than it was sent
             raise ApiError(400, str(e), param="messages") from None
         if forced and starts_in_reasoning(self.tokenizer, ids):
             forced = "\n</think>\n\n" + forced  # a forced call skips the reasoning
@@ -459,7 +496,8 @@ class OpenAIServer:
         if max_tokens is not None and max_tokens < 1:
             raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         params = self.sampling(body)
-        ids, tools, forced = self.chat_prompt(body)
+        images = await asyncio.to_thread(self.chat_images, body)
+        ids, tools, forced = self.chat_prompt(body, images)
         self.check_context(ids, "messages")
         self.check_n(body.n)
         top = body.top_logprobs or 0
@@ -471,6 +509,7 @@ class OpenAIServer:
                 frozenset(self.tokenizer.eos_token_ids),
                 logprobs=top if body.logprobs else None,
                 snapshot_at=turn_starts(ids, self.assistant_header),
+                images=tuple(images),
             )
             for sample in self.samples(params, body.n)
         ]

@@ -1,5 +1,7 @@
 """Prompt-state reuse: the recurrent state cannot be rewound, so the engine keeps snapshots of a cache row, keyed
-by the exact token ids they cover, in a byte-bounded LRU; a new prompt restores the longest stored prefix."""
+by the exact token ids they cover, in a byte-bounded LRU; a new prompt restores the longest stored prefix. An
+image's tokens are all `<|image_pad|>`, so in a key each stands for its image's content digest instead: two
+different images never share a state, and a follow-up about the same image restores the one after it."""
 
 from __future__ import annotations
 
@@ -9,6 +11,13 @@ from collections.abc import Sequence
 import torch
 
 from qwenlite.model.cache import Cache
+from qwenlite.model.vision import ImageInput
+
+
+def image_key(ids: Sequence[int], images: Sequence[ImageInput], image_token_id: int) -> tuple:
+    """`ids` with each image token replaced by its image's digest (images in order, each `tokens` long)."""
+    digests = iter([image.digest for image in images for _ in range(image.tokens)])
+    return tuple(next(digests) if i == image_token_id else i for i in ids)
 
 
 def snapshot_bytes(snap: Cache) -> int:
@@ -28,7 +37,7 @@ class PromptCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, ids: Sequence[int]) -> tuple[int, Cache | None]:
+    def lookup(self, ids: Sequence) -> tuple[int, Cache | None]:
         """The longest stored prefix of `ids` that leaves at least one token to prefill: (its length, snapshot)."""
         best: tuple[int, ...] | None = None
         for key in self._entries:
@@ -43,10 +52,10 @@ class PromptCache:
         self._entries.clear()
         self.nbytes = 0
 
-    def __contains__(self, ids: Sequence[int]) -> bool:
+    def __contains__(self, ids: Sequence) -> bool:
         return tuple(ids) in self._entries
 
-    def store(self, ids: Sequence[int], snap: Cache) -> None:
+    def store(self, ids: Sequence, snap: Cache) -> None:
         key, size = tuple(ids), snapshot_bytes(snap)
         if size > self.max_bytes or key in self._entries:
             return

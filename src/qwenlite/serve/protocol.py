@@ -16,9 +16,15 @@ class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+class ImageUrl(_Request):
+    url: str  # a data: URL (base64), or http(s) where the server allows it
+    detail: str | None = None  # OpenAI's low / high / auto: ignored, the checkpoint's pixel limits decide
+
+
 class ContentPart(_Request):
     type: str
     text: str | None = None
+    image_url: ImageUrl | None = None
 
 
 class FunctionCall(_Request):
