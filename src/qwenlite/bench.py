@@ -111,22 +111,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_bandwidth(model: torch.nn.Module, repeat: int = 5) -> float:
+def measure_bandwidth(model: torch.nn.Module, repeat: int = 5, least_seconds: float = 0.05) -> float:
     """Bytes per second of a parallel read of the model's largest weight tensor (the head or the embedding,
-    far larger than any cache: no extra memory), best of `repeat`."""
+    far larger than any cache: no extra memory), best of `repeat` reads, or of as many as `least_seconds` takes:
+    a tiny model's read lasts microseconds, and one of a few can land on a core another process holds."""
     from qwenlite.ops.cpu import kernels
 
     largest = max((t for t in [*model.parameters(), *model.buffers()]), key=lambda t: t.nbytes)
     raw = largest.detach().reshape(-1).view(torch.uint8)
     buf = raw[: raw.numel() // 256 * 256].view(torch.float32)  # any bits: only the time to read them counts
     read = kernels.read_memory if kernels.available() and buf.device.type == "cpu" else torch.sum
-    best = float("inf")
-    for _ in range(repeat):
+    best, n, start = float("inf"), 0, time.perf_counter()
+    while n < repeat or time.perf_counter() - start < least_seconds:
         synchronize(buf.device)
         t = time.perf_counter()
         read(buf)
         synchronize(buf.device)
-        best = min(best, time.perf_counter() - t)
+        best, n = min(best, time.perf_counter() - t), n + 1
     return buf.nbytes / best
 
 
