@@ -253,6 +253,33 @@ def batched_and_single_decodes(model, vocab: int, lengths=(5, 13, 8), steps: int
         return decode(cache, torch.stack([p[-1:] for p in prompts])), torch.cat(singles)
 
 
+def engine_and_generate_outputs(model, vocab: int, lengths=(4, 11, 7), max_tokens: int = 10):
+    """Greedy requests of `lengths` random tokens through the serving engine together, and each through
+    `generate_tokens` alone: (engine's ids per request, generate's ids per request)."""
+    import queue
+
+    from qwenlite.generate import generate_tokens
+    from qwenlite.sample import SamplingParams
+    from qwenlite.serve.engine import Finish, Request
+
+    greedy = SamplingParams(temperature=0.0)
+    prompts = [random_ids(1, n, vocab=vocab, seed=n)[0].tolist() for n in lengths]
+    engine = Engine(model, max_concurrency=4, ctx=64)
+    try:
+        queues = [queue.SimpleQueue() for _ in prompts]
+        for prompt, q in zip(prompts, queues, strict=True):
+            engine.submit(Request(prompt, greedy, max_tokens), q.put)
+        served = []
+        for q in queues:
+            events = []
+            while not isinstance(event := q.get(timeout=60), Finish):
+                events.append(event.id)
+            served.append(events)
+    finally:
+        engine.close()
+    return served, [list(generate_tokens(model, p, greedy, max_tokens)) for p in prompts]
+
+
 @torch.no_grad()
 def reference_logits(hf_model, input_ids: torch.Tensor) -> torch.Tensor:
     """Full-forward logits (B, T, V) fp32 of a transformers model, no cache."""

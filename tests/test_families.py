@@ -34,6 +34,7 @@ from qwenlite.text.tokenizer import Tokenizer
 
 from helpers import (
     batched_and_single_decodes,
+    engine_and_generate_outputs,
     kl_and_top1,
     make_hf_checkpoint,
     max_abs_diff,
@@ -365,25 +366,8 @@ def test_run_command_answers_with_a_dense_model(trained, tmp_path, capsys):
 @pytest.mark.parametrize("family", ["qwen3", "qwen2"])
 def test_serving_engine_batches_a_dense_model(checkpoints, family):
     """The server's engine: requests of different lengths decoded together, each as `generate_tokens` alone."""
-    import queue
-
-    from qwenlite.serve.engine import Engine, Finish, Request
-
-    model = checkpoints[family][1]
-    greedy = SamplingParams(temperature=0.0)
-    prompts = [random_ids(1, n, vocab=VOCAB, seed=n)[0].tolist() for n in (4, 11, 7)]
-    engine = Engine(model, max_concurrency=4, ctx=64)
-    try:
-        queues = [queue.SimpleQueue() for _ in prompts]
-        for prompt, q in zip(prompts, queues, strict=True):
-            engine.submit(Request(prompt, greedy, 10), q.put)
-        for prompt, q in zip(prompts, queues, strict=True):
-            events = []
-            while not isinstance(event := q.get(timeout=60), Finish):
-                events.append(event.id)
-            assert events == list(generate_tokens(model, prompt, greedy, 10))
-    finally:
-        engine.close()
+    served, alone = engine_and_generate_outputs(checkpoints[family][1], VOCAB)
+    assert served == alone
 
 
 def test_lora_defaults_take_the_layers_a_dense_model_has(checkpoints):

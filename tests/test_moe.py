@@ -31,6 +31,7 @@ from helpers import (
     TINY_VISION_CONFIG,
     _randomize,
     batched_and_single_decodes,
+    engine_and_generate_outputs,
     max_abs_diff,
     random_ids,
     reference_logits,
@@ -367,25 +368,8 @@ def test_run_command_prints_what_generate_writes(checkpoints, with_tokenizer, ca
 
 def test_serving_engine_batches_a_moe_model(checkpoints):
     """The server's engine: requests of different lengths decoded together, each as `generate_tokens` alone."""
-    import queue
-
-    from qwenlite.serve.engine import Engine, Finish, Request
-
-    model = checkpoints["per-expert"][1]
-    greedy = SamplingParams(temperature=0.0)
-    prompts = [random_ids(1, n, vocab=VOCAB, seed=n)[0].tolist() for n in (4, 11, 7)]
-    engine = Engine(model, max_concurrency=4, ctx=64)
-    try:
-        queues = [queue.SimpleQueue() for _ in prompts]
-        for prompt, q in zip(prompts, queues, strict=True):
-            engine.submit(Request(prompt, greedy, 10), q.put)
-        for prompt, q in zip(prompts, queues, strict=True):
-            events = []
-            while not isinstance(event := q.get(timeout=60), Finish):
-                events.append(event.id)
-            assert events == list(generate_tokens(model, prompt, greedy, 10))
-    finally:
-        engine.close()
+    served, alone = engine_and_generate_outputs(checkpoints["per-expert"][1], VOCAB)
+    assert served == alone
 
 
 def test_bench_counts_only_the_active_experts(checkpoints, capsys):
