@@ -120,3 +120,20 @@ def test_batch_size_changes_nothing_but_speed(setup):
             assert r[0][0] == pytest.approx(s[0][0], abs=1e-5) and r[0][1] == s[0][1]
     with pytest.raises(QwenliteError, match="batch size must be at least 1"):
         harness.evaluate(str(model), ["tiny_mc"], str(tasks), batch_size=0)
+
+
+def test_cache_resumes_without_scoring_again(setup, tmp_path, monkeypatch):
+    """--cache PREFIX keeps every finished request (the harness's SQLite cache): a rerun takes them from there, so
+    an interrupted evaluation resumes where it stopped, and gives the same results."""
+    model, tasks = setup
+    prefix = str(tmp_path / "cache")
+    kwargs = dict(dtype="float32", use_cache=prefix, bootstrap_iters=0, limit=3)
+    first = harness.evaluate(str(model), ["tiny_mc"], str(tasks), **kwargs)
+    assert list(tmp_path.glob("cache*.db"))
+
+    def refuse(*args, **kw):
+        raise AssertionError("a cached request was scored again")
+
+    monkeypatch.setattr(harness.QwenliteLM, "_loglikelihood_tokens", refuse)
+    again = harness.evaluate(str(model), ["tiny_mc"], str(tasks), **kwargs)
+    assert again["results"]["tiny_mc"]["acc,none"] == first["results"]["tiny_mc"]["acc,none"]
