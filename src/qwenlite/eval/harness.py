@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -174,9 +175,15 @@ class QwenliteLM(TemplateLM):
         return out
 
 
-def task_manager(include_path: str | None) -> TaskManager:
+def task_manager(include_path: str | None, tasks: Sequence[str] = ()) -> TaskManager:
+    """The harness's tasks: only those under `include_path` when they hold every one of `tasks` (indexing the
+    harness's own ~15,000 takes ~9 s), else its registry too."""
     if include_path is not None and not Path(include_path).is_dir():
         raise QwenliteError(f"--include-path {include_path}: no such directory")
+    if include_path is not None and tasks:
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
     return TaskManager(include_path=include_path)
 
 
@@ -213,7 +220,7 @@ def evaluate(
     have no closed form (the harness's default is 100000; 0 = no standard errors)."""
     if not tasks:
         raise InvalidArgument("--tasks names no task")
-    manager = task_manager(include_path)
+    manager = task_manager(include_path, tasks)
     check_tasks(tasks, manager)
     model, tokenizer = load_model(resolve_model_path(model_ref), dtype, quant)
     lm = QwenliteLM(model, tokenizer, max_length, think, batch_size)
