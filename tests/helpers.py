@@ -280,6 +280,18 @@ def engine_and_generate_outputs(model, vocab: int, lengths=(4, 11, 7), max_token
     return served, [list(generate_tokens(model, p, greedy, max_tokens)) for p in prompts]
 
 
+def greedy_against_transformers(hf_model, model, vocab: int, n: int = 16) -> tuple[list[int], list[int]]:
+    """`n` greedy tokens after a random 9-token prompt: (ours through `generate_tokens`, transformers' `generate`)."""
+    from qwenlite.generate import generate_tokens
+    from qwenlite.sample import SamplingParams
+
+    prompt = random_ids(1, 9, vocab=vocab, seed=42)
+    with torch.no_grad():
+        expected = hf_model.generate(prompt, max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0)
+    got = list(generate_tokens(model, prompt[0].tolist(), SamplingParams(temperature=0.0), max_tokens=n))
+    return got, expected[0, 9:].tolist()
+
+
 @torch.no_grad()
 def reference_logits(hf_model, input_ids: torch.Tensor) -> torch.Tensor:
     """Full-forward logits (B, T, V) fp32 of a transformers model, no cache."""

@@ -35,6 +35,7 @@ from qwenlite.text.tokenizer import Tokenizer
 from helpers import (
     batched_and_single_decodes,
     engine_and_generate_outputs,
+    greedy_against_transformers,
     kl_and_top1,
     make_hf_checkpoint,
     max_abs_diff,
@@ -135,11 +136,7 @@ def test_module_layout_follows_the_family(checkpoints, family):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_greedy_generation_matches_transformers(checkpoints, family):
     hf, model, _ = checkpoints[family]
-    prompt = random_ids(1, 9, vocab=VOCAB, seed=42)
-    with torch.no_grad():
-        expected = hf.generate(prompt, max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
-    expected = expected[0, 9:].tolist()
-    got = list(generate_tokens(model, prompt[0].tolist(), SamplingParams(temperature=0.0), max_tokens=16))
+    got, expected = greedy_against_transformers(hf, model, VOCAB)
     assert got == expected
     assert len(set(got)) > 3  # a lively model, not one repeated token
 

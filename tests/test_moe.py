@@ -32,6 +32,7 @@ from helpers import (
     _randomize,
     batched_and_single_decodes,
     engine_and_generate_outputs,
+    greedy_against_transformers,
     max_abs_diff,
     random_ids,
     reference_logits,
@@ -172,11 +173,7 @@ def test_sanitize_splits_fused_experts_into_parts():
 @pytest.mark.parametrize("layout", ["per-expert", "wrapped-fused"])
 def test_greedy_generation_matches_transformers(checkpoints, layout):
     hf, model, _ = checkpoints[layout]
-    prompt = random_ids(1, 9, vocab=VOCAB, seed=42)
-    with torch.no_grad():
-        expected = hf.generate(prompt, max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
-    expected = expected[0, 9:].tolist()
-    got = list(generate_tokens(model, prompt[0].tolist(), SamplingParams(temperature=0.0), max_tokens=16))
+    got, expected = greedy_against_transformers(hf, model, VOCAB)
     assert got == expected
     assert len(set(got)) > 3  # a lively model, not one repeated token
 
