@@ -292,6 +292,30 @@ def greedy_against_transformers(hf_model, model, vocab: int, n: int = 16) -> tup
     return got, expected[0, 9:].tolist()
 
 
+def markov_ids(successors: torch.Tensor, batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """Sequences of a chain where each token has 3 successors (probabilities 0.7 / 0.2 / 0.1), as test_quant.py's."""
+    choice = torch.multinomial(torch.tensor([0.7, 0.2, 0.1]), batch * length, True, generator=gen).view(batch, length)
+    x = torch.empty(batch, length, dtype=torch.long)
+    x[:, 0] = torch.randint(0, 256, (batch,), generator=gen)
+    for t in range(1, length):
+        x[:, t] = successors[x[:, t - 1], choice[:, t]]
+    return x
+
+
+def train_on_markov_chain(model, gen: torch.Generator, steps: int = 60, lr: float = 5e-3) -> tuple[torch.Tensor, float]:
+    """Train `model` (vocab >= 256) with AdamW on a random chain over ids 0..255 so that its predictions are
+    confident: (the chain's successor table, for held-out ids; the last step's loss)."""
+    successors = torch.randint(0, 256, (model.config.vocab_size, 3), generator=gen)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        x = markov_ids(successors, 16, 40, gen)
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return successors, loss.item()
+
+
 @torch.no_grad()
 def reference_logits(hf_model, input_ids: torch.Tensor) -> torch.Tensor:
     """Full-forward logits (B, T, V) fp32 of a transformers model, no cache."""

@@ -38,9 +38,11 @@ from helpers import (
     greedy_against_transformers,
     kl_and_top1,
     make_hf_checkpoint,
+    markov_ids,
     max_abs_diff,
     random_ids,
     reference_logits,
+    train_on_markov_chain,
 )
 from tiny_chat import write_tiny_tokenizer
 
@@ -193,16 +195,6 @@ def test_decode_plan_is_never_built_for_the_dense_families(checkpoints, tmp_path
 # Quantization
 
 
-def markov_ids(successors: torch.Tensor, batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
-    """Sequences of a chain where each token has 3 successors (probabilities 0.7 / 0.2 / 0.1), as test_quant.py."""
-    choice = torch.multinomial(torch.tensor([0.7, 0.2, 0.1]), batch * length, True, generator=gen).view(batch, length)
-    x = torch.empty(batch, length, dtype=torch.long)
-    x[:, 0] = torch.randint(0, 256, (batch,), generator=gen)
-    for t in range(1, length):
-        x[:, t] = successors[x[:, t - 1], choice[:, t]]
-    return x
-
-
 @pytest.fixture(scope="module", params=["qwen3", "qwen2"])
 def trained(request, tmp_path_factory):
     """A dense model of hidden 128 (a multiple of every int4 group) trained 60 AdamW steps on a Markov chain, as
@@ -218,15 +210,8 @@ def trained(request, tmp_path_factory):
             p.copy_(initial_value(name, tuple(p.shape), gen, config.zero_centred_norms))
             if name.endswith(".bias"):
                 p.normal_(0.0, 0.2, generator=gen)  # biases that matter
-    successors = torch.randint(0, 256, (config.vocab_size, 3), generator=gen)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
-    for _ in range(60):
-        x = markov_ids(successors, 16, 40, gen)
-        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 1.6, loss.item()  # from 6.2; the chain's entropy is 0.80
+    successors, loss = train_on_markov_chain(model, gen)
+    assert loss < 1.6, loss  # from 6.2; the chain's entropy is 0.80
     path = tmp_path_factory.mktemp(f"trained-{family}")
     save_checkpoint(model.eval(), path)
     return path, markov_ids(successors, 4, 64, gen)

@@ -33,9 +33,11 @@ from helpers import (
     batched_and_single_decodes,
     engine_and_generate_outputs,
     greedy_against_transformers,
+    markov_ids,
     max_abs_diff,
     random_ids,
     reference_logits,
+    train_on_markov_chain,
 )
 from train_helpers import single_threaded
 
@@ -397,8 +399,6 @@ def trained(tmp_path_factory):
     """A MoE of hidden 128 (a multiple of every int4 group; experts 128 wide, the shared expert 256) trained 60
     AdamW steps on test_families.py's Markov chain, so that its predictions are confident; saved in the per-expert
     layout and, the same tensors, in the fused one; and held-out ids."""
-    from test_families import markov_ids
-
     from qwenlite.io.checkpoint import save_checkpoint
     from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value
 
@@ -413,15 +413,8 @@ def trained(tmp_path_factory):
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(initial_value(name, tuple(p.shape), gen))
-    successors = torch.randint(0, 256, (config.vocab_size, 3), generator=gen)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
-    for _ in range(60):
-        x = markov_ids(successors, 16, 40, gen)
-        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 1.6, loss.item()  # from 6.2; the chain's entropy is 0.80
+    successors, loss = train_on_markov_chain(model, gen)
+    assert loss < 1.6, loss  # from 6.2; the chain's entropy is 0.80
     path = tmp_path_factory.mktemp("trained-moe")
     save_checkpoint(model.eval(), path / "per-expert")
     fused = {}
