@@ -10,16 +10,17 @@ import threading
 import pytest
 import torch
 
-from qwenlite.errors import QwenliteError
+from qwenlite.errors import ContextLengthExceeded, QwenliteError
 from qwenlite.generate import generate_tokens
 from qwenlite.io.checkpoint import load_checkpoint
 from qwenlite.model.cache import make_cache
 from qwenlite.model.runner import run_model
 from qwenlite.sample import SamplingParams
-from qwenlite.serve import engine as engine_module
-from qwenlite.serve.engine import ContextLengthExceeded, Engine, Finish, PromptLogprobs, QueueFull, Request, Token
+from qwenlite.serve import runner as runner_module
+from qwenlite.serve.engine import Engine, Finish, PromptLogprobs, QueueFull, Request, Token
 from qwenlite.serve.openai import turn_starts
 from qwenlite.serve.prompt_cache import PromptCache, snapshot_bytes
+from qwenlite.serve.scheduler import cut_prefill
 from qwenlite.text.tokenizer import Tokenizer
 
 from helpers import tiny_checkpoint, wait_until
@@ -95,7 +96,7 @@ def count_prefilled_tokens(monkeypatch) -> list[int]:
             pieces.append(ids.shape[1])
         return run_model(model, ids, cache, **kwargs)
 
-    monkeypatch.setattr(engine_module, "run_model", counting)
+    monkeypatch.setattr(runner_module, "run_model", counting)
     return pieces
 
 
@@ -128,6 +129,33 @@ def test_prompt_state_reuse_prefills_only_the_new_tokens_and_matches_a_cold_prom
         assert cold_finish.usage.cached_tokens == 0 and sum(prefilled) == len(ids2)
         assert [(t.id, t.logprob, t.top_logprobs) for t in got] == [(t.id, t.logprob, t.top_logprobs) for t in expected]
         assert [t.id for t in got] == reference(model, ids2, GREEDY, 8)
+    finally:
+        warm.close()
+        cold.close()
+
+
+def test_interval_snapshots_reuse_a_shared_prefix_whatever_the_template(tiny, monkeypatch):
+    """No named positions at all (a template whose assistant header `turn_starts` cannot find): the snapshots
+    taken every `snapshot_interval` tokens still give a second prompt that shares 45 tokens the state after 32,
+    and it computes bit-identically what a cold engine (same cuts, no cache) computes."""
+    model, tok = tiny
+    prefilled = count_prefilled_tokens(monkeypatch)
+    warm = Engine(model, max_concurrency=1, ctx=CTX, snapshot_interval=16)
+    cold = Engine(model, max_concurrency=1, ctx=CTX, snapshot_interval=16, cache_mb=0)
+    try:
+        shared = tok.encode("the shared part of both documents, " * 8)[:45]
+        first = shared + tok.encode(" and then the first one ends here.")
+        second = shared + tok.encode(" but the second one goes somewhere else entirely, far away.")
+        assert first[45] != second[45]
+        run(warm, Request(first, GREEDY, 3))
+        request = Request(second, GREEDY, 6, logprobs=3)
+        prefilled.clear()
+        got, finish, _ = run(warm, request)
+        assert finish.usage.cached_tokens == 32  # the last interval inside the shared prefix
+        assert sum(prefilled) == len(second) - 32
+        expected, cold_finish, _ = run(cold, request)
+        assert cold_finish.usage.cached_tokens == 0
+        assert [(t.id, t.logprob, t.top_logprobs) for t in got] == [(t.id, t.logprob, t.top_logprobs) for t in expected]
     finally:
         warm.close()
         cold.close()
@@ -304,3 +332,17 @@ def test_the_prompt_cache_is_a_byte_bounded_lru(tiny):
     small = PromptCache(size - 1)
     small.store([1, 2, 3, 4, 5, 6, 7, 8], snap(8))  # larger than the whole budget: not kept
     assert len(small) == 0 and small.nbytes == 0
+
+
+@pytest.mark.parametrize(
+    ("n", "start", "named", "interval", "chunk", "pieces"),
+    [
+        (10, 0, (), 0, 4, [(0, 4, False), (4, 8, False), (8, 10, False)]),
+        (10, 0, (3,), 0, 4, [(0, 3, True), (3, 7, False), (7, 10, False)]),
+        (40, 0, (), 16, 32, [(0, 16, True), (16, 32, True), (32, 40, False)]),
+        (40, 16, (20,), 16, 8, [(16, 20, True), (20, 28, False), (28, 32, True), (32, 40, False)]),
+        (32, 0, (32,), 16, 64, [(0, 16, True), (16, 32, False)]),  # no snapshot at the prompt's end
+    ],
+)
+def test_prefill_pieces_are_cut_at_named_positions_and_intervals(n, start, named, interval, chunk, pieces):
+    assert [(p.start, p.end, p.snapshot) for p in cut_prefill(n, start, named, interval, chunk)] == pieces

@@ -8,6 +8,7 @@ from qwenlite.cli.options import add_device_flag, add_dtype_flag, add_quant_flag
 from qwenlite.errors import QwenliteError
 from qwenlite.io.hub import DEFAULT_MODEL
 from qwenlite.serve.app import DEFAULT_CTX, serve
+from qwenlite.serve.engine import SNAPSHOT_INTERVAL
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
@@ -25,6 +26,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
     p.add_argument("--ctx", type=int, help=f"context per request in tokens (default {DEFAULT_CTX} or the model's)")
     p.add_argument("--cache-mb", type=float, default=1024, help="memory for reusable prompt states (default 1024)")
+    p.add_argument("--snapshot-every", type=int, default=SNAPSHOT_INTERVAL, metavar="N",
+                   help=f"keep a reusable prompt state every N prompt tokens, so any shared prefix is reused to "
+                   f"within N tokens (default {SNAPSHOT_INTERVAL}; 0: only where assistant turns start)")  # fmt: skip
     add_dtype_flag(p)
     p.add_argument("--served-model-name", help="the model id clients send (default: MODEL as given)")
     add_quant_flag(p)
@@ -47,8 +51,10 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_concurrency < 1 or args.max_queue < 0 or (args.ctx is not None and args.ctx < 2):
         raise QwenliteError("--max-concurrency must be >= 1, --max-queue >= 0 and --ctx >= 2")
+    if args.snapshot_every < 0:
+        raise QwenliteError(f"--snapshot-every must be >= 0, got {args.snapshot_every}")
     serve(args.model, args.host, args.port, args.api_key, args.max_concurrency, args.max_queue, args.ctx,
           args.cache_mb, args.dtype, args.served_model_name, args.quant,
           allow_special_in_content=args.allow_special_in_content, allow_image_urls=args.allow_image_urls,
-          device=args.device)  # fmt: skip
+          device=args.device, snapshot_interval=args.snapshot_every)  # fmt: skip
     return 0

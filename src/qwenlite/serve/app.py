@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qwenlite.io.hub import resolve_model_path
 from qwenlite.io.images import ImageProcessor
 from qwenlite.io.load import generation_defaults, load_model
-from qwenlite.serve.engine import Engine, cache_bytes
+from qwenlite.serve.engine import SNAPSHOT_INTERVAL, Engine, cache_bytes
 from qwenlite.serve.metrics import Metrics
 from qwenlite.serve.openai import ApiError, OpenAIServer, error_response
 from qwenlite.text.tokenizer import Tokenizer
@@ -98,6 +98,7 @@ def serve(
     allow_special_in_content: bool = False,
     allow_image_urls: bool = False,
     device: str = "cpu",
+    snapshot_interval: int = SNAPSHOT_INTERVAL,
 ) -> None:
     """Load `model` and serve it until interrupted. `allow_special_in_content`: chat messages that spell control
     tokens ("<|im_end|>") get those tokens, as before qwenlite encoded them as text. `allow_image_urls`: image
@@ -107,7 +108,7 @@ def serve(
     path = resolve_model_path(model)
     loaded, tokenizer = load_model(path, dtype, quant, device)
     ctx = min(ctx or DEFAULT_CTX, loaded.config.max_position_embeddings)
-    engine = Engine(loaded, max_concurrency, max_queue, ctx, cache_mb)
+    engine = Engine(loaded, max_concurrency, max_queue, ctx, cache_mb, snapshot_interval=snapshot_interval)
     name = served_model_name or model
     images = ImageProcessor.from_dir(path, loaded.config.vision_config) if loaded.visual is not None else None
     app = create_app(engine, tokenizer, name, api_key, generation_defaults(path), (str(path), path.name),

@@ -1,0 +1,175 @@
+"""The serving engine's computing half: the model, the batch cache of one row per running request, the prompt
+cache, prefill pieces, the batched decode forward and sampling. serve/scheduler.py says which sequence runs in
+which row; serve/engine.py runs both in one thread.
+
+Prompt-state reuse: the recurrent state cannot be rewound, so the runner keeps snapshots of a row, keyed by the
+exact token ids they cover (serve/prompt_cache.py): after the prefill pieces the scheduler marks and at the end
+of each generation. A new prompt restores the longest stored prefix and prefills only the rest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from qwenlite.errors import QwenliteError
+from qwenlite.model.cache import AttentionCache, Cache, make_cache
+from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
+from qwenlite.model.runner import run_model
+from qwenlite.model.vision import embed_prompt, mrope_positions
+from qwenlite.sample import apply_processors, make_logits_processors, make_sampler
+from qwenlite.serve.prompt_cache import PromptCache, image_key
+from qwenlite.serve.scheduler import PromptLogprobs, Request, Sequence, Token, cut_prefill
+
+ECHO_CHUNK = 128  # prompt logprobs need every position's logits: (128, V) fp32 is 127 MB at V = 248320
+
+
+def cache_bytes(cache: Cache) -> int:
+    return sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        for t in ((layer.k, layer.v) if isinstance(layer, AttentionCache) else (layer.conv, layer.state))
+    )
+
+
+def _top(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    values, ids = torch.topk(logprobs, k)
+    return list(zip(ids.tolist(), values.tolist(), strict=True))
+
+
+@dataclass
+class RowState:
+    """A sequence's tensors and sampling state, kept on `Sequence.state`."""
+
+    processors: list
+    sampler: object
+    history: torch.Tensor | None = None  # (L,) the sequence so far, for the penalties
+    logits: torch.Tensor | None = None  # (V,) the next token's, after prefill
+    embeds: torch.Tensor | None = None  # (1, T, hidden) a prompt with images: its embeddings from `start` on,
+    positions: torch.Tensor | None = None  # (3, T) and multimodal rotary positions
+    start: int = 0  # the first prompt position not restored from a snapshot
+    prompt_lp: list = field(default_factory=list)
+    prompt_top: list = field(default_factory=list)
+
+
+class Runner:
+    def __init__(
+        self,
+        model: Qwen3_5ForCausalLM,
+        rows: int,
+        ctx: int,
+        cache_mb: float,
+        prefill_chunk: int,
+        snapshot_interval: int,
+    ):
+        self.model, self.device = model, model.device
+        self.prefill_chunk, self.snapshot_interval = prefill_chunk, snapshot_interval
+        self.cache = make_cache(model.config, rows, ctx, model.dtype, self.device)
+        self.prompt_cache = PromptCache(int(cache_mb * 2**20))
+
+    def key(self, request: Request) -> tuple:
+        """The prompt as the prompt cache keys it; a QwenliteError for images this model cannot place."""
+        if not request.images:
+            return tuple(request.prompt_ids)
+        if getattr(self.model, "visual", None) is None:
+            raise QwenliteError("this model reads no images: it has no vision tower")
+        token = self.model.config.image_token_id
+        mrope_positions(request.prompt_ids, request.images, token)  # fails here, not in the engine's thread
+        return image_key(request.prompt_ids, request.images, token)
+
+    def move_rows(self, moves: list[tuple[int, int]]) -> None:
+        for src, dst in moves:
+            self.cache.copy_row(src, dst)
+
+    # Prefill ------------------------------------------------------------------------------------------------------
+
+    def start(self, seq: Sequence, row: int) -> None:
+        """Put `seq`'s prompt in `row`: restore its longest stored prefix (or start empty), encode the images past
+        it, and cut the rest into prefill pieces."""
+        request = seq.request
+        view = self.cache.rows(row, row + 1)
+        start, snap = 0, None
+        if request.prompt_logprobs is None:
+            start, snap = self.prompt_cache.lookup(seq.keyed)
+        if snap is not None:
+            view.restore(snap)
+        else:
+            self.cache.reset_row(row)
+        seq.handle.usage.cached_tokens = start
+        n = len(request.prompt_ids)
+        state = RowState(make_logits_processors(request.params, n), make_sampler(request.params), start=start)
+        if state.processors:
+            state.history = torch.tensor(request.prompt_ids)
+        if request.images:  # only the images past the restored prefix are encoded
+            state.embeds, state.positions, delta = embed_prompt(self.model, request.prompt_ids, request.images, start)
+            view.rope_deltas.fill_(delta)
+        seq.state = state
+        if request.prompt_logprobs is not None:  # every position's logits: small pieces, and no snapshots
+            seq.pieces.extend(cut_prefill(n, start, (), 0, ECHO_CHUNK))
+        else:
+            seq.pieces.extend(cut_prefill(n, start, request.snapshot_at, self.snapshot_interval, self.prefill_chunk))
+
+    def prefill(self, seq: Sequence, row: int) -> int:
+        """Run `seq`'s next prefill piece in `row`: -> its tokens."""
+        piece = seq.pieces.popleft()
+        a, b = piece.start, piece.end
+        request, state = seq.request, seq.state
+        view = self.cache.rows(row, row + 1)
+        ids = torch.tensor([request.prompt_ids[a:b]], device=self.device)
+        k = request.prompt_logprobs
+        keep = 0 if k is not None else 1
+        if state.embeds is None:
+            logits = run_model(self.model, ids, view, logits_to_keep=keep)  # (1, T or 1, V)
+        else:
+            i, j = a - state.start, b - state.start
+            embeds, positions = state.embeds[:, i:j], state.positions[:, i:j]
+            logits = run_model(self.model, ids, view, logits_to_keep=keep, embeds=embeds, positions=positions)
+        if k is not None:
+            # Position i's logits score prompt token i + 1; the last position's the first generated token.
+            targets = torch.tensor(request.prompt_ids[a + 1 : b + 1], device=self.device)
+            logprobs = torch.log_softmax(logits[0, : len(targets)], dim=-1)  # (T', V)
+            state.prompt_lp += logprobs.gather(1, targets[:, None])[:, 0].tolist()
+            state.prompt_top += [_top(lp, k) if k else None for lp in logprobs]
+        state.logits = logits[0, -1]
+        if piece.snapshot and self.prompt_cache.max_bytes and seq.key(b) not in self.prompt_cache:
+            self.prompt_cache.store(seq.key(b), view.snapshot())
+        if not seq.pieces:
+            state.embeds = state.positions = None
+        return b - a
+
+    @staticmethod
+    def prompt_logprobs(seq: Sequence) -> PromptLogprobs:
+        return PromptLogprobs([None, *seq.state.prompt_lp], [None, *seq.state.prompt_top])
+
+    def first_token(self, seq: Sequence) -> Token:
+        """The token after the prompt, from the prefill's last logits."""
+        logits, seq.state.logits = seq.state.logits, None
+        return self.sample(seq, logits)
+
+    # Decode -------------------------------------------------------------------------------------------------------
+
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One forward of the decoding rows [0, n), each fed its last token: -> (n, V) next-token logits."""
+        ids = torch.tensor([[seq.tokens[-1]] for seq in seqs], device=self.device)  # (n, 1)
+        return run_model(self.model, ids, self.cache.rows(0, len(seqs)))[:, -1]
+
+    def sample(self, seq: Sequence, logits: torch.Tensor) -> Token:
+        request, state = seq.request, seq.state
+        if state.processors:
+            logits = apply_processors(state.processors, state.history, logits)
+        token = Token(state.sampler(logits))
+        if request.logprobs is not None:
+            logprobs = torch.log_softmax(logits, dim=-1)
+            token.logprob = float(logprobs[token.id])
+            token.top_logprobs = _top(logprobs, request.logprobs) if request.logprobs else None
+        if state.history is not None:
+            state.history = torch.cat([state.history, torch.tensor([token.id])])
+        return token
+
+    def keep_state(self, seq: Sequence, row: int) -> None:
+        """Snapshot a finished generation: a next prompt (a tool result, say) may extend it."""
+        if not self.prompt_cache.max_bytes or seq.request.prompt_logprobs is not None:
+            return
+        covered = seq.key(int(self.cache.lengths[row]))  # the last sampled token was never fed
+        if covered not in self.prompt_cache:
+            self.prompt_cache.store(covered, self.cache.rows(row, row + 1).snapshot())
