@@ -3,7 +3,12 @@ the server answers them with a 4xx in the OpenAI error shape. Anything else is a
 
 
 class QwenliteError(Exception):
-    """An error caused by the user's input (model path, checkpoint, prompt, request, flags)."""
+    """An error caused by the user's input (model path, checkpoint, prompt, request, flags). `param`: the name of the
+    input at fault where one is (a request field, a sampling setting), for the server's error body."""
+
+    def __init__(self, *args, param: str | None = None):
+        super().__init__(*args)
+        self.param = param
 
 
 class CheckpointError(QwenliteError):

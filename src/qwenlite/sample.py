@@ -56,7 +56,7 @@ class SamplingParams:
         }
         for name, (ok, expected) in rules.items():
             if not ok:
-                raise InvalidArgument(f"SamplingParams.{name} must be {expected}, got {getattr(self, name)!r}")
+                raise InvalidArgument(f"{name} must be {expected}, got {getattr(self, name)!r}", param=name)
 
 
 # ---------------------------------------------------------------------------------------------------

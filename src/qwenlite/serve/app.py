@@ -8,8 +8,9 @@ import logging
 from collections.abc import Sequence
 from importlib import resources
 
-from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -19,6 +20,7 @@ from qwenlite.io.load import generation_defaults, load_model
 from qwenlite.serve.engine import SNAPSHOT_INTERVAL, Engine, cache_bytes
 from qwenlite.serve.metrics import Metrics
 from qwenlite.serve.openai import ApiError, OpenAIServer, error_response
+from qwenlite.serve.protocol import ChatCompletion, Completion, ErrorResponse, Health, ModelList
 from qwenlite.text.tokenizer import Tokenizer
 
 log = logging.getLogger("qwenlite.serve")
@@ -46,12 +48,25 @@ def create_app(
     metrics = Metrics(engine)
     api = OpenAIServer(engine, tokenizer, model_name, api_key, defaults, aliases, allow_special_in_content, metrics,
                        images, allow_image_urls)  # fmt: skip
-    app = FastAPI(title="qwenlite", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="qwenlite",
+        version="0.1.0",
+        summary="An OpenAI-compatible server for Qwen3.5 models",
+        redoc_url=None,
+        openapi_url="/openapi.json",  # /docs: FastAPI's Swagger UI over it (its assets come from a CDN)
+    )
     app.state.api = api
-    app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
-    app.add_api_route("/v1/completions", api.completions, methods=["POST"])
-    app.add_api_route("/v1/models", api.models, methods=["GET"])
-    app.add_api_route("/health", api.health, methods=["GET"])
+    errors = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 500)}
+    auth = [Depends(api.authorize)]
+    app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"], dependencies=auth,
+                      responses={200: {"model": ChatCompletion, "description": "The answer, or with `stream` "
+                                       "server-sent events of ChatCompletionChunk"}, **errors})  # fmt: skip
+    app.add_api_route("/v1/completions", api.completions, methods=["POST"], dependencies=auth,
+                      responses={200: {"model": Completion, "description": "The answer, or with `stream` "
+                                       "server-sent events of Completion chunks"}, **errors})  # fmt: skip
+    app.add_api_route("/v1/models", api.models, methods=["GET"], dependencies=auth, response_model=ModelList,
+                      responses=errors)  # fmt: skip
+    app.add_api_route("/health", api.health, methods=["GET"], response_model=Health)
 
     async def index() -> Response:
         page = chat_page()
@@ -65,7 +80,19 @@ def create_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def api_error(request: Request, e: ApiError) -> Response:
+        if not e.counted:
+            metrics.refused(request.url.path, e.status)
         return error_response(e)
+
+    async def invalid_request(request: Request, e: RequestValidationError) -> Response:
+        """A body the request's schema refuses, in the OpenAI shape, `param` the path to the field at fault."""
+        metrics.refused(request.url.path, 400)
+        first = e.errors()[0]
+        if first["type"] == "json_invalid":
+            return error_response(ApiError(400, f"the request body is not valid JSON: {first['msg']}"))
+        loc = [str(p) for p in first["loc"]]
+        param = ".".join(loc[1:] if loc[:1] == ["body"] else loc) or None
+        return error_response(ApiError(400, f"{param or 'body'}: {first['msg']}", param=param))
 
     async def http_error(request: Request, e: StarletteHTTPException) -> Response:
         message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
@@ -75,9 +102,11 @@ def create_app(
         log.exception("request failed")
         return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}"))
 
-    app.add_api_route("/", index, methods=["GET"])
-    app.add_api_route("/metrics", prometheus, methods=["GET"])
+    app.add_api_route("/", index, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/metrics", prometheus, methods=["GET"], response_class=PlainTextResponse,
+                      summary="Prometheus metrics in the text exposition format")  # fmt: skip
     app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
     return app

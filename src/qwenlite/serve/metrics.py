@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from qwenlite.serve.engine import Engine, Usage
 
+TRACED = ("/v1/chat/completions", "/v1/completions")
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
@@ -47,6 +48,11 @@ class Metrics:
 
     def trace(self, endpoint: str) -> Trace:
         return Trace(self, endpoint)
+
+    def refused(self, endpoint: str, status: int) -> None:
+        """A request to a traced endpoint that was refused before its handler ran (no key, an invalid body)."""
+        if endpoint in TRACED:
+            self.requests.labels(endpoint, str(status)).inc()
 
 
 class Trace:

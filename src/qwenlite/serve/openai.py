@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from qwenlite.errors import ContextLengthExceeded, InvalidArgument, QwenliteError
 from qwenlite.io.images import ImageProcessor, expand_image_tokens
@@ -46,6 +46,7 @@ from qwenlite.serve.protocol import (
     ErrorBody,
     ErrorResponse,
     FunctionCallOut,
+    Health,
     ModelCard,
     ModelList,
     PromptTokensDetails,
@@ -75,6 +76,7 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, kind=None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.counted = False  # in the metrics already (by the request's trace)
         self.kind = kind or {401: "authentication_error", 429: "rate_limit_error"}.get(
             status, "server_error" if status >= 500 else "invalid_request_error"
         )
@@ -92,18 +94,24 @@ def _sse(payload: BaseModel | dict) -> str:
     return f"data: {data}\n\n"
 
 
-# --- tokens -> text ---------------------------------------------------------------------------------------------
+# --- tokens -> the answer's pieces -----------------------------------------------------------------------------
 
-Piece = tuple[str, str] | ToolCallDelta  # ("content" | "reasoning", text) or a tool-call delta
+Piece = tuple[str, str] | ToolCallDelta  # chat: ("content" | "reasoning", text) or a tool-call delta
+# One choice's progress: (choice index, pieces, finish reason or None). Completion pieces are plain text.
+Update = tuple[int, list, str | None]
 
 
 class ChatOutput:
-    """One chat answer's text layer: generated token ids in; reasoning, content and tool-call pieces out."""
+    """One chat choice's text layer: generated tokens in; reasoning, content and tool-call pieces out, and the
+    OpenAI logprob entries of the tokens."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: Sequence[str], tools, forced: str = ""):
-        self.text = TextStream(tokenizer, prompt_ids, stop)
+    def __init__(self, server: OpenAIServer, prompt_ids: list[int], stop: Sequence[str], tools, forced: str = ""):
+        self.server = server
+        self.text = TextStream(server.tokenizer, prompt_ids, stop)
         self.parser = ToolCallParser(tools) if tools is not None else None
         self.initial: list[Piece] = self.parser.feed(forced) if self.parser and forced else []
+        self.logprobs: list[TokenLogprob] = []
+        self.sent = 0  # logprob entries already streamed
         self.tokens = 0
 
     def _pieces(self, delta: Delta) -> list[Piece]:
@@ -117,23 +125,28 @@ class ChatOutput:
         items = self.parser.finish() if self.parser else []
         return [("content", i) if isinstance(i, str) else i for i in items]
 
-    def add(self, token: int) -> tuple[list[Piece], bool]:
-        """Returns the pieces this token completes and whether a stop string ended the answer."""
+    def add(self, event: Token, want_logprobs: bool) -> tuple[list[Piece], bool]:
+        """-> the pieces this token completes, and whether a stop string ended the answer."""
         self.tokens += 1
-        delta, hit = self.text.add(token)
+        if want_logprobs:
+            self.logprobs.append(self.server.logprob_entry(event))
+        delta, hit = self.text.add(event.id)
         pieces = self._pieces(delta)
         return (pieces + self._flush_parser(), True) if hit else (pieces, False)
 
     def finish(self) -> list[Piece]:
         return self._pieces(self.text.finish()) + self._flush_parser()
 
-    @property
-    def called_tools(self) -> bool:
-        return bool(self.parser and self.parser.calls)
+    def finish_reason(self, reason: str) -> str:
+        return "tool_calls" if reason == "stop" and self.parser and self.parser.calls else reason
+
+    def new_logprobs(self) -> list[TokenLogprob]:
+        n, self.sent = self.sent, len(self.logprobs)
+        return self.logprobs[n:]
 
 
 class CompletionOutput:
-    """One /v1/completions choice: text (after the echoed prompt), stop strings, OpenAI's legacy logprobs."""
+    """One /v1/completions choice: text (the echoed prompt first), stop strings, OpenAI's legacy logprobs."""
 
     def __init__(self, server: OpenAIServer, prompt_ids: list[int], body: CompletionRequest):
         self.server = server
@@ -141,9 +154,11 @@ class CompletionOutput:
         self.matcher = StopMatcher(_stops(body.stop))
         self.top = body.logprobs
         self.logprobs = CompletionLogprobs() if body.logprobs is not None else None
-        self.echo = server.tokenizer.decode(prompt_ids) if body.echo else ""
+        self.echo = server.tokenizer.decode(prompt_ids) if body.echo else ""  # sent with the first text
         self.prompt_ids = prompt_ids
+        self.initial: list[str] = []
         self.length = 0  # characters of text so far, for text_offset
+        self.sent = 0  # logprob entries already streamed
         self.tokens = 0
 
     def _log(self, token: int, logprob: float | None, top: list[tuple[int, float]] | None, chars: int) -> None:
@@ -156,19 +171,141 @@ class CompletionOutput:
         lp.text_offset.append(self.length)
         self.length += chars
 
+    def _echoed(self, text: str) -> list[str]:
+        text, self.echo = self.echo + text, ""
+        return [text]
+
     def add_prompt(self, event: PromptLogprobs) -> None:
         for token, logprob, top in zip(self.prompt_ids, event.logprobs, event.top_logprobs, strict=True):
             self._log(token, logprob, top if self.top else None, len(self.server.token_text(token)))
 
-    def add(self, event: Token) -> tuple[str, bool]:
+    def add(self, event: Token, want_logprobs: bool) -> tuple[list[str], bool]:
         self.tokens += 1
         text, hit = self.matcher.push(self.detok.add(event.id))
         self._log(event.id, event.logprob, event.top_logprobs if self.top else None, len(text))
-        return text, hit
+        return self._echoed(text), hit
 
-    def finish(self) -> str:
+    def finish(self) -> list[str]:
         text, hit = self.matcher.push(self.detok.flush())
-        return text if hit else text + self.matcher.flush()
+        return self._echoed(text if hit else text + self.matcher.flush())
+
+    @staticmethod
+    def finish_reason(reason: str) -> str:
+        return reason
+
+    def new_logprobs(self) -> CompletionLogprobs | None:
+        lp = self.logprobs
+        if lp is None:
+            return None
+        n, self.sent = self.sent, len(lp.tokens)
+        return CompletionLogprobs(tokens=lp.tokens[n:], token_logprobs=lp.token_logprobs[n:],
+                                  top_logprobs=lp.top_logprobs[n:], text_offset=lp.text_offset[n:])  # fmt: skip
+
+
+# --- the two endpoints' shapes -------------------------------------------------------------------------------
+
+
+class ChatAnswer:
+    """/v1/chat/completions: one prompt's n choices, as chunks and as a whole."""
+
+    endpoint, prompt_param, id_prefix = "/v1/chat/completions", "messages", "chatcmpl"
+
+    def __init__(self, body: ChatCompletionRequest, requests: list[EngineRequest], outputs: list[ChatOutput]):
+        self.body, self.requests, self.outputs = body, requests, outputs
+        self.want_logprobs = body.logprobs
+        self.content: list[list[str]] = [[] for _ in outputs]
+        self.reasoning: list[list[str]] = [[] for _ in outputs]
+        self.calls: list[dict[int, ToolCallOut]] = [{} for _ in outputs]
+        self.finish: list[str | None] = [None] * len(outputs)
+
+    def opening(self, head: dict) -> list[BaseModel]:
+        return [self._chunk(head, i, AssistantMessage(role="assistant", content="")) for i in range(len(self.outputs))]
+
+    @staticmethod
+    def _chunk(head: dict, index: int, delta: AssistantMessage, entries=None, finish=None) -> ChatCompletionChunk:
+        logprobs = ChoiceLogprobs(content=entries) if entries else None
+        choice = ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)
+        return ChatCompletionChunk(**head, choices=[choice])
+
+    def chunks(self, head: dict, index: int, pieces: list[Piece], finish: str | None) -> list[BaseModel]:
+        entries = self.outputs[index].new_logprobs() or None
+        out = []
+        for p in pieces:
+            if isinstance(p, ToolCallDelta):
+                function = FunctionCallOut(name=p.name, arguments=p.arguments)
+                call = ToolCallOut(index=p.index, id=p.id, type="function" if p.id else None, function=function)
+                delta = AssistantMessage(tool_calls=[call])
+            elif p[0] == "content":
+                delta = AssistantMessage(content=p[1])
+            else:
+                delta = AssistantMessage(reasoning_content=p[1])
+            out.append(self._chunk(head, index, delta, entries))
+            entries = None
+        if entries or finish:
+            out.append(self._chunk(head, index, AssistantMessage(), entries, finish))
+        return out
+
+    def usage_chunk(self, head: dict, usage: UsageInfo) -> BaseModel:
+        return ChatCompletionChunk(**head, choices=[], usage=usage)
+
+    def collect(self, index: int, pieces: list[Piece], finish: str | None) -> None:
+        self.finish[index] = finish or self.finish[index]
+        for p in pieces:
+            if isinstance(p, ToolCallDelta):
+                call = self.calls[index].setdefault(p.index, ToolCallOut(type="function", function=FunctionCallOut()))
+                call.id = call.id or p.id
+                call.function.name = call.function.name or p.name
+                call.function.arguments += p.arguments
+            else:
+                (self.content[index] if p[0] == "content" else self.reasoning[index]).append(p[1])
+
+    def response(self, head: dict, usage: UsageInfo) -> BaseModel:
+        choices = []
+        for i, output in enumerate(self.outputs):
+            content, calls = self.content[i], self.calls[i]
+            message = AssistantMessage(
+                role="assistant",
+                content="".join(content) if content or not calls else None,
+                reasoning_content="".join(self.reasoning[i]) or None,
+                tool_calls=[calls[j] for j in sorted(calls)] or None,
+            )
+            logprobs = ChoiceLogprobs(content=output.logprobs) if self.want_logprobs else None
+            choices.append(ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=self.finish[i]))
+        return ChatCompletion(**head, choices=choices, usage=usage)
+
+
+class CompletionAnswer:
+    """/v1/completions: each prompt's n choices (prompt-major: choice p * n + i is prompt p's sample i)."""
+
+    endpoint, prompt_param, id_prefix = "/v1/completions", "prompt", "cmpl"
+    want_logprobs = False  # the legacy logprobs are kept by each output
+
+    def __init__(self, body: CompletionRequest, requests: list[EngineRequest], outputs: list[CompletionOutput]):
+        self.body, self.requests, self.outputs = body, requests, outputs
+        self.choices = [CompletionChoice(index=i, text="", logprobs=o.logprobs) for i, o in enumerate(outputs)]
+
+    @staticmethod
+    def opening(head: dict) -> list[BaseModel]:
+        return []
+
+    def chunks(self, head: dict, index: int, pieces: list[str], finish: str | None) -> list[BaseModel]:
+        logprobs = self.outputs[index].new_logprobs()
+        choice = CompletionChoice(index=index, text="".join(pieces), logprobs=logprobs, finish_reason=finish)
+        return [Completion(**head, choices=[choice])]
+
+    def usage_chunk(self, head: dict, usage: UsageInfo) -> BaseModel:
+        return Completion(**head, choices=[], usage=usage)
+
+    def collect(self, index: int, pieces: list[str], finish: str | None) -> None:
+        choice = self.choices[index]
+        choice.text += "".join(pieces)
+        choice.finish_reason = finish or choice.finish_reason
+
+    def response(self, head: dict, usage: UsageInfo) -> BaseModel:
+        return Completion(**head, choices=self.choices, usage=usage)
+
+
+Answer = ChatAnswer | CompletionAnswer
 
 
 def turn_starts(ids: Sequence[int], header: Sequence[int]) -> tuple[int, ...]:
@@ -186,6 +323,14 @@ def _stops(stop: str | list[str] | None) -> list[str]:
 # --- engine events on the event loop ----------------------------------------------------------------------------
 
 
+class Refused(Exception):
+    """The engine refused request `index` of a submission (nothing of it runs)."""
+
+    def __init__(self, index: int, error: QwenliteError):
+        super().__init__(str(error))
+        self.index, self.error = index, error
+
+
 class Submission:
     """Engine requests whose events arrive on this event loop's queue as (index, event), without polling."""
 
@@ -193,12 +338,14 @@ class Submission:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.handles = []
-        try:
-            for i, request in enumerate(requests):
+        for i, request in enumerate(requests):
+            try:
                 self.handles.append(engine.submit(request, functools.partial(self._put, i)))
-        except Exception:
-            self.cancel()
-            raise
+            except Exception as e:
+                self.cancel()
+                if isinstance(e, QwenliteError) and not isinstance(e, QueueFull):
+                    raise Refused(i, e) from None
+                raise
 
     def _put(self, index: int, event) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
@@ -319,22 +466,13 @@ class OpenAIServer:
         if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
             raise ApiError(401, "invalid API key", code="invalid_api_key")
 
-    async def parse(self, request: Request, schema: type[BaseModel]):
-        self.authorize(request)
-        try:
-            body = schema.model_validate_json(await request.body())
-        except ValidationError as e:
-            first = e.errors()[0]
-            if first["type"] == "json_invalid":
-                raise ApiError(400, f"the request body is not valid JSON: {first['msg']}") from None
-            param = ".".join(str(p) for p in first["loc"]) or None
-            raise ApiError(400, f"{param or 'body'}: {first['msg']}", param=param) from None
+    def check_request(self, body: ChatCompletionRequest | CompletionRequest) -> None:
+        """What the request's schema cannot say: a model this server serves, n within its bounds."""
         if body.model is not None and body.model not in self.names:
             raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")  # fmt: skip
         if not 1 <= body.n <= MAX_N:
             raise ApiError(400, f"n must be between 1 and {MAX_N}, got {body.n}", param="n")
-        return body
 
     def check_n(self, n: int, prompts: int = 1) -> None:
         """The n * prompts engine requests must fit the engine's slots and queue at once."""
@@ -358,28 +496,23 @@ class OpenAIServer:
         try:
             params.validate()
         except InvalidArgument as e:
-            raise ApiError(400, str(e), param=str(e).split()[0].removeprefix("SamplingParams.")) from None
+            raise ApiError(400, str(e), param=e.param) from None
         return params
 
-    def check_context(self, ids: list[int], param: str) -> None:
-        if len(ids) >= self.engine.ctx:
-            raise ApiError(
-                400,
-                f"the prompt is {len(ids)} tokens, longer than this server's context of {self.engine.ctx} tokens "
-                f"(it needs room for at least one more)",
-                param=param,
-                code="context_length_exceeded",
-            )
-
-    def submit(self, requests: list[EngineRequest]) -> Submission:
+    def submit(self, answer: Answer, n: int) -> Submission:
+        """Hands the answer's requests to the engine; the engine's refusals become 4xx naming their field (a prompt
+        is the endpoint's `messages` or `prompt`; of several prompts, the one at fault)."""
         try:
-            return Submission(self.engine, requests)
+            return Submission(self.engine, answer.requests)
         except QueueFull as e:
             raise ApiError(429, str(e), code="queue_full") from None
-        except ContextLengthExceeded as e:
-            raise ApiError(400, str(e), code="context_length_exceeded") from None
-        except QwenliteError as e:
-            raise ApiError(400, str(e)) from None
+        except Refused as refused:
+            e, message = refused.error, str(refused.error)
+            param = answer.prompt_param if e.param == "prompt" else e.param
+            if param == "prompt" and len(answer.requests) > n:
+                message = f"prompt {refused.index // n}: {message}"
+            code = "context_length_exceeded" if isinstance(e, ContextLengthExceeded) else None
+            raise ApiError(400, message, param=param, code=code) from None
 
     def usage(self, usages: list[Usage]) -> UsageInfo:
         prompt = sum(u.prompt_tokens for u in usages)
@@ -468,162 +601,32 @@ class OpenAIServer:
             forced = forced[forced.find("<tool_call>") :]
         return ids, (tools if choice != "none" else None), forced
 
-    async def traced(self, endpoint: str, handler, request: Request) -> Response:
-        """Runs `handler(request, trace)` and counts the request once it has finished: here for a JSON answer or
-        an error, at the stream's end for a stream (499 when the client went away)."""
-        trace = self.metrics.trace(endpoint)
-        try:
-            response = await handler(request, trace)
-        except ApiError as e:
-            trace.finish(e.status)
-            raise
-        except asyncio.CancelledError:
-            trace.finish(499)
-            raise
-        except Exception:
-            trace.finish(500)
-            raise
-        if not isinstance(response, StreamingResponse):
-            trace.finish(response.status_code)
-        return response
+    async def chat_completions(self, request: Request, body: ChatCompletionRequest) -> Response:
+        """OpenAI's chat completions: messages rendered with the checkpoint's chat template."""
+        return await self.traced(request, body, self._chat_answer)
 
-    async def chat_completions(self, request: Request) -> Response:
-        return await self.traced("/v1/chat/completions", self._chat_completions, request)
-
-    async def _chat_completions(self, request: Request, trace: Trace) -> Response:
-        body: ChatCompletionRequest = await self.parse(request, ChatCompletionRequest)
+    async def _chat_answer(self, body: ChatCompletionRequest) -> ChatAnswer:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is not None and max_tokens < 1:
             raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         params = self.sampling(body)
         images = await asyncio.to_thread(self.chat_images, body)
         ids, tools, forced = self.chat_prompt(body, images)
-        self.check_context(ids, "messages")
         self.check_n(body.n)
-        top = body.top_logprobs or 0
-        engine_requests = [
+        requests = [
             EngineRequest(
                 ids,
                 sample,
                 max_tokens if max_tokens is not None else self.engine.ctx,
                 frozenset(self.tokenizer.eos_token_ids),
-                logprobs=top if body.logprobs else None,
+                logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                 snapshot_at=turn_starts(ids, self.assistant_header),
                 images=tuple(images),
             )
             for sample in self.samples(params, body.n)
         ]
-        submission = self.submit(engine_requests)
-        outputs = [ChatOutput(self.tokenizer, ids, _stops(body.stop), tools, forced) for _ in range(body.n)]
-        trace.usages = lambda: choice_usages(submission, outputs, body.n)
-        head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name)
-        answer = self._chat_events(submission, outputs, body.logprobs, trace)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = self._chat_stream(request, submission, outputs, answer, head, include_usage, trace)
-            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        async with _cancelled_on_disconnect(request, submission):
-            answers = await self._collect_chat(answer, body.n)
-        choices = [
-            ChatChoice(
-                index=i,
-                message=message,
-                logprobs=ChoiceLogprobs(content=logprobs) if body.logprobs else None,
-                finish_reason=finish,
-            )
-            for i, (message, logprobs, finish) in enumerate(answers)
-        ]
-        usage = self.usage(choice_usages(submission, outputs, body.n))
-        return JSONResponse(ChatCompletion(**head, choices=choices, usage=usage).model_dump(exclude_none=True))
-
-    async def _collect_chat(self, answer, n: int) -> list[tuple[AssistantMessage, list[TokenLogprob], str | None]]:
-        calls: list[dict[int, ToolCallOut]] = [{} for _ in range(n)]
-        content, reasoning, logprobs = ([[] for _ in range(n)] for _ in range(3))
-        finish: list[str | None] = [None] * n
-        async for i, pieces, entries, reason in answer:
-            logprobs[i] += entries
-            finish[i] = reason or finish[i]
-            for p in pieces:
-                if isinstance(p, ToolCallDelta):
-                    call = calls[i].setdefault(p.index, ToolCallOut(type="function", function=FunctionCallOut()))
-                    call.id = call.id or p.id
-                    call.function.name = call.function.name or p.name
-                    call.function.arguments += p.arguments
-                else:
-                    (content[i] if p[0] == "content" else reasoning[i]).append(p[1])
-        messages = [
-            AssistantMessage(
-                role="assistant",
-                content="".join(content[i]) if content[i] or not calls[i] else None,
-                reasoning_content="".join(reasoning[i]) or None,
-                tool_calls=[calls[i][j] for j in sorted(calls[i])] or None,
-            )
-            for i in range(n)
-        ]
-        return list(zip(messages, logprobs, finish, strict=True))
-
-    async def _chat_events(
-        self, submission: Submission, outputs: list[ChatOutput], want_logprobs: bool, trace: Trace
-    ) -> AsyncIterator[tuple[int, list[Piece], list[TokenLogprob], str | None]]:
-        """(choice index, pieces, logprob entries, None) per token, then (index, [...], [], finish reason) once
-        per choice, until every choice has finished."""
-        for i, output in enumerate(outputs):
-            if output.initial:
-                yield i, output.initial, [], None
-        async for index, event in submission.events():
-            output = outputs[index]
-            if isinstance(event, Token):
-                trace.token(index)
-                pieces, hit = output.add(event.id)
-                entries = [self.logprob_entry(event)] if want_logprobs else []
-                if hit:
-                    submission.stop(index)
-                    yield index, pieces, entries, "tool_calls" if output.called_tools else "stop"
-                else:
-                    yield index, pieces, entries, None
-            elif isinstance(event, Finish):
-                pieces = output.finish()
-                reason = "tool_calls" if event.reason == "stop" and output.called_tools else event.reason
-                yield index, pieces, [], reason
-
-    async def _chat_stream(
-        self, request, submission, outputs: list[ChatOutput], answer, head: dict, include_usage: bool, trace: Trace
-    ):
-        def chunk(index: int, delta: AssistantMessage, entries=None, finish=None) -> str:
-            logprobs = ChoiceLogprobs(content=entries) if entries else None
-            choice = ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)
-            return _sse(ChatCompletionChunk(**head, choices=[choice]))
-
-        async with _cancelled_on_disconnect(request, submission), _finished(trace):
-            for i in range(len(outputs)):
-                yield chunk(i, AssistantMessage(role="assistant", content=""))
-            try:
-                async for index, pieces, entries, finish in answer:
-                    for p in pieces:
-                        if isinstance(p, ToolCallDelta):
-                            function = FunctionCallOut(name=p.name, arguments=p.arguments)
-                            kind = "function" if p.id else None
-                            delta = AssistantMessage(tool_calls=[ToolCallOut(index=p.index, id=p.id, type=kind,
-                                                                             function=function)])  # fmt: skip
-                        elif p[0] == "content":
-                            delta = AssistantMessage(content=p[1])
-                        else:
-                            delta = AssistantMessage(reasoning_content=p[1])
-                        yield chunk(index, delta, entries)
-                        entries = None
-                    if entries or finish:
-                        yield chunk(index, AssistantMessage(), entries, finish)
-            except ApiError as e:
-                trace.finish(e.status)
-                if e.status != 499:
-                    yield _sse(e.body())
-                    yield "data: [DONE]\n\n"
-                return
-            if include_usage:
-                usage = self.usage(choice_usages(submission, outputs, len(outputs)))
-                yield _sse(ChatCompletionChunk(**head, choices=[], usage=usage))
-            trace.finish(200)
-            yield "data: [DONE]\n\n"
+        outputs = [ChatOutput(self, ids, _stops(body.stop), tools, forced) for _ in range(body.n)]
+        return ChatAnswer(body, requests, outputs)
 
     # Completions ------------------------------------------------------------------------------------------------
 
@@ -638,95 +641,103 @@ class OpenAIServer:
             return [list(prompt)]
         return [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
 
-    async def completions(self, request: Request) -> Response:
-        return await self.traced("/v1/completions", self._completions, request)
+    async def completions(self, request: Request, body: CompletionRequest) -> Response:
+        """OpenAI's legacy completions: the prompt as given (text or token ids), `echo` and `logprobs`."""
+        return await self.traced(request, body, self._completion_answer)
 
-    async def _completions(self, request: Request, trace: Trace) -> Response:
-        body: CompletionRequest = await self.parse(request, CompletionRequest)
+    async def _completion_answer(self, body: CompletionRequest) -> CompletionAnswer:
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default
         if max_tokens < (0 if body.echo else 1):
             raise ApiError(400, f"max_tokens must be at least {0 if body.echo else 1}, got {max_tokens}", "max_tokens")
         params = self.sampling(body)
         prompts = self.completion_prompts(body.prompt)
-        vocab = self.engine.model.config.vocab_size
-        for i, ids in enumerate(prompts):
-            if not ids:
-                raise ApiError(400, f"prompt {i} is empty", param="prompt")
-            if min(ids) < 0 or max(ids) >= vocab:
-                raise ApiError(400, f"prompt {i} has token ids outside [0, {vocab})", param="prompt")
-            self.check_context(ids, "prompt")
         self.check_n(body.n, len(prompts))
-        requests = [  # prompt-major: choice p * n + i is prompt p's sample i, as OpenAI orders them
+        echo_only = body.echo and body.logprobs is None and max_tokens == 0  # a prefill that returns no tokens
+        requests = [
             EngineRequest(
                 ids,
                 sample,
                 max_tokens,
                 frozenset(self.tokenizer.eos_token_ids),
                 logprobs=body.logprobs,
-                prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
+                prompt_logprobs=0 if echo_only else body.logprobs if body.echo else None,
             )
             for ids in prompts
             for sample in self.samples(params, body.n)
         ]
-        if body.echo and body.logprobs is None and max_tokens == 0:
-            for r in requests:
-                r.prompt_logprobs = 0  # echo alone with nothing to generate: a prefill that returns no tokens
-        submission = self.submit(requests)
         outputs = [CompletionOutput(self, ids, body) for ids in prompts for _ in range(body.n)]
-        trace.usages = lambda: choice_usages(submission, outputs, body.n)
-        head = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name)
-        events = self._completion_events(submission, outputs, trace)
+        return CompletionAnswer(body, requests, outputs)
+
+    # Both -------------------------------------------------------------------------------------------------------
+
+    async def traced(self, request: Request, body, make_answer) -> Response:
+        """Builds the endpoint's answer, runs it, and counts the request once it has finished: here for a JSON
+        answer or an error, at the stream's end for a stream (499 when the client went away)."""
+        endpoint = "/v1/chat/completions" if isinstance(body, ChatCompletionRequest) else "/v1/completions"
+        trace = self.metrics.trace(endpoint)
+        try:
+            self.check_request(body)
+            response = await self.respond(request, await make_answer(body), trace)
+        except ApiError as e:
+            trace.finish(e.status)
+            e.counted = True
+            raise
+        except asyncio.CancelledError:
+            trace.finish(499)
+            raise
+        except Exception:
+            trace.finish(500)
+            raise
+        if not isinstance(response, StreamingResponse):
+            trace.finish(response.status_code)
+        return response
+
+    async def respond(self, request: Request, answer: Answer, trace: Trace) -> Response:
+        body, n = answer.body, answer.body.n
+        submission = self.submit(answer, n)
+        trace.usages = lambda: choice_usages(submission, answer.outputs, n)
+        head = dict(id=f"{answer.id_prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name)
+        updates = self.updates(submission, answer, trace)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = self._completion_stream(request, submission, events, outputs, body.n, head, include_usage, trace)
+            stream = self.stream(request, submission, answer, updates, head, include_usage, trace)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        choices = [CompletionChoice(index=i, text=o.echo, logprobs=o.logprobs) for i, o in enumerate(outputs)]
         async with _cancelled_on_disconnect(request, submission):
-            async for index, text, finish in events:
-                choices[index].text += text
-                choices[index].finish_reason = finish or choices[index].finish_reason
-        usage = self.usage(choice_usages(submission, outputs, body.n))
-        return JSONResponse(Completion(**head, choices=choices, usage=usage).model_dump(exclude_none=True))
+            async for index, pieces, finish in updates:
+                answer.collect(index, pieces, finish)
+        usage = self.usage(choice_usages(submission, answer.outputs, n))
+        return JSONResponse(answer.response(head, usage).model_dump(exclude_none=True))
 
-    async def _completion_events(self, submission: Submission, outputs: list[CompletionOutput], trace: Trace):
-        """(choice index, text, finish reason or None) until every choice has finished."""
+    @staticmethod
+    async def updates(submission: Submission, answer: Answer, trace: Trace) -> AsyncIterator[Update]:
+        """Each choice's pieces as its tokens arrive, then once its finish reason, until every choice has finished."""
+        outputs = answer.outputs
+        for i, output in enumerate(outputs):
+            if output.initial:
+                yield i, output.initial, None
         async for index, event in submission.events():
             output = outputs[index]
             if isinstance(event, PromptLogprobs):
                 output.add_prompt(event)
             elif isinstance(event, Token):
                 trace.token(index)
-                text, hit = output.add(event)
+                pieces, hit = output.add(event, answer.want_logprobs)
                 if hit:
                     submission.stop(index)
-                yield index, text, "stop" if hit else None
+                yield index, pieces, output.finish_reason("stop") if hit else None
             else:
-                yield index, output.finish(), event.reason
+                yield index, output.finish(), output.finish_reason(event.reason)
 
-    async def _completion_stream(
-        self, request, submission, events, outputs, n: int, head: dict, include_usage: bool, trace: Trace
-    ):
-        def chunk(index: int, text: str, logprobs=None, finish=None) -> str:
-            choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)
-            return _sse(Completion(**head, choices=[choice]))
-
-        sent = [0] * len(outputs)  # logprob entries already sent, per choice
-
-        def new_logprobs(index: int) -> CompletionLogprobs | None:
-            lp = outputs[index].logprobs
-            if lp is None:
-                return None
-            n, sent[index] = sent[index], len(lp.tokens)
-            return CompletionLogprobs(tokens=lp.tokens[n:], token_logprobs=lp.token_logprobs[n:],
-                                      top_logprobs=lp.top_logprobs[n:], text_offset=lp.text_offset[n:])  # fmt: skip
-
+    async def stream(self, request, submission, answer: Answer, updates, head: dict, include_usage: bool, trace):
+        """Server-sent events: the answer's chunks, an error in the OpenAI shape if generation fails, usage if asked,
+        then [DONE]."""
         async with _cancelled_on_disconnect(request, submission), _finished(trace):
-            echoed = [not o.echo for o in outputs]
+            for chunk in answer.opening(head):
+                yield _sse(chunk)
             try:
-                async for index, text, finish in events:
-                    if not echoed[index]:
-                        text, echoed[index] = outputs[index].echo + text, True
-                    yield chunk(index, text, new_logprobs(index), finish)
+                async for index, pieces, finish in updates:
+                    for chunk in answer.chunks(head, index, pieces, finish):
+                        yield _sse(chunk)
             except ApiError as e:
                 trace.finish(e.status)
                 if e.status != 499:
@@ -734,20 +745,20 @@ class OpenAIServer:
                     yield "data: [DONE]\n\n"
                 return
             if include_usage:
-                usage = self.usage(choice_usages(submission, outputs, n))
-                yield _sse(Completion(**head, choices=[], usage=usage))
+                usage = self.usage(choice_usages(submission, answer.outputs, answer.body.n))
+                yield _sse(answer.usage_chunk(head, usage))
             trace.finish(200)
             yield "data: [DONE]\n\n"
 
     # The rest ---------------------------------------------------------------------------------------------------
 
-    async def models(self, request: Request) -> Response:
-        self.authorize(request)
+    async def models(self) -> ModelList:
         card = ModelCard(id=self.model_name, created=self.created, max_model_len=self.engine.ctx)
-        return JSONResponse(ModelList(data=[card]).model_dump())
+        return ModelList(data=[card])
 
-    async def health(self) -> Response:
-        return JSONResponse({"status": "ok", "active": self.engine.active, "waiting": self.engine.waiting})
+    async def health(self) -> Health:
+        """Liveness, with the engine's rows in use and requests waiting (no API key needed)."""
+        return Health(status="ok", active=self.engine.active, waiting=self.engine.waiting)
 
 
 def output_usage(submission: Submission, output: ChatOutput | CompletionOutput, index: int = 0) -> Usage:

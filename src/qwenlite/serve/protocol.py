@@ -221,6 +221,12 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    active: int  # requests holding a cache row
+    waiting: int  # requests queued for one
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str

@@ -158,16 +158,17 @@ class Scheduler:
         """Raise ContextLengthExceeded or another QwenliteError for a request the engine cannot run."""
         prompt = request.prompt_ids
         if not prompt:
-            raise QwenliteError("the prompt is empty")
+            raise QwenliteError("the prompt is empty", param="prompt")
         if len(prompt) >= self.ctx:
             raise ContextLengthExceeded(
                 f"the prompt is {len(prompt)} tokens, longer than the context of {self.ctx} tokens "
-                f"(it needs at least one more for the answer)"
+                f"(it needs at least one more for the answer)",
+                param="prompt",
             )
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise QwenliteError(f"prompt token ids must be in [0, {self.vocab_size})")
+            raise QwenliteError(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
         if request.max_tokens < (0 if request.prompt_logprobs is not None else 1):
-            raise QwenliteError(f"max_tokens must be at least 1, got {request.max_tokens}")
+            raise QwenliteError(f"max_tokens must be at least 1, got {request.max_tokens}", param="max_tokens")
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; QueueFull when the rows and the queue are taken."""

@@ -1,0 +1,103 @@
+"""The described API: /openapi.json is a valid OpenAPI 3 document that names every endpoint's typed body and its
+answers, /docs renders it, and schemathesis, generating requests from that document (valid and invalid), gets no
+5xx from the server: every refusal is a 4xx in the OpenAI error shape."""
+
+from __future__ import annotations
+
+import pytest
+import schemathesis
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from openapi_spec_validator import validate
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+
+from qwenlite.io.checkpoint import load_checkpoint
+from qwenlite.serve.app import create_app
+from qwenlite.serve.engine import Engine
+from qwenlite.text.tokenizer import Tokenizer
+
+from helpers import tiny_checkpoint
+
+CTX = 64  # generated requests may ask for any max_tokens: a small context keeps each answer short
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    path = tiny_checkpoint(tmp_path_factory)
+    engine = Engine(load_checkpoint(path).model, max_concurrency=2, max_queue=32, ctx=CTX)
+    yield create_app(engine, Tokenizer.from_dir(path), "tiny")
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def spec(app) -> dict:
+    with TestClient(app) as client:
+        return client.get("/openapi.json").json()
+
+
+def test_the_document_is_valid_openapi_3_and_describes_every_endpoint(spec):
+    validate(spec)  # raises on an invalid document
+    assert spec["openapi"].startswith("3.")
+    paths = spec["paths"]
+    assert set(paths) == {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+    schemas = spec["components"]["schemas"]
+    for path, request, answer in (("/v1/chat/completions", "ChatCompletionRequest", "ChatCompletion"),
+                                  ("/v1/completions", "CompletionRequest", "Completion")):  # fmt: skip
+        post = paths[path]["post"]
+        body = post["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{request}"}
+        assert post["responses"]["200"]["content"]["application/json"]["schema"] == {
+            "$ref": f"#/components/schemas/{answer}"
+        }
+        assert post["responses"]["400"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorResponse"
+        }
+    chat = schemas["ChatCompletionRequest"]
+    assert {"messages", "temperature", "tools", "tool_choice", "stream", "n"} <= set(chat["properties"])
+    assert chat["required"] == ["messages"]
+
+
+def test_docs_render_the_document(app):
+    with TestClient(app) as client:
+        page = client.get("/docs")
+    assert page.status_code == 200 and "/openapi.json" in page.text and "swagger" in page.text.lower()
+
+
+def test_a_body_the_schema_refuses_is_a_400_naming_the_field(app):
+    with TestClient(app) as client:
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]})
+        missing = client.post("/v1/completions", json={})
+        not_json = client.post("/v1/completions", content=b"{", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.role"
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "prompt"
+    assert not_json.status_code == 400 and "not valid JSON" in not_json.json()["error"]["message"]
+
+
+OPERATIONS = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
+              ("GET", "/health"), ("GET", "/metrics")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "path"), OPERATIONS)
+def test_no_generated_request_gets_a_5xx(app, method, path):
+    """Schemathesis draws requests from the document (its pytest plugin does not run on this pytest, so hypothesis
+    drives its strategies directly): bodies that fit the schema and bodies that do not."""
+    operation = schemathesis.openapi.from_asgi("/openapi.json", app)[path][method]
+    seen: dict[int, int] = {}
+
+    cases = st.one_of(operation.as_strategy(generation_mode=mode) for mode in GenerationMode)
+
+    @given(case=cases)
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    def check(case):
+        response = case.call()
+        case.validate_response(response, checks=[not_a_server_error])
+        seen[response.status_code] = seen.get(response.status_code, 0) + 1
+        if response.status_code >= 400:
+            error = response.json()["error"]
+            assert error["message"] and error["type"], response.text
+
+    check()
+    if method == "POST":  # both kinds drawn, both answered
+        assert seen.get(200) and sum(n for status, n in seen.items() if 400 <= status < 500), seen
