@@ -1,4 +1,4 @@
-"""`qwenlite train tokenizer|pretrain|demo|sft|dpo|merge-lora`: argument parsing only; the work is in train/.
+"""`qwenlite train tokenizer|pretrain|demo|sft|dpo|mtp|merge-lora`: argument parsing only; the work is in train/.
 
 The optimisation flags are the Hugging Face Trainer's (`--max-steps`, `--warmup-steps`, `--max-grad-norm`) in
 every command; pretraining's older `--steps`, `--warmup` and `--grad-clip` stay as aliases for one release.
@@ -25,6 +25,11 @@ PRETRAIN_HELP = """Pretrain a Qwen3.5-architecture model from scratch on .txt/.m
 (config.json, model.safetensors, tokenizer, generation_config.json) updated at every checkpoint, with
 train_log.jsonl, loss_curve.png and the resumable checkpoints under OUT/checkpoints."""
 
+
+MTP_HELP = """Fit MODEL's multi-token-prediction head (the drafter of --speculate) to MODEL as it is now, e.g. after
+fine-tuning, by self-distillation: at each assistant position of DATA (SFT's JSONL) the head learns the
+distribution MODEL gives for the token after next (KL), MODEL frozen. With --generate N the contexts are MODEL's own
+answers to DATA's prompts. OUT receives the checkpoint with the new mtp.* tensors."""
 
 SFT_HELP = """Fine-tune MODEL on chat conversations, loss on assistant tokens only.
 DATA is JSONL, one conversation per line: {"messages": [...], "tools": [...]} (tools optional), messages in the
@@ -106,6 +111,15 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     dpo.add_argument("--beta", type=float, default=0.1, help="DPO temperature (default 0.1)")
     dpo.set_defaults(func=cmd_dpo)
 
+    mtp = sub.add_parser("mtp", help="fit the multi-token-prediction head to the model (self-distillation)",
+                         description=MTP_HELP)  # fmt: skip
+    _add_post_training_flags(mtp, "1e-3", lora=False)
+    mtp.add_argument("--init", choices=["checkpoint", "random"], default="checkpoint",
+                     help="start from the checkpoint's head (default, when it has one) or a new one")  # fmt: skip
+    mtp.add_argument("--generate", type=int, default=0, metavar="N",
+                     help="train on the model's own greedy answers (up to N tokens) to the data's prompts")  # fmt: skip
+    mtp.set_defaults(func=cmd_mtp)
+
     merge = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base checkpoint")
     merge.add_argument("--model", required=True, help="base checkpoint directory or hub id")
     merge.add_argument("--adapter", required=True, help="PEFT adapter directory")
@@ -113,7 +127,7 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     merge.set_defaults(func=cmd_merge_lora)
 
 
-def _add_post_training_flags(p: argparse.ArgumentParser, default_lr: str) -> None:
+def _add_post_training_flags(p: argparse.ArgumentParser, default_lr: str, lora: bool = True) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory or hub id")
     p.add_argument("--data", required=True, help="JSONL file")
     p.add_argument("--out", required=True, help="output directory")
@@ -131,6 +145,8 @@ def _add_post_training_flags(p: argparse.ArgumentParser, default_lr: str) -> Non
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--log-every", type=int, default=1)
+    if not lora:
+        return
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora", type=int, metavar="R", help="train rank-R LoRA adapters instead of all weights")
     g.add_argument("--lora-alpha", type=float, help="scale numerator (default 2R)")
@@ -183,10 +199,10 @@ def _settings(args: argparse.Namespace, lr_full: float, lr_lora: float) -> tuple
         if getattr(args, flag) < 1:
             raise QwenliteError(f"--{flag.replace('_', '-')} must be at least 1")
     lora = None
-    if args.lora is not None:
+    if getattr(args, "lora", None) is not None:  # `train mtp` has no LoRA flags
         targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
         lora = LoRASettings(args.lora, args.lora_alpha, args.lora_dropout, targets, args.merge)
-    elif args.merge:
+    elif getattr(args, "merge", False):
         raise QwenliteError("--merge needs --lora")
     lr = args.lr if args.lr is not None else (lr_lora if lora else lr_full)
     settings = TrainSettings(
@@ -214,6 +230,18 @@ def cmd_dpo(args: argparse.Namespace) -> int:
     settings, lora = _settings(args, 5e-7, 5e-6)
     train_dpo(resolve_model_path(args.model), args.data, args.out, settings, lora, beta=args.beta)
     print(f"wrote {'the adapter' if lora else 'the checkpoint'} to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_mtp(args: argparse.Namespace) -> int:
+    from qwenlite.io.hub import resolve_model_path
+    from qwenlite.train.mtp import train_mtp
+
+    settings, _ = _settings(args, 1e-3, 1e-3)
+    if args.generate < 0:
+        raise QwenliteError(f"--generate must be >= 0, got {args.generate}")
+    train_mtp(resolve_model_path(args.model), args.data, args.out, settings, args.init, args.generate)
+    print(f"wrote the checkpoint with its fitted MTP head to {args.out}", file=sys.stderr)
     return 0
 
 

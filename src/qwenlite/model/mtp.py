@@ -43,14 +43,16 @@ class MTP(nn.Module):
         self.norm = RMSNorm(H, eps, c.zero_centred_norms)
 
     def forward(
-        self, model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, hidden: torch.Tensor, cache: Cache
+        self, model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, hidden: torch.Tensor, cache: Cache | None = None
     ) -> torch.Tensor:
         """input_ids (B, T): tokens t+1; hidden (B, T, H): the main model's final hidden states at t (or this head's
         own output, chained) -> this head's normed output (B, T, H); `model.lm_head` of it are the logits of t+2.
-        `cache` (one attention layer: `make_cache(..., layer_types=["full_attention"])`) advances by T."""
+        `cache` (one attention layer: `make_cache(..., layer_types=["full_attention"])`) advances by T; None: a
+        whole sequence at once (training, train/mtp.py)."""
         e = self.pre_fc_norm_embedding(model.model.embed_tokens(input_ids))
         x = self.fc(torch.cat([e, self.pre_fc_norm_hidden(hidden).to(e.dtype)], dim=-1))
         cos, sin, start = model.model.rotary(input_ids.shape[1], cache, x.dtype, input_ids.device)
-        x = self.layers[0](x, cos, sin, cache.layers[0], start)
-        cache.lengths += input_ids.shape[1]
+        x = self.layers[0](x, cos, sin, cache.layers[0] if cache is not None else None, start)
+        if cache is not None:
+            cache.lengths += input_ids.shape[1]
         return self.norm(x)
