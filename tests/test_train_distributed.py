@@ -43,28 +43,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, runs: list[tuple[str, bool, int]], corpus: str, tok: str, cache: str) -> None:
-    """One rank: train each (out dir, fsdp, port) run in turn, as torchrun would launch `qwenlite train pretrain`.
+def _worker(rank: int, runs: list[tuple[str, bool, bool, int]], corpus: str, tok: str, cache: str) -> None:
+    """One rank: train each (out dir, fsdp, mtp, port) run in turn, as torchrun would launch `qwenlite train
+    pretrain`.
     Each run rendezvouses on a port of its own: a store restarted on the same port can race its predecessor."""
     torch.set_num_threads(1)  # two processes on two cores
-    for out, fsdp, port in runs:
+    for out, fsdp, mtp, port in runs:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                           LOCAL_RANK=str(rank))  # fmt: skip
-        cfg = small_train_config(steps=6, batch_size=2, grad_accum=2, save_every=3, eval_every=3, fsdp=fsdp)
+        cfg = small_train_config(steps=6, batch_size=2, grad_accum=2, save_every=3, eval_every=3, fsdp=fsdp, mtp=mtp)
         pretrain(small_config(), [corpus], out, tok, cfg, cache_dir=cache, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One process (batch 4 x accumulation 2) and two processes (batch 2 each x accumulation 2) with DDP and with
-    FSDP2: the same global batch of 8 sequences."""
+    FSDP2: the same global batch of 8 sequences; and both with an MTP head (DDP)."""
     root = tmp_path_factory.mktemp("dist")
     corpus = write_jsonl_corpus(root / "corpus.jsonl", documents=200)
     train_tokenizer([corpus], 320, root / "tok", show_progress=False)
     single = root / "single"
     cfg = small_train_config(steps=6, batch_size=4, grad_accum=2, save_every=3, eval_every=3)
     pretrain(small_config(), [corpus], single, root / "tok", cfg, cache_dir=root / "cache", device="cpu")
-    ranked = [(str(root / "ddp"), False, _free_port()), (str(root / "fsdp"), True, _free_port())]
+    cfg.mtp = True
+    pretrain(small_config(), [corpus], root / "single-mtp", root / "tok", cfg, cache_dir=root / "cache", device="cpu")
+    ranked = [(str(root / "ddp"), False, False, _free_port()), (str(root / "fsdp"), True, False, _free_port()),
+              (str(root / "ddp-mtp"), False, True, _free_port())]  # fmt: skip
     context = mp.spawn(_worker, args=(ranked, str(corpus), str(root / "tok"), str(root / "cache")), nprocs=WORLD,
                        join=False)  # fmt: skip
     deadline = time.monotonic() + DEADLINE
@@ -73,8 +77,8 @@ def runs(tmp_path_factory):
             for process in context.processes:
                 process.kill()
             pytest.fail(f"the {WORLD}-process runs did not finish in {DEADLINE} s")
-    return {"single": single, "ddp": root / "ddp", "fsdp": root / "fsdp", "corpus": corpus, "tok": root / "tok",
-            "cache": root / "cache"}  # fmt: skip
+    return {"single": single, "ddp": root / "ddp", "fsdp": root / "fsdp", "single-mtp": root / "single-mtp",
+            "ddp-mtp": root / "ddp-mtp", "corpus": corpus, "tok": root / "tok", "cache": root / "cache"}  # fmt: skip
 
 
 def assert_same_weights(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
@@ -101,6 +105,15 @@ def test_two_processes_match_one_with_the_same_global_batch(runs, mode):
         if "loss" in a:
             assert b["tokens"] == a["tokens"] == a["step"] * 8 * 32  # global batch x seq_len
     assert_same_weights(model_state(runs["single"]), model_state(runs[mode]))
+
+
+def test_an_mtp_head_trains_under_ddp_as_in_one_process(runs):
+    one, two = read_log(runs["single-mtp"]), read_log(runs["ddp-mtp"])
+    assert_same_log(one, two)
+    assert all(abs(a["mtp_loss"] - b["mtp_loss"]) <= TOLERANCE for a, b in zip(one, two, strict=True) if "loss" in a)
+    weights = model_state(runs["ddp-mtp"])
+    assert any(name.startswith("mtp.") for name in weights)
+    assert_same_weights(model_state(runs["single-mtp"]), weights)
 
 
 def test_ddp_and_fsdp_agree(runs):

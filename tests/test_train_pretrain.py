@@ -17,10 +17,13 @@ import torch
 
 from qwenlite.cli.main import build_parser
 from qwenlite.errors import QwenliteError
-from qwenlite.generate import decode_step, prefill
+from qwenlite.generate import GenerationStats, decode_step, generate_tokens, prefill
 from qwenlite.io.checkpoint import load_checkpoint, write_random_checkpoint
+from qwenlite.io.load import load_mtp
 from qwenlite.model.cache import make_cache
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
+from qwenlite.sample import SamplingParams
+from qwenlite.speculative import MTPDraft, Speculation
 from qwenlite.train.data import BatchIterator
 from qwenlite.train.pretrain import init_weights, latest_checkpoint, lr_at, pretrain, resolve_model_config
 from qwenlite.train.tokenizer_train import train_tokenizer
@@ -132,6 +135,36 @@ def test_killed_run_resumes_from_its_last_checkpoint_exactly(setup, uninterrupte
     assert latest_checkpoint(out).name == "step_00000004"
     run(setup, out, resume=True)  # steps 5 and 6 are done again, their log lines replaced
     assert_same_run(out, uninterrupted)
+
+
+def test_an_mtp_head_trains_with_the_model_and_drafts_for_it(setup, tmp_path):
+    """--mtp: the head's loss on the token after next falls beside the model's, OUT carries it as mtp.* (config
+    mtp_num_hidden_layers 1), speculative decoding with it gives plain decoding's greedy tokens, and a stopped run
+    resumes bit for bit, the head's weights and moments included."""
+    out = tmp_path / "out"
+    run(setup, out, steps=30, warmup=3, eval_every=30, save_every=30, log_every=1, mtp=True)
+    log = [r for r in read_log(out) if "loss" in r]
+    mtp = [r["mtp_loss"] for r in log]
+    assert len(mtp) == 30 and sum(mtp[-5:]) / 5 < 0.7 * mtp[0], mtp
+    ckpt = load_checkpoint(out, dtype="float32")
+    head = load_mtp(out, ckpt.model)
+    assert ckpt.config.mtp_num_hidden_layers == 1 and head is not None
+    prompt = list(range(5, 25))
+    plain = list(generate_tokens(ckpt.model, prompt, SamplingParams(temperature=0), 16))
+    stats = GenerationStats()
+    speculation = Speculation(MTPDraft(ckpt.model, head), 2)
+    assert list(generate_tokens(ckpt.model, prompt, SamplingParams(temperature=0), 16, stats=stats,
+                                speculation=speculation)) == plain  # fmt: skip
+    assert stats.draft_tokens > 0
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run(setup, whole, mtp=True)
+    run(setup, resumed, stop_at=5, mtp=True)
+    run(setup, resumed, resume=True, mtp=True)
+    assert any(k.startswith("mtp.") for k in model_state(whole))
+    assert_same_run(resumed, whole)
+    with pytest.raises(QwenliteError, match="another model"):  # a run with the head is not continued without it
+        run(setup, whole, resume=True, steps=9)
 
 
 def assert_same_run(out, reference):

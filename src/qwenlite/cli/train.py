@@ -87,6 +87,11 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--resume", action="store_true", help="continue from OUT's newest checkpoint")
     g.add_argument("--stop-at", type=int, metavar="STEP", help="end this run after STEP (continue later with --resume)")
     g.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
+    g.add_argument("--mtp", action="store_true",
+                   help="also train a multi-token-prediction head (mtp.*), the drafter of --speculate")  # fmt: skip
+    g.add_argument(
+        "--mtp-weight", type=float, default=d.mtp_weight, help=f"its loss's weight in the objective [{d.mtp_weight}]"
+    )
     g.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     g.add_argument("--cache-dir", metavar="DIR", help="token cache (default OUT/token_cache)")
     pre.set_defaults(func=cmd_pretrain)
@@ -174,6 +179,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip, val_fraction=args.val_fraction,
         eval_every=args.eval_every, eval_sequences=args.eval_sequences, save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, seed=args.seed, fsdp=args.fsdp,
+        mtp=args.mtp, mtp_weight=args.mtp_weight,
     )  # fmt: skip
     vocab = load_tokenizer_for_data(args.tokenizer)[0].get_vocab_size() if args.tokenizer else QWEN35_VOCAB_SIZE
     config = resolve_model_config(args.config, vocab)

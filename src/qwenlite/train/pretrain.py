@@ -46,6 +46,7 @@ from qwenlite.config import ModelConfig, load_config, preset_config
 from qwenlite.errors import QwenliteError
 from qwenlite.io.checkpoint import copy_side_files, write_checkpoint
 from qwenlite.io.files import atomic_write
+from qwenlite.model.mtp import MTP
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value
 from qwenlite.text.tokenizer import ENDOFTEXT, IM_END
 from qwenlite.text.vocab import write_tokenizer_files
@@ -78,6 +79,8 @@ class TrainConfig:
     log_every: int = 1
     seed: int = 0  # weights and data order
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP
+    mtp: bool = False  # train a multi-token-prediction head with the model (the checkpoint's mtp.*)
+    mtp_weight: float = 0.3  # its loss's weight in the objective, DeepSeek-V3's for most of its run
 
     def validate(self) -> None:
         positive = ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "save_every", "log_every")
@@ -86,6 +89,10 @@ class TrainConfig:
                 raise QwenliteError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.warmup < 0 or self.keep_checkpoints < 1 or not 0 <= self.val_fraction < 1:
             raise QwenliteError("need lr > 0, warmup >= 0, keep_checkpoints >= 1 and 0 <= val_fraction < 1")
+        if self.mtp and self.fsdp:
+            raise QwenliteError("--mtp trains with DDP or in one process; FSDP does not shard the head yet")
+        if self.mtp_weight < 0:
+            raise QwenliteError(f"mtp_weight must be >= 0, got {self.mtp_weight}")
 
 
 @dataclass
@@ -140,6 +147,33 @@ def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str =
     return loss.view(targets.shape).sum(-1) if reduction == "sum" else loss
 
 
+class WithMTP(torch.nn.Module):
+    """The model and its multi-token-prediction head (the model's submodule `mtp`, so that its tensors are saved as
+    the checkpoint's `mtp.*`) in one forward, as DDP needs: -> (the model's logits (B, T, V), the head's (B, T-1, V):
+    at position t, from hidden state t and token t+1, the logits of token t+2)."""
+
+    def __init__(self, model: Qwen3_5ForCausalLM):
+        super().__init__()
+        self.lm = model
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lm = self.lm
+        hidden = lm.model(input_ids)
+        drafted = lm.mtp(lm, input_ids[:, 1:], hidden[:, :-1])
+        return lm.lm_head(hidden).float(), lm.lm_head(drafted).float()
+
+
+def training_loss(wrapped: torch.nn.Module, batch: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """batch (B, T + 1) -> (the objective, its parts): next-token cross-entropy, plus with `cfg.mtp` the head's
+    cross-entropy on the token after next, weighted by `mtp_weight`."""
+    if not cfg.mtp:
+        loss = causal_lm_loss(wrapped(batch[:, :-1]), batch[:, 1:])
+        return loss, {"loss": loss.detach()}
+    logits, drafted = wrapped(batch[:, :-1])
+    loss, mtp_loss = causal_lm_loss(logits, batch[:, 1:]), causal_lm_loss(drafted, batch[:, 2:])
+    return loss + cfg.mtp_weight * mtp_loss, {"loss": loss.detach(), "mtp_loss": mtp_loss.detach()}
+
+
 @torch.no_grad()
 def evaluate(model, data: PackedSequences, indices: np.ndarray, cfg: TrainConfig, env: ddp.DistEnv) -> float:
     """Mean held-out cross-entropy per token over `eval_sequences` held-out windows spread evenly over the corpus
@@ -150,7 +184,9 @@ def evaluate(model, data: PackedSequences, indices: np.ndarray, cfg: TrainConfig
     for batch, weight in held_out_batches(data, indices, cfg.batch_size, env.rank, env.world_size):
         batch = batch.to(env.device)
         with autocast(env.device):
-            per_sequence = causal_lm_loss(model(batch[:, :-1]), batch[:, 1:], reduction="sum")
+            logits = model(batch[:, :-1])
+            logits = logits[0] if isinstance(logits, tuple) else logits  # WithMTP: the model's own
+            per_sequence = causal_lm_loss(logits, batch[:, 1:], reduction="sum")
         totals += torch.stack([(per_sequence.double().cpu() * weight).sum(), weight.sum() * cfg.seq_len])
     totals = ddp.all_reduce_sum(totals.to(env.device), env).cpu()
     return (totals[0] / totals[1]).item()
@@ -208,7 +244,8 @@ def _pretrain(run: PretrainState, out: Path, cfg: TrainConfig, env: ddp.DistEnv,
     train_loss = val_loss = None
     clock = Throughput(run.tokens_per_step, first_step=step)
     # The logged loss is the mean over the steps since the last log; a checkpoint keeps a partial window.
-    window_loss = torch.tensor(run.log_window["loss_sum"], device=env.device)
+    parts = ("loss", "mtp_loss") if cfg.mtp else ("loss",)
+    window_loss = torch.tensor([run.log_window.get(f"{p}_sum", 0.0) for p in parts], device=env.device)
     window_steps = run.log_window["steps"]
     while step < last:
         clock.step_begins()
@@ -219,9 +256,9 @@ def _pretrain(run: PretrainState, out: Path, cfg: TrainConfig, env: ddp.DistEnv,
             batch = batches.next().to(env.device)  # (B, T + 1)
             with ddp.gradient_sync(wrapped, enabled=micro == cfg.grad_accum - 1):
                 with autocast(env.device):
-                    loss = causal_lm_loss(wrapped(batch[:, :-1]), batch[:, 1:])
+                    loss, losses = training_loss(wrapped, batch, cfg)
                 (loss / cfg.grad_accum).backward()
-            window_loss += loss.detach() / cfg.grad_accum
+            window_loss += torch.stack([losses[p] for p in parts]) / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -231,9 +268,10 @@ def _pretrain(run: PretrainState, out: Path, cfg: TrainConfig, env: ddp.DistEnv,
 
         # Logs and evaluations follow cfg.steps, not `last`: a run stopped and resumed logs what one run would.
         if step % cfg.log_every == 0 or step == cfg.steps:
-            train_loss = ddp.all_reduce_sum(window_loss, env).item() / env.world_size / window_steps
+            means = (ddp.all_reduce_sum(window_loss, env) / env.world_size / window_steps).tolist()
+            train_loss = means[0]
             norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-            record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": norm.item(),
+            record = {"step": step, **dict(zip(parts, means, strict=True)), "lr": lr, "grad_norm": norm.item(),
                       "tokens_per_s": clock.lap(step), "tokens": step * run.tokens_per_step,
                       "epoch": round(batches.epoch, 4)}  # fmt: skip
             _log(env, run.log_path, record, cfg)
@@ -245,7 +283,8 @@ def _pretrain(run: PretrainState, out: Path, cfg: TrainConfig, env: ddp.DistEnv,
             clock.drop_lap()
         if step % cfg.save_every == 0 or step == last:
             # The partial window as its mean over ranks, so that every rank resumes with the same share.
-            window = {"loss_sum": ddp.all_reduce_sum(window_loss, env).item() / env.world_size, "steps": window_steps}
+            sums = (ddp.all_reduce_sum(window_loss, env) / env.world_size).tolist()
+            window = {**{f"{p}_sum": v for p, v in zip(parts, sums, strict=True)}, "steps": window_steps}
             save_training_checkpoint(out, step, model, optimizer, batches, cfg, run.data_fingerprint, window, env)
             clock.drop_lap()
 
@@ -268,7 +307,7 @@ class PretrainState:
     val_idx: np.ndarray  # the held-out windows
     data_fingerprint: dict  # recorded in each checkpoint: a resume on other data or packing is refused
     step: int  # optimizer steps already taken: 0, or the resumed checkpoint's
-    log_window: dict  # the resumed checkpoint's partial logging window, {"loss_sum", "steps"}
+    log_window: dict  # the resumed checkpoint's partial logging window: {"loss_sum" (and "mtp_loss_sum"), "steps"}
     tokens_per_step: int  # over all ranks
     num_parameters: int
     log_path: Path
@@ -304,22 +343,24 @@ def setup_pretrain(
         raise QwenliteError(
             f"the tokenizer in {tokenizer_dir} does not fit the model's vocab_size {model_config.vocab_size}"
         )
-    # fp32 master weights; no multi-token-prediction head is trained, so the config claims none.
+    # fp32 master weights; the config claims a multi-token-prediction head only where one is trained.
     model_config = dataclasses.replace(
-        model_config, eos_token_id=corpus.eos_id, dtype="float32", mtp_num_hidden_layers=0
+        model_config, eos_token_id=corpus.eos_id, dtype="float32", mtp_num_hidden_layers=int(cfg.mtp)
     )
     data_fingerprint = {"tokens_sha256": corpus.sha256, "seq_len": cfg.seq_len, "val_fraction": cfg.val_fraction,
                         "seed": cfg.seed}  # fmt: skip
 
     torch.manual_seed(cfg.seed)
     model = Qwen3_5ForCausalLM(model_config)
+    if cfg.mtp:
+        model.mtp = MTP(model_config)  # a submodule: saved, restored and optimised with the model's tensors
     init_weights(model, cfg.seed)
     model.to(env.device).train()
     num_parameters = sum(p.numel() for p in model.parameters())
-    wrapped = ddp.wrap_model(model, env, cfg.fsdp)
+    wrapped = ddp.wrap_model(WithMTP(model) if cfg.mtp else model, env, cfg.fsdp)
     optimizer = common.make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     batches = BatchIterator(packed, train_idx, cfg.batch_size, cfg.seed, env.rank, env.world_size)
-    step, window = 0, {"loss_sum": 0.0, "steps": 0}
+    step, window = 0, {"steps": 0}
     log_path = out / "train_log.jsonl"
     if checkpoint is not None:
         step, window = load_training_checkpoint(checkpoint, model, optimizer, batches, model_config, data_fingerprint)
@@ -532,4 +573,4 @@ def load_training_checkpoint(
     torch.set_rng_state(trainer["rng"]["torch"])
     if "cuda" in trainer["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(trainer["rng"]["cuda"])
-    return int(trainer["step"]), trainer.get("log_window", {"loss_sum": 0.0, "steps": 0})
+    return int(trainer["step"]), trainer.get("log_window", {"steps": 0})
