@@ -36,7 +36,7 @@ from qwenlite.io.gguf_import import (
     tokenizer_from_gguf,
     unconvert_tensor,
 )
-from qwenlite.io.load import load_model
+from qwenlite.io.load import load_model, load_mtp
 from qwenlite.io.quantized import quantize_checkpoint
 from qwenlite.model.quantized import QuantLinear
 from qwenlite.text.tokenizer import Tokenizer
@@ -382,7 +382,9 @@ def test_a_k_quant_model_imports(tmp_path):
     assert max_abs_diff(logits, want) < 1e-4 and want.abs().max() > 1
 
 
-def test_nextn_blocks_are_skipped(models, tmp_path):
+def test_nextn_blocks_are_left_to_load_mtp(models, tmp_path):
+    """The model comes from the first block_count - nextn_predict_layers blocks whatever the tail holds; load_mtp reads
+    the tail strictly (a whole head: test_gguf_mtp); more than one MTP layer is refused."""
     _ckpt, hf, f32 = models[True]
     extra = {"blk.4.nextn.eh_proj.weight": np.ones((64, 128)), "blk.4.attn_norm.weight": np.ones(64)}
     fields = {"qwen35.block_count": (5, gguf.GGUFValueType.UINT32),
@@ -392,6 +394,17 @@ def test_nextn_blocks_are_skipped(models, tmp_path):
     assert config.num_hidden_layers == 4
     ids = random_ids(1, 12)
     assert max_abs_diff(model(ids), reference_logits(hf, ids)) < 1e-4
+    with pytest.raises(QwenliteError, match=r"mtp\.gguf is missing tensor blk\.4\.attn_k\.weight"):
+        load_mtp(path, model)
+    extra["blk.5.nextn.eh_proj.weight"] = extra["blk.4.nextn.eh_proj.weight"]
+    path = rewrite_gguf(f32, tmp_path / "odd.gguf", fields=fields, add=extra)
+    with pytest.raises(QwenliteError, match=r"unexpected tensor blk\.5\.nextn\.eh_proj\.weight in .*odd\.gguf"):
+        load_mtp(path, model)
+    fields = {"qwen35.block_count": (6, gguf.GGUFValueType.UINT32),
+              "qwen35.nextn_predict_layers": (2, gguf.GGUFValueType.UINT32)}  # fmt: skip
+    path = rewrite_gguf(f32, tmp_path / "two.gguf", fields=fields, add=extra)
+    with pytest.raises(QwenliteError, match=r"two\.gguf has 2 multi-token-prediction layers .*; qwenlite runs one$"):
+        load_gguf(path, progress=False)
 
 
 def test_errors(models, tmp_path):

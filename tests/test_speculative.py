@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qwenlite.cli import main
-from qwenlite.errors import CheckpointError, InvalidArgument
+from qwenlite.errors import InvalidArgument
 from qwenlite.generate import GenerationStats, decode_step, generate_tokens, prefill, stream
 from qwenlite.io.load import load_model, load_mtp
 from qwenlite.model.cache import AttentionCache, make_cache
@@ -23,7 +23,7 @@ from qwenlite.sample import (
     probabilities,
     verify_draft,
 )
-from qwenlite.speculative import MTPDraft, NgramDraft, Speculation, make_speculation
+from qwenlite.speculative import MTPDraft, NgramDraft, Speculation
 
 from helpers import TINY_TEXT_CONFIG, make_hf_checkpoint, random_ids, tiny_checkpoint
 
@@ -211,17 +211,6 @@ def test_greedy_with_ngram_drafts_is_plain_decoding(tiny):
     ref = list(generate_tokens(model, prompt, GREEDY, N))
     tokens, stats = speculate(model, prompt, NgramDraft(), 3)
     assert tokens == ref and stats.draft_tokens > 0
-
-
-def test_a_gguf_has_no_head_to_draft_with(tiny, tmp_path):
-    """GGUF import keeps no MTP layer: --speculate with the default draft names the alternative."""
-    model = tiny[0]
-    gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(b"GGUF")
-    with pytest.raises(CheckpointError, match="no multi-token-prediction head .* use --draft ngram"):
-        make_speculation(gguf, model, 2)
-    assert make_speculation(gguf, model, 0) is None
-    assert isinstance(make_speculation(gguf, model, 2, "ngram").draft, NgramDraft)
 
 
 def test_speculate_out_of_range_is_refused():

@@ -44,7 +44,8 @@ def add_convert_command(subparsers) -> argparse.ArgumentParser:
         "convert",
         help="write a checkpoint in another format (GGUF for llama.cpp)",
         description="Write MODEL as one GGUF file with llama.cpp's tensor names and conventions for its family "
-        "(qwen35, qwen35moe, qwen3, qwen2).",
+        "(qwen35, qwen35moe, qwen3, qwen2); a Qwen3.5 checkpoint's MTP head goes in as the nextn tail block that "
+        "llama.cpp's --spec-type draft-mtp reads.",
     )
     p.add_argument("model", help="checkpoint directory or hub id")
     p.add_argument("--to", choices=["gguf"], required=True, help="output format")

@@ -32,8 +32,14 @@ config.json has head_dim (Qwen3 does, Qwen2 does not: llama.cpp then divides). A
 attention_bias is refused: llama.cpp's qwen3 reads no attention biases. The tokenizer's pre-tokenizer is named by its
 split regex: Qwen2 / Qwen3's is llama.cpp's "qwen2" (the converter finds it by hash, and so does a test).
 
-The multi-token-prediction head is not exported (llama.cpp's converter does so only in its newest versions, as
-extra `nextn` blocks that older llama.cpp builds cannot load).
+The multi-token-prediction head (`mtp.*`, where the checkpoint has one) is the tail block, as llama.cpp's converter
+writes it for `--spec-type draft-mtp` (its _Qwen35MtpMixin): block_count = num_hidden_layers + 1 and
+nextn_predict_layers = 1; the head's decoder layer `mtp.layers.0.*` is block N = num_hidden_layers under the names
+and conventions of a main full-attention layer (MoE for qwen35moe), and its own tensors are `blk.N.nextn.*`
+(`GGUF_MTP_NAMES`: fc (H, 2H), embedding half first, as `eh_proj`; its three zero-centred norms stored as 1 + w like
+the others). Its types follow the main layers' rule: matrices (eh_proj included) in the chosen dtype, norms and the
+router F32. A checkpoint without the head gets no tail block. llama.cpp builds older than its Qwen3.5 MTP support
+(#22673) may not load a file with one.
 """
 
 from __future__ import annotations
@@ -51,8 +57,18 @@ from tqdm import tqdm
 
 from qwenlite.config import ModelConfig, load_config
 from qwenlite.errors import QwenliteError
-from qwenlite.io.checkpoint import Part, Stored, expected_shapes, match_tensors, open_safetensors, read_tensor, source
+from qwenlite.io.checkpoint import (
+    Part,
+    Stored,
+    check_names,
+    expected_shapes,
+    match_tensors,
+    open_safetensors,
+    read_tensor,
+    source,
+)
 from qwenlite.io.files import atomic_write
+from qwenlite.model.mtp import MTP, PREFIX
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.text.vocab import QWEN3_PATTERN, QWEN35_PATTERN
 
@@ -113,15 +129,41 @@ GGUF_DENSE_LAYER_NAMES = {  # qwen3's and qwen2's, over the above
 # model.layers.{i}.mlp.experts.{e}.<key> -> blk.{i}.<value>, expert e of the stacked tensor
 GGUF_EXPERT_NAMES = {"gate_proj.weight": "ffn_gate_exps.weight", "up_proj.weight": "ffn_up_exps.weight",
                      "down_proj.weight": "ffn_down_exps.weight"}  # fmt: skip
-_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# mtp.<key> -> blk.{N}.<value>, N = num_hidden_layers: the MTP head's own tensors (gguf-py's NEXTN_* names, which
+# its tables do not list for qwen35); the head's layers are mtp.layers.{j}.* -> blk.{N + j}.*, as main layers
+GGUF_MTP_NAMES = {
+    "fc.weight": "nextn.eh_proj.weight",
+    "pre_fc_norm_embedding.weight": "nextn.enorm.weight",
+    "pre_fc_norm_hidden.weight": "nextn.hnorm.weight",
+    "norm.weight": "nextn.shared_head_norm.weight",
+}
+_LAYER = re.compile(r"(?:model|mtp)\.layers\.(\d+)\.(.+)")
 _EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(.+)")
 
 
-def gguf_name(name: str, dense: bool = False) -> str:
+def block_name(name: str, layers: int) -> str:
+    """An MTP head layer's tensor under the name of the main layer whose block it takes (mtp.layers.{j}.<key> ->
+    model.layers.{layers + j}.<key>); any other name as it is."""
+    m = _LAYER.fullmatch(name)
+    return f"model.layers.{layers + int(m.group(1))}.{m.group(2)}" if m and name.startswith(PREFIX) else name
+
+
+def _head_own(name: str) -> bool:
+    """One of the MTP head's own tensors (not its layers')."""
+    return name.startswith(PREFIX) and name.removeprefix(PREFIX) in GGUF_MTP_NAMES
+
+
+def gguf_name(name: str, dense: bool = False, layers: int = 0) -> str:
     """Our (sanitized) checkpoint tensor name -> llama.cpp's qwen35 / qwen35moe name, or with `dense` its qwen3 /
-    qwen2 name (every expert of a layer and projection -> the one stacked tensor; `expert_index` says where)."""
+    qwen2 name (every expert of a layer and projection -> the one stacked tensor; `expert_index` says where). The MTP
+    head's `mtp.*` names need `layers`, the model's num_hidden_layers: its block comes after them."""
     if name in GGUF_NAMES:
         return GGUF_NAMES[name]
+    if name.startswith(PREFIX) and layers <= 0:
+        raise ValueError(f"{name}: the MTP head's block number needs the model's layer count")
+    if _head_own(name):
+        return f"blk.{layers}.{GGUF_MTP_NAMES[name.removeprefix(PREFIX)]}"
+    name = block_name(name, layers)
     layer_names = GGUF_LAYER_NAMES | (GGUF_DENSE_LAYER_NAMES if dense else GGUF_MOE_LAYER_NAMES)
     m = _LAYER.fullmatch(name)
     if m and m.group(2) in layer_names:
@@ -168,9 +210,16 @@ def convert_tensor(name: str, t: torch.Tensor, c: ModelConfig) -> torch.Tensor:
         return -torch.exp(t)
     if name.endswith("conv1d.weight"):
         return t.squeeze(1)  # (C, 1, K) -> (C, K)
-    if c.zero_centred_norms and name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+    if stored_as_multiplier(name, c):
         return t + 1  # zero-centred RMSNorm: llama.cpp multiplies by the stored weight
     return t
+
+
+def stored_as_multiplier(name: str, c: ModelConfig) -> bool:
+    """Whether tensor `name` is a zero-centred RMSNorm weight w, which llama.cpp stores as 1 + w: every norm of a
+    Qwen3.5 model (the MTP head's pre_fc_norm_embedding / _hidden too) but the gated `linear_attn.norm`."""
+    norm = name.endswith(("norm.weight", "pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight"))
+    return c.zero_centred_norms and norm and not name.endswith("linear_attn.norm.weight")
 
 
 def tensor_type(
@@ -216,8 +265,13 @@ def check_layer_types(c: ModelConfig) -> None:
         )
 
 
-def add_model_metadata(writer: gguf.GGUFWriter, c: ModelConfig, raw: dict, file_type: gguf.LlamaFileType) -> None:
-    writer.add_block_count(c.num_hidden_layers)
+def add_model_metadata(
+    writer: gguf.GGUFWriter, c: ModelConfig, raw: dict, file_type: gguf.LlamaFileType, nextn: int = 0
+) -> None:
+    """The `<arch>.*` keys; `nextn` MTP layers after the model's (block_count counts them too)."""
+    writer.add_block_count(c.num_hidden_layers + nextn)
+    if nextn:
+        writer.add_nextn_predict_layers(nextn)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
     writer.add_feed_forward_length(c.intermediate_size)
@@ -316,13 +370,23 @@ class PlannedTensor:
 
 
 def plan_tensors(root: Path, c: ModelConfig, matrix_type: gguf.GGMLQuantizationType) -> list[PlannedTensor]:
-    """What will be written, in llama.cpp's usual order, checked strictly against the model's expected shapes."""
+    """What will be written, in llama.cpp's usual order, checked strictly against the model's expected shapes (and
+    the MTP head's, where the checkpoint has one: its block after the model's layers)."""
     with torch.device("meta"):
         shapes = expected_shapes(Qwen3_5ForCausalLM(c))
+        head = MTP(c) if not c.dense else None
     # A tied checkpoint gets no output tensor: llama.cpp falls back to token_embd.
-    files, _mtp = match_tensors(root, shapes, c)
+    files, mtp_files = match_tensors(root, shapes, c)
+    if mtp_files and head is not None:
+        mtp_shapes = {PREFIX + name: tuple(t.shape) for name, t in head.state_dict().items()}
+        check_names(root, mtp_shapes, mtp_files)
+        shapes, files = shapes | mtp_shapes, files | mtp_files
+    layers = c.num_hidden_layers
 
     def order(name: str) -> tuple[int, int, str, int]:
+        if _head_own(name):
+            return (1, layers, "", 0)  # the head's own tensors lead its block
+        name = block_name(name, layers)
         m = _LAYER.fullmatch(name)
         if m:
             e = expert_index(name)  # a layer's experts together, in expert order
@@ -332,7 +396,7 @@ def plan_tensors(root: Path, c: ModelConfig, matrix_type: gguf.GGMLQuantizationT
 
     grouped: dict[str, list[str]] = {}
     for name in sorted(shapes, key=order):
-        grouped.setdefault(gguf_name(name, c.dense), []).append(name)
+        grouped.setdefault(gguf_name(name, c.dense, layers), []).append(name)
     plan = []
     for target, names in grouped.items():
         shape = shapes[names[0]]
@@ -381,7 +445,8 @@ def export_gguf(
     metadata.size_label = metadata.size_label or gguf.size_label(total_params, total_params, 0, 0)
     writer.add_type(gguf.GGUFType.MODEL)
     metadata.set_gguf_meta_model(writer)
-    add_model_metadata(writer, c, _raw_config(root), file_type)
+    nextn = int(any(t.names[0].startswith(PREFIX) for t in plan))  # one MTP layer, or none
+    add_model_metadata(writer, c, _raw_config(root), file_type, nextn)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_tokenizer_metadata(writer, root, c.vocab_size)
 

@@ -2,7 +2,9 @@
 Qwen2 (`qwen3` / `qwen2`): the inverse of gguf_export.py.
 
 - config from the `<arch>.*` metadata (block_count, embedding_length, ssm.*, rope.*, ...); the head is tied when
-  there is no `output.weight`; `nextn` (multi-token-prediction) blocks, which newer converters append, are skipped;
+  there is no `output.weight`; a file with `nextn_predict_layers` = 1 has block_count = num_hidden_layers + 1, its
+  tail block the multi-token-prediction head (gguf_export's layout), which `load_gguf` leaves and `load_gguf_mtp`
+  reads (more than one such layer is refused: qwenlite runs one);
   a dense file without attention.key_length has llama.cpp's head size, embedding_length / head_count; rotary
   scaling (rope.scaling.type other than none) is refused, as config.py refuses it in a config.json;
 - tensors found under the exporter's own names (gguf_export.gguf_name of each of ours), and each of its
@@ -35,8 +37,16 @@ from tqdm import tqdm
 
 from qwenlite.config import DENSE_FAMILIES, DTYPES, ModelConfig
 from qwenlite.errors import CheckpointError, QwenliteError
-from qwenlite.io.checkpoint import assemble, expected_shapes
-from qwenlite.io.gguf_export import GGUF_ARCHES, PRE_TOKENIZERS, expert_index, gguf_name, tile_value_heads
+from qwenlite.io.checkpoint import assemble, assemble_mtp, expected_shapes
+from qwenlite.io.gguf_export import (
+    GGUF_ARCHES,
+    PRE_TOKENIZERS,
+    expert_index,
+    gguf_name,
+    stored_as_multiplier,
+    tile_value_heads,
+)
+from qwenlite.model.mtp import MTP, PREFIX
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.text.tokenizer import ENDOFTEXT, IM_END, Tokenizer
 from qwenlite.text.vocab import qwen35_bpe
@@ -53,7 +63,7 @@ def unconvert_tensor(name: str, t: torch.Tensor, c: ModelConfig) -> torch.Tensor
         t = torch.log(-t)
     elif name.endswith("conv1d.weight"):
         t = t.unsqueeze(1)  # (C, K) -> (C, 1, K)
-    elif c.zero_centred_norms and name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+    elif stored_as_multiplier(name, c):
         t = t - 1  # stored as the multiplier 1 + w
     if ".linear_attn." in name and c.linear_num_value_heads != c.linear_num_key_heads:
         # Tiled order is a (Hv/Hk, Hk) grid of heads; transposing it back is the export's tiling with r = Hv/Hk.
@@ -216,7 +226,8 @@ def config_from_gguf(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], d
             partial_rotary_factor=1.0,
         )
     head_dim, v_heads = key("attention.key_length"), key("ssm.time_step_rank")
-    layers = key("block_count") - int(meta.get(f"{arch}.nextn_predict_layers") or 0)
+    nextn = nextn_layers(meta, where)
+    layers = key("block_count") - nextn
     interval = key("full_attention_interval")
     heads = common["num_attention_heads"]
     q_rows = shapes.get(f"blk.{interval - 1}.attn_q.weight", (2 * heads * head_dim,))[0]
@@ -229,7 +240,7 @@ def config_from_gguf(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], d
     # A MoE model computes no dense MLP: its feed_forward_length, when written at all, is only carried along.
     intermediate = meta.get(f"{arch}.feed_forward_length") if moe else key("feed_forward_length")
     return ModelConfig(
-        **common,
+        **(common | {"mtp_num_hidden_layers": nextn}),
         **moe,
         intermediate_size=_scalar(intermediate or moe.get("moe_intermediate_size")),
         num_hidden_layers=layers,
@@ -243,6 +254,16 @@ def config_from_gguf(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], d
         full_attention_interval=interval,
         partial_rotary_factor=key("rope.dimension_count") / head_dim,
     )
+
+
+def nextn_layers(meta: dict[str, Any], where: Path) -> int:
+    """How many multi-token-prediction blocks follow the model's layers: 0 or 1 (more are refused)."""
+    n = _scalar(meta.get(f"{meta.get('general.architecture')}.nextn_predict_layers") or 0)
+    if n > 1:
+        raise CheckpointError(
+            f"{where} has {n} multi-token-prediction layers (nextn_predict_layers); qwenlite runs one"
+        )
+    return n
 
 
 def tokenizer_from_gguf(meta: dict[str, Any], where: Path) -> Tokenizer:
@@ -316,19 +337,61 @@ def load_gguf(
     with torch.device("meta"):
         model = Qwen3_5ForCausalLM(config)
     shapes = expected_shapes(model)
-    wanted: dict[str, list[str]] = {}  # GGUF name -> ours: one, or a layer's experts in order
-    for name in sorted(shapes, key=lambda n: expert_index(n) or 0):
-        wanted.setdefault(gguf_name(name, config.dense), []).append(name)
-    # Blocks past the text model's layers (up to block_count) are the multi-token-prediction head: not read.
+    wanted = _wanted(shapes, config)
+    # Blocks past the text model's layers (up to block_count) are the multi-token-prediction head: load_gguf_mtp's.
     nextn = range(config.num_hidden_layers, _scalar(meta[f"{meta['general.architecture']}.block_count"]))
-    unexpected = sorted(n for n in stored if n not in wanted and _block(n) not in nextn)
+    _check_names(path, stored, wanted, lambda n: _block(n) in nextn)
+    assemble(model, _read_state(path, stored, wanted, shapes, config, DTYPES[dtype], progress))
+    return model, config, tokenizer
+
+
+def load_gguf_mtp(
+    path: str | Path, config: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> MTP | None:
+    """The multi-token-prediction head of the GGUF at `path` (its tail block, see gguf_export), for the model
+    `load_gguf` read from it (`config`), in `dtype` on `device`; None when the file has none. Strict, as load_gguf:
+    a missing, unexpected or misshapen tensor of the block is an error that names it."""
+    path = Path(path)
+    meta, stored = read_gguf(path)
+    if not nextn_layers(meta, path):
+        return None
+    with torch.device("meta"):
+        head = MTP(config)
+    shapes = {PREFIX + name: tuple(t.shape) for name, t in head.state_dict().items()}
+    wanted = _wanted(shapes, config)
+    _check_names(path, stored, wanted, lambda n: _block(n) < config.num_hidden_layers)
+    state = _read_state(path, stored, wanted, shapes, config, torch.float32, progress=False)
+    return assemble_mtp(config, state, dtype, device)
+
+
+def _wanted(shapes: dict[str, tuple[int, ...]], config: ModelConfig) -> dict[str, list[str]]:
+    """GGUF name -> ours: one, or a layer's experts in order."""
+    wanted: dict[str, list[str]] = {}
+    for name in sorted(shapes, key=lambda n: expert_index(n) or 0):
+        wanted.setdefault(gguf_name(name, config.dense, config.num_hidden_layers), []).append(name)
+    return wanted
+
+
+def _check_names(path: Path, stored: dict[str, GGUFTensor], wanted: dict[str, list[str]], elsewhere) -> None:
+    """Every wanted tensor stored, and nothing else but what `elsewhere(name)` leaves to another reader."""
+    unexpected = sorted(n for n in stored if n not in wanted and not elsewhere(n))
     if unexpected:
         raise CheckpointError(f"unexpected tensor {unexpected[0]} in {path}")
     missing = sorted(n for n in wanted if n not in stored)
     if missing:
         raise CheckpointError(f"{path} is missing tensor {missing[0]} ({wanted[missing[0]][0]})")
 
-    torch_dtype = DTYPES[dtype]
+
+def _read_state(
+    path: Path,
+    stored: dict[str, GGUFTensor],
+    wanted: dict[str, list[str]],
+    shapes: dict[str, tuple[int, ...]],
+    config: ModelConfig,
+    torch_dtype: torch.dtype,
+    progress: bool,
+) -> dict[str, torch.Tensor]:
+    """Our tensors from the GGUF's `wanted` ones, shapes checked, dequantized, conventions undone, in `torch_dtype`."""
     state: dict[str, torch.Tensor] = {}
     total = sum(stored[g].n_bytes for g in wanted)
     with tqdm(total=total, unit="B", unit_scale=True, desc="reading GGUF", disable=not progress) as bar:
@@ -349,8 +412,7 @@ def load_gguf(
                 out = unconvert_tensor(name, dequantize_rows(t), config).to(torch_dtype)
             state.update(zip(names, out.unbind(0), strict=True) if stacked else [(name, out)])
             bar.update(t.n_bytes)
-    assemble(model, state)
-    return model, config, tokenizer
+    return state
 
 
 def _block(name: str) -> int:

@@ -10,7 +10,7 @@ import torch
 
 from qwenlite.errors import CheckpointError, InvalidArgument, QwenliteError
 from qwenlite.io.checkpoint import assemble_mtp, checkpoint_files, load_checkpoint, load_vision, read_mtp, sanitize
-from qwenlite.io.gguf_import import load_gguf
+from qwenlite.io.gguf_import import load_gguf, load_gguf_mtp
 from qwenlite.io.quantized import is_quantized_checkpoint, load_and_quantize, load_quantized
 from qwenlite.model.mtp import MTP
 from qwenlite.model.quantized import apply_quant, quant_bits
@@ -69,10 +69,13 @@ def check_device(device: str | torch.device) -> torch.device:
 
 
 def load_mtp(model_path: str | Path, model: Qwen3_5ForCausalLM) -> MTP | None:
-    """The multi-token-prediction head a checkpoint directory ships for `model` (the model's dtype and device), or
-    None where there is none (a GGUF, a checkpoint without `mtp.*`). Unquantized even in a quantized checkpoint
-    (quantize_checkpoint stores it so): one layer, small beside the shared head, which is the model's."""
+    """The multi-token-prediction head a checkpoint directory or a GGUF (its `nextn` tail block) ships for `model`
+    (the model's dtype and device), or None where there is none (a checkpoint without `mtp.*`, a GGUF without
+    nextn_predict_layers). Unquantized even in a quantized checkpoint (quantize_checkpoint stores it so) or a
+    quantized GGUF (dequantized, as the model): one layer, small beside the shared head, which is the model's."""
     path = Path(model_path)
+    if path.is_file() and path.suffix == ".gguf":
+        return load_gguf_mtp(path, model.config, model.dtype, model.device)
     if not path.is_dir():
         return None
     _, mtp_files = sanitize({name: (file, name) for name, file in checkpoint_files(path).items()})
