@@ -36,7 +36,7 @@ def test_demo_runs_every_stage(tmp_path):
         corpus_bytes=120_000,
         vocab_size=512,
         model=QUICK.model,
-        train=TrainConfig(steps=12, batch_size=4, seq_len=64, lr=3e-3, warmup=2, eval_every=6, save_every=6),
+        train=TrainConfig(steps=12, batch_size=4, seq_len=64, lr=3e-3, warmup=2, eval_every=6, save_every=6, mtp=True),
         sft_steps=3,
         sample_tokens=8,
     )
@@ -47,6 +47,9 @@ def test_demo_runs_every_stage(tmp_path):
     assert len(report["samples"]) == 4 and len(report["sft_losses"]) == 3 and report["chat"]
     text = (tmp_path / "report.md").read_text()
     assert "PSF License" in text and "Held-back questions" in text
+    # Trained with its MTP head: speculative decoding with it gives plain decoding's tokens (speed needs a real run).
+    speculation = report["speculation"]
+    assert speculation["identical"] and speculation["speculative_tokens_per_s"] > 0 and "--speculate 2" in text
     first = json.loads((tmp_path / "corpus" / "chat.jsonl").read_text().splitlines()[0])
     assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "loss_curve.png"):

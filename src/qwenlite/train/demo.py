@@ -38,6 +38,7 @@ import torch
 
 from qwenlite.config import ModelConfig
 from qwenlite.io.files import atomic_write
+from qwenlite.io.load import load_mtp
 from qwenlite.train.data import pack_corpus, tokenize_corpus
 from qwenlite.train.distributed import DistEnv
 from qwenlite.train.pretrain import PretrainResult, TrainConfig, evaluate, pretrain
@@ -72,7 +73,7 @@ DEMO = DemoSettings(
                num_key_value_heads=2, head_dim=48, linear_num_key_heads=2, linear_num_value_heads=4,
                linear_key_head_dim=48, linear_value_head_dim=48, max_position_embeddings=2048),
     train=TrainConfig(steps=3000, batch_size=8, seq_len=256, lr=2e-3, warmup=100, val_fraction=0.01,
-                      eval_every=250, eval_sequences=64, save_every=250, log_every=25),
+                      eval_every=250, eval_sequences=64, save_every=250, log_every=25, mtp=True),
     sft_steps=500,
     sample_tokens=120,
 )  # fmt: skip
@@ -83,7 +84,7 @@ QUICK = DemoSettings(
                num_key_value_heads=1, head_dim=48, linear_num_key_heads=1, linear_num_value_heads=2,
                linear_key_head_dim=48, linear_value_head_dim=48, max_position_embeddings=2048),
     train=TrainConfig(steps=300, batch_size=8, seq_len=128, lr=3e-3, warmup=30, val_fraction=0.02,
-                      eval_every=100, eval_sequences=32, save_every=100, log_every=20),
+                      eval_every=100, eval_sequences=32, save_every=100, log_every=20, mtp=True),
     sft_steps=40,
     sample_tokens=40,
 )  # fmt: skip
@@ -259,7 +260,7 @@ def evaluate_demo(out: Path, docs: Path, s: DemoSettings, result: PretrainResult
     tokenizer = Tokenizer.from_dir(model_dir)
     params = SamplingParams(temperature=0.7, top_p=0.95, seed=0)
     samples = {p: generate(model, tokenizer, tokenizer.encode(p), params, max_tokens=s.sample_tokens) for p in PROMPTS}
-    return {
+    report = {
         "corpus_documents": corpus.num_documents,
         "corpus_tokens": len(corpus.tokens),
         "bytes_per_token": bytes_per_token,
@@ -275,6 +276,34 @@ def evaluate_demo(out: Path, docs: Path, s: DemoSettings, result: PretrainResult
         "unigram_loss": unigram,
         "samples": samples,
     }
+    if s.train.mtp:
+        report["speculation"] = measure_speculation(model, load_mtp(model_dir, model), tokenizer, s.sample_tokens)
+    return report
+
+
+def measure_speculation(model, head, tokenizer, max_tokens: int, k: int = 2) -> dict:
+    """Greedy decoding of the sample prompts with and without `--speculate k` drafted by the MTP head trained with the
+    model: decode tokens per second of each (prefill left out), the drafts' acceptance, and whether the tokens agree."""
+    from qwenlite.generate import GenerationStats, generate_tokens
+    from qwenlite.sample import SamplingParams
+    from qwenlite.speculative import MTPDraft, Speculation
+
+    greedy = SamplingParams(temperature=0)
+    result: dict = {"k": k}
+    outputs = {}
+    with torch.inference_mode():
+        for name, speculation in (("plain", None), ("speculative", Speculation(MTPDraft(model, head), k))):
+            runs = [GenerationStats() for _ in PROMPTS]
+            outputs[name] = [
+                list(generate_tokens(model, tokenizer.encode(p), greedy, max_tokens, stats=r, speculation=speculation))
+                for p, r in zip(PROMPTS, runs, strict=True)
+            ]
+            seconds = sum(r.decode_seconds for r in runs)
+            result[f"{name}_tokens_per_s"] = sum(r.generated_tokens - 1 for r in runs) / seconds if seconds else 0.0
+            drafted = sum(r.draft_tokens for r in runs)
+            result["acceptance"] = sum(r.accepted_tokens for r in runs) / drafted if drafted else 0.0
+    result["identical"] = outputs["plain"] == outputs["speculative"]
+    return result
 
 
 def unigram_loss(packed, train_idx, val_idx, vocab_size: int) -> float:
@@ -304,6 +333,17 @@ def write_report(path: Path, r: dict) -> None:
         f"{sum(r['sft_losses'][-10:]) / len(r['sft_losses'][-10:]):.3f} (mean of the last 10)"
         if r["sft_losses"]
         else "- chat fine-tuning: skipped",
+        *(
+            [
+                f"- speculative decoding with the MTP head trained alongside (`--speculate {sp['k']}`): "
+                f"{sp['speculative_tokens_per_s']:.0f} tokens/s against {sp['plain_tokens_per_s']:.0f} plain "
+                f"({sp['speculative_tokens_per_s'] / sp['plain_tokens_per_s']:.2f}x), "
+                f"acceptance {sp['acceptance']:.0%}, "
+                f"greedy output {'identical' if sp['identical'] else 'DIFFERENT (a bug)'}"
+            ]
+            if (sp := r.get("speculation"))
+            else []
+        ),
         f"- wall time of this invocation {r['minutes']:.1f} min; loss curve: model/loss_curve.png",
         "",
         "## Samples (temperature 0.7, top-p 0.95, seed 0)",
