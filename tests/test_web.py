@@ -60,6 +60,7 @@ def page(browser, live) -> Page:
     page = context.new_page()
     page.on("dialog", lambda dialog: dialog.accept(API_KEY))  # the page asks for the key once
     page.goto(live.url + "/")
+    expect(page.locator("#model")).to_have_text("tiny")  # /v1/models answered: the page knows its context size
     yield page
     context.close()
 
