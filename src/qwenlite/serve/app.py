@@ -34,10 +34,20 @@ def chat_page() -> str | None:
     return page.read_text(encoding="utf-8") if page.is_file() else None
 
 
+class WebFiles(StaticFiles):
+    """Each response says `no-cache`: the browser asks again (a 304 while unchanged), so a page left open across an
+    upgrade gets, on its next reload, the new scripts with the new chat.html."""
+
+    def file_response(self, *args, **kwargs) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
 def web_files() -> StaticFiles | None:
     """The page's scripts and styles and the libraries it vendors (qwenlite/data/web/), for /static."""
     folder = resources.files("qwenlite") / "data" / "web"
-    return StaticFiles(directory=str(folder)) if folder.is_dir() else None
+    return WebFiles(directory=str(folder)) if folder.is_dir() else None
 
 
 def create_app(
