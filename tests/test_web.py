@@ -93,6 +93,7 @@ def test_stop_ends_the_answer_and_frees_the_slot(page, live):
     stopped = content.inner_text()
     page.wait_for_timeout(300)
     assert content.inner_text() == stopped  # nothing arrives after Stop
+    expect(page.locator(".msg.assistant .stats")).to_have_text("stopped")
 
 
 def test_new_chat_clears_the_conversation_and_it_survives_a_reload(page):
@@ -126,8 +127,10 @@ def test_an_answer_shows_its_speed_and_the_context_it_used(page):
     stats = page.locator(".msg.assistant .stats")
     expect(stats).to_contain_text("tok/s", timeout=20_000)
     text = stats.inner_text()
-    tokens, tps, used = re.fullmatch(r"(\d+) tokens · ([\d.]+) tok/s · context ([\d,]+) / 4,096", text).groups()
+    pattern = r"(\d+) tokens · ([\d.]+) tok/s · context ([\d,]+) / 4,096( · cut at the token limit)?"
+    tokens, tps, used, cut = re.fullmatch(pattern, text).groups()
     assert 2 <= int(tokens) <= 6 and float(tps) > 0  # max_tokens reached the server
+    assert (cut is not None) == (int(tokens) == 6)  # finish_reason "length"
     assert int(tokens) < int(used.replace(",", "")) < 100  # the prompt and the answer
 
 
@@ -421,6 +424,9 @@ def test_static_serves_the_page_files_and_nothing_else(live):
     script = httpx.get(live.url + "/static/markdown.js")
     assert script.status_code == 200 and "javascript" in script.headers["content-type"]
     assert "DOMPurify.sanitize" in script.text
+    assert script.headers["cache-control"] == "no-cache"  # revalidated: an upgrade's scripts are seen at once
+    again = httpx.get(live.url + "/static/markdown.js", headers={"If-None-Match": script.headers["etag"]})
+    assert again.status_code == 304
     for path in ["/static/missing.js", "/static/../serve/app.py", "/static/%2e%2e/chat.html"]:
         r = httpx.get(live.url + path)
         assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error", path

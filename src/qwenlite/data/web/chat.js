@@ -117,6 +117,7 @@ function statsText(s) {
   if (s.tps) parts.push(`${s.tps.toFixed(1)} tok/s`);
   const used = s.prompt + s.tokens;
   parts.push(`context ${used.toLocaleString("en")}` + (s.context ? ` / ${s.context.toLocaleString("en")}` : ""));
+  if (s.finish === "length") parts.push("cut at the token limit");
   return parts.join(" · ");
 }
 
@@ -152,7 +153,7 @@ function messageView(message, index) {
     reasoning.textContent = message.reasoning_content || "";
     if (user) content.textContent = textOf(message.content);
     else Markdown.render(content, textOf(message.content || ""));
-    stats.textContent = message.stats ? statsText(message.stats) : "";
+    stats.textContent = message.stats ? statsText(message.stats) : message.stopped ? "stopped" : "";
     stats.title = message.stats ? statsTitle(message.stats) : "";
     if (atBottom) log.scrollTop = log.scrollHeight; // follow the answer unless the reader scrolled up
   }
@@ -270,7 +271,7 @@ async function answer() {
   controller = new AbortController();
   busy(true);
   const sent = performance.now();
-  let first = null, last = null, usage = null;
+  let first = null, last = null, usage = null, finish = null;
   try {
     const r = await authorizedFetch("v1/chat/completions", {
       method: "POST", body: JSON.stringify(body), signal: controller.signal,
@@ -294,7 +295,8 @@ async function answer() {
         const chunk = JSON.parse(line.slice(6));
         if (chunk.error) throw new Error(chunk.error.message);
         if (chunk.usage) usage = chunk.usage;
-        const delta = (chunk.choices && chunk.choices[0] && chunk.choices[0].delta) || {};
+        const choice = (chunk.choices && chunk.choices[0]) || {}, delta = choice.delta || {};
+        finish = choice.finish_reason || finish;
         if (delta.reasoning_content) reply.reasoning_content += delta.reasoning_content;
         if (delta.content) reply.content += delta.content;
         if (delta.content || delta.reasoning_content) {
@@ -305,7 +307,8 @@ async function answer() {
       }
     }
   } catch (e) {
-    if (e.name !== "AbortError") reply.error = String(e.message || e);
+    if (e.name === "AbortError") reply.stopped = true;
+    else reply.error = String(e.message || e);
   } finally {
     if (usage) {
       // Decoding speed: the tokens after the first over the time after it (the first waited for the prompt); none
@@ -314,7 +317,7 @@ async function answer() {
       reply.stats = {
         tokens, prompt: usage.prompt_tokens, cached: usage.prompt_tokens_details?.cached_tokens || 0,
         context: maxContext, tps: tokens > 1 && seconds > 0 ? (tokens - 1) / seconds : null,
-        ttft: ((first ?? performance.now()) - sent) / 1000,
+        ttft: ((first ?? performance.now()) - sent) / 1000, finish,
       };
     }
     controller = null;
