@@ -404,13 +404,21 @@ def test_regenerate_and_edit_and_resend_send_the_conversation_cut_where_expected
     canned = Canned(page, "A1", "A2", "A2 again", "A1 anew")
     send(page, "Q1")
     answered(page, 1)
+    a1 = page.locator(".msg.assistant .md-block").first.element_handle()
     send(page, "Q2")
     answered(page, 2)
-    page.locator(".msg.assistant .regenerate").click()  # only the last answer has one
+    assert page.evaluate("(block) => block.isConnected", a1)  # a finished answer is not drawn again
+    regenerate = page.locator(".msg.assistant .regenerate:visible")
+    expect(regenerate).to_have_count(1)  # the last answer's only
+    regenerate.click()
     expect(page.locator(".msg.assistant .content").last).to_have_text("A2 again")
     assert canned.messages() == [("user", "Q1"), ("assistant", "A1"), ("user", "Q2")]
     expect(page.locator(".msg")).to_have_count(4)
 
+    page.locator(".msg.user .edit").last.click()
+    page.locator(".msg.user .editor textarea").fill("never sent")
+    page.keyboard.press("Escape")  # cancels: the message as it was
+    expect(page.locator(".msg.user .content")).to_have_text(["Q1", "Q2"])
     page.locator(".msg.user .edit").first.click()
     page.locator(".msg.user .editor textarea").fill("Q1, edited")
     page.locator(".msg.user .editor .resend").click()

@@ -126,7 +126,7 @@ function statsTitle(s) {
   return `prompt ${s.prompt} tokens${cached}, first token after ${s.ttft.toFixed(2)} s`;
 }
 
-// One message in the log. An answer being streamed redraws at most once per frame.
+// One message in the log, at its place in the conversation. An answer being streamed redraws at most once per frame.
 function messageView(message, index) {
   const user = message.role === "user";
   const div = element("div", "msg " + message.role);
@@ -139,13 +139,11 @@ function messageView(message, index) {
   const footer = element("div", "footer"), stats = element("span", "stats");
   footer.append(stats);
   if (user) footer.append(button("Edit", "secondary edit", () => edit(index, div)));
-  else if (index === chat.messages.length - 1) footer.append(button("Regenerate", "secondary regenerate", regenerate));
-  div.append(content);
-  if (message.error) div.append(element("div", "error", message.error)); // set when its answer ends
-  div.append(footer);
-  log.append(div);
+  const again = button("Regenerate", "secondary regenerate", regenerate); // the last answer's
+  if (!user) footer.append(again);
+  div.append(content, footer);
 
-  let pending = false;
+  let pending = false, error = null;
   function draw() {
     pending = false;
     const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
@@ -155,10 +153,16 @@ function messageView(message, index) {
     else Markdown.render(content, textOf(message.content || ""));
     stats.textContent = message.stats ? statsText(message.stats) : message.stopped ? "stopped" : "";
     stats.title = message.stats ? statsTitle(message.stats) : "";
+    if (message.error && !error) content.after((error = element("div", "error"))); // set when its answer ends
+    if (error) error.textContent = message.error;
     if (atBottom) log.scrollTop = log.scrollHeight; // follow the answer unless the reader scrolled up
   }
   draw();
   return {
+    div, index, draw,
+    last(on) {
+      again.hidden = !on;
+    },
     update() {
       if (!pending) requestAnimationFrame(draw);
       pending = true;
@@ -166,11 +170,19 @@ function messageView(message, index) {
   };
 }
 
-// The log drawn again; it stays where the reader left it, or at the end if it was there (or `follow`).
+// The log of the current conversation. A message still at its place keeps its view, its Markdown rendered once:
+// a long conversation costs nothing more per answer. The log stays where the reader left it, or at the end if it
+// was there (or `follow`).
 function renderAll(follow = false) {
   const top = log.scrollTop, atBottom = follow || log.scrollHeight - top - log.clientHeight < 40;
-  log.replaceChildren();
-  views = new Map(chat.messages.map((m, i) => [m, messageView(m, i)]));
+  const placed = new Map();
+  chat.messages.forEach((m, i) => {
+    const view = views.get(m);
+    placed.set(m, view && view.index === i ? view : messageView(m, i));
+    placed.get(m).last(i === chat.messages.length - 1);
+  });
+  views = placed;
+  log.replaceChildren(...[...views.values()].map((view) => view.div));
   log.scrollTop = atBottom ? log.scrollHeight : top;
   renderChats();
 }
@@ -324,7 +336,8 @@ async function answer() {
     busy(false);
     target.updated = Date.now();
     saveChat(target); // a stopped answer is kept as far as it got
-    if (target === chat) renderAll();
+    views.get(reply)?.draw();
+    renderChats();
   }
 }
 
@@ -354,7 +367,11 @@ function edit(index, div) {
     answer();
   };
   const buttons = element("div", "buttons");
-  buttons.append(button("Cancel", "secondary", renderAll), button("Send", "resend", resend));
+  const cancel = () => {
+    views.delete(message); // drawn anew, without the editor
+    renderAll();
+  };
+  buttons.append(button("Cancel", "secondary", cancel), button("Send", "resend", resend));
   editor.append(area, buttons);
   div.querySelector(".content").replaceWith(editor);
   div.querySelector(".footer").hidden = true;
@@ -362,7 +379,7 @@ function edit(index, div) {
     if (e.key === "Enter" && !e.shiftKey) {
       e.preventDefault();
       resend();
-    } else if (e.key === "Escape") renderAll();
+    } else if (e.key === "Escape") cancel();
   });
   area.focus();
 }
