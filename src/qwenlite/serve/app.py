@@ -11,6 +11,7 @@ from importlib import resources
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -31,6 +32,22 @@ DEFAULT_CTX = 16384  # the cache is preallocated for every slot: 262144 tokens x
 def chat_page() -> str | None:
     page = resources.files("qwenlite") / "data" / "chat.html"
     return page.read_text(encoding="utf-8") if page.is_file() else None
+
+
+class WebFiles(StaticFiles):
+    """Each response says `no-cache`: the browser asks again (a 304 while unchanged), so a page left open across an
+    upgrade gets, on its next reload, the new scripts with the new chat.html."""
+
+    def file_response(self, *args, **kwargs) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
+def web_files() -> StaticFiles | None:
+    """The page's scripts and styles and the libraries it vendors (qwenlite/data/web/), for /static."""
+    folder = resources.files("qwenlite") / "data" / "web"
+    return WebFiles(directory=str(folder)) if folder.is_dir() else None
 
 
 def create_app(
@@ -105,6 +122,8 @@ def create_app(
     app.add_api_route("/", index, methods=["GET"], include_in_schema=False)
     app.add_api_route("/metrics", prometheus, methods=["GET"], response_class=PlainTextResponse,
                       summary="Prometheus metrics in the text exposition format")  # fmt: skip
+    if (files := web_files()) is not None:
+        app.mount("/static", files)
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
