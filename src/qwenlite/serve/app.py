@@ -1,5 +1,6 @@
-"""The HTTP app: the OpenAI routes (serve/openai.py), the web chat page at / (data/chat.html, when installed),
-Prometheus metrics at /metrics (serve/metrics.py), errors in the OpenAI shape; and `serve`, which loads a model and
+"""The HTTP app: the OpenAI routes (serve/openai.py), the web chat page at / (data/chat.html, when installed) with its
+scripts at /static (data/web), the API described at /openapi.json and /docs, Prometheus metrics at /metrics
+(serve/metrics.py), errors in the OpenAI shape; and `serve`, which loads a model and
 runs the app under uvicorn."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from importlib import resources
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -69,8 +71,9 @@ def create_app(
         title="qwenlite",
         version="0.1.0",
         summary="An OpenAI-compatible server for Qwen3.5 models",
+        docs_url=None,  # /docs below: FastAPI's Swagger UI with the copy in qwenlite/data/web, not a CDN's
         redoc_url=None,
-        openapi_url="/openapi.json",  # /docs: FastAPI's Swagger UI over it (its assets come from a CDN)
+        openapi_url="/openapi.json",
     )
     app.state.api = api
     errors = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 500)}
@@ -119,7 +122,13 @@ def create_app(
         log.exception("request failed")
         return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}"))
 
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="qwenlite API",
+                                   swagger_js_url="/static/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/swagger-ui.css", swagger_favicon_url="")  # fmt: skip
+
     app.add_api_route("/", index, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/docs", docs, methods=["GET"], include_in_schema=False)
     app.add_api_route("/metrics", prometheus, methods=["GET"], response_class=PlainTextResponse,
                       summary="Prometheus metrics in the text exposition format")  # fmt: skip
     if (files := web_files()) is not None:
