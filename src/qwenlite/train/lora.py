@@ -4,7 +4,8 @@
 and adds `lora_B(lora_A(dropout(x))) * alpha / r`, the names and the initialisation PEFT uses (A Kaiming-uniform,
 B zero, so the adapted model starts equal to the base). `save_adapter` writes adapter_config.json and
 adapter_model.safetensors with PEFT's key names, so `peft.PeftModel.from_pretrained(transformers_model, dir)` loads
-them; `load_adapter` reads them back; `merge_lora` folds W += alpha / r * B @ A and swaps the plain layers back.
+them; `load_adapter` reads them back (through io/adapters.py, which serving shares); `merge_lora` folds
+W += alpha / r * B @ A and swaps the plain layers back.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from qwenlite.errors import QwenliteError
+from qwenlite.io.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, check_adapter, read_adapter
 from qwenlite.io.files import atomic_write
 
 # Every projection of both layer kinds; in_proj_b / in_proj_a (one output per value head) are left out, as in
@@ -28,9 +29,6 @@ from qwenlite.io.files import atomic_write
 DEFAULT_TARGETS = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj_qkv", "in_proj_z", "out_proj",
 )  # fmt: skip
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 
 
 class LoRALinear(nn.Module):
@@ -192,46 +190,16 @@ def save_adapter(
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> list[str]:
-    """Wrap the modules named in a PEFT LoRA adapter (ours or another tool's) and load its weights."""
+    """Wrap the modules named in a PEFT LoRA adapter (ours or another tool's) and load its weights, read and
+    checked against the model by io/adapters.py (the reader serving shares)."""
     root = Path(adapter_dir)
-    config_path, weights_path = root / ADAPTER_CONFIG, root / ADAPTER_WEIGHTS
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise QwenliteError(f"{root} is not a PEFT adapter: {path.name} is missing")
-    try:
-        config = json.loads(config_path.read_text())
-        tensors = load_file(str(weights_path))
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
-        raise QwenliteError(f"cannot read the adapter in {root}: {e}") from None
-    if config.get("peft_type") != "LORA":
-        raise QwenliteError(f"{config_path}: peft_type {config.get('peft_type')!r} is not supported, only LORA")
-    for key in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save"):
-        if config.get(key):
-            raise QwenliteError(f"{config_path}: {key} is not supported")
-    if not isinstance(config.get("r"), int) or not isinstance(config.get("lora_alpha"), int | float):
-        raise QwenliteError(f'{config_path}: needs an integer "r" and a number "lora_alpha"')
-    r, alpha = config["r"], float(config["lora_alpha"])
-
-    weights: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        path, _, kind = key.removeprefix(PEFT_PREFIX).removesuffix(".weight").rpartition(".")
-        if path.startswith("model.language_model."):  # an adapter for the published layout
-            path = "model." + path.removeprefix("model.language_model.")
-        if kind not in ("lora_A", "lora_B"):
-            raise QwenliteError(f"{weights_path}: unexpected tensor {key}")
-        weights.setdefault(path, {})[kind] = tensor
-    modules = dict(model.named_modules())
-    for path in weights:
-        if not isinstance(modules.get(path), nn.Linear):
-            raise QwenliteError(f"{weights_path}: adapter for {path}, which is not a linear layer of this model")
-    apply_lora(model, r, alpha, float(config.get("lora_dropout") or 0.0), targets=sorted(weights))
+    adapter = read_adapter(root)
+    check_adapter(adapter, model)
+    apply_lora(model, adapter.r, adapter.alpha, adapter.dropout, targets=sorted(adapter.weights))
     for path, m in lora_modules(model).items():
-        if config.get("use_rslora"):
-            m.scaling = alpha / math.sqrt(r)
+        m.scaling = adapter.scaling
+        A, B = adapter.weights[path]
         with torch.no_grad():
-            for kind in ("lora_A", "lora_B"):
-                param = getattr(m, kind).weight
-                if kind not in weights[path] or weights[path][kind].shape != param.shape:
-                    raise QwenliteError(f"{weights_path}: {path}.{kind} is missing or has the wrong shape")
-                param.copy_(weights[path][kind])
-    return sorted(weights)
+            m.lora_A.weight.copy_(A)
+            m.lora_B.weight.copy_(B)
+    return sorted(adapter.weights)

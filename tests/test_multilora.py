@@ -1,0 +1,252 @@
+"""Many LoRA adapters on one model, chosen per row (model/adapters.py, io/adapters.py): rows with different adapters
+in one batch each compute what that adapter merged into the base computes alone (vLLM #49354: adapters that
+silently do nothing), through the runner's decode path, on an fp32 and an int8 base; adapters that do not fit the
+base are refused at load with their name and the mismatch.
+
+The references are built from the in-memory LoRA layers that wrote the adapters (W + scaling * B @ A), not from
+the files, so a reader that transposed or dropped a tensor would fail here too."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qwenlite.config import ModelConfig
+from qwenlite.errors import CheckpointError
+from qwenlite.io.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapters
+from qwenlite.io.checkpoint import load_checkpoint
+from qwenlite.model.adapters import Adapter, AdapterLinear, adapter_selection, attach_adapters
+from qwenlite.model.cache import make_cache
+from qwenlite.model.quantized import QuantLinear, quantize_model
+from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value
+from qwenlite.model.runner import run_model
+from qwenlite.ops.cpu import kernels
+from qwenlite.train.lora import DEFAULT_TARGETS, apply_lora, lora_modules, save_adapter
+
+from helpers import TINY_TEXT_CONFIG, make_hf_checkpoint, max_abs_diff, random_ids
+
+VOCAB = 512
+# Two adapters unlike each other: every default target at rank 4, and a few targets plus the head at rank 2.
+ADAPTERS = {"fr": (4, DEFAULT_TARGETS, 1), "de": (2, ("q_proj", "in_proj_qkv", "down_proj", "lm_head"), 2)}
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """(root: base/ and one directory per adapter, {name: {module path: scaling * B @ A}})."""
+    root = tmp_path_factory.mktemp("multilora")
+    make_hf_checkpoint(root / "base")
+    deltas = {}
+    for name, (r, targets, seed) in ADAPTERS.items():
+        model = base_model(root)
+        apply_lora(model, r=r, targets=targets, seed=seed)
+        gen = torch.Generator().manual_seed(seed)
+        for m in lora_modules(model).values():
+            m.lora_B.weight.data.normal_(0.0, 0.2, generator=gen)  # B = 0 would make every adapter the base
+        deltas[name] = {path: m.delta_weight().detach() for path, m in lora_modules(model).items()}
+        save_adapter(model, root / name)
+    return root, deltas
+
+
+def base_model(root):
+    return load_checkpoint(root / "base", dtype="float32").model
+
+
+@torch.no_grad()
+def merged(model, delta: dict[str, torch.Tensor]):
+    """`model` with W += delta per module: an adapter merged, on fp32 weights (an int8 model's dequantized ones)."""
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())  # a head LoRA leaves the embedding be
+    for path, d in delta.items():
+        model.get_submodule(path).weight += d
+    return model
+
+
+@torch.no_grad()
+def greedy(model, prompts: torch.Tensor, steps: int = STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """All rows' prompts in one prefill forward, then `steps` greedy decode steps of all rows together through
+    the runner, as inference runs them: (tokens (B, steps), logits (B, steps, V))."""
+    B, T = prompts.shape
+    cache = make_cache(model.config, B, T + steps + 1, torch.float32)
+    logits = run_model(model, prompts, cache, logits_to_keep=1)[:, -1]
+    tokens, out = [], []
+    for _ in range(steps):
+        out.append(logits)
+        tokens.append(logits.argmax(-1))
+        logits = run_model(model, tokens[-1][:, None], cache)[:, -1]
+    return torch.stack(tokens, 1), torch.stack(out, 1)
+
+
+def test_rows_with_different_adapters_equal_each_merged_model(adapters):
+    root, deltas = adapters
+    model = base_model(root)
+    prompts = random_ids(5, 7, vocab=VOCAB, seed=11)
+    base_tokens, base_logits = greedy(model, prompts)
+    # The base decodes in one C call: the path a model carrying adapters must not take.
+    assert (model._decode_plan.layers is not None) == kernels.available()
+
+    selection = load_adapters(model, {name: root / name for name in ADAPTERS})
+    assert selection.names == ["fr", "de"] and adapter_selection(model) is selection
+    assert sum(isinstance(m, AdapterLinear) for m in model.modules()) == len(
+        set(deltas["fr"]) | set(deltas["de"])
+    )  # fmt: skip
+    rows = [1, 0, 2, 1, 2]  # fr, base, de, fr, de: an adapter's rows need not be together
+    with selection.selected(rows):
+        tokens, logits = greedy(model, prompts)
+    assert model._decode_plan.layers is None  # the plan was rebuilt and refused the adapters' layers
+
+    references = {0: (base_tokens, base_logits)}
+    for index, name in enumerate(ADAPTERS, 1):
+        references[index] = greedy(merged(base_model(root), deltas[name]), prompts)
+    for b, a in enumerate(rows):
+        ref_tokens, ref_logits = references[a]
+        assert tokens[b].tolist() == ref_tokens[b].tolist(), (b, a)
+        assert max_abs_diff(logits[b], ref_logits[b]) < 1e-4, (b, a)
+        if a:  # the adapter changes the answer, so the equality above is the adapter's and not the base's
+            assert max_abs_diff(ref_logits[b], base_logits[b]) > 1.0
+            assert tokens[b].tolist() != base_tokens[b].tolist()
+    # Nothing selected is the base (through the forward now, not the C step: rounding apart).
+    tokens, logits = greedy(model, prompts)
+    assert torch.equal(tokens, base_tokens) and max_abs_diff(logits, base_logits) < 1e-4
+
+
+def test_adapters_on_an_int8_base(adapters):
+    """The AdapterLinear around a QuantLinear: each row equals its adapter merged into the int8 model's own
+    (dequantized) weights, and together equals alone."""
+    root, deltas = adapters
+    model = quantize_model(base_model(root), 8)
+    weights = {path: m.dequantized_weight() for path, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+    def reference(delta):
+        ref = base_model(root)
+        for path, w in weights.items():
+            ref.get_submodule(path).weight.data = w.clone()  # the tied head's: the embedding's too, as quantized
+        return merged(ref, delta)
+
+    selection = load_adapters(model, {name: root / name for name in ADAPTERS})
+    assert isinstance(model.get_submodule("model.layers.0.mlp.up_proj").base_layer, QuantLinear)
+    prompts = random_ids(3, 6, vocab=VOCAB, seed=12)
+    rows = [2, 0, 1]
+    with selection.selected(rows):
+        tokens, logits = greedy(model, prompts)
+    base_tokens, _ = greedy(reference({}), prompts)
+    for b, a in enumerate(rows):
+        ref_tokens, ref_logits = greedy(reference(deltas[[None, *ADAPTERS][a]] if a else {}), prompts[b : b + 1])
+        assert tokens[b].tolist() == ref_tokens[0].tolist(), (b, a)
+        assert max_abs_diff(logits[b], ref_logits[0]) < 1e-3, (b, a)
+        assert (tokens[b].tolist() != base_tokens[b].tolist()) == (a != 0)
+        with selection.selected([a]):
+            alone, _ = greedy(model, prompts[b : b + 1])
+        assert alone[0].tolist() == tokens[b].tolist()
+
+
+def test_selection_is_checked(adapters):
+    root, _ = adapters
+    model = base_model(root)
+    selection = load_adapters(model, {"fr": root / "fr"})
+    with pytest.raises(ValueError, match="adapter index 2 out of range"):
+        selection.select([0, 2])
+    selection.select([1, 0])
+    with pytest.raises(ValueError, match="selected for 2 rows"):
+        greedy(model, random_ids(3, 4, vocab=VOCAB))
+    with pytest.raises(CheckpointError, match="already carries adapters"):
+        load_adapters(model, {"de": root / "de"})
+
+
+@torch.no_grad()
+def test_a_moe_shared_expert_takes_adapters_and_routed_experts_are_refused():
+    """The shared expert sees its tokens flattened to (B * T, hidden): token m is row m // T. Routed experts see
+    them regrouped by expert, which no row index can follow, so an adapter on one is refused."""
+    config = ModelConfig.from_dict(dict(TINY_TEXT_CONFIG, model_type="qwen3_5_moe_text", num_experts=4,
+                                        num_experts_per_tok=2, moe_intermediate_size=24,
+                                        shared_expert_intermediate_size=40))  # fmt: skip
+    model, reference = Qwen3_5ForCausalLM(config).eval(), Qwen3_5ForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():  # the documented initialisation, matrices livelier
+        p.copy_(initial_value(name, p.shape, gen) if p.dim() < 2 else torch.randn(p.shape, generator=gen) * 0.2)
+    reference.load_state_dict(model.state_dict())
+    path = "model.layers.1.mlp.shared_expert.up_proj"
+    A, B = torch.randn(3, 64) * 0.2, torch.randn(40, 3) * 0.2
+    reference.get_submodule(path).weight += 1.5 * B @ A
+    expert = Adapter("moe", 3, 4.5, 1.5, {"model.layers.1.mlp.experts.2.up_proj": (torch.zeros(3, 64), B[:24])})
+    with pytest.raises(CheckpointError, match="adapter moe: model.layers.1.mlp.experts.2.up_proj is a routed"):
+        attach_adapters(model, [expert])
+    selection = attach_adapters(model, [Adapter("shared", 3, 4.5, 1.5, {path: (A, B)})])
+    ids = random_ids(2, 5, vocab=VOCAB, seed=4)
+    with selection.selected([0, 1]):
+        out = model(ids)
+    assert max_abs_diff(out[0], reference(ids[:1])[0]) > 1e-2  # the shared expert's adapter matters
+    assert max_abs_diff(out[1], reference(ids[1:])[0]) < 1e-4
+    assert max_abs_diff(out[0], model(ids[:1])[0]) < 1e-4  # row 0 is the base
+
+
+def edited(root, name: str, out, config=None, tensors=None):
+    """A copy of adapter `name` in `out` with its config updated by `config` and its tensors by `tensors` (a
+    function of the dict)."""
+    out.mkdir()
+    cfg = json.loads((root / name / ADAPTER_CONFIG).read_text())
+    (out / ADAPTER_CONFIG).write_text(json.dumps({**cfg, **(config or {})}))
+    weights = load_file(str(root / name / ADAPTER_WEIGHTS))
+    save_file(tensors(weights) if tensors else weights, str(out / ADAPTER_WEIGHTS))
+    return out
+
+
+KEY = "base_model.model.model.layers.3.self_attn.q_proj"
+
+
+def renamed(weights: dict) -> dict:
+    return {k.replace("layers.3.self_attn", "layers.9.self_attn"): v for k, v in weights.items()}
+
+
+def narrower(weights: dict) -> dict:
+    return {**weights, f"{KEY}.lora_A.weight": weights[f"{KEY}.lora_A.weight"][:, :32].contiguous()}
+
+
+def other_vocabulary(weights: dict) -> dict:
+    return {**weights, "base_model.model.lm_head.lora_B.weight": torch.randn(1000, 2)}
+
+
+def embedding_copy(weights: dict) -> dict:
+    return {**weights, "base_model.model.model.embed_tokens.weight": torch.randn(VOCAB + 8, 64)}
+
+
+def unpaired(weights: dict) -> dict:
+    return {k: v for k, v in weights.items() if k != f"{KEY}.lora_B.weight"}
+
+
+@pytest.mark.parametrize(
+    ("config", "tensors", "message"),
+    [
+        (None, renamed, "targets model.layers.9.self_attn.q_proj, which the base lacks"),
+        ({"r": 8}, None, "rank 2 \\(A\\) / 2 \\(B\\), but adapter_config.json says r = 8"),
+        (None, narrower, "q_proj is 32 -> 256 .*the base's is 64 -> 256"),
+        (None, other_vocabulary, "trained on a vocabulary of 1000 tokens .*the base has 512"),
+        (None, embedding_copy, "trained on a vocabulary of 520 tokens .*embed_tokens"),
+        (None, unpaired, "layers.3.self_attn.q_proj has no lora_B"),
+        ({"peft_type": "IA3"}, None, "peft_type 'IA3' is not supported"),
+        ({"use_dora": True}, None, "use_dora is not supported"),
+    ],
+)  # fmt: skip
+def test_an_adapter_that_does_not_fit_is_refused_with_its_name(adapters, tmp_path, config, tensors, message):
+    root, _ = adapters
+    model = base_model(root)
+    bad = edited(root, "de", tmp_path / "bad", config, tensors)
+    with pytest.raises(CheckpointError, match=f"adapter bad-one\\b.*{message}"):
+        load_adapters(model, {"fr": root / "fr", "bad-one": bad})
+    assert not any(isinstance(m, AdapterLinear) for m in model.modules())  # all or nothing
+
+
+def test_missing_or_corrupt_adapter_files(adapters, tmp_path):
+    root, _ = adapters
+    model = base_model(root)
+    with pytest.raises(CheckpointError, match="adapter gone .*adapter_config.json is missing"):
+        load_adapters(model, {"gone": tmp_path / "nowhere"})
+    broken = edited(root, "fr", tmp_path / "broken")
+    data = (broken / ADAPTER_WEIGHTS).read_bytes()
+    (broken / ADAPTER_WEIGHTS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="adapter broken .*cannot read the adapter"):
+        load_adapters(model, {"broken": broken})
+    (broken / ADAPTER_WEIGHTS).write_bytes(data)
+    (broken / ADAPTER_CONFIG).write_text("{not json")
+    with pytest.raises(CheckpointError, match="adapter broken .*cannot read the adapter"):
+        load_adapters(model, {"broken": broken})
