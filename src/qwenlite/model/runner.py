@@ -7,7 +7,9 @@ The C step reads the model from int64 arrays of pointers and sizes (kernels.LIN_
 kernels.LAYER_FIELDS per layer, kernels.MODEL_FIELDS for the rest). Describing the weights walks ~200 modules,
 so the description is built once per model and kept with a list of checks (each module still in its parent, each
 tensor still the module's and still at its address, each `fast` flag as it was): anything that swaps a module
-(quantization, LoRA), moves a tensor (.to, `p.data = ...`) or flips `fast` makes the next step rebuild it. The
+(quantization, LoRA), moves a tensor (.to, `p.data = ...`) or flips `fast` makes the next step rebuild it. A
+projection without `kernel_fields` (train/lora.py's LoRALinear, model/adapters.py's per-row AdapterLinear) leaves
+the plan empty, so a model carrying adapters always decodes through the forward, never around them. The
 caches' pointers are filled in at every step, into a copy (threads may decode with one model into different
 caches), since callers pass views of a batch cache.
 """
