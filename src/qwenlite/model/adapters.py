@@ -9,9 +9,9 @@ adapter present in the batch, `(x_rows A^T) B^T * scaling` to that adapter's row
 per adapter and layer, base rows untouched. The delta is computed in fp32 whatever the base's dtype, as
 train/lora.py's LoRALinear computes it, so a row's output is that adapter's model's.
 
-The whole-model decode step in C (model/runner.py) knows no AdapterLinear (it has no `kernel_fields`), so a model
-carrying adapters always decodes through the forward. Reading PEFT files and checking them against the base is
-io/adapters.py's.
+The whole-model decode step in C (model/runner.py) knows no adapters: it is taken only while every row is on the
+base (over the base layers), any other step is the forward. Reading PEFT files and checking them against the base
+is io/adapters.py's.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ kernels.LAYER_FIELDS per layer, kernels.MODEL_FIELDS for the rest). Describing t
 so the description is built once per model and kept with a list of checks (each module still in its parent, each
 tensor still the module's and still at its address, each `fast` flag as it was): anything that swaps a module
 (quantization, LoRA), moves a tensor (.to, `p.data = ...`) or flips `fast` makes the next step rebuild it. A
-projection without `kernel_fields` (train/lora.py's LoRALinear, model/adapters.py's per-row AdapterLinear) leaves
-the plan empty, so a model carrying adapters always decodes through the forward, never around them. The
+projection without `kernel_fields` (train/lora.py's LoRALinear) leaves the plan empty. Per-row adapters
+(model/adapters.py's AdapterLinear) are described by their base layers, and the step is taken only while every
+row is selected to the base; a row on an adapter always decodes through the forward, never around it. The
 caches' pointers are filled in at every step, into a copy (threads may decode with one model into different
 caches), since callers pass views of a batch cache.
 """
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from qwenlite.errors import ContextLengthExceeded
+from qwenlite.model.adapters import AdapterLinear, AdapterSelection
 from qwenlite.model.qwen3_5 import Attention, Qwen3_5ForCausalLM, RMSNorm
 from qwenlite.ops.cpu import kernels
 from qwenlite.ops.rope import rope_cos_sin
@@ -54,6 +56,7 @@ class Plan:
         self.layers: torch.Tensor | None = None  # (n_layers, LAYER_FIELDS) int64, cache columns filled per step
         self.model: dict[str, int] = {}  # kernels.MODEL_FIELD_NAMES but those of a step
         self.head: list[int] = []
+        self.adapters: AdapterSelection | None = None  # the step applies while it selects the base for every row
         self.build(model)
 
     def valid(self) -> bool:
@@ -83,6 +86,9 @@ class Plan:
     def linear(self, parent: nn.Module, name: str) -> list[int] | None:
         module = getattr(parent, name)
         self.keep(parent, name)
+        if isinstance(module, AdapterLinear):  # its base layer, for the steps with every row on the base
+            self.keep(module, "base_layer")
+            self.adapters, module = module.selection, module.base_layer
         self.keep(module, "weight", "bias", "qweight", "scales", "scales_and_zeros")
         return module.kernel_fields() if hasattr(module, "kernel_fields") else None
 
@@ -182,7 +188,7 @@ def decode_in_one_call(model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, cache
     if plan is None or not plan.valid():
         plan = model.__dict__["_decode_plan"] = Plan(model)
     B = input_ids.shape[0]
-    if plan.layers is None or B > kernels.MAX_ROWS:
+    if plan.layers is None or B > kernels.MAX_ROWS or (plan.adapters is not None and any(plan.adapters.rows)):
         return None
     dtype = model.dtype
     pointers = []
