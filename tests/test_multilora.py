@@ -1,19 +1,27 @@
 """Many LoRA adapters on one model, chosen per row (model/adapters.py, io/adapters.py): rows with different adapters
 in one batch each compute what that adapter merged into the base computes alone (vLLM #49354: adapters that
 silently do nothing), through the runner's decode path, on an fp32 and an int8 base; adapters that do not fit the
-base are refused at load with their name and the mismatch.
+base are refused at load with their name and the mismatch. Then the server (`qwenlite serve BASE --lora NAME=PATH`):
+the engine batches requests of the base and two adapters, each answering as its merged model alone; the prompt cache
+never restores a state across adapters; the HTTP API routes by `model` and lists the adapters; a misfit stops the
+start-up.
 
 The references are built from the in-memory LoRA layers that wrote the adapters (W + scaling * B @ A), not from
 the files, so a reader that transposed or dropped a tensor would fail here too."""
 
 import json
+import queue
+import re
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
+from qwenlite.cli.main import main
 from qwenlite.config import ModelConfig
 from qwenlite.errors import CheckpointError
+from qwenlite.generate import generate_tokens
 from qwenlite.io.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapters
 from qwenlite.io.checkpoint import load_checkpoint
 from qwenlite.model.adapters import Adapter, AdapterLinear, adapter_selection, attach_adapters
@@ -22,9 +30,14 @@ from qwenlite.model.quantized import QuantLinear, quantize_model
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value
 from qwenlite.model.runner import run_model
 from qwenlite.ops.cpu import kernels
+from qwenlite.sample import SamplingParams
+from qwenlite.serve.app import create_app
+from qwenlite.serve.engine import Engine, Finish, Request, Token
+from qwenlite.text.tokenizer import Tokenizer
 from qwenlite.train.lora import DEFAULT_TARGETS, apply_lora, lora_modules, save_adapter
 
-from helpers import TINY_TEXT_CONFIG, make_hf_checkpoint, max_abs_diff, random_ids
+from helpers import TINY_TEXT_CONFIG, max_abs_diff, random_ids
+from tiny_chat import make_chat_checkpoint
 
 VOCAB = 512
 # Two adapters unlike each other: every default target at rank 4, and a few targets plus the head at rank 2.
@@ -36,7 +49,7 @@ STEPS = 8
 def adapters(tmp_path_factory):
     """(root: base/ and one directory per adapter, {name: {module path: scaling * B @ A}})."""
     root = tmp_path_factory.mktemp("multilora")
-    make_hf_checkpoint(root / "base")
+    make_chat_checkpoint(root / "base")  # the tiny model with a tokenizer and chat template, for the server
     deltas = {}
     for name, (r, targets, seed) in ADAPTERS.items():
         model = base_model(root)
@@ -87,7 +100,7 @@ def test_rows_with_different_adapters_equal_each_merged_model(adapters, monkeypa
     base_tokens, base_logits = greedy(model, prompts)
     assert steps == ([5] * STEPS if kernels.available() else [])
 
-    selection = load_adapters(model, {name: root / name for name in ADAPTERS})
+    selection = load_adapters(model, [(name, root / name) for name in ADAPTERS])
     assert selection.names == ["fr", "de"] and adapter_selection(model) is selection
     assert sum(isinstance(m, AdapterLinear) for m in model.modules()) == len(
         set(deltas["fr"]) | set(deltas["de"])
@@ -128,7 +141,7 @@ def test_adapters_on_an_int8_base(adapters):
             ref.get_submodule(path).weight.data = w.clone()  # the tied head's: the embedding's too, as quantized
         return merged(ref, delta)
 
-    selection = load_adapters(model, {name: root / name for name in ADAPTERS})
+    selection = load_adapters(model, [(name, root / name) for name in ADAPTERS])
     assert isinstance(model.get_submodule("model.layers.0.mlp.up_proj").base_layer, QuantLinear)
     prompts = random_ids(3, 6, vocab=VOCAB, seed=12)
     rows = [2, 0, 1]
@@ -148,14 +161,14 @@ def test_adapters_on_an_int8_base(adapters):
 def test_selection_is_checked(adapters):
     root, _ = adapters
     model = base_model(root)
-    selection = load_adapters(model, {"fr": root / "fr"})
+    selection = load_adapters(model, [("fr", root / "fr")])
     with pytest.raises(ValueError, match="adapter index 2 out of range"):
         selection.select([0, 2])
     selection.select([1, 0])
     with pytest.raises(ValueError, match="selected for 2 rows"):
         greedy(model, random_ids(3, 4, vocab=VOCAB))
     with pytest.raises(CheckpointError, match="already carries adapters"):
-        load_adapters(model, {"de": root / "de"})
+        load_adapters(model, [("de", root / "de")])
 
 
 @torch.no_grad()
@@ -237,7 +250,7 @@ def test_an_adapter_that_does_not_fit_is_refused_with_its_name(adapters, tmp_pat
     model = base_model(root)
     bad = edited(root, "de", tmp_path / "bad", config, tensors)
     with pytest.raises(CheckpointError, match=f"adapter bad-one\\b.*{message}"):
-        load_adapters(model, {"fr": root / "fr", "bad-one": bad})
+        load_adapters(model, [("fr", root / "fr"), ("bad-one", bad)])
     assert not any(isinstance(m, AdapterLinear) for m in model.modules())  # all or nothing
 
 
@@ -245,13 +258,131 @@ def test_missing_or_corrupt_adapter_files(adapters, tmp_path):
     root, _ = adapters
     model = base_model(root)
     with pytest.raises(CheckpointError, match="adapter gone .*adapter_config.json is missing"):
-        load_adapters(model, {"gone": tmp_path / "nowhere"})
+        load_adapters(model, [("gone", tmp_path / "nowhere")])
     broken = edited(root, "fr", tmp_path / "broken")
     data = (broken / ADAPTER_WEIGHTS).read_bytes()
     (broken / ADAPTER_WEIGHTS).write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="adapter broken .*cannot read the adapter"):
-        load_adapters(model, {"broken": broken})
+        load_adapters(model, [("broken", broken)])
     (broken / ADAPTER_WEIGHTS).write_bytes(data)
     (broken / ADAPTER_CONFIG).write_text("{not json")
     with pytest.raises(CheckpointError, match="adapter broken .*cannot read the adapter"):
-        load_adapters(model, {"broken": broken})
+        load_adapters(model, [("broken", broken)])
+
+
+# --- the server ------------------------------------------------------------------------------------------------
+
+GREEDY = SamplingParams(temperature=0)
+
+
+def served_model(root):
+    model = base_model(root)
+    load_adapters(model, [(name, root / name) for name in ADAPTERS])
+    return model
+
+
+def merged_answer(root, deltas, adapter: int, prompt: list[int], max_tokens: int, stop=()) -> list[int]:
+    """What `adapter` (0: the base) merged into the base answers alone, greedy, through generate_tokens."""
+    model = base_model(root) if adapter == 0 else merged(base_model(root), deltas[[*ADAPTERS][adapter - 1]])
+    with torch.no_grad():
+        return list(generate_tokens(model, prompt, GREEDY, max_tokens, stop))
+
+
+def answers(engine: Engine, requests: list[Request]) -> list[tuple[list[int], Finish]]:
+    """Submit all of `requests` before the engine looks at its queue (so they prefill and decode together), then
+    each one's tokens and finish."""
+    queues = [queue.SimpleQueue() for _ in requests]
+    with engine.scheduler.cond:  # the engine thread waits on it for work
+        for request, q in zip(requests, queues, strict=True):
+            engine.submit(request, q.put)
+    out = []
+    for q in queues:
+        events = []
+        while not events or not isinstance(events[-1], Finish):
+            events.append(q.get(timeout=60))
+        out.append(([e.id for e in events if isinstance(e, Token)], events[-1]))
+    return out
+
+
+def test_the_engine_batches_the_base_and_two_adapters(adapters):
+    root, deltas = adapters
+    engine = Engine(served_model(root), max_concurrency=4, ctx=64)
+    try:
+        assert engine.adapter_names == ["fr", "de"]
+        adapter_of = [1, 0, 2, 1]
+        prompts = [random_ids(1, n, vocab=VOCAB, seed=n)[0].tolist() for n in (5, 9, 7, 6)]
+        got = answers(engine, [Request(p, GREEDY, 10, adapter=a) for p, a in zip(prompts, adapter_of, strict=True)])
+        assert engine.max_batch == 4  # all four rows decoded in the same steps
+    finally:
+        engine.close()
+    base = merged_answer(root, deltas, 0, prompts[0], 10)
+    for (tokens, finish), prompt, a in zip(got, prompts, adapter_of, strict=True):
+        assert finish.reason == "length"
+        assert tokens == merged_answer(root, deltas, a, prompt, 10), a
+    assert got[0][0] != base  # fr's answer to that prompt is not the base's
+
+
+def test_the_prompt_cache_never_restores_a_state_across_adapters(adapters):
+    root, deltas = adapters
+    engine = Engine(served_model(root), max_concurrency=2, ctx=64, snapshot_interval=4)
+    prompt = random_ids(1, 11, vocab=VOCAB, seed=5)[0].tolist()
+    try:
+        runs = [(a, *answers(engine, [Request(prompt, GREEDY, 6, adapter=a)])[0]) for a in (1, 0, 2, 1, 0)]
+    finally:
+        engine.close()
+    cached = [finish.usage.cached_tokens for _, _, finish in runs]
+    assert cached == [0, 0, 0, 8, 8]  # states at 4 and 8 kept per adapter; each adapter's first run starts cold
+    for a, tokens, _ in runs:
+        assert tokens == merged_answer(root, deltas, a, prompt, 6), a
+
+
+@pytest.fixture(scope="module")
+def client(adapters):
+    root, _ = adapters
+    engine = Engine(served_model(root), max_concurrency=3, ctx=128)
+    app = create_app(engine, Tokenizer.from_dir(root / "base"), "tiny")
+    with TestClient(app) as client:
+        yield client
+    engine.close()
+
+
+def test_the_api_routes_by_model_and_lists_the_adapters(adapters, client):
+    root, deltas = adapters
+    tokenizer = Tokenizer.from_dir(root / "base")
+    prompt = "The capital of France is"
+    ids = tokenizer.encode(prompt)
+    for model, adapter in [("fr", 1), ("de", 2), ("tiny", 0), (None, 0)]:
+        body = {"prompt": prompt, "max_tokens": 8, "temperature": 0} | ({"model": model} if model else {})
+        reply = client.post("/v1/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        expected = merged_answer(root, deltas, adapter, ids, 8, tokenizer.eos_token_ids)
+        assert reply.json()["choices"][0]["text"] == tokenizer.decode(expected), model
+        assert reply.json()["model"] == (model or "tiny")
+    chat = client.post("/v1/chat/completions", json={"model": "de", "max_tokens": 4, "temperature": 0,
+                                                     "messages": [{"role": "user", "content": "Paris?"}]})  # fmt: skip
+    assert chat.status_code == 200 and chat.json()["model"] == "de"
+    models = client.get("/v1/models").json()["data"]
+    assert [(m["id"], m.get("parent")) for m in models] == [("tiny", None), ("fr", "tiny"), ("de", "tiny")]
+    missing = client.post("/v1/completions", json={"model": "es", "prompt": "Hi", "max_tokens": 2})
+    assert missing.status_code == 404
+    error = missing.json()["error"]
+    assert error["code"] == "model_not_found" and error["param"] == "model" and "'fr'" in error["message"]
+
+
+def test_serve_refuses_an_adapter_that_does_not_fit_at_start_up(adapters, tmp_path, capsys):
+    root, _ = adapters
+    bad = edited(root, "de", tmp_path / "wide", tensors=other_vocabulary)
+    base = str(root / "base")
+    cases = [
+        (["--lora", f"fr={root / 'fr'}", "--lora", f"wide={bad}"], "adapter wide: trained on a vocabulary of 1000"),
+        (["--lora", f"fr={root / 'fr'}", "--lora", f"fr={root / 'de'}"], "the adapter name 'fr' is given twice"),
+        (["--served-model-name", "tiny", "--lora", f"tiny={root / 'fr'}"], "'tiny' is the base model's"),
+        (["--lora", f"gone={tmp_path / 'nowhere'}"], "adapter gone .*adapter_config.json is missing"),
+    ]
+    for flags, message in cases:
+        assert main(["serve", base, "--port", "1", *flags]) == 1  # stops before it binds
+        err = capsys.readouterr().err
+        assert re.search(message, err) and err.count("\n") == 1, err
+    with pytest.raises(SystemExit):
+        main(["serve", base, "--lora", "no-path"])
+    assert "expected NAME=PATH" in capsys.readouterr().err

@@ -45,7 +45,18 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
         help="let image parts name http(s) URLs, downloaded by the server (public addresses only, 20 MB, 10 s); "
         "otherwise images come as data: URLs",
     )
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH", type=lora_pair,
+                   help="serve a LoRA adapter (PEFT format, as `qwenlite train --lora` writes it) on the model as "
+                   "the model NAME; repeat for more: requests pick one by `model`, and rows with different adapters "
+                   "decode in the same batch")  # fmt: skip
     p.set_defaults(func=cmd_serve)
+
+
+def lora_pair(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
+    return name, path
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -56,5 +67,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.model, args.host, args.port, args.api_key, args.max_concurrency, args.max_queue, args.ctx,
           args.cache_mb, args.dtype, args.served_model_name, args.quant,
           allow_special_in_content=args.allow_special_in_content, allow_image_urls=args.allow_image_urls,
-          device=args.device, snapshot_interval=args.snapshot_every)  # fmt: skip
+          device=args.device, snapshot_interval=args.snapshot_every, lora=args.lora)  # fmt: skip
     return 0

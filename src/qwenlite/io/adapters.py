@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from qwenlite.errors import CheckpointError
+from qwenlite.errors import CheckpointError, InvalidArgument
 from qwenlite.model.adapters import Adapter, AdapterSelection, adapter_selection, attach_adapters
 from qwenlite.model.quantized import QuantLinear
 
@@ -130,12 +131,19 @@ def check_adapter(adapter: Adapter, model: nn.Module) -> None:
             )
 
 
-def load_adapters(model: nn.Module, adapters: dict[str, str | Path]) -> AdapterSelection:
-    """{name: PEFT directory} -> every adapter read, checked against `model` and attached to it for per-row
-    selection (adapter i of the dict is index i + 1; 0 is the base). Nothing is attached unless all fit."""
+def load_adapters(model: nn.Module, adapters: Sequence[tuple[str, str | Path]]) -> AdapterSelection:
+    """(name, PEFT directory) pairs -> every adapter read, checked against `model` and attached to it for per-row
+    selection (the i-th pair is index i + 1; 0 is the base). Nothing is attached unless all fit."""
     if adapter_selection(model) is not None:
         raise CheckpointError("this model already carries adapters")
-    read = [read_adapter(path, name) for name, path in adapters.items()]
+    names: set[str] = set()
+    for name, _ in adapters:
+        if not name:
+            raise InvalidArgument("an adapter needs a name", param="lora")
+        if name in names:
+            raise InvalidArgument(f"the adapter name {name!r} is given twice", param="lora")
+        names.add(name)
+    read = [read_adapter(path, name) for name, path in adapters]
     for adapter in read:
         check_adapter(adapter, model)
     return attach_adapters(model, read)

@@ -17,6 +17,8 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from qwenlite.errors import InvalidArgument
+from qwenlite.io.adapters import load_adapters
 from qwenlite.io.hub import resolve_model_path
 from qwenlite.io.images import ImageProcessor
 from qwenlite.io.load import generation_defaults, load_model
@@ -156,19 +158,28 @@ def serve(
     allow_image_urls: bool = False,
     device: str = "cpu",
     snapshot_interval: int = SNAPSHOT_INTERVAL,
+    lora: Sequence[tuple[str, str]] = (),
 ) -> None:
     """Load `model` and serve it until interrupted. `allow_special_in_content`: chat messages that spell control
     tokens ("<|im_end|>") get those tokens, as before qwenlite encoded them as text. `allow_image_urls`: image
-    parts may name public http(s) URLs, which the server downloads (else data: URLs only)."""
+    parts may name public http(s) URLs, which the server downloads (else data: URLs only). `lora`: (name, PEFT
+    adapter directory) pairs, each served as the model `name`, all on the one base in the same batches; an adapter
+    that does not fit the base stops the start-up with its name and the mismatch."""
     import uvicorn
 
     path = resolve_model_path(model)
+    name = served_model_name or model
+    aliases = (str(path), path.name)
+    taken = [n for n, _ in lora if n in (name, *aliases)]
+    if taken:
+        raise InvalidArgument(f"the adapter name {taken[0]!r} is the base model's; choose another", param="lora")
     loaded, tokenizer = load_model(path, dtype, quant, device)
+    if lora:
+        load_adapters(loaded, lora)
     ctx = min(ctx or DEFAULT_CTX, loaded.config.max_position_embeddings)
     engine = Engine(loaded, max_concurrency, max_queue, ctx, cache_mb, snapshot_interval=snapshot_interval)
-    name = served_model_name or model
     images = ImageProcessor.from_dir(path, loaded.config.vision_config) if loaded.visual is not None else None
-    app = create_app(engine, tokenizer, name, api_key, generation_defaults(path), (str(path), path.name),
+    app = create_app(engine, tokenizer, name, api_key, generation_defaults(path), aliases,
                      allow_special_in_content, images, allow_image_urls)  # fmt: skip
     print(
         f"qwenlite serve: {name} on http://{host}:{port}/v1 | context {ctx} tokens x {max_concurrency} slots "
@@ -176,7 +187,8 @@ def serve(
         f"prompt cache {cache_mb:g} MiB"
         + (" | API key required" if api_key else "")
         + (" | control tokens allowed in messages" if allow_special_in_content else "")
-        + (" | images" + (" (and image URLs)" if allow_image_urls else "") if images else ""),
+        + (" | images" + (" (and image URLs)" if allow_image_urls else "") if images else "")
+        + (f" | LoRA adapters: {', '.join(n for n, _ in lora)}" if lora else ""),
         flush=True,
     )
     try:

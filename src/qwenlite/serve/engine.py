@@ -74,6 +74,11 @@ class Engine:
     def waiting(self) -> int:
         return len(self.scheduler.waiting)
 
+    @property
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters the model carries; Request.adapter i (>= 1) runs with names[i - 1]."""
+        return self.runner.adapter_names
+
     def submit(self, request: Request, on_event: Callable[[Event], None]) -> Handle:
         """Queue a request; `on_event` is called from the engine thread and must not block.
 

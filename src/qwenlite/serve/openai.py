@@ -430,6 +430,8 @@ class OpenAIServer:
         self.api_key = api_key
         self.defaults = dict(defaults or {})  # sampling settings a request leaves out (generation_config.json)
         self.names = {model_name, *aliases}
+        # LoRA adapters by the name clients send as `model`: the engine request's adapter index (0 = the base).
+        self.adapters = {name: i for i, name in enumerate(engine.adapter_names, 1)}
         self.created = int(time.time())
         self.assistant_header = tokenizer.encode(ASSISTANT_HEADER)
 
@@ -468,8 +470,9 @@ class OpenAIServer:
 
     def check_request(self, body: ChatCompletionRequest | CompletionRequest) -> None:
         """What the request's schema cannot say: a model this server serves, n within its bounds."""
-        if body.model is not None and body.model not in self.names:
-            raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {self.model_name!r}",
+        if body.model is not None and body.model not in self.names and body.model not in self.adapters:
+            served = ", ".join(repr(name) for name in [self.model_name, *self.adapters])
+            raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {served}",
                            param="model", code="model_not_found")  # fmt: skip
         if not 1 <= body.n <= MAX_N:
             raise ApiError(400, f"n must be between 1 and {MAX_N}, got {body.n}", param="n")
@@ -480,6 +483,10 @@ class OpenAIServer:
         if n > 1 and n * prompts > capacity:
             raise ApiError(400, f"n={n} for {prompts} prompt(s) asks for {n * prompts} samples; this server "
                            f"queues at most {capacity} at once", param="n")  # fmt: skip
+
+    def adapter(self, body: ChatCompletionRequest | CompletionRequest) -> int:
+        """The adapter the request's `model` names: 0 for the base (its name, an alias, or none)."""
+        return 0 if body.model in self.names else self.adapters.get(body.model, 0)
 
     @staticmethod
     def samples(params: SamplingParams, n: int) -> list[SamplingParams]:
@@ -622,6 +629,7 @@ class OpenAIServer:
                 logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                 snapshot_at=turn_starts(ids, self.assistant_header),
                 images=tuple(images),
+                adapter=self.adapter(body),
             )
             for sample in self.samples(params, body.n)
         ]
@@ -661,6 +669,7 @@ class OpenAIServer:
                 frozenset(self.tokenizer.eos_token_ids),
                 logprobs=body.logprobs,
                 prompt_logprobs=0 if echo_only else body.logprobs if body.echo else None,
+                adapter=self.adapter(body),
             )
             for ids in prompts
             for sample in self.samples(params, body.n)
@@ -696,7 +705,8 @@ class OpenAIServer:
         body, n = answer.body, answer.body.n
         submission = self.submit(answer, n)
         trace.usages = lambda: choice_usages(submission, answer.outputs, n)
-        head = dict(id=f"{answer.id_prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name)
+        model = body.model if self.adapter(body) else self.model_name  # an adapter answers under its own name
+        head = dict(id=f"{answer.id_prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=model)
         updates = self.updates(submission, answer, trace)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -753,8 +763,11 @@ class OpenAIServer:
     # The rest ---------------------------------------------------------------------------------------------------
 
     async def models(self) -> ModelList:
-        card = ModelCard(id=self.model_name, created=self.created, max_model_len=self.engine.ctx)
-        return ModelList(data=[card])
+        """The base model, then each LoRA adapter with the base as its `parent` (as vLLM lists them)."""
+        cards = [ModelCard(id=name, created=self.created, max_model_len=self.engine.ctx,
+                           parent=self.model_name if name != self.model_name else None)
+                 for name in [self.model_name, *self.adapters]]  # fmt: skip
+        return ModelList(data=cards)
 
     async def health(self) -> Health:
         """Liveness, with the engine's rows in use and requests waiting (no API key needed)."""

@@ -1,7 +1,9 @@
 """Prompt-state reuse: the recurrent state cannot be rewound, so the engine keeps snapshots of a cache row, keyed
 by the exact token ids they cover, in a byte-bounded LRU; a new prompt restores the longest stored prefix. An
 image's tokens are all `<|image_pad|>`, so in a key each stands for its image's content digest instead: two
-different images never share a state, and a follow-up about the same image restores the one after it."""
+different images never share a state, and a follow-up about the same image restores the one after it. A state
+computed under a LoRA adapter is keyed with the adapter in its first element, so it is never restored for another
+adapter or the base."""
 
 from __future__ import annotations
 
@@ -18,6 +20,12 @@ def image_key(ids: Sequence[int], images: Sequence[ImageInput], image_token_id: 
     """`ids` with each image token replaced by its image's digest (images in order, each `tokens` long)."""
     digests = iter([image.digest for image in images for _ in range(image.tokens)])
     return tuple(next(digests) if i == image_token_id else i for i in ids)
+
+
+def adapter_key(key: tuple, adapter: int) -> tuple:
+    """`key` for a prompt run under adapter `adapter` (0: the base, keyed as it is): its first element becomes
+    (adapter, element), which no other adapter's key and no token id equals, so prefixes never match across."""
+    return ((adapter, key[0]), *key[1:]) if adapter and key else key
 
 
 def snapshot_bytes(snap: Cache) -> int:

@@ -214,6 +214,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "qwenlite"
     max_model_len: int
+    parent: str | None = None  # a LoRA adapter's base model (vLLM's field); None for the base
 
 
 class ModelList(BaseModel):

@@ -4,7 +4,11 @@ which row; serve/engine.py runs both in one thread.
 
 Prompt-state reuse: the recurrent state cannot be rewound, so the runner keeps snapshots of a row, keyed by the
 exact token ids they cover (serve/prompt_cache.py): after the prefill pieces the scheduler marks and at the end
-of each generation. A new prompt restores the longest stored prefix and prefills only the rest."""
+of each generation. A new prompt restores the longest stored prefix and prefills only the rest.
+
+LoRA adapters (model/adapters.py, attached by io/adapters.load_adapters): a request names its adapter by index (0:
+the base); before each forward the runner selects each row's, so one decode step serves rows of different adapters,
+and the prompt cache keys a state with the adapter it was computed under."""
 
 from __future__ import annotations
 
@@ -12,13 +16,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qwenlite.errors import QwenliteError
+from qwenlite.errors import InvalidArgument, QwenliteError
+from qwenlite.model.adapters import adapter_selection
 from qwenlite.model.cache import AttentionCache, Cache, make_cache
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.model.runner import run_model
 from qwenlite.model.vision import embed_prompt, mrope_positions
 from qwenlite.sample import apply_processors, make_logits_processors, make_sampler
-from qwenlite.serve.prompt_cache import PromptCache, image_key
+from qwenlite.serve.prompt_cache import PromptCache, adapter_key, image_key
 from qwenlite.serve.scheduler import PromptLogprobs, Request, Sequence, Token, cut_prefill
 
 ECHO_CHUNK = 128  # prompt logprobs need every position's logits: (128, V) fp32 is 127 MB at V = 248320
@@ -66,16 +71,31 @@ class Runner:
         self.prefill_chunk, self.snapshot_interval = prefill_chunk, snapshot_interval
         self.cache = make_cache(model.config, rows, ctx, model.dtype, self.device)
         self.prompt_cache = PromptCache(int(cache_mb * 2**20))
+        self.adapters = adapter_selection(model)  # None: the model carries no adapters
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The model's adapters; request.adapter i (>= 1) is names[i - 1]."""
+        return list(self.adapters.names) if self.adapters else []
 
     def key(self, request: Request) -> tuple:
-        """The prompt as the prompt cache keys it; a QwenliteError for images this model cannot place."""
+        """The prompt as the prompt cache keys it; a QwenliteError for images this model cannot place or an
+        adapter it does not carry."""
+        if not 0 <= request.adapter <= len(self.adapter_names):
+            raise InvalidArgument(f"adapter {request.adapter} does not exist: this model carries "
+                                  f"{len(self.adapter_names)}", param="model")  # fmt: skip
         if not request.images:
-            return tuple(request.prompt_ids)
+            return adapter_key(tuple(request.prompt_ids), request.adapter)
         if getattr(self.model, "visual", None) is None:
             raise QwenliteError("this model reads no images: it has no vision tower")
         token = self.model.config.image_token_id
         mrope_positions(request.prompt_ids, request.images, token)  # fails here, not in the engine's thread
-        return image_key(request.prompt_ids, request.images, token)
+        return adapter_key(image_key(request.prompt_ids, request.images, token), request.adapter)
+
+    def select(self, seqs: list[Sequence]) -> None:
+        """Each row of the next forward on its sequence's adapter."""
+        if self.adapters is not None:
+            self.adapters.select([seq.request.adapter for seq in seqs])
 
     def move_rows(self, moves: list[tuple[int, int]]) -> None:
         for src, dst in moves:
@@ -118,6 +138,7 @@ class Runner:
         ids = torch.tensor([request.prompt_ids[a:b]], device=self.device)
         k = request.prompt_logprobs
         keep = 0 if k is not None else 1
+        self.select([seq])
         if state.embeds is None:
             logits = run_model(self.model, ids, view, logits_to_keep=keep)  # (1, T or 1, V)
         else:
@@ -151,6 +172,7 @@ class Runner:
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One forward of the decoding rows [0, n), each fed its last token: -> (n, V) next-token logits."""
         ids = torch.tensor([[seq.tokens[-1]] for seq in seqs], device=self.device)  # (n, 1)
+        self.select(seqs)
         return run_model(self.model, ids, self.cache.rows(0, len(seqs)))[:, -1]
 
     def sample(self, seq: Sequence, logits: torch.Tensor) -> Token:

@@ -43,6 +43,7 @@ class Request:
     prompt_logprobs: int | None = None  # the same for each prompt token (echo); such a prompt is prefilled cold
     snapshot_at: tuple[int, ...] = ()  # prompt positions worth a snapshot for later prompts
     images: tuple[ImageInput, ...] = ()  # what the prompt's <|image_pad|> runs hold, in order
+    adapter: int = 0  # the LoRA adapter its rows run with: 0 the base, i the model's i-th (model/adapters.py)
 
 
 @dataclass
