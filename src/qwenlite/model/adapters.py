@@ -51,7 +51,7 @@ class AdapterSelection:
     def __init__(self, names: Sequence[str]):
         self.names = list(names)  # index i + 1 is adapter names[i]
         self.rows: tuple[int, ...] = ()
-        self._groups: dict[int, list[tuple[int, torch.Tensor | None]]] = {}
+        self._groups: dict[tuple, list[tuple[int, torch.Tensor | None]]] = {}
 
     def select(self, rows: Sequence[int]) -> None:
         rows = tuple(int(r) for r in rows)
@@ -70,24 +70,26 @@ class AdapterSelection:
         finally:
             self.select(previous)
 
-    def groups(self, M: int) -> list[tuple[int, torch.Tensor | None]]:
-        """For an input of M tokens: (adapter, token indices, or None for all M) per adapter in use, base left out;
-        computed once per selection and token count, not per layer."""
-        if M not in self._groups:
+    def groups(self, x: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
+        """For a layer's input x (B, T, in) or (B * T, in): (adapter, token indices into x's rows flattened, or None
+        for all) per adapter in use, base left out; computed once per selection and shape, not per layer."""
+        M = x.numel() // x.shape[-1]
+        batch = x.shape[0] if x.dim() > 2 else None  # flattened: M = B * T
+        if (M, batch, x.device) not in self._groups:
             B = len(self.rows)
             if B == 0 or not any(self.rows):
                 found: list[tuple[int, torch.Tensor | None]] = []
-            elif M % B:
-                raise ValueError(f"adapters were selected for {B} rows, but a layer sees {M} tokens")
+            elif M % B or batch not in (None, B):
+                raise ValueError(f"adapters were selected for {B} rows, but a layer sees {tuple(x.shape[:-1])}")
             elif len(set(self.rows)) == 1:
                 found = [(self.rows[0], None)]
             else:
                 T = M // B
-                tokens = torch.arange(M).view(B, T)
+                tokens = torch.arange(M, device=x.device).view(B, T)
                 found = [(a, tokens[[b for b, r in enumerate(self.rows) if r == a]].flatten())
                          for a in sorted(set(self.rows) - {0})]  # fmt: skip
-            self._groups[M] = found
-        return self._groups[M]
+            self._groups[M, batch, x.device] = found
+        return self._groups[M, batch, x.device]
 
 
 class AdapterLinear(nn.Module):
@@ -119,7 +121,7 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        groups = [(a, idx) for a, idx in self.selection.groups(x.numel() // self.in_features) if self.targeted[a]]
+        groups = [(a, idx) for a, idx in self.selection.groups(x) if self.targeted[a]]
         if not groups:
             return y
         x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
