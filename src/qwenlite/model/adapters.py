@@ -2,7 +2,7 @@
 in one batch needs (S-LoRA / Punica's idea, here in plain torch).
 
 `attach_adapters(model, adapters)` replaces each Linear (or QuantLinear) that any adapter targets by an
-`AdapterLinear`, which keeps the layer as `base_layer` and holds every adapter's A, B and scaling for it, stacked
+`AdapterLinear`, which keeps the layer as `base_layer` and holds every adapter's A and B (scaled) for it, stacked
 (index 0 is the base: zeros). All of a model's AdapterLinears share one `AdapterSelection`: before each forward
 the caller says which adapter each row uses (`select([0, 2, 1])`, 0 = the base); then each layer adds, for each
 adapter present in the batch, `(x_rows A^T) B^T * scaling` to that adapter's rows only: one small matmul pair
@@ -93,9 +93,10 @@ class AdapterSelection:
 
 
 class AdapterLinear(nn.Module):
-    """y = base_layer(x), plus for each row whose adapter a > 0 targets this layer: (x A[a]^T) B[a]^T * scaling[a].
-    lora_A (n + 1, r, in), lora_B (n + 1, out, r), fp32, zero-padded to the largest rank (zero rows and columns add
-    nothing); index 0 is the base."""
+    """y = base_layer(x), plus for each row whose adapter a > 0 targets this layer: (x A_a^T) (scaling_a B_a^T),
+    the S-LoRA / Punica shrink and expand: `shrink` (n + 1, in, r) holds each A^T, `expand` (n + 1, r, out) each
+    scaling * B^T (transposed and scaled once here: a strided B^T costs a decode step's matmul ~4x), fp32,
+    zero-padded to the largest rank (zero columns and rows add nothing); index 0 is the base."""
 
     def __init__(self, base_layer: nn.Linear | QuantLinear, selection: AdapterSelection, r: int):
         super().__init__()
@@ -104,19 +105,17 @@ class AdapterLinear(nn.Module):
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         n = len(selection.names) + 1
         device = base_layer.qweight.device if isinstance(base_layer, QuantLinear) else base_layer.weight.device
-        self.register_buffer("lora_A", torch.zeros(n, r, self.in_features, device=device))
-        self.register_buffer("lora_B", torch.zeros(n, self.out_features, r, device=device))
-        self.register_buffer("scaling", torch.zeros(n, device=device))
+        self.register_buffer("shrink", torch.zeros(n, self.in_features, r, device=device))
+        self.register_buffer("expand", torch.zeros(n, r, self.out_features, device=device))
         self.targeted = [False] * n  # which adapters have weights here
 
     @torch.no_grad()
     def set_adapter(self, index: int, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
         r = A.shape[0]
-        self.lora_A[index].zero_()
-        self.lora_B[index].zero_()
-        self.lora_A[index, :r] = A
-        self.lora_B[index, :, :r] = B
-        self.scaling[index] = scaling
+        self.shrink[index].zero_()
+        self.expand[index].zero_()
+        self.shrink[index, :, :r] = A.T
+        self.expand[index, :r] = B.T * scaling
         self.targeted[index] = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +126,7 @@ class AdapterLinear(nn.Module):
         x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
         for a, idx in groups:
             xa = (x2 if idx is None else x2.index_select(0, idx)).float()  # (m, in)
-            delta = ((xa @ self.lora_A[a].T @ self.lora_B[a].T) * self.scaling[a]).to(y.dtype)  # (m, out)
+            delta = (xa @ self.shrink[a] @ self.expand[a]).to(y.dtype)  # (m, out)
             if idx is None:
                 y2 = y2 + delta
             else:
