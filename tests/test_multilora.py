@@ -261,6 +261,17 @@ def test_an_adapter_that_does_not_fit_is_refused_with_its_name(adapters, tmp_pat
     assert not any(isinstance(m, AdapterLinear) for m in model.modules())  # all or nothing
 
 
+def test_an_adapter_on_the_vision_tower_is_refused(adapters, tmp_path):
+    root, _ = adapters
+    model = base_model(root)
+    model.visual = torch.nn.Sequential(torch.nn.Linear(64, 64))  # a stand-in tower: its patches are no rows
+    weights = {"base_model.model.visual.0.lora_A.weight": torch.zeros(2, 64),
+               "base_model.model.visual.0.lora_B.weight": torch.zeros(64, 2)}  # fmt: skip
+    bad = edited(root, "de", tmp_path / "eyes", tensors=lambda w: {**w, **weights})
+    with pytest.raises(CheckpointError, match="adapter eyes: targets visual.0, outside the text model's layers"):
+        load_adapters(model, [("eyes", bad)])
+
+
 def test_missing_or_corrupt_adapter_files(adapters, tmp_path):
     root, _ = adapters
     model = base_model(root)

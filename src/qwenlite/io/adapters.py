@@ -100,8 +100,9 @@ def read_adapter(adapter_dir: str | Path, name: str | None = None) -> Adapter:
 
 
 def check_adapter(adapter: Adapter, model: nn.Module) -> None:
-    """Refuse an adapter that does not fit `model`: a module the base lacks (or that is not a linear layer), an A
-    or B whose shape is not the base layer's, another vocabulary, or a vocabulary module it would replace."""
+    """Refuse an adapter that does not fit `model`: a module the base lacks (or that is not a linear layer, or is
+    outside the text model's layers and head), an A or B whose shape is not the base layer's, another vocabulary, or
+    a vocabulary module it would replace."""
     name = adapter.name
     vocab = model.config.vocab_size
     for key, tensor in adapter.vocabulary.items():  # full copies (V, hidden), embedding LoRA A (r, V)
@@ -116,6 +117,9 @@ def check_adapter(adapter: Adapter, model: nn.Module) -> None:
     modules = dict(model.named_modules())
     for path, (A, B) in adapter.weights.items():
         layer = modules.get(path)
+        if layer is not None and not (path.startswith("model.layers.") or path == "lm_head"):
+            # The vision tower runs on image patches, before any row's adapter is chosen.
+            raise CheckpointError(f"adapter {name}: targets {path}, outside the text model's layers and head")
         if not isinstance(layer, nn.Linear | QuantLinear):
             what = "which the base lacks" if layer is None else f"a {type(layer).__name__}, not a linear layer"
             raise CheckpointError(f"adapter {name}: targets {path}, {what}")
