@@ -135,18 +135,23 @@ def check_adapter(adapter: Adapter, model: nn.Module) -> None:
             )
 
 
+def check_names(names: Sequence[str], taken: Sequence[str] = ()) -> None:
+    """Adapter names: each given once, none empty, none in `taken` (the base model's own names, say)."""
+    for i, name in enumerate(names):
+        if not name:
+            raise InvalidArgument("an adapter needs a name", param="lora")
+        if name in names[:i]:
+            raise InvalidArgument(f"the adapter name {name!r} is given twice", param="lora")
+        if name in taken:
+            raise InvalidArgument(f"the adapter name {name!r} is the base model's; choose another", param="lora")
+
+
 def load_adapters(model: nn.Module, adapters: Sequence[tuple[str, str | Path]]) -> AdapterSelection:
     """(name, PEFT directory) pairs -> every adapter read, checked against `model` and attached to it for per-row
     selection (the i-th pair is index i + 1; 0 is the base). Nothing is attached unless all fit."""
     if adapter_selection(model) is not None:
         raise CheckpointError("this model already carries adapters")
-    names: set[str] = set()
-    for name, _ in adapters:
-        if not name:
-            raise InvalidArgument("an adapter needs a name", param="lora")
-        if name in names:
-            raise InvalidArgument(f"the adapter name {name!r} is given twice", param="lora")
-        names.add(name)
+    check_names([name for name, _ in adapters])
     read = [read_adapter(path, name) for name, path in adapters]
     for adapter in read:
         check_adapter(adapter, model)

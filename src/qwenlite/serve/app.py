@@ -17,8 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qwenlite.errors import InvalidArgument
-from qwenlite.io.adapters import load_adapters
+from qwenlite.io.adapters import check_names, load_adapters
 from qwenlite.io.hub import resolve_model_path
 from qwenlite.io.images import ImageProcessor
 from qwenlite.io.load import generation_defaults, load_model
@@ -170,9 +169,7 @@ def serve(
     path = resolve_model_path(model)
     name = served_model_name or model
     aliases = (str(path), path.name)
-    taken = [n for n, _ in lora if n in (name, *aliases)]
-    if taken:
-        raise InvalidArgument(f"the adapter name {taken[0]!r} is the base model's; choose another", param="lora")
+    check_names([n for n, _ in lora], (name, *aliases))  # before the minutes a large model takes to load
     loaded, tokenizer = load_model(path, dtype, quant, device)
     if lora:
         load_adapters(loaded, lora)
