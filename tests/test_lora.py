@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from qwenlite.cli.main import main
 from qwenlite.errors import QwenliteError
-from qwenlite.io.checkpoint import load_checkpoint
+from qwenlite.io.checkpoint import load_checkpoint, save_checkpoint
 from qwenlite.train.common import TrainSettings
 from qwenlite.train.lora import (
     ADAPTER_CONFIG,
@@ -103,6 +103,26 @@ def test_merged_equals_base_plus_adapter(trained):
     assert max_abs_diff(logits(model), adapted) < 1e-5
     # The merged checkpoint train_sft wrote (--merge) is the same model.
     assert max_abs_diff(logits(base_model(trained / "adapter" / "merged")), adapted) < 1e-5
+
+
+def test_merging_into_a_tied_head_unties_it(tmp_path):
+    """A LoRA on lm_head of a model whose head is its embedding: the merge changes the head alone (the embedding,
+    and so every input, stays the base's), the config says the head is untied, and the saved checkpoint is the
+    adapted model."""
+    make_hf_checkpoint(tmp_path / "base", tied=True, scale=0.05)
+    model = base_model(tmp_path / "base")
+    assert model.config.tie_word_embeddings
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    apply_lora(model, r=2, targets=["lm_head"])
+    with torch.no_grad():
+        lora_modules(model)["lm_head"].lora_B.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+    adapted = logits(model)
+    merge_lora(model)
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+    assert not model.config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight
+    assert max_abs_diff(logits(model), adapted) < 1e-5
+    save_checkpoint(model, tmp_path / "merged")
+    assert max_abs_diff(logits(base_model(tmp_path / "merged")), adapted) < 1e-5
 
 
 def test_adapter_loads_in_peft(trained):

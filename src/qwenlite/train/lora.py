@@ -10,6 +10,7 @@ W += alpha / r * B @ A and swaps the plain layers back.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -129,9 +130,19 @@ def lora_disabled(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (W += scaling * B @ A, in fp32) and put the plain layers back."""
+    """Fold every adapter into its base weight (W += scaling * B @ A, in fp32) and put the plain layers back. A
+    weight that another module shares (a head tied to the embedding) gets its own copy first, and the config says
+    the head is no longer tied: the delta is the head's alone."""
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
     for path, m in lora_modules(model).items():
         w = m.base_layer.weight
+        if uses.get(id(w), 0) > 1:
+            w = m.base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+            config = getattr(model, "config", None)
+            if getattr(config, "tie_word_embeddings", False):
+                model.config = dataclasses.replace(config, tie_word_embeddings=False)
         w.copy_((w.float() + m.delta_weight()).to(w.dtype))
         _set_module(model, path, m.base_layer)
     return model
