@@ -78,7 +78,15 @@ MULTIMODAL_PREPROCESSOR: dict = {"size": {"shortest_edge": 64 * 64, "longest_edg
 MULTIMODAL_VISION_CONFIG: dict = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
                                   "out_hidden_size": TINY_TEXT_CONFIG["hidden_size"], "patch_size": 16,
                                   "num_position_embeddings": 16, "initializer_range": 0.2}  # fmt: skip
+# Frames sampled at 2 per second, 4 to 12 of them; all frames' pixels together between 4096 and 65536 (a small clip
+# keeps 64 x 64 frames, a larger one is scaled down); CLIP's mean and std as for images.
+MULTIMODAL_VIDEO_PREPROCESSOR: dict = {"size": {"shortest_edge": 4096, "longest_edge": 65536}, "patch_size": 16,
+                                       "temporal_patch_size": 2, "merge_size": 2, "fps": 2, "min_frames": 4,
+                                       "max_frames": 12, "image_mean": MULTIMODAL_PREPROCESSOR["image_mean"],
+                                       "image_std": MULTIMODAL_PREPROCESSOR["image_std"],
+                                       "video_processor_type": "Qwen3VLVideoProcessor"}  # fmt: skip
 IMAGE_PAD = 248056  # <|image_pad|>
+VIDEO_PAD = 248057  # <|video_pad|>
 
 MTP_FILE = "model-mtp.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -199,8 +207,9 @@ def make_hf_checkpoint(
 
 def make_multimodal_checkpoint(path: Path, tokenizer_dir: Path, seed: int = 0):
     """A `Qwen3_5ForConditionalGeneration` (tiny text model on the real 248320 vocabulary, untied, a two-block vision
-    tower with lively random weights) written by `save_pretrained` beside the tokenizer files and a
-    preprocessor_config.json; returns the transformers model (fp32, eager attention)."""
+    tower with lively random weights) written by `save_pretrained` beside the tokenizer files, a
+    preprocessor_config.json and a video_preprocessor_config.json; returns the transformers model (fp32, eager
+    attention)."""
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
     text = dict(TINY_TEXT_CONFIG, vocab_size=248320, initializer_range=0.2, tie_word_embeddings=False)
@@ -216,6 +225,7 @@ def make_multimodal_checkpoint(path: Path, tokenizer_dir: Path, seed: int = 0):
     for file in Path(tokenizer_dir).iterdir():
         shutil.copy(file, Path(path) / file.name)
     (Path(path) / "preprocessor_config.json").write_text(json.dumps(MULTIMODAL_PREPROCESSOR))
+    (Path(path) / "video_preprocessor_config.json").write_text(json.dumps(MULTIMODAL_VIDEO_PREPROCESSOR))
     return model
 
 

@@ -112,9 +112,11 @@ class ModelConfig:
     # Multimodal rotary positions (rope_parameters' mrope_section: rotary frequencies per t / h / w stream,
     # interleaved); text positions are the same in all three, so only image tokens see them.
     mrope_section: list[int] | None = None
-    # The multimodal wrapper's vision tower and image tokens; None for a text-only config. Not written by to_dict.
+    # The multimodal wrapper's vision tower and image / video tokens; None for a text-only config. Not written by
+    # to_dict.
     vision_config: VisionConfig | None = None
     image_token_id: int | None = None
+    video_token_id: int | None = None
     # Unknown keys of the source file, kept so that a config written back loses nothing.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -275,7 +277,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         """A flat config.json that transformers' class for this family reads (`Qwen3_5ForCausalLM`,
         `Qwen3_5MoeForCausalLM`, `Qwen3ForCausalLM`, `Qwen2ForCausalLM`)."""
-        skip = ("extra", "vision_config", "image_token_id", "mrope_section")
+        skip = ("extra", "vision_config", "image_token_id", "video_token_id", "mrope_section")
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         out = {**self.extra, **out}
         out["architectures"] = [ARCHITECTURES[self.model_type]]

@@ -30,3 +30,7 @@ class KernelError(QwenliteError):
 
 class InvalidImage(QwenliteError, ValueError):
     """An image that cannot be read: not an image, corrupt, truncated, too large, or of an impossible shape."""
+
+
+class InvalidVideo(QwenliteError, ValueError):
+    """A video that cannot be read: not a video, corrupt, truncated, without frames, too long or too large."""

@@ -7,10 +7,15 @@ table resampled to the image's grid, runs pre-norm blocks of full (non-causal) a
 and a GELU(tanh) MLP, then merges each 2 x 2 block into one vector of the text model's width: one
 `<|image_pad|>` token. Attribute paths are the checkpoint's names under `model.visual.`.
 
+A video is frames through the same tower, two frames to a temporal patch (`VideoInput`, grid t > 1); its tokens are
+`<|video_pad|>`, one run per temporal patch with a `<t seconds>` label before it (io/video.py lays them out).
+
 The text model then gives each token three rotary positions (t, h, w): equal for text, the grid coordinates for
 image tokens, and text after an image continues from the image's largest position + 1, so a sequence's rope position
 runs behind its token count by `rope_delta` from there on (negative: an image of N tokens advances it by its side).
-`embed_prompt` gives the text model a prompt's embeddings, image features in place, and those positions.
+Each temporal patch of a video is placed as an image of its own (the reference's `get_rope_index` splits the video's
+grid into t grids of one frame): the labels between them are text. `embed_prompt` gives the text model a prompt's
+embeddings, image and video features in place, and those positions.
 
 The projections are the text model's `Linear`: a bf16 tower takes the same fp32 GEMM on CPUs whose bf16 GEMM is slow
 (4-6x at these shapes, measured), and `set_fast(model, False)` gives the pure-torch reference.
@@ -43,6 +48,23 @@ class ImageInput:
     @property
     def tokens(self) -> int:
         """Its `<|image_pad|>` tokens in the prompt."""
+        t, h, w = self.grid_thw
+        return t * h * w // self.merge_size**2
+
+
+@dataclass
+class VideoInput:
+    """One preprocessed video: its sampled frames as the tower reads them, and the time of each temporal patch."""
+
+    pixel_values: torch.Tensor  # (t * h * w, C * temporal_patch * P * P) fp32, frame by frame in merge-block order
+    grid_thw: tuple[int, int, int]  # t = temporal patches (frames / temporal_patch)
+    merge_size: int
+    digest: str  # hash of the pixel values: equal videos, equal digest
+    timestamps: tuple[float, ...]  # seconds, one per temporal patch: the middle of its first and last frame
+
+    @property
+    def tokens(self) -> int:
+        """Its `<|video_pad|>` tokens in the prompt, all temporal patches together."""
         t, h, w = self.grid_thw
         return t * h * w // self.merge_size**2
 
@@ -176,54 +198,83 @@ class VisionModel(nn.Module):
         return self.merger(x)
 
 
-def mrope_positions(ids: Sequence[int], images: Sequence[ImageInput], image_token_id: int) -> tuple[torch.Tensor, int]:
-    """The three rotary position streams (3, T) of a prompt whose `<|image_pad|>` runs hold `images` in order, and
-    its rope delta (the next position minus T). Text advances all three by one per token; an image's tokens sit at
-    (start, start + row, start + column) of its merged grid, and the text after it starts at start + its longer side."""
-    ids, out, pos, i, k = list(ids), [], 0, 0, 0
+def vision_runs(inputs: Sequence[ImageInput | VideoInput], image_token_id: int, video_token_id: int | None):
+    """The prompt's runs of pad tokens that `inputs` fill, in order: (pad token, merged grid (t, h, w), input number).
+    An image is one run; a video is one run per temporal patch, each a grid of one frame (the reference's split)."""
+    for k, item in enumerate(inputs):
+        t, h, w = item.grid_thw
+        h, w = h // item.merge_size, w // item.merge_size
+        if isinstance(item, VideoInput):
+            if video_token_id is None:
+                raise QwenliteError("this model reads no videos: its config has no video_token_id")
+            yield from ((video_token_id, (1, h, w), k) for _ in range(t))
+        else:
+            yield image_token_id, (t, h, w), k
+
+
+def mrope_positions(
+    ids: Sequence[int],
+    images: Sequence[ImageInput | VideoInput],
+    image_token_id: int,
+    video_token_id: int | None = None,
+) -> tuple[torch.Tensor, int]:
+    """The three rotary position streams (3, T) of a prompt whose `<|image_pad|>` / `<|video_pad|>` runs hold `images`
+    (images and videos, in prompt order), and its rope delta (the next position minus T). Text advances all three by
+    one per token; a run's tokens sit at (start + frame, start + row, start + column) of its merged grid, and the text
+    after it starts at start + its longer side."""
+    pads = {image_token_id, video_token_id} - {None}
+    runs = vision_runs(images, image_token_id, video_token_id)
+    names = {image_token_id: "<|image_pad|>", video_token_id: "<|video_pad|>"}
+    ids, out, pos, i = list(ids), [], 0, 0
     while i < len(ids):
-        if ids[i] != image_token_id:
+        if ids[i] not in pads:
             j = i
-            while j < len(ids) and ids[j] != image_token_id:
+            while j < len(ids) and ids[j] not in pads:
                 j += 1
             out.append(torch.arange(pos, pos + j - i).expand(3, -1))
             pos, i = pos + j - i, j
             continue
-        if k == len(images):
-            raise QwenliteError("the prompt has more <|image_pad|> tokens than its images need")
-        image = images[k]
-        t, h, w = image.grid_thw
-        h, w = h // image.merge_size, w // image.merge_size
-        if ids[i : i + image.tokens] != [image_token_id] * image.tokens:
-            raise QwenliteError(f"image {k + 1} needs {image.tokens} <|image_pad|> tokens in a row in the prompt")
+        token, (t, h, w), k = next(runs, (None, (0, 0, 0), len(images)))
+        if token is None:
+            raise QwenliteError(
+                "the prompt has more <|image_pad|> / <|video_pad|> tokens than its images and videos need"
+            )
+        n = t * h * w
+        if ids[i : i + n] != [token] * n:
+            what = "video" if token == video_token_id else "image"
+            raise QwenliteError(f"{what} {k + 1} needs {n} {names[token]} tokens in a row in the prompt")
         tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
         out.append(torch.stack([tt, hh, ww]).reshape(3, -1) + pos)
-        pos, i, k = pos + max(h, w), i + image.tokens, k + 1
-    if k != len(images):
-        raise QwenliteError(f"{len(images)} images but <|image_pad|> tokens for {k} in the prompt")
+        pos, i = pos + max(h, w), i + n
+    rest = next(runs, None)
+    if rest is not None:
+        raise QwenliteError(
+            f"{len(images)} images and videos but <|image_pad|> / <|video_pad|> tokens for {rest[2]} in the prompt"
+        )
     positions = torch.cat(out, 1) if out else torch.zeros(3, 0, dtype=torch.long)
     return positions, pos - len(ids)
 
 
 def embed_prompt(
-    model: Qwen3_5ForCausalLM, ids: Sequence[int], images: Sequence[ImageInput], start: int = 0
+    model: Qwen3_5ForCausalLM, ids: Sequence[int], images: Sequence[ImageInput | VideoInput], start: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """A prompt whose `<|image_pad|>` runs hold `images` -> the input embeddings (1, T - start, hidden) and rotary
-    positions (3, T - start) of its tokens from `start` on, each run replaced by its image's features, and the
-    prompt's rope delta: what `model`'s forward takes for it. Only images that reach past `start` are encoded: a
-    restored prefix needs none of the others."""
+    """A prompt whose `<|image_pad|>` / `<|video_pad|>` runs hold `images` (images and videos in prompt order) -> the
+    input embeddings (1, T - start, hidden) and rotary positions (3, T - start) of its tokens from `start` on, each
+    run replaced by its features, and the prompt's rope delta: what `model`'s forward takes for it. Only inputs that
+    reach past `start` are encoded: a restored prefix needs none of the others."""
     c = model.config
     if model.visual is None or c.image_token_id is None:
         raise QwenliteError(
             "this model reads no images: it has no vision tower (a text-only checkpoint, a quantized checkpoint "
             "or a GGUF file)"
         )
-    positions, delta = mrope_positions(ids, images, c.image_token_id)
+    positions, delta = mrope_positions(ids, images, c.image_token_id, c.video_token_id)
     device = model.device
     input_ids = torch.tensor([list(ids[start:])], device=device)
     embeds = model.model.embed_tokens(input_ids)
-    ends = torch.tensor([0, *(i.tokens for i in images)]).cumsum(0)  # where each image's run ends, among runs
-    where = (input_ids[0] == c.image_token_id).nonzero()[:, 0]  # pad tokens from `start` on
+    ends = torch.tensor([0, *(i.tokens for i in images)]).cumsum(0)  # where each input's pads end, among all pads
+    pad = (input_ids[0] == c.image_token_id) | (input_ids[0] == (c.video_token_id or -1))
+    where = pad.nonzero()[:, 0]  # pad tokens from `start` on
     skipped = int(ends[-1]) - len(where)  # pad tokens before `start`
     wanted = [i for i in range(len(images)) if ends[i + 1] > skipped]
     if wanted:
