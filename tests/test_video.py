@@ -6,19 +6,22 @@ refusals."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import av
+import httpx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from qwenlite.cli.main import main as cli_main
 from qwenlite.errors import InvalidVideo, QwenliteError
-from qwenlite.generate import generate_tokens, prefill
+from qwenlite.generate import generate_tokens, prefill, stream
 from qwenlite.io import video as video_io
 from qwenlite.io.checkpoint import load_checkpoint
 from qwenlite.io.images import ImageProcessor, expand_image_tokens
@@ -26,9 +29,12 @@ from qwenlite.io.video import VideoProcessor, expand_video_tokens
 from qwenlite.model.cache import make_cache
 from qwenlite.model.vision import embed_prompt
 from qwenlite.sample import SamplingParams
+from qwenlite.serve import image_urls
+from qwenlite.serve.app import create_app
+from qwenlite.serve.engine import Engine
 from qwenlite.text.tokenizer import Tokenizer
 
-from helpers import IMAGE_PAD, VIDEO_PAD, make_multimodal_checkpoint, max_abs_diff
+from helpers import IMAGE_PAD, VIDEO_PAD, LiveServer, make_multimodal_checkpoint, max_abs_diff
 
 GREEDY = SamplingParams(temperature=0)
 NEW_TOKENS = 8
@@ -272,3 +278,102 @@ def test_without_pyav_a_video_names_the_extra(mm, monkeypatch):
     monkeypatch.setitem(sys.modules, "av", None)  # import av raises ImportError
     with pytest.raises(QwenliteError, match=r"pip install 'qwenlite\[video\]'"):
         mm[3].load(mm[5]["16 frames, 8 sampled"])
+
+
+# --- the command line and the server -------------------------------------------------------------------------
+
+
+def cold_answer(mm, messages: list[dict], inputs: list) -> str:
+    """Greedy text for these messages (parts as {"type": "video"} / {"type": "image"}) through generate alone."""
+    _, model, tok, *_ = mm
+    ids = video_io.expand_vision_tokens(tok.encode_chat(messages), inputs, tok, model.config)
+    return "".join(c.text for c in stream(model, tok, ids, GREEDY, NEW_TOKENS, images=inputs))
+
+
+def test_run_with_a_video(mm, capsys):
+    path, clip = mm[4], mm[5]["16 frames, 8 sampled"]
+    argv = [
+        "run",
+        str(path),
+        "What happens?",
+        "--video",
+        str(clip),
+        "--max-tokens",
+        str(NEW_TOKENS),
+        "--temperature",
+        "0",
+    ]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert out == cold_answer(mm, [user(VIDEO, "What happens?")], [mm[3].load(clip)]) + "\n"
+    assert cli_main(["run", str(path), "x", "--raw", "--video", str(clip)]) != 0  # no template to place it in
+    assert "--video need the chat template" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def live(mm):
+    _, model, tok, processor, path, *_ = mm
+    engine = Engine(model, max_concurrency=2, max_queue=4, ctx=1024)
+    app = create_app(engine, tok, "mm", images=ImageProcessor.from_dir(path), videos=processor)
+    server = LiveServer(app, engine)
+    yield server
+    server.stop()
+
+
+def video_part(data: bytes) -> dict:
+    return {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(data).decode()}}
+
+
+def test_openai_video_url_parts_equal_qwenlite_run(mm, live, capsys):
+    path, clip = mm[4], mm[5]["10 frames, 5 sampled (the last repeated)"]
+    assert cli_main(["run", str(path), "Describe it.", "--video", str(clip), "--max-tokens", str(NEW_TOKENS),
+                     "--temperature", "0"]) == 0  # fmt: skip
+    expected = capsys.readouterr().out.removesuffix("\n")
+    messages = [user(video_part(clip.read_bytes()), "Describe it.")]
+    reply = live.client().chat.completions.create(model="mm", messages=messages, max_tokens=NEW_TOKENS, temperature=0)
+    assert reply.choices[0].message.content == expected
+    assert reply.usage.prompt_tokens == len(prompt_for(mm, [user(VIDEO, "Describe it.")], [mm[3].load(clip)]))
+
+
+def prompt_for(mm, messages, inputs) -> list[int]:
+    _, model, tok, *_ = mm
+    return video_io.expand_vision_tokens(tok.encode_chat(messages), inputs, tok, model.config)
+
+
+def test_a_follow_up_about_the_same_video_restores_its_state(mm, live):
+    clips, client = mm[5], live.client()
+    a, b = clips["16 frames, 8 sampled"].read_bytes(), clips["larger than max pixels"].read_bytes()
+    first = [user(video_part(a), "What is it?")]
+    reply = client.chat.completions.create(model="mm", messages=first, max_tokens=NEW_TOKENS, temperature=0)
+    answer = reply.choices[0].message.content
+    follow = [*first, {"role": "assistant", "content": answer}, user("And its colour?")]
+    again = client.chat.completions.create(model="mm", messages=follow, max_tokens=NEW_TOKENS, temperature=0)
+    video = mm[3].load(a)
+    assert again.usage.prompt_tokens_details.cached_tokens > video.tokens  # the video was not encoded again
+    plain = [user(VIDEO, "What is it?"), {"role": "assistant", "content": answer}, user("And its colour?")]
+    assert again.choices[0].message.content == cold_answer(mm, plain, [video])
+    # The same words about another video share no state past the text before its first frame.
+    other = [user(video_part(b), "What is it?"), *follow[1:]]
+    third = client.chat.completions.create(model="mm", messages=other, max_tokens=NEW_TOKENS, temperature=0)
+    before_video = prompt_for(mm, [user(VIDEO)], [video]).index(VIDEO_PAD)
+    assert third.usage.prompt_tokens_details.cached_tokens <= before_video
+    assert third.choices[0].message.content == cold_answer(mm, plain, [mm[3].load(b)])
+
+
+@pytest.mark.parametrize("kind", ["not a video", "truncated", "not base64", "http", "local path", "too many bytes"])
+def test_bad_videos_are_400s_naming_their_part(mm, live, monkeypatch, kind):
+    good = mm[5]["16 frames, 8 sampled"].read_bytes()
+    data = {"not a video": b"hello, world", "truncated": good[: len(good) // 2], "too many bytes": good}
+    url = video_part(data[kind])["video_url"]["url"] if kind in data else {
+        "not base64": "data:video/mp4;base64,@@@@", "http": "http://example.com/clip.mp4", "local path": "/etc/passwd"
+    }[kind]  # fmt: skip
+    if kind == "too many bytes":
+        monkeypatch.setattr(image_urls, "MAX_VIDEO_BYTES", 100)
+        monkeypatch.setattr("qwenlite.serve.openai.MAX_VIDEO_BYTES", 100)
+    body = {"model": "mm", "messages": [user("Look:", {"type": "video_url", "video_url": {"url": url}})]}
+    r = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "messages.0.content.1.video_url"
+    assert "video" in error["message"] and "\n" not in error["message"]
+    assert live.engine.active == 0

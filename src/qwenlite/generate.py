@@ -85,7 +85,8 @@ def prefill(
     images: Sequence[ImageInput] = (),
 ) -> torch.Tensor:
     """Run the prompt through the model in pieces of `chunk` tokens; returns the last position's logits (V,).
-    `images` fill the prompt's `<|image_pad|>` runs, in order (io/images.expand_image_tokens lays them out)."""
+    `images` (images and videos) fill the prompt's `<|image_pad|>` / `<|video_pad|>` runs, in order
+    (io/images.expand_image_tokens and io/video.expand_video_tokens lay them out)."""
     device = model.device
     logits = embeds = positions = None
     if images:

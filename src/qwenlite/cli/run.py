@@ -15,16 +15,18 @@ from qwenlite.generate import stream
 from qwenlite.io.checkpoint import write_random_checkpoint
 from qwenlite.io.files import atomic_write
 from qwenlite.io.hub import DEFAULT_MODEL, resolve_model_path
-from qwenlite.io.images import ImageProcessor, expand_image_tokens
+from qwenlite.io.images import ImageProcessor
 from qwenlite.io.load import generation_defaults, load_model
-from qwenlite.model.vision import ImageInput
+from qwenlite.io.video import VideoProcessor, expand_vision_tokens
+from qwenlite.model.vision import ImageInput, VideoInput
 from qwenlite.sample import SAMPLING_FIELDS, SamplingParams
 from qwenlite.speculative import make_speculation
 from qwenlite.text.tokenizer import ENCODE_CHAT_ARGUMENTS
 from qwenlite.text.vocab import write_tokenizer_files
 
 CHAT_HELP = (
-    "Chat with a model. Commands: /image PATH (attach to the next message), /reset (new conversation), "
+    "Chat with a model. Commands: /image PATH and /video PATH (attach to the next message), /reset (new "
+    "conversation), "
     "/think (toggle reasoning), /exit."
 )
 
@@ -34,6 +36,8 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     run.add_argument("args", nargs="+", metavar="[MODEL] PROMPT", help=f"model (default {DEFAULT_MODEL}); '-' = stdin")
     run.add_argument("--raw", action="store_true", help="plain continuation of PROMPT, no chat template")
     run.add_argument("--image", action="append", default=[], metavar="PATH", help="an image before PROMPT (repeatable)")
+    run.add_argument("--video", action="append", default=[], metavar="PATH",
+                     help="a video before PROMPT, after the images (repeatable; PyAV: qwenlite[video])")  # fmt: skip
     _add_model_flags(run)
     _add_sampling_flags(run)
     run.set_defaults(func=cmd_run)
@@ -121,24 +125,31 @@ class Session:
             raise QwenliteError(f"{self.path} reads no images: it has no vision tower (or is a quantized or GGUF file)")
         return ImageProcessor.from_dir(self.path, self.model.config.vision_config).load(path)
 
-    def prompt_ids(self, messages: list[dict], think: bool | None, images: Sequence[ImageInput] = ()) -> list[int]:
+    def load_video(self, path: str) -> VideoInput:
+        if self.model.visual is None:
+            raise QwenliteError(f"{self.path} reads no videos: it has no vision tower (or is a quantized or GGUF file)")
+        return VideoProcessor.from_dir(self.path, self.model.config.vision_config).load(path)
+
+    def prompt_ids(
+        self, messages: list[dict], think: bool | None, images: Sequence[ImageInput | VideoInput] = ()
+    ) -> list[int]:
         """The messages through the checkpoint's template, with the flags' template variables (the named flags
-        over --chat-template-kwargs); each image part's placeholder as many image tokens as its image (`images`,
-        in the messages' order) has. What the messages spell stays text."""
+        over --chat-template-kwargs); each image or video part's placeholder expanded for its input (`images`,
+        images and videos in the messages' order). What the messages spell stays text."""
         a = self.args
         named = {"enable_thinking": think, "reasoning_effort": a.reasoning_effort,
                  "preserve_thinking": a.preserve_thinking}  # fmt: skip
         kwargs = {**a.chat_template_kwargs, **{k: v for k, v in named.items() if v is not None}}
         ids = self.tokenizer.encode_chat(messages, **kwargs)
-        return expand_image_tokens(ids, images, self.model.config.image_token_id) if images else ids
+        return expand_vision_tokens(ids, images, self.tokenizer, self.model.config) if images else ids
 
-    def answer(self, prompt_ids: list[int], images: Sequence[ImageInput] = ()) -> Iterator:
+    def answer(self, prompt_ids: list[int], images: Sequence[ImageInput | VideoInput] = ()) -> Iterator:
         a = self.args
         return stream(self.model, self.tokenizer, prompt_ids, self.params, a.max_tokens, a.stop, a.ctx,
                       self.speculation, images)  # fmt: skip
 
 
-def _print_stream(session: Session, prompt_ids: list[int], images: Sequence[ImageInput] = ()) -> dict:
+def _print_stream(session: Session, prompt_ids: list[int], images: Sequence[ImageInput | VideoInput] = ()) -> dict:
     """Answer to stdout, reasoning to stderr (dim on a terminal); returns the assistant message."""
     dim, reset = ("\033[2m", "\033[0m") if sys.stderr.isatty() else ("", "")
     answer, reasoning = [], []
@@ -167,20 +178,25 @@ def _print_stream(session: Session, prompt_ids: list[int], images: Sequence[Imag
     return message
 
 
+def part(item: ImageInput | VideoInput) -> dict:
+    """The content part that stands for an image or a video in a message (the template writes its placeholder)."""
+    return {"type": "video"} if isinstance(item, VideoInput) else {"type": "image"}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if len(args.args) > 2:
         raise QwenliteError("run takes [MODEL] PROMPT; quote a prompt that has spaces")
     model_ref, prompt = (DEFAULT_MODEL, args.args[0]) if len(args.args) == 1 else args.args
     if prompt == "-":
         prompt = sys.stdin.read()
-    if args.raw and args.image:
-        raise QwenliteError("--image needs the chat template, which --raw leaves out")
+    if args.raw and (args.image or args.video):
+        raise QwenliteError("--image and --video need the chat template, which --raw leaves out")
     session = Session(model_ref, args)
-    images = [session.load_image(p) for p in args.image]
+    images = [*map(session.load_image, args.image), *map(session.load_video, args.video)]
     if args.raw:
         ids = session.tokenizer.encode(prompt)
     else:
-        content = [*({"type": "image"} for _ in images), {"type": "text", "text": prompt}] if images else prompt
+        content = [*map(part, images), {"type": "text", "text": prompt}] if images else prompt
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": content}
         ]
@@ -194,8 +210,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
-    images: list[ImageInput] = []  # the conversation's, in order
-    attached: list[ImageInput] = []  # for the next message
+    images: list[ImageInput | VideoInput] = []  # the conversation's, in order
+    attached: list[ImageInput | VideoInput] = []  # for the next message
     think = args.think
     if interactive:
         print(f"qwenlite chat: {args.model}. {CHAT_HELP} Ctrl-C stops an answer.", file=sys.stderr)
@@ -216,10 +232,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages, images, attached = list(system), [], []
             print("(new conversation)", file=sys.stderr)
             continue
-        if text.startswith("/image "):
+        if text.startswith(("/image ", "/video ")):
+            kind, _, where = text.partition(" ")
             try:
-                attached.append(session.load_image(text.removeprefix("/image ").strip()))
-                print(f"(image attached to the next message: {len(attached)})", file=sys.stderr)
+                load = session.load_image if kind == "/image" else session.load_video
+                attached.append(load(where.strip()))
+                print(f"({kind[1:]} attached to the next message: {len(attached)})", file=sys.stderr)
             except QwenliteError as e:
                 print(f"qwenlite: error: {e}", file=sys.stderr)
             continue
@@ -227,7 +245,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             think = not (think if think is not None else False)
             print(f"(reasoning {'on' if think else 'off'})", file=sys.stderr)
             continue
-        content = [*({"type": "image"} for _ in attached), {"type": "text", "text": line}] if attached else line
+        content = [*map(part, attached), {"type": "text", "text": line}] if attached else line
         messages.append({"role": "user", "content": content})
         turn_images = images + attached
         try:

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qwenlite.config import VisionConfig
+from qwenlite.config import ModelConfig, VisionConfig
 from qwenlite.errors import InvalidVideo, QwenliteError
-from qwenlite.io.images import MAX_ASPECT_RATIO
-from qwenlite.model.vision import VideoInput
+from qwenlite.io.images import MAX_ASPECT_RATIO, expand_image_tokens
+from qwenlite.model.vision import ImageInput, VideoInput
 from qwenlite.text.tokenizer import Tokenizer
 
 VIDEO_PREPROCESSOR_FILE = "video_preprocessor_config.json"
@@ -269,3 +269,16 @@ def expand_video_tokens(
             # The label sits between control tokens, so it encodes alone as it does inside the whole text.
             out += [*tok.encode_plain(f"<{seconds:.1f} seconds>"), start, *run, end]
     return out
+
+
+def expand_vision_tokens(
+    ids: Sequence[int], inputs: Sequence[ImageInput | VideoInput], tok: Tokenizer, config: ModelConfig
+) -> list[int]:
+    """Prompt ids with one placeholder per image and video part -> each expanded for its input (`inputs`, images
+    and videos in the prompt's order: the order the model takes them in)."""
+    images = [i for i in inputs if not isinstance(i, VideoInput)]
+    videos = [v for v in inputs if isinstance(v, VideoInput)]
+    ids = expand_image_tokens(ids, images, config.image_token_id) if images else list(ids)
+    if videos and config.video_token_id is None:
+        raise QwenliteError("this model reads no videos: its config has no video_token_id")
+    return expand_video_tokens(ids, videos, tok, config.video_token_id) if videos else ids

@@ -21,6 +21,7 @@ from qwenlite.io.adapters import check_names, load_adapters
 from qwenlite.io.hub import resolve_model_path
 from qwenlite.io.images import ImageProcessor
 from qwenlite.io.load import generation_defaults, load_model
+from qwenlite.io.video import VideoProcessor
 from qwenlite.serve.engine import SNAPSHOT_INTERVAL, Engine, cache_bytes
 from qwenlite.serve.metrics import Metrics
 from qwenlite.serve.openai import ApiError, OpenAIServer, error_response
@@ -63,11 +64,13 @@ def create_app(
     allow_special_in_content: bool = False,
     images: ImageProcessor | None = None,
     allow_image_urls: bool = False,
+    videos: VideoProcessor | None = None,
 ) -> FastAPI:
-    """`images`: the checkpoint's image preprocessing, for a model with a vision tower (None: no images)."""
+    """`images`, `videos`: the checkpoint's image and video preprocessing, for a model with a vision tower (None:
+    no images, no videos)."""
     metrics = Metrics(engine)
     api = OpenAIServer(engine, tokenizer, model_name, api_key, defaults, aliases, allow_special_in_content, metrics,
-                       images, allow_image_urls)  # fmt: skip
+                       images, allow_image_urls, videos)  # fmt: skip
     app = FastAPI(
         title="qwenlite",
         version="0.1.0",
@@ -175,16 +178,19 @@ def serve(
         load_adapters(loaded, lora)
     ctx = min(ctx or DEFAULT_CTX, loaded.config.max_position_embeddings)
     engine = Engine(loaded, max_concurrency, max_queue, ctx, cache_mb, snapshot_interval=snapshot_interval)
-    images = ImageProcessor.from_dir(path, loaded.config.vision_config) if loaded.visual is not None else None
+    images = videos = None
+    if loaded.visual is not None:
+        images = ImageProcessor.from_dir(path, loaded.config.vision_config)
+        videos = VideoProcessor.from_dir(path, loaded.config.vision_config)
     app = create_app(engine, tokenizer, name, api_key, generation_defaults(path), aliases,
-                     allow_special_in_content, images, allow_image_urls)  # fmt: skip
+                     allow_special_in_content, images, allow_image_urls, videos)  # fmt: skip
     print(
         f"qwenlite serve: {name} on http://{host}:{port}/v1 | context {ctx} tokens x {max_concurrency} slots "
         f"({cache_bytes(engine.cache) / 2**20:.0f} MiB cache on {loaded.device}), queue {max_queue}, "
         f"prompt cache {cache_mb:g} MiB"
         + (" | API key required" if api_key else "")
         + (" | control tokens allowed in messages" if allow_special_in_content else "")
-        + (" | images" + (" (and image URLs)" if allow_image_urls else "") if images else "")
+        + (" | images and videos" + (" (and their URLs)" if allow_image_urls else "") if images else "")
         + (f" | LoRA adapters: {', '.join(n for n, _ in lora)}" if lora else ""),
         flush=True,
     )

@@ -16,27 +16,29 @@ from urllib.parse import urlsplit
 from qwenlite.errors import InvalidImage
 
 MAX_IMAGE_BYTES = 20 << 20  # per image, after base64 decoding or as downloaded
+MAX_VIDEO_BYTES = 64 << 20  # per video (`video_url` parts read the same way, with `kind="video"`)
 DOWNLOAD_TIMEOUT = 10.0  # seconds, per socket operation
 
 
-def image_bytes(url: str, allow_urls: bool = False, max_bytes: int | None = None) -> bytes:
-    """The image behind `url`, at most `max_bytes` (default MAX_IMAGE_BYTES) of it."""
+def image_bytes(url: str, allow_urls: bool = False, max_bytes: int | None = None, kind: str = "image") -> bytes:
+    """The image (or video, `kind`) behind `url`, at most `max_bytes` (default MAX_IMAGE_BYTES) of it."""
     max_bytes = max_bytes or MAX_IMAGE_BYTES
+    a = "a" if kind == "video" else "an"
     if url.startswith("data:"):
         header, comma, payload = url.partition(",")
         if not comma or not header.endswith(";base64"):
-            raise InvalidImage("an image data URL must be base64: data:image/png;base64,...")
+            raise InvalidImage(f"{a} {kind} data URL must be base64: data:{kind}/...;base64,...")
         if len(payload) > (max_bytes + 2) // 3 * 4:
-            raise InvalidImage(f"the image is larger than this server's {max_bytes} bytes")
+            raise InvalidImage(f"the {kind} is larger than this server's {max_bytes} bytes")
         try:
             return base64.b64decode(payload, validate=True)
         except binascii.Error:
-            raise InvalidImage("the image data URL is not valid base64") from None
+            raise InvalidImage(f"the {kind} data URL is not valid base64") from None
     if url.startswith(("http://", "https://")):
         if not allow_urls:
-            raise InvalidImage("this server reads no image URLs (serve --allow-image-urls); send a data: URL")
+            raise InvalidImage(f"this server reads no {kind} URLs (serve --allow-image-urls); send a data: URL")
         return download(url, max_bytes)
-    raise InvalidImage("an image_url must be a data: URL (or http(s) where allowed); local paths are never read")
+    raise InvalidImage(f"{a} {kind}_url must be a data: URL (or http(s) where allowed); local paths are never read")
 
 
 class _CheckedRedirects(urllib.request.HTTPRedirectHandler):

@@ -24,12 +24,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from qwenlite.errors import ContextLengthExceeded, InvalidArgument, QwenliteError
-from qwenlite.io.images import ImageProcessor, expand_image_tokens
-from qwenlite.model.vision import ImageInput
+from qwenlite.io.images import ImageProcessor
+from qwenlite.io.video import VideoProcessor, expand_vision_tokens
+from qwenlite.model.vision import ImageInput, VideoInput
 from qwenlite.sample import SAMPLING_FIELDS, SamplingParams
 from qwenlite.serve.engine import Engine, Finish, PromptLogprobs, QueueFull, Token, Usage
 from qwenlite.serve.engine import Request as EngineRequest
-from qwenlite.serve.image_urls import image_bytes
+from qwenlite.serve.image_urls import MAX_VIDEO_BYTES, image_bytes
 from qwenlite.serve.metrics import Metrics, Trace
 from qwenlite.serve.protocol import (
     AssistantMessage,
@@ -66,7 +67,8 @@ from qwenlite.text.tokenizer import (
 from qwenlite.text.toolcalls import ToolCallDelta, ToolCallParser
 
 MAX_N = 16  # samples per prompt (`n`)
-VALID_PARTS = (("text", False, True), ("image_url", True, False))  # (type, no text, no image_url)
+# (type, no text, no image_url, no video_url)
+VALID_PARTS = (("text", False, True, True), ("image_url", True, False, True), ("video_url", True, True, False))
 
 # Not settable through chat_template_kwargs: encode_chat's own arguments (enable_thinking is taken apart).
 RESERVED_TEMPLATE_KWARGS = ENCODE_CHAT_ARGUMENTS | {"enable_thinking"}
@@ -420,9 +422,11 @@ class OpenAIServer:
         metrics: Metrics | None = None,
         images: ImageProcessor | None = None,
         allow_image_urls: bool = False,
+        videos: VideoProcessor | None = None,
     ):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.images = images  # None: the model reads no images
+        self.videos = videos  # None: the model reads no videos
         self.allow_image_urls = allow_image_urls
         self.metrics = metrics or Metrics(engine)
         # Off: what messages, tool calls, tool results and tools spell is text, never a control token.
@@ -534,29 +538,33 @@ class OpenAIServer:
 
     # Chat -------------------------------------------------------------------------------------------------------
 
-    def chat_images(self, body: ChatCompletionRequest) -> list[ImageInput]:
-        """The images of the messages' `image_url` parts, in order, decoded and preprocessed (CPU work: run it off
-        the event loop). A bad image is a 400 naming its part."""
+    def chat_images(self, body: ChatCompletionRequest) -> list[ImageInput | VideoInput]:
+        """The images and videos of the messages' `image_url` / `video_url` parts, in order, decoded and preprocessed
+        (CPU work: run it off the event loop). A bad image or video is a 400 naming its part."""
         images = []
         for i, m in enumerate(body.messages):
             for j, part in enumerate(m.content if isinstance(m.content, list) else []):
-                if part.type != "image_url" or part.image_url is None:
+                video = part.type == "video_url" and part.video_url is not None
+                if not video and (part.type != "image_url" or part.image_url is None):
                     continue
-                param = f"messages.{i}.content.{j}.image_url"
-                if self.images is None:
-                    raise ApiError(400, "this model reads no images: it has no vision tower", param=param)
+                kind = "video" if video else "image"
+                param = f"messages.{i}.content.{j}.{kind}_url"
+                processor = self.videos if video else self.images
+                if processor is None:
+                    raise ApiError(400, f"this model reads no {kind}s: it has no vision tower", param=param)
                 try:
-                    data = image_bytes(part.image_url.url, self.allow_image_urls)
-                    images.append(self.images.load(data, name=f"the image in {param}"))
+                    url = (part.video_url if video else part.image_url).url
+                    data = image_bytes(url, self.allow_image_urls, MAX_VIDEO_BYTES if video else None, kind)
+                    images.append(processor.load(data, name=f"the {kind} in {param}"))
                 except QwenliteError as e:
                     raise ApiError(400, str(e), param=param) from None
         return images
 
     def chat_prompt(
-        self, body: ChatCompletionRequest, images: Sequence[ImageInput] = ()
+        self, body: ChatCompletionRequest, images: Sequence[ImageInput | VideoInput] = ()
     ) -> tuple[list[int], list[dict] | None, str]:
-        """-> (prompt ids, tools to parse calls for or None, forced start of the answer); each image part is its
-        image's tokens (`images`, from `chat_images`)."""
+        """-> (prompt ids, tools to parse calls for or None, forced start of the answer); each image or video part
+        is its input's tokens (`images`, from `chat_images`)."""
         messages = []
         for i, m in enumerate(body.messages):
             message = m.model_dump(exclude_none=True)
@@ -564,10 +572,12 @@ class OpenAIServer:
                 message["role"] = "system"
             if isinstance(m.content, list):
                 for j, p in enumerate(m.content):
-                    if (p.type, p.text is None, p.image_url is None) not in VALID_PARTS:
-                        raise ApiError(400, "content parts are text or image_url", param=f"messages.{i}.content.{j}")
-                # The template writes a placeholder per image part: it needs no URL (megabytes of base64).
-                message["content"] = [{"type": "image"} if p["type"] == "image_url" else p for p in message["content"]]
+                    if (p.type, p.text is None, p.image_url is None, p.video_url is None) not in VALID_PARTS:
+                        raise ApiError(400, "content parts are text, image_url or video_url",
+                                       param=f"messages.{i}.content.{j}")  # fmt: skip
+                # The template writes a placeholder per image or video part: it needs no URL (megabytes of base64).
+                placeholders = {"image_url": {"type": "image"}, "video_url": {"type": "video"}}
+                message["content"] = [placeholders.get(p["type"], p) for p in message["content"]]
             messages.append(message)
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         choice = body.tool_choice or ("auto" if tools else "none")
@@ -595,7 +605,7 @@ class OpenAIServer:
         except ChatTemplateError as e:
             raise ApiError(400, str(e), param="messages") from None
         try:
-            ids = expand_image_tokens(ids, images, self.engine.model.config.image_token_id) if images else ids
+            ids = expand_vision_tokens(ids, images, self.tokenizer, self.engine.model.config) if images else ids
         except QwenliteError as e:  # the template wrote a placeholder for fewer (or more) parts than it was sent
             raise ApiError(400, str(e), param="messages") from None
         if forced and starts_in_reasoning(self.tokenizer, ids):

@@ -13,13 +13,18 @@ from collections.abc import Sequence
 import torch
 
 from qwenlite.model.cache import Cache
-from qwenlite.model.vision import ImageInput
+from qwenlite.model.vision import ImageInput, VideoInput
 
 
-def image_key(ids: Sequence[int], images: Sequence[ImageInput], image_token_id: int) -> tuple:
-    """`ids` with each image token replaced by its image's digest (images in order, each `tokens` long)."""
+def image_key(
+    ids: Sequence[int],
+    images: Sequence[ImageInput | VideoInput],
+    image_token_id: int,
+    video_token_id: int | None = None,
+) -> tuple:
+    """`ids` with each image or video token replaced by its input's digest (inputs in order, each `tokens` long)."""
     digests = iter([image.digest for image in images for _ in range(image.tokens)])
-    return tuple(next(digests) if i == image_token_id else i for i in ids)
+    return tuple(next(digests) if i in (image_token_id, video_token_id) else i for i in ids)
 
 
 def adapter_key(key: tuple, adapter: int) -> tuple:

@@ -21,10 +21,15 @@ class ImageUrl(_Request):
     detail: str | None = None  # OpenAI's low / high / auto: ignored, the checkpoint's pixel limits decide
 
 
+class VideoUrl(_Request):
+    url: str  # vLLM's video part: a data: URL (base64), or http(s) where the server allows image URLs
+
+
 class ContentPart(_Request):
     type: str
     text: str | None = None
     image_url: ImageUrl | None = None
+    video_url: VideoUrl | None = None
 
 
 class FunctionCall(_Request):

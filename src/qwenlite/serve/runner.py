@@ -88,9 +88,9 @@ class Runner:
             return adapter_key(tuple(request.prompt_ids), request.adapter)
         if getattr(self.model, "visual", None) is None:
             raise QwenliteError("this model reads no images: it has no vision tower")
-        token = self.model.config.image_token_id
-        mrope_positions(request.prompt_ids, request.images, token)  # fails here, not in the engine's thread
-        return adapter_key(image_key(request.prompt_ids, request.images, token), request.adapter)
+        tokens = self.model.config.image_token_id, self.model.config.video_token_id
+        mrope_positions(request.prompt_ids, request.images, *tokens)  # fails here, not in the engine's thread
+        return adapter_key(image_key(request.prompt_ids, request.images, *tokens), request.adapter)
 
     def select(self, seqs: list[Sequence]) -> None:
         """Each row of the next forward on its sequence's adapter."""
