@@ -398,6 +398,20 @@ BAD_REQUESTS = [
         "messages.0.content.0.image_url",
     ),  # fmt: skip
     (
+        "a video part without its url",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "video_url"}]}]},
+        400,
+        "messages.0.content.0",
+    ),  # fmt: skip
+    (
+        "a video for a model without a vision tower",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "data:,"}}]}]},
+        400,
+        "messages.0.content.0.video_url",
+    ),  # fmt: skip
+    (
         "enable_thinking not a bool",
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"enable_thinking": "yes"}},

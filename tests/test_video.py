@@ -7,6 +7,7 @@ refusals."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import subprocess
 import sys
@@ -308,6 +309,13 @@ def test_run_with_a_video(mm, capsys):
     assert out == cold_answer(mm, [user(VIDEO, "What happens?")], [mm[3].load(clip)]) + "\n"
     assert cli_main(["run", str(path), "x", "--raw", "--video", str(clip)]) != 0  # no template to place it in
     assert "--video need the chat template" in capsys.readouterr().err
+
+
+def test_chat_attaches_a_video_to_the_next_message(mm, capsys, monkeypatch):
+    path, clip = mm[4], mm[5]["3 frames, fewer than min_frames"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/video {clip}\nWhat is it?\n"))
+    assert cli_main(["chat", str(path), "--max-tokens", str(NEW_TOKENS), "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == cold_answer(mm, [user(VIDEO, "What is it?")], [mm[3].load(clip)]) + "\n"
 
 
 @pytest.fixture(scope="module")
