@@ -149,8 +149,10 @@ class VideoProcessor:
         """Bytes of a video file -> its sampled frames resized (N, 3, H, W) uint8, which frames they are, and the
         stream's frame rate. Frames are resized as they are decoded: a long video never sits in memory whole."""
         av = import_av()
+        opened = False
         try:
             with av.open(io.BytesIO(data)) as container:
+                opened = True
                 if not container.streams.video:
                     raise InvalidVideo(f"{name} has no video stream")
                 stream = container.streams.video[0]
@@ -188,7 +190,8 @@ class VideoProcessor:
         except InvalidVideo:
             raise
         except av.error.FFmpegError as e:  # not a container PyAV knows, or data it cannot decode
-            raise InvalidVideo(f"{name} is not a video PyAV can read, or is corrupt ({one_line(e)})") from None
+            what = "is corrupt or truncated" if opened else "is not a video PyAV can read"
+            raise InvalidVideo(f"{name} {what} ({one_line(e)})") from None
         if len(frames) < len(indices):
             raise InvalidVideo(f"{name} is truncated: {len(frames)} of the {len(indices)} frames sampled decode")
         return torch.cat(frames), indices, fps
