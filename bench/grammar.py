@@ -1,0 +1,201 @@
+"""Constrained decoding's cost, in one run: the two grammar engines qwenlite could use (xgrammar, llguidance) on
+the real Qwen3.5 vocabulary (248,320 logits), and decode tokens/s of one model with and without a JSON schema.
+Run by hand, never in CI; it wants a quiet machine:
+
+    python bench/grammar.py                        # the engines: compile time, per-token mask time
+    python bench/grammar.py --decode tiny          # and decode tok/s with and without a schema (a preset, random
+                                                   # weights at its shapes, or a checkpoint directory)
+
+For each schema, a valid instance (written as a model would: ", " and ": " separators) is tokenized with the real
+tokenizer, and the engine's matcher walks it: the time to compute the next token's mask, then accept the token.
+xgrammar is imported only when installed (its wheel requires torch, transformers and triton: install it with
+`pip install --no-deps --target DIR xgrammar apache-tvm-ffi` and put DIR on PYTHONPATH to compare). qwenlite uses
+llguidance (text/grammar.py says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+
+from qwenlite.text.tokenizer import Tokenizer
+from qwenlite.text.vocab import write_tokenizer_files
+
+VOCAB = 248320  # Qwen3.5's logits; the tokenizer has 248,077 ids
+SEPARATORS = (", ", ": ")
+
+# name -> (schema or None for any JSON object, an instance to walk)
+SCHEMAS = {
+    "flat": (
+        {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+            "required": ["name", "age"],
+            "additionalProperties": False,
+        },
+        {"name": "Ada Lovelace", "age": 36},
+    ),
+    "enum-bool-int": (
+        {
+            "type": "object",
+            "properties": {
+                "colour": {"enum": ["red", "green", "blue"]},
+                "ok": {"type": "boolean"},
+                "n": {"type": "integer", "minimum": 0, "maximum": 100},
+            },
+            "required": ["colour", "ok", "n"],
+            "additionalProperties": False,
+        },
+        {"colour": "green", "ok": True, "n": 42},
+    ),
+    "nested": (
+        {
+            "type": "object",
+            "properties": {
+                "title": {"type": "string", "maxLength": 40},
+                "authors": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": 4,
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "name": {"type": "string"},
+                            "email": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                            "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}},
+                        },
+                        "required": ["name", "email"],
+                        "additionalProperties": False,
+                    },
+                },
+                "year": {"type": "integer", "minimum": 1800, "maximum": 2100},
+                "score": {"type": "number"},
+            },
+            "required": ["title", "authors", "year"],
+            "additionalProperties": False,
+        },
+        {
+            "title": "On computable numbers",
+            "authors": [
+                {"name": "Alan Turing", "email": None, "tags": ["logic", "machines"]},
+                {"name": "Alonzo Church", "email": "church@princeton.edu", "tags": []},
+            ],
+            "year": 1936,
+            "score": 9.75,
+        },
+    ),
+    "json_object": (None, {"answer": [1, 2.5, "three", {"four": None, "five": False}], "note": "any object"}),
+}
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+class Llguidance:
+    name = "llguidance"
+
+    def __init__(self, tok: Tokenizer):
+        import llguidance
+        import llguidance.torch
+
+        self.ll, self.llt = llguidance, llguidance.torch
+        self.tokenizer = llguidance.LLTokenizer(tok.to_json(), n_vocab=VOCAB, eos_token=sorted(tok.eos_token_ids))
+        self.mask = llguidance.torch.allocate_token_bitmask(1, VOCAB)
+
+    def compile(self, schema):
+        options = {"whitespace_flexible": False, "item_separator": SEPARATORS[0], "key_separator": SEPARATORS[1]}
+        grammar = self.ll.LLMatcher.grammar_from_json_schema(
+            schema if schema is not None else {"type": "object"}, defaults=options
+        )
+        matcher = self.ll.LLMatcher(self.tokenizer, grammar)
+        assert not matcher.is_error(), matcher.get_error()
+        return matcher  # llguidance compiles lazily: the grammar's first masks build the lexer
+
+    def walk(self, compiled, tokens: list[int]) -> list[float]:
+        matcher, times = compiled, []
+        for t in tokens:
+            t0 = time.perf_counter()
+            self.llt.fill_next_token_bitmask(matcher, self.mask)
+            times.append(time.perf_counter() - t0)
+            assert matcher.consume_token(t), matcher.get_error()
+        return times
+
+
+class Xgrammar:
+    name = "xgrammar"
+
+    def __init__(self, tok: Tokenizer):
+        import xgrammar
+
+        self.xgr = xgrammar
+        vocab = [bytes(tok.token_bytes(i)) for i in range(tok.vocab_size)]
+        info = xgrammar.TokenizerInfo(
+            vocab, xgrammar.VocabType.RAW, vocab_size=VOCAB, stop_token_ids=sorted(tok.eos_token_ids)
+        )
+        self.compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        self.mask = xgrammar.allocate_token_bitmask(1, VOCAB)
+
+    def compile(self, schema):
+        if schema is None:
+            return self.compiler.compile_builtin_json_grammar()
+        return self.compiler.compile_json_schema(json.dumps(schema), any_whitespace=False, separators=SEPARATORS)
+
+    def walk(self, compiled, tokens: list[int]) -> list[float]:
+        matcher, times = self.xgr.GrammarMatcher(compiled), []
+        for t in tokens:
+            t0 = time.perf_counter()
+            matcher.fill_next_token_bitmask(self.mask)
+            times.append(time.perf_counter() - t0)
+            assert matcher.accept_token(t), t
+        return times
+
+
+def bench_engines(tok: Tokenizer, repeat: int) -> None:
+    engines = []
+    for engine in (Llguidance, Xgrammar):
+        try:
+            t0 = time.perf_counter()
+            engines.append(engine(tok))
+            print(f"{engine.name}: tokenizer set up in {time.perf_counter() - t0:.2f} s")
+        except ImportError as e:
+            print(f"{engine.name}: not installed ({e})")
+    print(f"\n{'engine':<11} {'schema':<14} {'tokens':>6} {'compile ms':>10} {'first mask ms':>13} "
+          f"{'mean mask us':>12} {'p99 mask us':>11}")  # fmt: skip
+    for name, (schema, instance) in SCHEMAS.items():
+        tokens = tok.encode_plain(json.dumps(instance, ensure_ascii=False))
+        for engine in engines:
+            compiles, firsts, steps = [], [], []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                compiled = engine.compile(schema)
+                compiles.append(time.perf_counter() - t0)
+                times = engine.walk(compiled, tokens)
+                firsts.append(times[0])
+                steps += times[1:]
+            print(
+                f"{engine.name:<11} {name:<14} {len(tokens):>6} {statistics.median(compiles) * 1e3:>10.1f} "
+                f"{statistics.median(firsts) * 1e3:>13.2f} {statistics.mean(steps) * 1e6:>12.1f} "
+                f"{percentile(steps, 0.99) * 1e6:>11.1f}"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeat", type=int, default=5, help="walks per engine and schema (a fresh matcher each)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as d:
+        write_tokenizer_files(d)
+        tok = Tokenizer.from_dir(d)
+    bench_engines(tok, args.repeat)
+
+
+if __name__ == "__main__":
+    main()
