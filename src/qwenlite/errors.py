@@ -34,3 +34,8 @@ class InvalidImage(QwenliteError, ValueError):
 
 class InvalidVideo(QwenliteError, ValueError):
     """A video that cannot be read: not a video, corrupt, truncated, without frames, too long or too large."""
+
+
+class GrammarError(InvalidArgument):
+    """A constraint for structured output that cannot be compiled (a JSON schema, regex or grammar the engine
+    refuses, tools whose parameters cannot be written), with the engine's reason."""

@@ -360,6 +360,10 @@ class Tokenizer:
             return [values[c] for c in piece]
         return list(piece.encode())
 
+    def to_json(self) -> str:
+        """The tokenizer.json text of this tokenizer (what grammar engines build their token tables from)."""
+        return self._tok.to_str()
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
