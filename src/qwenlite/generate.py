@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from qwenlite.errors import QwenliteError
+from qwenlite.errors import InvalidArgument, QwenliteError
 from qwenlite.model.cache import Cache, make_cache
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.model.runner import PREFILL_CHUNK, context_length, run_model
@@ -28,6 +29,7 @@ from qwenlite.sample import (
     verify_draft,
 )
 from qwenlite.speculative import Speculation, forward_hidden, verify_forward
+from qwenlite.text.grammar import GrammarMatcher
 from qwenlite.text.textstream import TextStream
 from qwenlite.text.tokenizer import Tokenizer
 
@@ -119,11 +121,14 @@ def generate_tokens(
     stats: GenerationStats | None = None,
     speculation: Speculation | None = None,
     images: Sequence[ImageInput] = (),
+    grammar: GrammarMatcher | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids until a stop id (not yielded), `max_tokens`, or the context is full.
 
     `stats`, if given, is filled in as generation goes. `speculation`: the same tokens (the same distribution when
-    sampling), drafted and verified several at a time (speculative.py). `images` go to `prefill`."""
+    sampling), drafted and verified several at a time (speculative.py). `images` go to `prefill`. `grammar`: only
+    tokens it allows are sampled (text/grammar.py); its next mask is computed on a worker thread while the model
+    runs the decode step."""
     params.validate()
     if not prompt_ids:
         raise QwenliteError("the prompt is empty")
@@ -135,6 +140,8 @@ def generate_tokens(
     stats.prompt_tokens = len(prompt_ids)
     stop = frozenset(stop_ids)
     if speculation is not None:
+        if grammar is not None:
+            raise InvalidArgument("constrained decoding does not combine with speculative decoding yet: drop one")
         if images:
             raise QwenliteError("speculative decoding does not take images yet: drop --speculate for this prompt")
         yield from speculative_tokens(model, prompt_ids, params, max_tokens, stop, speculation, stats)
@@ -149,11 +156,17 @@ def generate_tokens(
         device=model.device,
     )
 
+    pending = None  # the grammar's next mask, computed on a worker thread during the decode step
+    masks = ThreadPoolExecutor(1, thread_name_prefix="grammar") if grammar is not None else None
     t0 = time.perf_counter()
     logits = prefill(model, prompt_ids, cache, images=images)
     for n in range(max_tokens):
         if processors:
             logits = apply_processors(processors, history, logits)
+        if grammar is not None:
+            if pending is not None:
+                pending.result()
+            grammar.apply(logits)
         token = sample(logits)
         now = time.perf_counter()
         if n == 0:
@@ -163,11 +176,15 @@ def generate_tokens(
             return
         stats.generated_tokens += 1
         stats.decode_seconds = now - t0 - stats.prefill_seconds
+        if grammar is not None:
+            grammar.accept(token)
         yield token
         if n + 1 == max_tokens:
             return
         if history is not None:
             history = torch.cat([history, torch.tensor([token])])
+        if masks is not None:
+            pending = masks.submit(grammar.fill_mask)
         logits = decode_step(model, token, cache)
 
 
@@ -265,13 +282,16 @@ def stream(
     max_context: int | None = None,
     speculation: Speculation | None = None,
     images: Sequence[ImageInput] = (),
+    grammar: GrammarMatcher | None = None,
 ) -> Iterator[Chunk]:
     """Yield text chunks as tokens arrive: reasoning and answer apart, never a broken UTF-8 sequence, stop
     strings cut out. The last chunk carries the finish reason and the timings."""
     text = TextStream(tokenizer, prompt_ids, stop)
     stats = GenerationStats()
     eos = tokenizer.eos_token_ids
-    tokens = generate_tokens(model, prompt_ids, params, max_tokens, eos, max_context, stats, speculation, images)
+    tokens = generate_tokens(
+        model, prompt_ids, params, max_tokens, eos, max_context, stats, speculation, images, grammar
+    )
     for token in tokens:
         delta, hit = text.add(token)
         if delta:

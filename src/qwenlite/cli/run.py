@@ -10,7 +10,7 @@ from pathlib import Path
 
 from qwenlite.cli.options import add_device_flag, add_dtype_flag, add_quant_flag, add_speculate_flags
 from qwenlite.config import DTYPES, preset_config
-from qwenlite.errors import QwenliteError
+from qwenlite.errors import GrammarError, QwenliteError
 from qwenlite.generate import stream
 from qwenlite.io.checkpoint import write_random_checkpoint
 from qwenlite.io.files import atomic_write
@@ -21,6 +21,7 @@ from qwenlite.io.video import VideoProcessor, expand_vision_tokens
 from qwenlite.model.vision import ImageInput, VideoInput
 from qwenlite.sample import SAMPLING_FIELDS, SamplingParams
 from qwenlite.speculative import make_speculation
+from qwenlite.text.grammar import GrammarMatcher, Grammars, json_schema
 from qwenlite.text.tokenizer import ENCODE_CHAT_ARGUMENTS
 from qwenlite.text.vocab import write_tokenizer_files
 
@@ -38,6 +39,8 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--image", action="append", default=[], metavar="PATH", help="an image before PROMPT (repeatable)")
     run.add_argument("--video", action="append", default=[], metavar="PATH",
                      help="a video before PROMPT, after the images (repeatable; PyAV: qwenlite[video])")  # fmt: skip
+    run.add_argument("--json-schema", metavar="FILE",
+                     help="answer in JSON valid against this JSON schema (reasoning stays free)")  # fmt: skip
     _add_model_flags(run)
     _add_sampling_flags(run)
     run.set_defaults(func=cmd_run)
@@ -143,19 +146,43 @@ class Session:
         ids = self.tokenizer.encode_chat(messages, **kwargs)
         return expand_vision_tokens(ids, images, self.tokenizer, self.model.config) if images else ids
 
-    def answer(self, prompt_ids: list[int], images: Sequence[ImageInput | VideoInput] = ()) -> Iterator:
+    def answer(
+        self,
+        prompt_ids: list[int],
+        images: Sequence[ImageInput | VideoInput] = (),
+        grammar: GrammarMatcher | None = None,
+    ) -> Iterator:
         a = self.args
         return stream(self.model, self.tokenizer, prompt_ids, self.params, a.max_tokens, a.stop, a.ctx,
-                      self.speculation, images)  # fmt: skip
+                      self.speculation, images, grammar)  # fmt: skip
 
 
-def _print_stream(session: Session, prompt_ids: list[int], images: Sequence[ImageInput | VideoInput] = ()) -> dict:
+def _read_json_schema(path: str) -> dict:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise QwenliteError(f"cannot read --json-schema {path}: {e}") from None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise GrammarError(f"--json-schema {path} is not JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise GrammarError(f"--json-schema {path} must hold a JSON object (a schema), not a {type(schema).__name__}")
+    return schema
+
+
+def _print_stream(
+    session: Session,
+    prompt_ids: list[int],
+    images: Sequence[ImageInput | VideoInput] = (),
+    grammar: GrammarMatcher | None = None,
+) -> dict:
     """Answer to stdout, reasoning to stderr (dim on a terminal); returns the assistant message."""
     dim, reset = ("\033[2m", "\033[0m") if sys.stderr.isatty() else ("", "")
     answer, reasoning = [], []
     stats = None
     try:
-        for chunk in session.answer(prompt_ids, images):
+        for chunk in session.answer(prompt_ids, images, grammar):
             if chunk.reasoning:
                 reasoning.append(chunk.reasoning)
                 sys.stderr.write(dim + chunk.reasoning + reset)
@@ -191,6 +218,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
     if args.raw and (args.image or args.video):
         raise QwenliteError("--image and --video need the chat template, which --raw leaves out")
+    schema = _read_json_schema(args.json_schema) if args.json_schema else None
     session = Session(model_ref, args)
     images = [*map(session.load_image, args.image), *map(session.load_video, args.video)]
     if args.raw:
@@ -201,7 +229,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             {"role": "user", "content": content}
         ]
         ids = session.prompt_ids(messages, args.think, images)
-    _print_stream(session, ids, images)
+    grammar = None
+    if schema is not None:
+        grammars = Grammars(session.tokenizer, session.model.config.vocab_size)
+        grammar = grammars.matcher(json_schema(schema), ids)
+    _print_stream(session, ids, images, grammar)
     return 0
 
 
