@@ -173,6 +173,7 @@ def tool_calls(tools: Sequence[dict], name: str | None, tokenizer: Tokenizer) ->
 
 def _one_line(message: str) -> str:
     """llguidance's message on one line, without the excerpts of the source it draws under it."""
+    message = message.split("<state>")[0]  # a parser's dump of its state follows
     lines = [line.strip() for line in message.splitlines() if not re.match(r"\s*(\d+\s*\||\^)", line)]
     return " ".join(line for line in lines if line)[:500]
 
@@ -207,6 +208,13 @@ class Grammars:
                 return hit
         failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(constraint.grammar, self.table)
         matcher = None if failed else llguidance.LLMatcher(self.table, constraint.grammar, log_level=0)
+        if not failed and not matcher.is_error():
+            # The first mask, on a copy: a grammar that matches nothing (`{"$ref": "#"}`, say) fails here, not in the
+            # engine's thread, and the copies made from it start with its lexer built.
+            probe = matcher.deep_copy()
+            probe.compute_bitmask()
+            if probe.is_error():
+                raise GrammarError(f"no answer satisfies {constraint.what} ({_one_line(probe.get_error())})")
         if failed or matcher.is_error():
             reason = _one_line(messages[0] if failed else matcher.get_error())
             raise GrammarError(f"{constraint.what} cannot be compiled: {reason}")
