@@ -491,6 +491,112 @@ class ScriptedModel(torch.nn.Module):
         return logits
 
 
+# Structured output (test_grammar.py, test_structured_output.py): every string bounded, so that a constrained answer
+# must end (then only <|im_end|> is allowed).
+SCHEMAS = {
+    "enum-bool-int": {
+        "type": "object",
+        "properties": {
+            "colour": {"enum": ["red", "green", "blue"]},
+            "ok": {"type": "boolean"},
+            "n": {"type": "integer", "minimum": -5, "maximum": 250},
+        },
+        "required": ["colour", "ok", "n"],
+        "additionalProperties": False,
+    },
+    "nested": {
+        "type": "object",
+        "properties": {
+            "title": {"type": "string", "maxLength": 6},
+            "authors": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 2,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "maxLength": 5},
+                        "email": {"anyOf": [{"type": "string", "maxLength": 4}, {"type": "null"}]},
+                    },
+                    "required": ["name", "email"],
+                    "additionalProperties": False,
+                },
+            },
+            "year": {"type": "integer", "minimum": 1900, "maximum": 2100},
+        },
+        "required": ["title", "authors", "year"],
+        "additionalProperties": False,
+    },
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 8},
+                    "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                    "unit": {"enum": ["celsius", "fahrenheit"]},
+                    "hourly": {"type": "boolean"},
+                },
+                "required": ["city", "days"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "a": {"type": "number"},
+                    "b": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 2},
+                    "note": {"type": ["string", "null"], "maxLength": 3},
+                },
+                "required": ["a", "b"],
+            },
+        },
+    },
+]
+
+
+class ScriptThenNoise(torch.nn.Module):
+    """Stands in for the network (logits of `vocab_size`: by default the tiny chat model's, tiny_chat.py): writes
+    `script` (texts and token ids; say reasoning, then </think>), then random logits in which `closers` (token ids)
+    stand out. For constrained decoding: the reasoning shows whether the constraint left it alone, the answer whether
+    the constraint took over after </think>, and the closers make an open-ended constraint (any JSON object) end
+    soon; without a constraint it writes noise with brackets in it, never JSON. A row's position lives in its cache
+    (the first recurrent state's first entry), as in ScriptedModel."""
+
+    def __init__(self, tok: Tokenizer, script: list, closers: list[int] = (), vocab_size: int = 512):
+        super().__init__()
+        self.config = dataclasses.replace(preset_config("tiny"), vocab_size=vocab_size)
+        self.dtype, self.device = torch.float32, torch.device("cpu")
+        self.script = [i for piece in script for i in ([piece] if isinstance(piece, int) else tok.encode(piece))]
+        self.noise = torch.randn(16, vocab_size, generator=torch.Generator().manual_seed(0)) * 3  # (16, V)
+        self.noise[:, list(closers)] += 5.0
+
+    def forward(self, ids, cache, logits_to_keep=0):
+        B, T = ids.shape
+        position = cache.layers[0].state[:, 0, 0, 0]  # (B,)
+        if T > 1 or logits_to_keep == 1:  # a prefill piece, of one row
+            position[0] = 0
+        logits = torch.empty(B, 1, self.config.vocab_size)
+        for b in range(B):
+            pos = int(position[b])
+            if pos < len(self.script):
+                logits[b, 0] = -100.0
+                logits[b, 0, self.script[pos]] = 10.0
+            else:
+                logits[b, 0] = self.noise[pos % len(self.noise)]
+            position[b] = pos + 1
+        cache.lengths += T
+        return logits
+
+
 def kl_and_top1(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
     """Mean KL(ref || out) over positions, and how often the two agree on the most likely token."""
     lp, lq = ref.float().log_softmax(-1), out.float().log_softmax(-1)

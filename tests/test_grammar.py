@@ -4,7 +4,6 @@ read back by ToolCallParser, reasoning left free until </think>; `qwenlite run -
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 
@@ -13,7 +12,6 @@ import pytest
 import torch
 
 from qwenlite.cli import main as cli_main
-from qwenlite.config import preset_config
 from qwenlite.errors import GrammarError, InvalidArgument
 from qwenlite.generate import GenerationStats, generate_tokens, stream
 from qwenlite.io.checkpoint import load_checkpoint
@@ -23,79 +21,11 @@ from qwenlite.text import grammar
 from qwenlite.text.tokenizer import Tokenizer
 from qwenlite.text.toolcalls import ToolCallDelta, ToolCallParser
 
+from helpers import SCHEMAS, TOOLS, ScriptThenNoise
 from tiny_chat import make_chat_checkpoint
 
-# Every string bounded, so that a constrained answer must end (then only <|im_end|> is allowed): all answers stop.
-SCHEMAS = {
-    "enum-bool-int": {
-        "type": "object",
-        "properties": {
-            "colour": {"enum": ["red", "green", "blue"]},
-            "ok": {"type": "boolean"},
-            "n": {"type": "integer", "minimum": -5, "maximum": 250},
-        },
-        "required": ["colour", "ok", "n"],
-        "additionalProperties": False,
-    },
-    "nested": {
-        "type": "object",
-        "properties": {
-            "title": {"type": "string", "maxLength": 6},
-            "authors": {
-                "type": "array",
-                "minItems": 1,
-                "maxItems": 2,
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "name": {"type": "string", "maxLength": 5},
-                        "email": {"anyOf": [{"type": "string", "maxLength": 4}, {"type": "null"}]},
-                    },
-                    "required": ["name", "email"],
-                    "additionalProperties": False,
-                },
-            },
-            "year": {"type": "integer", "minimum": 1900, "maximum": 2100},
-        },
-        "required": ["title", "authors", "year"],
-        "additionalProperties": False,
-    },
-}
 VOCAB = 512  # the tiny model's logits; its tokenizer has 480 ids
 RUNS = [SamplingParams(temperature=0)] + [SamplingParams(temperature=1.0, seed=s) for s in (1, 2)]
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "city": {"type": "string", "maxLength": 8},
-                    "days": {"type": "integer", "minimum": 1, "maximum": 7},
-                    "unit": {"enum": ["celsius", "fahrenheit"]},
-                    "hourly": {"type": "boolean"},
-                },
-                "required": ["city", "days"],
-            },
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "add",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "a": {"type": "number"},
-                    "b": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 2},
-                    "note": {"type": ["string", "null"], "maxLength": 3},
-                },
-                "required": ["a", "b"],
-            },
-        },
-    },
-]
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +75,7 @@ def test_json_schemas_constrain_a_random_model(tiny, grammars):
 def test_json_object_answers_parse(tiny, grammars):
     _, tok = tiny
     closers = [i for c in ('"', "]") for i in tok.encode_plain(c)] + sorted(tok.eos_token_ids)
-    model = ScriptThenNoise(tok, [], closers)
+    model = ScriptThenNoise(tok, [], closers, vocab_size=VOCAB)
     prompt = user_prompt(tok, "Any JSON object, please.")
     free = "".join(c.text for c in stream(model, tok, prompt, RUNS[0], 30))
     with pytest.raises(json.JSONDecodeError):
@@ -168,42 +98,9 @@ def test_regex_and_lark_constraints(tiny, grammars):
         assert finish == "stop" and re.fullmatch(r"yes|no|n=[0-9]{1,2}", text), text
 
 
-class ScriptThenNoise(torch.nn.Module):
-    """Stands in for the tiny model: writes `script` (texts and token ids; say reasoning, then </think>), then
-    random logits in which `closers` (token ids) stand out. The reasoning shows whether the constraint left it
-    alone, the answer whether the constraint took over after </think>, and the closers make an open-ended
-    constraint (any JSON object) end soon; without a constraint it writes noise with brackets in it, never JSON. A
-    row's position lives in its cache (the first recurrent state's first entry), as in helpers.ScriptedModel."""
-
-    def __init__(self, tok: Tokenizer, script: list, closers: list[int] = ()):
-        super().__init__()
-        self.config = dataclasses.replace(preset_config("tiny"), vocab_size=VOCAB)
-        self.dtype, self.device = torch.float32, torch.device("cpu")
-        self.script = [i for piece in script for i in ([piece] if isinstance(piece, int) else tok.encode(piece))]
-        self.noise = torch.randn(16, VOCAB, generator=torch.Generator().manual_seed(0)) * 3  # (16, V)
-        self.noise[:, list(closers)] += 5.0
-
-    def forward(self, ids, cache, logits_to_keep=0):
-        B, T = ids.shape
-        position = cache.layers[0].state[:, 0, 0, 0]  # (B,)
-        if T > 1 or logits_to_keep == 1:  # a prefill piece, of one row
-            position[0] = 0
-        logits = torch.empty(B, 1, VOCAB)
-        for b in range(B):
-            pos = int(position[b])
-            if pos < len(self.script):
-                logits[b, 0] = -100.0
-                logits[b, 0, self.script[pos]] = 10.0
-            else:
-                logits[b, 0] = self.noise[pos % len(self.noise)]
-            position[b] = pos + 1
-        cache.lengths += T
-        return logits
-
-
 def test_thinking_then_json(tiny, grammars):
     _, tok = tiny
-    model = ScriptThenNoise(tok, ["Let me think", tok.token_to_id("</think>")])
+    model = ScriptThenNoise(tok, ["Let me think", tok.token_to_id("</think>")], vocab_size=VOCAB)
     schema = SCHEMAS["enum-bool-int"]
     prompt = tok.encode_chat([{"role": "user", "content": "Think, then JSON."}], enable_thinking=True)
     for params in RUNS:
@@ -252,6 +149,7 @@ def test_compile_errors_say_why(grammars, tiny):
     cases = [
         (lambda: grammar.json_schema({"type": "strin"}), "Invalid type: strin"),
         (lambda: grammar.json_schema("{not json"), "not JSON"),
+        (lambda: grammar.json_schema({"$ref": "#"}), "no answer satisfies the JSON schema"),
         (lambda: grammar.regex("[a-"), "unclosed character class"),
         (lambda: grammar.lark("start: undefined_rule"), "undefined_rule"),
         (lambda: grammar.tool_calls(TOOLS, "nope", tok), "'nope', which is not among the tools"),

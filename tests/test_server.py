@@ -483,7 +483,9 @@ SCRIPTS = {
     "<tool_response>": ["It is sunny in Paris."],
     "[think]": ["Six times seven.\n", END_THINK, "\n\nThe answer is 42."],
     "[stop]": ["one two STOP three four"],
-    "[forced]": ["<parameter=city>\nRome\n</parameter>\n</function>\n</tool_call>"],
+    "[forced]": [
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nRome\n</parameter>\n</function>\n</tool_call>"
+    ],
     "[long]": ["la " * 600],
 }
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather forecast",

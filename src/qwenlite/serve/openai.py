@@ -23,7 +23,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from qwenlite.errors import ContextLengthExceeded, InvalidArgument, QwenliteError
+from qwenlite.errors import ContextLengthExceeded, GrammarError, InvalidArgument, QwenliteError
 from qwenlite.io.images import ImageProcessor
 from qwenlite.io.video import VideoProcessor, expand_vision_tokens
 from qwenlite.model.vision import ImageInput, VideoInput
@@ -56,7 +56,9 @@ from qwenlite.serve.protocol import (
     TopLogprob,
     UsageInfo,
 )
-from qwenlite.text.textstream import Delta, StopMatcher, TextStream, starts_in_reasoning
+from qwenlite.serve.structured import StructuredOutput
+from qwenlite.text.grammar import Constraint
+from qwenlite.text.textstream import Delta, StopMatcher, TextStream
 from qwenlite.text.tokenizer import (
     ASSISTANT_HEADER,
     ENCODE_CHAT_ARGUMENTS,
@@ -107,11 +109,10 @@ class ChatOutput:
     """One chat choice's text layer: generated tokens in; reasoning, content and tool-call pieces out, and the
     OpenAI logprob entries of the tokens."""
 
-    def __init__(self, server: OpenAIServer, prompt_ids: list[int], stop: Sequence[str], tools, forced: str = ""):
+    def __init__(self, server: OpenAIServer, prompt_ids: list[int], stop: Sequence[str], tools):
         self.server = server
         self.text = TextStream(server.tokenizer, prompt_ids, stop)
         self.parser = ToolCallParser(tools) if tools is not None else None
-        self.initial: list[Piece] = self.parser.feed(forced) if self.parser and forced else []
         self.logprobs: list[TokenLogprob] = []
         self.sent = 0  # logprob entries already streamed
         self.tokens = 0
@@ -158,7 +159,6 @@ class CompletionOutput:
         self.logprobs = CompletionLogprobs() if body.logprobs is not None else None
         self.echo = server.tokenizer.decode(prompt_ids) if body.echo else ""  # sent with the first text
         self.prompt_ids = prompt_ids
-        self.initial: list[str] = []
         self.length = 0  # characters of text so far, for text_offset
         self.sent = 0  # logprob entries already streamed
         self.tokens = 0
@@ -438,6 +438,7 @@ class OpenAIServer:
         self.adapters = {name: i for i, name in enumerate(engine.adapter_names, 1)}
         self.created = int(time.time())
         self.assistant_header = tokenizer.encode(ASSISTANT_HEADER)
+        self.structured = StructuredOutput(tokenizer, engine.model.config.vocab_size)
 
     # Helpers ----------------------------------------------------------------------------------------------------
 
@@ -562,9 +563,10 @@ class OpenAIServer:
 
     def chat_prompt(
         self, body: ChatCompletionRequest, images: Sequence[ImageInput | VideoInput] = ()
-    ) -> tuple[list[int], list[dict] | None, str]:
-        """-> (prompt ids, tools to parse calls for or None, forced start of the answer); each image or video part
-        is its input's tokens (`images`, from `chat_images`)."""
+    ) -> tuple[list[int], list[dict] | None]:
+        """-> (prompt ids, tools to parse calls for or None); each image or video part is its input's tokens
+        (`images`, from `chat_images`). A `tool_choice` that forces calls is a constraint (`constraint`), not part of
+        the prompt."""
         messages = []
         for i, m in enumerate(body.messages):
             message = m.model_dump(exclude_none=True)
@@ -581,15 +583,10 @@ class OpenAIServer:
             messages.append(message)
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         choice = body.tool_choice or ("auto" if tools else "none")
-        forced = ""
         if choice != "none" and not tools:
             raise ApiError(400, f"tool_choice {choice!r} needs tools", param="tool_choice")
-        if choice == "required":
-            forced = "<tool_call>\n<function="
-        elif not isinstance(choice, str):
-            if choice.function.name not in {t["function"]["name"] for t in tools}:
-                raise ApiError(400, f"tool_choice names an unknown tool {choice.function.name!r}", "tool_choice")
-            forced = f"<tool_call>\n<function={choice.function.name}>\n"
+        if not isinstance(choice, str) and choice.function.name not in {t["function"]["name"] for t in tools}:
+            raise ApiError(400, f"tool_choice names an unknown tool {choice.function.name!r}", "tool_choice")
         kwargs = dict(body.chat_template_kwargs or {})
         thinking = kwargs.pop("enable_thinking", None)
         if thinking is not None and not isinstance(thinking, bool):
@@ -608,15 +605,7 @@ class OpenAIServer:
             ids = expand_vision_tokens(ids, images, self.tokenizer, self.engine.model.config) if images else ids
         except QwenliteError as e:  # the template wrote a placeholder for fewer (or more) parts than it was sent
             raise ApiError(400, str(e), param="messages") from None
-        if forced and starts_in_reasoning(self.tokenizer, ids):
-            forced = "\n</think>\n\n" + forced  # a forced call skips the reasoning
-        if forced:
-            # Control tokens up to <tool_call>; after it the tool's name, which the client wrote.
-            cut = forced.find("<tool_call>") + len("<tool_call>")
-            encode_name = self.tokenizer.encode if self.allow_special_in_content else self.tokenizer.encode_plain
-            ids += self.tokenizer.encode(forced[:cut]) + encode_name(forced[cut:])
-            forced = forced[forced.find("<tool_call>") :]
-        return ids, (tools if choice != "none" else None), forced
+        return ids, (tools if choice != "none" else None)
 
     async def chat_completions(self, request: Request, body: ChatCompletionRequest) -> Response:
         """OpenAI's chat completions: messages rendered with the checkpoint's chat template."""
@@ -628,8 +617,9 @@ class OpenAIServer:
             raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         params = self.sampling(body)
         images = await asyncio.to_thread(self.chat_images, body)
-        ids, tools, forced = self.chat_prompt(body, images)
+        ids, tools = self.chat_prompt(body, images)
         self.check_n(body.n)
+        constraint = await self.constraint(body, tools)
         requests = [
             EngineRequest(
                 ids,
@@ -640,11 +630,19 @@ class OpenAIServer:
                 snapshot_at=turn_starts(ids, self.assistant_header),
                 images=tuple(images),
                 adapter=self.adapter(body),
+                grammar=self.structured.matcher(constraint, ids),
             )
             for sample in self.samples(params, body.n)
         ]
-        outputs = [ChatOutput(self, ids, _stops(body.stop), tools, forced) for _ in range(body.n)]
+        outputs = [ChatOutput(self, ids, _stops(body.stop), tools) for _ in range(body.n)]
         return ChatAnswer(body, requests, outputs)
+
+    async def constraint(self, body, tools: list[dict] | None) -> Constraint | None:
+        """The request's constraint, compiled off the event loop; a 400 naming the field for one that does not."""
+        try:
+            return await asyncio.to_thread(self.structured.constraint, body, tools)
+        except GrammarError as e:
+            raise ApiError(400, str(e), param=e.param) from None
 
     # Completions ------------------------------------------------------------------------------------------------
 
@@ -670,6 +668,7 @@ class OpenAIServer:
         params = self.sampling(body)
         prompts = self.completion_prompts(body.prompt)
         self.check_n(body.n, len(prompts))
+        constraint = await self.constraint(body, None)
         echo_only = body.echo and body.logprobs is None and max_tokens == 0  # a prefill that returns no tokens
         requests = [
             EngineRequest(
@@ -680,6 +679,7 @@ class OpenAIServer:
                 logprobs=body.logprobs,
                 prompt_logprobs=0 if echo_only else body.logprobs if body.echo else None,
                 adapter=self.adapter(body),
+                grammar=self.structured.matcher(constraint, ids),
             )
             for ids in prompts
             for sample in self.samples(params, body.n)
@@ -732,9 +732,6 @@ class OpenAIServer:
     async def updates(submission: Submission, answer: Answer, trace: Trace) -> AsyncIterator[Update]:
         """Each choice's pieces as its tokens arrive, then once its finish reason, until every choice has finished."""
         outputs = answer.outputs
-        for i, output in enumerate(outputs):
-            if output.initial:
-                yield i, output.initial, None
         async for index, event in submission.events():
             output = outputs[index]
             if isinstance(event, PromptLogprobs):

@@ -77,6 +77,18 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Request):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # required in practice; 400 when missing
+    strict: bool | None = None  # answers always follow the schema, strict or not
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _Generation(_Request):
     model: str | None = None
     max_tokens: int | None = None
@@ -92,6 +104,11 @@ class _Generation(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
+    # Structured output: OpenAI's response_format, or one of vLLM's guided decoding fields
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None  # a JSON schema
+    guided_regex: str | None = None
+    guided_grammar: str | None = None  # a Lark grammar (llguidance's dialect), `start` its start rule
 
 
 class ChatCompletionRequest(_Generation):

@@ -12,6 +12,7 @@ and the prompt cache keys a state with the adapter it was computed under."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +58,15 @@ class RowState:
     prompt_top: list = field(default_factory=list)
 
 
+def _fill_masks(grammars: list) -> None:
+    """Each matcher's next mask; a matcher that fails leaves its mask unfilled, and its row fails when it samples."""
+    for grammar in grammars:
+        try:
+            grammar.fill_mask()
+        except QwenliteError:
+            pass
+
+
 class Runner:
     def __init__(
         self,
@@ -72,6 +82,7 @@ class Runner:
         self.cache = make_cache(model.config, rows, ctx, model.dtype, self.device)
         self.prompt_cache = PromptCache(int(cache_mb * 2**20))
         self.adapters = adapter_selection(model)  # None: the model carries no adapters
+        self.masks: ThreadPoolExecutor | None = None  # computes grammar masks while the forward runs
 
     @property
     def adapter_names(self) -> list[str]:
@@ -170,16 +181,28 @@ class Runner:
     # Decode -------------------------------------------------------------------------------------------------------
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One forward of the decoding rows [0, n), each fed its last token: -> (n, V) next-token logits."""
+        """One forward of the decoding rows [0, n), each fed its last token: -> (n, V) next-token logits. The rows'
+        grammar masks are computed on a worker thread meanwhile (the forward releases the GIL)."""
+        grammars = [seq.request.grammar for seq in seqs if seq.request.grammar is not None]
+        if grammars and self.masks is None:
+            self.masks = ThreadPoolExecutor(1, thread_name_prefix="qwenlite-grammar")
+        pending = self.masks.submit(_fill_masks, grammars) if grammars else None
         ids = torch.tensor([[seq.tokens[-1]] for seq in seqs], device=self.device)  # (n, 1)
         self.select(seqs)
-        return run_model(self.model, ids, self.cache.rows(0, len(seqs)))[:, -1]
+        logits = run_model(self.model, ids, self.cache.rows(0, len(seqs)))[:, -1]
+        if pending is not None:
+            pending.result()
+        return logits
 
     def sample(self, seq: Sequence, logits: torch.Tensor) -> Token:
         request, state = seq.request, seq.state
         if state.processors:
             logits = apply_processors(state.processors, state.history, logits)
-        token = Token(state.sampler(logits))
+        # Structured output samples from the masked logits; logprobs stay the model's own (no -inf among them)
+        allowed = logits if request.grammar is None else request.grammar.apply(logits.clone())
+        token = Token(state.sampler(allowed))
+        if request.grammar is not None and token.id not in request.stop_ids:
+            request.grammar.accept(token.id)
         if request.logprobs is not None:
             logprobs = torch.log_softmax(logits, dim=-1)
             token.logprob = float(logprobs[token.id])

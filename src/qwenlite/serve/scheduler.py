@@ -24,6 +24,7 @@ from qwenlite.errors import ContextLengthExceeded, QwenliteError
 if TYPE_CHECKING:  # types only: the scheduler never touches a tensor
     from qwenlite.model.vision import ImageInput
     from qwenlite.sample import SamplingParams
+    from qwenlite.text.grammar import GrammarMatcher
 
 
 class QueueFull(QwenliteError):
@@ -44,6 +45,7 @@ class Request:
     snapshot_at: tuple[int, ...] = ()  # prompt positions worth a snapshot for later prompts
     images: tuple[ImageInput, ...] = ()  # what the prompt's <|image_pad|> runs hold, in order
     adapter: int = 0  # the LoRA adapter its rows run with: 0 the base, i the model's i-th (model/adapters.py)
+    grammar: GrammarMatcher | None = None  # structured output: this request's own matcher (text/grammar.py)
 
 
 @dataclass
