@@ -3,8 +3,12 @@ the real Qwen3.5 vocabulary (248,320 logits), and decode tokens/s of one model w
 Run by hand, never in CI; it wants a quiet machine:
 
     python bench/grammar.py                        # the engines: compile time, per-token mask time
-    python bench/grammar.py --decode tiny          # and decode tok/s with and without a schema (a preset, random
-                                                   # weights at its shapes, or a checkpoint directory)
+    qwenlite init-random qwen3.5-0.8b /tmp/q08     # random weights at the real shapes
+    python bench/grammar.py --decode /tmp/q08      # and decode tok/s with and without a schema, same run
+
+Decode: sampled answers (temperature 1, seeds 0, 1, ...) to one chat prompt, alternately free (the end-of-turn token
+ignored, `--tokens` tokens) and constrained by the "decode" schema (bounded, so each answer ends when its JSON does),
+through `generate.generate_tokens`; tokens/s = decode tokens over decode seconds, summed over the runs of each kind.
 
 For each schema, a valid instance (written as a model would: ", " and ": " separators) is tokenized with the real
 tokenizer, and the engine's matcher walks it: the time to compute the next token's mask, then accept the token.
@@ -20,8 +24,6 @@ import json
 import statistics
 import tempfile
 import time
-
-import torch
 
 from qwenlite.text.tokenizer import Tokenizer
 from qwenlite.text.vocab import write_tokenizer_files
@@ -186,15 +188,107 @@ def bench_engines(tok: Tokenizer, repeat: int) -> None:
             )
 
 
+# Bounded everywhere, so that a random-weight model's answer ends; strings are where most of its tokens go.
+DECODE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 60},
+        "year": {"type": "integer", "minimum": 1800, "maximum": 2100},
+        "tags": {"type": "array", "items": {"enum": ["fiction", "history", "science"]}, "maxItems": 3},
+        "authors": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 3,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 30},
+                    "alive": {"type": "boolean"},
+                    "email": {"anyOf": [{"type": "string", "maxLength": 30}, {"type": "null"}]},
+                },
+                "required": ["name", "alive", "email"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    "required": ["title", "year", "tags", "authors"],
+    "additionalProperties": False,
+}
+
+
+class Timed:
+    """Seconds spent in some of an object's methods, the object otherwise unchanged."""
+
+    def __init__(self, obj, names: tuple[str, ...]):
+        self.seconds = dict.fromkeys(names, 0.0)
+        for name in names:
+            setattr(obj, name, self._wrap(name, getattr(obj, name)))
+
+    def _wrap(self, name: str, method):
+        def timed(*args):
+            t0 = time.perf_counter()
+            out = method(*args)
+            self.seconds[name] += time.perf_counter() - t0
+            return out
+
+        return timed
+
+
+def bench_decode(path: str, runs: int, tokens: int) -> None:
+    from qwenlite.generate import GenerationStats, generate_tokens
+    from qwenlite.io.load import load_model
+    from qwenlite.sample import SamplingParams
+    from qwenlite.text.grammar import Grammars, json_schema
+
+    model, tok = load_model(path)
+    grammars = Grammars(tok, model.config.vocab_size)
+    constraint = json_schema(DECODE_SCHEMA)
+    prompt = tok.encode_chat([{"role": "user", "content": "Describe a book as JSON."}], enable_thinking=False)
+    speeds: dict[str, list[float]] = {"free": [], "schema": []}
+    ratios, step, masks, path_ms = [], [], [], []
+    for run in range(-1, runs):  # run -1 warms up (pages the weights in, builds the kernels and the lexer)
+        for kind in speeds:
+            params = SamplingParams(temperature=1.0, seed=max(run, 0))
+            matcher = grammars.matcher(constraint, prompt) if kind == "schema" else None
+            timed = Timed(matcher, ("fill_mask", "apply", "accept")) if matcher is not None else None
+            stats = GenerationStats()
+            for _ in generate_tokens(model, prompt, params, tokens, (), None, stats, grammar=matcher):
+                pass
+            n = stats.generated_tokens
+            print(f"  {kind} answer {run}: {stats.summary()}", flush=True)
+            if run < 0:
+                continue
+            speeds[kind].append(stats.decode_tokens_per_second)
+            step.append(stats.decode_seconds / (n - 1) * 1e3)
+            if timed is not None:
+                ratios.append(speeds["schema"][-1] / speeds["free"][-1])
+                masks.append(timed.seconds["fill_mask"] / n * 1e3)
+                path_ms.append((timed.seconds["apply"] + timed.seconds["accept"]) / n * 1e3)
+    median = statistics.median
+    print(f"\ndecode, {path}: {runs} answers of each kind (at most {tokens} tokens), temperature 1, alternating")
+    print(f"{'answers':<8} {'median tok/s':>12} {'best tok/s':>10}")
+    for kind, values in speeds.items():
+        print(f"{kind:<8} {median(values):>12.2f} {max(values):>10.2f}")
+    print(f"with the schema, the median of paired ratios: {median(ratios) - 1:+.1%} tok/s")
+    print(f"grammar per token: mask {median(masks):.3f} ms (on the worker thread, beside the decode step), "
+          f"apply + accept {median(path_ms):.3f} ms (in the loop); decode step {median(step):.1f} ms")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=5, help="walks per engine and schema (a fresh matcher each)")
+    parser.add_argument("--decode", metavar="MODEL", help="a checkpoint directory: decode tok/s with and without")
+    parser.add_argument("--runs", type=int, default=4, help="decode: answers of each kind")
+    parser.add_argument("--tokens", type=int, default=64, help="decode: most tokens per answer")
+    parser.add_argument("--skip-engines", action="store_true", help="only the decode comparison")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as d:
-        write_tokenizer_files(d)
-        tok = Tokenizer.from_dir(d)
-    bench_engines(tok, args.repeat)
+    if not args.skip_engines:
+        with tempfile.TemporaryDirectory() as d:
+            write_tokenizer_files(d)
+            tok = Tokenizer.from_dir(d)
+        bench_engines(tok, args.repeat)
+    if args.decode:
+        bench_decode(args.decode, args.runs, args.tokens)
 
 
 if __name__ == "__main__":
