@@ -144,6 +144,28 @@ def test_tool_calls_follow_the_parameter_schemas(tiny, grammars):
         assert stopped >= 2, name
 
 
+def test_tool_call_strings_follow_pattern_enum_and_length(tiny, grammars):
+    _, tok = tiny
+    properties = {"code": {"type": "string", "pattern": "^[A-Z]{2}$"}, "kind": {"enum": ["a", "b"]},
+                  "note": {"type": "string", "maxLength": 3}}  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"properties": properties}}}]
+    constraint = grammar.tool_calls(tools, "f", tok)
+
+    def call(**values) -> str:
+        params = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in values.items())
+        return f"<tool_call>\n<function=f>\n{params}</function>\n</tool_call>"
+
+    matcher = grammars.matcher(constraint)
+    for token in tok.encode(call(code="AB", kind="b", note="x y")):
+        matcher.accept(token)
+    assert matcher.is_terminated
+    for bad in (call(code="ABC"), call(code="ab"), call(kind="c"), call(note="long")):
+        matcher = grammars.matcher(constraint)
+        with pytest.raises(GrammarError, match="breaks the constraint"):
+            for token in tok.encode(bad):
+                matcher.accept(token)
+
+
 def test_compile_errors_say_why(grammars, tiny):
     _, tok = tiny
     cases = [
@@ -153,6 +175,21 @@ def test_compile_errors_say_why(grammars, tiny):
         (lambda: grammar.regex("[a-"), "unclosed character class"),
         (lambda: grammar.lark("start: undefined_rule"), "undefined_rule"),
         (lambda: grammar.tool_calls(TOOLS, "nope", tok), "'nope', which is not among the tools"),
+        (
+            lambda: grammar.tool_calls(
+                [
+                    {
+                        "function": {
+                            "name": "f",
+                            "parameters": {"properties": {"p": {"type": "string", "minLength": "x"}}},
+                        }
+                    }
+                ],
+                None,
+                tok,
+            ),
+            "cannot be compiled",
+        ),
     ]
     for make, reason in cases:
         with pytest.raises(GrammarError, match=re.escape(reason)) as e:

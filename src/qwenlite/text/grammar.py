@@ -91,11 +91,11 @@ def _raw_string(schema: dict) -> str:
         if not strings:
             raise GrammarError(f"a string parameter's enum has no strings: {values!r}")
         return "(" + " | ".join(_lark_string(s) for s in strings) + ")"
-    if "pattern" in schema:
-        body = "/" + schema["pattern"].replace("/", "\\/") + "/"
-    else:
-        low, high = schema.get("minLength", 0), schema.get("maxLength")
-        body = f"/(?s:.){{{int(low)},{'' if high is None else int(high)}}}/"
+    low, high = int(schema.get("minLength", 0)), schema.get("maxLength")
+    body = f"/(?s:.){{{low},{'' if high is None else int(high)}}}/"
+    if "pattern" in schema:  # a JSON schema's pattern searches; matching the whole value is stricter, and valid
+        pattern = str(schema["pattern"]).removeprefix("^").removesuffix("$").replace("/", "\\/")
+        body = f"/{pattern}/ & {body}"
     return f"({body} & ~/(?s:.)*<\\/parameter>(?s:.)*/)"
 
 
@@ -128,10 +128,9 @@ def _function_rules(index: int, name: str, parameters: dict) -> list[str]:
             rules.append(f'{value}: "\\n" {_raw_string(schema)} "\\n</parameter>\\n"')
             rules.append(f"{rule}: {_lark_string('<parameter=' + param + '>')} {value}")
         else:
-            json_schema = json.dumps({**schema, "x-guidance": JSON_OPTIONS})
-            rules.append(
-                f'{rule}: {_lark_string("<parameter=" + param + ">" + chr(10))} %json{json_schema} "\\n</parameter>\\n"'
-            )
+            value_schema = json.dumps({**schema, "x-guidance": JSON_OPTIONS})
+            opening = _lark_string(f"<parameter={param}>\n")
+            rules.append(f'{rule}: {opening} %json{value_schema} "\\n</parameter>\\n"')
         body.append(rule if param in required else f"{rule}?")
     head = _lark_string(f"\n<function={name}>\n")
     rules.append(f'f{index}: open {head} {" ".join(body)} "</function>\\n" close')
@@ -156,7 +155,12 @@ def tool_calls(tools: Sequence[dict], name: str | None, tokenizer: Tokenizer) ->
         raise GrammarError('tool_choice "required" needs at least one tool')
     rules = []
     for i, fn in enumerate(chosen):
-        rules += _function_rules(i, fn, functions[fn])
+        try:
+            rules += _function_rules(i, fn, functions[fn])
+        except GrammarError:
+            raise
+        except (TypeError, ValueError) as e:  # a minLength that is no number, say
+            raise GrammarError(f"tool {fn!r}: its parameters cannot be compiled: {e}") from None
     # The markers are single tokens in Qwen3.5's vocabulary (written by id, as the model writes them), else text.
     for rule, marker in (("open", TOOL_CALL_OPEN), ("close", TOOL_CALL_CLOSE)):
         token = tokenizer.token_to_id(marker)
