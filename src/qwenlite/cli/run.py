@@ -21,7 +21,7 @@ from qwenlite.io.video import VideoProcessor, expand_vision_tokens
 from qwenlite.model.vision import ImageInput, VideoInput
 from qwenlite.sample import SAMPLING_FIELDS, SamplingParams
 from qwenlite.speculative import make_speculation
-from qwenlite.text.grammar import GrammarMatcher, Grammars, json_schema
+from qwenlite.text.grammar import Constraint, GrammarMatcher, Grammars, json_schema
 from qwenlite.text.tokenizer import ENCODE_CHAT_ARGUMENTS
 from qwenlite.text.vocab import write_tokenizer_files
 
@@ -157,18 +157,16 @@ class Session:
                       self.speculation, images, grammar)  # fmt: skip
 
 
-def _read_json_schema(path: str) -> dict:
+def _read_json_schema(path: str) -> Constraint:
+    """--json-schema FILE as a constraint (read before the model loads, so a bad file fails at once)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise QwenliteError(f"cannot read --json-schema {path}: {e}") from None
     try:
-        schema = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise GrammarError(f"--json-schema {path} is not JSON: {e}") from None
-    if not isinstance(schema, dict):
-        raise GrammarError(f"--json-schema {path} must hold a JSON object (a schema), not a {type(schema).__name__}")
-    return schema
+        return json_schema(text)
+    except GrammarError as e:
+        raise GrammarError(f"--json-schema {path}: {e}") from None
 
 
 def _print_stream(
@@ -218,7 +216,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
     if args.raw and (args.image or args.video):
         raise QwenliteError("--image and --video need the chat template, which --raw leaves out")
-    schema = _read_json_schema(args.json_schema) if args.json_schema else None
+    constraint = _read_json_schema(args.json_schema) if args.json_schema else None
     session = Session(model_ref, args)
     images = [*map(session.load_image, args.image), *map(session.load_video, args.video)]
     if args.raw:
@@ -230,9 +228,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         ]
         ids = session.prompt_ids(messages, args.think, images)
     grammar = None
-    if schema is not None:
-        grammars = Grammars(session.tokenizer, session.model.config.vocab_size)
-        grammar = grammars.matcher(json_schema(schema), ids)
+    if constraint is not None:
+        grammar = Grammars(session.tokenizer, session.model.config.vocab_size).matcher(constraint, ids)
     _print_stream(session, ids, images, grammar)
     return 0
 
