@@ -112,6 +112,8 @@ class _Generation(_Request):
 
 
 class ChatCompletionRequest(_Generation):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"messages": [{"role": "user", "content": "Say hello."}],
+                                                               "max_tokens": 16}]})  # fmt: skip
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -123,6 +125,7 @@ class ChatCompletionRequest(_Generation):
 
 
 class CompletionRequest(_Generation):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"prompt": "Once upon a time", "max_tokens": 16}]})
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
