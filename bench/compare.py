@@ -50,7 +50,13 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-MODELS = {"0.8b": "qwen3.5-0.8b", "2b": "qwen3.5-2b", "tiny": "tiny"}  # --models name -> init-random preset
+MODELS = {
+    "0.8b": "qwen3.5-0.8b",
+    "2b": "qwen3.5-2b",
+    "qwen3-0.6b": "qwen3-0.6b",
+    "qwen2.5-0.5b": "qwen2.5-0.5b",
+    "tiny": "tiny",
+}  # --models name -> init-random preset
 PRECISIONS = {"bf16": (None, "bf16"), "int8": (8, "q8_0"), "int4": (4, "q4_0")}  # -> (quantize bits, GGUF dtype)
 LLAMA_NAMES = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
 ENGINES = ("qwenlite", "llama.cpp", "transformers")

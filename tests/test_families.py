@@ -300,6 +300,27 @@ def test_qwen3_preset_has_the_published_shapes(tmp_path):
     assert max_abs_diff(forward(ours, ids), reference_logits(hf.eval(), ids)) <= LOGIT_ATOL
 
 
+def test_the_qwen25_preset_is_qwen25_05b(tmp_path):
+    """init-random qwen2.5-0.5b: Qwen2.5-0.5B's shapes (its model card: 0.49B parameters, 0.36B outside the
+    embedding), q/k/v biases and no q/k norms; a one-layer copy is transformers' Qwen2ForCausalLM, logit for logit."""
+    import transformers
+
+    c = preset_config("qwen2.5-0.5b")
+    assert (c.model_type, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == (
+        "qwen2", 896, 24, 14, 2)  # fmt: skip
+    assert c.qkv_bias and not c.qk_norm and c.layer_types == ["full_attention"] * 24
+    with torch.device("meta"):
+        model = Qwen3_5ForCausalLM(c)
+    assert sum(p.numel() for p in model.parameters()) == 494_032_768
+    assert sum(p.numel() for n, p in model.named_parameters() if "embed" not in n) == 357_898_112
+    small = preset_config("qwen2.5-0.5b", num_hidden_layers=1, vocab_size=1024, dtype="float32")
+    write_random_checkpoint(small, tmp_path, torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager")
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    ids = random_ids(1, 7, vocab=1024)
+    assert max_abs_diff(forward(load_checkpoint(tmp_path).model, ids), reference_logits(hf.eval(), ids)) <= LOGIT_ATOL
+
+
 BAD_CONFIGS = [
     ({"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 1}, "sliding-window attention"),
     ({"layer_types": ["full_attention", "sliding_attention", "full_attention"]}, "sliding-window attention"),

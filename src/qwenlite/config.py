@@ -346,12 +346,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                             linear_num_key_heads=16, linear_num_value_heads=32, num_experts=256,
                             num_experts_per_tok=8, moe_intermediate_size=512, shared_expert_intermediate_size=512,
                             tie_word_embeddings=False),
-    # mlx-lm's Qwen3.5 test shape: hidden 128, 4 layers (3 linear : 1 full), the real vocabulary.
     # Qwen/Qwen3-0.6B (dense: every layer full attention).
     "qwen3-0.6b": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
                        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                        rope_theta=1_000_000.0, partial_rotary_factor=1.0, attn_output_gate=False,
                        max_position_embeddings=40960, tie_word_embeddings=True),
+    # Qwen/Qwen2.5-0.5B (dense, q/k/v biases, no q/k norms); its vocabulary is Qwen3's but for four special tokens.
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
+                         rope_theta=1_000_000.0, partial_rotary_factor=1.0, attn_output_gate=False,
+                         max_position_embeddings=32768, tie_word_embeddings=True),
+    # mlx-lm's Qwen3.5 test shape: hidden 128, 4 layers (3 linear : 1 full), the real vocabulary.
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
                  linear_key_head_dim=32, linear_value_head_dim=32, tie_word_embeddings=True),

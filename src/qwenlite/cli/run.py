@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from qwenlite.cli.options import add_device_flag, add_dtype_flag, add_quant_flag, add_speculate_flags
-from qwenlite.config import DTYPES, preset_config
+from qwenlite.config import DTYPES, PRESETS, preset_config
 from qwenlite.errors import GrammarError, QwenliteError
 from qwenlite.generate import stream
 from qwenlite.io.checkpoint import write_random_checkpoint
@@ -52,9 +52,7 @@ def add_run_commands(sub: argparse._SubParsersAction) -> None:
     chat.set_defaults(func=cmd_chat)
 
     init = sub.add_parser("init-random", help="write a random-weight checkpoint with real shapes")
-    init.add_argument(
-        "preset", help="qwen3.5-0.8b, qwen3.5-2b, qwen3.5-4b, qwen3.5-9b, qwen3.5-35b-a3b, qwen3-0.6b or tiny"
-    )
+    init.add_argument("preset", help=", ".join(PRESETS))
     init.add_argument("--layers", type=int, help="keep only the first N layers (their real shapes and attention kinds)")
     init.add_argument("outdir")
     init.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
