@@ -37,7 +37,6 @@ from helpers import (
     engine_and_generate_outputs,
     greedy_against_transformers,
     kl_and_top1,
-    make_hf_checkpoint,
     markov_ids,
     max_abs_diff,
     random_ids,
@@ -180,15 +179,34 @@ def test_bfloat16_stays_close(checkpoints, family):
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.85
 
 
-def test_decode_plan_is_never_built_for_the_dense_families(checkpoints, tmp_path, monkeypatch):
-    """The whole-model C step describes Qwen3.5's layers only: with the kernels reported present (as on an AVX-512
-    BF16 CPU), the plan of a dense model is empty, so decoding takes the forward; a Qwen3.5 model's is not."""
+def test_the_decode_plan_covers_qwen3_but_not_the_families_with_biases(checkpoints, monkeypatch):
+    """The whole-model C step describes Qwen3.5's layers and Qwen3's (plain norms as the fp32 w - 1 its zero-centred
+    norm reads): with the kernels reported present, a Qwen3 model gets a plan; q/k/v biases (Qwen2, Qwen3 with
+    attention_bias) the step has no field for, so those decode through the forward."""
     monkeypatch.setattr(kernels, "available", lambda: True)
-    for family in FAMILIES:
-        assert runner.Plan(checkpoints[family][1]).layers is None, family
-        assert not runner.planned_modules(checkpoints[family][1])
-    make_hf_checkpoint(tmp_path / "qwen3_5")
-    assert runner.Plan(load_checkpoint(tmp_path / "qwen3_5", "float32").model).layers is not None
+    for family, planned in (("qwen3", True), ("qwen3-bias", False), ("qwen2", False)):
+        assert (runner.Plan(checkpoints[family][1]).layers is not None) == planned, family
+        assert runner.planned_modules(checkpoints[family][1]) == planned, family
+
+
+def test_qwen3_decodes_in_one_call_as_its_forward(checkpoints):
+    """fp32: the C step's logits equal the forward's (LOGIT_ATOL), for two rows at once; a norm weight changed in
+    place afterwards (training, say) is seen by the next step, the plan rebuilt from the weight's version."""
+    model = load_checkpoint(checkpoints["qwen3"][2], "float32").model
+    ids = random_ids(2, 12, vocab=VOCAB, seed=4)
+
+    def decoded() -> torch.Tensor:
+        cache = make_cache(model.config, 2, 16, torch.float32)
+        runner.run_model(model, ids[:, :8], cache)
+        steps = [runner.run_model(model, ids[:, t : t + 1], cache) for t in range(8, 12)]
+        assert model.__dict__["_decode_plan"].layers is not None  # the C step ran
+        return torch.cat(steps, dim=1)
+
+    with torch.inference_mode():
+        assert max_abs_diff(decoded(), forward(model, ids)[:, 8:]) <= LOGIT_ATOL
+        model.model.layers[1].input_layernorm.weight.mul_(1.5)
+        model.model.layers[0].self_attn.k_norm.weight.add_(0.25)
+        assert max_abs_diff(decoded(), forward(model, ids)[:, 8:]) <= LOGIT_ATOL
 
 
 # ---------------------------------------------------------------------------------------------

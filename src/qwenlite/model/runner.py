@@ -32,10 +32,12 @@ from qwenlite.ops.rope import rope_cos_sin
 if TYPE_CHECKING:
     from qwenlite.model.cache import Cache
 
-# The model types kernels.decode_step describes: Qwen3.5's layers (zero-centred norms, q/k norms, no biases). The
-# dense Qwen3 / Qwen2 models compute other norms and carry biases, and Qwen3.5 MoE routes its MLP, so they decode
-# through the forward (whose Linear / QuantLinear layers still take the GEMV kernels).
-PLANNED_MODEL_TYPES = ("qwen3_5_text",)
+# The model types kernels.decode_step describes: Qwen3.5's layers (zero-centred norms, q/k norms, no biases), and
+# Qwen3's (every layer full attention, no output gate, plain norms: the step computes x_hat * (1 + w') with
+# w' = w - 1 in fp32, exactly w * x_hat for an fp32 model, one rounding fewer than the reference's for bf16). Qwen2
+# carries q/k/v biases and Qwen3.5 MoE routes its MLP, so they decode through the forward (whose Linear / QuantLinear
+# layers still take the GEMV kernels).
+PLANNED_MODEL_TYPES = ("qwen3_5_text", "qwen3")
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds the activations; the gated delta rule chunks by 64 inside
 KIND = {"linear_attention": 0, "full_attention": 1}
 T4 = kernels.LAYER_FIELDS - 2  # the two columns a layer's caches go in (conv + recurrent state, or k + v)
@@ -57,12 +59,17 @@ class Plan:
         self.model: dict[str, int] = {}  # kernels.MODEL_FIELD_NAMES but those of a step
         self.head: list[int] = []
         self.adapters: AdapterSelection | None = None  # the step applies while it selects the base for every row
+        # Plain norms: the fp32 w - 1 the step reads, and each source weight's version (an in-place change rebuilds)
+        self.shifted: list[torch.Tensor] = []
+        self.sources: list[torch.Tensor] = []
+        self.versions: list[int] = []
         self.build(model)
 
     def valid(self) -> bool:
         """Checked before every step, in builtins: each watched object in its place, each tensor at its address."""
         return (all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.objects))
-                and list(map(torch.Tensor.data_ptr, self.tensors)) == self.ptrs)  # fmt: skip
+                and list(map(torch.Tensor.data_ptr, self.tensors)) == self.ptrs
+                and [t._version for t in self.sources] == self.versions)  # fmt: skip
 
     def keep(self, module: nn.Module, *names: str) -> None:
         """Watch `module`'s children / parameters / buffers called `names`, and its `fast` flag (once)."""
@@ -92,10 +99,19 @@ class Plan:
         self.keep(module, "weight", "bias", "qweight", "scales", "scales_and_zeros")
         return module.kernel_fields() if hasattr(module, "kernel_fields") else None
 
-    def small(self, module: nn.Module, name: str, dtype: torch.dtype) -> int | None:
+    def small(self, module: nn.Module, name: str, dtype: torch.dtype | None) -> int | None:
+        """A norm's (or other small tensor's) pointer; dtype None: a plain norm's weight w as the fp32 w - 1 the step's
+        zero-centred norm reads."""
         self.keep(module, name)
         t = getattr(module, name)
-        return t.data_ptr() if t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu" else None
+        if t.device.type != "cpu":
+            return None
+        if dtype is None:
+            self.sources.append(t)
+            self.versions.append(t._version)
+            self.shifted.append(t.detach().float() - 1.0)
+            return self.shifted[-1].data_ptr()
+        return t.data_ptr() if t.dtype == dtype and t.is_contiguous() else None
 
     def build(self, model: Qwen3_5ForCausalLM) -> None:
         c, m = model.config, model.model
@@ -103,7 +119,8 @@ class Plan:
         self.keep(m, "embed_tokens", "norm", "layers")
         if c.model_type not in PLANNED_MODEL_TYPES or not planned_modules(model):
             return
-        dtype, wdtype = model.dtype, m.norm.weight.dtype
+        dtype = model.dtype
+        wdtype = m.norm.weight.dtype if c.zero_centred_norms else None  # None: plain norms, shifted to fp32
         eps = round(c.rms_norm_eps * 1e9)
         dims = (c.hidden_size, c.intermediate_size, c.head_dim, c.linear_key_head_dim, c.linear_value_head_dim)
         if (not kernels.available() or dtype not in kernels.ACT_DTYPES or any(n % 16 for n in dims)
@@ -147,11 +164,13 @@ class Plan:
 
 
 def planned_modules(model: Qwen3_5ForCausalLM) -> bool:
-    """Whether every norm is zero-centred and every attention layer has its q/k norms: the module layout the C step
-    reads (a check on the modules themselves, beside the one on the model type)."""
+    """Whether the norms are all of the config's kind and every attention layer has its q/k norms and no biases: the
+    module layout the C step reads (a check on the modules themselves, beside the one on the model type)."""
+    c = model.config
     norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
     attention = [m for m in model.modules() if isinstance(m, Attention)]
-    return all(n.zero_centred for n in norms) and all(a.qk_norm and a.fused_decode for a in attention)
+    return (all(n.zero_centred == c.zero_centred_norms for n in norms) and not (c.qkv_bias or c.o_bias)
+            and all(a.qk_norm and (a.fused_decode or not c.zero_centred_norms) for a in attention))  # fmt: skip
 
 
 def context_length(model: Qwen3_5ForCausalLM, max_context: int | None = None) -> int:
