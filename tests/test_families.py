@@ -293,8 +293,6 @@ def test_saved_checkpoint_loads_in_transformers(checkpoints, tmp_path, family):
 
 
 def test_qwen3_preset_has_the_published_shapes(tmp_path):
-    import transformers
-
     c = preset_config("qwen3-0.6b")
     assert (c.model_type, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == (
         "qwen3", 1024, 28, 16, 8)  # fmt: skip
@@ -307,22 +305,28 @@ def test_qwen3_preset_has_the_published_shapes(tmp_path):
     assert sum(p.numel() for p in model.parameters()) == 596_049_920
     assert sum(p.numel() for n, p in model.named_parameters() if "embed" not in n) == 440_467_456
 
-    # A shallow copy with the real per-layer shapes: transformers reads it, plain norms start at 1.
-    small = preset_config("qwen3-0.6b", num_hidden_layers=1, vocab_size=1024, dtype="float32")
-    write_random_checkpoint(small, tmp_path, torch.float32)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager")
-    assert type(hf).__name__ == "Qwen3ForCausalLM"
-    ours = load_checkpoint(tmp_path).model
-    assert torch.equal(ours.model.norm.weight, torch.ones(1024))
+    ours = assert_one_layer_copy_is_transformers("qwen3-0.6b", "Qwen3ForCausalLM", tmp_path)
+    assert torch.equal(ours.model.norm.weight, torch.ones(1024))  # plain norms start at 1
+
+
+def assert_one_layer_copy_is_transformers(preset: str, architecture: str, path):
+    """A shallow copy of `preset` with its real per-layer shapes (a small vocabulary), written by init-random's writer:
+    transformers reads it as `architecture`, with our logits. -> our model."""
+    import transformers
+
+    small = preset_config(preset, num_hidden_layers=1, vocab_size=1024, dtype="float32")
+    write_random_checkpoint(small, path, torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    assert type(hf).__name__ == architecture
+    ours = load_checkpoint(path).model
     ids = random_ids(1, 7, vocab=1024)
     assert max_abs_diff(forward(ours, ids), reference_logits(hf.eval(), ids)) <= LOGIT_ATOL
+    return ours
 
 
 def test_the_qwen25_preset_is_qwen25_05b(tmp_path):
     """init-random qwen2.5-0.5b: Qwen2.5-0.5B's shapes (its model card: 0.49B parameters, 0.36B outside the
     embedding), q/k/v biases and no q/k norms; a one-layer copy is transformers' Qwen2ForCausalLM, logit for logit."""
-    import transformers
-
     c = preset_config("qwen2.5-0.5b")
     assert (c.model_type, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == (
         "qwen2", 896, 24, 14, 2)  # fmt: skip
@@ -331,12 +335,7 @@ def test_the_qwen25_preset_is_qwen25_05b(tmp_path):
         model = Qwen3_5ForCausalLM(c)
     assert sum(p.numel() for p in model.parameters()) == 494_032_768
     assert sum(p.numel() for n, p in model.named_parameters() if "embed" not in n) == 357_898_112
-    small = preset_config("qwen2.5-0.5b", num_hidden_layers=1, vocab_size=1024, dtype="float32")
-    write_random_checkpoint(small, tmp_path, torch.float32)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager")
-    assert type(hf).__name__ == "Qwen2ForCausalLM"
-    ids = random_ids(1, 7, vocab=1024)
-    assert max_abs_diff(forward(load_checkpoint(tmp_path).model, ids), reference_logits(hf.eval(), ids)) <= LOGIT_ATOL
+    assert_one_layer_copy_is_transformers("qwen2.5-0.5b", "Qwen2ForCausalLM", tmp_path)
 
 
 BAD_CONFIGS = [
