@@ -69,7 +69,7 @@ class Plan:
         """Checked before every step, in builtins: each watched object in its place, each tensor at its address."""
         return (all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.objects))
                 and list(map(torch.Tensor.data_ptr, self.tensors)) == self.ptrs
-                and [t._version for t in self.sources] == self.versions)  # fmt: skip
+                and list(map(version, self.sources)) == self.versions)  # fmt: skip
 
     def keep(self, module: nn.Module, *names: str) -> None:
         """Watch `module`'s children / parameters / buffers called `names`, and its `fast` flag (once)."""
@@ -108,7 +108,7 @@ class Plan:
             return None
         if dtype is None:
             self.sources.append(t)
-            self.versions.append(t._version)
+            self.versions.append(version(t))
             self.shifted.append(t.detach().float() - 1.0)
             return self.shifted[-1].data_ptr()
         return t.data_ptr() if t.dtype == dtype and t.is_contiguous() else None
@@ -161,6 +161,11 @@ class Plan:
                       "conv_kernel": c.linear_conv_kernel_dim, "heads": c.num_attention_heads,
                       "kv_heads": c.num_key_value_heads, "head_dim": c.head_dim, "rotary_dim": c.rotary_dim,
                       "gated": int(c.attn_output_gate), "final_norm": norm}  # fmt: skip
+
+
+def version(t: torch.Tensor) -> int:
+    """The tensor's in-place change counter; an inference tensor keeps none (-1), and changes only in inference mode."""
+    return -1 if t.is_inference() else t._version
 
 
 def planned_modules(model: Qwen3_5ForCausalLM) -> bool:
