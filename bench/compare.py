@@ -55,8 +55,9 @@ MODELS = {
     "2b": "qwen3.5-2b",
     "qwen3-0.6b": "qwen3-0.6b",
     "qwen2.5-0.5b": "qwen2.5-0.5b",
+    "35b-a3b-4l": "qwen3.5-35b-a3b --layers 4",  # the MoE at its real per-layer shapes, 4 of its 40 layers
     "tiny": "tiny",
-}  # --models name -> init-random preset
+}  # --models name -> init-random's preset (and flags)
 PRECISIONS = {"bf16": (None, "bf16"), "int8": (8, "q8_0"), "int4": (4, "q4_0")}  # -> (quantize bits, GGUF dtype)
 LLAMA_NAMES = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
 ENGINES = ("qwenlite", "llama.cpp", "transformers")
@@ -187,7 +188,7 @@ def ensure_artifacts(workdir: Path, model: str, precisions: list[str]) -> dict[s
     paths = {"checkpoint": ckpt}
     if not ckpt.exists():
         print(f"[artifact] {model}: random {MODELS[model]} checkpoint -> {ckpt}", flush=True)
-        make_dir(ckpt, qwenlite_cli("init-random", MODELS[model]))
+        make_dir(ckpt, qwenlite_cli("init-random", *MODELS[model].split()))
     for precision in precisions:
         bits, gguf_dtype = PRECISIONS[precision]
         paths[precision] = ckpt if bits is None else root / precision
