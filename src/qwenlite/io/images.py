@@ -79,6 +79,24 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
+def processor_config(file: Path) -> dict | None:
+    """A checkpoint's (video_)preprocessor_config.json, or None where it has none."""
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QwenliteError(f"cannot read {file}: {e}") from None
+
+
+def tower_patch_sizes(vision: VisionConfig | None) -> dict:
+    """Without a preprocessor file: the processor's defaults but the tower's patch sizes (all defaults without one)."""
+    if vision is None:
+        return {}
+    return dict(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+                merge_size=vision.spatial_merge_size)  # fmt: skip
+
+
 @dataclass
 class ImageProcessor:
     """`preprocessor_config.json`'s settings; the defaults are the published Qwen3.5 checkpoints' file."""
@@ -96,16 +114,9 @@ class ImageProcessor:
     @classmethod
     def from_dir(cls, path: str | Path, vision: VisionConfig | None = None) -> ImageProcessor:
         """The checkpoint's preprocessor_config.json; without one, the defaults with the tower's patch sizes."""
-        file = Path(path) / PREPROCESSOR_FILE
-        if not file.is_file():
-            if vision is None:
-                return cls()
-            return cls(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-                       merge_size=vision.spatial_merge_size)  # fmt: skip
-        try:
-            raw = json.loads(file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise QwenliteError(f"cannot read {file}: {e}") from None
+        raw = processor_config(Path(path) / PREPROCESSOR_FILE)
+        if raw is None:
+            return cls(**tower_patch_sizes(vision))
         # As Qwen2VLImageProcessorPil.__init__: `size` first, then min_pixels / max_pixels over it.
         size = raw.get("size") or {}
         fields = {

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 
 from qwenlite.config import ModelConfig, VisionConfig
 from qwenlite.errors import InvalidVideo, QwenliteError
-from qwenlite.io.images import MAX_ASPECT_RATIO, expand_image_tokens
+from qwenlite.io.images import MAX_ASPECT_RATIO, expand_image_tokens, processor_config, tower_patch_sizes
 from qwenlite.model.vision import ImageInput, VideoInput
 from qwenlite.text.tokenizer import Tokenizer
 
@@ -100,16 +99,9 @@ class VideoProcessor:
     @classmethod
     def from_dir(cls, path: str | Path, vision: VisionConfig | None = None) -> VideoProcessor:
         """The checkpoint's video_preprocessor_config.json; without one, the defaults with the tower's patch sizes."""
-        file = Path(path) / VIDEO_PREPROCESSOR_FILE
-        if not file.is_file():
-            if vision is None:
-                return cls()
-            return cls(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-                       merge_size=vision.spatial_merge_size)  # fmt: skip
-        try:
-            raw = json.loads(file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise QwenliteError(f"cannot read {file}: {e}") from None
+        raw = processor_config(Path(path) / VIDEO_PREPROCESSOR_FILE)
+        if raw is None:
+            return cls(**tower_patch_sizes(vision))
         size = raw.get("size") or {}
         plain = ("patch_size", "temporal_patch_size", "merge_size", "rescale_factor", "resample", "min_frames",
                  "max_frames", "do_sample_frames", "cap_pixels_per_frame", "max_video_tokens")  # fmt: skip
