@@ -128,10 +128,10 @@ class ChatOutput:
         items = self.parser.finish() if self.parser else []
         return [("content", i) if isinstance(i, str) else i for i in items]
 
-    def add(self, event: Token, want_logprobs: bool) -> tuple[list[Piece], bool]:
+    def add(self, event: Token) -> tuple[list[Piece], bool]:
         """-> the pieces this token completes, and whether a stop string ended the answer."""
         self.tokens += 1
-        if want_logprobs:
+        if event.logprob is not None:  # the engine scores the token where the request asked for logprobs
             self.logprobs.append(self.server.logprob_entry(event))
         delta, hit = self.text.add(event.id)
         pieces = self._pieces(delta)
@@ -181,7 +181,7 @@ class CompletionOutput:
         for token, logprob, top in zip(self.prompt_ids, event.logprobs, event.top_logprobs, strict=True):
             self._log(token, logprob, top if self.top else None, len(self.server.token_text(token)))
 
-    def add(self, event: Token, want_logprobs: bool) -> tuple[list[str], bool]:
+    def add(self, event: Token) -> tuple[list[str], bool]:
         self.tokens += 1
         text, hit = self.matcher.push(self.detok.add(event.id))
         self._log(event.id, event.logprob, event.top_logprobs if self.top else None, len(text))
@@ -280,7 +280,6 @@ class CompletionAnswer:
     """/v1/completions: each prompt's n choices (prompt-major: choice p * n + i is prompt p's sample i)."""
 
     endpoint, prompt_param, id_prefix = "/v1/completions", "prompt", "cmpl"
-    want_logprobs = False  # the legacy logprobs are kept by each output
 
     def __init__(self, body: CompletionRequest, requests: list[EngineRequest], outputs: list[CompletionOutput]):
         self.body, self.requests, self.outputs = body, requests, outputs
@@ -738,7 +737,7 @@ class OpenAIServer:
                 output.add_prompt(event)
             elif isinstance(event, Token):
                 trace.token(index)
-                pieces, hit = output.add(event, answer.want_logprobs)
+                pieces, hit = output.add(event)
                 if hit:
                     submission.stop(index)
                 yield index, pieces, output.finish_reason("stop") if hit else None
