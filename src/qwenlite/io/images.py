@@ -9,6 +9,8 @@ clips it to 255 instead). A file that is not an image, corrupt, truncated, or la
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import io
 import json
@@ -59,6 +61,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def data_url_bytes(url: str, max_bytes: int | None = None, kind: str = "image") -> bytes:
+    """The bytes of a base64 `data:` URL (an image's, or a video's: `kind`), at most `max_bytes` of them."""
+    a = "a" if kind == "video" else "an"
+    header, comma, payload = url.partition(",")
+    if not header.startswith("data:") or not comma or not header.endswith(";base64"):
+        raise InvalidImage(f"{a} {kind} data URL must be base64: data:{kind}/...;base64,...")
+    if max_bytes is not None and len(payload) > (max_bytes + 2) // 3 * 4:
+        raise InvalidImage(f"the {kind} is larger than the {max_bytes} bytes allowed")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error:
+        raise InvalidImage(f"the {kind} data URL is not valid base64") from None
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

@@ -5,8 +5,6 @@ path or any other scheme is never read."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import socket
 import urllib.error
@@ -14,6 +12,7 @@ import urllib.request
 from urllib.parse import urlsplit
 
 from qwenlite.errors import InvalidImage
+from qwenlite.io.images import data_url_bytes
 
 MAX_IMAGE_BYTES = 20 << 20  # per image, after base64 decoding or as downloaded
 MAX_VIDEO_BYTES = 64 << 20  # per video (`video_url` parts read the same way, with `kind="video"`)
@@ -25,15 +24,7 @@ def image_bytes(url: str, allow_urls: bool = False, max_bytes: int | None = None
     max_bytes = max_bytes or MAX_IMAGE_BYTES
     a = "a" if kind == "video" else "an"
     if url.startswith("data:"):
-        header, comma, payload = url.partition(",")
-        if not comma or not header.endswith(";base64"):
-            raise InvalidImage(f"{a} {kind} data URL must be base64: data:{kind}/...;base64,...")
-        if len(payload) > (max_bytes + 2) // 3 * 4:
-            raise InvalidImage(f"the {kind} is larger than this server's {max_bytes} bytes")
-        try:
-            return base64.b64decode(payload, validate=True)
-        except binascii.Error:
-            raise InvalidImage(f"the {kind} data URL is not valid base64") from None
+        return data_url_bytes(url, max_bytes, kind)
     if url.startswith(("http://", "https://")):
         if not allow_urls:
             raise InvalidImage(f"this server reads no {kind} URLs (serve --allow-image-urls); send a data: URL")
