@@ -300,6 +300,22 @@ class ModelConfig:
                 out.pop("attention_bias")
         return out
 
+    def to_multimodal_dict(self) -> dict[str, Any]:
+        """The nested config.json of the published `Qwen3_5ForConditionalGeneration` (or its MoE twin), for a
+        config with a vision tower: to_dict's text config under `text_config`, the tower's `vision_config`, the
+        image and video token ids; tying and eos on the wrapper, which owns them."""
+        family = self.model_type.removesuffix("_text")
+        text = self.to_dict()
+        del text["architectures"], text["dtype"]  # the wrapper's dtype is the one read
+        vision = dataclasses.asdict(self.vision_config)
+        vision["rope_parameters"] = {"rope_theta": vision.pop("rope_theta")}
+        architecture = ARCHITECTURES[self.model_type].replace("ForCausalLM", "ForConditionalGeneration")
+        return {"architectures": [architecture], "model_type": family, "text_config": text,
+                "vision_config": {**vision, "model_type": family + "_vision"},
+                "image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
+                "tie_word_embeddings": self.tie_word_embeddings, "eos_token_id": self.eos_token_id,
+                "dtype": self.dtype}  # fmt: skip
+
 
 def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torch.dtype:
     """A dtype given by name or as torch's, or None for the checkpoint's own."""

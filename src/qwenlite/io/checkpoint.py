@@ -29,10 +29,11 @@ from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value
 from qwenlite.model.vision import VisionModel
 
 INDEX_FILE = "model.safetensors.index.json"
-# Files a checkpoint directory carries besides its weights (tokenizer, template, sampling defaults), copied as they
-# are into every checkpoint made from it.
+# Files a checkpoint directory carries besides its weights (tokenizer, template, sampling defaults, image and video
+# preprocessing), copied as they are into every checkpoint made from it.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
-              "generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")  # fmt: skip
+              "generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+              "preprocessor_config.json", "video_preprocessor_config.json")  # fmt: skip
 V = TypeVar("V")
 
 
@@ -364,14 +365,26 @@ def save_checkpoint(
     extra_tensors: Mapping[str, torch.Tensor] | None = None,
     max_shard_bytes: int = 4 << 30,
 ) -> None:
-    """Write config.json and safetensors shards in the flat `Qwen3_5ForCausalLM` layout that transformers
-    and qwenlite both load."""
+    """Write config.json and safetensors shards that transformers and qwenlite both load: the flat
+    `Qwen3_5ForCausalLM` layout, or for a model carrying its vision tower the published
+    `Qwen3_5ForConditionalGeneration` one (`sanitize` reads both)."""
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         tensors.pop("lm_head.weight")
+    multimodal = model.visual is not None
+    if multimodal:
+        tensors = {multimodal_name(k): v for k, v in tensors.items()}
     tensors.update(extra_tensors or {})
     dtype = next(iter(tensors.values())).dtype
-    write_checkpoint(model.config, out_dir, tensors.items(), dtype, max_shard_bytes)
+    write_checkpoint(model.config, out_dir, tensors.items(), dtype, max_shard_bytes, multimodal=multimodal)
+
+
+def multimodal_name(name: str) -> str:
+    """Our name -> the published multimodal layout's: `sanitize` backwards (`visual.` and `model.` go under
+    `model.visual.` and `model.language_model.`; the head stays)."""
+    if name.startswith("visual."):
+        return "model." + name
+    return "model.language_model." + name.removeprefix("model.") if name.startswith("model.") else name
 
 
 def write_checkpoint(
@@ -381,9 +394,11 @@ def write_checkpoint(
     dtype: torch.dtype,
     max_shard_bytes: int = 4 << 30,
     progress: Callable[[int], None] | None = None,
+    multimodal: bool = False,
 ) -> None:
     """Stream (name, tensor) pairs into `save_aligned` shards of at most `max_shard_bytes`, each written
-    atomically, then the index (when there are several) and config.json. Holds one shard in memory at a time."""
+    atomically, then the index (when there are several) and config.json (`multimodal`: the nested one, with the
+    vision tower's config). Holds one shard in memory at a time."""
     out = Path(out_dir)
     shard: dict[str, torch.Tensor] = {}
     written: list[tuple[Path, list[str]]] = []
@@ -414,7 +429,7 @@ def write_checkpoint(
         weight_map = {t: name for (_, names), name in zip(written, final, strict=True) for t in names}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         atomic_write(out / INDEX_FILE, lambda p: p.write_text(json.dumps(index, indent=2)))
-    config_dict = config.to_dict()
+    config_dict = config.to_multimodal_dict() if multimodal else config.to_dict()
     config_dict["dtype"] = str(dtype).removeprefix("torch.")
     atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(config_dict, indent=2)))
 
