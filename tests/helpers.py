@@ -15,6 +15,7 @@ heads keep their recurrent state for hundreds of tokens (across chunk boundaries
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import json
 import math
@@ -25,9 +26,11 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import openai
 import torch
 import uvicorn
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from qwenlite.cli import main as cli_main
@@ -205,28 +208,47 @@ def make_hf_checkpoint(
     return model
 
 
-def make_multimodal_checkpoint(path: Path, tokenizer_dir: Path, seed: int = 0):
+def make_multimodal_checkpoint(
+    path: Path, tokenizer_dir: Path | None, seed: int = 0, vocab_size: int = 248320, token_ids: dict | None = None
+):
     """A `Qwen3_5ForConditionalGeneration` (tiny text model on the real 248320 vocabulary, untied, a two-block vision
     tower with lively random weights) written by `save_pretrained` beside the tokenizer files, a
     preprocessor_config.json and a video_preprocessor_config.json; returns the transformers model (fp32, eager
-    attention)."""
+    attention). For a smaller tokenizer already in `path` (tokenizer_dir None): its `vocab_size` and `token_ids`
+    (image_token_id, video_token_id, vision_start_token_id, vision_end_token_id)."""
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
-    text = dict(TINY_TEXT_CONFIG, vocab_size=248320, initializer_range=0.2, tie_word_embeddings=False)
+    text = dict(TINY_TEXT_CONFIG, vocab_size=vocab_size, initializer_range=0.2, tie_word_embeddings=False)
     text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[2, 1, 1], mrope_interleaved=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        config = Qwen3_5Config(text_config=text, vision_config=MULTIMODAL_VISION_CONFIG, tie_word_embeddings=False)
+        config = Qwen3_5Config(text_config=text, vision_config=MULTIMODAL_VISION_CONFIG, tie_word_embeddings=False,
+                               **(token_ids or {}))  # fmt: skip
         config._attn_implementation = "eager"
         model = Qwen3_5ForConditionalGeneration(config)
         _randomize(model)
     model = model.float().eval()
     model.save_pretrained(path)
-    for file in Path(tokenizer_dir).iterdir():
+    for file in Path(tokenizer_dir).iterdir() if tokenizer_dir else ():
         shutil.copy(file, Path(path) / file.name)
     (Path(path) / "preprocessor_config.json").write_text(json.dumps(MULTIMODAL_PREPROCESSOR))
     (Path(path) / "video_preprocessor_config.json").write_text(json.dumps(MULTIMODAL_VIDEO_PREPROCESSOR))
     return model
+
+
+def picture(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    """Smooth colour gradients plus noise: resampling has something to do, and images differ by seed."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / max(width, 1), y * 255 / max(height, 1), (x + y) % 256], -1)
+    pixels = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+def encoded(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
 
 
 def random_ids(batch: int, length: int, vocab: int = TINY_TEXT_CONFIG["vocab_size"], seed: int = 0) -> torch.Tensor:

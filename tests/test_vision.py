@@ -29,7 +29,7 @@ from qwenlite.serve.app import create_app
 from qwenlite.serve.engine import Engine
 from qwenlite.text.tokenizer import Tokenizer
 
-from helpers import IMAGE_PAD, LiveServer, make_multimodal_checkpoint, max_abs_diff
+from helpers import IMAGE_PAD, LiveServer, encoded, make_multimodal_checkpoint, max_abs_diff, picture
 
 GREEDY = SamplingParams(temperature=0)
 NEW_TOKENS = 8
@@ -45,21 +45,6 @@ def mm(tmp_path_factory, qwen35_tokenizer_dir):
     model = load_checkpoint(path, vision=True).model
     reference = Qwen2VLImageProcessorPil.from_pretrained(path)
     return hf, reference, model, Tokenizer.from_dir(path), ImageProcessor.from_dir(path), path
-
-
-def picture(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
-    """Smooth colour gradients plus noise: resampling has something to do, and images differ by seed."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 / max(width, 1), y * 255 / max(height, 1), (x + y) % 256], -1)
-    pixels = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels).convert(mode)
-
-
-def encoded(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **kwargs)
-    return buf.getvalue()
 
 
 def test_the_wrapper_config_gives_the_tower_and_the_rotary_sections():

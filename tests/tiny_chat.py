@@ -23,7 +23,7 @@ from qwenlite.text.vocab import (
     qwen35_chat_template,
 )
 
-from helpers import make_hf_checkpoint
+from helpers import TINY_TEXT_CONFIG, make_hf_checkpoint, make_multimodal_checkpoint
 
 TINY_VOCAB = 480  # learned ids + 33 special tokens; below the tiny model's 512 rows
 CORPUS = [
@@ -77,6 +77,19 @@ def make_chat_checkpoint(
     hf_model = make_hf_checkpoint(path, tied=tied, scale=scale, seed=seed, text_config=text_config)
     write_tiny_tokenizer(path)
     return hf_model
+
+
+def make_multimodal_chat_checkpoint(path: str | Path):
+    """helpers.make_multimodal_checkpoint on the tiny tokenizer (vocabulary 512, its image and video token ids): a
+    model with a vision tower that fine-tunes in seconds; returns the transformers model."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    write_tiny_tokenizer(path)
+    tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+    names = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+             "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}  # fmt: skip
+    token_ids = {key: tok.token_to_id(token) for key, token in names.items()}
+    return make_multimodal_checkpoint(path, None, vocab_size=TINY_TEXT_CONFIG["vocab_size"], token_ids=token_ids)
 
 
 def write_jsonl(path: str | Path, records: list) -> Path:

@@ -34,8 +34,10 @@ answers to DATA's prompts. OUT receives the checkpoint with the new mtp.* tensor
 SFT_HELP = """Fine-tune MODEL on chat conversations, loss on assistant tokens only.
 DATA is JSONL, one conversation per line: {"messages": [...], "tools": [...]} (tools optional), messages in the
 OpenAI shape (roles system/user/assistant/tool; assistant turns may carry reasoning_content and tool_calls).
-Conversations are rendered with MODEL's own chat template. OUT receives a checkpoint (full fine-tuning) or a
-PEFT adapter (--lora R; with --merge also the merged checkpoint in OUT/merged)."""
+Conversations are rendered with MODEL's own chat template. A user message's content may hold OpenAI image parts,
+{"type": "image_url", "image_url": {"url": ...}}, the url a base64 data: URL or a file path relative to DATA's
+folder; MODEL's vision tower reads them, frozen unless --train-vision. OUT receives a checkpoint (full fine-tuning,
+with the tower) or a PEFT adapter (--lora R; with --merge also the merged checkpoint in OUT/merged)."""
 
 DPO_HELP = """Preference-tune MODEL with DPO (sigmoid loss) against the frozen starting model.
 DATA is JSONL, one pair per line: {"prompt": ..., "chosen": ..., "rejected": ..., "tools": [...]} where prompt is a
@@ -109,6 +111,8 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
 
     sft = sub.add_parser("sft", help="supervised fine-tuning on chat data", description=SFT_HELP)
     _add_post_training_flags(sft, "1e-5, 2e-4 with --lora")
+    sft.add_argument("--train-vision", action="store_true",
+                     help="train the vision tower's weights too (default: frozen; not with --lora)")  # fmt: skip
     sft.set_defaults(func=cmd_sft)
 
     dpo = sub.add_parser("dpo", help="preference tuning (DPO) on chosen/rejected pairs", description=DPO_HELP)
@@ -224,7 +228,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     from qwenlite.train.sft import train_sft
 
     settings, lora = _settings(args, 1e-5, 2e-4)
-    train_sft(resolve_model_path(args.model), args.data, args.out, settings, lora)
+    train_sft(resolve_model_path(args.model), args.data, args.out, settings, lora, train_vision=args.train_vision)
     print(f"wrote {'the adapter' if lora else 'the checkpoint'} to {args.out}", file=sys.stderr)
     return 0
 
@@ -257,7 +261,8 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     from qwenlite.train.lora import load_adapter, merge_lora
 
     base = resolve_model_path(args.model)
-    ckpt = load_checkpoint(base, dtype="float32")  # merge in fp32, save in the checkpoint's dtype
+    # Merged in fp32, saved in the checkpoint's dtype, with the vision tower where it has one.
+    ckpt = load_checkpoint(base, dtype="float32", vision=True)
     load_adapter(ckpt.model, args.adapter)
     merge_lora(ckpt.model)
     out = Path(args.out)

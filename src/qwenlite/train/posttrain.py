@@ -19,6 +19,7 @@ from qwenlite.errors import QwenliteError
 from qwenlite.io.checkpoint import Checkpoint, checkpoint_files, copy_side_files, load_checkpoint, save_checkpoint
 from qwenlite.io.files import atomic_write
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
+from qwenlite.model.vision import ImageInput, embed_prompt
 from qwenlite.text.tokenizer import ENDOFTEXT, IM_END, Tokenizer
 from qwenlite.train.common import TrainSettings
 from qwenlite.train.lora import DEFAULT_TARGETS, apply_lora, merge_lora, save_adapter
@@ -89,14 +90,22 @@ def pad_token_id(tokenizer: Tokenizer) -> int:
     return 0
 
 
-def token_logprobs(model: Qwen3_5ForCausalLM, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(labels[b, t] | ids[b, :t]) at every labelled position, 0 elsewhere: (B, T-1) fp32.
+def token_logprobs(
+    model: Qwen3_5ForCausalLM, ids: torch.Tensor, labels: torch.Tensor, images: Sequence[ImageInput] = ()
+) -> torch.Tensor:
+    """log p(labels[b, t] | ids[b, :t]) at every labelled position, 0 elsewhere: (B, T-1) fp32. `images` fill the
+    `<|image_pad|>` runs of a single row (B = 1), their features and rotary positions as inference takes them.
 
     The head runs only on the labelled positions: on a 248K vocabulary, full logits of a long batch would be
     the largest tensor of the step."""
     device = model.model.embed_tokens.weight.device
     ids, labels = ids.to(device), labels.to(device)
-    hidden = model.model(ids[:, :-1])  # (B, T-1, H), position t predicts token t+1
+    if images:
+        # A frozen tower builds no graph: neither its weights nor the pixels require grad.
+        embeds, positions, _ = embed_prompt(model, ids[0].tolist(), images)
+        hidden = model.model(ids[:, :-1], embeds=embeds[:, :-1], positions=positions[:, :-1])
+    else:
+        hidden = model.model(ids[:, :-1])  # (B, T-1, H), position t predicts token t+1
     targets = labels[:, 1:]
     mask = targets != IGNORE
     logits = model.lm_head(hidden[mask]).float()  # (N, V)
@@ -109,11 +118,22 @@ def token_logprobs(model: Qwen3_5ForCausalLM, ids: torch.Tensor, labels: torch.T
 # Model in, result out
 
 
-def load_for_training(model_path: Path, s: TrainSettings, lora: LoRASettings | None) -> Checkpoint:
-    ckpt = load_checkpoint(model_path, dtype=s.dtype, device=s.device)
+def load_for_training(
+    model_path: Path, s: TrainSettings, lora: LoRASettings | None, train_vision: bool = False
+) -> Checkpoint:
+    """The checkpoint with its vision tower, if it has one (saved with the result), frozen unless `train_vision`;
+    with `lora`, adapters on the language model's layers only (the adapter names no tower layer)."""
+    ckpt = load_checkpoint(model_path, dtype=s.dtype, device=s.device, vision=True)
     model = ckpt.model
     if lora is not None:
-        apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.targets, seed=s.seed)
+        paths = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.targets, seed=s.seed)
+        if tower := [p for p in paths if p.startswith("visual.")]:
+            raise QwenliteError(
+                f"the LoRA targets match {tower[0]}, a layer of the vision tower; adapters adapt the language model "
+                "only (--train-vision trains the tower, without --lora)"
+            )
+    if model.visual is not None:
+        model.visual.requires_grad_(train_vision)
     model.train()
     return ckpt
 

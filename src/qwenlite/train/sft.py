@@ -4,6 +4,16 @@ Data: JSONL, one conversation per line: `{"messages": [...], "tools": [...]}` (t
 OpenAI shape the chat template reads (`role` system / user / assistant / tool, `content`, and on assistant turns
 optionally `reasoning_content` and `tool_calls`).
 
+Images. A user or tool message's content may be a list of OpenAI parts, `{"type": "text", "text": ...}` and
+`{"type": "image_url", "image_url": {"url": ...}}`, the url a base64 `data:` URL or a file path, relative to the
+JSONL file's folder (a training set travels with its images) or absolute. http(s) URLs are refused: a training
+run should not depend on the network. An assistant message holds no image: the model is trained to write text.
+Every image is decoded and preprocessed (io/images.py, the checkpoint's preprocessor_config.json) before training
+starts, and kept in memory; its `<|image_pad|>` run is context, never trained. A row with images runs through the
+model alone, its features and multimodal rotary positions taken as inference takes them (model/vision.embed_prompt);
+rows without images are padded together as before. The tower is frozen (no gradient reaches it) unless
+`train_vision`, and is saved with the result.
+
 Which tokens are trained. Each conversation is rendered once, whole, with the checkpoint's own chat template
 (`add_generation_prompt=False`), exactly the text the model will see, and encoded as inference encodes it
 (`Tokenizer.encode_chat`: a "<|im_end|>" that a message spells is text). The assistant spans are then found in that
@@ -22,12 +32,16 @@ framing; a render whose header count differs from its assistant-message count is
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from qwenlite.config import load_config
 from qwenlite.errors import QwenliteError
+from qwenlite.io.images import ImageProcessor, data_url_bytes, expand_image_tokens
+from qwenlite.model.vision import ImageInput
 from qwenlite.text.tokenizer import ASSISTANT_HEADER, IM_END, IM_START, ChatTemplateError, Tokenizer
 from qwenlite.train.common import FINE_TUNING_BETAS, Logger, TrainSettings, make_optimizer, run_steps
 from qwenlite.train.posttrain import (
@@ -49,6 +63,7 @@ class Example:
     ids: list[int]
     labels: list[int]  # ids where trained, IGNORE elsewhere (aligned with ids, not shifted)
     where: str  # "file:line", for messages about this example
+    images: list[ImageInput] = field(default_factory=list)  # filling the `<|image_pad|>` runs of ids, in order
 
     @property
     def n_trained(self) -> int:
@@ -103,9 +118,75 @@ def encode_chat(
     return Example(ids, labels, where)
 
 
-def load_sft_data(path: str | Path, tokenizer: Tokenizer, max_len: int) -> list[Example]:
-    """Read, validate and encode every conversation before training starts, so that bad data fails before any
-    model is loaded or file written."""
+def read_images(
+    messages: list, folder: Path, processor: ImageProcessor | None, where: str
+) -> tuple[list, list[ImageInput]]:
+    """The messages with each `image_url` part as the template's image placeholder, and those images read and
+    preprocessed, in order (see the module docstring for what a url may be)."""
+    out, images = [], []
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            out.append(message)
+            continue
+        parts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                parts.append(part)
+                continue
+            at = f"{where}: message {i}"
+            if kind != "image_url":
+                raise QwenliteError(f"{at}: content parts are text or image_url, got {kind or part!r}")
+            if message.get("role") == "assistant":
+                raise QwenliteError(f"{at}: an assistant message holds no image (images go in user messages)")
+            if processor is None:
+                raise QwenliteError(f"{at}: an image, but this model reads no images (it has no vision tower)")
+            url = part["image_url"].get("url") if isinstance(part.get("image_url"), dict) else None
+            if not isinstance(url, str):
+                raise QwenliteError(f'{at}: an image_url part needs {{"image_url": {{"url": ...}}}}')
+            try:
+                if url.startswith("data:"):
+                    images.append(processor.load(data_url_bytes(url), name="the data: URL image"))
+                elif "://" in url:
+                    raise QwenliteError(
+                        f"image URLs are not fetched for training ({url.partition('://')[0]}://...): save the image "
+                        "and give its path, relative to the data file, or a data: URL"
+                    )
+                else:
+                    images.append(processor.load(folder / url))
+            except QwenliteError as e:
+                raise type(e)(f"{at}: {e}") from None
+            parts.append({"type": "image"})  # the template writes a placeholder per image part; it needs no URL
+        out.append({**message, "content": parts})
+    return out, images
+
+
+def place_images(example: Example, images: list[ImageInput], image_token_id: int, max_len: int) -> None:
+    """Expand each image's one `<|image_pad|>` to its tokens (labels: context) and cut the example to `max_len`,
+    dropping the images after the cut; an image the cut would split is refused."""
+    ids = expand_image_tokens(example.ids, images, image_token_id)  # one placeholder per image, checked
+    counts = iter([image.tokens for image in images])
+    labels = [label for i, label in zip(example.ids, example.labels, strict=True)
+              for _ in range(next(counts) if i == image_token_id else 1)]  # fmt: skip
+    example.ids, example.labels = ids[:max_len], labels[:max_len]
+    pads = example.ids.count(image_token_id)
+    ends = list(itertools.accumulate(image.tokens for image in images))
+    if pads and pads not in ends:
+        raise QwenliteError(f"{example.where}: --max-len {max_len} cuts an image's tokens (raise --max-len)")
+    example.images = images[: ends.index(pads) + 1 if pads else 0]
+
+
+def load_sft_data(
+    path: str | Path,
+    tokenizer: Tokenizer,
+    max_len: int,
+    processor: ImageProcessor | None = None,
+    image_token_id: int | None = None,
+) -> list[Example]:
+    """Read, validate and encode every conversation (and read its images, through `processor`, None for a model
+    without a vision tower) before training starts, so that bad data fails before any model is loaded or file
+    written."""
     examples = []
     for number, record in read_jsonl(path):
         where = f"{path}:{number}"
@@ -116,7 +197,10 @@ def load_sft_data(path: str | Path, tokenizer: Tokenizer, max_len: int) -> list[
             raise QwenliteError(f"{where}: the conversation has no assistant turn, so nothing to train on")
         if tools is not None and not isinstance(tools, list):
             raise QwenliteError(f'{where}: "tools" must be a list')
+        messages, images = read_images(messages, Path(path).parent, processor, where)
         example = encode_chat(tokenizer, messages, tools, where=where)
+        if images:
+            place_images(example, images, image_token_id, max_len)
         example.ids, example.labels = example.ids[:max_len], example.labels[:max_len]
         if example.n_trained == 0:
             raise QwenliteError(f"{where}: no assistant token within the first {max_len} tokens (raise --max-len)")
@@ -133,18 +217,29 @@ def train_sft(
     settings: TrainSettings | None = None,
     lora: LoRASettings | None = None,
     log: Logger = log_line,
+    train_vision: bool = False,
 ) -> list[dict]:
     """Fine-tune the checkpoint at `model_path` on the conversations in `data_path`; write the result to
-    `out_dir` (see `posttrain.save_result`). Returns the log records."""
+    `out_dir` (see `posttrain.save_result`). `train_vision`: the vision tower's weights train too (not with
+    LoRA). Returns the log records."""
     model_path, out_dir = Path(model_path), Path(out_dir)
     settings = settings or TrainSettings()
+    config = load_config(model_path)
+    if train_vision and config.vision_config is None:
+        raise QwenliteError(f"--train-vision: {model_path} has no vision tower")
+    if train_vision and lora is not None:
+        raise QwenliteError("--train-vision trains the tower's own weights, which a LoRA adapter does not hold: "
+                            "drop --lora or --train-vision")  # fmt: skip
     tokenizer = Tokenizer.from_dir(model_path)
-    examples = load_sft_data(data_path, tokenizer, settings.max_len)
+    processor = ImageProcessor.from_dir(model_path, config.vision_config) if config.vision_config else None
+    examples = load_sft_data(data_path, tokenizer, settings.max_len, processor, config.image_token_id)
     pad_id = pad_token_id(tokenizer)
 
     torch.manual_seed(settings.seed)
-    ckpt = load_for_training(model_path, settings, lora)
+    ckpt = load_for_training(model_path, settings, lora, train_vision)
     model = ckpt.model
+    if model.visual is None and (ex := next((ex for ex in examples if ex.images), None)):
+        raise QwenliteError(f"{ex.where}: an image, but {model_path} holds no vision tower weights")
     optimizer = make_optimizer(model, settings.lr, settings.weight_decay, FINE_TUNING_BETAS)
     total_steps = settings.total_steps(len(examples))
     per_step = settings.batch_size * settings.grad_accum
@@ -155,11 +250,15 @@ def train_sft(
         n_trained = sum(ex.n_trained for ex in batch)
         loss = 0.0
         for i in range(0, per_step, settings.batch_size):  # gradient accumulation over micro-batches
-            ids, labels = pad_batch([(ex.ids, ex.labels) for ex in batch[i : i + settings.batch_size]], pad_id)
-            # The mean over the whole step's trained tokens, however they fall into micro-batches.
-            micro_loss = -token_logprobs(model, ids, labels).sum() / n_trained
-            micro_loss.backward()
-            loss += micro_loss.item()
+            micro = batch[i : i + settings.batch_size]
+            # A row with images runs alone (its features and rotary positions are its own); the others padded.
+            plain = [ex for ex in micro if not ex.images]
+            for rows in [[ex] for ex in micro if ex.images] + ([plain] if plain else []):
+                ids, labels = pad_batch([(ex.ids, ex.labels) for ex in rows], pad_id)
+                # The mean over the whole step's trained tokens, however they fall into micro-batches.
+                micro_loss = -token_logprobs(model, ids, labels, rows[0].images).sum() / n_trained
+                micro_loss.backward()
+                loss += micro_loss.item()
         return {"loss": loss, "trained_tokens": n_trained}, sum(len(ex.ids) for ex in batch)
 
     history = run_steps(model, optimizer, settings, total_steps, train_step, log)
