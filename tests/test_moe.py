@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from qwenlite.config import ModelConfig, load_config
 from qwenlite.errors import CheckpointError
 from qwenlite.generate import generate_tokens
-from qwenlite.io.checkpoint import Part, load_checkpoint, sanitize
+from qwenlite.io.checkpoint import Part, load_checkpoint, sanitize, save_checkpoint
 from qwenlite.model import runner
 from qwenlite.model.cache import make_cache
 from qwenlite.model.qwen3_5 import MLP, SparseMoeBlock, route
@@ -116,6 +116,23 @@ def test_config_reads_flat_and_wrapped(checkpoints):
     # a config.json that leaves the MoE keys out gets transformers' defaults (Qwen3.5-35B-A3B's)
     c = ModelConfig.from_dict({"model_type": "qwen3_5_moe_text"})
     assert (c.num_experts, c.num_experts_per_tok, c.hidden_size, c.linear_num_value_heads) == (256, 8, 2048, 32)
+
+
+def test_a_wrapped_model_saved_with_its_tower_is_the_wrapper_again(checkpoints, tmp_path):
+    """save_checkpoint of a model carrying its tower writes the multimodal layout and config: transformers' MoE
+    wrapper loads it as the same model, and qwenlite reads the same config and tower back."""
+    import transformers
+
+    hf, _, path = checkpoints["wrapped-fused"]
+    ckpt = load_checkpoint(path, "float32", vision=True)
+    save_checkpoint(ckpt.model, tmp_path)
+    again = load_checkpoint(tmp_path, "float32", vision=True)
+    assert again.config == ckpt.config
+    assert all(torch.equal(t, again.model.visual.state_dict()[k]) for k, t in ckpt.model.visual.state_dict().items())
+    theirs = transformers.Qwen3_5MoeForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32)
+    ids = random_ids(1, 12)
+    with torch.no_grad():
+        assert max_abs_diff(theirs(ids).logits, hf(ids).logits) < 1e-5
 
 
 def test_module_layout_is_the_per_expert_checkpoint(checkpoints):
@@ -399,7 +416,6 @@ def trained(tmp_path_factory):
     """A MoE of hidden 128 (a multiple of every int4 group; experts 128 wide, the shared expert 256) trained 60
     AdamW steps on test_families.py's Markov chain, so that its predictions are confident; saved in the per-expert
     layout and, the same tensors, in the fused one; and held-out ids."""
-    from qwenlite.io.checkpoint import save_checkpoint
     from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value
 
     config = ModelConfig(model_type="qwen3_5_moe_text", vocab_size=512, hidden_size=128, num_hidden_layers=2,
