@@ -16,6 +16,7 @@ from qwenlite.io.load import load_model
 from qwenlite.sample import SamplingParams
 from qwenlite.text.tokenizer import Tokenizer
 from qwenlite.train.common import TrainSettings
+from qwenlite.train.dpo import load_dpo_data
 from qwenlite.train.lora import load_adapter
 from qwenlite.train.posttrain import IGNORE, LoRASettings, load_for_training, token_logprobs
 from qwenlite.train.sft import load_sft_data, train_sft
@@ -261,10 +262,20 @@ def test_a_text_only_model_refuses_image_rows_in_one_line(tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(["train", "sft", "--model", str(base), "--data", str(data), "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "data.jsonl:2: message 0: an image, but this model reads no images" in err
+    assert err.count("\n") == 1 and "data.jsonl:2: message 0: an image, which this model or command does not" in err
     assert not out.exists()
     argv = ["train", "sft", "--model", str(base), "--data", str(data), "--out", str(out), "--train-vision"]
     assert cli_main(argv) == 1 and "--train-vision: " in capsys.readouterr().err and not out.exists()
+
+
+def test_dpo_data_with_images_is_refused_not_misread(checkpoint, tmp_path):
+    """DPO reads no images: an image part there would leave a lone <|image_pad|> without its features."""
+    tok = checkpoint[2]
+    row = {"prompt": image_row("a.png")["messages"][:1], "chosen": "A.", "rejected": "B."}
+    with pytest.raises(
+        QwenliteError, match=r"data.jsonl:1 \(chosen\): image and video parts are read only by `train sft`"
+    ):
+        load_dpo_data(write_jsonl(tmp_path / "data.jsonl", [row]), tok, 4096)
 
 
 def test_train_vision_and_lora_targets_stay_apart(checkpoint, tmp_path):

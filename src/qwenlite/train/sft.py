@@ -92,7 +92,14 @@ def encode_chat(
     where: str = "",
 ) -> Example:
     """Render `messages` whole and label the tokens of the assistant turns at index >= `train_from_message`
-    (DPO trains only the completion after a shared prompt)."""
+    (DPO trains only the completion after a shared prompt). Image parts must have been read (`read_images`)."""
+    if any(
+        isinstance(p, dict) and p.get("type") in ("image_url", "video_url")
+        for m in messages
+        if isinstance(m, dict) and isinstance(m.get("content"), list)
+        for p in m["content"]
+    ):
+        raise QwenliteError(f"{where}: image and video parts are read only by `train sft` (of a model with a tower)")
     try:
         # As inference encodes it: control tokens where the template writes them, what messages spell as text.
         text, ids, offsets = tokenizer.encode_chat_with_offsets(messages, tools=tools, add_generation_prompt=False)
@@ -141,7 +148,10 @@ def read_images(
             if message.get("role") == "assistant":
                 raise QwenliteError(f"{at}: an assistant message holds no image (images go in user messages)")
             if processor is None:
-                raise QwenliteError(f"{at}: an image, but this model reads no images (it has no vision tower)")
+                raise QwenliteError(
+                    f"{at}: an image, which this model or command does not read (`train sft` of a "
+                    "model with a vision tower does)"
+                )
             url = part["image_url"].get("url") if isinstance(part.get("image_url"), dict) else None
             if not isinstance(url, str):
                 raise QwenliteError(f'{at}: an image_url part needs {{"image_url": {{"url": ...}}}}')
