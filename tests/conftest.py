@@ -1,7 +1,11 @@
 """Shared fixtures. Built once per session: the real Qwen3.5 tokenizer files are ~33 MB."""
 
 import pytest
+import torch
 
+from qwenlite.config import ModelConfig
+from qwenlite.io.checkpoint import save_checkpoint
+from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value
 from qwenlite.text.tokenizer import Tokenizer
 from qwenlite.text.vocab import write_tokenizer_files
 
@@ -30,3 +34,47 @@ def qwen36_tokenizer_dir(qwen35_tokenizer_dir, tmp_path_factory):
     (path / "chat_template.jinja").unlink()
     (path / "chat_template.jinja").write_text(qwen36_style_template())
     return path
+
+
+# A model with real predictions, for the accuracy cost of quantization (test_quant.py, test_kernels.py)
+
+
+def markov_batch(successors: torch.Tensor, batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """Token sequences from a chain where each token has 3 successors, with probabilities 0.7 / 0.2 / 0.1."""
+    probs = torch.tensor([0.7, 0.2, 0.1])
+    x = torch.empty(batch, length, dtype=torch.long)
+    x[:, 0] = torch.randint(0, 256, (batch,), generator=gen)
+    choice = torch.multinomial(probs, batch * length, replacement=True, generator=gen).view(batch, length)
+    for t in range(1, length):
+        x[:, t] = successors[x[:, t - 1], choice[:, t]]
+    return x
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A tiny Qwen3.5 (hidden 128, vocab 512, tied) trained ~40 AdamW steps on a Markov chain, saved with the tiny
+    tokenizer; returns (checkpoint dir, held-out token ids)."""
+    c = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+                    linear_key_head_dim=32, linear_value_head_dim=32, mtp_num_hidden_layers=0, dtype="float32",
+                    max_position_embeddings=1024, tie_word_embeddings=True)  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    model = Qwen3_5ForCausalLM(c)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(initial_value(name, tuple(p.shape), gen))
+    successors = torch.randint(0, 256, (c.vocab_size, 3), generator=gen)  # the chain visits 256 of the 512 ids
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(40):
+        x = markov_batch(successors, 16, 40, gen)
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 1.4  # from 6.2; the chain's entropy is 0.80
+    from tiny_chat import write_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("trained") / "ckpt"
+    save_checkpoint(model.eval(), path)
+    write_tiny_tokenizer(path)
+    return path, markov_batch(successors, 4, 64, gen)

@@ -10,8 +10,11 @@ Tolerances (max |fast - ref| / max |ref|):
 - fp32 outputs: 1e-5 (accumulation order; measured <= 8e-7);
 - bf16 outputs: 1e-2 (both round to bf16, a step of 2^-8 relative; an output near a rounding boundary may land
   one step apart, measured <= 3.2e-3);
-- int8 / int4 GEMVs with bf16 activations on avx2 (activations as int16 in blocks with power-of-two scales, integer
+- int8 GEMVs with bf16 activations on avx2 (activations as int16 in blocks with power-of-two scales, integer
   products): bf16's 1e-2; the int16 rounding (at most 2^-16 of a block's largest value) is far below it;
+- int4 GEMVs with bf16 activations on avx2 (activations as int8 in blocks of 16, integer products): bf16's 1e-2
+  against the reference fed the same int8 activations (quant_matmul.quantize_activations, the twin); the int8
+  rounding itself (up to 1/254 of a block's largest value) is the whole-model tests' concern;
 - int8 / int4 past INT8_GEMV_ROWS / INT4_GEMV_ROWS rows (dequantize to the activation dtype, then torch's GEMM):
   the same two, as in bf16 the dequantized weight is rounded to bf16 like any bf16 model's;
 - dequantization: bitwise equal to the reference's, rounded to the output dtype;
@@ -171,6 +174,24 @@ def test_int8_matches_reference(K, N, dtype, each_isa):
                 assert torch.equal(kernels.int8_dequant(q, s, rows, dtype), want), isa
 
 
+def references(xs: list[torch.Tensor], dtype: torch.dtype, matmul, *weights):
+    """isa -> the slow reference's outputs for each x (`matmul(rows, *weights)`), computed in one pass per kind: of
+    the int8-quantized activations where that instruction set's GEMV multiplies bf16 activations in integers
+    (kernels.INT8_ACTIVATION_ISAS), else of x itself."""
+    done = {}
+
+    def of(isa: str) -> list[torch.Tensor]:
+        int8_activations = dtype == torch.bfloat16 and isa in kernels.INT8_ACTIVATION_ISAS
+        if int8_activations not in done:
+            rows = torch.cat(xs)
+            if int8_activations:
+                rows = qm.dequantize_activations(*qm.quantize_activations(rows))
+            done[int8_activations] = matmul(rows, *weights).to(dtype).split([len(x) for x in xs])
+        return done[int8_activations]
+
+    return of
+
+
 @needs_some_kernels
 @pytest.mark.parametrize("K,N,dtype", QUANT_CASES + [(K, N, torch.float32) for K, N in AWKWARD_INT4], ids=str)
 def test_int4_matches_reference(K, N, dtype, each_isa):
@@ -179,19 +200,53 @@ def test_int4_matches_reference(K, N, dtype, each_isa):
     for G in group_sizes(K, N, (32, 128)):
         packed, sz = qm.quantize_int4(w, G, dtype)
         xs = [torch.randn(M, K, generator=gen).to(dtype) for M in rows_for(N)]
-        refs = qm.int4_matmul_ref(torch.cat(xs), packed, sz, N).split([len(x) for x in xs])
         tiles = slice(packed.shape[0] // 2, packed.shape[0])
         want = None
         if N < 100_000:
             want = qm.dequantize_int4(packed, sz, slice(tiles.start * 64, tiles.stop * 64)).to(dtype)
+        refs = references(xs, dtype, qm.int4_matmul_ref, packed, sz, N)
         for isa in each_isa():
-            for x, ref in zip(xs, refs, strict=True):
+            for x, ref in zip(xs, refs(isa), strict=True):
                 assert kernels.int4_ok(x, packed, sz, G)
                 fast = kernels.int4_matmul(x, packed, sz, G, N)
                 assert fast.shape == ref.shape == (len(x), N)
                 assert relative_error(fast, ref) <= TOLERANCE[dtype], (isa, G, len(x))
             if want is not None:
                 assert torch.equal(kernels.int4_dequant_t(packed, sz, G, tiles, dtype).t(), want), isa
+
+
+def test_activation_quantization_twin():
+    """quant_matmul.quantize_activations, the twin of the kernels' int8 activations: each block of 16 within half a
+    step of its scale (max |x| / 127, the largest value exact), an all-zero block all zeros, a block with an inf or a
+    NaN a NaN scale (so the outputs it feeds are NaN), the others untouched."""
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(3, 64, generator=gen) * torch.logspace(-3, 3, 64)).to(torch.bfloat16)
+    x[1, 16:32] = 0
+    x[2, 0], x[2, 40] = float("inf"), float("nan")
+    q, s = qm.quantize_activations(x)
+    assert q.dtype == torch.int8 and s.shape == (3, 4)
+    back = qm.dequantize_activations(q, s)
+    blocks = x.float().reshape(3, 4, 16)
+    top = blocks.abs().amax(-1)
+    ok = top.isfinite()
+    err = (back.reshape(3, 4, 16) - blocks).abs().amax(-1)
+    assert (err[ok] <= 0.5 * s[ok] * 1.0001).all() and torch.equal(s[ok], top[ok] / 127)
+    assert (q.reshape(3, 4, 16).abs().amax(-1)[ok & (top > 0)] == 127).all()
+    assert torch.equal(q[1, 16:32], torch.zeros(16, dtype=torch.int8)) and s[1, 1] == 0
+    assert s[2, 0].isnan() and s[2, 2].isnan() and not s[2, 1].isnan() and not s[2, 3].isnan()
+
+
+@needs_kernels
+def test_int4_gemv_propagates_inf_and_nan(isa):
+    """An inf or a NaN in a row of x makes that row's outputs NaN (the reference's are inf or NaN), never finite
+    numbers, and leaves the other rows alone."""
+    gen = torch.Generator().manual_seed(4)
+    packed, sz = qm.quantize_int4(torch.randn(64, 128, generator=gen), 32, torch.bfloat16)
+    for bad in (float("inf"), float("nan")):
+        x = torch.randn(5, 128, generator=gen).to(torch.bfloat16)
+        x[3, 70] = bad
+        y = kernels.int4_matmul(x, packed, sz, 32, 64)
+        assert y[3].isnan().all() and not y[[0, 1, 2, 4]].isnan().any(), isa
 
 
 @needs_kernels
@@ -364,19 +419,16 @@ def test_model_with_kernels_equals_reference(tmp_path_factory):
 @needs_kernels
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_model_with_kernels_equals_reference(tmp_path_factory, bits):
-    """bf16 activations, int8 / int4 weights: the one-call decode step (avx2: activations as int16 blocks in integer
-    dot products; avx512: fp32 FMA / bf16 dot products) gives the pure-torch reference's logits (dequantize to fp32,
-    fp32 matmul) within bf16 rounding through 4 layers, fed the same tokens.
+    """bf16 activations, int8 / int4 weights: the one-call decode step (avx2: int8 weights times activations as int16
+    blocks, int4 weights times activations as int8 blocks of 16, in integer dot products; avx512: fp32 FMA / bf16 dot
+    products) gives the pure-torch reference's logits (dequantize to fp32, fp32 matmul) within bounds through 4
+    layers, fed the same tokens.
 
-    The accuracy cost of avx2's int16 activations against its own fp32-activation path, on this lively random model
-    (8 steps, 2-core AMD EPYC): one GEMV is off by at most 2.4e-5 of its largest output (fp32 outputs), far below
-    bf16's 2^-8, but every such difference flips a few bf16 roundings the fp32 path shares with the reference, and
-    this model amplifies them: logits max relative error int8 3.3e-2 (fp32 path 6.3e-3), int4 1.7e-2 (1.1e-2); mean
-    KL(reference || fast) int8 1.2e-3 (1.2e-4), int4 5.3e-4 (2.0e-4). The bounds below are 1.5x and 4x those; a
-    kernel that reads a wrong lane is off by 1e0. On a model with real predictions (test_quant.py's `trained`: a tiny
-    Qwen3.5 trained on a Markov chain, mean top probability 0.69), its 256 held-out tokens decoded one by one in bf16,
-    the cost is small: mean KL int8 9.9e-6 (fp32-activation path 2.2e-6), int4 1.1e-5 (3.9e-6), top-1 agreement 100%
-    in all four; quantizing the weights costs that model up to 1e-4 (int8) and 1e-2 (int4)."""
+    This random model amplifies every difference: a GEMV off by a bf16 rounding flips later roundings the reference
+    and the fp32-activation path share. Measured (8 steps, 2-core AMD EPYC, avx2): logits max relative error int8
+    3.3e-2 (fp32-activation path 6.3e-3), int4 1.2e-1 (1.1e-2); mean KL(reference || fast) int8 1.2e-3 (1.2e-4),
+    int4 1.0e-2 (2.0e-4). The bounds below are under twice those; a kernel that reads a wrong lane is off by 1e0.
+    What the activations cost on a model with real predictions: the next test."""
     from qwenlite.model.quantized import quantize_model
     from qwenlite.model.qwen3_5 import set_fast
 
@@ -389,9 +441,39 @@ def test_quantized_model_with_kernels_equals_reference(tmp_path_factory, bits):
     with torch.inference_mode():
         ref = [model(torch.tensor([prompt]), cache, logits_to_keep=1)[0, -1]]
         ref += [model(torch.tensor([[t]]), cache)[0, -1] for t in tokens[:-1]]
-    assert relative_error(fast_logits, torch.stack(ref)) <= 5e-2
+    bound, kl_bound = (5e-2, 2e-3) if bits == 8 else (2e-1, 2e-2)
+    assert relative_error(fast_logits, torch.stack(ref)) <= bound
     kl, _ = kl_and_top1(torch.stack(ref), fast_logits)
-    assert kl <= 5e-3, kl
+    assert kl <= kl_bound, kl
+
+
+@needs_kernels
+@pytest.mark.parametrize(("bits", "group_size"), [(8, None), (4, 32), (4, 128)])
+def test_quantized_decode_costs_little_on_real_predictions(trained, bits, group_size):
+    """The accuracy cost of how the GEMVs treat bf16 activations (avx2: int16 blocks for int8 weights, int8 blocks of
+    16 for int4 weights), on a model with real predictions (conftest's `trained`: a tiny Qwen3.5 trained on a Markov
+    chain, mean top probability 0.69), 128 held-out tokens decoded one by one in bf16 with the one-call step, against
+    the pure-torch reference (dequantize to fp32, fp32 matmul). Measured on the 2-core AMD EPYC (avx2), 256 tokens:
+    mean KL(reference || fast) int8 1.1e-5; int4 2.9e-5 (groups of 32) and 3.5e-5 (128) with int8 activations, where
+    the int16 activations they replaced gave 1.0e-5 and 1.4e-5; top-1 agreement 100% in all. Quantizing the weights
+    themselves costs this model far more: KL 3.4e-5 (int8), 9.8e-4 and 1.6e-3 (int4, groups of 32 and 128)."""
+    from qwenlite.model.quantized import quantize_model
+    from qwenlite.model.qwen3_5 import set_fast
+
+    path, ids = trained
+    tokens = ids.reshape(-1)[:128].tolist()
+
+    def decode(model):
+        cache = make_cache(model.config, 1, len(tokens), model.dtype)
+        with torch.inference_mode():
+            return torch.stack([run_model(model, torch.tensor([[t]]), cache)[0, -1] for t in tokens])
+
+    model = quantize_model(load_checkpoint(path, "bfloat16").model, bits, group_size)
+    fast = decode(model)
+    assert model.__dict__["_decode_plan"].layers is not None  # the one-call path ran
+    set_fast(model, False)
+    kl, top1 = kl_and_top1(decode(model), fast)
+    assert kl <= 1e-4 and top1 >= 0.99, (kl, top1)
 
 
 @needs_kernels

@@ -31,6 +31,7 @@ from qwenlite.errors import InvalidArgument
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 TILE = 64  # rows per int4 tile
+ACT_BLOCK = 16  # activation values per scale where the GEMVs quantize activations to int8
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROW_CHUNK = 16384  # rows dequantized at a time by the references: bounds their fp32 temporaries (64 MB at K 1024)
 # Weights quantized at a time (at least), in one fp32 scratch tensor per call worked on in place: 32 MiB or more,
@@ -54,6 +55,30 @@ def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     if K % group_size:
         raise InvalidArgument(f"K = {K} is not a multiple of the group size {group_size}")
     return w.reshape(N, K // group_size, group_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 activations: what the integer-dot-product GEMVs multiply the weights with
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K), K % ACT_BLOCK == 0 -> q (M, K) int8, scales (M, K / ACT_BLOCK) fp32, x ~ q * s per block of
+    ACT_BLOCK values: s = max |x| / 127, q = round(x * (127 / max |x|)) in fp32, ties to even. The twin of the C
+    kernels' activation quantization (ops/cpu, `kernels.INT8_ACTIVATION_ISAS`); an inf or NaN makes its block's
+    scale NaN."""
+    M, K = x.shape
+    blocks = x.float().reshape(M, K // ACT_BLOCK, ACT_BLOCK)
+    top = blocks.abs().amax(-1, keepdim=True)
+    finite = top.isfinite()
+    inv = torch.where(finite & (top > 0), 127.0 / top, torch.zeros_like(top))
+    q = torch.round(blocks * inv).to(torch.int8).reshape(M, K)
+    return q, torch.where(finite, top / 127.0, torch.full_like(top, float("nan"))).reshape(M, -1)
+
+
+def dequantize_activations(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(M, K) int8, (M, K / ACT_BLOCK) -> (M, K) fp32."""
+    M, K = q.shape
+    return (q.float().reshape(M, -1, ACT_BLOCK) * scales.unsqueeze(-1)).reshape(M, K)
 
 
 # ---------------------------------------------------------------------------------------------

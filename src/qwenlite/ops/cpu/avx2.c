@@ -30,6 +30,12 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+static inline float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
 /* 8 bf16 -> 8 fp32 */
 static inline __m256 cvt_bf16x8(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
 
@@ -328,41 +334,83 @@ static void int4_tile_f32(const uint8_t *tile, const void *sz, int s_bf16, int64
     }
 }
 
-/* int16 activations: columns k and k + 1 byte-interleaved put each row's two nibbles side by side; widened to int16
- * they meet the pair (xq[k], xq[k+1]) in vpmaddwd. The accumulators hold the half's 32 rows as 0-7, 16-23, 8-15,
- * 24-31 (the lane order of unpacklo / unpackhi). G <= 256, so a group is one activation block (BL = G). */
-static void int4_tile_i16(const uint8_t *tile, const void *sz, int s_bf16, int64_t G, const int16_t *xq,
-                          const float *sx, const float *xsum, float *tot, int64_t t, int64_t Np, int64_t K) {
+/* bf16 activations as int8, in blocks of 16 columns (never crossing a weight group: G % 16 == 0): x (M, K) bf16 ->
+ * xq (M, K) int8 and sx (M, K / 16), x ~ xq * sx with sx = max |x| / 127 (round to nearest), as llama.cpp's Q8
+ * activations (blocks of 32 there). An inf or NaN in a block makes its scale NaN, so the outputs are NaN. */
+static void quantize_x8(const uint16_t *x, int64_t M, int64_t K, int8_t *xq, float *sx) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int64_t i = 0; i < M * K; i += 16) {
+        const __m256 a = cvt_bf16x8(_mm_loadu_si128((const __m128i *)(x + i)));
+        const __m256 b = cvt_bf16x8(_mm_loadu_si128((const __m128i *)(x + i + 8)));
+        const __m256 aa = _mm256_and_ps(a, absmask), ab = _mm256_and_ps(b, absmask), inf = _mm256_set1_ps(INFINITY);
+        const float top = hmax8(_mm256_max_ps(aa, ab));
+        const int bad = _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(aa, inf, _CMP_NLT_UQ), _mm256_cmp_ps(ab, inf, _CMP_NLT_UQ)));
+        sx[i / 16] = bad ? NAN : top / 127.0f;
+        const __m256 inv = _mm256_set1_ps(top > 0 && !bad ? 127.0f / top : 0.0f);
+        const __m256i qa = _mm256_cvtps_epi32(_mm256_mul_ps(a, inv)), qb = _mm256_cvtps_epi32(_mm256_mul_ps(b, inv));
+        const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(qa, qb), _MM_SHUFFLE(3, 1, 2, 0)); /* 16 x int16 */
+        const __m128i n = _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+        _mm_storeu_si128((__m128i *)(xq + i), n);
+    }
+}
+
+/* int8 activations, MC rows of x at once over one tile: columns k and k + 1 byte-interleaved put each row's two
+ * nibbles side by side, where vpmaddubsw meets them with the pair (xq[k], xq[k + 1]) (unsigned nibble times signed
+ * activation, summed in pairs to int16: at most 2 * 15 * 127, so a block's 8 pairs stay below 2^15). Per block of 16
+ * columns the int16 sums are widened, scaled by the block's sx and summed in fp32; per group, times s, plus
+ * (z - 8 s) times the group's sum of x. The unpacked nibbles are shared by the MC rows. The sums hold the half's 32
+ * rows as 0-7, 16-23, 8-15, 24-31 (the lane order of unpacklo / unpackhi). */
+static inline __attribute__((always_inline)) void int4_tile_i8(const uint8_t *tile, const void *sz, int s_bf16,
+                                                               int64_t G, const int8_t *xq, const float *sx,
+                                                               const float *xsum, float *tot, int64_t t, int64_t Np,
+                                                               int64_t K, const int MC) {
     static const int lane_row[4] = {0, 16, 8, 24};
     const __m256i nib = _mm256_set1_epi8(15);
-    for (int64_t gi = 0; gi < K / G; gi++) {
+    const int64_t ng = K / G, nb = K / 16;
+    for (int64_t gi = 0; gi < ng; gi++) {
         float s[64] __attribute__((aligned(32))), z8[64] __attribute__((aligned(32)));
         tile_scales(sz, s_bf16, Np, gi, t, s, z8);
-        const __m256 xs = _mm256_set1_ps(xsum[gi]), bs = _mm256_set1_ps(sx[gi]);
         for (int half = 0; half < 2; half++) {
-            __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-            for (int64_t k = gi * G; k < (gi + 1) * G; k += 2) {
-                __m256i c0 = _mm256_loadu_si256((const __m256i *)(tile + k * 32));
-                __m256i c1 = _mm256_loadu_si256((const __m256i *)(tile + (k + 1) * 32));
-                if (half) {
-                    c0 = _mm256_srli_epi16(c0, 4);
-                    c1 = _mm256_srli_epi16(c1, 4);
+            __m256 f[MB][4];
+            for (int m = 0; m < MC; m++) f[m][0] = f[m][1] = f[m][2] = f[m][3] = _mm256_setzero_ps();
+            for (int64_t b0 = gi * G; b0 < (gi + 1) * G; b0 += 16) {
+                __m256i acc[MB][2];
+                for (int m = 0; m < MC; m++) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+                for (int64_t k = b0; k < b0 + 16; k += 2) {
+                    __m256i c0 = _mm256_loadu_si256((const __m256i *)(tile + k * 32));
+                    __m256i c1 = _mm256_loadu_si256((const __m256i *)(tile + (k + 1) * 32));
+                    if (half) {
+                        c0 = _mm256_srli_epi16(c0, 4);
+                        c1 = _mm256_srli_epi16(c1, 4);
+                    }
+                    const __m256i ul = _mm256_and_si256(_mm256_unpacklo_epi8(c0, c1), nib);
+                    const __m256i uh = _mm256_and_si256(_mm256_unpackhi_epi8(c0, c1), nib);
+                    for (int m = 0; m < MC; m++) {
+                        int16_t pair;
+                        memcpy(&pair, xq + m * K + k, 2);
+                        const __m256i xv = _mm256_set1_epi16(pair);
+                        acc[m][0] = _mm256_add_epi16(acc[m][0], _mm256_maddubs_epi16(ul, xv));
+                        acc[m][1] = _mm256_add_epi16(acc[m][1], _mm256_maddubs_epi16(uh, xv));
+                    }
                 }
-                const __m256i ul = _mm256_and_si256(_mm256_unpacklo_epi8(c0, c1), nib);
-                const __m256i uh = _mm256_and_si256(_mm256_unpackhi_epi8(c0, c1), nib);
-                int32_t pair;
-                memcpy(&pair, xq + k, 4);
-                const __m256i xv = _mm256_set1_epi32(pair);
-                acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(ul)), xv));
-                acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(ul, 1)), xv));
-                acc[2] = _mm256_add_epi32(acc[2], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(uh)), xv));
-                acc[3] = _mm256_add_epi32(acc[3], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(uh, 1)), xv));
+                for (int m = 0; m < MC; m++) {
+                    const __m256 bs = _mm256_set1_ps(sx[m * nb + b0 / 16]);
+                    for (int u = 0; u < 2; u++) {
+                        const __m256i lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[m][u]));
+                        const __m256i hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[m][u], 1));
+                        f[m][2 * u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), bs, f[m][2 * u]);
+                        f[m][2 * u + 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), bs, f[m][2 * u + 1]);
+                    }
+                }
             }
-            for (int r = 0; r < 4; r++) {
-                const int row = 32 * half + lane_row[r];
-                const __m256 q = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r]), bs); /* sum q x for these 8 rows */
-                const __m256 v = _mm256_fmadd_ps(q, _mm256_load_ps(s + row), _mm256_loadu_ps(tot + row));
-                _mm256_storeu_ps(tot + row, _mm256_fmadd_ps(_mm256_load_ps(z8 + row), xs, v));
+            for (int m = 0; m < MC; m++) {
+                const __m256 xs = _mm256_set1_ps(xsum[m * ng + gi]);
+                for (int r = 0; r < 4; r++) {
+                    const int row = 32 * half + lane_row[r];
+                    float *o = tot + m * 64 + row;
+                    const __m256 v = _mm256_fmadd_ps(f[m][r], _mm256_load_ps(s + row), _mm256_loadu_ps(o));
+                    _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_load_ps(z8 + row), xs, v));
+                }
             }
         }
     }
@@ -371,29 +419,48 @@ static void int4_tile_i16(const uint8_t *tile, const void *sz, int s_bf16, int64
 void qk_gemv_int4(const uint8_t *P, const void *sz, int s_bf16, int64_t G, const void *x, int x_bf16, void *y,
                   int y_bf16, int64_t M, int64_t Np, int64_t n_out, int64_t K, int nthreads) {
     const int64_t ng = K / G;
-    const int quant = x_bf16 && G <= 256; /* int16 activations, one block per group */
-    float *xsum = scratch(1, sizeof(float) * (size_t)(2 * M * ng));
-    int16_t *xq = quant ? scratch(0, sizeof(int16_t) * (size_t)(M * K)) : NULL;
-    if (!xsum || (quant && !xq)) return;
+    float *xsum = scratch(1, sizeof(float) * (size_t)(M * ng + (x_bf16 ? M * (K / 16) : 0)));
+    int8_t *xq = x_bf16 ? scratch(0, (size_t)(M * K)) : NULL;
+    if (!xsum || (x_bf16 && !xq)) return;
     float *sx = xsum + M * ng;
-    const float *xf = quant ? NULL : stage_f32(x, x_bf16, M * K);
-    for (int64_t m = 0; m < M; m++)
+    const float *xf = x_bf16 ? NULL : x;
+    if (x_bf16) quantize_x8(x, M, K, xq, sx);
+    for (int64_t m = 0; m < M; m++) /* the sums of the x the products see: quantized ones where they are */
         for (int64_t gi = 0; gi < ng; gi++) {
             float acc = 0;
-            for (int64_t k = gi * G; k < (gi + 1) * G; k++) acc += quant ? bf16_to_f32(((const uint16_t *)x)[m * K + k]) : xf[m * K + k];
+            if (x_bf16) {
+                for (int64_t b = gi * G / 16; b < (gi + 1) * G / 16; b++) {
+                    int32_t q = 0;
+                    for (int k = 0; k < 16; k++) q += xq[m * K + 16 * b + k];
+                    acc += (float)q * sx[m * (K / 16) + b];
+                }
+            } else {
+                for (int64_t k = gi * G; k < (gi + 1) * G; k++) acc += xf[m * K + k];
+            }
             xsum[m * ng + gi] = acc;
         }
-    if (quant) quantize_x16(x, M, K, G, xq, sx);
 #pragma omp parallel for schedule(static) num_threads(threads_for(nthreads, Np * K))
     for (int64_t t = 0; t < Np / 64; t++) {
         const uint8_t *tile = P + t * K * 32;
-        for (int64_t m = 0; m < M; m++) {
-            float tot[64] = {0};
-            if (quant)
-                int4_tile_i16(tile, sz, s_bf16, G, xq + m * K, sx + m * ng, xsum + m * ng, tot, t, Np, K);
-            else
-                int4_tile_f32(tile, sz, s_bf16, G, xf + m * K, xsum + m * ng, tot, t, Np, K);
-            for (int64_t r = 0; r < 64 && t * 64 + r < n_out; r++) store_out(y, y_bf16, m * n_out + t * 64 + r, tot[r]);
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            const int mc = (int)(M - m0 < MB ? M - m0 : MB);
+            float tot[MB * 64] __attribute__((aligned(32))) = {0};
+            if (!x_bf16) {
+                for (int m = 0; m < mc; m++) int4_tile_f32(tile, sz, s_bf16, G, xf + (m0 + m) * K, xsum + (m0 + m) * ng,
+                                                           tot + m * 64, t, Np, K);
+            } else {
+                const int8_t *xm = xq + m0 * K;
+                const float *sm = sx + m0 * (K / 16), *xs = xsum + m0 * ng;
+                switch (mc) {
+                case 1: int4_tile_i8(tile, sz, s_bf16, G, xm, sm, xs, tot, t, Np, K, 1); break;
+                case 2: int4_tile_i8(tile, sz, s_bf16, G, xm, sm, xs, tot, t, Np, K, 2); break;
+                case 3: int4_tile_i8(tile, sz, s_bf16, G, xm, sm, xs, tot, t, Np, K, 3); break;
+                default: int4_tile_i8(tile, sz, s_bf16, G, xm, sm, xs, tot, t, Np, K, 4); break;
+                }
+            }
+            for (int m = 0; m < mc; m++)
+                for (int64_t r = 0; r < 64 && t * 64 + r < n_out; r++)
+                    store_out(y, y_bf16, (m0 + m) * n_out + t * 64 + r, tot[m * 64 + r]);
         }
     }
 }

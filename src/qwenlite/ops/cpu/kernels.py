@@ -75,6 +75,9 @@ MAX_ROWS = 8  # rows for the bf16 GEMV and the one-call decode step (decode, bat
 # Quantized weights: up to these many rows a GEMV (a pass over W per 4 rows; a layer's W stays in L3 between
 # passes) beats dequantize-then-GEMM, whose dequantization is a fixed cost (bench/results/gemv_rows.md).
 INT8_GEMV_ROWS, INT4_GEMV_ROWS = 24, 64
+# Where the int4 GEMV multiplies in integers: bf16 activations quantized to int8 blocks first
+# (quant_matmul.quantize_activations is the twin); elsewhere, and for fp32 activations, the weights are widened.
+INT8_ACTIVATION_ISAS = ("avx2",)
 DEQUANT_ROWS = 16384  # rows of a quantized W dequantized at a time for a bf16 GEMM: bounds the temporary (32 MB at K
 # 1024); half as many for an fp32 GEMM
 
