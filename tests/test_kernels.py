@@ -109,8 +109,8 @@ def group_sizes(K: int, N: int, choices: tuple[int, ...]) -> list[int]:
 
 def rows_for(N: int) -> tuple[int, ...]:
     """1 (decode), 3 and 8 (batched decode: one pass over W, then a second one), 19 (a short prompt: more passes),
-    70 (past INT8_GEMV_ROWS and INT4_GEMV_ROWS: the dequantize + GEMM path); the head only at 1 and 8: its fp32
-    reference takes seconds."""
+    70 (past INT8_GEMV_ROWS and INT4_GEMV_ROWS: the dequantize + GEMM path, but for int4 GEMVs that multiply in
+    integers, which take every row count); the head only at 1 and 8: its fp32 reference takes seconds."""
     return (1, 8) if N > 100_000 else (1, 3, 8, 19, 70)
 
 

@@ -343,7 +343,7 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
                 n: int) -> torch.Tensor:  # fmt: skip
     """x (M, K) -> (M, n) in x's dtype; needs `int4_ok`. As `int8_matmul`: GEMV or dequantize + GEMM (on W^T, the
     layout the tiles dequantize to with whole-vector stores)."""
-    if x.shape[0] <= INT4_GEMV_ROWS:
+    if x.shape[0] <= INT4_GEMV_ROWS or integer_int4_gemv(x):
         return int4_gemv(x, packed, scales_and_zeros, group_size, n)
     (tiles, K, _), dtype, out = packed.shape, gemm_dtype(x.dtype), []
     xg, step = x.to(dtype), dequant_rows(dtype) // 64
@@ -352,6 +352,12 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
         w_t = scratch((K, (chunk.stop - t) * 64), dtype)
         out.append((xg @ int4_dequant_t(packed, scales_and_zeros, group_size, chunk, dtype, w_t)).to(x.dtype))
     return torch.cat(out, dim=-1)[:, :n]
+
+
+def integer_int4_gemv(x: torch.Tensor) -> bool:
+    """Whether the int4 GEMV multiplies x in integers here (bf16 on INT8_ACTIVATION_ISAS); then it beats dequantize +
+    GEMM at every row count (a 256-token prompt of the 0.8B 1.5-2x faster, bench/results/gemv_rows.md)."""
+    return x.dtype == torch.bfloat16 and isa() in INT8_ACTIVATION_ISAS
 
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
