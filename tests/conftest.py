@@ -78,3 +78,12 @@ def trained(tmp_path_factory):
     save_checkpoint(model.eval(), path)
     write_tiny_tokenizer(path)
     return path, markov_batch(successors, 4, 64, gen)
+
+
+@pytest.fixture(scope="session")
+def multimodal_checkpoint(tmp_path_factory, qwen35_tokenizer_dir):
+    """(transformers model, directory) of helpers.make_multimodal_checkpoint, built once; tests leave it as it is."""
+    from helpers import make_multimodal_checkpoint
+
+    path = tmp_path_factory.mktemp("multimodal")
+    return make_multimodal_checkpoint(path, qwen35_tokenizer_dir), path

@@ -29,19 +29,18 @@ from qwenlite.serve.app import create_app
 from qwenlite.serve.engine import Engine
 from qwenlite.text.tokenizer import Tokenizer
 
-from helpers import IMAGE_PAD, LiveServer, encoded, make_multimodal_checkpoint, max_abs_diff, picture
+from helpers import IMAGE_PAD, LiveServer, encoded, max_abs_diff, picture
 
 GREEDY = SamplingParams(temperature=0)
 NEW_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
-def mm(tmp_path_factory, qwen35_tokenizer_dir):
+def mm(multimodal_checkpoint):
     """(transformers model, its PIL processor, qwenlite model, tokenizer, processor, dir)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    path = tmp_path_factory.mktemp("multimodal")
-    hf = make_multimodal_checkpoint(path, qwen35_tokenizer_dir)
+    hf, path = multimodal_checkpoint
     model = load_checkpoint(path, vision=True).model
     reference = Qwen2VLImageProcessorPil.from_pretrained(path)
     return hf, reference, model, Tokenizer.from_dir(path), ImageProcessor.from_dir(path), path
@@ -276,6 +275,34 @@ def test_quantizing_on_load_keeps_the_tower_as_it_is(mm):
     torch.testing.assert_close(*features, rtol=0, atol=0)
     ids = chat_prompt(tok, [image], [user(image_part(), "What is it?")])
     assert len(list(generate_tokens(quantized, ids, GREEDY, NEW_TOKENS, images=[image]))) == NEW_TOKENS
+
+
+def test_a_quantized_checkpoint_keeps_the_tower(mm, tmp_path, capsys):
+    """`qwenlite quantize` writes the tower unquantized in its dtype: the same features as the checkpoint's, to the
+    bit, and the same greedy answer as `--quant int8` on the checkpoint (the same packed weights); `run --image`
+    reads the quantized directory's preprocessor file."""
+    _, _, model, tok, processor, path = mm
+    out = tmp_path / "int8"
+    assert cli_main(["quantize", str(path), str(out), "--bits", "8"]) == 0
+    quantized, _ = load_model(out, with_tokenizer=False)
+    on_load, _ = load_model(path, quant="int8", with_tokenizer=False)
+    assert type(quantized.model.layers[0].mlp.up_proj) is not type(model.model.layers[0].mlp.up_proj)
+    assert isinstance(quantized.visual.blocks[0].attn.qkv, torch.nn.Linear)  # not a QuantLinear
+    (picture_path,) = write_pictures(tmp_path, 1)
+    image = processor.load(picture_path)
+    with torch.no_grad():
+        features = [m.visual(image.pixel_values, [image.grid_thw]) for m in (model, quantized)]
+    torch.testing.assert_close(*features, rtol=0, atol=0)
+    messages = [user(image_part(), "What is it?")]
+    ids = chat_prompt(tok, [image], messages)
+    answers = [list(generate_tokens(m, ids, GREEDY, NEW_TOKENS, images=[image])) for m in (quantized, on_load)]
+    assert answers[0] == answers[1]
+    flags = ["--image", picture_path, "--max-tokens", str(NEW_TOKENS), "--temperature", "0"]
+    assert cli_main(["run", str(out), "What is it?", *flags]) == 0
+    assert (
+        capsys.readouterr().out
+        == "".join(c.text for c in stream(quantized, tok, ids, GREEDY, NEW_TOKENS, images=[image])) + "\n"
+    )
 
 
 def test_a_text_only_load_keeps_no_tower(mm):

@@ -201,20 +201,31 @@ def load_vision(
 ) -> VisionModel | None:
     """The vision tower (`model.visual.*`, strictly) of a checkpoint whose config has one, in `dtype` (never
     quantized: it runs once per image over hundreds of rows, where weight-only int8 saves no time), or None."""
-    if config.vision_config is None:
-        return None
-    named, _ = sanitize({name: (path, name) for name, path in checkpoint_files(root).items()}, vision=True)
-    files = {k.removeprefix("visual."): v for k, v in named.items() if k.startswith("visual.")}
+    files, shapes = match_vision(root, config)
     if not files:
         return None
     with torch.device("meta"):
         tower = VisionModel(config.vision_config)
-    shapes = {name: tuple(t.shape) for name, t in tower.state_dict().items()}
-    check_names(root, shapes, files)
-    state = {name: t.to(device=device, dtype=dtype) for name, t in read_tensors(files, shapes)}
+    state = {name.removeprefix("visual."): t.to(device=device, dtype=dtype) for name, t in read_tensors(files, shapes)}
     tower.load_state_dict(state, strict=True, assign=True)
     tower.init_rope(device)
     return tower.eval()
+
+
+def match_vision(root: Path, config: ModelConfig) -> tuple[dict[str, TensorSource], dict[str, tuple[int, ...]]]:
+    """Where the vision tower's tensors are stored and their shapes, by our names (`visual.*`), strictly; both empty
+    when the config or the checkpoint has no tower."""
+    if config.vision_config is None:
+        return {}, {}
+    named, _ = sanitize({name: (path, name) for name, path in checkpoint_files(root).items()}, vision=True)
+    files = {k: v for k, v in named.items() if k.startswith("visual.")}
+    if not files:
+        return {}, {}
+    with torch.device("meta"):
+        tower = VisionModel(config.vision_config)
+    shapes = {"visual." + name: tuple(t.shape) for name, t in tower.state_dict().items()}
+    check_names(root, shapes, files)
+    return files, shapes
 
 
 def read_tensors(

@@ -32,7 +32,9 @@ from qwenlite.io.checkpoint import (
     assemble,
     copy_side_files,
     expected_shapes,
+    load_vision,
     match_tensors,
+    match_vision,
     read_mtp,
     read_tensors,
     stream_tensors,
@@ -64,6 +66,8 @@ class _Source:
     shapes: dict[str, tuple[int, ...]]
     files: dict[str, Stored]
     mtp_files: dict[str, TensorSource]
+    vision_files: dict[str, TensorSource]  # the tower's (`visual.*`), written unquantized; empty without one
+    vision_shapes: dict[str, tuple[int, ...]]
 
     @classmethod
     def open(cls, root: Path, bits: int, group_size: int | None) -> _Source:
@@ -76,7 +80,7 @@ class _Source:
         for name in _quantized_names(model) & set(shapes):
             resolve_group_size(bits, group_size, shapes[name][1])  # fail before reading anything
         files, mtp_files = match_tensors(root, shapes, config)
-        return cls(config, model, shapes, files, mtp_files)
+        return cls(config, model, shapes, files, mtp_files, *match_vision(root, config))
 
 
 def quantize_tensors(
@@ -110,10 +114,11 @@ def quantize_checkpoint(
     progress: bool = True,
 ) -> Path:
     """Write the checkpoint at `checkpoint_dir` quantized to `out_dir`: safetensors with `*.qweight` and
-    `*.scales` / `*.scales_and_zeros` for every Linear and the embedding, the other tensors (and the MTP head)
-    in `dtype` (default: the checkpoint's), config.json with a `quantization_config` block, tokenizer and
-    generation files copied. Reads and quantizes one tensor at a time (memory: one output shard, at most 2 GiB,
-    plus the largest unquantized tensor); `out_dir` appears only when complete."""
+    `*.scales` / `*.scales_and_zeros` for every Linear and the embedding, the other tensors (and the vision
+    tower and MTP head, where the checkpoint has them) in `dtype` (default: the checkpoint's), config.json with a
+    `quantization_config` block, tokenizer, generation and preprocessor files copied. Reads and quantizes one
+    tensor at a time (memory: one output shard, at most 2 GiB, plus the largest unquantized tensor); `out_dir`
+    appears only when complete."""
     root, out = Path(checkpoint_dir), Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise QwenliteError(f"{out} already exists and is not empty")
@@ -126,11 +131,15 @@ def quantize_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        read = itertools.chain(stream_tensors(src.files, src.shapes), stream_tensors(src.mtp_files))
-        total = len(src.files) + len(src.mtp_files)
+        read = itertools.chain(
+            stream_tensors(src.files, src.shapes),
+            stream_tensors(src.vision_files, src.vision_shapes),
+            stream_tensors(src.mtp_files),
+        )
+        total = len(src.files) + len(src.vision_files) + len(src.mtp_files)
         with tqdm(read, total=total, unit="tensor", desc=f"quantizing to int{bits}", disable=not progress) as bar:
             tensors = quantize_tensors(bar, _quantized_names(src.model), bits, group_size, dtype)
-            write_checkpoint(qconfig, tmp, tensors, dtype, max_shard_bytes=2 << 30)
+            write_checkpoint(qconfig, tmp, tensors, dtype, max_shard_bytes=2 << 30, multimodal=bool(src.vision_files))
         copy_side_files(root, tmp)
         if out.exists():
             out.rmdir()  # empty, checked above
@@ -187,7 +196,8 @@ def load_quantized(
     checkpoint_dir: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
 ) -> Checkpoint:
     """A checkpoint written by `quantize_checkpoint`, memory-mapped: the packed weights are used in place, and
-    so is everything else when `dtype` is the stored one (otherwise scales and small tensors are converted)."""
+    so is everything else when `dtype` is the stored one (otherwise scales and small tensors are converted). Its
+    vision tower, where it has one, comes unquantized as `load_vision` reads it."""
     root = Path(checkpoint_dir)
     config = load_config(root)
     found = read_quantization_config(config, root)
@@ -214,4 +224,6 @@ def load_quantized(
             state[name] = t.to(device) if t.data_ptr() % ALIGN == 0 else t.clone()
         else:
             state[name] = t.to(device=device, dtype=dtype)
-    return Checkpoint(assemble(model, state, device), config, root, read_mtp(mtp_files))
+    model = assemble(model, state, device)
+    model.visual = load_vision(root, config, dtype, device)
+    return Checkpoint(model, config, root, read_mtp(mtp_files))
