@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from qwenlite.config import DTYPES
-from qwenlite.io.gguf_export import FILE_TYPES, export_gguf
+from qwenlite.config import DTYPES, load_config
+from qwenlite.io.checkpoint import match_vision
+from qwenlite.io.gguf_export import FILE_TYPES, export_gguf, gguf_metadata
+from qwenlite.io.gguf_mmproj import export_mmproj, mmproj_path
 from qwenlite.io.hub import resolve_model_path
 from qwenlite.io.quantized import quantize_checkpoint
 
@@ -45,7 +48,9 @@ def add_convert_command(subparsers) -> argparse.ArgumentParser:
         help="write a checkpoint in another format (GGUF for llama.cpp)",
         description="Write MODEL as one GGUF file with llama.cpp's tensor names and conventions for its family "
         "(qwen35, qwen35moe, qwen3, qwen2); a Qwen3.5 checkpoint's MTP head goes in as the nextn tail block that "
-        "llama.cpp's --spec-type draft-mtp reads.",
+        "llama.cpp's --spec-type draft-mtp reads. A checkpoint with a vision tower also gets llama.cpp's mmproj "
+        "file beside OUT, mmproj-<name>-F16.gguf (F32 / BF16 with that --dtype), which llama-mtmd-cli --mmproj "
+        "and qwenlite run read.",
     )
     p.add_argument("model", help="checkpoint directory or hub id")
     p.add_argument("--to", choices=["gguf"], required=True, help="output format")
@@ -56,6 +61,11 @@ def add_convert_command(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    out = export_gguf(resolve_model_path(args.model), args.out, args.dtype)
+    root = resolve_model_path(args.model)
+    out = export_gguf(root, args.out, args.dtype)
     print(f"wrote {out}", file=sys.stderr)
+    if match_vision(root, load_config(root))[0]:
+        name = gguf_metadata(root, None, 0).name
+        mmproj = export_mmproj(root, mmproj_path(Path(args.out), name, args.dtype), args.dtype)
+        print(f"wrote {mmproj}", file=sys.stderr)
     return 0

@@ -17,6 +17,11 @@ def add_quant_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None
     p.add_argument("--quant", choices=list(QUANT_CHOICES), help="quantize weights on load")
 
 
+def add_mmproj_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--mmproj", metavar="PATH", help="the vision tower of a .gguf model, llama.cpp's mmproj file "
+                   "(default: the only mmproj-*.gguf beside the model)")  # fmt: skip
+
+
 def add_device_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
 

@@ -8,16 +8,21 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from qwenlite.cli.options import add_device_flag, add_dtype_flag, add_quant_flag, add_speculate_flags
+from qwenlite.cli.options import (
+    add_device_flag,
+    add_dtype_flag,
+    add_mmproj_flag,
+    add_quant_flag,
+    add_speculate_flags,
+)
 from qwenlite.config import DTYPES, PRESETS, preset_config
 from qwenlite.errors import GrammarError, QwenliteError
 from qwenlite.generate import stream
 from qwenlite.io.checkpoint import write_random_checkpoint
 from qwenlite.io.files import atomic_write
 from qwenlite.io.hub import DEFAULT_MODEL, resolve_model_path
-from qwenlite.io.images import ImageProcessor
-from qwenlite.io.load import generation_defaults, load_model
-from qwenlite.io.video import VideoProcessor, expand_vision_tokens
+from qwenlite.io.load import generation_defaults, load_model, processors
+from qwenlite.io.video import expand_vision_tokens
 from qwenlite.model.vision import ImageInput, VideoInput
 from qwenlite.sample import SAMPLING_FIELDS, SamplingParams
 from qwenlite.speculative import make_speculation
@@ -64,6 +69,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     add_dtype_flag(p)
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: the model's)")
     add_quant_flag(p)
+    add_mmproj_flag(p)
     add_device_flag(p)
     add_speculate_flags(p)
 
@@ -108,7 +114,7 @@ class Session:
 
     def __init__(self, model_ref: str, args: argparse.Namespace):
         path = resolve_model_path(model_ref)
-        self.model, self.tokenizer = load_model(path, args.dtype, args.quant, args.device)
+        self.model, self.tokenizer = load_model(path, args.dtype, args.quant, args.device, mmproj=args.mmproj)
         settings = {**generation_defaults(path), **{k: getattr(args, k) for k in SAMPLING_FIELDS}}
         settings = {k: v for k, v in settings.items() if v is not None}
         self.params = SamplingParams(**settings, seed=args.seed)
@@ -122,14 +128,18 @@ class Session:
         self.path = path
 
     def load_image(self, path: str) -> ImageInput:
-        if self.model.visual is None:
-            raise QwenliteError(f"{self.path} reads no images: it has no vision tower (or is a quantized or GGUF file)")
-        return ImageProcessor.from_dir(self.path, self.model.config.vision_config).load(path)
+        return self.processors()[0].load(path)
 
     def load_video(self, path: str) -> VideoInput:
+        return self.processors()[1].load(path)
+
+    def processors(self):
         if self.model.visual is None:
-            raise QwenliteError(f"{self.path} reads no videos: it has no vision tower (or is a quantized or GGUF file)")
-        return VideoProcessor.from_dir(self.path, self.model.config.vision_config).load(path)
+            raise QwenliteError(
+                f"{self.path} reads no images or videos: it has no vision tower (a GGUF file needs its mmproj: "
+                "--mmproj PATH)"
+            )
+        return processors(self.path, self.model, self.args.mmproj)
 
     def prompt_ids(
         self, messages: list[dict], think: bool | None, images: Sequence[ImageInput | VideoInput] = ()

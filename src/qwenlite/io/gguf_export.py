@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,7 +236,8 @@ def tensor_type(
     return matrix_type
 
 
-def _to_numpy(t: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+def to_numpy(t: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """A tensor's values as GGUF stores them in `qtype`."""
     t = t.contiguous()
     if qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
         return gguf.quants.quantize(t.numpy(), qtype)  # uint8 blocks, (rows, bytes per row)
@@ -439,47 +441,69 @@ def export_gguf(
     plan = plan_tensors(root, c, matrix_type)
 
     writer = gguf.GGUFWriter(path=None, arch=GGUF_ARCHES[c.model_type])
-    total_params = sum(int(np.prod(t.shape)) for t in plan)
-    metadata = gguf.Metadata.load(None, root, name, total_params)
-    metadata.name = metadata.name or name or root.resolve().name
-    metadata.size_label = metadata.size_label or gguf.size_label(total_params, total_params, 0, 0)
     writer.add_type(gguf.GGUFType.MODEL)
-    metadata.set_gguf_meta_model(writer)
+    gguf_metadata(root, name, sum(int(np.prod(t.shape)) for t in plan)).set_gguf_meta_model(writer)
     nextn = int(any(t.names[0].startswith(PREFIX) for t in plan))  # one MTP layer, or none
     add_model_metadata(writer, c, _raw_config(root), file_type, nextn)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_tokenizer_metadata(writer, root, c.vocab_size)
 
+    handles: dict = {}
+
+    def arrays():
+        for t in plan:
+            parts = [convert_tensor(n, _read(handles, s), c) for n, s in zip(t.names, t.sources, strict=True)]
+            stacked = expert_index(t.names[0]) is not None
+            yield to_numpy(torch.stack(parts) if stacked else parts[0], t.qtype)
+
+    write_gguf(writer, out_path, [(t.gguf_name, t.shape, t.qtype) for t in plan], arrays(), progress)
+    return out_path
+
+
+def gguf_metadata(root: Path, name: str | None, total_params: int) -> gguf.Metadata:
+    """The `general.*` keys of a checkpoint's GGUF files, as the converter finds them; the name is at least the
+    directory's."""
+    metadata = gguf.Metadata.load(None, root, name, total_params)
+    metadata.name = metadata.name or name or root.resolve().name
+    metadata.size_label = metadata.size_label or gguf.size_label(total_params, total_params, 0, 0)
+    return metadata
+
+
+def stored_layout(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> tuple[tuple[int, ...], np.dtype]:
+    """How a tensor of `shape` (numpy order) and `qtype` lies in the file: its numpy shape and dtype (a quantized one
+    as uint8 rows of blocks)."""
     np_dtypes = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16,
                  gguf.GGMLQuantizationType.BF16: np.uint16}  # fmt: skip
+    if qtype in np_dtypes:
+        return shape, np.dtype(np_dtypes[qtype])
+    return tuple(gguf.quant_shape_to_byte_shape(shape, qtype)), np.dtype(np.uint8)
 
-    def stored_shape(t: PlannedTensor) -> tuple[int, ...]:  # quantized: (rows, bytes per row) of uint8
-        return t.shape if t.qtype in np_dtypes else tuple(gguf.quant_shape_to_byte_shape(t.shape, t.qtype))
 
-    def stored_dtype(t: PlannedTensor) -> np.dtype:
-        return np.dtype(np_dtypes.get(t.qtype, np.uint8))
-
-    for t in plan:
-        nbytes = int(np.prod(stored_shape(t))) * stored_dtype(t).itemsize
-        writer.add_tensor_info(t.gguf_name, stored_shape(t), stored_dtype(t), nbytes, raw_dtype=t.qtype)
-    total_bytes = sum(int(np.prod(stored_shape(t))) * stored_dtype(t).itemsize for t in plan)
+def write_gguf(
+    writer: gguf.GGUFWriter,
+    out_path: Path,
+    tensors: list[tuple[str, tuple[int, ...], gguf.GGMLQuantizationType]],
+    arrays: Iterable[np.ndarray],
+    progress: bool = True,
+) -> None:
+    """Write `writer`'s metadata and `tensors` (name, shape, type) to `out_path`, under a temporary name renamed when
+    complete: `arrays` gives each tensor's data in order (`to_numpy`), one at a time, as it is written."""
+    layouts = [stored_layout(shape, qtype) for _, shape, qtype in tensors]
+    for (name, _, qtype), (shape, dtype) in zip(tensors, layouts, strict=True):
+        writer.add_tensor_info(name, shape, dtype, int(np.prod(shape)) * dtype.itemsize, raw_dtype=qtype)
+    total_bytes = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in layouts)
 
     def write(tmp: Path) -> None:
-        handles = {}
         try:
             writer.write_header_to_file(path=tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="writing GGUF", disable=not progress) as bar:
-                for t in plan:
-                    parts = [convert_tensor(n, _read(handles, s), c) for n, s in zip(t.names, t.sources, strict=True)]
-                    stacked = expert_index(t.names[0]) is not None
-                    data = _to_numpy(torch.stack(parts) if stacked else parts[0], t.qtype)
-                    assert data.shape == stored_shape(t), (t.gguf_name, data.shape, t.shape)
+                for (name, _, _), (shape, _), data in zip(tensors, layouts, arrays, strict=True):
+                    assert data.shape == shape, (name, data.shape, shape)
                     writer.write_tensor_data(data)
                     bar.update(data.nbytes)
         finally:
             writer.close()
 
     atomic_write(out_path, write)
-    return out_path

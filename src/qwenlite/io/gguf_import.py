@@ -1,7 +1,8 @@
 """Run a llama.cpp GGUF of Qwen3.5 (architecture `qwen35`, or `qwen35moe` for Qwen3.5 MoE) or of the dense Qwen3 /
 Qwen2 (`qwen3` / `qwen2`): the inverse of gguf_export.py.
 
-- config from the `<arch>.*` metadata (block_count, embedding_length, ssm.*, rope.*, ...); the head is tied when
+- config from the `<arch>.*` metadata (block_count, embedding_length, ssm.*, rope.* (dimension_sections: the
+  multimodal rotary sections), ...); the head is tied when
   there is no `output.weight`; a file with `nextn_predict_layers` = 1 has block_count = num_hidden_layers + 1, its
   tail block the multi-token-prediction head (gguf_export's layout), which `load_gguf` leaves and `load_gguf_mtp`
   reads (more than one such layer is refused: qwenlite runs one);
@@ -253,6 +254,8 @@ def config_from_gguf(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], d
         linear_num_value_heads=v_heads,
         full_attention_interval=interval,
         partial_rotary_factor=key("rope.dimension_count") / head_dim,
+        # The multimodal rotary streams (t, h, w), which only image tokens tell apart (an mmproj brings them).
+        mrope_section=list(meta.get(f"{arch}.rope.dimension_sections") or [])[:3] or None,
     )
 
 

@@ -11,7 +11,10 @@ import torch
 from qwenlite.errors import CheckpointError, InvalidArgument, QwenliteError
 from qwenlite.io.checkpoint import assemble_mtp, checkpoint_files, load_checkpoint, load_vision, read_mtp, sanitize
 from qwenlite.io.gguf_import import load_gguf, load_gguf_mtp
+from qwenlite.io.gguf_mmproj import attach_mmproj, check_mmproj, mmproj_preprocessing
+from qwenlite.io.images import ImageProcessor
 from qwenlite.io.quantized import is_quantized_checkpoint, load_and_quantize, load_quantized
+from qwenlite.io.video import VideoProcessor
 from qwenlite.model.mtp import MTP
 from qwenlite.model.quantized import apply_quant, quant_bits
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
@@ -25,20 +28,26 @@ def load_model(
     quant: str | None = None,
     device: str | torch.device = "cpu",
     with_tokenizer: bool = True,
+    mmproj: str | Path | None = None,
 ) -> tuple[Qwen3_5ForCausalLM, Tokenizer | None]:
     """A resolved model path -> (model, tokenizer): a .gguf file, a quantized checkpoint (memory-mapped as
     written) or a Hugging Face checkpoint directory; `quant` ("int8" / "int4") quantizes on load, a checkpoint
-    directory one tensor at a time (never holding its unquantized weights). A checkpoint directory keeps its vision
-    tower, unquantized; quantized checkpoints and GGUF files are text-only.
+    directory one tensor at a time (never holding its unquantized weights). The vision tower comes unquantized: a
+    checkpoint directory's (quantized or not), or a GGUF's mmproj (`mmproj`, else found beside it: `find_mmproj`).
     `with_tokenizer=False` skips building a checkpoint directory's tokenizer (~280 MB for the 248K vocabulary)
     and returns None for it; a GGUF's comes from its metadata either way."""
     path = Path(model_path)
     bits = quant_bits(quant)
     device = check_device(device)
+    mmproj = find_mmproj(path, mmproj)
     if path.is_file() and path.suffix == ".gguf":
+        if mmproj is not None:
+            check_mmproj(mmproj)  # before the minutes a large model takes to load
         model, _config, tokenizer = load_gguf(path, dtype)
-        model = model.to(device)
-        return apply_quant(model, quant), tokenizer
+        model = apply_quant(model.to(device), quant)
+        if mmproj is not None:
+            attach_mmproj(model, tokenizer, mmproj)  # after quantizing: the tower stays as it is
+        return model, tokenizer
     if is_quantized_checkpoint(path):
         if bits:
             raise QwenliteError(f"{path} is already quantized; drop --quant")
@@ -49,6 +58,36 @@ def load_model(
     else:
         model = load_checkpoint(path, dtype, device, vision=True).model
     return model, Tokenizer.from_dir(path) if with_tokenizer else None
+
+
+def find_mmproj(model_path: str | Path, mmproj: str | Path | None = None) -> Path | None:
+    """The mmproj GGUF for a .gguf model: `mmproj` when given, else the only `mmproj-*.gguf` beside the model
+    (None when there is none, or several: then it must be given). Only a GGUF takes one: a checkpoint directory
+    carries its tower."""
+    path = Path(model_path)
+    gguf = path.is_file() and path.suffix == ".gguf"
+    if mmproj is not None:
+        if not gguf:
+            raise InvalidArgument(f"--mmproj is for a .gguf model; {path} carries its own vision tower, if any")
+        if not Path(mmproj).is_file():
+            raise CheckpointError(f"mmproj {mmproj} is not a file")
+        return Path(mmproj)
+    found = sorted(path.parent.glob("mmproj-*.gguf")) if gguf else []
+    return found[0] if len(found) == 1 else None
+
+
+def processors(
+    model_path: str | Path, model: Qwen3_5ForCausalLM, mmproj: str | Path | None = None
+) -> tuple[ImageProcessor, VideoProcessor]:
+    """What reads images and videos for `model`, loaded from `model_path` (with `mmproj`, as `load_model`): a
+    checkpoint's preprocessor files, or the preprocessing a GGUF's mmproj describes."""
+    path, vision = Path(model_path), model.config.vision_config
+    mmproj = find_mmproj(path, mmproj)
+    if mmproj is None:
+        return ImageProcessor.from_dir(path, vision), VideoProcessor.from_dir(path, vision)
+    settings = mmproj_preprocessing(mmproj)
+    video = {k: v for k, v in settings.items() if not k.endswith("_pixels")}  # a video's budget is its own
+    return ImageProcessor(**settings), VideoProcessor(**video)
 
 
 def check_device(device: str | torch.device) -> torch.device:

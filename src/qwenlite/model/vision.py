@@ -265,8 +265,8 @@ def embed_prompt(
     c = model.config
     if model.visual is None or c.image_token_id is None:
         raise QwenliteError(
-            "this model reads no images: it has no vision tower (a text-only checkpoint, a quantized checkpoint "
-            "or a GGUF file)"
+            "this model reads no images: it has no vision tower (a text-only checkpoint, or a GGUF file loaded "
+            "without its mmproj)"
         )
     positions, delta = mrope_positions(ids, images, c.image_token_id, c.video_token_id)
     device = model.device

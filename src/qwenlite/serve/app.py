@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qwenlite.io.adapters import check_names, load_adapters
 from qwenlite.io.hub import resolve_model_path
 from qwenlite.io.images import ImageProcessor
-from qwenlite.io.load import generation_defaults, load_model
+from qwenlite.io.load import generation_defaults, load_model, processors
 from qwenlite.io.video import VideoProcessor
 from qwenlite.serve.engine import SNAPSHOT_INTERVAL, Engine, cache_bytes
 from qwenlite.serve.metrics import Metrics
@@ -161,27 +161,28 @@ def serve(
     device: str = "cpu",
     snapshot_interval: int = SNAPSHOT_INTERVAL,
     lora: Sequence[tuple[str, str]] = (),
+    mmproj: str | None = None,
 ) -> None:
     """Load `model` and serve it until interrupted. `allow_special_in_content`: chat messages that spell control
     tokens ("<|im_end|>") get those tokens, as before qwenlite encoded them as text. `allow_image_urls`: image
     parts may name public http(s) URLs, which the server downloads (else data: URLs only). `lora`: (name, PEFT
     adapter directory) pairs, each served as the model `name`, all on the one base in the same batches; an adapter
-    that does not fit the base stops the start-up with its name and the mismatch."""
+    that does not fit the base stops the start-up with its name and the mismatch. `mmproj`: a GGUF model's vision
+    tower (io/load.py's `find_mmproj`)."""
     import uvicorn
 
     path = resolve_model_path(model)
     name = served_model_name or model
     aliases = (str(path), path.name)
     check_names([n for n, _ in lora], (name, *aliases))  # before the minutes a large model takes to load
-    loaded, tokenizer = load_model(path, dtype, quant, device)
+    loaded, tokenizer = load_model(path, dtype, quant, device, mmproj=mmproj)
     if lora:
         load_adapters(loaded, lora)
     ctx = min(ctx or DEFAULT_CTX, loaded.config.max_position_embeddings)
     engine = Engine(loaded, max_concurrency, max_queue, ctx, cache_mb, snapshot_interval=snapshot_interval)
     images = videos = None
     if loaded.visual is not None:
-        images = ImageProcessor.from_dir(path, loaded.config.vision_config)
-        videos = VideoProcessor.from_dir(path, loaded.config.vision_config)
+        images, videos = processors(path, loaded, mmproj)
     app = create_app(engine, tokenizer, name, api_key, generation_defaults(path), aliases,
                      allow_special_in_content, images, allow_image_urls, videos)  # fmt: skip
     print(
