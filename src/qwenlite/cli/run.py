@@ -21,8 +21,9 @@ from qwenlite.generate import stream
 from qwenlite.io.checkpoint import write_random_checkpoint
 from qwenlite.io.files import atomic_write
 from qwenlite.io.hub import DEFAULT_MODEL, resolve_model_path
+from qwenlite.io.images import ImageProcessor
 from qwenlite.io.load import generation_defaults, load_model, processors
-from qwenlite.io.video import expand_vision_tokens
+from qwenlite.io.video import VideoProcessor, expand_vision_tokens
 from qwenlite.model.vision import ImageInput, VideoInput
 from qwenlite.sample import SAMPLING_FIELDS, SamplingParams
 from qwenlite.speculative import make_speculation
@@ -128,12 +129,13 @@ class Session:
         self.path = path
 
     def load_image(self, path: str) -> ImageInput:
-        return self.processors()[0].load(path)
+        return self.media_processors()[0].load(path)
 
     def load_video(self, path: str) -> VideoInput:
-        return self.processors()[1].load(path)
+        return self.media_processors()[1].load(path)
 
-    def processors(self):
+    def media_processors(self) -> tuple[ImageProcessor, VideoProcessor]:
+        """The model's image and video preprocessing (io/load.py's `processors`); an error without a tower."""
         if self.model.visual is None:
             raise QwenliteError(
                 f"{self.path} reads no images or videos: it has no vision tower (a GGUF file needs its mmproj: "

@@ -411,8 +411,9 @@ def plan_tensors(root: Path, c: ModelConfig, matrix_type: gguf.GGMLQuantizationT
     return plan
 
 
-def _read(handles: dict, stored: Stored) -> torch.Tensor:
-    """A tensor of the checkpoint (an expert's part of a fused one included), memory-mapped."""
+def read_stored(handles: dict, stored: Stored) -> torch.Tensor:
+    """A tensor of the checkpoint (an expert's part of a fused one included), memory-mapped; `handles` keeps the
+    files opened so far."""
     path, name = source(stored)
     if path not in handles:
         handles[path] = open_safetensors(path)
@@ -452,7 +453,7 @@ def export_gguf(
 
     def arrays():
         for t in plan:
-            parts = [convert_tensor(n, _read(handles, s), c) for n, s in zip(t.names, t.sources, strict=True)]
+            parts = [convert_tensor(n, read_stored(handles, s), c) for n, s in zip(t.names, t.sources, strict=True)]
             stacked = expert_index(t.names[0]) is not None
             yield to_numpy(torch.stack(parts) if stacked else parts[0], t.qtype)
 

@@ -34,10 +34,10 @@ import torch
 
 from qwenlite.config import ModelConfig, VisionConfig, load_config
 from qwenlite.errors import CheckpointError, QwenliteError
-from qwenlite.io.checkpoint import match_vision, open_safetensors, read_tensor
-from qwenlite.io.gguf_export import gguf_metadata, to_numpy, write_gguf
+from qwenlite.io.checkpoint import match_vision
+from qwenlite.io.gguf_export import gguf_metadata, read_stored, to_numpy, write_gguf
 from qwenlite.io.gguf_import import dequantize_rows, read_gguf
-from qwenlite.io.images import PREPROCESSOR_FILE, processor_config
+from qwenlite.io.images import ImageProcessor
 from qwenlite.model.vision import VisionModel
 from qwenlite.text.tokenizer import Tokenizer
 
@@ -77,6 +77,7 @@ def mmproj_name(name: str) -> str:
 
 
 def mmproj_tensor_type(gguf_name: str, ndim: int, matrix_type: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """The converter's type rule for an mmproj tensor (see the module docstring)."""
     if ndim <= 1 or gguf_name == "v.position_embd.weight":
         return gguf.GGMLQuantizationType.F32
     if gguf_name in PATCH_FRAMES and matrix_type != gguf.GGMLQuantizationType.F16:
@@ -111,8 +112,7 @@ def export_mmproj(
     matrix_type, file_type, _ = MMPROJ_TYPES.get(dtype, F16)
     with torch.device("meta"):
         eps = VisionModel(v).merger.norm.eps
-    preprocessor = processor_config(root / PREPROCESSOR_FILE) or {}
-    size = preprocessor.get("size") or {}
+    images = ImageProcessor.from_dir(root, v)  # preprocessor_config.json's, or the published defaults
 
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
     writer.add_type(gguf.GGUFType.MMPROJ)
@@ -130,32 +130,27 @@ def export_mmproj(
     writer.add_vision_head_count(v.num_heads)
     writer.add_vision_attention_layernorm_eps(eps)
     writer.add_vision_spatial_merge_size(v.spatial_merge_size)
-    # The published Qwen3.5 preprocessor's values where the checkpoint has no preprocessor_config.json.
-    writer.add_vision_image_mean(preprocessor.get("image_mean", [0.5, 0.5, 0.5]))
-    writer.add_vision_image_std(preprocessor.get("image_std", [0.5, 0.5, 0.5]))
-    for key, value in (("min", preprocessor.get("min_pixels", size.get("shortest_edge"))),
-                       ("max", preprocessor.get("max_pixels", size.get("longest_edge")))):  # fmt: skip
-        if value is not None:
-            getattr(writer, f"add_vision_{key}_pixels")(int(value))
+    writer.add_vision_image_mean(list(images.image_mean))
+    writer.add_vision_image_std(list(images.image_std))
+    writer.add_vision_min_pixels(images.min_pixels)
+    writer.add_vision_max_pixels(images.max_pixels)
 
-    tensors, sources = [], []  # (gguf name, shape, type); (file, stored name, frame or None)
-    for ours, (path, stored) in files.items():
-        name, shape = ours.removeprefix("visual."), shapes[ours]
-        if name == PATCH:
+    tensors, sources = [], []  # (gguf name, shape, type); (where it is stored, frame of the patch kernel or None)
+    for ours, where in files.items():
+        tower_name, shape = ours.removeprefix("visual."), shapes[ours]
+        if tower_name == PATCH:
             for frame, target in enumerate(PATCH_FRAMES):
                 tensors.append((target, (shape[0], shape[1], *shape[3:]), mmproj_tensor_type(target, 4, matrix_type)))
-                sources.append((path, stored, frame))
+                sources.append((where, frame))
         else:
-            target = mmproj_name(name)
+            target = mmproj_name(tower_name)
             tensors.append((target, shape, mmproj_tensor_type(target, len(shape), matrix_type)))
-            sources.append((path, stored, None))
+            sources.append((where, None))
 
     def arrays():
-        handles = {}
-        for (path, stored, frame), (_, _, qtype) in zip(sources, tensors, strict=True):
-            if path not in handles:
-                handles[path] = open_safetensors(path)
-            t = read_tensor(handles[path], stored, path).float()
+        handles: dict = {}
+        for (where, frame), (_, _, qtype) in zip(sources, tensors, strict=True):
+            t = read_stored(handles, where).float()
             yield to_numpy(t if frame is None else t[:, :, frame], qtype)
 
     write_gguf(writer, out_path, tensors, arrays(), progress)
@@ -255,6 +250,8 @@ def attach_mmproj(model, tokenizer: Tokenizer, path: str | Path) -> None:
     """Give a model `load_gguf` built the vision tower of the mmproj at `path` (in the model's dtype and device),
     and its config the tower's and the image / video pad tokens of its vocabulary."""
     c = model.config
+    if c.dense:
+        raise CheckpointError(f"{path}: qwenlite reads an mmproj with a Qwen3.5 GGUF (qwen35, qwen35moe) only")
     for token in ("<|image_pad|>", "<|video_pad|>"):
         if tokenizer.token_to_id(token) is None:
             raise CheckpointError(f"the model's vocabulary has no {token} token for the images of {path}")
