@@ -185,7 +185,7 @@ def with_metadata(src: Path, dst: Path, **changes) -> Path:
     return dst
 
 
-def test_an_mmproj_that_does_not_fit_is_refused_in_one_line(converted, tmp_path):
+def test_an_mmproj_that_does_not_fit_is_refused_in_one_line(converted, tmp_path, capsys):
     path, model, out, mmproj = converted
     c = model.config
     cases = {
@@ -204,4 +204,7 @@ def test_an_mmproj_that_does_not_fit_is_refused_in_one_line(converted, tmp_path)
         load_mmproj(mmproj, dataclasses.replace(c, hidden_size=32), torch.float32)
     with pytest.raises(InvalidArgument, match="is for a .gguf model"):
         find_mmproj(path, mmproj)
+    capsys.readouterr()
     assert cli_main(["run", str(out), "hi", "--mmproj", str(cases["not an mmproj"]), "--max-tokens", "1"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()  # before the model loads
+    assert "is not an mmproj" in line
