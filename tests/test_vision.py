@@ -264,45 +264,30 @@ def test_prefill_pieces_that_cut_an_image_compute_the_same(mm, chunk):
     assert max_abs_diff(*logits) <= 1e-4
 
 
-def test_quantizing_on_load_keeps_the_tower_as_it_is(mm):
-    _, _, model, tok, processor, path = mm
-    quantized, _ = load_model(path, quant="int8")
-    assert type(quantized.model.layers[0].mlp.up_proj) is not type(model.model.layers[0].mlp.up_proj)
-    assert isinstance(quantized.visual.blocks[0].attn.qkv, torch.nn.Linear)  # not a QuantLinear
-    image = processor.load(encoded(picture(64, 96)))
-    with torch.no_grad():
-        features = [m.visual(image.pixel_values, [image.grid_thw]) for m in (model, quantized)]
-    torch.testing.assert_close(*features, rtol=0, atol=0)
-    ids = chat_prompt(tok, [image], [user(image_part(), "What is it?")])
-    assert len(list(generate_tokens(quantized, ids, GREEDY, NEW_TOKENS, images=[image]))) == NEW_TOKENS
-
-
-def test_a_quantized_checkpoint_keeps_the_tower(mm, tmp_path, capsys):
-    """`qwenlite quantize` writes the tower unquantized in its dtype: the same features as the checkpoint's, to the
-    bit, and the same greedy answer as `--quant int8` on the checkpoint (the same packed weights); `run --image`
-    reads the quantized directory's preprocessor file."""
+def test_quantizing_keeps_the_tower_as_it_is(mm, tmp_path, capsys):
+    """`--quant` on load and `qwenlite quantize` leave the tower unquantized in its dtype: the same features as the
+    checkpoint's, to the bit; the quantized directory answers as `--quant int8` on the checkpoint (the same packed
+    weights), and `run --image` on it reads its copy of the preprocessor file."""
     _, _, model, tok, processor, path = mm
     out = tmp_path / "int8"
     assert cli_main(["quantize", str(path), str(out), "--bits", "8"]) == 0
-    quantized, _ = load_model(out, with_tokenizer=False)
     on_load, _ = load_model(path, quant="int8", with_tokenizer=False)
-    assert type(quantized.model.layers[0].mlp.up_proj) is not type(model.model.layers[0].mlp.up_proj)
-    assert isinstance(quantized.visual.blocks[0].attn.qkv, torch.nn.Linear)  # not a QuantLinear
+    quantized, _ = load_model(out, with_tokenizer=False)
     (picture_path,) = write_pictures(tmp_path, 1)
     image = processor.load(picture_path)
-    with torch.no_grad():
-        features = [m.visual(image.pixel_values, [image.grid_thw]) for m in (model, quantized)]
-    torch.testing.assert_close(*features, rtol=0, atol=0)
-    messages = [user(image_part(), "What is it?")]
-    ids = chat_prompt(tok, [image], messages)
+    for m in (on_load, quantized):
+        assert type(m.model.layers[0].mlp.up_proj) is not type(model.model.layers[0].mlp.up_proj)
+        assert isinstance(m.visual.blocks[0].attn.qkv, torch.nn.Linear)  # not a QuantLinear
+        with torch.no_grad():
+            features = [t.visual(image.pixel_values, [image.grid_thw]) for t in (model, m)]
+        torch.testing.assert_close(*features, rtol=0, atol=0)
+    ids = chat_prompt(tok, [image], [user(image_part(), "What is it?")])
     answers = [list(generate_tokens(m, ids, GREEDY, NEW_TOKENS, images=[image])) for m in (quantized, on_load)]
-    assert answers[0] == answers[1]
+    assert answers[0] == answers[1] and len(answers[0]) == NEW_TOKENS
     flags = ["--image", picture_path, "--max-tokens", str(NEW_TOKENS), "--temperature", "0"]
     assert cli_main(["run", str(out), "What is it?", *flags]) == 0
-    assert (
-        capsys.readouterr().out
-        == "".join(c.text for c in stream(quantized, tok, ids, GREEDY, NEW_TOKENS, images=[image])) + "\n"
-    )
+    text = "".join(c.text for c in stream(quantized, tok, ids, GREEDY, NEW_TOKENS, images=[image]))
+    assert capsys.readouterr().out == text + "\n"
 
 
 def test_a_text_only_load_keeps_no_tower(mm):
