@@ -12,7 +12,6 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from qwenlite.cli.main import main as cli_main
 from qwenlite.errors import CheckpointError, InvalidArgument
@@ -24,7 +23,8 @@ from qwenlite.io.images import ImageProcessor, expand_image_tokens
 from qwenlite.io.load import find_mmproj, load_model, processors
 from qwenlite.sample import SamplingParams
 
-from helpers import IMAGE_PAD, MULTIMODAL_VISION_CONFIG, TINY_TEXT_CONFIG
+from helpers import MULTIMODAL_VISION_CONFIG, TINY_TEXT_CONFIG, picture
+from tiny_chat import make_multimodal_chat_checkpoint
 
 T = gguf.GGMLQuantizationType
 GREEDY = SamplingParams(temperature=0)
@@ -54,9 +54,11 @@ def required_tensors(D: int, F: int, N: int, P: int, E: int, depth: int) -> dict
 
 
 @pytest.fixture(scope="module")
-def converted(multimodal_checkpoint, tmp_path_factory):
-    """(checkpoint dir, its qwenlite model with the tower, text GGUF (F32), its mmproj) by `qwenlite convert`."""
-    _, path = multimodal_checkpoint
+def converted(tmp_path_factory):
+    """(checkpoint dir, its qwenlite model with the tower, text GGUF (F32), its mmproj) by `qwenlite convert`, of a
+    multimodal checkpoint on the tiny tokenizer (a 248K-token vocabulary would make it a minute of conversion)."""
+    path = tmp_path_factory.mktemp("multimodal")
+    make_multimodal_chat_checkpoint(path)
     out = tmp_path_factory.mktemp("gguf") / "model-f32.gguf"
     assert cli_main(["convert", str(path), "--to", "gguf", str(out), "--dtype", "f32"]) == 0
     (mmproj,) = out.parent.glob("mmproj-*.gguf")
@@ -67,14 +69,9 @@ def field(reader: gguf.GGUFReader, key: str):
     return reader.fields[key].contents()
 
 
-def picture(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
 def test_the_mmproj_has_what_llamacpps_clip_loader_requires(converted):
     _, model, out, mmproj = converted
-    text, text_tensors = read_gguf(out)  # qwenlite's reader: gguf-py's takes minutes over 248K tokens
+    text, text_tensors = read_gguf(out)
     name = text["general.name"]
     assert mmproj.name == f"mmproj-{'-'.join(name.split())}-F32.gguf"  # beside the text GGUF
     reader = gguf.GGUFReader(mmproj)
@@ -130,7 +127,7 @@ def test_a_gguf_with_its_mmproj_answers_as_the_checkpoint(converted, tmp_path, c
     image = images.load(file)
     assert torch.equal(image.pixel_values, reference.load(file).pixel_values)  # mean and std as float32, as used
     message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}
-    ids = expand_image_tokens(tok.encode_chat([message]), [image], IMAGE_PAD)
+    ids = expand_image_tokens(tok.encode_chat([message]), [image], model.config.image_token_id)
     answer = list(generate_tokens(loaded, ids, GREEDY, NEW_TOKENS, images=[image]))
     assert answer == list(generate_tokens(model, ids, GREEDY, NEW_TOKENS, images=[image]))
     flags = ["--image", str(file), "--max-tokens", str(NEW_TOKENS), "--temperature", "0"]
