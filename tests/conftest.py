@@ -10,6 +10,16 @@ from qwenlite.text.tokenizer import Tokenizer
 from qwenlite.text.vocab import write_tokenizer_files
 
 
+@pytest.fixture(autouse=True)
+def speculation_decisions(tmp_path_factory, monkeypatch):
+    """What `bench --speculate` records (run's measured default) goes to a file of each test's own, not the user's."""
+    from qwenlite import speculative
+
+    path = tmp_path_factory.mktemp("decisions") / "speculation.json"
+    monkeypatch.setattr(speculative, "decisions_path", lambda: path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def qwen35_tokenizer_dir(tmp_path_factory):
     """A directory holding tokenizer.json, tokenizer_config.json and chat_template.jinja for Qwen3.5."""

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from qwenlite import speculative
 from qwenlite.cli import main
 from qwenlite.errors import InvalidArgument
 from qwenlite.generate import GenerationStats, decode_step, generate_tokens, prefill, stream
@@ -365,3 +366,34 @@ def test_bench_reports_speculation(lively, capsys):
     assert sorted(r["verify_cost"]) == ["1", "2", "3", "4"] and all(c > 0 for c in r["verify_cost"].values())
     code, out, _ = cli(capsys, *argv, "--draft", "ngram")
     assert code == 0 and "speculative (K=2, ngram)" in out and "verify K+1 / decode 1" in out
+
+
+def test_speculation_default_follows_what_bench_measured(lively, capsys, speculation_decisions):
+    """Without --speculate, `run` speculates as `bench --speculate K` recorded for this model, precision and machine:
+    on where it was faster (the same answer, as always), off where slower or never measured, and an unreadable
+    record counts as never measured."""
+    argv = ["run", str(lively), "one two three one two three one two", "--raw", "--temperature", "0",
+            "--max-tokens", "12", "--verbose"]  # fmt: skip
+    code, plain, err = cli(capsys, *argv)
+    assert code == 0 and "speculat" not in err  # nothing recorded: off
+    bench_argv = ["bench", str(lively), "--prompt", "16", "--decode", "6", "--repeat", "1", "--speculate", "2",
+                  "--draft", "ngram", "--json"]  # fmt: skip
+    code, out, _ = cli(capsys, *bench_argv)
+    r, key = json.loads(out), speculative.decision_key(lively, None, None)
+    speedup = r["speculative_decode_tok_s"] / r["decode_tok_s"]
+    assert code == 0 and r["default_speculate"] == (2 if speedup > 1 else 0)
+    assert speculative.measured_default(key) == (r["default_speculate"], "ngram", pytest.approx(speedup, abs=1e-3))
+    for k, measured in ((3, 1.6), (3, 0.7)):
+        speculative.record_decision(key, k, "ngram", measured)
+        code, out, err = cli(capsys, *argv)
+        assert (code, out) == (0, plain)
+        on = measured > 1
+        assert ("speculating by default: --speculate 3 --draft ngram decoded 1.60x" in err) == on, err
+        assert ("speculation: acceptance" in err) == on
+    speculative.record_decision(key, 3, "ngram", 1.6)
+    code, out, err = cli(capsys, *argv, "--speculate", "0")  # off, whatever was measured
+    assert (code, out) == (0, plain) and "speculat" not in err
+    speculation_decisions.write_text("{not json")
+    assert speculative.measured_default(key) is None
+    code, out, err = cli(capsys, *argv)
+    assert (code, out) == (0, plain) and "speculat" not in err

@@ -52,6 +52,7 @@ class BenchResult:
     acceptance_rate: float = 0.0
     mean_accepted_length: float = 0.0
     verify_cost: dict[int, float] = field(default_factory=dict)  # K -> a forward of K+1 tokens / one decode token
+    default_speculate: int = 0  # what `run` and `chat` now do without --speculate (recorded: speculative.py)
 
     @property
     def limit_ratio(self) -> float:
@@ -90,6 +91,8 @@ class BenchResult:
                 ("  acceptance", f"{self.acceptance_rate:.0%} of drafts, mean accepted length "
                                  f"{self.mean_accepted_length:.2f} tok per verification"),
                 ("  verify K+1 / decode 1", costs),
+                ("  run / chat default", f"--speculate {self.default_speculate} --draft {self.draft}"
+                 if self.default_speculate else "off (slower than plain decoding here)"),
             ]  # fmt: skip
         where = f"{self.kernels} kernels" if self.device == "cpu" else self.device
         title = f"qwenlite bench {self.model} ({self.precision}, {self.threads} threads, {where})"
@@ -200,7 +203,7 @@ def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, pr
     from qwenlite.model.cache import make_cache
     from qwenlite.ops.cpu import kernels
     from qwenlite.sample import SamplingParams, greedy
-    from qwenlite.speculative import make_speculation
+    from qwenlite.speculative import decision_key, make_speculation, record_decision
 
     if threads:
         torch.set_num_threads(threads)
@@ -245,9 +248,14 @@ def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, pr
                 pass
             runs.append(stats)
         fastest = min(runs, key=lambda s: s.decode_seconds)
-        spec = dict(speculate=speculate, draft=draft, speculative_decode_tok_s=decode / fastest.decode_seconds,
+        speculative_tok_s = decode / fastest.decode_seconds
+        # The default of `run` and `chat` for this model here: on if faster than plain decoding
+        record = record_decision(decision_key(path, quant, dtype, where.type), speculate, draft,
+                                 speculative_tok_s / (decode / decode_s))  # fmt: skip
+        spec = dict(speculate=speculate, draft=draft, speculative_decode_tok_s=speculative_tok_s,
                     acceptance_rate=fastest.acceptance_rate, mean_accepted_length=fastest.mean_accepted_length,
-                    verify_cost=verify_cost(model, ids, repeat=max(repeat, 5)))  # fmt: skip
+                    verify_cost=verify_cost(model, ids, repeat=max(repeat, 5)),
+                    default_speculate=record["speculate"])  # fmt: skip
     bits = getattr(model.lm_head, "bits", None)  # a QuantLinear head: quantized on load or a quantized checkpoint
     precision = f"int{bits}" if bits else str(model.dtype).removeprefix("torch.")
     return BenchResult(

@@ -19,6 +19,7 @@ token ids; the loop that drafts, verifies and rolls back is generate.py's `specu
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +29,13 @@ import numpy as np
 import torch
 
 from qwenlite.errors import CheckpointError, InvalidArgument
+from qwenlite.io.files import atomic_write
 from qwenlite.io.load import load_mtp
 from qwenlite.model.cache import Cache, make_cache
 from qwenlite.model.mtp import MTP
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.model.runner import PREFILL_CHUNK
+from qwenlite.ops.cpu import kernels
 
 DRAFTS = ("mtp", "ngram")
 MAX_SPECULATE = 8  # drafts per verification: a forward of up to 9 rows
@@ -157,3 +160,46 @@ def make_speculation(
             f"{model_path} has no multi-token-prediction head (mtp.* tensors) to draft with; use --draft ngram"
         )
     return Speculation(MTPDraft(model, head), k)
+
+
+# --speculate's default, decided by measurement: `qwenlite bench --speculate K` records whether speculating beat plain
+# decoding for that model, precision, device and machine; `run` and `chat` without --speculate follow the record.
+
+
+def decisions_path() -> Path:
+    return kernels.cache_root() / "speculation.json"
+
+
+def decision_key(model_path: str | Path, quant: str | None, dtype: str | None, device: str = "cpu") -> str:
+    """What a measurement holds for: the resolved model path, --quant, --dtype, the device, the CPU, its kernels."""
+    return " | ".join([str(Path(model_path).resolve()), f"quant {quant or '-'}", f"dtype {dtype or '-'}", device,
+                       kernels.cpu_name(), f"{kernels.isa()} kernels"])  # fmt: skip
+
+
+def read_decisions() -> dict[str, dict]:
+    """The recorded measurements; an unreadable file counts as none (it is a cache: `bench` writes it again)."""
+    try:
+        decisions = json.loads(decisions_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return decisions if isinstance(decisions, dict) else {}
+
+
+def record_decision(key: str, k: int, draft: str, speedup: float) -> dict:
+    """Record what `bench` measured: speculative decode at `speedup` times plain decode's speed with k drafts from
+    `draft`. On when faster, off otherwise; returns the record."""
+    record = {"speculate": k if speedup > 1 else 0, "draft": draft, "speedup": round(speedup, 3)}
+    decisions = {**read_decisions(), key: record}
+    path = decisions_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: p.write_text(json.dumps(decisions, indent=2) + "\n"))
+    return record
+
+
+def measured_default(key: str) -> tuple[int, str, float] | None:
+    """(k, draft, the speed-up measured) that `bench` recorded for `key` (k = 0: off), or None if it never ran."""
+    record = read_decisions().get(key)
+    try:
+        return int(record["speculate"]), str(record["draft"]), float(record["speedup"])
+    except (TypeError, KeyError, ValueError):
+        return None

@@ -35,6 +35,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise QwenliteError(f"--{name} must be at least 1, got {getattr(args, name)}")
     result = bench.bench(args.model, args.quant, args.dtype, args.prompt, args.decode, args.repeat, args.threads,
-                         args.device, args.speculate, args.draft)  # fmt: skip
+                         args.device, args.speculate or 0, args.draft)  # fmt: skip
     print(json.dumps(result.to_dict()) if args.json else result.table())
     return 0

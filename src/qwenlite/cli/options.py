@@ -27,7 +27,10 @@ def add_device_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> Non
 
 
 def add_speculate_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    speculate = "speculative decoding: draft K tokens (1..8) and verify them in one pass; 0 = off (default)"
-    p.add_argument("--speculate", type=int, default=0, metavar="K", help=speculate)
+    speculate = (
+        "speculative decoding: draft K tokens (1..8) and verify them in one pass; 0 = off (default: what "
+        "`qwenlite bench --speculate K` measured for this model on this machine, off if it never ran)"
+    )
+    p.add_argument("--speculate", type=int, metavar="K", help=speculate)
     draft = "drafts from the checkpoint's MTP head (default) or by prompt lookup"
     p.add_argument("--draft", choices=list(DRAFTS), default="mtp", help=draft)

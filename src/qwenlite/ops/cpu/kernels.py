@@ -161,9 +161,14 @@ def _build(isa: str, cache_dir: Path) -> Path:
     return lib
 
 
+def cache_root() -> Path:
+    """Where qwenlite keeps what it builds or measures on this machine: $QWENLITE_CACHE, else ~/.cache/qwenlite."""
+    return Path(os.environ.get("QWENLITE_CACHE", Path.home() / ".cache" / "qwenlite"))
+
+
 @functools.cache
 def _load(isa: str) -> ctypes.CDLL:
-    cache_dir = Path(os.environ.get("QWENLITE_CACHE", Path.home() / ".cache" / "qwenlite")) / "kernels"
+    cache_dir = cache_root() / "kernels"
     lib = ctypes.CDLL(str(_build(isa, cache_dir)))
     lib.qk_isa.restype = ctypes.c_char_p
     if lib.qk_isa().decode() != isa:
