@@ -109,7 +109,7 @@ def group_sizes(K: int, N: int, choices: tuple[int, ...]) -> list[int]:
 
 def rows_for(N: int) -> tuple[int, ...]:
     """1 (decode), 3 and 8 (batched decode: one pass over W, then a second one), 19 (a short prompt: more passes),
-    70 (past INT8_GEMV_ROWS and INT4_GEMV_ROWS: the dequantize + GEMM path, but for int4 GEMVs that multiply in
+    70 (past INT8_GEMV_ROWS and INT4_GEMV_ROWS: the dequantize + GEMM path, but for GEMVs that multiply in
     integers, which take every row count); the head only at 1 and 8: its fp32 reference takes seconds."""
     return (1, 8) if N > 100_000 else (1, 3, 8, 19, 70)
 
@@ -177,11 +177,11 @@ def test_int8_matches_reference(K, N, dtype, each_isa):
 def references(xs: list[torch.Tensor], dtype: torch.dtype, matmul, *weights):
     """isa -> the slow reference's outputs for each x (`matmul(rows, *weights)`), computed in one pass per kind: of
     the int8-quantized activations where that instruction set's GEMV multiplies bf16 activations in integers
-    (kernels.INT8_ACTIVATION_ISAS), else of x itself."""
+    (kernels.INTEGER_GEMV_ISAS: int4 weights meet int8 activations there), else of x itself."""
     done = {}
 
     def of(isa: str) -> list[torch.Tensor]:
-        int8_activations = dtype == torch.bfloat16 and isa in kernels.INT8_ACTIVATION_ISAS
+        int8_activations = dtype == torch.bfloat16 and isa in kernels.INTEGER_GEMV_ISAS
         if int8_activations not in done:
             rows = torch.cat(xs)
             if int8_activations:

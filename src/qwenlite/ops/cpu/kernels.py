@@ -75,9 +75,10 @@ MAX_ROWS = 8  # rows for the bf16 GEMV and the one-call decode step (decode, bat
 # Quantized weights: up to these many rows a GEMV (a pass over W per 4 rows; a layer's W stays in L3 between
 # passes) beats dequantize-then-GEMM, whose dequantization is a fixed cost (bench/results/gemv_rows.md).
 INT8_GEMV_ROWS, INT4_GEMV_ROWS = 24, 64
-# Where the int4 GEMV multiplies in integers: bf16 activations quantized to int8 blocks first
+# Where the quantized GEMVs multiply bf16 activations in integers: int8 weights with the activations as int16 blocks
+# (power-of-two scales: exact to 2^-16 of a block's largest value), int4 weights with int8 blocks of 16
 # (quant_matmul.quantize_activations is the twin); elsewhere, and for fp32 activations, the weights are widened.
-INT8_ACTIVATION_ISAS = ("avx2",)
+INTEGER_GEMV_ISAS = ("avx2",)
 DEQUANT_ROWS = 16384  # rows of a quantized W dequantized at a time for a bf16 GEMM: bounds the temporary (32 MB at K
 # 1024); half as many for an fp32 GEMM
 
@@ -288,9 +289,10 @@ def int8_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> boo
 
 
 def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (M, K) -> (M, N) in x's dtype; needs `int8_ok`. A GEMV for up to INT8_GEMV_ROWS rows, else W dequantized
-    a chunk of rows at a time for torch's GEMM (prefill), in x's dtype or fp32 (`gemm_dtype`)."""
-    if x.shape[0] <= INT8_GEMV_ROWS:
+    """x (M, K) -> (M, N) in x's dtype; needs `int8_ok`. A GEMV for up to INT8_GEMV_ROWS rows (any number where it
+    multiplies in integers), else W dequantized a chunk of rows at a time for torch's GEMM (prefill), in x's dtype
+    or fp32 (`gemm_dtype`)."""
+    if x.shape[0] <= INT8_GEMV_ROWS or integer_gemv(x):
         return int8_gemv(x, qweight, scales)
     (N, K), dtype, out = qweight.shape, gemm_dtype(x.dtype), []
     xg, step = x.to(dtype), dequant_rows(dtype)
@@ -348,7 +350,7 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
                 n: int) -> torch.Tensor:  # fmt: skip
     """x (M, K) -> (M, n) in x's dtype; needs `int4_ok`. As `int8_matmul`: GEMV or dequantize + GEMM (on W^T, the
     layout the tiles dequantize to with whole-vector stores)."""
-    if x.shape[0] <= INT4_GEMV_ROWS or integer_int4_gemv(x):
+    if x.shape[0] <= INT4_GEMV_ROWS or integer_gemv(x):
         return int4_gemv(x, packed, scales_and_zeros, group_size, n)
     (tiles, K, _), dtype, out = packed.shape, gemm_dtype(x.dtype), []
     xg, step = x.to(dtype), dequant_rows(dtype) // 64
@@ -359,10 +361,10 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     return torch.cat(out, dim=-1)[:, :n]
 
 
-def integer_int4_gemv(x: torch.Tensor) -> bool:
-    """Whether the int4 GEMV multiplies x in integers here (bf16 on INT8_ACTIVATION_ISAS); then it beats dequantize +
-    GEMM at every row count (a 256-token prompt of the 0.8B 1.5-2x faster, bench/results/gemv_rows.md)."""
-    return x.dtype == torch.bfloat16 and isa() in INT8_ACTIVATION_ISAS
+def integer_gemv(x: torch.Tensor) -> bool:
+    """Whether the quantized GEMVs multiply x in integers here (bf16 on INTEGER_GEMV_ISAS); then they beat
+    dequantize + GEMM at every row count (bench/results/gemv_rows.md)."""
+    return x.dtype == torch.bfloat16 and isa() in INTEGER_GEMV_ISAS
 
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
