@@ -298,10 +298,20 @@ void qk_dequant_int8(const int8_t *W, const void *s, int s_bf16, int64_t G, int6
 
 /* s and z - 8 s of the tile's 64 rows in group gi */
 static inline void tile_scales(const void *sz, int s_bf16, int64_t Np, int64_t gi, int64_t t, float *s, float *z8) {
-    for (int r = 0; r < 64; r++) {
-        const int64_t i = (gi * Np + t * 64 + r) * 2;
-        s[r] = load_scale(sz, s_bf16, i);
-        z8[r] = load_scale(sz, s_bf16, i + 1) - 8.0f * s[r];
+    const int64_t base = (gi * Np + t * 64) * 2;
+    if (!s_bf16) {
+        for (int r = 0; r < 64; r++) {
+            s[r] = ((const float *)sz)[base + 2 * r];
+            z8[r] = ((const float *)sz)[base + 2 * r + 1] - 8.0f * s[r];
+        }
+        return;
+    }
+    for (int r = 0; r < 64; r += 8) { /* 8 (s, z) pairs of bf16, each pair one 32-bit lane: s low, z high */
+        const __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)sz + base + 2 * r));
+        const __m256 sv = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        const __m256 zv = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+        _mm256_store_ps(s + r, sv);
+        _mm256_store_ps(z8 + r, _mm256_sub_ps(zv, _mm256_mul_ps(_mm256_set1_ps(8.0f), sv))); /* 8 s is exact */
     }
 }
 
