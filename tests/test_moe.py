@@ -189,6 +189,33 @@ def test_sanitize_splits_fused_experts_into_parts():
     assert torch.equal(text["model.layers.2.mlp.experts.1.up_proj.weight"].take(fused, "A"), fused[1, 3:])
 
 
+def test_an_mtp_head_with_fused_experts_loads_as_the_per_expert_one(checkpoints, tmp_path):
+    """A MoE checkpoint's MTP head (`mtp.layers.0.mlp.experts.*`) stored in either expert layout loads to the same
+    head: the fused tensors are split into per-expert views, as the model's are."""
+    from qwenlite.io.load import load_mtp
+    from qwenlite.model.mtp import MTP
+
+    _, model, path = checkpoints["per-expert"]
+    torch.manual_seed(5)
+    head = {"mtp." + k: torch.randn_like(v) for k, v in MTP(model.config).state_dict().items()}
+    E, prefix = model.config.num_experts, "mtp.layers.0.mlp.experts"
+    fused = {k: v for k, v in head.items() if not k.startswith(prefix + ".")}
+    fused[prefix + ".gate_up_proj"] = torch.stack(
+        [torch.cat([head[f"{prefix}.{e}.gate_proj.weight"], head[f"{prefix}.{e}.up_proj.weight"]]) for e in range(E)]
+    )
+    fused[prefix + ".down_proj"] = torch.stack([head[f"{prefix}.{e}.down_proj.weight"] for e in range(E)])
+    loaded = {}
+    for layout, tensors in (("per-expert", head), ("fused", fused)):
+        (tmp_path / layout).mkdir()
+        for file in path.iterdir():
+            (tmp_path / layout / file.name).symlink_to(file)
+        save_file(tensors, str(tmp_path / layout / "mtp.safetensors"))
+        loaded[layout] = load_mtp(tmp_path / layout, model).state_dict()
+    assert loaded["fused"].keys() == loaded["per-expert"].keys() == {k.removeprefix("mtp.") for k in head}
+    for name, t in loaded["per-expert"].items():
+        assert torch.equal(t, head["mtp." + name]) and torch.equal(loaded["fused"][name], t), name
+
+
 @pytest.mark.parametrize("layout", ["per-expert", "wrapped-fused"])
 def test_greedy_generation_matches_transformers(checkpoints, layout):
     hf, model, _ = checkpoints[layout]

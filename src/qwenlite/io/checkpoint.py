@@ -74,24 +74,22 @@ def sanitize(
     `mtp.` (returned apart, for speculative decoding). A MoE model (`num_experts` > 0) stored with fused expert tensors
     gets one `Part` per expert and projection, named as the per-expert layout stores it."""
     text: dict[str, V | Part[V]] = {}
-    mtp: dict[str, V] = {}
+    mtp: dict[str, V | Part[V]] = {}
     for name, value in tensors.items():
         if name.startswith(("model.visual.", "visual.")):
             if vision:
                 text["visual." + name.removeprefix("model.").removeprefix("visual.")] = value
             continue
-        if name.startswith("mtp."):
-            mtp[name] = value
-            continue
+        into = mtp if name.startswith("mtp.") else text  # the MTP head's MoE layer is stored as the model's
         if name.startswith("model.language_model."):
             name = "model." + name.removeprefix("model.language_model.")
         experts, _, last = name.rpartition(".")
         if num_experts and experts.endswith(".mlp.experts") and last in FUSED_EXPERTS:
             for e in range(num_experts):
                 for projection, half in FUSED_EXPERTS[last]:
-                    text[f"{experts}.{e}.{projection}.weight"] = Part(value, e, half, num_experts)
+                    into[f"{experts}.{e}.{projection}.weight"] = Part(value, e, half, num_experts)
             continue
-        text[name] = value
+        into[name] = value
     return text, mtp
 
 
@@ -147,7 +145,7 @@ def source(stored: Stored) -> TensorSource:
 
 def match_tensors(
     root: Path, shapes: Mapping[str, tuple[int, ...]], config: ModelConfig
-) -> tuple[dict[str, Stored], dict[str, TensorSource]]:
+) -> tuple[dict[str, Stored], dict[str, Stored]]:
     """Where each tensor the model needs is stored, strictly: a missing or unexpected tensor is an error that
     names it. Returns (model tensors, MTP head tensors), keyed by our names."""
     # Values carry (file, stored name): sanitizing renames, reading needs the name as stored.
@@ -229,9 +227,10 @@ def match_vision(root: Path, config: ModelConfig) -> tuple[dict[str, TensorSourc
 
 
 def read_tensors(
-    files: Mapping[str, Stored], shapes: Mapping[str, tuple[int, ...]]
+    files: Mapping[str, Stored], shapes: Mapping[str, tuple[int, ...]] | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(our name, memory-mapped tensor) for each of `files` (from `match_tensors`), its shape checked."""
+    """(our name, memory-mapped tensor) for each of `files` (from `match_tensors`), a fused expert tensor's parts as
+    views of it; its shape checked when `shapes` are given."""
     handles: dict[Path, object] = {}
     for name, where in files.items():
         path, stored = source(where)
@@ -240,7 +239,7 @@ def read_tensors(
         tensor = read_tensor(handles[path], stored, path)  # a view of the file's mapping: no copy
         if isinstance(where, Part):
             tensor = where.take(tensor, f"{stored} in {path}")
-        if tuple(tensor.shape) != tuple(shapes[name]):
+        if shapes is not None and tuple(tensor.shape) != tuple(shapes[name]):
             raise CheckpointError(
                 f"tensor {stored} in {path} has shape {tuple(tensor.shape)}, expected {tuple(shapes[name])} "
                 "from config.json"
@@ -314,10 +313,10 @@ def _entry(header: dict, stored: str, path: Path) -> tuple[torch.dtype, tuple[in
     return dtype, shape, (start, end)
 
 
-def read_mtp(mtp_files: Mapping[str, TensorSource]) -> dict[str, torch.Tensor]:
-    """The multi-token-prediction head's tensors as stored, memory-mapped (not part of the model's state)."""
-    handles = {path: open_safetensors(path) for path, _ in mtp_files.values()}
-    return {name: read_tensor(handles[path], stored, path) for name, (path, stored) in mtp_files.items()}
+def read_mtp(mtp_files: Mapping[str, Stored]) -> dict[str, torch.Tensor]:
+    """The multi-token-prediction head's tensors as stored, memory-mapped (not part of the model's state; their
+    shapes are checked by `assemble_mtp`)."""
+    return dict(read_tensors(mtp_files))
 
 
 def assemble_mtp(

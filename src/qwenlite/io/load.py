@@ -117,7 +117,8 @@ def load_mtp(model_path: str | Path, model: Qwen3_5ForCausalLM) -> MTP | None:
         return load_gguf_mtp(path, model.config, model.dtype, model.device)
     if not path.is_dir():
         return None
-    _, mtp_files = sanitize({name: (file, name) for name, file in checkpoint_files(path).items()})
+    experts = model.config.num_experts if model.config.moe else 0
+    _, mtp_files = sanitize({name: (file, name) for name, file in checkpoint_files(path).items()}, experts)
     if not mtp_files:
         return None
     return assemble_mtp(model.config, read_mtp(mtp_files), model.dtype, model.device)

@@ -65,7 +65,7 @@ class _Source:
     model: Qwen3_5ForCausalLM  # on the meta device, unquantized
     shapes: dict[str, tuple[int, ...]]
     files: dict[str, Stored]
-    mtp_files: dict[str, TensorSource]
+    mtp_files: dict[str, Stored]
     vision_files: dict[str, TensorSource]  # the tower's (`visual.*`), written unquantized; empty without one
     vision_shapes: dict[str, tuple[int, ...]]
 
