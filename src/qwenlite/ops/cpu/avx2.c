@@ -253,32 +253,35 @@ void qk_gemv_int8(const int8_t *W, const void *s, int s_bf16, int64_t G, const v
     } else {
         xf = x;
     }
-    for (int64_t m0 = 0; m0 < M; m0 += MB) {
-        const int mc = (int)(M - m0 < MB ? M - m0 : MB);
-        char *ym = (char *)y + m0 * N * (y_bf16 ? 2 : 4);
+    /* One pass over W for all rows of x: a block of NB rows of W (in L2) meets every 4 rows of x in turn. */
+    enum { NB = 16 };
 #pragma omp parallel for schedule(static) num_threads(threads_for(nthreads, N * K))
-        for (int64_t n = 0; n < N; n++) {
-            const int8_t *w = W + n * K;
-            if (x_bf16) {
-                const int16_t *xm = xq + m0 * K;
-                const float *sm = sx + m0 * (K / BL);
-                switch (mc) {
-                case 1: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 1); break;
-                case 2: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 2); break;
-                case 3: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 3); break;
-                default: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 4); break;
+    for (int64_t n0 = 0; n0 < N; n0 += NB)
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            const int mc = (int)(M - m0 < MB ? M - m0 : MB);
+            char *ym = (char *)y + m0 * N * (y_bf16 ? 2 : 4);
+            for (int64_t n = n0; n < n0 + NB && n < N; n++) {
+                const int8_t *w = W + n * K;
+                if (x_bf16) {
+                    const int16_t *xm = xq + m0 * K;
+                    const float *sm = sx + m0 * (K / BL);
+                    switch (mc) {
+                    case 1: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 1); break;
+                    case 2: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 2); break;
+                    case 3: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 3); break;
+                    default: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 4); break;
+                    }
+                    continue;
                 }
-                continue;
-            }
-            const float *xm = xf + m0 * K;
-            switch (mc) {
-            case 1: int8_row_f32(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 1); break;
-            case 2: int8_row_f32(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 2); break;
-            case 3: int8_row_f32(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 3); break;
-            default: int8_row_f32(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 4); break;
+                const float *xm = xf + m0 * K;
+                switch (mc) {
+                case 1: int8_row_f32(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 1); break;
+                case 2: int8_row_f32(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 2); break;
+                case 3: int8_row_f32(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 3); break;
+                default: int8_row_f32(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 4); break;
+                }
             }
         }
-    }
 }
 
 void qk_dequant_int8(const int8_t *W, const void *s, int s_bf16, int64_t G, int64_t r0, int64_t r1, int64_t K,

@@ -289,9 +289,10 @@ def int8_ok(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> boo
 
 
 def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (M, K) -> (M, N) in x's dtype; needs `int8_ok`. A GEMV for up to INT8_GEMV_ROWS rows, else W dequantized
-    a chunk of rows at a time for torch's GEMM (prefill), in x's dtype or fp32 (`gemm_dtype`)."""
-    if x.shape[0] <= INT8_GEMV_ROWS:
+    """x (M, K) -> (M, N) in x's dtype; needs `int8_ok`. A GEMV for up to INT8_GEMV_ROWS rows (any number where it
+    multiplies in integers), else W dequantized a chunk of rows at a time for torch's GEMM (prefill), in x's dtype
+    or fp32 (`gemm_dtype`)."""
+    if x.shape[0] <= INT8_GEMV_ROWS or integer_gemv(x):
         return int8_gemv(x, qweight, scales)
     (N, K), dtype, out = qweight.shape, gemm_dtype(x.dtype), []
     xg, step = x.to(dtype), dequant_rows(dtype)
@@ -361,10 +362,9 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
 
 
 def integer_gemv(x: torch.Tensor) -> bool:
-    """Whether the quantized GEMVs multiply x in integers here (bf16 on INTEGER_GEMV_ISAS); then the int4 one beats
-    dequantize + GEMM at every row count: it passes over each tile of W once for all rows, the tile in L2
-    (bench/results/gemv_rows.md). The int8 GEMV passes over W once per 4 rows, from memory where W outgrows the
-    caches, so it keeps INT8_GEMV_ROWS."""
+    """Whether the quantized GEMVs multiply x in integers here (bf16 on INTEGER_GEMV_ISAS); then they beat
+    dequantize + GEMM at every row count (bench/results/gemv_rows.md): each passes over W once for all rows of x, a
+    tile (int4) or a block of rows (int8) of W in L2 while it meets every 4 rows of x in turn."""
     return x.dtype == torch.bfloat16 and isa() in INTEGER_GEMV_ISAS
 
 
