@@ -36,8 +36,8 @@ void qk_attn_decode(const void *qg, const void *kx, const void *vx, const void *
                     int nthreads);
 void qk_conv_silu(const void *x, void *state, const void *w, float *out, int act_bf16, int w_bf16, int64_t B,
                   int64_t T, int64_t C, int64_t Kc, int nthreads);
-int qk_plan_fields(int which);
-int qk_decode_step(const int64_t *m, const int64_t *layers, void *x, void *logits, int nthreads);
+struct qk_model;
+int qk_decode_step(const struct qk_model *m, void *x, void *logits, int nthreads);
 float qk_read(const float *p, int64_t n, int nthreads);
 
 #define THREADS 2 /* OpenMP on, in the calls big enough for threads_for to split */
@@ -326,12 +326,10 @@ static void conv_cases(void) {
 }
 
 /* ------------------------------------------------------------------------------------------------------------ */
-/* The whole decode step (step.h) on a two-layer model (a Gated DeltaNet layer, an attention layer), with its field
- * orders from plan.h (step.h's), checked against qk_plan_fields. */
+/* The whole decode step (step.h) on a two-layer model (a Gated DeltaNet layer, an attention layer), described in
+ * plan.h's structs. */
 
 #include "plan.h"
-
-#define ADDR(p) ((int64_t)(intptr_t)(p))
 
 /* the pointers a plan holds, freed after the case */
 static void *owned[256];
@@ -343,79 +341,81 @@ static void *own(void *p) {
 }
 
 /* a linear layer (N, K) in format fmt; bf: the dtype of bf16 / fp32 weights and of quantized scales */
-static void make_linear(int64_t *l, int fmt, int bf, int64_t N, int64_t K) {
+static struct qk_linear make_linear(int fmt, int bf, int64_t N, int64_t K) {
     const int64_t G = 32, Np = (N + 63) / 64 * 64;
     const float scale = 2.0f / sqrtf((float)K);
-    l[LIN_FMT] = fmt, l[LIN_N] = N, l[LIN_K] = K, l[LIN_G] = G, l[LIN_NP] = Np, l[LIN_S_BF16] = bf;
+    struct qk_linear l = {.fmt = fmt, .s_bf16 = bf, .g = G, .n = N, .np = Np, .k = K};
     if (fmt == FMT_BF16 || fmt == FMT_F32) {
-        l[LIN_W] = ADDR(own(values(N * K, fmt == FMT_BF16, scale, 0.0f)));
+        l.w = own(values(N * K, fmt == FMT_BF16, scale, 0.0f));
     } else if (fmt == FMT_INT8) {
         int8_t *q = own(alloc((size_t)(N * K)));
         for (int64_t i = 0; i < N * K; i++) q[i] = (int8_t)(int)(uniform() * 127.0f);
-        l[LIN_W] = ADDR(q);
-        l[LIN_S] = ADDR(own(values(N * (K / G), bf, 0.2f * scale / 127.0f, scale / 127.0f)));
+        l.w = q;
+        l.s = own(values(N * (K / G), bf, 0.2f * scale / 127.0f, scale / 127.0f));
     } else {
         uint8_t *p = own(alloc((size_t)(Np / 64 * K * 32)));
         for (int64_t i = 0; i < Np / 64 * K * 32; i++) p[i] = (uint8_t)(lcg = lcg * 6364136223846793005ull + 1, lcg >> 56);
-        l[LIN_W] = ADDR(p);
+        l.w = p;
         float *sz = values((K / G) * Np * 2, 0, scale / 8.0f, 0.0f); /* zeros about the scales' size */
         for (int64_t i = 0; i < (K / G) * Np; i++) sz[2 * i] = fabsf(sz[2 * i]) + scale / 8.0f;
-        l[LIN_S] = ADDR(own(narrow(sz, (K / G) * Np * 2, bf)));
+        l.s = own(narrow(sz, (K / G) * Np * 2, bf));
     }
+    return l;
 }
 
 static void step_case(const char *tag, int abf, int wbf, int fmt, int qfmt_attn, int qfmt_mlp) {
     const int64_t B = 2, Hd = 64, I = 128, HK = 2, HV = 4, DK = 16, DV = 16, KC = 4, H = 4, HKV = 2, D = 32, TMAX = 8;
     const int64_t R = 16, VOCAB = 40, Cq = 2 * HK * DK + HV * DV;
-    if (qk_plan_fields(0) != LIN_FIELDS || qk_plan_fields(1) != L_FIELDS || qk_plan_fields(2) != M_FIELDS) {
-        fprintf(stderr, "kernels_driver: plan.h and the library disagree on the plan layout\n");
-        exit(4);
-    }
-    int64_t m[M_FIELDS] = {0}, layers[2 * L_FIELDS] = {0};
     const int attn_fmt = qfmt_attn >= 0 ? qfmt_attn : fmt, mlp_fmt = qfmt_mlp >= 0 ? qfmt_mlp : fmt;
-    m[M_ACT_BF16] = abf, m[M_W_BF16] = wbf, m[M_B] = B, m[M_HIDDEN] = Hd, m[M_INTER] = I, m[M_LAYERS] = 2;
-    m[M_EPS_E9] = 1000, m[M_HK] = HK, m[M_HV] = HV, m[M_DK] = DK, m[M_DV] = DV, m[M_KC] = KC, m[M_H] = H;
-    m[M_HKV] = HKV, m[M_D] = D, m[M_TMAX] = TMAX, m[M_R] = R, m[M_GATED] = 1, m[M_VOCAB] = VOCAB;
-    m[M_FINAL_NORM] = ADDR(own(values(Hd, wbf, 0.3f, 0.0f)));
-    make_linear(m + M_HEAD, mlp_fmt, wbf, VOCAB, Hd);
+    struct qk_layer layers[2] = {0};
+    union qk_cache caches[2];
+    struct qk_model m = {.act_bf16 = abf, .w_bf16 = wbf, .gated = 1, .eps = 1e-6f, .hidden = Hd, .intermediate = I,
+                         .n_layers = 2, .vocab = VOCAB, .k_heads = HK, .v_heads = HV, .k_head_dim = DK,
+                         .v_head_dim = DV, .conv_kernel = KC, .heads = H, .kv_heads = HKV, .head_dim = D,
+                         .rotary_dim = R, .layers = layers, .rows = B, .max_seq_len = TMAX, .caches = caches};
+    m.final_norm = own(values(Hd, wbf, 0.3f, 0.0f));
+    m.head = make_linear(mlp_fmt, wbf, VOCAB, Hd);
     for (int li = 0; li < 2; li++) {
-        int64_t *L = layers + li * L_FIELDS;
-        L[L_KIND] = li;
-        L[L_IN_NORM] = ADDR(own(values(Hd, wbf, 0.3f, 0.0f)));
-        L[L_POST_NORM] = ADDR(own(values(Hd, wbf, 0.3f, 0.0f)));
-        if (li == 0) { /* Gated DeltaNet */
-            make_linear(L + L_LIN0, attn_fmt, wbf, Cq, Hd);
-            make_linear(L + L_LIN1, attn_fmt, wbf, HV * DV, Hd);
-            make_linear(L + L_LIN2, attn_fmt, wbf, HV, Hd);
-            make_linear(L + L_LIN3, attn_fmt, wbf, HV, Hd);
-            make_linear(L + L_LIN4, attn_fmt, wbf, Hd, HV * DV);
-            L[L_T0] = ADDR(own(values(Cq * KC, wbf, 0.5f, 0.0f)));
-            L[L_T1] = ADDR(own(values(HV, wbf, 1.0f, 0.0f)));
-            L[L_T2] = ADDR(own(values(HV, wbf, 1.0f, 0.0f)));
-            L[L_T3] = ADDR(own(values(DV, wbf, 0.3f, 1.0f)));
-            L[L_T4] = ADDR(own(values(B * (KC - 1) * Cq, abf, 1.0f, 0.0f)));
-            L[L_T5] = ADDR(own(values(B * HV * DK * DV, 0, 0.1f, 0.0f)));
-        } else { /* gated attention */
-            make_linear(L + L_LIN0, attn_fmt, wbf, H * D * 2, Hd);
-            make_linear(L + L_LIN1, attn_fmt, wbf, HKV * D, Hd);
-            make_linear(L + L_LIN2, attn_fmt, wbf, HKV * D, Hd);
-            make_linear(L + L_LIN4, attn_fmt, wbf, Hd, H * D);
-            L[L_T0] = ADDR(own(values(D, wbf, 0.3f, 0.0f)));
-            L[L_T1] = ADDR(own(values(D, wbf, 0.3f, 0.0f)));
-            L[L_T4] = ADDR(own(values(B * HKV * TMAX * D, abf, 1.0f, 0.0f)));
-            L[L_T5] = ADDR(own(values(B * HKV * TMAX * D, abf, 1.0f, 0.0f)));
+        struct qk_layer *L = layers + li;
+        L->in_norm = own(values(Hd, wbf, 0.3f, 0.0f));
+        L->post_norm = own(values(Hd, wbf, 0.3f, 0.0f));
+        if (li == 0) {
+            struct qk_gdn *g = &L->mixer.gdn;
+            L->kind = QK_LINEAR_ATTENTION;
+            g->qkv = make_linear(attn_fmt, wbf, Cq, Hd);
+            g->z = make_linear(attn_fmt, wbf, HV * DV, Hd);
+            g->a = make_linear(attn_fmt, wbf, HV, Hd);
+            g->b = make_linear(attn_fmt, wbf, HV, Hd);
+            L->out = make_linear(attn_fmt, wbf, Hd, HV * DV);
+            g->conv_w = own(values(Cq * KC, wbf, 0.5f, 0.0f));
+            g->A_log = own(values(HV, wbf, 1.0f, 0.0f));
+            g->dt_bias = own(values(HV, wbf, 1.0f, 0.0f));
+            g->norm_w = own(values(DV, wbf, 0.3f, 1.0f));
+            caches[0].gdn.conv = own(values(B * (KC - 1) * Cq, abf, 1.0f, 0.0f));
+            caches[0].gdn.state = own(values(B * HV * DK * DV, 0, 0.1f, 0.0f));
+        } else {
+            struct qk_attn *a = &L->mixer.attn;
+            L->kind = QK_FULL_ATTENTION;
+            a->q = make_linear(attn_fmt, wbf, H * D * 2, Hd);
+            a->k = make_linear(attn_fmt, wbf, HKV * D, Hd);
+            a->v = make_linear(attn_fmt, wbf, HKV * D, Hd);
+            L->out = make_linear(attn_fmt, wbf, Hd, H * D);
+            a->q_norm = own(values(D, wbf, 0.3f, 0.0f));
+            a->k_norm = own(values(D, wbf, 0.3f, 0.0f));
+            caches[1].attn.k = own(values(B * HKV * TMAX * D, abf, 1.0f, 0.0f));
+            caches[1].attn.v = own(values(B * HKV * TMAX * D, abf, 1.0f, 0.0f));
         }
-        make_linear(L + L_GATE, mlp_fmt, wbf, I, Hd);
-        make_linear(L + L_UP, mlp_fmt, wbf, I, Hd);
-        make_linear(L + L_DOWN, mlp_fmt, wbf, Hd, I);
+        L->gate = make_linear(mlp_fmt, wbf, I, Hd);
+        L->up = make_linear(mlp_fmt, wbf, I, Hd);
+        L->down = make_linear(mlp_fmt, wbf, Hd, I);
     }
     for (int step = 0; step < 3; step++) {
         int64_t pos[2] = {step, 3 + step};
         void *cos, *sin;
         rotary(B, R, abf, &cos, &sin);
         void *x = values(B * Hd, abf, 1.0f, 0.0f), *logits = alloc((size_t)(B * VOCAB) * 4);
-        m[M_POS] = ADDR(pos), m[M_COS] = ADDR(cos), m[M_SIN] = ADDR(sin);
-        if (qk_decode_step(m, layers, x, logits, THREADS)) {
+        m.positions = pos, m.cos = cos, m.sin = sin;
+        if (qk_decode_step(&m, x, logits, THREADS)) {
             fprintf(stderr, "kernels_driver: qk_decode_step could not allocate its buffer\n");
             exit(2);
         }

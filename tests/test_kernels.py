@@ -511,12 +511,27 @@ def test_decode_plan_follows_the_model(tmp_path_factory):
 def test_a_decode_step_that_cannot_allocate_is_a_memory_error():
     """The step's one buffer is checked: a size no allocator grants (a hidden size of 2^50) is a MemoryError before
     anything is read or written, not a crash."""
-    fields = [0] * kernels.MODEL_FIELDS
-    fields[kernels.MODEL_FIELD_NAMES.index("rows")] = 1
-    fields[kernels.MODEL_FIELD_NAMES.index("hidden")] = 1 << 50
-    no_layers = torch.zeros(0, kernels.LAYER_FIELDS, dtype=torch.int64)
+    model = kernels.QkModel(hidden=1 << 50, vocab=4, rows=1)  # no layers
     with pytest.raises(MemoryError, match="could not be allocated"):
-        kernels.decode_step(fields, no_layers, torch.zeros(1, 16), vocab=4)
+        kernels.decode_step(model, torch.zeros(1, 16))
+
+
+@needs_kernels
+def test_the_plan_structs_mirror_plan_h():
+    """kernels.py's ctypes structs have plan.h's layout, field for field, as the library reports it (checked at load
+    too); a struct that disagrees is a KernelError naming the field, never a step reading the wrong bytes."""
+    c = kernels.c_plan_layout(kernels.library())
+    assert c == kernels.plan_layout() and len(c) == 72
+    assert c["struct qk_linear.g"] == (24, 8) and c["struct qk_model.eps"] == (12, 4)
+    kernels.check_plan_layout(c)
+    moved = {**c, "struct qk_attn.k_norm": (c["struct qk_attn.k_norm"][0] + 8, 8)}
+    with pytest.raises(KernelError, match=r"^decode plan layout: struct qk_attn.k_norm is 8 bytes at 184 in C, 8 bytes "
+                                          r"at 176 in kernels.py \(plan.h and kernels.py must agree\)$"):  # fmt: skip
+        kernels.check_plan_layout(moved)
+    with pytest.raises(KernelError, match=r"struct qk_model is 248 bytes in C, 240 bytes in kernels.py"):
+        kernels.check_plan_layout({**c, "struct qk_model": (-1, 248)})
+    with pytest.raises(KernelError, match=r"struct qk_layer.kind is absent in C, 4 bytes at 0 in kernels.py"):
+        kernels.check_plan_layout({k: v for k, v in c.items() if k != "struct qk_layer.kind"})
 
 
 # --- the fallbacks, on every CPU ---------------------------------------------------------------------------------

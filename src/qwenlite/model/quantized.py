@@ -117,7 +117,7 @@ class QuantLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def kernel_fields(self) -> list[int] | None:
+    def kernel_plan(self) -> kernels.QkLinear | None:
         """This projection for kernels.decode_step, or None where no kernel takes it."""
         N, K, G = self.out_features, self.in_features, self.group_size
         s = self.scale_tensor
@@ -127,7 +127,7 @@ class QuantLinear(nn.Module):
             return None
         fmt = kernels.FMT_INT8 if self.bits == 8 else kernels.FMT_INT4
         Np = N if self.bits == 8 else qm.padded_rows(N)
-        return [fmt, self.qweight.data_ptr(), s.data_ptr(), int(s.dtype == torch.bfloat16), G, N, Np, K]
+        return kernels.plan_linear(fmt, self.qweight, N, K, s, G, Np)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, " \

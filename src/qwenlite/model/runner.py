@@ -3,20 +3,21 @@ token per row, no gradients) runs every layer in one call of kernels.decode_step
 Python per layer; anything else, or a model the C step does not describe, is the model's own forward. The
 computation is Qwen3_5ForCausalLM.forward's, module by module (its twin in the tests).
 
-The C step reads the model from int64 arrays of pointers and sizes (kernels.LIN_FIELDS per projection,
-kernels.LAYER_FIELDS per layer, kernels.MODEL_FIELDS for the rest). Describing the weights walks ~200 modules,
+The C step reads the model from ctypes structs of pointers and sizes (kernels.QkModel holding a kernels.QkLayer per
+layer and a kernels.QkLinear per projection: ops/cpu/plan.h's structs). Describing the weights walks ~200 modules,
 so the description is built once per model and kept with a list of checks (each module still in its parent, each
 tensor still the module's and still at its address, each `fast` flag as it was): anything that swaps a module
 (quantization, LoRA), moves a tensor (.to, `p.data = ...`) or flips `fast` makes the next step rebuild it. A
-projection without `kernel_fields` (train/lora.py's LoRALinear) leaves the plan empty. Per-row adapters
+projection without `kernel_plan` (train/lora.py's LoRALinear) leaves the plan empty. Per-row adapters
 (model/adapters.py's AdapterLinear) are described by their base layers, and the step is taken only while every
 row is selected to the base; a row on an adapter always decodes through the forward, never around it. The
-caches' pointers are filled in at every step, into a copy (threads may decode with one model into different
-caches), since callers pass views of a batch cache.
+caches' pointers (and the step's rows and positions) are filled in at every step, into a copy of the model struct
+(threads may decode with one model into different caches), since callers pass views of a batch cache.
 """
 
 from __future__ import annotations
 
+import ctypes
 import operator
 from typing import TYPE_CHECKING
 
@@ -39,8 +40,7 @@ if TYPE_CHECKING:
 # layers still take the GEMV kernels).
 PLANNED_MODEL_TYPES = ("qwen3_5_text", "qwen3")
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds the activations; the gated delta rule chunks by 64 inside
-KIND = {"linear_attention": 0, "full_attention": 1}
-T4 = kernels.LAYER_FIELDS - 2  # the two columns a layer's caches go in (conv + recurrent state, or k + v)
+KIND = {"linear_attention": kernels.LINEAR_ATTENTION, "full_attention": kernels.FULL_ATTENTION}
 
 
 class Plan:
@@ -55,15 +55,18 @@ class Plan:
         self.tensors: list[torch.Tensor] = []
         self.ptrs: list[int] = []
         self.flagged: set[nn.Module] = set()  # modules whose `fast` flag is watched already
-        self.layers: torch.Tensor | None = None  # (n_layers, LAYER_FIELDS) int64, cache columns filled per step
-        self.model: dict[str, int] = {}  # kernels.MODEL_FIELD_NAMES but those of a step
-        self.head: list[int] = []
+        self.layers: ctypes.Array[kernels.QkLayer] | None = None  # what self.model.layers points at
+        self.model: kernels.QkModel | None = None  # all but the fields of a step
         self.adapters: AdapterSelection | None = None  # the step applies while it selects the base for every row
         # Plain norms: the fp32 w - 1 the step reads, and each source weight's version (an in-place change rebuilds)
         self.shifted: list[torch.Tensor] = []
         self.sources: list[torch.Tensor] = []
         self.versions: list[int] = []
         self.build(model)
+
+    def __deepcopy__(self, memo: dict) -> None:
+        """A copy of the model holds copies of its tensors: it builds its own plan (ctypes pointers do not copy)."""
+        return None
 
     def valid(self) -> bool:
         """Checked before every step, in builtins: each watched object in its place, each tensor at its address."""
@@ -90,14 +93,14 @@ class Plan:
             self.tensors.append(v)
             self.ptrs.append(v.data_ptr())
 
-    def linear(self, parent: nn.Module, name: str) -> list[int] | None:
+    def linear(self, parent: nn.Module, name: str) -> kernels.QkLinear | None:
         module = getattr(parent, name)
         self.keep(parent, name)
         if isinstance(module, AdapterLinear):  # its base layer, for the steps with every row on the base
             self.keep(module, "base_layer")
             self.adapters, module = module.selection, module.base_layer
         self.keep(module, "weight", "bias", "qweight", "scales", "scales_and_zeros")
-        return module.kernel_fields() if hasattr(module, "kernel_fields") else None
+        return module.kernel_plan() if hasattr(module, "kernel_plan") else None
 
     def small(self, module: nn.Module, name: str, dtype: torch.dtype | None) -> int | None:
         """A norm's (or other small tensor's) pointer; dtype None: a plain norm's weight w as the fp32 w - 1 the step's
@@ -121,46 +124,47 @@ class Plan:
             return
         dtype = model.dtype
         wdtype = m.norm.weight.dtype if c.zero_centred_norms else None  # None: plain norms, shifted to fp32
-        eps = round(c.rms_norm_eps * 1e9)
         dims = (c.hidden_size, c.intermediate_size, c.head_dim, c.linear_key_head_dim, c.linear_value_head_dim)
-        if (not kernels.available() or dtype not in kernels.ACT_DTYPES or any(n % 16 for n in dims)
-                or eps / 1e9 != c.rms_norm_eps):  # fmt: skip
+        if not kernels.available() or dtype not in kernels.ACT_DTYPES or any(n % 16 for n in dims):
             return
-        rows: list[list[int]] = []
+        layers: list[kernels.QkLayer] = []
         for i, layer in enumerate(m.layers):
             self.keep(m.layers, str(i))
             self.keep(layer, "input_layernorm", "post_attention_layernorm", "mlp", "linear_attn", "self_attn")
             norms = [self.small(layer.input_layernorm, "weight", wdtype),
                      self.small(layer.post_attention_layernorm, "weight", wdtype)]  # fmt: skip
             mlp = [self.linear(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
-            if layer.layer_type == "linear_attention":
+            kind = KIND[layer.layer_type]
+            if kind == kernels.LINEAR_ATTENTION:
                 a = layer.linear_attn
                 self.keep(a, "conv1d", "norm")
-                projections = [self.linear(a, n) for n in ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b")]
-                tensors = [self.small(a.conv1d, "weight", wdtype), self.small(a, "A_log", wdtype),
-                           self.small(a, "dt_bias", wdtype), self.small(a.norm, "weight", wdtype)]  # fmt: skip
+                parts = [*(self.linear(a, n) for n in ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b")),
+                         self.small(a.conv1d, "weight", wdtype), self.small(a, "A_log", wdtype),
+                         self.small(a, "dt_bias", wdtype), self.small(a.norm, "weight", wdtype)]  # fmt: skip
+                out = self.linear(a, "out_proj")
             else:
                 a = layer.self_attn
                 self.keep(a, "q_norm", "k_norm")
-                projections = [self.linear(a, n) for n in ("q_proj", "k_proj", "v_proj")]
-                projections.append([0] * kernels.LIN_FIELDS)
-                tensors = [self.small(a.q_norm, "weight", wdtype), self.small(a.k_norm, "weight", wdtype), 0, 0]
-            projections.append(self.linear(a, "out_proj" if layer.layer_type == "linear_attention" else "o_proj"))
-            if any(v is None for v in norms + tensors) or any(f is None for f in projections + mlp):
+                parts = [*(self.linear(a, n) for n in ("q_proj", "k_proj", "v_proj")),
+                         self.small(a.q_norm, "weight", wdtype), self.small(a.k_norm, "weight", wdtype)]  # fmt: skip
+                out = self.linear(a, "o_proj")
+            if any(v is None for v in [*norms, *parts, out, *mlp]):
                 return
-            rows.append([KIND[layer.layer_type], *norms, *(v for f in projections + mlp for v in f), *tensors, 0, 0])
+            mixer = (kernels.QkMixer(gdn=kernels.QkGdn(*parts)) if kind == kernels.LINEAR_ATTENTION
+                     else kernels.QkMixer(attn=kernels.QkAttn(*parts)))  # fmt: skip
+            layers.append(kernels.QkLayer(kind, *norms, mixer, out, *mlp))
         head, norm = self.linear(model, "lm_head"), self.small(m.norm, "weight", wdtype)
         if head is None or norm is None:
             return
-        self.layers = torch.tensor(rows, dtype=torch.int64)
-        self.head = head
-        self.model = {"act_bf16": int(dtype == torch.bfloat16), "w_bf16": int(wdtype == torch.bfloat16),
-                      "hidden": c.hidden_size, "intermediate": c.intermediate_size, "layers": c.num_hidden_layers,
-                      "eps_e9": eps, "k_heads": c.linear_num_key_heads, "v_heads": c.linear_num_value_heads,
-                      "k_head_dim": c.linear_key_head_dim, "v_head_dim": c.linear_value_head_dim,
-                      "conv_kernel": c.linear_conv_kernel_dim, "heads": c.num_attention_heads,
-                      "kv_heads": c.num_key_value_heads, "head_dim": c.head_dim, "rotary_dim": c.rotary_dim,
-                      "gated": int(c.attn_output_gate), "final_norm": norm}  # fmt: skip
+        self.layers = (kernels.QkLayer * len(layers))(*layers)
+        self.model = kernels.QkModel(
+            act_bf16=dtype == torch.bfloat16, w_bf16=wdtype == torch.bfloat16, gated=c.attn_output_gate,
+            eps=c.rms_norm_eps, hidden=c.hidden_size, intermediate=c.intermediate_size, n_layers=len(layers),
+            vocab=c.vocab_size, k_heads=c.linear_num_key_heads, v_heads=c.linear_num_value_heads,
+            k_head_dim=c.linear_key_head_dim, v_head_dim=c.linear_value_head_dim, conv_kernel=c.linear_conv_kernel_dim,
+            heads=c.num_attention_heads, kv_heads=c.num_key_value_heads, head_dim=c.head_dim, rotary_dim=c.rotary_dim,
+            layers=self.layers, final_norm=norm, head=head,
+        )  # fmt: skip
 
 
 def version(t: torch.Tensor) -> int:
@@ -212,28 +216,30 @@ def decode_in_one_call(model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, cache
     if plan is None or not plan.valid():
         plan = model.__dict__["_decode_plan"] = Plan(model)
     B = input_ids.shape[0]
-    if plan.layers is None or B > kernels.MAX_ROWS or (plan.adapters is not None and any(plan.adapters.rows)):
+    if plan.model is None or B > kernels.MAX_ROWS or (plan.adapters is not None and any(plan.adapters.rows)):
         return None
     dtype = model.dtype
-    pointers = []
-    for lc in cache.layers:
-        t4, t5 = (lc.conv, lc.state) if hasattr(lc, "state") else (lc.k, lc.v)
-        state_dtype = torch.float32 if hasattr(lc, "state") else dtype
-        if not (t4.is_contiguous() and t5.is_contiguous() and t4.dtype == dtype and t5.dtype == state_dtype):
+    # The plan is shared: threads may decode with one model into different caches, so the step's fields go in a copy.
+    step = kernels.QkModel.from_buffer_copy(plan.model)
+    caches = (kernels.QkCache * len(plan.layers))()
+    for slot, lc in zip(caches, cache.layers, strict=True):
+        recurrent = hasattr(lc, "state")
+        first, second = (lc.conv, lc.state) if recurrent else (lc.k, lc.v)
+        if not (first.is_contiguous() and second.is_contiguous() and first.dtype == dtype
+                and second.dtype == (torch.float32 if recurrent else dtype)):  # fmt: skip
             return None
-        pointers.append([t4.data_ptr(), t5.data_ptr()])
-    layers = plan.layers.clone()  # the plan is shared: threads may decode with one model into different caches
-    layers[:, T4:] = torch.tensor(pointers, dtype=torch.int64)
+        if recurrent:
+            slot.gdn = kernels.QkGdnCache(first.data_ptr(), second.data_ptr())
+        else:
+            slot.attn = kernels.QkAttnCache(first.data_ptr(), second.data_ptr())
     pos = cache.lengths.contiguous()
     if int(pos.max()) + 1 > cache.max_seq_len:
         raise ContextLengthExceeded(f"{int(pos.max()) + 1} tokens do not fit a cache of {cache.max_seq_len}")
     # Decode tokens are text: the three multimodal streams agree, at the slot plus the rope delta.
     cos, sin = rope_cos_sin(pos + cache.rope_deltas, model.model.inv_freq, dtype)  # (B, R)
     x = model.model.embed_tokens(input_ids[:, 0]).contiguous()  # (B, hidden), overwritten in place
-    step = {"rows": B, "max_seq_len": cache.max_seq_len if cache.max_seq_len < 1 << 62 else 0,
-            "positions": pos.data_ptr(), "cos": cos.data_ptr(), "sin": sin.data_ptr()}  # fmt: skip
-    fields = [plan.model.get(name, step.get(name)) for name in kernels.MODEL_FIELD_NAMES]
-    fields += [*plan.head, model.config.vocab_size]
-    logits = kernels.decode_step(fields, layers, x, model.config.vocab_size)
+    step.rows, step.max_seq_len = B, cache.max_seq_len if cache.max_seq_len < 1 << 62 else 0
+    step.positions, step.cos, step.sin, step.caches = pos.data_ptr(), cos.data_ptr(), sin.data_ptr(), caches
+    logits = kernels.decode_step(step, x)
     cache.lengths += 1
     return logits.float().unsqueeze(1)

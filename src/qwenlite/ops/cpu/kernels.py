@@ -56,7 +56,7 @@ SIGNATURES = {
     "qk_attn_decode": "PPPPPFPPLPPPPIIILLLLLI",
     "qk_read": "PLI",
     "qk_gemv_f32": "PPPLLLI",
-    "qk_decode_step": "PPPPI",
+    "qk_decode_step": "PPPI",
     "qk_conv_silu": "PPPPIILLLLI",
 }
 CTYPES = {"P": ctypes.c_void_p, "L": ctypes.c_int64, "I": ctypes.c_int, "F": ctypes.c_float}
@@ -179,11 +179,9 @@ def _load(isa: str) -> ctypes.CDLL:
         getattr(lib, name).restype = None
     lib.qk_read.restype = ctypes.c_float
     lib.qk_decode_step.restype = ctypes.c_int
-    lib.qk_plan_fields.restype = ctypes.c_int
-    lib.qk_plan_fields.argtypes = [ctypes.c_int]
-    got = tuple(lib.qk_plan_fields(i) for i in range(3))
-    if got != (LIN_FIELDS, LAYER_FIELDS, MODEL_FIELDS):  # the C enums and the lists below must agree
-        raise KernelError(f"decode plan layout: C has {got}, kernels.py {(LIN_FIELDS, LAYER_FIELDS, MODEL_FIELDS)}")
+    lib.qk_plan_layout.restype = ctypes.POINTER(PlanField)
+    lib.qk_plan_layout.argtypes = [ctypes.POINTER(ctypes.c_int64)]
+    check_plan_layout(c_plan_layout(lib))
     return lib
 
 
@@ -494,26 +492,109 @@ def attn_decode(layer: torch.nn.Module, qg: torch.Tensor, kx: torch.Tensor, vx: 
 
 
 # ---------------------------------------------------------------------------------------------
-# A whole decode step (qk_decode_step): the model described as int64 arrays, in the C file's field orders.
+# A whole decode step (qk_decode_step): the model described by plan.h's structs, mirrored here field for field.
 
 FMT_BF16, FMT_F32, FMT_INT8, FMT_INT4 = range(4)
-LIN_FIELDS = 8  # fmt, weight, scales, scales bf16, group size, N, padded N, K
-LAYER_FIELDS = 3 + 8 * LIN_FIELDS + 6  # kind, in norm, post norm, 8 linears, 6 layer-kind tensors
-# The model-wide fields, as the C enum M_* orders them; then the head (LIN_FIELDS) and the vocabulary size.
-MODEL_FIELD_NAMES = ("act_bf16", "w_bf16", "rows", "hidden", "intermediate", "layers", "eps_e9", "k_heads", "v_heads",
-                     "k_head_dim", "v_head_dim", "conv_kernel", "heads", "kv_heads", "head_dim", "max_seq_len",
-                     "rotary_dim", "gated", "positions", "cos", "sin", "final_norm")  # fmt: skip
-MODEL_FIELDS = len(MODEL_FIELD_NAMES) + LIN_FIELDS + 1
+LINEAR_ATTENTION, FULL_ATTENTION = range(2)
+P, I32, I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
 
 
-def decode_step(model_fields: list[int], layers: torch.Tensor, x: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Run every layer for one token per row: x (B, hidden) embeddings, overwritten with the final normed hidden
-    states; layers (n_layers, LAYER_FIELDS) int64; returns the logits (B, vocab) in x's dtype. The caller keeps every
-    tensor the fields point at alive (model/runner.py)."""
-    m = torch.tensor(model_fields, dtype=torch.int64)
-    logits = torch.empty(x.shape[0], vocab, dtype=x.dtype)
-    if library().qk_decode_step(_p(m), _p(layers), _p(x), _p(logits), torch.get_num_threads()):
-        raise MemoryError(f"the decode step's buffer for {x.shape[0]} rows could not be allocated")
+class QkLinear(ctypes.Structure):
+    _fields_ = [("fmt", I32), ("s_bf16", I32), ("w", P), ("s", P), ("g", I64), ("n", I64), ("np", I64), ("k", I64)]
+
+
+class QkGdn(ctypes.Structure):
+    _fields_ = [("qkv", QkLinear), ("z", QkLinear), ("a", QkLinear), ("b", QkLinear), ("conv_w", P), ("A_log", P),
+                ("dt_bias", P), ("norm_w", P)]  # fmt: skip
+
+
+class QkAttn(ctypes.Structure):
+    _fields_ = [("q", QkLinear), ("k", QkLinear), ("v", QkLinear), ("q_norm", P), ("k_norm", P)]
+
+
+class QkMixer(ctypes.Union):
+    _fields_ = [("gdn", QkGdn), ("attn", QkAttn)]
+
+
+class QkLayer(ctypes.Structure):
+    _fields_ = [("kind", I32), ("in_norm", P), ("post_norm", P), ("mixer", QkMixer), ("out", QkLinear),
+                ("gate", QkLinear), ("up", QkLinear), ("down", QkLinear)]  # fmt: skip
+
+
+class QkGdnCache(ctypes.Structure):
+    _fields_ = [("conv", P), ("state", P)]
+
+
+class QkAttnCache(ctypes.Structure):
+    _fields_ = [("k", P), ("v", P)]
+
+
+class QkCache(ctypes.Union):
+    _fields_ = [("gdn", QkGdnCache), ("attn", QkAttnCache)]
+
+
+class QkModel(ctypes.Structure):
+    _fields_ = [("act_bf16", I32), ("w_bf16", I32), ("gated", I32), ("eps", ctypes.c_float), ("hidden", I64),
+                ("intermediate", I64), ("n_layers", I64), ("vocab", I64), ("k_heads", I64), ("v_heads", I64),
+                ("k_head_dim", I64), ("v_head_dim", I64), ("conv_kernel", I64), ("heads", I64), ("kv_heads", I64),
+                ("head_dim", I64), ("rotary_dim", I64), ("layers", ctypes.POINTER(QkLayer)), ("final_norm", P),
+                ("head", QkLinear), ("rows", I64), ("max_seq_len", I64), ("positions", P), ("cos", P), ("sin", P),
+                ("caches", ctypes.POINTER(QkCache))]  # fmt: skip
+
+
+class PlanField(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("offset", I64), ("size", I64)]
+
+
+PLAN_TYPES = {"struct qk_linear": QkLinear, "struct qk_gdn": QkGdn, "struct qk_attn": QkAttn, "union qk_mixer": QkMixer,
+              "struct qk_layer": QkLayer, "struct qk_gdn_cache": QkGdnCache, "struct qk_attn_cache": QkAttnCache,
+              "union qk_cache": QkCache, "struct qk_model": QkModel}  # fmt: skip
+
+
+def plan_layout() -> dict[str, tuple[int, int]]:
+    """The classes above as qk_plan_layout reports plan.h's structs: {"struct qk_linear": (-1, size),
+    "struct qk_linear.fmt": (offset, size), ...}."""
+    layout = {}
+    for name, cls in PLAN_TYPES.items():
+        layout[name] = (-1, ctypes.sizeof(cls))
+        layout |= {f"{name}.{f}": (getattr(cls, f).offset, getattr(cls, f).size) for f, _ in cls._fields_}
+    return layout
+
+
+def c_plan_layout(lib: ctypes.CDLL) -> dict[str, tuple[int, int]]:
+    n = ctypes.c_int64()
+    table = lib.qk_plan_layout(ctypes.byref(n))
+    return {f.name.decode(): (f.offset, f.size) for f in table[: n.value]}
+
+
+def check_plan_layout(c: dict[str, tuple[int, int]]) -> None:
+    """A KernelError naming the first type or field on which the library's layout `c` and plan_layout() disagree."""
+    ours = plan_layout()
+
+    def said(layout: tuple[int, int] | None) -> str:
+        return "absent" if layout is None else f"{layout[1]} bytes" + ("" if layout[0] < 0 else f" at {layout[0]}")
+
+    for name in sorted(c.keys() | ours.keys()):
+        if c.get(name) != ours.get(name):
+            raise KernelError(f"decode plan layout: {name} is {said(c.get(name))} in C, {said(ours.get(name))} in "
+                              f"kernels.py (plan.h and kernels.py must agree)")  # fmt: skip
+
+
+def plan_linear(fmt: int, w: torch.Tensor, n: int, k: int, scales: torch.Tensor | None = None, group_size: int = 0,
+                padded: int = 0) -> QkLinear:  # fmt: skip
+    """A projection for decode_step."""
+    s = 0 if scales is None else scales.data_ptr()
+    s_bf16 = int(scales is not None and scales.dtype == torch.bfloat16)
+    return QkLinear(fmt, s_bf16, w.data_ptr(), s, group_size, n, padded or n, k)
+
+
+def decode_step(model: QkModel, x: torch.Tensor) -> torch.Tensor:
+    """Run every layer for one token per row: x (rows, hidden) embeddings, overwritten with the final normed hidden
+    states; returns the logits (rows, vocab) in x's dtype. The caller keeps every tensor the plan points at alive
+    (model/runner.py)."""
+    logits = torch.empty(model.rows, model.vocab, dtype=x.dtype)
+    if library().qk_decode_step(ctypes.byref(model), _p(x), _p(logits), torch.get_num_threads()):
+        raise MemoryError(f"the decode step's buffer for {model.rows} rows could not be allocated")
     return logits
 
 

@@ -1,29 +1,88 @@
-/* The decode step's plan: the int64 field orders in which kernels.py (model/runner.py's Plan) describes the model to
- * qk_decode_step (step.h), and which qk_plan_fields reports so that Python and C are checked to agree. Included by
+/* The decode step's plan: the structs in which kernels.py (model/runner.py's Plan) describes the model to
+ * qk_decode_step (step.h), mirrored there by ctypes.Structure classes. qk_plan_layout reports every struct's size and
+ * every field's offset and size, which kernels.py checks at load, so that Python and C are known to agree. Included by
  * step.h and by tests/kernels_driver.c. */
 
 #ifndef QK_PLAN_H
 #define QK_PLAN_H
 
-enum { LIN_FMT, LIN_W, LIN_S, LIN_S_BF16, LIN_G, LIN_N, LIN_NP, LIN_K, LIN_FIELDS }; /* one linear layer */
+#include <stddef.h>
+#include <stdint.h>
+
 enum { FMT_BF16, FMT_F32, FMT_INT8, FMT_INT4 };
+enum { QK_LINEAR_ATTENTION, QK_FULL_ATTENTION };
 
-/* per layer: kind, norms, then 5 linears (qkv/q, z/k, a/v, b/-, out/o), 3 MLP linears, then layer-kind tensors */
-enum {
-    L_KIND, L_IN_NORM, L_POST_NORM,
-    L_LIN0, L_LIN1 = L_LIN0 + LIN_FIELDS, L_LIN2 = L_LIN1 + LIN_FIELDS, L_LIN3 = L_LIN2 + LIN_FIELDS,
-    L_LIN4 = L_LIN3 + LIN_FIELDS, L_GATE = L_LIN4 + LIN_FIELDS, L_UP = L_GATE + LIN_FIELDS, L_DOWN = L_UP + LIN_FIELDS,
-    L_T0 = L_DOWN + LIN_FIELDS, L_T1, L_T2, L_T3, L_T4, L_T5, L_FIELDS
+/* One projection: y (M, n) = x (M, k) W^T */
+struct qk_linear {
+    int32_t fmt;      /* FMT_* */
+    int32_t s_bf16;   /* quantized: the scales are bf16 (else fp32) */
+    const void *w;    /* (n, k) bf16 / fp32 / int8, or int4 tiles (np / 64, k, 32) */
+    const void *s;    /* int8: scales (n, k / g); int4: scales and zeros (k / g, np, 2) */
+    int64_t g;        /* quantized: columns per scale group */
+    int64_t n, np, k; /* outputs, outputs padded (int4: to 64), inputs */
 };
-/* linear attention: LIN0..4 = in_proj_qkv, in_proj_z, in_proj_a, in_proj_b, out_proj;
- *   T0..T3 = conv weight, A_log, dt_bias, gated-norm weight; T4, T5 = conv state, recurrent state
- * full attention: LIN0..2 = q_proj, k_proj, v_proj, LIN4 = o_proj; T0, T1 = q_norm, k_norm; T4, T5 = k, v caches */
 
-/* model-wide: */
-enum {
-    M_ACT_BF16, M_W_BF16, M_B, M_HIDDEN, M_INTER, M_LAYERS, M_EPS_E9, /* eps * 1e9, an integer */
-    M_HK, M_HV, M_DK, M_DV, M_KC, M_H, M_HKV, M_D, M_TMAX, M_R, M_GATED,
-    M_POS, M_COS, M_SIN, M_FINAL_NORM, M_HEAD, M_VOCAB = M_HEAD + LIN_FIELDS, M_FIELDS
+/* The small tensors are in the dtype qk_model.w_bf16 names. */
+struct qk_gdn { /* Gated DeltaNet */
+    struct qk_linear qkv, z, a, b;
+    const void *conv_w, *A_log, *dt_bias, *norm_w;
+};
+
+struct qk_attn { /* full attention */
+    struct qk_linear q, k, v;
+    const void *q_norm, *k_norm; /* (head_dim) each */
+};
+
+union qk_mixer {
+    struct qk_gdn gdn;
+    struct qk_attn attn;
+};
+
+struct qk_layer {
+    int32_t kind;                     /* QK_LINEAR_ATTENTION: mixer.gdn, or QK_FULL_ATTENTION: mixer.attn */
+    const void *in_norm, *post_norm; /* (hidden) */
+    union qk_mixer mixer;
+    struct qk_linear out; /* out_proj or o_proj */
+    struct qk_linear gate, up, down;
+};
+
+/* One layer's cache, filled per step. */
+struct qk_gdn_cache {
+    void *conv;   /* (B, conv_kernel - 1, 2 k_heads k_head_dim + v_heads v_head_dim), activation dtype */
+    float *state; /* (B, v_heads, k_head_dim, v_head_dim) fp32 */
+};
+
+struct qk_attn_cache {
+    void *k, *v; /* (B, kv_heads, max_seq_len, head_dim) each, activation dtype */
+};
+
+union qk_cache {
+    struct qk_gdn_cache gdn;
+    struct qk_attn_cache attn;
+};
+
+struct qk_model {
+    int32_t act_bf16; /* activations (and caches) bf16, else fp32 */
+    int32_t w_bf16;   /* norms' and the Gated DeltaNet's small tensors bf16, else fp32 */
+    int32_t gated;    /* attention with an output gate (q_proj emits query and gate per head) */
+    float eps;        /* every RMSNorm's */
+    int64_t hidden, intermediate, n_layers, vocab;
+    int64_t k_heads, v_heads, k_head_dim, v_head_dim, conv_kernel; /* Gated DeltaNet */
+    int64_t heads, kv_heads, head_dim, rotary_dim;                 /* attention */
+    const struct qk_layer *layers;                                 /* (n_layers) */
+    const void *final_norm;
+    struct qk_linear head;
+    /* per step: */
+    int64_t rows, max_seq_len;
+    const int64_t *positions; /* (rows): row b's token sits at positions[b] */
+    const void *cos, *sin;    /* (rows, rotary_dim), activation dtype */
+    const union qk_cache *caches; /* (n_layers) */
+};
+
+/* qk_plan_layout's entries: a type's size (offset -1), or a field's ("type.field") offset and size */
+struct qk_plan_field {
+    const char *name;
+    int64_t offset, size;
 };
 
 #endif

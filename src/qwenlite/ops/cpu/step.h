@@ -5,25 +5,52 @@
 
 /* A whole decode step in one call: every layer of the model for B rows of one token each, with the kernels above,
  * so that a token costs no Python. Twin: Qwen3_5ForCausalLM.forward with a cache and T == 1 (module by module).
- * The model is described by int64 arrays that kernels.py fills (field orders below, checked by qk_plan_fields). */
+ * The model is described by plan.h's structs, which kernels.py fills and checks against qk_plan_layout. */
 
 #include "plan.h"
 
-int qk_plan_fields(int which) { return which == 0 ? LIN_FIELDS : which == 1 ? L_FIELDS : M_FIELDS; }
+#define PLAN_TYPE(T) {#T, -1, sizeof(T)}
+#define PLAN_FIELD(T, F) {#T "." #F, offsetof(T, F), sizeof(((T *)0)->F)}
 
-#define PTR(v) ((void *)(intptr_t)(v))
+static const struct qk_plan_field plan_layout[] = {
+    PLAN_TYPE(struct qk_linear), PLAN_FIELD(struct qk_linear, fmt), PLAN_FIELD(struct qk_linear, s_bf16),
+    PLAN_FIELD(struct qk_linear, w), PLAN_FIELD(struct qk_linear, s), PLAN_FIELD(struct qk_linear, g),
+    PLAN_FIELD(struct qk_linear, n), PLAN_FIELD(struct qk_linear, np), PLAN_FIELD(struct qk_linear, k),
+    PLAN_TYPE(struct qk_gdn), PLAN_FIELD(struct qk_gdn, qkv), PLAN_FIELD(struct qk_gdn, z), PLAN_FIELD(struct qk_gdn, a),
+    PLAN_FIELD(struct qk_gdn, b), PLAN_FIELD(struct qk_gdn, conv_w), PLAN_FIELD(struct qk_gdn, A_log),
+    PLAN_FIELD(struct qk_gdn, dt_bias), PLAN_FIELD(struct qk_gdn, norm_w),
+    PLAN_TYPE(struct qk_attn), PLAN_FIELD(struct qk_attn, q), PLAN_FIELD(struct qk_attn, k),
+    PLAN_FIELD(struct qk_attn, v), PLAN_FIELD(struct qk_attn, q_norm), PLAN_FIELD(struct qk_attn, k_norm),
+    PLAN_TYPE(union qk_mixer), PLAN_FIELD(union qk_mixer, gdn), PLAN_FIELD(union qk_mixer, attn),
+    PLAN_TYPE(struct qk_layer), PLAN_FIELD(struct qk_layer, kind), PLAN_FIELD(struct qk_layer, in_norm),
+    PLAN_FIELD(struct qk_layer, post_norm), PLAN_FIELD(struct qk_layer, mixer), PLAN_FIELD(struct qk_layer, out),
+    PLAN_FIELD(struct qk_layer, gate), PLAN_FIELD(struct qk_layer, up), PLAN_FIELD(struct qk_layer, down),
+    PLAN_TYPE(struct qk_gdn_cache), PLAN_FIELD(struct qk_gdn_cache, conv), PLAN_FIELD(struct qk_gdn_cache, state),
+    PLAN_TYPE(struct qk_attn_cache), PLAN_FIELD(struct qk_attn_cache, k), PLAN_FIELD(struct qk_attn_cache, v),
+    PLAN_TYPE(union qk_cache), PLAN_FIELD(union qk_cache, gdn), PLAN_FIELD(union qk_cache, attn),
+    PLAN_TYPE(struct qk_model), PLAN_FIELD(struct qk_model, act_bf16), PLAN_FIELD(struct qk_model, w_bf16),
+    PLAN_FIELD(struct qk_model, gated), PLAN_FIELD(struct qk_model, eps), PLAN_FIELD(struct qk_model, hidden),
+    PLAN_FIELD(struct qk_model, intermediate), PLAN_FIELD(struct qk_model, n_layers), PLAN_FIELD(struct qk_model, vocab),
+    PLAN_FIELD(struct qk_model, k_heads), PLAN_FIELD(struct qk_model, v_heads), PLAN_FIELD(struct qk_model, k_head_dim),
+    PLAN_FIELD(struct qk_model, v_head_dim), PLAN_FIELD(struct qk_model, conv_kernel), PLAN_FIELD(struct qk_model, heads),
+    PLAN_FIELD(struct qk_model, kv_heads), PLAN_FIELD(struct qk_model, head_dim), PLAN_FIELD(struct qk_model, rotary_dim),
+    PLAN_FIELD(struct qk_model, layers), PLAN_FIELD(struct qk_model, final_norm), PLAN_FIELD(struct qk_model, head),
+    PLAN_FIELD(struct qk_model, rows), PLAN_FIELD(struct qk_model, max_seq_len), PLAN_FIELD(struct qk_model, positions),
+    PLAN_FIELD(struct qk_model, cos), PLAN_FIELD(struct qk_model, sin), PLAN_FIELD(struct qk_model, caches),
+};
 
-static void linear(const int64_t *l, const void *x, void *y, int64_t M, int act_bf16, int nthreads) {
-    const int64_t N = l[LIN_N], K = l[LIN_K];
-    switch (l[LIN_FMT]) {
-    case FMT_BF16: qk_gemv_bf16(PTR(l[LIN_W]), x, y, M, N, K, nthreads); break;
-    case FMT_F32: qk_gemv_f32(PTR(l[LIN_W]), x, y, M, N, K, nthreads); break;
-    case FMT_INT8:
-        qk_gemv_int8(PTR(l[LIN_W]), PTR(l[LIN_S]), (int)l[LIN_S_BF16], l[LIN_G], x, act_bf16, y, act_bf16, M, N, K, nthreads);
-        break;
-    default:
-        qk_gemv_int4(PTR(l[LIN_W]), PTR(l[LIN_S]), (int)l[LIN_S_BF16], l[LIN_G], x, act_bf16, y, act_bf16, M, l[LIN_NP], N, K,
-                     nthreads);
+const struct qk_plan_field *qk_plan_layout(int64_t *n) {
+    *n = (int64_t)(sizeof plan_layout / sizeof *plan_layout);
+    return plan_layout;
+}
+
+/* y (M, n) = x W^T in the activation dtype */
+static void linear(const struct qk_linear *l, const void *x, void *y, int64_t M, int bf, int nthreads) {
+    switch (l->fmt) {
+    case FMT_BF16: qk_gemv_bf16(l->w, x, y, M, l->n, l->k, nthreads); break;
+    case FMT_F32: qk_gemv_f32(l->w, x, y, M, l->n, l->k, nthreads); break;
+    case FMT_INT8: qk_gemv_int8(l->w, l->s, l->s_bf16, l->g, x, bf, y, bf, M, l->n, l->k, nthreads); break;
+    default: qk_gemv_int4(l->w, l->s, l->s_bf16, l->g, x, bf, y, bf, M, l->np, l->n, l->k, nthreads);
     }
 }
 
@@ -41,51 +68,52 @@ static void silu_mul(void *g, const void *u, int64_t n, int bf) {
     }
 }
 
-/* x (B, hidden) act: the embeddings in, the final normed hidden states out (in place); logits (B, vocab) act.
+/* x (rows, hidden) act: the embeddings in, the final normed hidden states out (in place); logits (rows, vocab) act.
  * Returns 0, or 1 when its buffer could not be allocated (nothing computed). */
-int qk_decode_step(const int64_t *m, const int64_t *layers, void *x, void *logits, int nthreads) {
-    const int bf = (int)m[M_ACT_BF16], wbf = (int)m[M_W_BF16];
-    const int64_t B = m[M_B], Hd = m[M_HIDDEN], esz = bf ? 2 : 4;
-    const float eps = (float)m[M_EPS_E9] * 1e-9f;
-    const int64_t Cq = 2 * m[M_HK] * m[M_DK] + m[M_HV] * m[M_DV], vdim = m[M_HV] * m[M_DV];
-    int64_t widest = m[M_INTER];
-    const int64_t dims[] = {Cq, vdim, m[M_H] * m[M_D] * 2, Hd};
+int qk_decode_step(const struct qk_model *m, void *x, void *logits, int nthreads) {
+    const int bf = m->act_bf16, wbf = m->w_bf16;
+    const int64_t B = m->rows, Hd = m->hidden, Hv = m->v_heads, esz = bf ? 2 : 4;
+    const int64_t Cq = 2 * m->k_heads * m->k_head_dim + Hv * m->v_head_dim, vdim = Hv * m->v_head_dim;
+    int64_t widest = m->intermediate;
+    const int64_t dims[] = {Cq, vdim, m->heads * m->head_dim * 2, Hd};
     for (int i = 0; i < 4; i++) widest = dims[i] > widest ? dims[i] : widest;
-    char *buf = malloc((size_t)(B * esz * (Hd + 4 * widest + 2 * m[M_HV])));
+    char *buf = malloc((size_t)(B * esz * (Hd + 4 * widest + 2 * Hv)));
     if (!buf) return 1;
     char *h = buf, *t0 = h + B * Hd * esz, *t1 = t0 + B * widest * esz, *t2 = t1 + B * widest * esz,
-         *t3 = t2 + B * widest * esz, *ta = t3 + B * widest * esz, *tb = ta + B * m[M_HV] * esz;
-    for (int64_t li = 0; li < m[M_LAYERS]; li++) {
-        const int64_t *L = layers + li * L_FIELDS;
-        qk_rmsnorm(x, Hd, PTR(L[L_IN_NORM]), wbf, eps, h, bf, B, Hd, nthreads);
-        if (L[L_KIND] == 0) {
-            linear(L + L_LIN0, h, t0, B, bf, nthreads); /* qkv */
-            linear(L + L_LIN1, h, t1, B, bf, nthreads); /* z */
-            linear(L + L_LIN2, h, ta, B, bf, nthreads); /* a */
-            linear(L + L_LIN3, h, tb, B, bf, nthreads); /* b */
-            qk_gdn_decode(t0, PTR(L[L_T4]), PTR(L[L_T0]), m[M_KC], ta, tb, PTR(L[L_T1]), PTR(L[L_T2]), PTR(L[L_T5]), t1,
-                          PTR(L[L_T3]), eps, t2, bf, wbf, B, m[M_HK], m[M_HV], m[M_DK], m[M_DV], nthreads);
+         *t3 = t2 + B * widest * esz, *ta = t3 + B * widest * esz, *tb = ta + B * Hv * esz;
+    for (int64_t li = 0; li < m->n_layers; li++) {
+        const struct qk_layer *L = m->layers + li;
+        const union qk_cache *c = m->caches + li;
+        qk_rmsnorm(x, Hd, L->in_norm, wbf, m->eps, h, bf, B, Hd, nthreads);
+        if (L->kind == QK_LINEAR_ATTENTION) {
+            const struct qk_gdn *g = &L->mixer.gdn;
+            linear(&g->qkv, h, t0, B, bf, nthreads);
+            linear(&g->z, h, t1, B, bf, nthreads);
+            linear(&g->a, h, ta, B, bf, nthreads);
+            linear(&g->b, h, tb, B, bf, nthreads);
+            qk_gdn_decode(t0, c->gdn.conv, g->conv_w, m->conv_kernel, ta, tb, g->A_log, g->dt_bias, c->gdn.state, t1,
+                          g->norm_w, m->eps, t2, bf, wbf, B, m->k_heads, Hv, m->k_head_dim, m->v_head_dim, nthreads);
         } else {
-            linear(L + L_LIN0, h, t0, B, bf, nthreads); /* q and gate */
-            linear(L + L_LIN1, h, t1, B, bf, nthreads); /* k */
-            linear(L + L_LIN2, h, t3, B, bf, nthreads); /* v */
-            qk_attn_decode(t0, t1, t3, PTR(L[L_T0]), PTR(L[L_T1]), eps, PTR(m[M_COS]), PTR(m[M_SIN]), m[M_R], PTR(m[M_POS]),
-                           PTR(L[L_T4]), PTR(L[L_T5]), t2, (int)m[M_GATED], bf, wbf, B, m[M_H], m[M_HKV], m[M_TMAX], m[M_D],
-                           nthreads);
+            const struct qk_attn *a = &L->mixer.attn;
+            linear(&a->q, h, t0, B, bf, nthreads); /* q and gate */
+            linear(&a->k, h, t1, B, bf, nthreads);
+            linear(&a->v, h, t3, B, bf, nthreads);
+            qk_attn_decode(t0, t1, t3, a->q_norm, a->k_norm, m->eps, m->cos, m->sin, m->rotary_dim, m->positions,
+                           c->attn.k, c->attn.v, t2, m->gated, bf, wbf, B, m->heads, m->kv_heads, m->max_seq_len,
+                           m->head_dim, nthreads);
         }
-        linear(L + L_LIN4, t2, t0, B, bf, nthreads); /* out_proj / o_proj */
+        linear(&L->out, t2, t0, B, bf, nthreads);
         add_into(x, t0, B * Hd, bf);
-        qk_rmsnorm(x, Hd, PTR(L[L_POST_NORM]), wbf, eps, h, bf, B, Hd, nthreads);
-        linear(L + L_GATE, h, t0, B, bf, nthreads);
-        linear(L + L_UP, h, t1, B, bf, nthreads);
-        silu_mul(t0, t1, B * m[M_INTER], bf);
-        linear(L + L_DOWN, t0, t1, B, bf, nthreads);
+        qk_rmsnorm(x, Hd, L->post_norm, wbf, m->eps, h, bf, B, Hd, nthreads);
+        linear(&L->gate, h, t0, B, bf, nthreads);
+        linear(&L->up, h, t1, B, bf, nthreads);
+        silu_mul(t0, t1, B * m->intermediate, bf);
+        linear(&L->down, t0, t1, B, bf, nthreads);
         add_into(x, t1, B * Hd, bf);
     }
-    qk_rmsnorm(x, Hd, PTR(m[M_FINAL_NORM]), wbf, eps, h, bf, B, Hd, nthreads);
+    qk_rmsnorm(x, Hd, m->final_norm, wbf, m->eps, h, bf, B, Hd, nthreads);
     memcpy(x, h, (size_t)(B * Hd * esz));
-    linear(m + M_HEAD, x, logits, B, bf, nthreads);
+    linear(&m->head, x, logits, B, bf, nthreads);
     free(buf);
     return 0;
 }
-
