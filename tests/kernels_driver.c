@@ -327,7 +327,7 @@ static void conv_cases(void) {
 
 /* ------------------------------------------------------------------------------------------------------------ */
 /* The whole decode step (step.h) on a two-layer model (a Gated DeltaNet layer, an attention layer), described in
- * plan.h's structs. */
+ * plan.h's structs; a Qwen2-like attention layer too: no output gate, no q/k norms, q/k/v biases. */
 
 #include "plan.h"
 
@@ -340,8 +340,9 @@ static void *own(void *p) {
     return owned[n_owned++] = p;
 }
 
-/* a linear layer (N, K) in format fmt; bf: the dtype of bf16 / fp32 weights and of quantized scales */
-static struct qk_linear make_linear(int fmt, int bf, int64_t N, int64_t K) {
+/* a linear layer (N, K) in format fmt; bf: the dtype of bf16 / fp32 weights and of quantized scales; abf >= 0: a
+ * bias in that activation dtype */
+static struct qk_linear make_linear(int fmt, int bf, int64_t N, int64_t K, int abf) {
     const int64_t G = 32, Np = (N + 63) / 64 * 64;
     const float scale = 2.0f / sqrtf((float)K);
     struct qk_linear l = {.fmt = fmt, .s_bf16 = bf, .g = G, .n = N, .np = Np, .k = K};
@@ -360,21 +361,23 @@ static struct qk_linear make_linear(int fmt, int bf, int64_t N, int64_t K) {
         for (int64_t i = 0; i < (K / G) * Np; i++) sz[2 * i] = fabsf(sz[2 * i]) + scale / 8.0f;
         l.s = own(narrow(sz, (K / G) * Np * 2, bf));
     }
+    if (abf >= 0) l.bias = own(values(N, abf, 1.0f, 0.0f));
     return l;
 }
 
-static void step_case(const char *tag, int abf, int wbf, int fmt, int qfmt_attn, int qfmt_mlp) {
+/* qwen2: the attention layer as Qwen2's (and the model's gate off) */
+static void step_case(const char *tag, int abf, int wbf, int fmt, int qfmt_attn, int qfmt_mlp, int qwen2) {
     const int64_t B = 2, Hd = 64, I = 128, HK = 2, HV = 4, DK = 16, DV = 16, KC = 4, H = 4, HKV = 2, D = 32, TMAX = 8;
     const int64_t R = 16, VOCAB = 40, Cq = 2 * HK * DK + HV * DV;
     const int attn_fmt = qfmt_attn >= 0 ? qfmt_attn : fmt, mlp_fmt = qfmt_mlp >= 0 ? qfmt_mlp : fmt;
     struct qk_layer layers[2] = {0};
     union qk_cache caches[2];
-    struct qk_model m = {.act_bf16 = abf, .w_bf16 = wbf, .gated = 1, .eps = 1e-6f, .hidden = Hd, .intermediate = I,
+    struct qk_model m = {.act_bf16 = abf, .w_bf16 = wbf, .gated = !qwen2, .eps = 1e-6f, .hidden = Hd, .intermediate = I,
                          .n_layers = 2, .vocab = VOCAB, .k_heads = HK, .v_heads = HV, .k_head_dim = DK,
                          .v_head_dim = DV, .conv_kernel = KC, .heads = H, .kv_heads = HKV, .head_dim = D,
                          .rotary_dim = R, .layers = layers, .rows = B, .max_seq_len = TMAX, .caches = caches};
     m.final_norm = own(values(Hd, wbf, 0.3f, 0.0f));
-    m.head = make_linear(mlp_fmt, wbf, VOCAB, Hd);
+    m.head = make_linear(mlp_fmt, wbf, VOCAB, Hd, -1);
     for (int li = 0; li < 2; li++) {
         struct qk_layer *L = layers + li;
         L->in_norm = own(values(Hd, wbf, 0.3f, 0.0f));
@@ -382,11 +385,11 @@ static void step_case(const char *tag, int abf, int wbf, int fmt, int qfmt_attn,
         if (li == 0) {
             struct qk_gdn *g = &L->mixer.gdn;
             L->kind = QK_LINEAR_ATTENTION;
-            g->qkv = make_linear(attn_fmt, wbf, Cq, Hd);
-            g->z = make_linear(attn_fmt, wbf, HV * DV, Hd);
-            g->a = make_linear(attn_fmt, wbf, HV, Hd);
-            g->b = make_linear(attn_fmt, wbf, HV, Hd);
-            L->out = make_linear(attn_fmt, wbf, Hd, HV * DV);
+            g->qkv = make_linear(attn_fmt, wbf, Cq, Hd, -1);
+            g->z = make_linear(attn_fmt, wbf, HV * DV, Hd, -1);
+            g->a = make_linear(attn_fmt, wbf, HV, Hd, -1);
+            g->b = make_linear(attn_fmt, wbf, HV, Hd, -1);
+            L->out = make_linear(attn_fmt, wbf, Hd, HV * DV, -1);
             g->conv_w = own(values(Cq * KC, wbf, 0.5f, 0.0f));
             g->A_log = own(values(HV, wbf, 1.0f, 0.0f));
             g->dt_bias = own(values(HV, wbf, 1.0f, 0.0f));
@@ -395,19 +398,22 @@ static void step_case(const char *tag, int abf, int wbf, int fmt, int qfmt_attn,
             caches[0].gdn.state = own(values(B * HV * DK * DV, 0, 0.1f, 0.0f));
         } else {
             struct qk_attn *a = &L->mixer.attn;
+            const int bias = qwen2 ? abf : -1;
             L->kind = QK_FULL_ATTENTION;
-            a->q = make_linear(attn_fmt, wbf, H * D * 2, Hd);
-            a->k = make_linear(attn_fmt, wbf, HKV * D, Hd);
-            a->v = make_linear(attn_fmt, wbf, HKV * D, Hd);
-            L->out = make_linear(attn_fmt, wbf, Hd, H * D);
-            a->q_norm = own(values(D, wbf, 0.3f, 0.0f));
-            a->k_norm = own(values(D, wbf, 0.3f, 0.0f));
+            a->q = make_linear(attn_fmt, wbf, H * D * (qwen2 ? 1 : 2), Hd, bias);
+            a->k = make_linear(attn_fmt, wbf, HKV * D, Hd, bias);
+            a->v = make_linear(attn_fmt, wbf, HKV * D, Hd, bias);
+            L->out = make_linear(attn_fmt, wbf, Hd, H * D, -1);
+            if (!qwen2) {
+                a->q_norm = own(values(D, wbf, 0.3f, 0.0f));
+                a->k_norm = own(values(D, wbf, 0.3f, 0.0f));
+            }
             caches[1].attn.k = own(values(B * HKV * TMAX * D, abf, 1.0f, 0.0f));
             caches[1].attn.v = own(values(B * HKV * TMAX * D, abf, 1.0f, 0.0f));
         }
-        L->gate = make_linear(mlp_fmt, wbf, I, Hd);
-        L->up = make_linear(mlp_fmt, wbf, I, Hd);
-        L->down = make_linear(mlp_fmt, wbf, Hd, I);
+        L->gate = make_linear(mlp_fmt, wbf, I, Hd, -1);
+        L->up = make_linear(mlp_fmt, wbf, I, Hd, -1);
+        L->down = make_linear(mlp_fmt, wbf, Hd, I, -1);
     }
     for (int step = 0; step < 3; step++) {
         int64_t pos[2] = {step, 3 + step};
@@ -430,10 +436,12 @@ static void step_case(const char *tag, int abf, int wbf, int fmt, int qfmt_attn,
 }
 
 static void step_cases(void) {
-    step_case("f32", 0, 0, FMT_F32, -1, -1);
-    step_case("bf16", 1, 1, FMT_BF16, -1, -1);
-    step_case("int8 int4 bf16", 1, 1, FMT_BF16, FMT_INT8, FMT_INT4);
-    step_case("int8 int4 f32", 0, 0, FMT_F32, FMT_INT4, FMT_INT8);
+    step_case("f32", 0, 0, FMT_F32, -1, -1, 0);
+    step_case("bf16", 1, 1, FMT_BF16, -1, -1, 0);
+    step_case("int8 int4 bf16", 1, 1, FMT_BF16, FMT_INT8, FMT_INT4, 0);
+    step_case("int8 int4 f32", 0, 0, FMT_F32, FMT_INT4, FMT_INT8, 0);
+    step_case("qwen2 f32", 0, 0, FMT_F32, -1, -1, 1);
+    step_case("qwen2 bf16 int8", 1, 0, FMT_BF16, FMT_INT8, -1, 1);
 }
 
 /* ------------------------------------------------------------------------------------------------------------ */

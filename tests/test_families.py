@@ -179,14 +179,19 @@ def test_bfloat16_stays_close(checkpoints, family):
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.85
 
 
-def test_the_decode_plan_covers_qwen3_but_not_the_families_with_biases(checkpoints, monkeypatch):
-    """The whole-model C step describes Qwen3.5's layers and Qwen3's (plain norms as the fp32 w - 1 its zero-centred
-    norm reads): with the kernels reported present, a Qwen3 model gets a plan; q/k/v biases (Qwen2, Qwen3 with
-    attention_bias) the step has no field for, so those decode through the forward."""
+def test_the_decode_plan_covers_the_dense_families(checkpoints, monkeypatch):
+    """The whole-model C step describes Qwen3.5's layers and the dense families' (plain norms as the fp32 w - 1 its
+    zero-centred norm reads): with the kernels reported present, each gets a plan; Qwen2's attention layers carry
+    their q/k/v biases and no q/k norms (NULL), Qwen3 with attention_bias its o_proj bias too."""
     monkeypatch.setattr(kernels, "available", lambda: True)
-    for family, planned in (("qwen3", True), ("qwen3-bias", False), ("qwen2", False)):
-        assert (runner.Plan(checkpoints[family][1]).layers is not None) == planned, family
-        assert runner.planned_modules(checkpoints[family][1]) == planned, family
+    for family in FAMILIES:
+        model = checkpoints[family][1]
+        plan = runner.Plan(model)
+        assert plan.layers is not None and runner.planned_modules(model), family
+        attn, planned = model.model.layers[1].self_attn, plan.layers[1].mixer.attn
+        for proj, linear in ((attn.q_proj, planned.q), (attn.v_proj, planned.v), (attn.o_proj, plan.layers[1].out)):
+            assert linear.bias == (None if proj.bias is None else proj.bias.data_ptr()), family
+        assert (planned.q_norm is None, planned.k_norm is None) == (family == "qwen2",) * 2
 
 
 def test_qwen3_decodes_in_one_call_as_its_forward(checkpoints):
@@ -211,6 +216,46 @@ def test_qwen3_decodes_in_one_call_as_its_forward(checkpoints):
         model = load_checkpoint(checkpoints["qwen3"][2], "float32").model
         assert model.model.norm.weight.is_inference()
         assert max_abs_diff(decoded(), forward(model, ids)[:, 8:]) <= LOGIT_ATOL
+
+
+def one_call_and_forward(model, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decode through the C step (its logits for each step), and the reference forward's (pure torch) logits
+    over the same tokens: (steps logits (B, steps, V), forward logits (B, steps, V))."""
+    cache = make_cache(model.config, prompt.shape[0], prompt.shape[1] + steps, model.dtype)
+    with torch.inference_mode():
+        logits = runner.run_model(model, prompt, cache)[:, -1]
+        tokens, rows = [], []
+        for _ in range(steps):
+            rows.append(logits)
+            tokens.append(logits.argmax(-1))
+            logits = runner.run_model(model, tokens[-1][:, None], cache)[:, -1]
+        assert model.__dict__["_decode_plan"].layers is not None  # the C step ran
+        set_fast(model, False)
+        ids = torch.cat([prompt, torch.stack(tokens[:-1], 1)], 1)
+        reference = model(ids)[:, prompt.shape[1] - 1 :].float()
+        set_fast(model, True)
+    return torch.stack(rows, 1), reference
+
+
+@pytest.mark.parametrize(("family", "dtype", "quant"), [
+    ("qwen2", "float32", None), ("qwen2", "bfloat16", None), ("qwen3-bias", "float32", None),
+    ("qwen3-bias", "bfloat16", None), ("qwen2", "bfloat16", 8), ("qwen2", "bfloat16", 4)])  # fmt: skip
+def test_biased_families_decode_in_one_call_as_their_forward(checkpoints, family, dtype, quant):
+    """Qwen2 (q/k/v biases, no q/k norms) and Qwen3 with attention_bias (o_proj's bias too) in the C step, two rows at
+    once: fp32 greedy equal to the forward, logits within LOGIT_ATOL; bf16 (int8 / int4 weights too) within bf16
+    rounding of the pure-torch forward through 3 layers (the step adds a bias to the projection rounded to bf16, as
+    the modules' own kernels path does; F.linear adds it before rounding), fed the same tokens."""
+    model = load_checkpoint(checkpoints[family][2], dtype).model
+    if quant:
+        quantize_model(model, quant, 32)
+    steps, reference = one_call_and_forward(model, random_ids(2, 8, vocab=VOCAB, seed=6), 8)
+    if dtype == "float32":
+        assert max_abs_diff(steps, reference) <= LOGIT_ATOL
+        assert torch.equal(steps.argmax(-1), reference.argmax(-1))
+    else:
+        assert ((steps - reference).norm() / reference.norm()).item() <= 3e-2
+        kl, top1 = kl_and_top1(reference, steps)
+        assert kl <= 5e-3 and top1 >= 0.9, (kl, top1)
 
 
 # ---------------------------------------------------------------------------------------------

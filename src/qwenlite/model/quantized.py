@@ -117,17 +117,17 @@ class QuantLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def kernel_plan(self) -> kernels.QkLinear | None:
-        """This projection for kernels.decode_step, or None where no kernel takes it."""
+    def kernel_plan(self, dtype: torch.dtype) -> kernels.QkLinear | None:
+        """This projection for kernels.decode_step under activations of `dtype`, or None where no kernel takes it."""
         N, K, G = self.out_features, self.in_features, self.group_size
         s = self.scale_tensor
-        if not self.fast or self.bias is not None or s.dtype not in kernels.ACT_DTYPES or G % 16:
+        if not self.fast or s.dtype not in kernels.ACT_DTYPES or G % 16:
             return None
         if not (self.qweight.is_contiguous() and s.is_contiguous() and s.device.type == "cpu"):
             return None
         fmt = kernels.FMT_INT8 if self.bits == 8 else kernels.FMT_INT4
         Np = N if self.bits == 8 else qm.padded_rows(N)
-        return kernels.plan_linear(fmt, self.qweight, N, K, s, G, Np)
+        return kernels.plan_linear(fmt, self.qweight, N, K, dtype, self.bias, s, G, Np)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, " \

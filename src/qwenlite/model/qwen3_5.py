@@ -61,13 +61,13 @@ class Linear(nn.Linear):
             return y.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
-    def kernel_plan(self) -> kernels.QkLinear | None:
-        """This projection for kernels.decode_step, or None where no kernel takes it."""
+    def kernel_plan(self, dtype: torch.dtype) -> kernels.QkLinear | None:
+        """This projection for kernels.decode_step under activations of `dtype`, or None where no kernel takes it."""
         w = self.weight
         fmt = {torch.bfloat16: kernels.FMT_BF16, torch.float32: kernels.FMT_F32}.get(w.dtype)
-        if not self.fast or self.bias is not None or fmt is None or not w.is_contiguous() or w.device.type != "cpu":
+        if not self.fast or fmt is None or not w.is_contiguous() or w.device.type != "cpu":
             return None
-        return kernels.plan_linear(fmt, w, *w.shape)
+        return kernels.plan_linear(fmt, w, *w.shape, dtype, self.bias)
 
 
 def set_fast(model: nn.Module, fast: bool) -> None:

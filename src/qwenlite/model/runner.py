@@ -33,12 +33,13 @@ from qwenlite.ops.rope import rope_cos_sin
 if TYPE_CHECKING:
     from qwenlite.model.cache import Cache
 
-# The model types kernels.decode_step describes: Qwen3.5's layers (zero-centred norms, q/k norms, no biases), and
-# Qwen3's (every layer full attention, no output gate, plain norms: the step computes x_hat * (1 + w') with
-# w' = w - 1 in fp32, exactly w * x_hat for an fp32 model, one rounding fewer than the reference's for bf16). Qwen2
-# carries q/k/v biases and Qwen3.5 MoE routes its MLP, so they decode through the forward (whose Linear / QuantLinear
-# layers still take the GEMV kernels).
-PLANNED_MODEL_TYPES = ("qwen3_5_text", "qwen3")
+# The model types kernels.decode_step describes: Qwen3.5's layers (zero-centred norms, q/k norms), Qwen3's (every
+# layer full attention, no output gate, plain norms: the step computes x_hat * (1 + w') with w' = w - 1 in fp32,
+# exactly w * x_hat for an fp32 model, one rounding fewer than the reference's for bf16) and Qwen2's (Qwen3's without
+# q/k norms, with q/k/v biases: added as the modules' forward adds them, to the projection rounded to the activation
+# dtype). Qwen3.5 MoE routes its MLP, so it decodes through the forward (whose Linear / QuantLinear layers still take
+# the GEMV kernels).
+PLANNED_MODEL_TYPES = ("qwen3_5_text", "qwen3", "qwen2")
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds the activations; the gated delta rule chunks by 64 inside
 KIND = {"linear_attention": kernels.LINEAR_ATTENTION, "full_attention": kernels.FULL_ATTENTION}
 
@@ -93,14 +94,14 @@ class Plan:
             self.tensors.append(v)
             self.ptrs.append(v.data_ptr())
 
-    def linear(self, parent: nn.Module, name: str) -> kernels.QkLinear | None:
+    def linear(self, parent: nn.Module, name: str, dtype: torch.dtype) -> kernels.QkLinear | None:
         module = getattr(parent, name)
         self.keep(parent, name)
         if isinstance(module, AdapterLinear):  # its base layer, for the steps with every row on the base
             self.keep(module, "base_layer")
             self.adapters, module = module.selection, module.base_layer
         self.keep(module, "weight", "bias", "qweight", "scales", "scales_and_zeros")
-        return module.kernel_plan() if hasattr(module, "kernel_plan") else None
+        return module.kernel_plan(dtype) if hasattr(module, "kernel_plan") else None
 
     def small(self, module: nn.Module, name: str, dtype: torch.dtype | None) -> int | None:
         """A norm's (or other small tensor's) pointer; dtype None: a plain norm's weight w as the fp32 w - 1 the step's
@@ -133,27 +134,28 @@ class Plan:
             self.keep(layer, "input_layernorm", "post_attention_layernorm", "mlp", "linear_attn", "self_attn")
             norms = [self.small(layer.input_layernorm, "weight", wdtype),
                      self.small(layer.post_attention_layernorm, "weight", wdtype)]  # fmt: skip
-            mlp = [self.linear(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+            mlp = [self.linear(layer.mlp, n, dtype) for n in ("gate_proj", "up_proj", "down_proj")]
             kind = KIND[layer.layer_type]
             if kind == kernels.LINEAR_ATTENTION:
                 a = layer.linear_attn
                 self.keep(a, "conv1d", "norm")
-                parts = [*(self.linear(a, n) for n in ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b")),
+                parts = [*(self.linear(a, n, dtype) for n in ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b")),
                          self.small(a.conv1d, "weight", wdtype), self.small(a, "A_log", wdtype),
                          self.small(a, "dt_bias", wdtype), self.small(a.norm, "weight", wdtype)]  # fmt: skip
-                out = self.linear(a, "out_proj")
+                out = self.linear(a, "out_proj", dtype)
             else:
                 a = layer.self_attn
                 self.keep(a, "q_norm", "k_norm")
-                parts = [*(self.linear(a, n) for n in ("q_proj", "k_proj", "v_proj")),
-                         self.small(a.q_norm, "weight", wdtype), self.small(a.k_norm, "weight", wdtype)]  # fmt: skip
-                out = self.linear(a, "o_proj")
+                parts = [self.linear(a, n, dtype) for n in ("q_proj", "k_proj", "v_proj")]
+                if a.qk_norm:  # else NULL norms: Qwen2 has none
+                    parts += [self.small(a.q_norm, "weight", wdtype), self.small(a.k_norm, "weight", wdtype)]
+                out = self.linear(a, "o_proj", dtype)
             if any(v is None for v in [*norms, *parts, out, *mlp]):
                 return
             mixer = (kernels.QkMixer(gdn=kernels.QkGdn(*parts)) if kind == kernels.LINEAR_ATTENTION
                      else kernels.QkMixer(attn=kernels.QkAttn(*parts)))  # fmt: skip
             layers.append(kernels.QkLayer(kind, *norms, mixer, out, *mlp))
-        head, norm = self.linear(model, "lm_head"), self.small(m.norm, "weight", wdtype)
+        head, norm = self.linear(model, "lm_head", dtype), self.small(m.norm, "weight", wdtype)
         if head is None or norm is None:
             return
         self.layers = (kernels.QkLayer * len(layers))(*layers)
@@ -173,13 +175,14 @@ def version(t: torch.Tensor) -> int:
 
 
 def planned_modules(model: Qwen3_5ForCausalLM) -> bool:
-    """Whether the norms are all of the config's kind and every attention layer has its q/k norms and no biases: the
-    module layout the C step reads (a check on the modules themselves, beside the one on the model type)."""
+    """Whether the norms are all of the config's kind and every attention layer has the config's output gate: the
+    module layout the C step reads, one norm kind and one gate for the whole model (a check on the modules
+    themselves, beside the one on the model type)."""
     c = model.config
     norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
     attention = [m for m in model.modules() if isinstance(m, Attention)]
-    return (all(n.zero_centred == c.zero_centred_norms for n in norms) and not (c.qkv_bias or c.o_bias)
-            and all(a.qk_norm and (a.fused_decode or not c.zero_centred_norms) for a in attention))  # fmt: skip
+    return (all(n.zero_centred == c.zero_centred_norms for n in norms)
+            and all(a.gated == c.attn_output_gate for a in attention))  # fmt: skip
 
 
 def context_length(model: Qwen3_5ForCausalLM, max_context: int | None = None) -> int:

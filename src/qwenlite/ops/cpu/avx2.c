@@ -630,10 +630,12 @@ void qk_gdn_decode(const void *qkv, void *conv_state, const void *conv_w, int64_
 static inline __attribute__((always_inline)) void norm_rope(float *x, const void *w, float eps, const void *cos,
                                                             const void *sin, int64_t R, int64_t D, const int ABF,
                                                             const int WBF) {
-    const __m256 r = _mm256_set1_ps(1.0f / sqrtf(sumsq(x, D) / (float)D + eps));
-    for (int64_t i = 0; i < D; i += 8) {
-        const __m256 scale = _mm256_add_ps(_mm256_set1_ps(1.0f), ld8(w, i, WBF));
-        _mm256_storeu_ps(x + i, round8(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), r), scale), ABF));
+    if (w) { /* the q/k norm, where the layer has one (NULL: Qwen2) */
+        const __m256 r = _mm256_set1_ps(1.0f / sqrtf(sumsq(x, D) / (float)D + eps));
+        for (int64_t i = 0; i < D; i += 8) {
+            const __m256 scale = _mm256_add_ps(_mm256_set1_ps(1.0f), ld8(w, i, WBF));
+            _mm256_storeu_ps(x + i, round8(_mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), r), scale), ABF));
+        }
     }
     for (int64_t i = 0; i < R / 2; i++) {
         const float c = ld1(cos, i, ABF), s = ld1(sin, i, ABF);

@@ -12,7 +12,7 @@
  *   qk_conv_silu    a prompt's causal conv + SiLU, carrying the state              twin: conv.causal_conv1d + F.silu
  *   qk_rmsnorm      zero-centred RMSNorm                                          twin: qwen3_5.RMSNorm (torch path)
  *   qk_attn_decode  an attention layer's token between projections                twin: qwen3_5.Attention (torch path)
- *                   (q/k norms, rotary, cache write, attention over the prefix, output gate)
+ *                   (q/k norms unless their weights are NULL, rotary, cache write, attention, output gate)
  *   qk_decode_step  the whole model for one token per row, from the above (step.h)   twin: Qwen3_5ForCausalLM.forward
  *   qk_read         reads memory as a GEMV does, for `qwenlite bench`'s bandwidth figure
  *
@@ -517,10 +517,12 @@ void qk_gdn_decode(const void *qkv, void *conv_state, const void *conv_w, int64_
 static inline __attribute__((always_inline)) void norm_rope(float *x, const void *w, float eps, const void *cos,
                                                             const void *sin, int64_t R, int64_t D, const int ABF,
                                                             const int WBF) {
-    const __m512 r = _mm512_set1_ps(1.0f / sqrtf(sumsq(x, D) / (float)D + eps));
-    for (int64_t i = 0; i < D; i += 16) {
-        const __m512 scale = _mm512_add_ps(_mm512_set1_ps(1.0f), ld16(w, i, WBF));
-        _mm512_storeu_ps(x + i, round16(_mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), r), scale), ABF));
+    if (w) { /* the q/k norm, where the layer has one (NULL: Qwen2) */
+        const __m512 r = _mm512_set1_ps(1.0f / sqrtf(sumsq(x, D) / (float)D + eps));
+        for (int64_t i = 0; i < D; i += 16) {
+            const __m512 scale = _mm512_add_ps(_mm512_set1_ps(1.0f), ld16(w, i, WBF));
+            _mm512_storeu_ps(x + i, round16(_mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), r), scale), ABF));
+        }
     }
     for (int64_t i = 0; i < R / 2; i++) {
         const float c = ld1(cos, i, ABF), s = ld1(sin, i, ABF);

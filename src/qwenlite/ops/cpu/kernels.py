@@ -500,7 +500,8 @@ P, I32, I64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
 
 
 class QkLinear(ctypes.Structure):
-    _fields_ = [("fmt", I32), ("s_bf16", I32), ("w", P), ("s", P), ("g", I64), ("n", I64), ("np", I64), ("k", I64)]
+    _fields_ = [("fmt", I32), ("s_bf16", I32), ("w", P), ("s", P), ("bias", P), ("g", I64), ("n", I64), ("np", I64),
+                ("k", I64)]  # fmt: skip
 
 
 class QkGdn(ctypes.Structure):
@@ -580,12 +581,16 @@ def check_plan_layout(c: dict[str, tuple[int, int]]) -> None:
                               f"kernels.py (plan.h and kernels.py must agree)")  # fmt: skip
 
 
-def plan_linear(fmt: int, w: torch.Tensor, n: int, k: int, scales: torch.Tensor | None = None, group_size: int = 0,
-                padded: int = 0) -> QkLinear:  # fmt: skip
-    """A projection for decode_step."""
+def plan_linear(fmt: int, w: torch.Tensor, n: int, k: int, dtype: torch.dtype, bias: torch.Tensor | None = None,
+                scales: torch.Tensor | None = None, group_size: int = 0,
+                padded: int = 0) -> QkLinear | None:  # fmt: skip
+    """A projection for decode_step under activations of `dtype`, or None where its bias is not one the step adds
+    (a contiguous CPU tensor in `dtype`)."""
+    if bias is not None and not (bias.dtype == dtype and _plain(bias)):
+        return None
     s = 0 if scales is None else scales.data_ptr()
     s_bf16 = int(scales is not None and scales.dtype == torch.bfloat16)
-    return QkLinear(fmt, s_bf16, w.data_ptr(), s, group_size, n, padded or n, k)
+    return QkLinear(fmt, s_bf16, w.data_ptr(), s, 0 if bias is None else bias.data_ptr(), group_size, n, padded or n, k)
 
 
 def decode_step(model: QkModel, x: torch.Tensor) -> torch.Tensor:

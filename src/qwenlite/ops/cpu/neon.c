@@ -463,10 +463,12 @@ void qk_gdn_decode(const void *qkv, void *conv_state, const void *conv_w, int64_
 static inline __attribute__((always_inline)) void norm_rope(float *x, const void *w, float eps, const void *cos,
                                                             const void *sin, int64_t R, int64_t D, const int ABF,
                                                             const int WBF) {
-    const float32x4_t r = vdupq_n_f32(1.0f / sqrtf(sumsq(x, D) / (float)D + eps));
-    for (int64_t i = 0; i < D; i += 4) {
-        const float32x4_t scale = vaddq_f32(vdupq_n_f32(1.0f), ld4(w, i, WBF));
-        vst1q_f32(x + i, round4(vmulq_f32(vmulq_f32(vld1q_f32(x + i), r), scale), ABF));
+    if (w) { /* the q/k norm, where the layer has one (NULL: Qwen2) */
+        const float32x4_t r = vdupq_n_f32(1.0f / sqrtf(sumsq(x, D) / (float)D + eps));
+        for (int64_t i = 0; i < D; i += 4) {
+            const float32x4_t scale = vaddq_f32(vdupq_n_f32(1.0f), ld4(w, i, WBF));
+            vst1q_f32(x + i, round4(vmulq_f32(vmulq_f32(vld1q_f32(x + i), r), scale), ABF));
+        }
     }
     for (int64_t i = 0; i < R / 2; i++) {
         const float c = ld1(cos, i, ABF), s = ld1(sin, i, ABF);

@@ -12,12 +12,14 @@
 enum { FMT_BF16, FMT_F32, FMT_INT8, FMT_INT4 };
 enum { QK_LINEAR_ATTENTION, QK_FULL_ATTENTION };
 
-/* One projection: y (M, n) = x (M, k) W^T */
+/* One projection: y (M, n) = x (M, k) W^T, plus the bias when there is one (y rounded to the activation dtype, then
+ * the bias added and rounded again, as the module's forward does). */
 struct qk_linear {
     int32_t fmt;      /* FMT_* */
     int32_t s_bf16;   /* quantized: the scales are bf16 (else fp32) */
     const void *w;    /* (n, k) bf16 / fp32 / int8, or int4 tiles (np / 64, k, 32) */
     const void *s;    /* int8: scales (n, k / g); int4: scales and zeros (k / g, np, 2) */
+    const void *bias; /* (n) in the activation dtype, or NULL */
     int64_t g;        /* quantized: columns per scale group */
     int64_t n, np, k; /* outputs, outputs padded (int4: to 64), inputs */
 };
@@ -30,7 +32,7 @@ struct qk_gdn { /* Gated DeltaNet */
 
 struct qk_attn { /* full attention */
     struct qk_linear q, k, v;
-    const void *q_norm, *k_norm; /* (head_dim) each */
+    const void *q_norm, *k_norm; /* (head_dim) each, or NULL: no q/k norms (Qwen2) */
 };
 
 union qk_mixer {

@@ -14,8 +14,9 @@
 
 static const struct qk_plan_field plan_layout[] = {
     PLAN_TYPE(struct qk_linear), PLAN_FIELD(struct qk_linear, fmt), PLAN_FIELD(struct qk_linear, s_bf16),
-    PLAN_FIELD(struct qk_linear, w), PLAN_FIELD(struct qk_linear, s), PLAN_FIELD(struct qk_linear, g),
-    PLAN_FIELD(struct qk_linear, n), PLAN_FIELD(struct qk_linear, np), PLAN_FIELD(struct qk_linear, k),
+    PLAN_FIELD(struct qk_linear, w), PLAN_FIELD(struct qk_linear, s), PLAN_FIELD(struct qk_linear, bias),
+    PLAN_FIELD(struct qk_linear, g), PLAN_FIELD(struct qk_linear, n), PLAN_FIELD(struct qk_linear, np),
+    PLAN_FIELD(struct qk_linear, k),
     PLAN_TYPE(struct qk_gdn), PLAN_FIELD(struct qk_gdn, qkv), PLAN_FIELD(struct qk_gdn, z), PLAN_FIELD(struct qk_gdn, a),
     PLAN_FIELD(struct qk_gdn, b), PLAN_FIELD(struct qk_gdn, conv_w), PLAN_FIELD(struct qk_gdn, A_log),
     PLAN_FIELD(struct qk_gdn, dt_bias), PLAN_FIELD(struct qk_gdn, norm_w),
@@ -44,7 +45,7 @@ const struct qk_plan_field *qk_plan_layout(int64_t *n) {
     return plan_layout;
 }
 
-/* y (M, n) = x W^T in the activation dtype */
+/* y (M, n) = x W^T in the activation dtype; then y = round(y + bias) where the projection has one */
 static void linear(const struct qk_linear *l, const void *x, void *y, int64_t M, int bf, int nthreads) {
     switch (l->fmt) {
     case FMT_BF16: qk_gemv_bf16(l->w, x, y, M, l->n, l->k, nthreads); break;
@@ -52,6 +53,9 @@ static void linear(const struct qk_linear *l, const void *x, void *y, int64_t M,
     case FMT_INT8: qk_gemv_int8(l->w, l->s, l->s_bf16, l->g, x, bf, y, bf, M, l->n, l->k, nthreads); break;
     default: qk_gemv_int4(l->w, l->s, l->s_bf16, l->g, x, bf, y, bf, M, l->np, l->n, l->k, nthreads);
     }
+    if (l->bias)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t i = 0; i < l->n; i++) store_out(y, bf, m * l->n + i, ld1(y, m * l->n + i, bf) + ld1(l->bias, i, bf));
 }
 
 /* x = round(x + h) over n elements of the activation dtype */
