@@ -285,6 +285,29 @@ def batched_and_single_decodes(model, vocab: int, lengths=(5, 13, 8), steps: int
         return decode(cache, torch.stack([p[-1:] for p in prompts])), torch.cat(singles)
 
 
+def decode_in_one_call_and_forward(model, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decode through the one-call C step (its logits for each step), and the pure-torch forward's logits over
+    the same tokens: (step logits (B, steps, V), forward logits (B, steps, V))."""
+    from qwenlite.model import runner
+    from qwenlite.model.cache import make_cache
+    from qwenlite.model.qwen3_5 import set_fast
+
+    cache = make_cache(model.config, prompt.shape[0], prompt.shape[1] + steps, model.dtype)
+    with torch.inference_mode():
+        logits = runner.run_model(model, prompt, cache)[:, -1]
+        tokens, rows = [], []
+        for _ in range(steps):
+            rows.append(logits)
+            tokens.append(logits.argmax(-1))
+            logits = runner.run_model(model, tokens[-1][:, None], cache)[:, -1]
+        assert model.__dict__["_decode_plan"].layers is not None  # the C step ran
+        set_fast(model, False)
+        ids = torch.cat([prompt, torch.stack(tokens[:-1], 1)], 1)
+        reference = model(ids)[:, prompt.shape[1] - 1 :].float()
+        set_fast(model, True)
+    return torch.stack(rows, 1), reference
+
+
 def engine_and_generate_outputs(model, vocab: int, lengths=(4, 11, 7), max_tokens: int = 10):
     """Greedy requests of `lengths` random tokens through the serving engine together, and each through
     `generate_tokens` alone: (engine's ids per request, generate's ids per request)."""

@@ -327,7 +327,8 @@ static void conv_cases(void) {
 
 /* ------------------------------------------------------------------------------------------------------------ */
 /* The whole decode step (step.h) on a two-layer model (a Gated DeltaNet layer, an attention layer), described in
- * plan.h's structs; a Qwen2-like attention layer too: no output gate, no q/k norms, q/k/v biases. */
+ * plan.h's structs; a Qwen2-like attention layer too (no output gate, no q/k norms, q/k/v biases), and MoE MLPs (5
+ * experts of width 20, 3 per token, a shared expert of width 40: widths no multiple of the vectors). */
 
 #include "plan.h"
 
@@ -365,17 +366,25 @@ static struct qk_linear make_linear(int fmt, int bf, int64_t N, int64_t K, int a
     return l;
 }
 
-/* qwen2: the attention layer as Qwen2's (and the model's gate off) */
-static void step_case(const char *tag, int abf, int wbf, int fmt, int qfmt_attn, int qfmt_mlp, int qwen2) {
+static struct qk_mlp make_mlp(int fmt, int bf, int64_t width, int64_t Hd) {
+    struct qk_mlp p = {make_linear(fmt, bf, width, Hd, -1), make_linear(fmt, bf, width, Hd, -1),
+                       make_linear(fmt, bf, Hd, width, -1)};
+    return p;
+}
+
+/* qwen2: the attention layer as Qwen2's (and the model's gate off); moe: MoE MLPs (routers in the activation dtype) */
+static void step_case(const char *tag, int abf, int wbf, int fmt, int qfmt_attn, int qfmt_mlp, int qwen2, int moe) {
     const int64_t B = 2, Hd = 64, I = 128, HK = 2, HV = 4, DK = 16, DV = 16, KC = 4, H = 4, HKV = 2, D = 32, TMAX = 8;
     const int64_t R = 16, VOCAB = 40, Cq = 2 * HK * DK + HV * DV;
     const int attn_fmt = qfmt_attn >= 0 ? qfmt_attn : fmt, mlp_fmt = qfmt_mlp >= 0 ? qfmt_mlp : fmt;
     struct qk_layer layers[2] = {0};
+    struct qk_mlp experts[2][5];
+    struct qk_moe moes[2];
     union qk_cache caches[2];
     struct qk_model m = {.act_bf16 = abf, .w_bf16 = wbf, .gated = !qwen2, .eps = 1e-6f, .hidden = Hd, .intermediate = I,
                          .n_layers = 2, .vocab = VOCAB, .k_heads = HK, .v_heads = HV, .k_head_dim = DK,
                          .v_head_dim = DV, .conv_kernel = KC, .heads = H, .kv_heads = HKV, .head_dim = D,
-                         .rotary_dim = R, .layers = layers, .rows = B, .max_seq_len = TMAX, .caches = caches};
+                         .rotary_dim = R, .n_experts = moe ? 5 : 0, .top_k = moe ? 3 : 0, .layers = layers, .rows = B, .max_seq_len = TMAX, .caches = caches};
     m.final_norm = own(values(Hd, wbf, 0.3f, 0.0f));
     m.head = make_linear(mlp_fmt, wbf, VOCAB, Hd, -1);
     for (int li = 0; li < 2; li++) {
@@ -411,9 +420,15 @@ static void step_case(const char *tag, int abf, int wbf, int fmt, int qfmt_attn,
             caches[1].attn.k = own(values(B * HKV * TMAX * D, abf, 1.0f, 0.0f));
             caches[1].attn.v = own(values(B * HKV * TMAX * D, abf, 1.0f, 0.0f));
         }
-        L->gate = make_linear(mlp_fmt, wbf, I, Hd, -1);
-        L->up = make_linear(mlp_fmt, wbf, I, Hd, -1);
-        L->down = make_linear(mlp_fmt, wbf, Hd, I, -1);
+        if (moe) {
+            const int router_fmt = abf ? FMT_BF16 : FMT_F32;
+            for (int e = 0; e < 5; e++) experts[li][e] = make_mlp(mlp_fmt, wbf, 20, Hd);
+            moes[li] = (struct qk_moe){make_linear(router_fmt, abf, 5, Hd, -1), experts[li], make_mlp(mlp_fmt, wbf, 40, Hd),
+                                       make_linear(router_fmt, abf, 1, Hd, -1)};
+            L->moe = moes + li;
+        } else {
+            L->mlp = make_mlp(mlp_fmt, wbf, I, Hd);
+        }
     }
     for (int step = 0; step < 3; step++) {
         int64_t pos[2] = {step, 3 + step};
@@ -436,12 +451,14 @@ static void step_case(const char *tag, int abf, int wbf, int fmt, int qfmt_attn,
 }
 
 static void step_cases(void) {
-    step_case("f32", 0, 0, FMT_F32, -1, -1, 0);
-    step_case("bf16", 1, 1, FMT_BF16, -1, -1, 0);
-    step_case("int8 int4 bf16", 1, 1, FMT_BF16, FMT_INT8, FMT_INT4, 0);
-    step_case("int8 int4 f32", 0, 0, FMT_F32, FMT_INT4, FMT_INT8, 0);
-    step_case("qwen2 f32", 0, 0, FMT_F32, -1, -1, 1);
-    step_case("qwen2 bf16 int8", 1, 0, FMT_BF16, FMT_INT8, -1, 1);
+    step_case("f32", 0, 0, FMT_F32, -1, -1, 0, 0);
+    step_case("bf16", 1, 1, FMT_BF16, -1, -1, 0, 0);
+    step_case("int8 int4 bf16", 1, 1, FMT_BF16, FMT_INT8, FMT_INT4, 0, 0);
+    step_case("int8 int4 f32", 0, 0, FMT_F32, FMT_INT4, FMT_INT8, 0, 0);
+    step_case("qwen2 f32", 0, 0, FMT_F32, -1, -1, 1, 0);
+    step_case("qwen2 bf16 int8", 1, 0, FMT_BF16, FMT_INT8, -1, 1, 0);
+    step_case("moe f32", 0, 0, FMT_F32, -1, -1, 0, 1);
+    step_case("moe bf16", 1, 1, FMT_BF16, -1, -1, 0, 1);
 }
 
 /* ------------------------------------------------------------------------------------------------------------ */

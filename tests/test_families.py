@@ -34,6 +34,7 @@ from qwenlite.text.tokenizer import Tokenizer
 
 from helpers import (
     batched_and_single_decodes,
+    decode_in_one_call_and_forward,
     engine_and_generate_outputs,
     greedy_against_transformers,
     kl_and_top1,
@@ -218,25 +219,6 @@ def test_qwen3_decodes_in_one_call_as_its_forward(checkpoints):
         assert max_abs_diff(decoded(), forward(model, ids)[:, 8:]) <= LOGIT_ATOL
 
 
-def one_call_and_forward(model, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy decode through the C step (its logits for each step), and the reference forward's (pure torch) logits
-    over the same tokens: (steps logits (B, steps, V), forward logits (B, steps, V))."""
-    cache = make_cache(model.config, prompt.shape[0], prompt.shape[1] + steps, model.dtype)
-    with torch.inference_mode():
-        logits = runner.run_model(model, prompt, cache)[:, -1]
-        tokens, rows = [], []
-        for _ in range(steps):
-            rows.append(logits)
-            tokens.append(logits.argmax(-1))
-            logits = runner.run_model(model, tokens[-1][:, None], cache)[:, -1]
-        assert model.__dict__["_decode_plan"].layers is not None  # the C step ran
-        set_fast(model, False)
-        ids = torch.cat([prompt, torch.stack(tokens[:-1], 1)], 1)
-        reference = model(ids)[:, prompt.shape[1] - 1 :].float()
-        set_fast(model, True)
-    return torch.stack(rows, 1), reference
-
-
 @pytest.mark.parametrize(("family", "dtype", "quant"), [
     ("qwen2", "float32", None), ("qwen2", "bfloat16", None), ("qwen3-bias", "float32", None),
     ("qwen3-bias", "bfloat16", None), ("qwen2", "bfloat16", 8), ("qwen2", "bfloat16", 4)])  # fmt: skip
@@ -248,7 +230,7 @@ def test_biased_families_decode_in_one_call_as_their_forward(checkpoints, family
     model = load_checkpoint(checkpoints[family][2], dtype).model
     if quant:
         quantize_model(model, quant, 32)
-    steps, reference = one_call_and_forward(model, random_ids(2, 8, vocab=VOCAB, seed=6), 8)
+    steps, reference = decode_in_one_call_and_forward(model, random_ids(2, 8, vocab=VOCAB, seed=6), 8)
     if dtype == "float32":
         assert max_abs_diff(steps, reference) <= LOGIT_ATOL
         assert torch.equal(steps.argmax(-1), reference.argmax(-1))

@@ -26,20 +26,19 @@ from torch import nn
 
 from qwenlite.errors import ContextLengthExceeded
 from qwenlite.model.adapters import AdapterLinear, AdapterSelection
-from qwenlite.model.qwen3_5 import Attention, Qwen3_5ForCausalLM, RMSNorm
+from qwenlite.model.qwen3_5 import Attention, Qwen3_5ForCausalLM, RMSNorm, SparseMoeBlock
 from qwenlite.ops.cpu import kernels
 from qwenlite.ops.rope import rope_cos_sin
 
 if TYPE_CHECKING:
     from qwenlite.model.cache import Cache
 
-# The model types kernels.decode_step describes: Qwen3.5's layers (zero-centred norms, q/k norms), Qwen3's (every
-# layer full attention, no output gate, plain norms: the step computes x_hat * (1 + w') with w' = w - 1 in fp32,
-# exactly w * x_hat for an fp32 model, one rounding fewer than the reference's for bf16) and Qwen2's (Qwen3's without
-# q/k norms, with q/k/v biases: added as the modules' forward adds them, to the projection rounded to the activation
-# dtype). Qwen3.5 MoE routes its MLP, so it decodes through the forward (whose Linear / QuantLinear layers still take
-# the GEMV kernels).
-PLANNED_MODEL_TYPES = ("qwen3_5_text", "qwen3", "qwen2")
+# The model types kernels.decode_step describes: Qwen3.5's layers (zero-centred norms, q/k norms), Qwen3.5 MoE's (a
+# router, the chosen experts and a gated shared expert for the MLP), Qwen3's (every layer full attention, no output
+# gate, plain norms: the step computes x_hat * (1 + w') with w' = w - 1 in fp32, exactly w * x_hat for an fp32
+# model, one rounding fewer than the reference's for bf16) and Qwen2's (Qwen3's without q/k norms, with q/k/v
+# biases: added as the modules' forward adds them, to the projection rounded to the activation dtype).
+PLANNED_MODEL_TYPES = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3", "qwen2")
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds the activations; the gated delta rule chunks by 64 inside
 KIND = {"linear_attention": kernels.LINEAR_ATTENTION, "full_attention": kernels.FULL_ATTENTION}
 
@@ -58,6 +57,7 @@ class Plan:
         self.flagged: set[nn.Module] = set()  # modules whose `fast` flag is watched already
         self.layers: ctypes.Array[kernels.QkLayer] | None = None  # what self.model.layers points at
         self.model: kernels.QkModel | None = None  # all but the fields of a step
+        self.owned: list[ctypes.Structure | ctypes.Array] = []  # what the structs point at: MoE layers, their experts
         self.adapters: AdapterSelection | None = None  # the step applies while it selects the base for every row
         # Plain norms: the fp32 w - 1 the step reads, and each source weight's version (an in-place change rebuilds)
         self.shifted: list[torch.Tensor] = []
@@ -103,6 +103,32 @@ class Plan:
         self.keep(module, "weight", "bias", "qweight", "scales", "scales_and_zeros")
         return module.kernel_plan(dtype) if hasattr(module, "kernel_plan") else None
 
+    def mlp(self, parent: nn.Module, name: str, dtype: torch.dtype) -> kernels.QkMlp | None:
+        module = getattr(parent, name)
+        self.keep(parent, name)
+        parts = [self.linear(module, n, dtype) for n in ("gate_proj", "up_proj", "down_proj")]
+        return None if any(p is None for p in parts) else kernels.QkMlp(*parts)
+
+    def gate(self, parent: nn.Module, name: str, dtype: torch.dtype) -> kernels.QkLinear | None:
+        """A MoE router's or shared expert gate's x W^T, which the step computes in the activation dtype."""
+        module = getattr(parent, name)
+        self.keep(parent, name)
+        self.keep(module, "weight")
+        w = module.weight
+        if w.dtype != dtype or not w.is_contiguous() or w.device.type != "cpu":
+            return None
+        return kernels.plan_linear(kernels.FMT_BF16 if dtype == torch.bfloat16 else kernels.FMT_F32, w, *w.shape, dtype)
+
+    def moe(self, block: SparseMoeBlock, dtype: torch.dtype) -> kernels.QkMoe | None:
+        experts = [self.mlp(block.experts, str(e), dtype) for e in range(len(block.experts))]
+        parts = [self.gate(block, "gate", dtype), self.mlp(block, "shared_expert", dtype),
+                 self.gate(block, "shared_expert_gate", dtype)]  # fmt: skip
+        if any(p is None for p in experts + parts):
+            return None
+        self.owned.append((kernels.QkMlp * len(experts))(*experts))
+        self.owned.append(kernels.QkMoe(parts[0], self.owned[-1], *parts[1:]))
+        return self.owned[-1]
+
     def small(self, module: nn.Module, name: str, dtype: torch.dtype | None) -> int | None:
         """A norm's (or other small tensor's) pointer; dtype None: a plain norm's weight w as the fp32 w - 1 the step's
         zero-centred norm reads."""
@@ -134,7 +160,11 @@ class Plan:
             self.keep(layer, "input_layernorm", "post_attention_layernorm", "mlp", "linear_attn", "self_attn")
             norms = [self.small(layer.input_layernorm, "weight", wdtype),
                      self.small(layer.post_attention_layernorm, "weight", wdtype)]  # fmt: skip
-            mlp = [self.linear(layer.mlp, n, dtype) for n in ("gate_proj", "up_proj", "down_proj")]
+            if isinstance(layer.mlp, SparseMoeBlock):  # a MoE layer's MLP: its struct, the dense one left empty
+                moe = self.moe(layer.mlp, dtype)
+                mlp = None if moe is None else kernels.QkMlp()
+            else:
+                moe, mlp = None, self.mlp(layer, "mlp", dtype)
             kind = KIND[layer.layer_type]
             if kind == kernels.LINEAR_ATTENTION:
                 a = layer.linear_attn
@@ -150,22 +180,23 @@ class Plan:
                 if a.qk_norm:  # else NULL norms: Qwen2 has none
                     parts += [self.small(a.q_norm, "weight", wdtype), self.small(a.k_norm, "weight", wdtype)]
                 out = self.linear(a, "o_proj", dtype)
-            if any(v is None for v in [*norms, *parts, out, *mlp]):
+            if any(v is None for v in [*norms, *parts, out, mlp]):
                 return
             mixer = (kernels.QkMixer(gdn=kernels.QkGdn(*parts)) if kind == kernels.LINEAR_ATTENTION
                      else kernels.QkMixer(attn=kernels.QkAttn(*parts)))  # fmt: skip
-            layers.append(kernels.QkLayer(kind, *norms, mixer, out, *mlp))
+            layers.append(kernels.QkLayer(kind, *norms, mixer, out, mlp, None if moe is None else ctypes.pointer(moe)))
         head, norm = self.linear(model, "lm_head", dtype), self.small(m.norm, "weight", wdtype)
         if head is None or norm is None:
             return
         self.layers = (kernels.QkLayer * len(layers))(*layers)
         self.model = kernels.QkModel(
             act_bf16=dtype == torch.bfloat16, w_bf16=wdtype == torch.bfloat16, gated=c.attn_output_gate,
-            eps=c.rms_norm_eps, hidden=c.hidden_size, intermediate=c.intermediate_size, n_layers=len(layers),
+            eps=c.rms_norm_eps, hidden=c.hidden_size, n_layers=len(layers),
+            intermediate=max(c.intermediate_size, c.moe_intermediate_size, c.shared_expert_intermediate_size),
             vocab=c.vocab_size, k_heads=c.linear_num_key_heads, v_heads=c.linear_num_value_heads,
             k_head_dim=c.linear_key_head_dim, v_head_dim=c.linear_value_head_dim, conv_kernel=c.linear_conv_kernel_dim,
             heads=c.num_attention_heads, kv_heads=c.num_key_value_heads, head_dim=c.head_dim, rotary_dim=c.rotary_dim,
-            layers=self.layers, final_norm=norm, head=head,
+            n_experts=c.num_experts, top_k=c.num_experts_per_tok, layers=self.layers, final_norm=norm, head=head,
         )  # fmt: skip
 
 

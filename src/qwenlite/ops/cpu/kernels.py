@@ -513,13 +513,21 @@ class QkAttn(ctypes.Structure):
     _fields_ = [("q", QkLinear), ("k", QkLinear), ("v", QkLinear), ("q_norm", P), ("k_norm", P)]
 
 
+class QkMlp(ctypes.Structure):
+    _fields_ = [("gate", QkLinear), ("up", QkLinear), ("down", QkLinear)]
+
+
+class QkMoe(ctypes.Structure):
+    _fields_ = [("router", QkLinear), ("experts", ctypes.POINTER(QkMlp)), ("shared", QkMlp), ("shared_gate", QkLinear)]
+
+
 class QkMixer(ctypes.Union):
     _fields_ = [("gdn", QkGdn), ("attn", QkAttn)]
 
 
 class QkLayer(ctypes.Structure):
-    _fields_ = [("kind", I32), ("in_norm", P), ("post_norm", P), ("mixer", QkMixer), ("out", QkLinear),
-                ("gate", QkLinear), ("up", QkLinear), ("down", QkLinear)]  # fmt: skip
+    _fields_ = [("kind", I32), ("in_norm", P), ("post_norm", P), ("mixer", QkMixer), ("out", QkLinear), ("mlp", QkMlp),
+                ("moe", ctypes.POINTER(QkMoe))]  # fmt: skip
 
 
 class QkGdnCache(ctypes.Structure):
@@ -538,7 +546,8 @@ class QkModel(ctypes.Structure):
     _fields_ = [("act_bf16", I32), ("w_bf16", I32), ("gated", I32), ("eps", ctypes.c_float), ("hidden", I64),
                 ("intermediate", I64), ("n_layers", I64), ("vocab", I64), ("k_heads", I64), ("v_heads", I64),
                 ("k_head_dim", I64), ("v_head_dim", I64), ("conv_kernel", I64), ("heads", I64), ("kv_heads", I64),
-                ("head_dim", I64), ("rotary_dim", I64), ("layers", ctypes.POINTER(QkLayer)), ("final_norm", P),
+                ("head_dim", I64), ("rotary_dim", I64), ("n_experts", I64), ("top_k", I64),
+                ("layers", ctypes.POINTER(QkLayer)), ("final_norm", P),
                 ("head", QkLinear), ("rows", I64), ("max_seq_len", I64), ("positions", P), ("cos", P), ("sin", P),
                 ("caches", ctypes.POINTER(QkCache))]  # fmt: skip
 
@@ -547,9 +556,10 @@ class PlanField(ctypes.Structure):
     _fields_ = [("name", ctypes.c_char_p), ("offset", I64), ("size", I64)]
 
 
-PLAN_TYPES = {"struct qk_linear": QkLinear, "struct qk_gdn": QkGdn, "struct qk_attn": QkAttn, "union qk_mixer": QkMixer,
-              "struct qk_layer": QkLayer, "struct qk_gdn_cache": QkGdnCache, "struct qk_attn_cache": QkAttnCache,
-              "union qk_cache": QkCache, "struct qk_model": QkModel}  # fmt: skip
+PLAN_TYPES = {"struct qk_linear": QkLinear, "struct qk_gdn": QkGdn, "struct qk_attn": QkAttn, "struct qk_mlp": QkMlp,
+              "struct qk_moe": QkMoe, "union qk_mixer": QkMixer, "struct qk_layer": QkLayer,
+              "struct qk_gdn_cache": QkGdnCache, "struct qk_attn_cache": QkAttnCache, "union qk_cache": QkCache,
+              "struct qk_model": QkModel}  # fmt: skip
 
 
 def plan_layout() -> dict[str, tuple[int, int]]:

@@ -35,6 +35,17 @@ struct qk_attn { /* full attention */
     const void *q_norm, *k_norm; /* (head_dim) each, or NULL: no q/k norms (Qwen2) */
 };
 
+struct qk_mlp { /* SwiGLU: down(silu(gate x) * up x) */
+    struct qk_linear gate, up, down;
+};
+
+struct qk_moe { /* Qwen3.5 MoE's MLP: the top qk_model.top_k of qk_model.n_experts experts, and the shared expert */
+    struct qk_linear router;       /* (n_experts, hidden), in the activation dtype */
+    const struct qk_mlp *experts;  /* (n_experts) */
+    struct qk_mlp shared;
+    struct qk_linear shared_gate;  /* (1, hidden), in the activation dtype */
+};
+
 union qk_mixer {
     struct qk_gdn gdn;
     struct qk_attn attn;
@@ -44,8 +55,9 @@ struct qk_layer {
     int32_t kind;                     /* QK_LINEAR_ATTENTION: mixer.gdn, or QK_FULL_ATTENTION: mixer.attn */
     const void *in_norm, *post_norm; /* (hidden) */
     union qk_mixer mixer;
-    struct qk_linear out; /* out_proj or o_proj */
-    struct qk_linear gate, up, down;
+    struct qk_linear out;     /* out_proj or o_proj */
+    struct qk_mlp mlp;        /* a dense layer's */
+    const struct qk_moe *moe; /* a MoE layer's, or NULL */
 };
 
 /* One layer's cache, filled per step. */
@@ -71,6 +83,7 @@ struct qk_model {
     int64_t hidden, intermediate, n_layers, vocab;
     int64_t k_heads, v_heads, k_head_dim, v_head_dim, conv_kernel; /* Gated DeltaNet */
     int64_t heads, kv_heads, head_dim, rotary_dim;                 /* attention */
+    int64_t n_experts, top_k;                                      /* MoE (0: dense) */
     const struct qk_layer *layers;                                 /* (n_layers) */
     const void *final_norm;
     struct qk_linear head;

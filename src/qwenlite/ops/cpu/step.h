@@ -22,10 +22,14 @@ static const struct qk_plan_field plan_layout[] = {
     PLAN_FIELD(struct qk_gdn, dt_bias), PLAN_FIELD(struct qk_gdn, norm_w),
     PLAN_TYPE(struct qk_attn), PLAN_FIELD(struct qk_attn, q), PLAN_FIELD(struct qk_attn, k),
     PLAN_FIELD(struct qk_attn, v), PLAN_FIELD(struct qk_attn, q_norm), PLAN_FIELD(struct qk_attn, k_norm),
+    PLAN_TYPE(struct qk_mlp), PLAN_FIELD(struct qk_mlp, gate), PLAN_FIELD(struct qk_mlp, up),
+    PLAN_FIELD(struct qk_mlp, down),
+    PLAN_TYPE(struct qk_moe), PLAN_FIELD(struct qk_moe, router), PLAN_FIELD(struct qk_moe, experts),
+    PLAN_FIELD(struct qk_moe, shared), PLAN_FIELD(struct qk_moe, shared_gate),
     PLAN_TYPE(union qk_mixer), PLAN_FIELD(union qk_mixer, gdn), PLAN_FIELD(union qk_mixer, attn),
     PLAN_TYPE(struct qk_layer), PLAN_FIELD(struct qk_layer, kind), PLAN_FIELD(struct qk_layer, in_norm),
     PLAN_FIELD(struct qk_layer, post_norm), PLAN_FIELD(struct qk_layer, mixer), PLAN_FIELD(struct qk_layer, out),
-    PLAN_FIELD(struct qk_layer, gate), PLAN_FIELD(struct qk_layer, up), PLAN_FIELD(struct qk_layer, down),
+    PLAN_FIELD(struct qk_layer, mlp), PLAN_FIELD(struct qk_layer, moe),
     PLAN_TYPE(struct qk_gdn_cache), PLAN_FIELD(struct qk_gdn_cache, conv), PLAN_FIELD(struct qk_gdn_cache, state),
     PLAN_TYPE(struct qk_attn_cache), PLAN_FIELD(struct qk_attn_cache, k), PLAN_FIELD(struct qk_attn_cache, v),
     PLAN_TYPE(union qk_cache), PLAN_FIELD(union qk_cache, gdn), PLAN_FIELD(union qk_cache, attn),
@@ -35,6 +39,7 @@ static const struct qk_plan_field plan_layout[] = {
     PLAN_FIELD(struct qk_model, k_heads), PLAN_FIELD(struct qk_model, v_heads), PLAN_FIELD(struct qk_model, k_head_dim),
     PLAN_FIELD(struct qk_model, v_head_dim), PLAN_FIELD(struct qk_model, conv_kernel), PLAN_FIELD(struct qk_model, heads),
     PLAN_FIELD(struct qk_model, kv_heads), PLAN_FIELD(struct qk_model, head_dim), PLAN_FIELD(struct qk_model, rotary_dim),
+    PLAN_FIELD(struct qk_model, n_experts), PLAN_FIELD(struct qk_model, top_k),
     PLAN_FIELD(struct qk_model, layers), PLAN_FIELD(struct qk_model, final_norm), PLAN_FIELD(struct qk_model, head),
     PLAN_FIELD(struct qk_model, rows), PLAN_FIELD(struct qk_model, max_seq_len), PLAN_FIELD(struct qk_model, positions),
     PLAN_FIELD(struct qk_model, cos), PLAN_FIELD(struct qk_model, sin), PLAN_FIELD(struct qk_model, caches),
@@ -64,11 +69,83 @@ static void add_into(void *x, const void *h, int64_t n, int bf) {
         bf ? V_ST(x, i, V_ADD(V_LD(x, i, 1), V_LD(h, i, 1)), 1) : V_ST(x, i, V_ADD(V_LD(x, i, 0), V_LD(h, i, 0)), 0);
 }
 
-/* g = round(round(silu(g)) * u) */
+/* the value v rounded to the activation dtype, as fp32 */
+static inline float act_round(float v, int bf) { return bf ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+/* g = round(round(silu(g)) * u) (the tail of a width no multiple of VL, an expert's, in scalars) */
 static void silu_mul(void *g, const void *u, int64_t n, int bf) {
-    for (int64_t i = 0; i < n; i += VL) {
+    int64_t i = 0;
+    for (; i + VL <= n; i += VL) {
         if (bf) V_ST(g, i, V_MUL(V_ROUND(V_SILU(V_LD(g, i, 1)), 1), V_LD(u, i, 1)), 1);
         else V_ST(g, i, V_MUL(V_SILU(V_LD(g, i, 0)), V_LD(u, i, 0)), 0);
+    }
+    for (; i < n; i++) {
+        const float v = ld1(g, i, bf);
+        store_out(g, bf, i, act_round(v / (1.0f + expf(-v)), bf) * ld1(u, i, bf));
+    }
+}
+
+/* y (M, hidden) = mlp(x); g, u: (M, width) scratch (u may be y) */
+static void mlp(const struct qk_mlp *p, const void *x, void *y, int64_t M, void *g, void *u, int bf, int nthreads) {
+    linear(&p->gate, x, g, M, bf, nthreads);
+    linear(&p->up, x, u, M, bf, nthreads);
+    silu_mul(g, u, M * p->gate.n, bf);
+    linear(&p->down, g, y, M, bf, nthreads);
+}
+
+/* y (B, Hd) = SparseMoeBlock(x) as the module computes it: router logits, softmax in fp32, the top k (ties to the
+ * lower expert), renormalised and rounded to the activation dtype; each chosen expert's output times its weight,
+ * rounded, a row's k added in expert order; plus round(sigmoid(shared_gate x)) * shared(x). Each expert runs once
+ * over the rows that chose it. Scratch: t (B, max(n_experts, Hd)) the logits then the experts' sum, xs (B, Hd),
+ * g (B, width), s (B). */
+static void moe(const struct qk_model *m, const struct qk_moe *e, const void *x, void *y, int64_t B, char *t, char *xs,
+                char *g, char *s, int bf, int nthreads) {
+    const int64_t E = m->n_experts, k = m->top_k, Hd = m->hidden, esz = bf ? 2 : 4;
+    int64_t chosen[B * k], rows[B];
+    float weight[B * k], w[B];
+    int first[B];
+    linear(&e->router, x, t, B, bf, nthreads);
+    for (int64_t b = 0; b < B; b++) {
+        float p[E], mx = -INFINITY, sum = 0.0f, kept = 0.0f;
+        for (int64_t i = 0; i < E; i++) {
+            p[i] = ld1(t, b * E + i, bf);
+            mx = p[i] > mx ? p[i] : mx;
+        }
+        for (int64_t i = 0; i < E; i++) sum += p[i] = expf(p[i] - mx);
+        for (int64_t j = 0; j < k; j++) { /* the largest left, the lower expert on ties; then out of the running */
+            int64_t best = 0;
+            for (int64_t i = 1; i < E; i++) best = p[i] > p[best] ? i : best;
+            chosen[b * k + j] = best, weight[b * k + j] = p[best] / sum, kept += p[best] / sum;
+            p[best] = -1.0f;
+        }
+        for (int64_t j = 0; j < k; j++) weight[b * k + j] = act_round(weight[b * k + j] / kept, bf);
+        first[b] = 1;
+    }
+    for (int64_t ex = 0; ex < E; ex++) { /* y: the experts' scratch until the shared expert writes it */
+        int64_t M = 0;
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t j = 0; j < k; j++)
+                if (chosen[b * k + j] == ex) {
+                    memcpy(xs + M * Hd * esz, (const char *)x + b * Hd * esz, (size_t)(Hd * esz));
+                    rows[M] = b, w[M++] = weight[b * k + j];
+                }
+        if (!M) continue;
+        mlp(e->experts + ex, xs, xs, M, g, y, bf, nthreads);
+        for (int64_t r = 0; r < M; r++) {
+            const int64_t b = rows[r];
+            for (int64_t i = 0; i < Hd; i++) {
+                const float v = act_round(ld1(xs, r * Hd + i, bf) * w[r], bf);
+                store_out(t, bf, b * Hd + i, first[b] ? v : ld1(t, b * Hd + i, bf) + v);
+            }
+            first[b] = 0;
+        }
+    }
+    mlp(&e->shared, x, y, B, g, y, bf, nthreads);
+    linear(&e->shared_gate, x, s, B, bf, nthreads);
+    for (int64_t b = 0; b < B; b++) {
+        const float gate = act_round(1.0f / (1.0f + expf(-ld1(s, b, bf))), bf);
+        for (int64_t i = 0; i < Hd; i++)
+            store_out(y, bf, b * Hd + i, ld1(t, b * Hd + i, bf) + act_round(gate * ld1(y, b * Hd + i, bf), bf));
     }
 }
 
@@ -79,8 +156,8 @@ int qk_decode_step(const struct qk_model *m, void *x, void *logits, int nthreads
     const int64_t B = m->rows, Hd = m->hidden, Hv = m->v_heads, esz = bf ? 2 : 4;
     const int64_t Cq = 2 * m->k_heads * m->k_head_dim + Hv * m->v_head_dim, vdim = Hv * m->v_head_dim;
     int64_t widest = m->intermediate;
-    const int64_t dims[] = {Cq, vdim, m->heads * m->head_dim * 2, Hd};
-    for (int i = 0; i < 4; i++) widest = dims[i] > widest ? dims[i] : widest;
+    const int64_t dims[] = {Cq, vdim, m->heads * m->head_dim * 2, Hd, m->n_experts};
+    for (int i = 0; i < 5; i++) widest = dims[i] > widest ? dims[i] : widest;
     char *buf = malloc((size_t)(B * esz * (Hd + 4 * widest + 2 * Hv)));
     if (!buf) return 1;
     char *h = buf, *t0 = h + B * Hd * esz, *t1 = t0 + B * widest * esz, *t2 = t1 + B * widest * esz,
@@ -109,10 +186,8 @@ int qk_decode_step(const struct qk_model *m, void *x, void *logits, int nthreads
         linear(&L->out, t2, t0, B, bf, nthreads);
         add_into(x, t0, B * Hd, bf);
         qk_rmsnorm(x, Hd, L->post_norm, wbf, m->eps, h, bf, B, Hd, nthreads);
-        linear(&L->gate, h, t0, B, bf, nthreads);
-        linear(&L->up, h, t1, B, bf, nthreads);
-        silu_mul(t0, t1, B * m->intermediate, bf);
-        linear(&L->down, t0, t1, B, bf, nthreads);
+        if (L->moe) moe(m, L->moe, h, t1, B, t0, t2, t3, ta, bf, nthreads);
+        else mlp(&L->mlp, h, t1, B, t0, t1, bf, nthreads);
         add_into(x, t1, B * Hd, bf);
     }
     qk_rmsnorm(x, Hd, m->final_norm, wbf, m->eps, h, bf, B, Hd, nthreads);
