@@ -93,20 +93,23 @@ class Cache:
             if isinstance(layer, LinearAttentionCache):
                 layer.trail = []
 
-    def rewind(self, run: int, keep: int) -> None:
-        """After a tracked forward of `run` tokens, keep its first `keep` (1..run) as if only they had been run: the
-        recurrent layers take the state kept after token `keep`, attention forgets the rest by length. Ends tracking."""
-        if not 1 <= keep <= run:
-            raise InvalidArgument(f"cannot keep {keep} tokens of a tracked forward of {run}")
+    def rewind(self, run: int, keep: int | Sequence[int]) -> None:
+        """After a tracked forward of `run` tokens, keep its first `keep` (1..run; one int for all rows or one per
+        row) as if only they had been run: the recurrent layers take the state kept after each row's last kept
+        token, attention forgets the rest by length. Ends tracking."""
+        keeps = [keep] * self.batch_size if isinstance(keep, int) else list(keep)
+        if len(keeps) != self.batch_size or not all(1 <= k <= run for k in keeps):
+            raise InvalidArgument(f"cannot keep {keep} tokens of a tracked forward of {run} in {self.batch_size} rows")
         for layer in self.layers:
             if isinstance(layer, LinearAttentionCache):
-                if keep < run:
-                    conv, state = layer.trail[keep - 1]
-                    layer.conv.copy_(conv)
-                    layer.state.copy_(state)
+                for b, k in enumerate(keeps):
+                    if k < run:
+                        conv, state = layer.trail[k - 1]
+                        layer.conv[b].copy_(conv[b])
+                        layer.state[b].copy_(state[b])
                 layer.spare += layer.trail
                 layer.trail = None
-        self.lengths -= run - keep
+        self.lengths -= run - torch.tensor(keeps)
 
     def snapshot(self) -> Cache:
         """An independent copy of the state (KV trimmed to the longest row)."""
