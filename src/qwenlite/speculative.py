@@ -56,6 +56,9 @@ class Draft(Protocol):
         n before the last token). `pick(logits, drafted so far)` chooses a token the way the sampler would."""
 
 
+DraftMaker = Callable[[], Draft]
+
+
 @dataclass
 class Speculation:
     draft: Draft
@@ -143,23 +146,30 @@ def verify_forward(model: Qwen3_5ForCausalLM, ids: Sequence[int], cache: Cache) 
     return hidden, model.lm_head(hidden).float()
 
 
-def make_speculation(
-    model_path: str | Path, model: Qwen3_5ForCausalLM, k: int, draft: str = "mtp"
-) -> Speculation | None:
-    """`--speculate K --draft mtp|ngram` for a loaded model: None for K = 0 (off)."""
+def make_drafts(model_path: str | Path, model: Qwen3_5ForCausalLM, k: int, draft: str = "mtp") -> DraftMaker | None:
+    """`--speculate K --draft mtp|ngram` for a loaded model: a maker of fresh drafts (one per sequence: the server
+    drafts for each row apart), None for K = 0 (off)."""
     if k == 0:
         return None
     if draft not in DRAFTS:
         raise InvalidArgument(f"unknown draft {draft!r}; choose from {', '.join(DRAFTS)}")
-    if draft == "ngram":
-        return Speculation(NgramDraft(), k)
     check_speculate(k)  # before the head is read
+    if draft == "ngram":
+        return NgramDraft
     head = load_mtp(model_path, model)
     if head is None:
         raise CheckpointError(
             f"{model_path} has no multi-token-prediction head (mtp.* tensors) to draft with; use --draft ngram"
         )
-    return Speculation(MTPDraft(model, head), k)
+    return lambda: MTPDraft(model, head)
+
+
+def make_speculation(
+    model_path: str | Path, model: Qwen3_5ForCausalLM, k: int, draft: str = "mtp"
+) -> Speculation | None:
+    """`--speculate K --draft mtp|ngram` for one generation: None for K = 0 (off)."""
+    drafts = make_drafts(model_path, model, k, draft)
+    return None if drafts is None else Speculation(drafts(), k)
 
 
 # --speculate's default, decided by measurement: `qwenlite bench --speculate K` records whether speculating beat plain
