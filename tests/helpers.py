@@ -647,3 +647,29 @@ def kl_and_top1(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
     lp, lq = ref.float().log_softmax(-1), out.float().log_softmax(-1)
     kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
     return kl, (ref.argmax(-1) == out.argmax(-1)).float().mean().item()
+
+
+class PatternDraft:
+    """A speculative draft (speculative.Draft) that proposes plain decoding's own tokens, wrong (the right token + 1)
+    where `wrong(round, j)` says. `refs` maps each prompt (a tuple) to plain decoding's tokens for it, so that one
+    maker serves the rows of a batch (the server's engine). Checks that it is handed the hidden states of exactly
+    the positions the model ran since its last call."""
+
+    def __init__(self, refs: dict[tuple[int, ...], list[int]], wrong=lambda r, j: False):
+        self.refs, self.wrong = refs, wrong
+
+    def begin(self, max_seq_len):
+        self.round, self.ref = 0, None
+
+    def propose(self, tokens, hidden, k, pick):
+        if self.ref is None:  # the first call: the whole prompt ran
+            prompt = next(p for p in self.refs if tuple(tokens[: len(p)]) == p)
+            self.prompt_len, self.ref, self.expect_hidden = len(prompt), self.refs[prompt], len(prompt)
+        assert hidden.shape[0] == self.expect_hidden
+        g = len(tokens) - self.prompt_len  # generated so far, the pending token included
+        right = [self.ref[g + j] if g + j < len(self.ref) else 0 for j in range(k)]
+        V = TINY_TEXT_CONFIG["vocab_size"]
+        drafts = [((t + 1) % V if self.wrong(self.round, j) else t, None) for j, t in enumerate(right)]
+        kept = next((j for j in range(k) if drafts[j][0] != right[j]), k)
+        self.round, self.expect_hidden = self.round + 1, kept + 1
+        return drafts

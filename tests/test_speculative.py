@@ -26,7 +26,7 @@ from qwenlite.sample import (
 )
 from qwenlite.speculative import MTPDraft, NgramDraft, Speculation
 
-from helpers import TINY_TEXT_CONFIG, make_hf_checkpoint, random_ids, tiny_checkpoint
+from helpers import TINY_TEXT_CONFIG, PatternDraft, make_hf_checkpoint, random_ids, tiny_checkpoint
 
 GREEDY = SamplingParams(temperature=0)
 V = TINY_TEXT_CONFIG["vocab_size"]
@@ -54,26 +54,6 @@ def tiny(tmp_path_factory):
     return model, load_mtp(path, model), prompt, list(generate_tokens(model, prompt, GREEDY, N))
 
 
-class PatternDraft:
-    """Proposes plain decoding's own tokens `ref`, wrong (the right token + 1) where `wrong(round, j)` says. Checks
-    that it is handed the hidden states of exactly the positions the model ran since its last call."""
-
-    def __init__(self, ref: list[int], prompt_len: int, wrong=lambda r, j: False):
-        self.ref, self.prompt_len, self.wrong = ref, prompt_len, wrong
-
-    def begin(self, max_seq_len):
-        self.round, self.expect_hidden = 0, self.prompt_len
-
-    def propose(self, tokens, hidden, k, pick):
-        assert hidden.shape[0] == self.expect_hidden
-        g = len(tokens) - self.prompt_len  # generated so far, the pending token included
-        right = [self.ref[g + j] if g + j < len(self.ref) else 0 for j in range(k)]
-        drafts = [((t + 1) % V if self.wrong(self.round, j) else t, None) for j, t in enumerate(right)]
-        kept = next((j for j in range(k) if drafts[j][0] != right[j]), k)
-        self.round, self.expect_hidden = self.round + 1, kept + 1
-        return drafts
-
-
 def speculate(model, prompt, draft, k, params=GREEDY, max_tokens=N, stop_ids=()):
     stats = GenerationStats()
     tokens = list(generate_tokens(model, prompt, params, max_tokens, stop_ids, None, stats, Speculation(draft, k)))
@@ -91,7 +71,7 @@ def test_greedy_is_plain_decoding_with_the_mtp_head(tiny, k):
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_greedy_is_plain_decoding_when_drafts_are_always_right(tiny, k):
     model, _, prompt, ref = tiny
-    tokens, stats = speculate(model, prompt, PatternDraft(ref, len(prompt)), k)
+    tokens, stats = speculate(model, prompt, PatternDraft({tuple(prompt): ref}), k)
     assert tokens == ref
     assert stats.accepted_tokens == stats.draft_tokens  # every draft kept: k + 1 tokens per forward
     assert stats.verify_steps == -(-(N - 1) // (k + 1))
@@ -101,7 +81,7 @@ def test_greedy_is_plain_decoding_when_drafts_are_always_right(tiny, k):
 def test_greedy_is_plain_decoding_with_a_rejection_at_every_position(tiny, k):
     """Round r's first wrong draft is draft r % (k + 1) (k + 1: none wrong): every accepted length occurs."""
     model, _, prompt, ref = tiny
-    tokens, stats = speculate(model, prompt, PatternDraft(ref, len(prompt), lambda r, j: j == r % (k + 1)), k)
+    tokens, stats = speculate(model, prompt, PatternDraft({tuple(prompt): ref}, lambda r, j: j == r % (k + 1)), k)
     assert tokens == ref
     assert 0 < stats.accepted_tokens < stats.draft_tokens
 
@@ -112,7 +92,7 @@ def test_greedy_with_penalties_is_plain_decoding(tiny):
     params = SamplingParams(temperature=0, repetition_penalty=1.5, presence_penalty=1.0, frequency_penalty=0.5)
     ref = list(generate_tokens(model, prompt, params, N))
     assert ref != tiny[3]  # the penalties change the output, so they are in play
-    assert speculate(model, prompt, PatternDraft(ref, len(prompt), lambda r, j: j == r % 3), 3, params)[0] == ref
+    assert speculate(model, prompt, PatternDraft({tuple(prompt): ref}, lambda r, j: j == r % 3), 3, params)[0] == ref
     assert speculate(model, prompt, MTPDraft(model, head), 2, params)[0] == ref
 
 
@@ -126,13 +106,13 @@ def test_greedy_is_plain_decoding_on_a_quantized_model(tmp_path):
     prompt = random_ids(1, 17, seed=11)[0].tolist()
     ref = list(generate_tokens(model, prompt, GREEDY, N))
     assert speculate(model, prompt, MTPDraft(model, head), 3)[0] == ref
-    assert speculate(model, prompt, PatternDraft(ref, len(prompt), lambda r, j: j == r % 4), 3)[0] == ref
+    assert speculate(model, prompt, PatternDraft({tuple(prompt): ref}, lambda r, j: j == r % 4), 3)[0] == ref
 
 
 @pytest.mark.parametrize("max_tokens", [1, 2, 3, 7, 12])
 def test_max_tokens_ends_inside_an_accepted_run(tiny, max_tokens):
     model, _, prompt, ref = tiny
-    tokens, _ = speculate(model, prompt, PatternDraft(ref, len(prompt)), 4, max_tokens=max_tokens)
+    tokens, _ = speculate(model, prompt, PatternDraft({tuple(prompt): ref}), 4, max_tokens=max_tokens)
     assert tokens == ref[:max_tokens]
 
 
@@ -142,7 +122,7 @@ def test_stop_id_ends_inside_an_accepted_run(tiny):
         stop = ref[j]
         want = list(generate_tokens(model, prompt, GREEDY, N, [stop]))
         assert want == ref[: ref.index(stop)]
-        tokens, stats = speculate(model, prompt, PatternDraft(ref, len(prompt)), 4, stop_ids=[stop])
+        tokens, stats = speculate(model, prompt, PatternDraft({tuple(prompt): ref}), 4, stop_ids=[stop])
         assert tokens == want and stats.finish_reason == "stop"
 
 
@@ -160,7 +140,7 @@ def test_stop_string_ends_at_the_same_token(tiny, qwen35_tokenizer):
             GREEDY,
             N,
             [stop],
-            speculation=Speculation(PatternDraft(ref, len(prompt)), 4),
+            speculation=Speculation(PatternDraft({tuple(prompt): ref}), 4),
         )
     )
     assert [(c.text, c.token_ids, c.finish_reason) for c in spec] == [

@@ -5,7 +5,9 @@ engine runs them in one thread.
 Callers submit requests from any thread and get events (tokens, prompt logprobs, a finish) through a callback.
 Between decode steps the engine drops cancelled requests, admits waiting ones and prefills them one piece at a
 time into the row after the decoding rows (at most one chunk's worth of tokens per step, so a long prompt does
-not stall the running streams), then runs one decode step over the decoding rows."""
+not stall the running streams), then runs one decode step over the decoding rows. With speculative decoding a
+step verifies each row's drafts and gives it one or more tokens (serve/runner.py), taken one by one through the
+scheduler, so a stop id, max_tokens or a listener's stop string ends a row where plain decoding would."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from qwenlite.serve.scheduler import (
     Token,
     Usage,
 )
+from qwenlite.speculative import DraftMaker
 
 __all__ = ["Engine", "Event", "Finish", "PromptLogprobs", "QueueFull", "Request", "Token", "Usage", "cache_bytes"]
 
@@ -49,17 +52,25 @@ class Engine:
         cache_mb: float = 1024,
         prefill_chunk: int = PREFILL_CHUNK,
         snapshot_interval: int = SNAPSHOT_INTERVAL,
+        speculate: int = 0,
+        drafts: DraftMaker | None = None,
     ):
-        """`snapshot_interval`: keep the prompt state every this many tokens (0: only where requests ask)."""
+        """`snapshot_interval`: keep the prompt state every this many tokens (0: only where requests ask).
+        `speculate` K > 0: each row drafts up to K tokens a step with its own draft from `drafts`
+        (speculative.make_drafts)."""
         self.model = model
         self.ctx = context_length(model, ctx)
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
         self.prefill_chunk = prefill_chunk
         self.scheduler = Scheduler(max_concurrency, max_queue, self.ctx, model.config.vocab_size)
-        self.runner = Runner(model, max_concurrency, self.ctx, cache_mb, prefill_chunk, snapshot_interval)
+        self.runner = Runner(
+            model, max_concurrency, self.ctx, cache_mb, prefill_chunk, snapshot_interval, speculate, drafts
+        )
         self.cache, self.prompt_cache = self.runner.cache, self.runner.prompt_cache
         self.max_batch = 0  # the largest decode batch so far
         self.decode_steps = 0
+        self.verifications = 0  # speculation: rows whose drafts a step verified, their drafts, the drafts kept
+        self.drafted_tokens = self.accepted_tokens = 0
         self._thread = threading.Thread(target=self._run, name="qwenlite-engine", daemon=True)
         self._thread.start()
 
@@ -202,19 +213,32 @@ class Engine:
     def _decode(self) -> None:
         rows = list(self.scheduler.rows)
         try:
-            logits = self.runner.decode(rows)
+            drafts = [self.runner.propose(seq) for seq in rows]
+            logits = self.runner.decode(rows, drafts)
         except Exception as e:  # nothing tells which request broke the step: all of them fail
             log.exception("decode step failed")
             self._fail_running(f"{type(e).__name__}: {e}")
             return
         self.decode_steps += 1
         self.max_batch = max(self.max_batch, len(rows))
-        for seq, row_logits in zip(rows, logits, strict=True):
+        kept = []  # tokens of each row's forward it keeps: the engine took one token after each
+        for seq, row_logits, row_drafts in zip(rows, logits, drafts, strict=True):
+            taken = 0
             try:
-                self._accept(seq, self.runner.sample(seq, row_logits))
+                for token in self.runner.tokens(seq, row_logits, row_drafts):
+                    taken += 1
+                    self._accept(seq, token)
+                    if seq.finished:
+                        break
             except Exception as e:
                 log.exception("sampling failed")
                 self._finish(seq, "error", f"{type(e).__name__}: {e}")
+            kept.append(max(taken, 1))
+            if row_drafts:
+                self.verifications += 1
+                self.drafted_tokens += len(row_drafts)
+                self.accepted_tokens += max(taken - 1, 0)
+        self.runner.rewind(rows, kept)
         for seq in [s for s in rows if s.finished]:
             if seq.finished in ("stop", "length"):
                 self.runner.keep_state(seq, self.scheduler.rows.index(seq))

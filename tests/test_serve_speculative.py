@@ -1,0 +1,174 @@
+"""Speculative decoding in the server's engine (serve/runner.py, serve/engine.py): concurrent rows draft and are
+verified in one batched forward, and each gets plain decoding's tokens, greedy, whatever its drafts (always right,
+right and wrong in a pattern, prompt lookup, the MTP head); stop ids and max_tokens end a row inside an accepted
+run where plain decoding ends it; sampling keeps to the filtered distribution; constrained rows decode unchanged."""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+import torch
+
+from qwenlite.io.checkpoint import load_checkpoint
+from qwenlite.io.load import load_model, load_mtp
+from qwenlite.sample import SamplingParams
+from qwenlite.serve.engine import Engine, Finish, Request, Token
+from qwenlite.speculative import MTPDraft, NgramDraft
+
+from helpers import PatternDraft, make_hf_checkpoint, random_ids, tiny_checkpoint
+
+GREEDY = SamplingParams(temperature=0)
+CTX = 256
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's matmuls are microseconds: a second thread only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return load_checkpoint(tiny_checkpoint(tmp_path_factory)).model
+
+
+def run_all(engine: Engine, requests: list[Request], events: bool = False) -> list:
+    """Submit all at once (they decode together); -> each request's (token ids, finish reason), or its Tokens."""
+    queues = [queue.SimpleQueue() for _ in requests]
+    for request, q in zip(requests, queues, strict=True):
+        engine.submit(request, q.put)
+    out = []
+    for q in queues:
+        tokens = []
+        while not isinstance(event := q.get(timeout=60), Finish):
+            tokens.append(event)
+        out.append(tokens if events else ([t.id for t in tokens], event.reason))
+    return out
+
+
+def plain(model, requests: list[Request], events: bool = False) -> list:
+    engine = Engine(model, max_concurrency=len(requests), ctx=CTX, cache_mb=0)
+    try:
+        return run_all(engine, requests, events)
+    finally:
+        engine.close()
+
+
+def speculating(model, requests, k, drafts, max_concurrency=None, events=False) -> tuple[list, Engine]:
+    engine = Engine(model, max_concurrency or len(requests), ctx=CTX, cache_mb=0, speculate=k, drafts=drafts)
+    try:
+        return run_all(engine, requests, events), engine
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def batch(tiny):
+    """Four greedy requests of different prompt lengths and max_tokens, one ended by a stop id, and their plain
+    (unspeculated) answers, which differ from each other."""
+    V = tiny.config.vocab_size
+    prompts = [random_ids(1, n, V, seed=n)[0].tolist() for n in (5, 9, 14, 20)]
+    requests = [Request(p, GREEDY, m) for p, m in zip(prompts, (24, 17, 30, 21), strict=True)]
+    free = plain(tiny, [Request(r.prompt_ids, GREEDY, 30) for r in requests])
+    requests[2].stop_ids = frozenset({free[2][0][11]})  # ends the third request inside a run of accepted drafts
+    expected = plain(tiny, requests)
+    assert len({tuple(t) for t, _ in expected}) == 4 and expected[2][1] == "stop"
+    refs = {tuple(r.prompt_ids): tokens for r, (tokens, _) in zip(requests, free, strict=True)}
+    return requests, expected, refs
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_greedy_rows_get_plain_decodings_tokens_when_drafts_are_always_right(tiny, batch, k):
+    requests, expected, refs = batch
+    got, engine = speculating(tiny, requests, k, lambda: PatternDraft(refs))
+    assert got == expected
+    # Every draft kept, but where the stop id was a draft: the row takes it and ends, and it counts as not gained
+    assert engine.drafted_tokens - 1 <= engine.accepted_tokens <= engine.drafted_tokens
+    assert engine.decode_steps < max(len(t) for t, _ in expected) - 1  # several tokens per step
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_greedy_rows_get_plain_decodings_tokens_when_drafts_are_partly_right(tiny, batch, k):
+    """Round r's first wrong draft is draft r % (k + 1) (k + 1: none wrong): rows of one forward keep different
+    numbers of tokens, and every accepted length occurs."""
+    requests, expected, refs = batch
+    got, engine = speculating(tiny, requests, k, lambda: PatternDraft(refs, lambda r, j: j == r % (k + 1)))
+    assert got == expected
+    assert 0 < engine.accepted_tokens < engine.drafted_tokens
+
+
+def test_rows_joining_a_speculating_batch_get_plain_decodings_tokens(tiny, batch):
+    """Two rows for four requests: rows leave and new ones join (a prefill between verification steps)."""
+    requests, expected, refs = batch
+    got, _ = speculating(tiny, requests, 3, lambda: PatternDraft(refs, lambda r, j: j == r % 3), max_concurrency=2)
+    assert got == expected
+
+
+def test_sampling_with_one_candidate_is_greedy_and_a_seed_repeats(tiny, batch):
+    """top_k = 1 makes the rejection rule's target one-hot: the sampled rows' output is greedy decoding's, through
+    the draws; with more candidates the same seed gives the same tokens again, each among the row's top_k."""
+    requests, expected, refs = batch
+    one = [Request(r.prompt_ids, SamplingParams(temperature=0.9, top_k=1, seed=i), r.max_tokens, r.stop_ids)
+           for i, r in enumerate(requests)]  # fmt: skip
+    drafts = lambda: PatternDraft(refs, lambda r, j: j == r % 3)  # noqa: E731
+    assert speculating(tiny, one, 2, drafts)[0] == expected
+    some = [Request(r.prompt_ids, SamplingParams(temperature=0.9, top_k=3, seed=i), 12, logprobs=3)
+            for i, r in enumerate(requests)]  # fmt: skip
+    engine = Engine(tiny, 4, ctx=CTX, cache_mb=0, speculate=2, drafts=drafts)
+    try:
+        first = [list(engine.events(r)) for r in some]
+        again = [list(engine.events(r)) for r in some]
+    finally:
+        engine.close()
+    assert [[e.id for e in g if isinstance(e, Token)] for g in first] == [
+        [e.id for e in g if isinstance(e, Token)] for g in again
+    ]
+    for g in first:
+        for t in (e for e in g if isinstance(e, Token)):
+            assert t.id in [i for i, _ in t.top_logprobs]  # logprobs are before the filters: the top 3 are top_k's
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """The tiny published-layout checkpoint with a random MTP head and a vocabulary of 512: its greedy answers
+    repeat tokens of the prompt, so prompt lookup finds drafts."""
+    path = tmp_path_factory.mktemp("mtp")
+    make_hf_checkpoint(path, layout="conditional_generation", add_mtp=True)
+    model, _ = load_model(path, "float32", with_tokenizer=False)
+    return model, load_mtp(path, model)
+
+
+def test_the_mtp_head_drafts_for_each_row(small):
+    model, head = small
+    requests = [Request(random_ids(1, n, seed=n)[0].tolist(), GREEDY, 20) for n in (6, 11, 17)]
+    got, engine = speculating(model, requests, 3, lambda: MTPDraft(model, head))
+    assert got == plain(model, requests)
+    assert engine.verifications > 0 and engine.drafted_tokens > 0
+
+
+def test_ngram_drafts_give_plain_decodings_tokens(small):
+    model, _ = small
+    requests = [Request(list(range(a, a + 6)) * 4, GREEDY, 20) for a in (5, 40, 300)]  # lookups find something
+    got, engine = speculating(model, requests, 3, NgramDraft)
+    assert got == plain(model, requests)
+    assert engine.drafted_tokens > 0
+
+
+def test_logprobs_and_penalties_are_plain_decodings(small):
+    """A row that asks for logprobs gets each token's, as plain decoding scores it; penalties see the drafts."""
+    model, _ = small
+    params = SamplingParams(temperature=0, presence_penalty=1.5, repetition_penalty=1.3)
+    asks = [Request(random_ids(1, n, seed=n)[0].tolist(), params, 24, logprobs=3) for n in (6, 11)]
+    want = plain(model, asks, events=True)
+    refs = {tuple(r.prompt_ids): [t.id for t in w] for r, w in zip(asks, want, strict=True)}
+    assert [t.id for t in want[0]] != plain(model, [Request(asks[0].prompt_ids, GREEDY, 24)])[0][0]  # in play
+    got, _ = speculating(model, asks, 3, lambda: PatternDraft(refs, lambda r, j: j == 2), events=True)
+    for g, w in zip(got, want, strict=True):
+        assert [t.id for t in g] == [t.id for t in w]
+        assert [t.top_logprobs[0][0] for t in g] == [t.top_logprobs[0][0] for t in w]
+        # fp32: the verification's projections over several positions against the decode step's over one
+        assert [t.logprob for t in g] == pytest.approx([t.logprob for t in w], abs=1e-4)
