@@ -6,15 +6,23 @@ run where plain decoding ends it; sampling keeps to the filtered distribution; c
 from __future__ import annotations
 
 import queue
+import re
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
+from qwenlite.cli import main
+from qwenlite.cli.main import build_parser
 from qwenlite.io.checkpoint import load_checkpoint
 from qwenlite.io.load import load_model, load_mtp
 from qwenlite.sample import SamplingParams
+from qwenlite.serve.app import create_app
 from qwenlite.serve.engine import Engine, Finish, Request, Token
 from qwenlite.speculative import MTPDraft, NgramDraft
+from qwenlite.text.grammar import Grammars, regex
+from qwenlite.text.tokenizer import Tokenizer
 
 from helpers import PatternDraft, make_hf_checkpoint, random_ids, tiny_checkpoint
 
@@ -32,8 +40,13 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return load_checkpoint(tiny_checkpoint(tmp_path_factory)).model
+def tiny_dir(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return load_checkpoint(tiny_dir).model
 
 
 def run_all(engine: Engine, requests: list[Request], events: bool = False) -> list:
@@ -108,6 +121,20 @@ def test_rows_joining_a_speculating_batch_get_plain_decodings_tokens(tiny, batch
     assert got == expected
 
 
+def test_a_constrained_row_decodes_unspeculated_beside_speculating_rows(tiny, tiny_dir, batch):
+    requests, expected, refs = batch
+    grammars = Grammars(Tokenizer.from_dir(tiny_dir), tiny.config.vocab_size)
+
+    def constrained() -> Request:
+        return Request(requests[0].prompt_ids, GREEDY, 12, grammar=grammars.matcher(regex("[a-z ]{4,40}")))
+
+    want = plain(tiny, [constrained()])
+    got, _ = speculating(tiny, [constrained(), *requests[1:]], 3, lambda: PatternDraft(refs))
+    assert got == [*want, *expected[1:]] and want[0][0] != expected[0][0][:12]  # the grammar is in play
+    alone, engine = speculating(tiny, [constrained()], 3, lambda: PatternDraft(refs))
+    assert alone == want and engine.drafted_tokens == 0
+
+
 def test_sampling_with_one_candidate_is_greedy_and_a_seed_repeats(tiny, batch):
     """top_k = 1 makes the rejection rule's target one-hot: the sampled rows' output is greedy decoding's, through
     the draws; with more candidates the same seed gives the same tokens again, each among the row's top_k."""
@@ -172,3 +199,50 @@ def test_logprobs_and_penalties_are_plain_decodings(small):
         assert [t.top_logprobs[0][0] for t in g] == [t.top_logprobs[0][0] for t in w]
         # fp32: the verification's projections over several positions against the decode step's over one
         assert [t.logprob for t in g] == pytest.approx([t.logprob for t in w], abs=1e-4)
+
+
+def complete(engine: Engine, tok: Tokenizer, bodies: list[dict]) -> tuple[list[dict], str]:
+    """POST each body to /v1/completions of an app on `engine` (closed after); -> the responses, /metrics."""
+    try:
+        with TestClient(create_app(engine, tok, "tiny")) as client:
+            out = [client.post("/v1/completions", json={"model": "tiny", **body}).json() for body in bodies]
+            return out, client.get("/metrics").text
+    finally:
+        engine.close()
+
+
+def test_stop_strings_usage_and_metrics_over_http(tiny, tiny_dir, batch):
+    """A stop string inside a run of accepted drafts ends the answer where the unspeculated server ends it, with
+    the same usage; /metrics reports the drafts and the tokens per verification."""
+    requests, _, refs = batch
+    tok = Tokenizer.from_dir(tiny_dir)
+    bodies = [{"prompt": r.prompt_ids, "max_tokens": 24, "temperature": 0} for r in requests[:2]]
+    free, _ = complete(Engine(tiny, 2, ctx=CTX, cache_mb=0), tok, bodies)
+    text = free[0]["choices"][0]["text"]
+    bodies[0]["stop"] = [text[len(text) // 2 : len(text) // 2 + 3]]
+    want, _ = complete(Engine(tiny, 2, ctx=CTX, cache_mb=0), tok, bodies)
+    assert want[0]["choices"][0]["finish_reason"] == "stop" and len(want[0]["choices"][0]["text"]) < len(text) // 2 + 3
+    engine = Engine(tiny, 2, ctx=CTX, cache_mb=0, speculate=3, drafts=lambda: PatternDraft(refs, lambda r, j: j == 2))
+    got, metrics = complete(engine, tok, bodies)
+    for g, w in zip(got, want, strict=True):
+        assert (g["choices"], g["usage"]) == (w["choices"], w["usage"])
+    samples = {s.name: s.value for family in text_string_to_metric_families(metrics) for s in family.samples}
+    assert samples["qwenlite_speculative_drafted_tokens_total"] == engine.drafted_tokens > 0
+    assert samples["qwenlite_speculative_accepted_tokens_total"] == engine.accepted_tokens > 0
+    assert samples["qwenlite_speculative_verifications_total"] == engine.verifications > 0
+    per_verification = (engine.accepted_tokens + engine.verifications) / engine.verifications
+    assert samples["qwenlite_speculative_tokens_per_verification"] == pytest.approx(per_verification)
+    assert 1 < per_verification <= 3  # drafts 0 and 1 of each step kept, draft 2 wrong: 3 tokens at most
+
+
+def test_serve_flags_reach_the_server_and_bad_ones_stop_it_in_one_line(tiny_dir, monkeypatch, capsys):
+    cases = [(["--speculate", "9"], "--speculate takes 1..8"), (["--speculate", "2"], "no multi-token-prediction head")]
+    for flags, message in cases:
+        assert main(["serve", str(tiny_dir), "--port", "1", *flags]) == 1  # stops before it binds
+        err = capsys.readouterr().err
+        assert re.search(message, err) and err.count("\n") == 1, err
+    seen = []
+    monkeypatch.setattr("qwenlite.cli.serve.serve", lambda *args, **kwargs: seen.append(kwargs))
+    args = build_parser().parse_args(["serve", "m", "--speculate", "3", "--draft", "ngram"])
+    assert args.func(args) == 0
+    assert (seen[0]["speculate"], seen[0]["draft"]) == (3, "ngram")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from qwenlite.cli.options import add_device_flag, add_dtype_flag, add_mmproj_flag, add_quant_flag
+from qwenlite.cli.options import add_device_flag, add_dtype_flag, add_mmproj_flag, add_quant_flag, add_speculate_flags
 from qwenlite.errors import QwenliteError
 from qwenlite.io.hub import DEFAULT_MODEL
 from qwenlite.serve.app import DEFAULT_CTX, serve
@@ -34,6 +34,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     add_quant_flag(p)
     add_mmproj_flag(p)
     add_device_flag(p)
+    add_speculate_flags(p)
     p.add_argument(
         "--allow-special-in-content",
         action="store_true",
@@ -68,5 +69,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.model, args.host, args.port, args.api_key, args.max_concurrency, args.max_queue, args.ctx,
           args.cache_mb, args.dtype, args.served_model_name, args.quant,
           allow_special_in_content=args.allow_special_in_content, allow_image_urls=args.allow_image_urls,
-          device=args.device, snapshot_interval=args.snapshot_every, lora=args.lora, mmproj=args.mmproj)  # fmt: skip
+          device=args.device, snapshot_interval=args.snapshot_every, lora=args.lora, mmproj=args.mmproj,
+          speculate=args.speculate or 0, draft=args.draft)  # fmt: skip
     return 0

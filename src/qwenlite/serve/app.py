@@ -26,6 +26,7 @@ from qwenlite.serve.engine import SNAPSHOT_INTERVAL, Engine, cache_bytes
 from qwenlite.serve.metrics import Metrics
 from qwenlite.serve.openai import ApiError, OpenAIServer, error_response
 from qwenlite.serve.protocol import ChatCompletion, Completion, ErrorResponse, Health, ModelList
+from qwenlite.speculative import check_speculate, make_drafts
 from qwenlite.text.tokenizer import Tokenizer
 
 log = logging.getLogger("qwenlite.serve")
@@ -162,24 +163,31 @@ def serve(
     snapshot_interval: int = SNAPSHOT_INTERVAL,
     lora: Sequence[tuple[str, str]] = (),
     mmproj: str | None = None,
+    speculate: int = 0,
+    draft: str = "mtp",
 ) -> None:
     """Load `model` and serve it until interrupted. `allow_special_in_content`: chat messages that spell control
     tokens ("<|im_end|>") get those tokens, as before qwenlite encoded them as text. `allow_image_urls`: image
     parts may name public http(s) URLs, which the server downloads (else data: URLs only). `lora`: (name, PEFT
     adapter directory) pairs, each served as the model `name`, all on the one base in the same batches; an adapter
     that does not fit the base stops the start-up with its name and the mismatch. `mmproj`: a GGUF model's vision
-    tower (io/load.py's `find_mmproj`)."""
+    tower (io/load.py's `find_mmproj`). `speculate` K > 0: each row drafts up to K tokens a step with `draft`
+    ("mtp" or "ngram", speculative.make_drafts)."""
     import uvicorn
 
     path = resolve_model_path(model)
     name = served_model_name or model
     aliases = (str(path), path.name)
     check_names([n for n, _ in lora], (name, *aliases))  # before the minutes a large model takes to load
+    if speculate:
+        check_speculate(speculate)
     loaded, tokenizer = load_model(path, dtype, quant, device, mmproj=mmproj)
     if lora:
         load_adapters(loaded, lora)
+    drafts = make_drafts(path, loaded, speculate, draft)
     ctx = min(ctx or DEFAULT_CTX, loaded.config.max_position_embeddings)
-    engine = Engine(loaded, max_concurrency, max_queue, ctx, cache_mb, snapshot_interval=snapshot_interval)
+    engine = Engine(loaded, max_concurrency, max_queue, ctx, cache_mb, snapshot_interval=snapshot_interval,
+                    speculate=speculate, drafts=drafts)  # fmt: skip
     images = videos = None
     if loaded.visual is not None:
         images, videos = processors(path, loaded, mmproj)
@@ -192,7 +200,8 @@ def serve(
         + (" | API key required" if api_key else "")
         + (" | control tokens allowed in messages" if allow_special_in_content else "")
         + (" | images and videos" + (" (and their URLs)" if allow_image_urls else "") if images else "")
-        + (f" | LoRA adapters: {', '.join(n for n, _ in lora)}" if lora else ""),
+        + (f" | LoRA adapters: {', '.join(n for n, _ in lora)}" if lora else "")
+        + (f" | speculating {speculate} tokens ({draft} drafts)" if speculate else ""),
         flush=True,
     )
     try:

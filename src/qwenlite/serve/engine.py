@@ -60,7 +60,7 @@ class Engine:
         (speculative.make_drafts)."""
         self.model = model
         self.ctx = context_length(model, ctx)
-        self.max_concurrency, self.max_queue = max_concurrency, max_queue
+        self.max_concurrency, self.max_queue, self.speculate = max_concurrency, max_queue, speculate
         self.prefill_chunk = prefill_chunk
         self.scheduler = Scheduler(max_concurrency, max_queue, self.ctx, model.config.vocab_size)
         self.runner = Runner(

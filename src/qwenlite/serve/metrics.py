@@ -3,7 +3,8 @@ one process count apart.
 
 Measured on the serving side: `OpenAIServer` opens a `Trace` when a request to /v1/chat/completions or
 /v1/completions arrives, marks each token it consumes and closes it once with the HTTP status (499 for a client
-that went away). The engine's queue depth, active rows and decode steps are read at scrape time."""
+that went away). The engine's queue depth, active rows and decode steps, and with speculative decoding its drafts
+and how many were kept, are read at scrape time."""
 
 from __future__ import annotations
 
@@ -30,6 +31,18 @@ class EngineCollector:
         yield GaugeMetricFamily("qwenlite_requests_waiting", "Requests queued for a cache row", self.engine.waiting)
         yield GaugeMetricFamily("qwenlite_requests_active", "Requests holding a cache row", self.engine.active)
         yield CounterMetricFamily("qwenlite_decode_steps", "Batched decode steps run", self.engine.decode_steps)
+        e = self.engine
+        if e.speculate:  # a verification: one row's drafts checked by a decode step
+            yield CounterMetricFamily("qwenlite_speculative_verifications", "Rows whose drafts a step verified",
+                                      e.verifications)  # fmt: skip
+            yield CounterMetricFamily("qwenlite_speculative_drafted_tokens", "Tokens drafted", e.drafted_tokens)
+            yield CounterMetricFamily("qwenlite_speculative_accepted_tokens",
+                                      "Drafts kept: tokens a verified row took beyond the model's own next one",
+                                      e.accepted_tokens)  # fmt: skip
+            per = (e.accepted_tokens + e.verifications) / e.verifications if e.verifications else 0.0
+            yield GaugeMetricFamily("qwenlite_speculative_tokens_per_verification",
+                                    "Tokens a verified row takes from one forward, its kept drafts and the model's own",
+                                    per)  # fmt: skip
 
 
 class Metrics:
