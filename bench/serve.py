@@ -5,10 +5,15 @@
 - time to first token of a second chat turn after a long first turn, with prompt-state reuse (the snapshot
   where turn 1's answer starts is restored) and without (the same-length prompt, cold).
 
+`--speculate K --draft mtp|ngram` serves with speculative decoding and prints /metrics' tokens per verification;
+`--repeat N` sends each decode stream its prompt N times over (prompt lookup finds matches), `--decode-only` skips
+the second-turn measurement.
+
 Run by hand, e.g. on a random-weight checkpoint (speed does not depend on weight values):
 
     qwenlite init-random qwen3.5-0.8b /tmp/q08
     python bench/serve.py /tmp/q08 --threads 2
+    python bench/serve.py /tmp/q08 --threads 2 --repeat 4 --decode-only --speculate 3 --draft ngram
 """
 
 from __future__ import annotations
@@ -28,15 +33,19 @@ SERVER = """
 import sys, torch
 torch.set_num_threads({threads})
 from qwenlite.serve.app import serve
-serve({path!r}, port={port}, max_concurrency={slots}, ctx={ctx}, dtype={dtype!r}, served_model_name="bench")
+serve({path!r}, port={port}, max_concurrency={slots}, ctx={ctx}, dtype={dtype!r}, served_model_name="bench",
+      speculate={speculate}, draft={draft!r})
 """
 
 
-def start_server(path: str, threads: int, slots: int, ctx: int, dtype: str | None) -> tuple[subprocess.Popen, str]:
+def start_server(
+    path: str, threads: int, slots: int, ctx: int, dtype: str | None, speculate: int = 0, draft: str = "mtp"
+) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = SERVER.format(threads=threads, path=path, port=port, slots=slots, ctx=ctx, dtype=dtype)
+    code = SERVER.format(threads=threads, path=path, port=port, slots=slots, ctx=ctx, dtype=dtype,
+                         speculate=speculate, draft=draft)  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
@@ -62,13 +71,13 @@ def stream_times(url: str, path: str, body: dict) -> list[float]:
     return times
 
 
-def decode_throughput(url: str, streams: int, tokens: int) -> tuple[float, float]:
+def decode_throughput(url: str, streams: int, tokens: int, repeat: int = 1) -> tuple[float, float]:
     """-> (aggregate tokens/s while all streams decode, mean per-stream tokens/s). /v1/completions streams one
-    chunk per token."""
+    chunk per token (several chunks at once where a speculative step keeps drafts)."""
     results: list[list[float]] = [[] for _ in range(streams)]
 
     def run(i: int) -> None:
-        body = {"model": "bench", "prompt": f"Stream {i}: once upon a time", "max_tokens": tokens,
+        body = {"model": "bench", "prompt": f"Stream {i}: once upon a time" * repeat, "max_tokens": tokens,
                 "temperature": 0, "stream": True}  # fmt: skip
         results[i] = stream_times(url, "/v1/completions", body)
 
@@ -125,16 +134,26 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=48, help="tokens per stream")
     p.add_argument("--first-turn", type=int, default=2000, help="words in turn 1 (about one token each)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--speculate", type=int, default=0, metavar="K", help="serve with speculative decoding")
+    p.add_argument("--draft", default="mtp", choices=["mtp", "ngram"])
+    p.add_argument("--repeat", type=int, default=1, metavar="N", help="each decode prompt N times over")
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8], help="concurrent decode streams to measure")
+    p.add_argument("--decode-only", action="store_true", help="skip the second-turn time to first token")
     a = p.parse_args()
 
-    proc, url = start_server(a.model, a.threads, slots=8, ctx=8192, dtype=a.dtype)
+    proc, url = start_server(a.model, a.threads, 8, 8192, a.dtype, a.speculate, a.draft)
     try:
         decode_throughput(url, 1, 8)  # warm-up
-        print(f"{a.model}: {a.threads} threads, {a.decode} tokens per stream")
-        for n in (1, 4, 8):
-            aggregate, per_stream = decode_throughput(url, n, a.decode)
+        print(f"{a.model}: {a.threads} threads, {a.decode} tokens per stream, prompt x{a.repeat}"
+              + (f", speculating {a.speculate} ({a.draft})" if a.speculate else ""))  # fmt: skip
+        for n in a.streams:
+            aggregate, per_stream = decode_throughput(url, n, a.decode, a.repeat)
             print(f"  {n} stream(s): aggregate decode {aggregate:6.1f} tok/s, per stream {per_stream:5.1f} tok/s")
-        for warm in (True, False):
+        if a.speculate:
+            metrics = httpx.get(url + "/metrics").text
+            per = next(line for line in metrics.splitlines() if line.startswith("qwenlite_speculative_tokens_per_"))
+            print(f"  tokens per verification (all streams, warm-up included): {float(per.split()[-1]):.2f}")
+        for warm in () if a.decode_only else (True, False):
             runs = [second_turn_ttft(url, a.first_turn, seed, warm) for seed in range(a.repeats)]
             ttft = statistics.median(r[0] for r in runs)
             cached, prompt = runs[-1][1], runs[-1][2]

@@ -14,7 +14,8 @@ the alternative, a snapshot and a recompute of the kept tokens, would read the w
 
 Drafts: the checkpoint's MTP head (`MTPDraft`, model/mtp.py) and prompt lookup (`NgramDraft`). The core works on
 token ids; the loop that drafts, verifies and rolls back is generate.py's `speculative_tokens`, which
-`generate_tokens` runs when given a `Speculation`.
+`generate_tokens` runs when given a `Speculation`; the server's runner (serve/runner.py) does the same for each of
+its rows in one batched forward, each row with a draft of its own (`make_drafts`).
 """
 
 from __future__ import annotations
