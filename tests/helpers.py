@@ -673,3 +673,15 @@ class PatternDraft:
         kept = next((j for j in range(k) if drafts[j][0] != right[j]), k)
         self.round, self.expect_hidden = self.round + 1, kept + 1
         return drafts
+
+
+def chi_square_p(counts: torch.Tensor, probs: torch.Tensor, pool_below: float = 5.0) -> float:
+    """p-value of the chi-square test of `counts` against `probs`; cells expecting fewer than `pool_below` pooled."""
+    expected = probs.double() * counts.sum()
+    small = expected < pool_below
+    obs = torch.cat([counts[~small].double(), counts[small].double().sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
+    df = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat / 2))

@@ -24,7 +24,7 @@ from qwenlite.speculative import MTPDraft, NgramDraft
 from qwenlite.text.grammar import Grammars, regex
 from qwenlite.text.tokenizer import Tokenizer
 
-from helpers import PatternDraft, make_hf_checkpoint, random_ids, tiny_checkpoint
+from helpers import PatternDraft, chi_square_p, make_hf_checkpoint, random_ids, tiny_checkpoint
 
 GREEDY = SamplingParams(temperature=0)
 CTX = 256
@@ -246,3 +246,54 @@ def test_serve_flags_reach_the_server_and_bad_ones_stop_it_in_one_line(tiny_dir,
     args = build_parser().parse_args(["serve", "m", "--speculate", "3", "--draft", "ngram"])
     assert args.func(args) == 0
     assert (seen[0]["speculate"], seen[0]["draft"]) == (3, "ngram")
+
+
+class FlatDraft:
+    """Drafts from the model's own next-token logits halved, through the row's `pick`: a distribution q flatter
+    than the model's p that overlaps it, so the rejection rule keeps many drafts and redraws the others from the
+    residual max(0, p - q), which is far from p."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def begin(self, max_seq_len):
+        pass
+
+    def propose(self, tokens, hidden, k, pick):
+        drafts = []
+        for _ in range(k):
+            logits = self.model(torch.tensor([[*tokens, *(t for t, _ in drafts)]]))[0, -1] / 3
+            drafts.append(pick(logits, [t for t, _ in drafts]))
+        return drafts
+
+
+def test_sampled_rows_keep_the_models_distribution(small):
+    """Each token a verification gives (a kept draft, a redraw from the residual, or the model's own) is
+    distributed as the model's tempered distribution p there, which the token's full logprobs give: the randomized
+    probability integral transforms are uniform (a chi-square over 10 bins), and the chosen tokens' p(t) sum to
+    their expectation, sum p^2, within 4 standard deviations (a redraw from p instead of the residual, measured:
+    -5, a flatter output)."""
+    model, _ = small
+    V, T = model.config.vocab_size, 0.3
+    prompt = random_ids(1, 9, seed=3)[0].tolist()
+    requests = [Request(prompt, SamplingParams(temperature=T, seed=i), 8, logprobs=V) for i in range(100)]
+    engine = Engine(model, 8, len(requests), CTX, cache_mb=0, speculate=3, drafts=lambda: FlatDraft(model))
+    try:
+        answers = run_all(engine, requests, events=True)
+    finally:
+        engine.close()
+    assert 0 < engine.accepted_tokens < engine.drafted_tokens  # both paths of the rule taken
+    jitter = torch.Generator().manual_seed(1)
+    pit, mass, mean, var = [], [], [], []  # each chosen token's PIT, p(t), and the expectation and variance of p(t)
+    for tokens in answers:
+        for token in tokens[1:]:  # the first comes from the prefill's plain draw
+            logprobs = torch.tensor([lp for _, lp in sorted(token.top_logprobs)], dtype=torch.float64)
+            p = torch.softmax(logprobs / T, 0)
+            u = float(torch.rand(1, generator=jitter, dtype=torch.float64))
+            pit.append(float(p[: token.id].sum() + u * p[token.id]))
+            mass.append(float(p[token.id]))
+            mean.append(float((p**2).sum()))
+            var.append(float((p**3).sum()) - mean[-1] ** 2)
+    assert len(pit) == 7 * len(requests)
+    assert chi_square_p(torch.histc(torch.tensor(pit), 10, 0, 1), torch.full((10,), 0.1)) > 1e-3
+    assert abs(sum(mass) - sum(mean)) < 4 * sum(var) ** 0.5

@@ -26,7 +26,7 @@ from qwenlite.sample import (
 )
 from qwenlite.speculative import MTPDraft, NgramDraft, Speculation
 
-from helpers import TINY_TEXT_CONFIG, PatternDraft, make_hf_checkpoint, random_ids, tiny_checkpoint
+from helpers import TINY_TEXT_CONFIG, PatternDraft, chi_square_p, make_hf_checkpoint, random_ids, tiny_checkpoint
 
 GREEDY = SamplingParams(temperature=0)
 V = TINY_TEXT_CONFIG["vocab_size"]
@@ -202,18 +202,6 @@ def test_speculate_out_of_range_is_refused():
 
 # ---------------------------------------------------------------------------------------------------
 # Sampling: chi-square goodness of fit, p-value threshold 1e-3 (seeded, so the outcome is fixed).
-
-
-def chi_square_p(counts: torch.Tensor, probs: torch.Tensor, pool_below: float = 5.0) -> float:
-    """p-value of the chi-square test of `counts` against `probs`; cells expecting fewer than `pool_below` pooled."""
-    expected = probs.double() * counts.sum()
-    small = expected < pool_below
-    obs = torch.cat([counts[~small].double(), counts[small].double().sum()[None]])
-    exp = torch.cat([expected[~small], expected[small].sum()[None]])
-    keep = exp > 0
-    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
-    df = int(keep.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat / 2))
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
