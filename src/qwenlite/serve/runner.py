@@ -114,7 +114,9 @@ class Runner:
         self.speculate, self.drafts = speculate, drafts
         # A verification pads the rows to 1 + K positions: a row near the context's end writes past it, then forgets.
         self.cache = make_cache(model.config, rows, ctx + speculate, model.dtype, self.device)
-        self.views: dict[int, Cache] = {}  # rows [0, n): one view per n, so the rewind's state buffers are reused
+        # The decoding rows' view, kept while their number holds, so that its buffers for the states after each verified
+        # token are reused (fresh ones cost page faults): K copies of each recurrent layer's state, ~1 MB a row at 0.8B
+        self.view: Cache | None = None
         self.tracked: tuple[int, list[torch.Tensor]] | None = None  # a verification's width and per-row hidden states
         self.prompt_cache = PromptCache(int(cache_mb * 2**20))
         self.adapters = adapter_selection(model)  # None: the model carries no adapters
@@ -262,9 +264,9 @@ class Runner:
             T = 1 + max(len(d) for d in drafts)
             ids = [[seq.tokens[-1], *(t for t, _ in d)] for seq, d in zip(seqs, drafts, strict=True)]
             ids = torch.tensor([row + row[:1] * (T - len(row)) for row in ids], device=self.device)  # (n, T)
-            view = self.views.get(len(seqs))
-            if view is None:
-                view = self.views[len(seqs)] = self.cache.rows(0, len(seqs))
+            if self.view is None or self.view.batch_size != len(seqs):
+                self.view = self.cache.rows(0, len(seqs))
+            view = self.view
             view.track()
             hidden = self.model.model(ids, view)  # (n, T, H)
             rows = [hidden[b, : 1 + len(d)] for b, d in enumerate(drafts)]  # the padding's never reach the head
@@ -298,7 +300,7 @@ class Runner:
             return
         T, hidden = self.tracked
         self.tracked = None
-        self.views[len(seqs)].rewind(T, kept)
+        self.view.rewind(T, kept)
         for seq, h, k in zip(seqs, hidden, kept, strict=True):
             seq.state.hidden = h[:k]
 
