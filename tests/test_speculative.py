@@ -16,6 +16,7 @@ from qwenlite.errors import InvalidArgument
 from qwenlite.generate import GenerationStats, decode_step, generate_tokens, prefill, stream
 from qwenlite.io.load import load_model, load_mtp
 from qwenlite.model.cache import AttentionCache, make_cache
+from qwenlite.ops.cpu import kernels
 from qwenlite.sample import (
     SamplingParams,
     apply_processors,
@@ -175,6 +176,42 @@ def test_rewind_leaves_the_caches_of_plain_decoding(tiny, run):
                 pairs = [(mine.conv, theirs.conv), (mine.state, theirs.state)]
             for a, b in pairs:
                 assert (a - b).abs().max() < STATE_TOL
+
+
+def test_rows_rewind_each_to_its_own_token_through_the_fused_kernel(tiny, monkeypatch):
+    """Three rows at different lengths, a tracked forward of 3 tokens each, rewound to keep 1, 3 and 2 of them (the
+    server's verification): each row's cache is the one plain decoding of its kept tokens gives, and the recurrence
+    took the fused decode kernel for all rows at every token (a strided slice of several rows would not)."""
+    model, _, prompt, ref = tiny
+    prompts, keeps, run = [prompt[:9], prompt[:13], prompt], [1, 3, 2], 3
+    ids = [ref[i : i + run] for i in range(3)]
+    batch = make_cache(model.config, 3, 64, torch.float32)
+    for row, p in enumerate(prompts):
+        prefill(model, p, batch.rows(row, row + 1))
+    rows = []
+    gdn_decode = kernels.gdn_decode
+    monkeypatch.setattr(kernels, "gdn_decode", lambda *args: rows.append(args[1].shape[0]) or gdn_decode(*args))
+    batch.track()
+    with torch.inference_mode():
+        model.model(torch.tensor(ids), batch)
+    batch.rewind(run, keeps)
+    recurrent = sum(not isinstance(layer, AttentionCache) for layer in batch.layers)
+    assert rows == [3] * (recurrent * run)
+    for row, (p, keep) in enumerate(zip(prompts, keeps, strict=True)):
+        plain = make_cache(model.config, max_seq_len=64, dtype=torch.float32)
+        prefill(model, p, plain)
+        for t in ids[row][:keep]:
+            decode_step(model, t, plain)
+        n = len(p) + keep
+        mine = batch.rows(row, row + 1)
+        assert mine.lengths.tolist() == plain.lengths.tolist() == [n]
+        for a, b in zip(mine.layers, plain.layers, strict=True):
+            if isinstance(a, AttentionCache):
+                pairs = [(a.k[:, :, :n], b.k[:, :, :n]), (a.v[:, :, :n], b.v[:, :, :n])]
+            else:
+                pairs = [(a.conv, b.conv), (a.state, b.state)]
+            for x, y in pairs:
+                assert (x - y).abs().max() < STATE_TOL
 
 
 def test_ngram_proposes_what_followed_the_longest_earlier_match():

@@ -160,7 +160,9 @@ class GatedDeltaNet(nn.Module):
                     cache.spare.pop() if cache.spare else (torch.empty_like(cache.conv), torch.empty_like(cache.state))
                 )
                 cache.trail.append((conv.copy_(cache.conv), state.copy_(cache.state)))
-            out.append(self.mix(qkv[:, t : t + 1], a[:, t : t + 1], b[:, t : t + 1], z[:, t : t + 1], cache))
+            # One token's slice of several rows is strided: contiguous, it takes the fused kernel as one row's does
+            step = [u[:, t : t + 1].contiguous() for u in (qkv, a, b, z)]
+            out.append(self.mix(*step, cache))
         return torch.cat(out, dim=1)
 
     def mix(
