@@ -26,11 +26,11 @@ def add_device_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> Non
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
 
 
-def add_speculate_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    speculate = (
-        "speculative decoding: draft K tokens (1..8) and verify them in one pass; 0 = off (default: what "
-        "`qwenlite bench --speculate K` measured for this model on this machine, off if it never ran)"
-    )
+def add_speculate_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup, measured: bool = True) -> None:
+    """`measured`: without --speculate the command follows what `bench` recorded (else it is off)."""
+    default = ("what `qwenlite bench --speculate K` measured for this model on this machine, off if it never ran"
+               if measured else "off")  # fmt: skip
+    speculate = f"speculative decoding: draft K tokens (1..8) and verify them in one pass; 0 = off (default: {default})"
     p.add_argument("--speculate", type=int, metavar="K", help=speculate)
     draft = "drafts from the checkpoint's MTP head (default) or by prompt lookup"
     p.add_argument("--draft", choices=list(DRAFTS), default="mtp", help=draft)

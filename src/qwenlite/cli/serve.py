@@ -34,7 +34,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     add_quant_flag(p)
     add_mmproj_flag(p)
     add_device_flag(p)
-    add_speculate_flags(p)
+    add_speculate_flags(p, measured=False)  # bench measures one stream; a batch may gain less
     p.add_argument(
         "--allow-special-in-content",
         action="store_true",
