@@ -25,6 +25,7 @@ from qwenlite.text.grammar import Grammars, regex
 from qwenlite.text.tokenizer import Tokenizer
 
 from helpers import PatternDraft, chi_square_p, make_hf_checkpoint, random_ids, tiny_checkpoint, wait_until
+from train_helpers import single_threaded
 
 GREEDY = SamplingParams(temperature=0)
 CTX = 256
@@ -33,10 +34,8 @@ CTX = 256
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """The tiny model's matmuls are microseconds: a second thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_threaded():
+        yield
 
 
 @pytest.fixture(scope="module")

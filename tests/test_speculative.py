@@ -28,6 +28,7 @@ from qwenlite.sample import (
 from qwenlite.speculative import MTPDraft, NgramDraft, Speculation
 
 from helpers import TINY_TEXT_CONFIG, PatternDraft, chi_square_p, make_hf_checkpoint, random_ids, tiny_checkpoint
+from train_helpers import single_threaded
 
 GREEDY = SamplingParams(temperature=0)
 V = TINY_TEXT_CONFIG["vocab_size"]
@@ -39,10 +40,8 @@ STATE_TOL = 1e-5  # fp32: the verification's projections over several rows again
 def one_thread():
     """The tiny model's matmuls are microseconds: a second thread only adds contention (measured 14 ms against
     up to 490 ms per sampled generation on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_threaded():
+        yield
 
 
 @pytest.fixture(scope="module")
