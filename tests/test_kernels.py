@@ -477,16 +477,26 @@ def test_quantized_decode_costs_little_on_real_predictions(trained, bits, group_
 
 
 @needs_kernels
-def test_decode_plan_follows_the_model(tmp_path_factory):
-    """The one-call decode keeps a description of the weights between steps; new storage behind the same
-    Parameters (`p.data = ...`) and modules swapped by quantization after it was built are seen, never read stale:
-    the fast logits keep matching those of a copy running the pure-torch path."""
+def test_decode_plan_follows_the_model(tmp_path_factory, monkeypatch):
+    """The one-call decode keeps a description of the weights (pointers) between steps and re-checks it only when
+    the weights' version (model/versions.py) moved: decode steps alone never re-check it; `.to()`, quantization's
+    module swaps and new storage behind the same Parameters announced with `weights_changed()` are seen, never read
+    stale (without the version each of them would leave the step reading freed memory): the fast logits keep
+    matching those of a copy running the pure-torch path."""
+    from qwenlite.model import runner
     from qwenlite.model.quantized import quantize_model
     from qwenlite.model.qwen3_5 import set_fast
+    from qwenlite.model.versions import weights_changed
+
+    checks = []
+    valid = runner.Plan.valid
+    monkeypatch.setattr(runner.Plan, "valid", lambda plan: checks.append(plan) or valid(plan))
 
     def fast_logits(model, prompt):
+        plan, checks[:] = model.__dict__.get("_decode_plan"), []
         out = logits_over_steps(model, prompt, 6)[1]
         assert model.__dict__["_decode_plan"].layers is not None  # the one-call path ran
+        assert len(checks) == (plan is not None)  # a plan already built is checked once, a new one never
         return out
 
     def reference_logits(model, prompt):
@@ -501,8 +511,11 @@ def test_decode_plan_follows_the_model(tmp_path_factory):
     with torch.no_grad():
         for p in model.parameters():
             p.data = p.data * 1.25  # same Parameter objects, new storage and values
+    weights_changed()
     after = fast_logits(model, prompt)
     assert relative_error(after, reference_logits(model, prompt)) <= 1e-5 and relative_error(after, before) > 1e-2
+    model.to(torch.float64).to(torch.float32)  # every tensor in new storage: the first copies are freed
+    assert relative_error(fast_logits(model, prompt), after) <= 1e-6
     quantize_model(model, 8)
     assert relative_error(fast_logits(model, prompt), reference_logits(model, prompt)) <= 1e-4
 

@@ -18,6 +18,7 @@ kernels' reference, everywhere. The whole-model decode step in one C call is the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,6 +27,7 @@ from torch import nn
 
 from qwenlite.config import ModelConfig
 from qwenlite.errors import ContextLengthExceeded
+from qwenlite.model.versions import weights_changed
 from qwenlite.ops.attention import causal_attention
 from qwenlite.ops.conv import causal_conv1d
 from qwenlite.ops.cpu import kernels
@@ -75,6 +77,7 @@ def set_fast(model: nn.Module, fast: bool) -> None:
     for m in model.modules():
         if hasattr(m, "fast"):
             m.fast = fast
+    weights_changed()
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -466,6 +469,12 @@ class Qwen3_5ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         # The vision tower (model/vision.VisionModel), when the loader keeps one (io/checkpoint.load_vision).
         self.visual: nn.Module | None = None
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Qwen3_5ForCausalLM:
+        """`.to()`, `.half()`, ... move tensors: the weights' version says so (model/versions.py)."""
+        out = super()._apply(fn, recurse)
+        weights_changed()
+        return out
 
     @property
     def dtype(self) -> torch.dtype:

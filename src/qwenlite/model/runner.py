@@ -4,10 +4,13 @@ Python per layer; anything else, or a model the C step does not describe, is the
 computation is Qwen3_5ForCausalLM.forward's, module by module (its twin in the tests).
 
 The C step reads the model from ctypes structs of pointers and sizes (kernels.QkModel holding a kernels.QkLayer per
-layer and a kernels.QkLinear per projection: ops/cpu/plan.h's structs). Describing the weights walks ~200 modules,
-so the description is built once per model and kept with a list of checks (each module still in its parent, each
-tensor still the module's and still at its address, each `fast` flag as it was): anything that swaps a module
-(quantization, LoRA), moves a tensor (.to, `p.data = ...`) or flips `fast` makes the next step rebuild it. A
+layer and a kernels.QkLinear per projection: ops/cpu/plan.h's structs). Describing the weights walks ~200 modules
+(~100,000 for a 35B-A3B's experts), so the description is built once per model and kept with a list of checks (each
+module still in its parent, each tensor still the module's and still at its address, each `fast` flag as it was),
+which run only when the weights' version (model/versions.py) moved since they last passed: anything that swaps a
+module (quantization, LoRA), moves a tensor (`.to`) or flips `fast` through `set_fast` moves it, and the next step
+then rebuilds the plan if a check fails. The plan holds the storages it points at, so that a tensor replaced where
+the version cannot see (`p.data = ...` without `weights_changed()`) is read as it was, never freed under the step. A
 projection without `kernel_plan` (train/lora.py's LoRALinear) leaves the plan empty. Per-row adapters
 (model/adapters.py's AdapterLinear) are described by their base layers, and the step is taken only while every
 row is selected to the base; a row on an adapter always decodes through the forward, never around it. The
@@ -27,6 +30,7 @@ from torch import nn
 from qwenlite.errors import ContextLengthExceeded
 from qwenlite.model.adapters import AdapterLinear, AdapterSelection
 from qwenlite.model.qwen3_5 import Attention, Qwen3_5ForCausalLM, RMSNorm, SparseMoeBlock
+from qwenlite.model.versions import weights_version
 from qwenlite.ops.cpu import kernels
 from qwenlite.ops.rope import rope_cos_sin
 
@@ -47,6 +51,7 @@ class Plan:
     """The weights' description (None where the C step does not apply) and what it depends on."""
 
     def __init__(self, model: Qwen3_5ForCausalLM):
+        self.checked = weights_version()  # the weights' version when the checks last passed
         # What must not change: dicts[i][keys[i]] is objects[i] (a module's children, parameters, buffers, `fast`),
         # and tensors[i] still at ptrs[i] (`p.data = ...` and Module.to keep a Parameter, change its storage).
         self.dicts: list[dict] = []
@@ -64,16 +69,27 @@ class Plan:
         self.sources: list[torch.Tensor] = []
         self.versions: list[int] = []
         self.build(model)
+        self.storages = [t.untyped_storage() for t in self.tensors]  # what the pointers point into, kept alive
 
     def __deepcopy__(self, memo: dict) -> None:
         """A copy of the model holds copies of its tensors: it builds its own plan (ctypes pointers do not copy)."""
         return None
 
+    def current(self) -> bool:
+        """Whether the description still holds, asked before every step: the checks run when the weights' version
+        moved since they last passed; the plain norms' fp32 copies are compared with their sources' in-place change
+        counters every time (a few per layer: an optimizer step changes values without moving the version)."""
+        now = weights_version()
+        if now != self.checked:
+            if not self.valid():
+                return False
+            self.checked = now
+        return list(map(version, self.sources)) == self.versions
+
     def valid(self) -> bool:
-        """Checked before every step, in builtins: each watched object in its place, each tensor at its address."""
+        """The checks, in builtins: each watched object in its place, each tensor at its address."""
         return (all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.objects))
-                and list(map(torch.Tensor.data_ptr, self.tensors)) == self.ptrs
-                and list(map(version, self.sources)) == self.versions)  # fmt: skip
+                and list(map(torch.Tensor.data_ptr, self.tensors)) == self.ptrs)  # fmt: skip
 
     def keep(self, module: nn.Module, *names: str) -> None:
         """Watch `module`'s children / parameters / buffers called `names`, and its `fast` flag (once)."""
@@ -247,7 +263,7 @@ def decode_in_one_call(model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, cache
     """forward(input_ids (B, 1), cache) -> logits (B, 1, V) fp32 through kernels.decode_step, or None where it does
     not apply (no kernels, more than MAX_ROWS rows, a module or dtype it does not know)."""
     plan = model.__dict__.get("_decode_plan")
-    if plan is None or not plan.valid():
+    if plan is None or not plan.current():
         plan = model.__dict__["_decode_plan"] = Plan(model)
     B = input_ids.shape[0]
     if plan.model is None or B > kernels.MAX_ROWS or (plan.adapters is not None and any(plan.adapters.rows)):
