@@ -42,7 +42,25 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-class Linear(nn.Linear):
+class NoInitOnMeta:
+    """A torch layer that draws no initial values on the meta device: loaders build the model there and assign the
+    checkpoint's tensors (the draws cost ~0.3 ms a layer, and a random draw on meta imports torch._dynamo: seconds
+    of every start-up)."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
+class Embedding(NoInitOnMeta, nn.Embedding):
+    pass
+
+
+class Conv1d(NoInitOnMeta, nn.Conv1d):
+    pass
+
+
+class Linear(NoInitOnMeta, nn.Linear):
     """nn.Linear whose inference over a few rows (decode, batched decode) of bf16 runs qwenlite's GEMV, which
     streams the weights at close to the memory bandwidth, and over many rows (prefill) of bf16 an fp32 GEMM on CPUs
     whose bf16 GEMM is slow (kernels.linear_fp32); anything else is F.linear."""
@@ -137,9 +155,10 @@ class GatedDeltaNet(nn.Module):
         self.in_proj_z = Linear(c.hidden_size, self.value_dim, bias=False)
         self.in_proj_b = Linear(c.hidden_size, self.num_v_heads, bias=False)
         self.in_proj_a = Linear(c.hidden_size, self.num_v_heads, bias=False)
-        self.conv1d = nn.Conv1d(conv_dim, conv_dim, c.linear_conv_kernel_dim, groups=conv_dim, bias=False)
+        self.conv1d = Conv1d(conv_dim, conv_dim, c.linear_conv_kernel_dim, groups=conv_dim, bias=False)
         self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
-        self.A_log = nn.Parameter(torch.empty(self.num_v_heads).uniform_(0.01, 16).log())
+        A = torch.empty(self.num_v_heads)
+        self.A_log = nn.Parameter(A if A.is_meta else A.uniform_(0.01, 16).log())  # nothing to draw on meta
         self.norm = RMSNormGated(self.head_v_dim, c.rms_norm_eps)
         self.out_proj = Linear(self.value_dim, c.hidden_size, bias=False)
         self.fast = True
@@ -382,16 +401,18 @@ class DecoderLayer(nn.Module):
 class TextModel(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(c, t) for t in c.layer_types)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.zero_centred_norms)
         self.config = c
         self.init_rope()
 
     def init_rope(self, device: torch.device | str | None = None) -> None:
-        """(Re)compute the rotary frequencies: a model built on the meta device has none until this runs."""
-        inv_freq = rope_inv_freq(self.config.rotary_dim, self.config.rope_theta)
-        self.register_buffer("inv_freq", inv_freq.to(device) if device else inv_freq, persistent=False)
+        """(Re)compute the rotary frequencies (on the CPU, then moved: arange on the meta device imports torch._dynamo):
+        a model built on the meta device has none until this runs with a device."""
+        with torch.device("cpu"):
+            inv_freq = rope_inv_freq(self.config.rotary_dim, self.config.rope_theta)
+        self.register_buffer("inv_freq", inv_freq.to(device or self.norm.weight.device), persistent=False)
 
     def rotary(
         self,

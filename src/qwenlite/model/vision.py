@@ -32,7 +32,7 @@ from torch import nn
 
 from qwenlite.config import VisionConfig
 from qwenlite.errors import QwenliteError
-from qwenlite.model.qwen3_5 import Linear, Qwen3_5ForCausalLM
+from qwenlite.model.qwen3_5 import Embedding, Linear, Qwen3_5ForCausalLM
 from qwenlite.ops.rope import apply_rope, rope_inv_freq
 
 
@@ -156,7 +156,7 @@ class VisionModel(nn.Module):
         super().__init__()
         self.config = c
         self.patch_embed = PatchEmbed(c)
-        self.pos_embed = nn.Embedding(c.num_position_embeddings, c.hidden_size)
+        self.pos_embed = Embedding(c.num_position_embeddings, c.hidden_size)
         self.blocks = nn.ModuleList(VisionBlock(c) for _ in range(c.depth))
         self.merger = PatchMerger(c)
         self.init_rope()
