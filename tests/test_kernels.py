@@ -660,6 +660,17 @@ def test_the_fastest_instruction_set_the_cpu_runs_is_chosen(fake_cpu, monkeypatc
     assert kernels.runnable_isas() == ["avx2", "torch"]  # and neon only on ARM
 
 
+def test_neon_is_built_for_dotprod_only_where_the_cpu_has_it(fake_cpu):
+    """asimddp (ARMv8.2's sdot) raises the neon build's target; without it neon is still chosen (or can be forced),
+    built for ARMv8.0. The flags are part of the library's cache key, so the two builds never share a file."""
+    fake_cpu(*ARM_FEATURES, machine="aarch64")
+    assert kernels.runnable_isas()[0] == "neon" and kernels.target_flags("neon") == ["-march=armv8.2-a+dotprod"]
+    fake_cpu(*(f for f in ARM_FEATURES if f != "asimddp"), machine="aarch64")
+    assert kernels.runnable_isas()[0] == "neon" and not kernels.missing_features("neon")
+    assert kernels.target_flags("neon") == kernels.ISAS["neon"][2] == ["-march=armv8-a+simd"]
+    assert kernels.target_flags("avx2", frozenset({"asimddp", *AVX2_FLAGS})) == ["-march=x86-64-v3"]
+
+
 ARM_CPUINFO = """processor\t: 0
 BogoMIPS\t: 108.00
 Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp

@@ -14,11 +14,13 @@ lacks (so every path can be tested and benchmarked on one machine that has them)
 `QWENLITE_ISA=torch`.
 
 The chosen file is compiled on first use with the machine's C compiler (`$CC`, default `cc`; `-march=native` for
-avx512, `-march=x86-64-v3` for avx2, so the AVX2 build is what an AVX2 laptop runs, `-march=armv8-a+simd` for neon,
-what tests/test_kernels_neon.py cross-compiles and runs under qemu), cached under `$QWENLITE_CACHE`
-(default ~/.cache/qwenlite)/kernels by a hash of the sources, the flags, the compiler and the CPU, and loaded with
-ctypes (the calls release the GIL). Without a compiler the automatic choice warns once and falls back to torch; a
-forced one fails.
+avx512, `-march=x86-64-v3` for avx2, so the AVX2 build is what an AVX2 laptop runs; for neon `-march=armv8.2-a+dotprod`
+where the "Features" line also lists `asimddp` (ARMv8.2's dot product, sdot: neon.c's int4 GEMV uses it), else
+`-march=armv8-a+simd`, what any AArch64 CPU runs: `target_flags` decides, and tests/test_kernels_neon.py
+cross-compiles both and runs them under qemu), cached under `$QWENLITE_CACHE` (default ~/.cache/qwenlite)/kernels by
+a hash of the sources, the flags, the compiler and the CPU, and loaded with ctypes (the calls release the GIL). Both
+neon builds are "neon" and give the same numbers. Without a compiler the automatic choice warns once and falls back to
+torch; a forced one fails.
 
 Threads: OpenMP, sharing torch's libgomp (loaded by `import torch` before this library), with torch's thread
 count passed on every call.
@@ -70,6 +72,8 @@ ISAS = {
     "avx2": ("x86-64", ("avx2", "fma", "f16c", "bmi1", "bmi2", "movbe"), ["-march=x86-64-v3"]),
     "neon": ("AArch64", ("asimd",), ["-march=armv8-a+simd"]),
 }
+# Optional features that raise an instruction set's target where the CPU has them (all of them): the flags then.
+UPGRADES = {"neon": (("asimddp",), ["-march=armv8.2-a+dotprod"])}
 SOURCES = ("common.h", "plan.h", "step.h")  # besides the instruction set's own file
 MAX_ROWS = 8  # rows for the bf16 GEMV and the one-call decode step (decode, batched decode); more: torch's GEMM
 # Quantized weights: up to these many rows a GEMV (a pass over W per 4 rows; a layer's W stays in L3 between
@@ -115,6 +119,14 @@ def missing_features(isa: str) -> list[str]:
     return [f for f in flags if f not in _cpuinfo()[1]]
 
 
+def target_flags(isa: str, features: frozenset[str] | None = None) -> list[str]:
+    """The compiler's target flags for `isa` on a CPU with `features` (this one's by default): ISAS', raised by
+    UPGRADES where the CPU has the features they name."""
+    features = _cpuinfo()[1] if features is None else features
+    needs, flags = UPGRADES.get(isa, ((), ISAS[isa][2]))
+    return flags if needs and set(needs) <= features else ISAS[isa][2]
+
+
 def runnable_isas() -> list[str]:
     """The instruction sets this CPU can run, fastest first; always ends with "torch"."""
     return [isa for isa in ISAS if not missing_features(isa)] + ["torch"]
@@ -143,7 +155,7 @@ def _build(isa: str, cache_dir: Path) -> Path:
     cc = os.environ.get("CC", "cc")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     files = {name: resources.files("qwenlite.ops.cpu").joinpath(name).read_bytes() for name in (f"{isa}.c", *SOURCES)}
-    flags = [*CFLAGS, *ISAS[isa][2]]
+    flags = [*CFLAGS, *target_flags(isa)]
     cpu, features = _cpuinfo()
     key = hashlib.sha256(b"\0".join([*files.values(), version.encode(), cpu.encode(),
                                       " ".join(sorted(features)).encode(), " ".join(flags).encode()]))  # fmt: skip
