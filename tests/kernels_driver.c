@@ -45,7 +45,8 @@ float qk_read(const float *p, int64_t n, int nthreads);
 /* ------------------------------------------------------------------------------------------------------------ */
 /* inputs and outputs */
 
-static uint64_t lcg = 0x853c49e6748fea9bull;
+#define SEED 0x853c49e6748fea9bull
+static uint64_t lcg = SEED;
 
 /* uniform in [-1, 1), a multiple of 2^-23: exact in fp32 */
 static float uniform(void) {
@@ -118,6 +119,21 @@ static void gemv_float_cases(void) {
     }
 }
 
+/* bf16 activations of 5 rows with an inf in row 1 and a NaN in row 3: those rows' outputs must be NaN, the others'
+ * untouched. NaNs are made one bit pattern (a NaN's sign and payload are not part of the contract). */
+static void *bad_rows(int64_t K) {
+    uint16_t *x = values(5 * K, 1, 1.0f, 0.0f);
+    x[1 * K + K / 2] = 0x7f80;     /* +inf */
+    x[3 * K + K / 3 + 1] = 0x7fc1; /* a NaN */
+    return x;
+}
+
+static void emit_bad(const char *name, uint16_t *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if ((y[i] & 0x7fff) > 0x7f80) y[i] = 0x7fc0;
+    emit(name, y, n, 1, 1);
+}
+
 static void int8_cases(void) {
     static const int64_t shapes[][2] = {{1024, 384}, {96, 100}, {16, 5}, {160, 48}};
     for (size_t c = 0; c < sizeof shapes / sizeof *shapes; c++) {
@@ -137,7 +153,7 @@ static void int8_cases(void) {
                     char name[48];
                     snprintf(name, sizeof name, "int8_%s K%lld N%lld G%lld M%lld", dt(bf), (long long)K, (long long)N,
                              (long long)G, (long long)M);
-                    emit(name, y, M * N, bf, 0);
+                    emit(name, y, M * N, bf, bf); /* bf16: integers, then the same fp32 steps */
                     free(x);
                     free(y);
                 }
@@ -153,6 +169,12 @@ static void int8_cases(void) {
                 }
                 free(s);
             }
+        }
+        if (K == 96) { /* inf and NaN, one scale per row */
+            void *s = values(N, 1, 0.005f, 0.01f), *x = bad_rows(K), *y = alloc((size_t)(5 * N) * 2);
+            qk_gemv_int8(q, s, 1, K, x, 1, y, 1, 5, N, K, THREADS);
+            emit_bad("int8_bf16 inf and nan", y, 5 * N);
+            free(s), free(x), free(y);
         }
         free(q);
     }
@@ -178,7 +200,7 @@ static void int4_cases(void) {
                     char name[48];
                     snprintf(name, sizeof name, "int4_%s K%lld N%lld G%lld M%lld", dt(bf), (long long)K, (long long)N,
                              (long long)G, (long long)M);
-                    emit(name, y, M * N, bf, 0);
+                    emit(name, y, M * N, bf, bf);
                     free(x);
                     free(y);
                 }
@@ -194,6 +216,12 @@ static void int4_cases(void) {
                 }
                 free(sz);
             }
+        }
+        if (K == 96) { /* inf and NaN, groups of 32 */
+            void *sz = values((K / 32) * Np * 2, 1, 0.005f, 0.01f), *x = bad_rows(K), *y = alloc((size_t)(5 * N) * 2);
+            qk_gemv_int4(packed, sz, 1, 32, x, 1, y, 1, 5, Np, N, K, THREADS);
+            emit_bad("int4_bf16 inf and nan", y, 5 * N);
+            free(sz), free(x), free(y);
         }
         free(packed);
     }
@@ -463,21 +491,32 @@ static void step_cases(void) {
 
 /* ------------------------------------------------------------------------------------------------------------ */
 
-int main(void) {
+/* Whether to run `family`: all without arguments, else those named (the no-dotprod NEON build runs the ones it
+ * changes). A family's inputs start from the seed, so its cases are the same whatever else runs. */
+static int wanted(int argc, char **argv, const char *family) {
+    int yes = argc == 1;
+    for (int i = 1; i < argc; i++) yes |= !strcmp(argv[i], family);
+    lcg = SEED;
+    return yes;
+}
+
+int main(int argc, char **argv) {
     char isa[48];
     snprintf(isa, sizeof isa, "isa:%s", qk_isa());
     emit(isa, NULL, 0, 0, 1);
-    gemv_float_cases();
-    int8_cases();
-    int4_cases();
-    rmsnorm_cases();
-    gdn_cases();
-    attn_cases();
-    conv_cases();
-    step_cases();
-    float *buf = values(64 * 1000, 0, 1.0f, 0.0f);
-    const float total = qk_read(buf, 64 * 1000, THREADS);
-    emit("read", &total, 1, 0, 0);
-    free(buf);
+    if (wanted(argc, argv, "gemv")) gemv_float_cases();
+    if (wanted(argc, argv, "int8")) int8_cases();
+    if (wanted(argc, argv, "int4")) int4_cases();
+    if (wanted(argc, argv, "rmsnorm")) rmsnorm_cases();
+    if (wanted(argc, argv, "gdn")) gdn_cases();
+    if (wanted(argc, argv, "attn")) attn_cases();
+    if (wanted(argc, argv, "conv")) conv_cases();
+    if (wanted(argc, argv, "step")) step_cases();
+    if (wanted(argc, argv, "read")) {
+        float *buf = values(64 * 1000, 0, 1.0f, 0.0f);
+        const float total = qk_read(buf, 64 * 1000, THREADS);
+        emit("read", &total, 1, 0, 0);
+        free(buf);
+    }
     return fflush(stdout) != 0;
 }

@@ -82,7 +82,8 @@ INT8_GEMV_ROWS, INT4_GEMV_ROWS = 24, 64
 # Where the quantized GEMVs multiply bf16 activations in integers: int8 weights with the activations as int16 blocks
 # (power-of-two scales: exact to 2^-16 of a block's largest value), int4 weights with int8 blocks of 16
 # (quant_matmul.quantize_activations is the twin); elsewhere, and for fp32 activations, the weights are widened.
-INTEGER_GEMV_ISAS = ("avx2",)
+# neon does in both its builds (int4: sdot with dotprod, smlal without), with avx2's numbers bit for bit.
+INTEGER_GEMV_ISAS = ("avx2", "neon")
 DEQUANT_ROWS = 16384  # rows of a quantized W dequantized at a time for a bf16 GEMM: bounds the temporary (32 MB at K
 # 1024); half as many for an fp32 GEMM
 
@@ -374,7 +375,8 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
 def integer_gemv(x: torch.Tensor) -> bool:
     """Whether the quantized GEMVs multiply x in integers here (bf16 on INTEGER_GEMV_ISAS); then they beat
     dequantize + GEMM at every row count (bench/results/gemv_rows.md): each passes over W once for all rows of x, a
-    tile (int4) or a block of rows (int8) of W in L2 while it meets every 4 rows of x in turn."""
+    tile (int4) or a block of rows (int8) of W in L2 while it meets every 4 rows of x in turn. Measured on AVX2;
+    neon follows it unmeasured (no ARM machine yet), which also keeps its prefill and decode on the same numbers."""
     return x.dtype == torch.bfloat16 and isa() in INTEGER_GEMV_ISAS
 
 

@@ -2,18 +2,27 @@
  * Raspberry Pi 4/5), the same functions, arguments and twins as avx512.c (its header lists them), on 4-lane vectors
  * and 32 registers. The functions mirror avx2.c's one by one.
  *
- * Quantized weights take the float path whatever the activations' dtype: int8 widened to fp32, int4 nibbles
- * widened to fp32, FMA (bf16 activations staged to fp32 once per call). avx2.c's integer path (bf16 activations as
- * int16 blocks) is not here yet; on ARM it would be vmlal_s16, or int8 activations through the dotprod extension's
- * sdot (vdotq_s32) and i8mm's smmla where __ARM_FEATURE_DOTPROD / __ARM_FEATURE_MATMUL_INT8 say the CPU has them.
+ * Quantized weights meet bf16 activations as on avx2.c (its header says how and why), in integers:
+ * - int8 weights: the activations as int16 blocks with power-of-two scales (avx2.c's quantize_x16), the weights
+ *   widened to int16, smlal (4 products an instruction) into int32, kept in avx2.c's 8 lanes, in both builds
+ *   (sdot multiplies int8 only: int16 activations would need splitting into two bytes each, not done);
+ * - int4 weights: the activations as int8 blocks of 16 (scale max |x| / 127, quant_matmul.quantize_activations is
+ *   the twin), with the dotprod extension's sdot (vdotq_s32, 16 products an instruction, four columns' bytes
+ *   transposed into row-major quads, then split into nibbles) where the compiler targets it (__ARM_FEATURE_DOTPROD:
+ *   kernels.py builds with -march=armv8.2-a+dotprod where /proc/cpuinfo lists asimddp), else ARMv8.0's smlal on
+ *   int8 (8 products an instruction, on each column's nibbles as they lie); 32 rows of a tile a pass.
+ * The integers are exact and every fp32 step after them is avx2.c's, so both builds give avx2.c's bits for these
+ * GEMVs; tests/test_kernels_neon.py checks it. fp32 activations (fp32 models: tests, training) keep the float path:
+ * weights widened to fp32, FMA. i8mm's smmla (__ARM_FEATURE_MATMUL_INT8) is not used yet.
  *
  * Rounding: each step rounds where avx2.c's does (FMA where it fuses, a separate multiply and add where the twin
- * rounds twice, as in dequantization's (q - 8) * s + z); only the fp32 summation order differs (4 lanes, not 8). */
+ * rounds twice, as in dequantization's (q - 8) * s + z); only the fp32 summation order differs (4 lanes, not 8),
+ * except in the integer GEMVs above, which keep avx2.c's order. */
 
 #include "common.h"
 
 #if !(defined(__aarch64__) && defined(__ARM_NEON))
-#error "neon.c needs AArch64 with Advanced SIMD (kernels.py builds it with -march=armv8-a+simd)"
+#error "neon.c needs AArch64 with Advanced SIMD (kernels.py builds it with -march=armv8-a+simd or armv8.2-a+dotprod)"
 #endif
 
 #include <arm_neon.h>
@@ -196,10 +205,115 @@ static inline __attribute__((always_inline)) void int8_row_f32(const int8_t *w, 
     for (int m = 0; m < MC; m++) store_out(y, y_bf16, m * N + n, hsum4(tot[m]));
 }
 
+/* bf16 activations as int16 blocks, avx2.c's quantize_x16 (its comment says why): a block is at most 256 columns and
+ * never crosses a weight group (BL = 16 d for the largest divisor d of G / 16 with 16 d <= 256), its scale a power
+ * of two with the block's largest |x| < 2^15 sx; an inf or NaN makes the scale NaN, so the outputs are NaN. */
+static inline int64_t block_len(int64_t G) {
+    int64_t d = G / 16 < 16 ? G / 16 : 16;
+    while ((G / 16) % d) d--;
+    return 16 * d;
+}
+
+static void quantize_x16(const uint16_t *x, int64_t M, int64_t K, int64_t BL, int16_t *xq, float *sx) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < K / BL; b++) {
+            const uint16_t *xb = x + m * K + b * BL;
+            uint16x8_t most = vdupq_n_u16(0); /* the largest |x| as bf16 bits: the exponent decides the scale */
+            for (int64_t i = 0; i < BL; i += 8) most = vmaxq_u16(most, vandq_u16(vld1q_u16(xb + i), vdupq_n_u16(0x7fff)));
+            const uint16_t top = vmaxvq_u16(most);
+            int e = 0;
+            if (top) frexpf(bf16_to_f32(top), &e); /* top < 2^e */
+            const float scale = ldexpf(1.0f, e - 15), inv = ldexpf(1.0f, 15 - e);
+            sx[m * (K / BL) + b] = top >= 0x7f80 ? NAN : scale;
+            for (int64_t i = 0; i < BL; i += 8) {
+                const uint16x8_t h = vld1q_u16(xb + i);
+                const int32x4_t lo = vcvtnq_s32_f32(vmulq_f32(cvt_bf16x4(vget_low_u16(h)), vdupq_n_f32(inv)));
+                const int32x4_t hi = vcvtnq_s32_f32(vmulq_f32(cvt_bf16x4(vget_high_u16(h)), vdupq_n_f32(inv)));
+                vst1q_s16(xq + m * K + b * BL + i, vcombine_s16(vqmovn_s32(lo), vqmovn_s32(hi)));
+            }
+        }
+}
+
+/* The sum of 8 lanes (a: 0-3, b: 4-7) in avx2.c's hsum8 order, ((0 + 4) + (2 + 6)) + ((1 + 5) + (3 + 7)) */
+static inline float hsum8(float32x4_t a, float32x4_t b) {
+    const float32x4_t t = vaddq_f32(a, b);
+    const float32x2_t u = vadd_f32(vget_low_f32(t), vget_high_f32(t));
+    return vget_lane_f32(u, 0) + vget_lane_f32(u, 1);
+}
+
+/* int16 activations: per block, int32 sums of q xq (weights widened to int16, smull / smlal: 4 products an
+ * instruction), then an fp32 sum of (block sum) sx per group, times s. The int32 sums are kept in avx2.c's 8 lanes
+ * (lane i: the columns 2i and 2i + 1 of every 16), so each fp32 step rounds as there: the same bits. */
+static inline __attribute__((always_inline)) void int8_row_i16(const int8_t *w, const void *s, int s_bf16, int64_t G,
+                                                               int64_t BL, const int16_t *xq, const float *sx,
+                                                               void *y, int y_bf16, int64_t n, int64_t N, int64_t K,
+                                                               const int MC) {
+    const int64_t nb = K / BL;
+    float32x4_t tot[MB][2];
+    for (int m = 0; m < MC; m++) tot[m][0] = tot[m][1] = vdupq_n_f32(0.0f);
+    for (int64_t g0 = 0, gi = 0; g0 < K; g0 += G, gi++) {
+        float32x4_t gacc[MB][2];
+        for (int m = 0; m < MC; m++) gacc[m][0] = gacc[m][1] = vdupq_n_f32(0.0f);
+        for (int64_t b0 = g0; b0 < g0 + G; b0 += BL) {
+            int32x4_t acc[MB][4]; /* lane j of acc[m][c]: column 4 c + j of every 16 */
+            for (int m = 0; m < MC; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = vdupq_n_s32(0);
+            for (int64_t k = b0; k < b0 + BL; k += 16) {
+                const int8x16_t wb = vld1q_s8(w + k);
+                const int16x8_t wl = vmovl_s8(vget_low_s8(wb)), wh = vmovl_high_s8(wb);
+                for (int m = 0; m < MC; m++) {
+                    const int16x8_t x0 = vld1q_s16(xq + m * K + k), x1 = vld1q_s16(xq + m * K + k + 8);
+                    acc[m][0] = vmlal_s16(acc[m][0], vget_low_s16(wl), vget_low_s16(x0));
+                    acc[m][1] = vmlal_high_s16(acc[m][1], wl, x0);
+                    acc[m][2] = vmlal_s16(acc[m][2], vget_low_s16(wh), vget_low_s16(x1));
+                    acc[m][3] = vmlal_high_s16(acc[m][3], wh, x1);
+                }
+            }
+            for (int m = 0; m < MC; m++) {
+                const float32x4_t bs = vdupq_n_f32(sx[m * nb + b0 / BL]);
+                const int32x4_t lo = vpaddq_s32(acc[m][0], acc[m][1]), hi = vpaddq_s32(acc[m][2], acc[m][3]);
+                gacc[m][0] = vfmaq_f32(gacc[m][0], vcvtq_f32_s32(lo), bs);
+                gacc[m][1] = vfmaq_f32(gacc[m][1], vcvtq_f32_s32(hi), bs);
+            }
+        }
+        const float32x4_t sv = vdupq_n_f32(load_scale(s, s_bf16, n * (K / G) + gi));
+        for (int m = 0; m < MC; m++) {
+            tot[m][0] = vfmaq_f32(tot[m][0], gacc[m][0], sv);
+            tot[m][1] = vfmaq_f32(tot[m][1], gacc[m][1], sv);
+        }
+    }
+    for (int m = 0; m < MC; m++) store_out(y, y_bf16, m * N + n, hsum8(tot[m][0], tot[m][1]));
+}
+
 void qk_gemv_int8(const int8_t *W, const void *s, int s_bf16, int64_t G, const void *x, int x_bf16, void *y,
                   int y_bf16, int64_t M, int64_t N, int64_t K, int nthreads) {
-    const float *xf = staged(x, x_bf16, M * K);
-    if (!xf) return;
+    if (x_bf16) {
+        const int64_t BL = block_len(G);
+        int16_t *xq = scratch(0, sizeof(int16_t) * (size_t)(M * K));
+        float *sx = scratch(1, sizeof(float) * (size_t)(M * (K / BL)));
+        if (!xq || !sx) return;
+        quantize_x16(x, M, K, BL, xq, sx);
+        /* One pass over W for all rows of x: a block of NB rows of W (in L2) meets every 4 rows of x in turn. */
+        enum { NB = 16 };
+#pragma omp parallel for schedule(static) num_threads(threads_for(nthreads, N * K))
+        for (int64_t n0 = 0; n0 < N; n0 += NB)
+            for (int64_t m0 = 0; m0 < M; m0 += MB) {
+                const int mc = (int)(M - m0 < MB ? M - m0 : MB);
+                char *ym = (char *)y + m0 * N * (y_bf16 ? 2 : 4);
+                const int16_t *xm = xq + m0 * K;
+                const float *sm = sx + m0 * (K / BL);
+                for (int64_t n = n0; n < n0 + NB && n < N; n++) {
+                    const int8_t *w = W + n * K;
+                    switch (mc) {
+                    case 1: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 1); break;
+                    case 2: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 2); break;
+                    case 3: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 3); break;
+                    default: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 4); break;
+                    }
+                }
+            }
+        return;
+    }
+    const float *xf = x;
     for (int64_t m0 = 0; m0 < M; m0 += MB) {
         const int mc = (int)(M - m0 < MB ? M - m0 : MB);
         const float *xm = xf + m0 * K;
@@ -287,25 +401,184 @@ static void int4_tile_f32(const uint8_t *tile, const void *sz, int s_bf16, int64
     }
 }
 
+/* bf16 activations as int8, in blocks of 16 columns (never crossing a weight group: G % 16 == 0): avx2.c's
+ * quantize_x8 (twin: quant_matmul.quantize_activations), x (M, K) bf16 -> xq (M, K) int8 and sx (M, K / 16),
+ * x ~ xq * sx with sx = max |x| / 127, rounded to nearest even. An inf or NaN in a block makes its scale NaN. */
+static void quantize_x8(const uint16_t *x, int64_t M, int64_t K, int8_t *xq, float *sx) {
+    for (int64_t i = 0; i < M * K; i += 16) {
+        const uint16x8_t h0 = vld1q_u16(x + i), h1 = vld1q_u16(x + i + 8);
+        const float32x4_t v[4] = {cvt_bf16x4(vget_low_u16(h0)), cvt_bf16x4(vget_high_u16(h0)),
+                                  cvt_bf16x4(vget_low_u16(h1)), cvt_bf16x4(vget_high_u16(h1))};
+        float32x4_t most = vabsq_f32(v[0]);
+        uint32x4_t finite = vcltq_f32(most, vdupq_n_f32(INFINITY)); /* false for inf and NaN */
+        for (int j = 1; j < 4; j++) {
+            most = vmaxq_f32(most, vabsq_f32(v[j]));
+            finite = vandq_u32(finite, vcltq_f32(vabsq_f32(v[j]), vdupq_n_f32(INFINITY)));
+        }
+        const float top = vmaxvq_f32(most);
+        const int bad = vminvq_u32(finite) == 0;
+        sx[i / 16] = bad ? NAN : top / 127.0f;
+        const float32x4_t inv = vdupq_n_f32(top > 0 && !bad ? 127.0f / top : 0.0f);
+        int16x4_t q[4];
+        for (int j = 0; j < 4; j++) q[j] = vqmovn_s32(vcvtnq_s32_f32(vmulq_f32(v[j], inv)));
+        vst1q_s8(xq + i, vcombine_s8(vqmovn_s16(vcombine_s16(q[0], q[1])), vqmovn_s16(vcombine_s16(q[2], q[3]))));
+    }
+}
+
+/* The 32 rows of a tile in bytes h .. h + 15 of its 32-byte columns (h = 0 or 16: rows h .. h + 15 in the low
+ * nibbles, 32 + h .. 47 + h in the high ones) over the columns [k0, k1) of one weight group, for MC rows of int8
+ * activations: per block of 16 columns the exact int32 sums of q xq, in fp32 times the block's sx, added to
+ * f (MC, 32) (f[m][i]: the low-nibble row h + i for i < 16, the high-nibble row 16 + h + i after). */
+#if defined(__ARM_FEATURE_DOTPROD)
+enum { PASS_ROWS = 2 }; /* rows of x per pass: 8 accumulators each, 32 registers */
+
+/* sdot (vdotq_s32, 16 products an instruction): four columns' bytes transposed to row-major quads (byte 4r + c: row
+ * r, column c), then split into nibbles; each 32-bit lane meets the activations xq[k .. k + 3] as one value. */
+static inline __attribute__((always_inline)) void group_sums(const uint8_t *col, int64_t k0, int64_t k1,
+                                                             const int8_t *xq, const float *sx, int64_t K, float *f,
+                                                             const int MC) {
+    for (int64_t b0 = k0; b0 < k1; b0 += 16) {
+        int32x4_t acc[PASS_ROWS][8];
+        for (int m = 0; m < MC; m++)
+            for (int i = 0; i < 8; i++) acc[m][i] = vdupq_n_s32(0);
+#pragma GCC unroll 1 /* unrolled, the four steps' weights stay live together and the accumulators spill */
+        for (int64_t k = b0; k < b0 + 16; k += 4) {
+            const uint8x16_t c0 = vld1q_u8(col + k * 32), c1 = vld1q_u8(col + (k + 1) * 32);
+            const uint8x16_t c2 = vld1q_u8(col + (k + 2) * 32), c3 = vld1q_u8(col + (k + 3) * 32);
+            const uint16x8_t a0 = vreinterpretq_u16_u8(vzip1q_u8(c0, c1)), a1 = vreinterpretq_u16_u8(vzip2q_u8(c0, c1));
+            const uint16x8_t d0 = vreinterpretq_u16_u8(vzip1q_u8(c2, c3)), d1 = vreinterpretq_u16_u8(vzip2q_u8(c2, c3));
+            const uint8x16_t q[4] = {vreinterpretq_u8_u16(vzip1q_u16(a0, d0)), vreinterpretq_u8_u16(vzip2q_u16(a0, d0)),
+                                     vreinterpretq_u8_u16(vzip1q_u16(a1, d1)), vreinterpretq_u8_u16(vzip2q_u16(a1, d1))};
+            int8x16_t w[8]; /* rows 4i .. 4i + 3 of the 32 */
+            for (int i = 0; i < 4; i++) {
+                w[i] = vreinterpretq_s8_u8(vandq_u8(q[i], vdupq_n_u8(15)));
+                w[4 + i] = vreinterpretq_s8_u8(vshrq_n_u8(q[i], 4));
+            }
+            for (int m = 0; m < MC; m++) {
+                int32_t quad;
+                memcpy(&quad, xq + m * K + k, 4);
+                const int8x16_t xv = vreinterpretq_s8_s32(vdupq_n_s32(quad));
+                for (int i = 0; i < 8; i++) acc[m][i] = vdotq_s32(acc[m][i], w[i], xv);
+            }
+        }
+        for (int m = 0; m < MC; m++) {
+            const float32x4_t bs = vdupq_n_f32(sx[m * (K / 16) + b0 / 16]);
+            for (int i = 0; i < 8; i++) vst1q_f32(f + m * 32 + 4 * i, vfmaq_f32(vld1q_f32(f + m * 32 + 4 * i), vcvtq_f32_s32(acc[m][i]), bs));
+        }
+    }
+}
+#else
+enum { PASS_ROWS = MB };
+
+/* ARMv8.0: per column, the 32 rows' nibbles times the column's activation, smlal into int16 (8 products an
+ * instruction; 16 columns of at most 15 * 128 stay below 2^15), widened to int32 once per block. */
+static inline __attribute__((always_inline)) void group_sums(const uint8_t *col, int64_t k0, int64_t k1,
+                                                             const int8_t *xq, const float *sx, int64_t K, float *f,
+                                                             const int MC) {
+    for (int64_t b0 = k0; b0 < k1; b0 += 16) {
+        int16x8_t a[PASS_ROWS][4]; /* rows 8j .. 8j + 7 of the 32 */
+        for (int m = 0; m < MC; m++) a[m][0] = a[m][1] = a[m][2] = a[m][3] = vdupq_n_s16(0);
+        for (int64_t k = b0; k < b0 + 16; k++) {
+            const uint8x16_t c = vld1q_u8(col + k * 32);
+            const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(c, vdupq_n_u8(15))), hi = vreinterpretq_s8_u8(vshrq_n_u8(c, 4));
+            for (int m = 0; m < MC; m++) {
+                const int8x16_t xv = vdupq_n_s8(xq[m * K + k]);
+                a[m][0] = vmlal_s8(a[m][0], vget_low_s8(lo), vget_low_s8(xv));
+                a[m][1] = vmlal_high_s8(a[m][1], lo, xv);
+                a[m][2] = vmlal_s8(a[m][2], vget_low_s8(hi), vget_low_s8(xv));
+                a[m][3] = vmlal_high_s8(a[m][3], hi, xv);
+            }
+        }
+        for (int m = 0; m < MC; m++) {
+            const float32x4_t bs = vdupq_n_f32(sx[m * (K / 16) + b0 / 16]);
+            for (int j = 0; j < 4; j++) {
+                float *fj = f + m * 32 + 8 * j;
+                vst1q_f32(fj, vfmaq_f32(vld1q_f32(fj), vcvtq_f32_s32(vmovl_s16(vget_low_s16(a[m][j]))), bs));
+                vst1q_f32(fj + 4, vfmaq_f32(vld1q_f32(fj + 4), vcvtq_f32_s32(vmovl_high_s16(a[m][j])), bs));
+            }
+        }
+    }
+}
+#endif
+
+/* int8 activations, MC rows of x over one tile, 32 rows of it a pass (group_sums, PASS_ROWS rows of x at a time);
+ * per group, f times s, plus (z - 8 s) times the group's sum of x. Row by row the fp32 steps are avx2.c's
+ * int4_tile_i8's, on the same integers: the same bits. */
+static inline __attribute__((always_inline)) void int4_tile_i8(const uint8_t *tile, const void *sz, int s_bf16,
+                                                               int64_t G, const int8_t *xq, const float *sx,
+                                                               const float *xsum, float *tot, int64_t t, int64_t Np,
+                                                               int64_t K, const int MC) {
+    const int64_t ng = K / G;
+    for (int64_t gi = 0; gi < ng; gi++) {
+        float s[64] __attribute__((aligned(16))), z8[64] __attribute__((aligned(16)));
+        tile_scales(sz, s_bf16, Np, gi, t, s, z8);
+        for (int h = 0; h < 32; h += 16) {
+            float f[MB * 32] __attribute__((aligned(16))) = {0};
+            for (int m0 = 0; m0 < MC; m0 += PASS_ROWS) {
+                const int mc = MC - m0 < PASS_ROWS ? MC - m0 : PASS_ROWS;
+                const int8_t *xm = xq + m0 * K;
+                const float *sm = sx + m0 * (K / 16);
+                if (mc == PASS_ROWS) group_sums(tile + h, gi * G, (gi + 1) * G, xm, sm, K, f + m0 * 32, PASS_ROWS);
+                else group_sums(tile + h, gi * G, (gi + 1) * G, xm, sm, K, f + m0 * 32, mc);
+            }
+            for (int m = 0; m < MC; m++) {
+                const float32x4_t xs = vdupq_n_f32(xsum[m * ng + gi]);
+                for (int i = 0; i < 8; i++) {
+                    const int row = (i < 4 ? h : 32 + h) + 4 * (i % 4);
+                    float *o = tot + m * 64 + row;
+                    const float32x4_t v = vfmaq_f32(vld1q_f32(o), vld1q_f32(f + m * 32 + 4 * i), vld1q_f32(s + row));
+                    vst1q_f32(o, vfmaq_f32(v, vld1q_f32(z8 + row), xs));
+                }
+            }
+        }
+    }
+}
+
 void qk_gemv_int4(const uint8_t *P, const void *sz, int s_bf16, int64_t G, const void *x, int x_bf16, void *y,
                   int y_bf16, int64_t M, int64_t Np, int64_t n_out, int64_t K, int nthreads) {
     const int64_t ng = K / G;
-    float *xsum = scratch(1, sizeof(float) * (size_t)(M * ng));
-    const float *xf = staged(x, x_bf16, M * K);
-    if (!xsum || !xf) return;
-    for (int64_t m = 0; m < M; m++)
+    float *xsum = scratch(1, sizeof(float) * (size_t)(M * ng + (x_bf16 ? M * (K / 16) : 0)));
+    int8_t *xq = x_bf16 ? scratch(0, (size_t)(M * K)) : NULL;
+    if (!xsum || (x_bf16 && !xq)) return;
+    float *sx = xsum + M * ng;
+    const float *xf = x_bf16 ? NULL : x;
+    if (x_bf16) quantize_x8(x, M, K, xq, sx);
+    for (int64_t m = 0; m < M; m++) /* the sums of the x the products see: quantized ones where they are */
         for (int64_t gi = 0; gi < ng; gi++) {
             float acc = 0;
-            for (int64_t k = gi * G; k < (gi + 1) * G; k++) acc += xf[m * K + k];
+            if (x_bf16) {
+                for (int64_t b = gi * G / 16; b < (gi + 1) * G / 16; b++)
+                    acc += (float)vaddlvq_s8(vld1q_s8(xq + m * K + 16 * b)) * sx[m * (K / 16) + b];
+            } else {
+                for (int64_t k = gi * G; k < (gi + 1) * G; k++) acc += xf[m * K + k];
+            }
             xsum[m * ng + gi] = acc;
         }
 #pragma omp parallel for schedule(static) num_threads(threads_for(nthreads, Np * K))
     for (int64_t t = 0; t < Np / 64; t++) {
         const uint8_t *tile = P + t * K * 32;
-        for (int64_t m = 0; m < M; m++) {
-            float tot[64] = {0};
-            int4_tile_f32(tile, sz, s_bf16, G, xf + m * K, xsum + m * ng, tot, t, Np, K);
-            for (int64_t r = 0; r < 64 && t * 64 + r < n_out; r++) store_out(y, y_bf16, m * n_out + t * 64 + r, tot[r]);
+        if (!x_bf16) { /* fp32 activations: one row at a time */
+            for (int64_t m = 0; m < M; m++) {
+                float tot[64] = {0};
+                int4_tile_f32(tile, sz, s_bf16, G, xf + m * K, xsum + m * ng, tot, t, Np, K);
+                for (int64_t r = 0; r < 64 && t * 64 + r < n_out; r++) store_out(y, y_bf16, m * n_out + t * 64 + r, tot[r]);
+            }
+            continue;
+        }
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            const int mc = (int)(M - m0 < MB ? M - m0 : MB);
+            float tot[MB * 64] __attribute__((aligned(16))) = {0};
+            const int8_t *xm = xq + m0 * K;
+            const float *sm = sx + m0 * (K / 16), *xs = xsum + m0 * ng;
+            switch (mc) {
+            case 1: int4_tile_i8(tile, sz, s_bf16, G, xm, sm, xs, tot, t, Np, K, 1); break;
+            case 2: int4_tile_i8(tile, sz, s_bf16, G, xm, sm, xs, tot, t, Np, K, 2); break;
+            case 3: int4_tile_i8(tile, sz, s_bf16, G, xm, sm, xs, tot, t, Np, K, 3); break;
+            default: int4_tile_i8(tile, sz, s_bf16, G, xm, sm, xs, tot, t, Np, K, 4); break;
+            }
+            for (int m = 0; m < mc; m++)
+                for (int64_t r = 0; r < 64 && t * 64 + r < n_out; r++)
+                    store_out(y, y_bf16, (m0 + m) * n_out + t * 64 + r, tot[m * 64 + r]);
         }
     }
 }
