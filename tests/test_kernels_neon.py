@@ -1,9 +1,10 @@
 """The NEON kernels (ops/cpu/neon.c) on an x86 machine: tests/kernels_driver.c runs every exported kernel on the same
-deterministic inputs, built with the flags kernels.py builds the library with, natively with avx2.c and with Debian's
-AArch64 cross compiler with neon.c (static binaries run under qemu-user), and the builds' outputs are compared case by
-case. neon.c is built both ways kernels.target_flags can build it: for ARMv8.2 with dotprod (run on qemu's `max` CPU,
-which has it), and for plain ARMv8.0 (run on a Cortex-A57, which lacks dotprod, so an sdot left in that build would
-stop it; it runs only the families that differ between the builds: int8, int4 and the decode step). avx2.c is itself
+deterministic inputs, linked natively with avx2.c and, by Debian's AArch64 cross compiler, with neon.c (static
+binaries run under qemu-user), the kernels compiled with the flags kernels.py builds the library with, and the builds'
+outputs are compared case by case. neon.c is built both ways kernels.target_flags can build it: for ARMv8.2 with
+dotprod (run on qemu's `max` CPU, which has it), and for plain ARMv8.0 (run on a Cortex-A57, which lacks dotprod, so
+an sdot left in that build would stop it; it runs only the families that differ between the builds: int8, int4 and
+the decode step). avx2.c is itself
 held to the torch twins by test_kernels.py, so agreement with it checks NEON against the reference, transitively. On
 an AArch64 machine this file skips and test_kernels.py runs the neon kernels natively against the twins (neon is then
 a runnable instruction set).
@@ -58,12 +59,26 @@ NEON_BUILDS = {
 }
 
 
-def build(cc: str, isa: str, target: list[str], out: Path, *extra: str) -> subprocess.Popen:
-    """Starts building the driver linked with `isa`'s kernels, compiled as kernels.py compiles the library (as a
-    program) for `target`."""
-    flags = [f for f in kernels.CFLAGS if f not in ("-shared", "-fPIC")] + target
-    argv = [cc, *flags, *extra, "-I", str(SOURCES), str(DRIVER), str(SOURCES / f"{isa}.c"), "-o", str(out), "-lm"]
+DRIVER_FLAGS = ["-O1", "-std=c11", "-ffp-contract=off"]  # it only makes the inputs and writes the outputs
+
+
+def popen(argv: list[str]) -> subprocess.Popen:
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def build(cc: str, isa: str, target: list[str], out: Path) -> list[subprocess.Popen]:
+    """Starts compiling `isa`'s kernels as kernels.py compiles the library (for `target`), and the driver, into
+    objects beside `out`."""
+    flags = [f for f in kernels.CFLAGS if f not in ("-shared", "-fPIC")] + target
+    kernel = [cc, *flags, "-c", str(SOURCES / f"{isa}.c"), "-o", f"{out}.k.o"]
+    driver = [cc, *DRIVER_FLAGS, "-I", str(SOURCES), "-c", str(DRIVER), "-o", f"{out}.d.o"]
+    return [popen(kernel), popen(driver)]
+
+
+def link(cc: str, out: Path, *extra: str) -> None:
+    argv = [cc, "-fopenmp", *extra, f"{out}.d.o", f"{out}.k.o", "-o", str(out), "-lm"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def records(data: bytes) -> list[tuple[str, torch.Tensor, bool]]:
@@ -86,15 +101,21 @@ def family(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory) -> dict[str, list]:
-    """The builds' outputs, by name ("avx2", "neon", "neon-v8.0"); the three compile at once."""
+    """The builds' outputs, by name ("avx2", "neon", "neon-v8.0"); they compile at once."""
     tmp = tmp_path_factory.mktemp("neon")
-    builds = {"avx2": build(os.environ.get("CC", "cc"), "avx2", kernels.ISAS["avx2"][2], tmp / "avx2")}
+    native = os.environ.get("CC", "cc")
+    jobs = {"avx2": build(native, "avx2", kernels.ISAS["avx2"][2], tmp / "avx2")}
     runs = {"avx2": [str(tmp / "avx2")]}
     for name, (target, cpu, families) in NEON_BUILDS.items():
-        builds[name] = build(CROSS_CC, "neon", target, tmp / name, "-static")
+        jobs[name] = build(CROSS_CC, "neon", target, tmp / name)
         runs[name] = [QEMU, "-cpu", cpu, str(tmp / name), *families]
-    for name, job in builds.items():
-        assert job.wait(timeout=300) == 0, f"{name}: {job.stderr.read()[-3000:]}"
+    for name, started in jobs.items():
+        for job in started:
+            assert job.wait(timeout=300) == 0, f"{name}: {job.stderr.read()[-3000:]}"
+        if name == "avx2":
+            link(native, tmp / name)
+        else:
+            link(CROSS_CC, tmp / name, "-static")
     got = {}
     for name, argv in runs.items():
         done = subprocess.run(argv, capture_output=True, timeout=300)
