@@ -124,8 +124,9 @@ def target_flags(isa: str, features: frozenset[str] | None = None) -> list[str]:
     """The compiler's target flags for `isa` on a CPU with `features` (this one's by default): ISAS', raised by
     UPGRADES where the CPU has the features they name."""
     features = _cpuinfo()[1] if features is None else features
-    needs, flags = UPGRADES.get(isa, ((), ISAS[isa][2]))
-    return flags if needs and set(needs) <= features else ISAS[isa][2]
+    if isa in UPGRADES and set(UPGRADES[isa][0]) <= features:
+        return UPGRADES[isa][1]
+    return ISAS[isa][2]
 
 
 def runnable_isas() -> list[str]:
