@@ -29,14 +29,16 @@ train_log.jsonl, loss_curve.png and the resumable checkpoints under OUT/checkpoi
 MTP_HELP = """Fit MODEL's multi-token-prediction head (the drafter of --speculate) to MODEL as it is now, e.g. after
 fine-tuning, by self-distillation: at each assistant position of DATA (SFT's JSONL) the head learns the
 distribution MODEL gives for the token after next (KL), MODEL frozen. With --generate N the contexts are MODEL's own
-answers to DATA's prompts. OUT receives the checkpoint with the new mtp.* tensors."""
+answers to DATA's prompts. OUT receives the checkpoint with the new mtp.* tensors (and MODEL's vision tower,
+unchanged, where it has one)."""
 
 SFT_HELP = """Fine-tune MODEL on chat conversations, loss on assistant tokens only.
 DATA is JSONL, one conversation per line: {"messages": [...], "tools": [...]} (tools optional), messages in the
 OpenAI shape (roles system/user/assistant/tool; assistant turns may carry reasoning_content and tool_calls).
 Conversations are rendered with MODEL's own chat template. A user message's content may hold OpenAI image parts,
-{"type": "image_url", "image_url": {"url": ...}}, the url a base64 data: URL or a file path relative to DATA's
-folder; MODEL's vision tower reads them, frozen unless --train-vision. OUT receives a checkpoint (full fine-tuning,
+{"type": "image_url", "image_url": {"url": ...}}, and video parts, {"type": "video_url", "video_url": {"url": ...}},
+the url a base64 data: URL or a file path relative to DATA's folder; MODEL's vision tower reads them, frozen unless
+--train-vision. OUT receives a checkpoint (full fine-tuning,
 with the tower) or a PEFT adapter (--lora R; with --merge also the merged checkpoint in OUT/merged)."""
 
 DPO_HELP = """Preference-tune MODEL with DPO (sigmoid loss) against the frozen starting model.
@@ -256,9 +258,10 @@ def cmd_mtp(args: argparse.Namespace) -> int:
 
 
 def cmd_merge_lora(args: argparse.Namespace) -> int:
-    from qwenlite.io.checkpoint import copy_side_files, load_checkpoint, save_checkpoint
+    from qwenlite.io.checkpoint import load_checkpoint
     from qwenlite.io.hub import resolve_model_path
     from qwenlite.train.lora import load_adapter, merge_lora
+    from qwenlite.train.posttrain import save_model
 
     base = resolve_model_path(args.model)
     # Merged in fp32, saved in the checkpoint's dtype, with the vision tower where it has one.
@@ -266,7 +269,6 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
     load_adapter(ckpt.model, args.adapter)
     merge_lora(ckpt.model)
     out = Path(args.out)
-    save_checkpoint(ckpt.model.to(ckpt.config.torch_dtype), out, extra_tensors=ckpt.mtp)
-    copy_side_files(base, out)
+    save_model(ckpt, out)
     print(f"wrote the merged checkpoint to {out}", file=sys.stderr)
     return 0

@@ -12,7 +12,8 @@ decode time.
 
 The head starts from the checkpoint's (`init="checkpoint"`, when it has one) or from the documented
 initialisation, and the whole checkpoint is written again with the new `mtp.*` tensors, atomically, so that
-`qwenlite run OUT --speculate K` uses it.
+`qwenlite run OUT --speculate K` uses it; a vision tower is loaded and written as SFT does (posttrain.py), unchanged,
+so the result still reads images and videos. The head is fitted on text: rows with images are refused.
 """
 
 from __future__ import annotations
@@ -25,14 +26,21 @@ import torch.nn.functional as F
 
 from qwenlite.errors import InvalidArgument
 from qwenlite.generate import generate_tokens
-from qwenlite.io.checkpoint import copy_side_files, load_checkpoint, save_checkpoint
 from qwenlite.io.load import load_mtp
 from qwenlite.model.mtp import MTP, PREFIX
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value
 from qwenlite.sample import SamplingParams
 from qwenlite.text.tokenizer import Tokenizer
 from qwenlite.train.common import FINE_TUNING_BETAS, Logger, TrainSettings, make_optimizer, run_steps
-from qwenlite.train.posttrain import IGNORE, epoch_order, log_line, pad_batch, pad_token_id
+from qwenlite.train.posttrain import (
+    IGNORE,
+    epoch_order,
+    load_for_training,
+    log_line,
+    pad_batch,
+    pad_token_id,
+    save_model,
+)
 from qwenlite.train.sft import load_sft_data
 
 
@@ -129,7 +137,7 @@ def train_mtp(
     tokenizer = Tokenizer.from_dir(model_path)
     examples = load_sft_data(data_path, tokenizer, settings.max_len)
     sequences = [(ex.ids, [label != IGNORE for label in ex.labels]) for ex in examples]
-    ckpt = load_checkpoint(model_path, dtype=settings.dtype, device=settings.device)
+    ckpt = load_for_training(model_path, settings, lora=None)  # the tower too, where there is one, frozen
     model = ckpt.model.eval()
     torch.manual_seed(settings.seed)
     head = load_mtp(model_path, model) if init == "checkpoint" else None
@@ -139,8 +147,6 @@ def train_mtp(
         with torch.inference_mode():
             sequences = own_answers(model, sequences, generate, tokenizer.eos_token_ids)
     history = fit_head(model, head, sequences, settings, pad_token_id(tokenizer), log)
-    dtype = ckpt.config.torch_dtype
-    tensors = {PREFIX + name: t.detach().to("cpu", dtype) for name, t in head.state_dict().items()}
-    save_checkpoint(model.to(device="cpu", dtype=dtype), out_dir, extra_tensors=tensors)
-    copy_side_files(model_path, Path(out_dir))
+    tensors = {PREFIX + name: t.detach().to("cpu", ckpt.config.torch_dtype) for name, t in head.state_dict().items()}
+    save_model(ckpt, Path(out_dir), mtp=tensors)
     return history

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from qwenlite.errors import QwenliteError
 from qwenlite.io.checkpoint import Checkpoint, checkpoint_files, copy_side_files, load_checkpoint, save_checkpoint
 from qwenlite.io.files import atomic_write
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
-from qwenlite.model.vision import ImageInput, embed_prompt
+from qwenlite.model.vision import ImageInput, VideoInput, embed_prompt
 from qwenlite.text.tokenizer import ENDOFTEXT, IM_END, Tokenizer
 from qwenlite.train.common import TrainSettings
 from qwenlite.train.lora import DEFAULT_TARGETS, apply_lora, merge_lora, save_adapter
@@ -91,10 +91,11 @@ def pad_token_id(tokenizer: Tokenizer) -> int:
 
 
 def token_logprobs(
-    model: Qwen3_5ForCausalLM, ids: torch.Tensor, labels: torch.Tensor, images: Sequence[ImageInput] = ()
+    model: Qwen3_5ForCausalLM, ids: torch.Tensor, labels: torch.Tensor, images: Sequence[ImageInput | VideoInput] = ()
 ) -> torch.Tensor:
-    """log p(labels[b, t] | ids[b, :t]) at every labelled position, 0 elsewhere: (B, T-1) fp32. `images` fill the
-    `<|image_pad|>` runs of a single row (B = 1), their features and rotary positions as inference takes them.
+    """log p(labels[b, t] | ids[b, :t]) at every labelled position, 0 elsewhere: (B, T-1) fp32. `images` (images and
+    videos) fill the `<|image_pad|>` / `<|video_pad|>` runs of a single row (B = 1), their features and rotary
+    positions as inference takes them.
 
     The head runs only on the labelled positions: on a 248K vocabulary, full logits of a long batch would be
     the largest tensor of the step."""
@@ -149,21 +150,24 @@ def save_result(ckpt: Checkpoint, out_dir: Path, lora: LoRASettings | None, hist
     model = ckpt.model
     model.eval()
     if lora is None:
-        _save_merged(ckpt, out_dir)
+        save_model(ckpt, out_dir)
     else:
         save_adapter(model, out_dir, str(ckpt.path), is_language_model_layout(ckpt.path))
         copy_side_files(ckpt.path, out_dir)
         if lora.merge:
             merge_lora(model)
-            _save_merged(ckpt, out_dir / "merged")
+            save_model(ckpt, out_dir / "merged")
     log = "".join(json.dumps(h) + "\n" for h in history)
     atomic_write(out_dir / "train_log.jsonl", lambda p: p.write_text(log))
 
 
-def _save_merged(ckpt: Checkpoint, out: Path) -> None:
+def save_model(ckpt: Checkpoint, out: Path, mtp: Mapping[str, torch.Tensor] | None = None) -> None:
+    """The model as a checkpoint in `out`, in the source checkpoint's dtype, with its side files: the vision tower
+    kept where the model has one (loaded by `load_for_training`; saved in the published multimodal layout), and `mtp`
+    as the multi-token-prediction head (`mtp.*` tensors), by default the checkpoint's own."""
     model = ckpt.model.to(device="cpu", dtype=ckpt.config.torch_dtype)
-    # The multi-token-prediction head rides along unchanged: a stale draft head only costs acceptance rate.
-    save_checkpoint(model, out, extra_tensors=ckpt.mtp)
+    # Left unchanged by fine-tuning, the head rides along: a stale draft head only costs acceptance rate.
+    save_checkpoint(model, out, extra_tensors=ckpt.mtp if mtp is None else mtp)
     copy_side_files(ckpt.path, out)
 
 

@@ -4,15 +4,17 @@ Data: JSONL, one conversation per line: `{"messages": [...], "tools": [...]}` (t
 OpenAI shape the chat template reads (`role` system / user / assistant / tool, `content`, and on assistant turns
 optionally `reasoning_content` and `tool_calls`).
 
-Images. A user or tool message's content may be a list of OpenAI parts, `{"type": "text", "text": ...}` and
-`{"type": "image_url", "image_url": {"url": ...}}`, the url a base64 `data:` URL or a file path, relative to the
-JSONL file's folder (a training set travels with its images) or absolute. http(s) URLs are refused: a training
-run should not depend on the network. An assistant message holds no image: the model is trained to write text.
-Every image is decoded and preprocessed (io/images.py, the checkpoint's preprocessor_config.json) before training
-starts, and kept in memory; its `<|image_pad|>` run is context, never trained. A row with images runs through the
-model alone, its features and multimodal rotary positions taken as inference takes them (model/vision.embed_prompt);
-rows without images are padded together as before. The tower is frozen (no gradient reaches it) unless
-`train_vision`, and is saved with the result.
+Images and videos. A user or tool message's content may be a list of OpenAI parts, `{"type": "text", "text": ...}`,
+`{"type": "image_url", "image_url": {"url": ...}}` and vLLM's `{"type": "video_url", "video_url": {"url": ...}}` (the
+shapes the server reads), the url a base64 `data:` URL or a file path, relative to the JSONL file's folder (a
+training set travels with its images) or absolute. http(s) URLs are refused: a training run should not depend on the
+network. An assistant message holds neither: the model is trained to write text. Every image and video is decoded
+and preprocessed (io/images.py, io/video.py with PyAV: the checkpoint's preprocessor_config.json and
+video_preprocessor_config.json) before training starts, and kept in memory; its tokens (an image's `<|image_pad|>`
+run; a video's `<t seconds>` labels and `<|video_pad|>` runs, one per temporal patch) are context, never trained. A
+row with images or videos runs through the model alone, its features and multimodal rotary positions taken as
+inference takes them (model/vision.embed_prompt); rows without are padded together as before. The tower is frozen
+(no gradient reaches it) unless `train_vision`, and is saved with the result.
 
 Which tokens are trained. Each conversation is rendered once, whole, with the checkpoint's own chat template
 (`add_generation_prompt=False`), exactly the text the model will see, and encoded as inference encodes it
@@ -32,16 +34,16 @@ framing; a render whose header count differs from its assistant-message count is
 from __future__ import annotations
 
 import bisect
-import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from qwenlite.config import load_config
+from qwenlite.config import ModelConfig, load_config
 from qwenlite.errors import QwenliteError
-from qwenlite.io.images import ImageProcessor, data_url_bytes, expand_image_tokens
-from qwenlite.model.vision import ImageInput
+from qwenlite.io.images import ImageProcessor, data_url_bytes
+from qwenlite.io.video import VideoProcessor, expand_vision_tokens
+from qwenlite.model.vision import ImageInput, VideoInput
 from qwenlite.text.tokenizer import ASSISTANT_HEADER, IM_END, IM_START, ChatTemplateError, Tokenizer
 from qwenlite.train.common import FINE_TUNING_BETAS, Logger, TrainSettings, make_optimizer, run_steps
 from qwenlite.train.posttrain import (
@@ -63,7 +65,8 @@ class Example:
     ids: list[int]
     labels: list[int]  # ids where trained, IGNORE elsewhere (aligned with ids, not shifted)
     where: str  # "file:line", for messages about this example
-    images: list[ImageInput] = field(default_factory=list)  # filling the `<|image_pad|>` runs of ids, in order
+    # Images and videos filling the `<|image_pad|>` / `<|video_pad|>` runs of ids, in order.
+    images: list[ImageInput | VideoInput] = field(default_factory=list)
 
     @property
     def n_trained(self) -> int:
@@ -92,7 +95,7 @@ def encode_chat(
     where: str = "",
 ) -> Example:
     """Render `messages` whole and label the tokens of the assistant turns at index >= `train_from_message`
-    (DPO trains only the completion after a shared prompt). Image parts must have been read (`read_images`)."""
+    (DPO trains only the completion after a shared prompt). Image and video parts must have been read (`read_media`)."""
     if any(
         isinstance(p, dict) and p.get("type") in ("image_url", "video_url")
         for m in messages
@@ -125,12 +128,47 @@ def encode_chat(
     return Example(ids, labels, where)
 
 
-def read_images(
-    messages: list, folder: Path, processor: ImageProcessor | None, where: str
-) -> tuple[list, list[ImageInput]]:
-    """The messages with each `image_url` part as the template's image placeholder, and those images read and
-    preprocessed, in order (see the module docstring for what a url may be)."""
-    out, images = [], []
+@dataclass
+class VisionReader:
+    """What reads the images and videos of a model with a vision tower and places them in a prompt."""
+
+    images: ImageProcessor
+    videos: VideoProcessor
+    tokenizer: Tokenizer  # a video's tokens hold its frames' times as text
+    config: ModelConfig  # the placeholder token ids
+
+    @classmethod
+    def from_dir(cls, path: str | Path, tokenizer: Tokenizer, config: ModelConfig) -> VisionReader:
+        """The checkpoint's preprocessor_config.json and video_preprocessor_config.json (or the tower's defaults)."""
+        vision = config.vision_config
+        return cls(ImageProcessor.from_dir(path, vision), VideoProcessor.from_dir(path, vision), tokenizer, config)
+
+    def read(self, kind: str, url: str, folder: Path) -> ImageInput | VideoInput:
+        """The image or video (`kind`) at `url`: a data: URL, or a path relative to `folder` (or absolute)."""
+        processor = self.videos if kind == "video" else self.images
+        if url.startswith("data:"):
+            return processor.load(data_url_bytes(url, kind=kind), name=f"the data: URL {kind}")
+        if "://" in url:
+            raise QwenliteError(
+                f"{kind} URLs are not fetched for training ({url.partition('://')[0]}://...): save the {kind} and "
+                "give its path, relative to the data file, or a data: URL"
+            )
+        return processor.load(folder / url)
+
+    def expand(self, placeholder: int, media: ImageInput | VideoInput) -> list[int]:
+        """The tokens that stand for `media` where the template wrote its one `placeholder`."""
+        return expand_vision_tokens([placeholder], [media], self.tokenizer, self.config)
+
+
+PARTS = {"image_url": "image", "video_url": "video"}  # an OpenAI part -> the template's placeholder part
+
+
+def read_media(
+    messages: list, folder: Path, reader: VisionReader | None, where: str
+) -> tuple[list, list[ImageInput | VideoInput]]:
+    """The messages with each `image_url` / `video_url` part as the template's placeholder, and those images and
+    videos read and preprocessed, in order (see the module docstring for what a url may be)."""
+    out, media = [], []
     for i, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
         if not isinstance(content, list):
@@ -143,59 +181,67 @@ def read_images(
                 parts.append(part)
                 continue
             at = f"{where}: message {i}"
-            if kind != "image_url":
-                raise QwenliteError(f"{at}: content parts are text or image_url, got {kind or part!r}")
+            if kind not in PARTS:
+                raise QwenliteError(f"{at}: content parts are text, image_url or video_url, got {kind or part!r}")
+            what = PARTS[kind]
+            a_what = ("an " if what == "image" else "a ") + what
             if message.get("role") == "assistant":
-                raise QwenliteError(f"{at}: an assistant message holds no image (images go in user messages)")
-            if processor is None:
+                raise QwenliteError(f"{at}: an assistant message holds no {what} (they go in user messages)")
+            if reader is None:
                 raise QwenliteError(
-                    f"{at}: an image, which this model or command does not read (`train sft` of a "
+                    f"{at}: {a_what}, which this model or command does not read (`train sft` of a "
                     "model with a vision tower does)"
                 )
-            url = part["image_url"].get("url") if isinstance(part.get("image_url"), dict) else None
+            url = part[kind].get("url") if isinstance(part.get(kind), dict) else None
             if not isinstance(url, str):
-                raise QwenliteError(f'{at}: an image_url part needs {{"image_url": {{"url": ...}}}}')
+                raise QwenliteError(f'{at}: {a_what}_url part needs {{"{kind}": {{"url": ...}}}}')
             try:
-                if url.startswith("data:"):
-                    images.append(processor.load(data_url_bytes(url), name="the data: URL image"))
-                elif "://" in url:
-                    raise QwenliteError(
-                        f"image URLs are not fetched for training ({url.partition('://')[0]}://...): save the image "
-                        "and give its path, relative to the data file, or a data: URL"
-                    )
-                else:
-                    images.append(processor.load(folder / url))
+                media.append(reader.read(what, url, folder))
             except QwenliteError as e:
                 raise type(e)(f"{at}: {e}") from None
-            parts.append({"type": "image"})  # the template writes a placeholder per image part; it needs no URL
+            parts.append({"type": what})  # the template writes a placeholder per part; it needs no URL
         out.append({**message, "content": parts})
-    return out, images
+    return out, media
 
 
-def place_images(example: Example, images: list[ImageInput], image_token_id: int, max_len: int) -> None:
-    """Expand each image's one `<|image_pad|>` to its tokens (labels: context) and cut the example to `max_len`,
-    dropping the images after the cut; an image the cut would split is refused."""
-    ids = expand_image_tokens(example.ids, images, image_token_id)  # one placeholder per image, checked
-    counts = iter([image.tokens for image in images])
-    labels = [label for i, label in zip(example.ids, example.labels, strict=True)
-              for _ in range(next(counts) if i == image_token_id else 1)]  # fmt: skip
+def place_media(example: Example, media: list[ImageInput | VideoInput], reader: VisionReader, max_len: int) -> None:
+    """Expand each image's and video's one placeholder to its tokens (labels: context) and cut the example to
+    `max_len`, dropping the inputs whose tokens lie after the cut; an input whose pad tokens the cut would split is
+    refused."""
+    c = reader.config
+    placeholders = {c.image_token_id, c.video_token_id} - {None}
+    found = sum(i in placeholders for i in example.ids)
+    if found != len(media):
+        raise QwenliteError(f"{example.where}: the chat template wrote {found} image and video placeholders for "
+                            f"{len(media)} image and video parts")  # fmt: skip
+    ids, labels, pads = [], [], []  # pads: each input's first and last pad token + 1
+    pending = iter(media)
+    for i, label in zip(example.ids, example.labels, strict=True):
+        if i not in placeholders:
+            ids.append(i)
+            labels.append(label)
+            continue
+        run = reader.expand(i, next(pending))  # an image's pads; a video's times and pads, per temporal patch
+        where = [len(ids) + k for k, t in enumerate(run) if t == i]
+        pads.append((where[0], where[-1] + 1))
+        ids += run
+        labels += [IGNORE] * len(run)  # placeholders sit in user turns: context, never trained
+    for (start, end), m in zip(pads, media, strict=True):
+        if start < max_len < end:
+            what = "a video's" if isinstance(m, VideoInput) else "an image's"
+            raise QwenliteError(f"{example.where}: --max-len {max_len} cuts {what} tokens (raise --max-len)")
     example.ids, example.labels = ids[:max_len], labels[:max_len]
-    pads = example.ids.count(image_token_id)
-    ends = list(itertools.accumulate(image.tokens for image in images))
-    if pads and pads not in ends:
-        raise QwenliteError(f"{example.where}: --max-len {max_len} cuts an image's tokens (raise --max-len)")
-    example.images = images[: ends.index(pads) + 1 if pads else 0]
+    example.images = [m for m, (s, _) in zip(media, pads, strict=True) if s < max_len]
 
 
 def load_sft_data(
     path: str | Path,
     tokenizer: Tokenizer,
     max_len: int,
-    processor: ImageProcessor | None = None,
-    image_token_id: int | None = None,
+    vision: VisionReader | None = None,
 ) -> list[Example]:
-    """Read, validate and encode every conversation (and read its images, through `processor`, None for a model
-    without a vision tower) before training starts, so that bad data fails before any model is loaded or file
+    """Read, validate and encode every conversation (and read its images and videos, through `vision`, None for a
+    model without a vision tower) before training starts, so that bad data fails before any model is loaded or file
     written."""
     examples = []
     for number, record in read_jsonl(path):
@@ -207,10 +253,10 @@ def load_sft_data(
             raise QwenliteError(f"{where}: the conversation has no assistant turn, so nothing to train on")
         if tools is not None and not isinstance(tools, list):
             raise QwenliteError(f'{where}: "tools" must be a list')
-        messages, images = read_images(messages, Path(path).parent, processor, where)
+        messages, media = read_media(messages, Path(path).parent, vision, where)
         example = encode_chat(tokenizer, messages, tools, where=where)
-        if images:
-            place_images(example, images, image_token_id, max_len)
+        if media:
+            place_media(example, media, vision, max_len)
         example.ids, example.labels = example.ids[:max_len], example.labels[:max_len]
         if example.n_trained == 0:
             raise QwenliteError(f"{where}: no assistant token within the first {max_len} tokens (raise --max-len)")
@@ -241,15 +287,15 @@ def train_sft(
         raise QwenliteError("--train-vision trains the tower's own weights, which a LoRA adapter does not hold: "
                             "drop --lora or --train-vision")  # fmt: skip
     tokenizer = Tokenizer.from_dir(model_path)
-    processor = ImageProcessor.from_dir(model_path, config.vision_config) if config.vision_config else None
-    examples = load_sft_data(data_path, tokenizer, settings.max_len, processor, config.image_token_id)
+    vision = VisionReader.from_dir(model_path, tokenizer, config) if config.vision_config else None
+    examples = load_sft_data(data_path, tokenizer, settings.max_len, vision)
     pad_id = pad_token_id(tokenizer)
 
     torch.manual_seed(settings.seed)
     ckpt = load_for_training(model_path, settings, lora, train_vision)
     model = ckpt.model
     if model.visual is None and (ex := next((ex for ex in examples if ex.images), None)):
-        raise QwenliteError(f"{ex.where}: an image, but {model_path} holds no vision tower weights")
+        raise QwenliteError(f"{ex.where}: an image or a video, but {model_path} holds no vision tower weights")
     optimizer = make_optimizer(model, settings.lr, settings.weight_decay, FINE_TUNING_BETAS)
     total_steps = settings.total_steps(len(examples))
     per_step = settings.batch_size * settings.grad_accum
@@ -261,7 +307,7 @@ def train_sft(
         loss = 0.0
         for i in range(0, per_step, settings.batch_size):  # gradient accumulation over micro-batches
             micro = batch[i : i + settings.batch_size]
-            # A row with images runs alone (its features and rotary positions are its own); the others padded.
+            # A row with images or videos runs alone (its features and rotary positions are its own); the others padded.
             plain = [ex for ex in micro if not ex.images]
             for rows in [[ex] for ex in micro if ex.images] + ([plain] if plain else []):
                 ids, labels = pad_batch([(ex.ids, ex.labels) for ex in rows], pad_id)
