@@ -1,6 +1,7 @@
 """The web chat page in headless Chromium (Debian's, driven by Playwright; no browser download). Against the real
 server: send a message and see the streamed answer, stop an answer, start a new chat, reasoning in its own block,
-API key prompt, an answer's speed and context; images attached by button, paste and drop, shown as thumbnails.
+API key prompt, an answer's speed and context; images and videos attached by button, paste and drop, shown as
+thumbnails (a video by its first frame), sent as image_url / video_url parts, a bad video's 400 shown as its error.
 Against canned answers (page.route on /v1/chat/completions, the page being the unit under test): Markdown with
 highlighted, copyable code, tables and math; sanitising; incremental rendering; settings, conversations,
 regenerate and edit-and-resend, each checked on the requests the page sends."""
@@ -19,12 +20,15 @@ import httpx
 import pytest
 from PIL import Image
 from playwright.sync_api import Page, expect, sync_playwright
+from test_video import write_video
 
 import qwenlite
 from qwenlite.io.checkpoint import load_checkpoint
 from qwenlite.io.images import ImageProcessor
+from qwenlite.io.video import VideoProcessor
 from qwenlite.serve.app import create_app
 from qwenlite.serve.engine import Engine
+from qwenlite.serve.image_urls import MAX_IMAGE_BYTES, MAX_VIDEO_BYTES
 from qwenlite.text.tokenizer import Tokenizer
 
 from helpers import LiveServer, make_multimodal_checkpoint, tiny_checkpoint, wait_until
@@ -150,17 +154,18 @@ def live_mm(tmp_path_factory, qwen35_tokenizer_dir):
     path = tmp_path_factory.mktemp("multimodal-web")
     make_multimodal_checkpoint(path, qwen35_tokenizer_dir)
     engine = Engine(load_checkpoint(path, vision=True).model, max_concurrency=2, max_queue=4, ctx=1024)
-    app = create_app(engine, Tokenizer.from_dir(path), "mm", images=ImageProcessor.from_dir(path))
+    app = create_app(engine, Tokenizer.from_dir(path), "mm", images=ImageProcessor.from_dir(path),
+                     videos=VideoProcessor.from_dir(path))  # fmt: skip
     server = LiveServer(app, engine)
     yield server
     server.stop()
 
 
 # A File made in the page from base64 bytes, handed over as a paste into the input or a drop on the page.
-HAND_OVER = """([b64, kind]) => {
+HAND_OVER = """([b64, kind, name = "picture.png", type = "image/png"]) => {
   const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
   const data = new DataTransfer();
-  data.items.add(new File([bytes], "picture.png", { type: "image/png" }));
+  data.items.add(new File([bytes], name, { type }));
   if (kind === "paste") {
     document.getElementById("input").dispatchEvent(new ClipboardEvent("paste", { clipboardData: data, bubbles: true }));
   } else {
@@ -193,6 +198,51 @@ def test_images_attach_by_button_paste_and_drop_and_show_as_thumbnails(browser, 
     expect(page.locator("#send")).to_be_visible()
     page.reload()  # the conversation, images included, is kept in the browser
     expect(page.locator(".msg.user .thumbs img")).to_have_count(2)
+
+
+def test_videos_attach_show_a_frame_and_go_as_video_url_parts(browser, live_mm, tmp_path):
+    """By button: the clip shows its first frame, goes as a video_url data: URL part and the model answers it. By
+    paste: over the page's limit (lowered here; the page states the server's), named in the notice, not attached.
+    By drop: a corrupt clip's 400 shows as the answer's error and the page is ready again."""
+    clip = write_video(tmp_path / "clip.webm", 8, 64, 48, 4, codec="libvpx")  # VP8: every Chromium plays it
+    b64 = base64.b64encode(clip.read_bytes()).decode()
+    page = browser.new_context().new_page()
+    bodies = []
+    page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/chat/completions") else None)
+    page.goto(live_mm.url + "/")
+    expect(page.locator("#model")).to_have_text("mm")
+    assert page.evaluate("LIMITS") == {"image": MAX_IMAGE_BYTES, "video": MAX_VIDEO_BYTES}
+    expect(page.locator("#attach")).to_have_attribute(
+        "title", re.compile(r"images \(up to 20 MB\) or videos \(up to 64 MB\)")
+    )
+
+    page.set_input_files("#file", str(clip))
+    expect(page.locator("#attachments video")).to_have_count(1)
+    send(page, "What happens?")
+    shown = page.locator(".msg.user .thumbs video")
+    expect(shown).to_have_count(1)
+    expect(page.locator(".msg.assistant .content")).not_to_be_empty()  # the server took the video part
+    expect(page.locator(".msg .error")).to_have_count(0)
+    page.locator("#stop").click()
+    expect(page.locator("#send")).to_be_visible()
+    (part, text) = bodies[0]["messages"][-1]["content"]
+    assert part == {"type": "video_url", "video_url": {"url": "data:video/webm;base64," + b64}}
+    assert text == {"type": "text", "text": "What happens?"}
+    wait_until(lambda: shown.evaluate("(v) => v.readyState >= 2 && v.videoWidth === 64"))  # its first frame decoded
+
+    page.evaluate("LIMITS.video = 1000")
+    page.evaluate(HAND_OVER, [b64, "paste", "big.webm", "video/webm"])
+    expect(page.locator("#notice")).to_have_text(re.compile(r"big\.webm is \d+ KB: videos up to 1 KB are sent"))
+    expect(page.locator("#attachments video")).to_have_count(0)
+    page.evaluate("LIMITS.video = 64 << 20")
+
+    page.evaluate(HAND_OVER, [base64.b64encode(b"not a video at all").decode(), "drop", "bad.mp4", "video/mp4"])
+    expect(page.locator("#attachments video")).to_have_count(1)
+    expect(page.locator("#notice")).to_be_empty()
+    send(page, "And this one?")
+    expect(page.locator(".msg .error")).to_contain_text("messages.2.content.0.video_url is not a video")
+    expect(page.locator("#send")).to_be_visible()
+    assert len(bodies) == 2
 
 
 # --- canned answers: the page under test --------------------------------------------------------------------

@@ -8,7 +8,10 @@ const $ = (id) => document.getElementById(id);
 const log = $("log"), input = $("input"), sendBtn = $("send"), stopBtn = $("stop"), thinkBox = $("think");
 
 let model = null, maxContext = null, controller = null;
-let attached = []; // data: URLs of the images for the next message
+let attached = []; // the image_url / video_url parts of the next message, their data: URLs inline
+// What the server reads at most (serve/image_urls.py: MAX_IMAGE_BYTES, MAX_VIDEO_BYTES); the page refuses more.
+const LIMITS = { image: 20 << 20, video: 64 << 20 };
+const VIDEO_FILES = /\.(mp4|m4v|webm|mkv|mov|avi|ogv)$/i; // a video the browser gave no type (some systems do)
 let views = new Map(); // message -> its view in the log
 
 // --- storage -------------------------------------------------------------------------------------------------
@@ -70,21 +73,26 @@ let chat = openChat();
 
 // --- messages --------------------------------------------------------------------------------------------------
 
-// A message's content is a string, or OpenAI parts: {type: "text", text} and {type: "image_url", image_url: {url}}.
+// A message's content is a string, or OpenAI parts: {type: "text", text}, {type: "image_url", image_url: {url}} and
+// vLLM's {type: "video_url", video_url: {url}}.
 function textOf(content) {
   return typeof content === "string" ? content : content.filter((p) => p.type === "text").map((p) => p.text).join("");
 }
-function imagesOf(content) {
-  return typeof content === "string" ? [] : content.filter((p) => p.type === "image_url").map((p) => p.image_url.url);
+function mediaOf(content) {
+  return typeof content === "string" ? [] : content.filter((p) => p.type === "image_url" || p.type === "video_url");
 }
-function withImages(images, text) {
-  return images.length ? [...images.map((url) => ({ type: "image_url", image_url: { url } })), { type: "text", text }] : text;
+function withMedia(media, text) {
+  return media.length ? [...media, { type: "text", text }] : text;
+}
+function urlOf(part) {
+  return (part.image_url || part.video_url).url;
 }
 
 function titleOf(c) {
   const first = c.messages.find((m) => m.role === "user");
   const text = first ? textOf(first.content).trim().replace(/\s+/g, " ") : "";
-  return text.slice(0, 60) || (first ? "(image)" : "New chat");
+  const media = first ? mediaOf(first.content) : [];
+  return text.slice(0, 60) || (media.length ? (media[0].type === "video_url" ? "(video)" : "(image)") : "New chat");
 }
 
 function element(tag, className = "", text = "") {
@@ -101,13 +109,19 @@ function button(text, className, onClick) {
   return b;
 }
 
-function thumbnails(urls) {
+// Images as themselves, videos as their first frame (with controls to play them where `playable`).
+function thumbnails(parts, playable) {
   const box = element("div", "thumbs");
-  for (const url of urls) {
-    const img = element("img");
-    img.src = url;
-    img.alt = "attached image";
-    box.append(img);
+  for (const part of parts) {
+    const video = part.type === "video_url", media = element(video ? "video" : "img");
+    media.src = urlOf(part);
+    if (video) {
+      media.preload = "metadata";
+      media.muted = true;
+      media.controls = playable;
+      media.title = "attached video";
+    } else media.alt = "attached image";
+    box.append(media);
   }
   return box;
 }
@@ -131,7 +145,7 @@ function messageView(message, index) {
   const user = message.role === "user";
   const div = element("div", "msg " + message.role);
   div.append(element("div", "role", user ? "You" : "Assistant"));
-  if (imagesOf(message.content).length) div.append(thumbnails(imagesOf(message.content)));
+  if (mediaOf(message.content).length) div.append(thumbnails(mediaOf(message.content), true));
   const details = element("details"), reasoning = element("div", "reasoning");
   details.append(element("summary", "", "Reasoning"), reasoning);
   if (!user) div.append(details); // reasoning, collapsed
@@ -342,10 +356,11 @@ async function answer() {
 }
 
 function send(text) {
-  const images = attached;
+  const media = attached;
   attached = [];
   showAttached();
-  chat.messages.push({ role: "user", content: withImages(images, text) });
+  $("notice").textContent = "";
+  chat.messages.push({ role: "user", content: withMedia(media, text) });
   answer();
 }
 
@@ -361,9 +376,9 @@ function edit(index, div) {
   const editor = element("div", "editor"), area = element("textarea");
   area.value = textOf(message.content);
   const resend = () => {
-    if (controller || !(area.value.trim() || imagesOf(message.content).length)) return;
+    if (controller || !(area.value.trim() || mediaOf(message.content).length)) return;
     chat.messages = chat.messages.slice(0, index);
-    chat.messages.push({ role: "user", content: withImages(imagesOf(message.content), area.value.trim()) });
+    chat.messages.push({ role: "user", content: withMedia(mediaOf(message.content), area.value.trim()) });
     answer();
   };
   const buttons = element("div", "buttons");
@@ -388,17 +403,39 @@ function edit(index, div) {
 
 function showAttached() {
   const box = $("attachments");
-  box.replaceChildren(...thumbnails(attached).children);
-  [...box.children].forEach((img, i) => img.addEventListener("click", () => { attached.splice(i, 1); showAttached(); }));
+  box.replaceChildren(...thumbnails(attached, false).children);
+  [...box.children].forEach((e, i) => e.addEventListener("click", () => { attached.splice(i, 1); showAttached(); }));
 }
 
+function sizeText(bytes) {
+  return bytes < 1 << 20 ? `${Math.ceil(bytes / 1024)} KB` : `${(bytes / (1 << 20)).toFixed(bytes < 10 << 20 ? 1 : 0)} MB`;
+}
+
+// Images and videos become parts of the next message; anything else, or a file over the server's limit, is named
+// in the notice instead.
 function attach(files) {
+  const refused = [];
   for (const file of files) {
-    if (!file.type.startsWith("image/")) continue;
+    const kind = file.type.startsWith("image/") ? "image"
+      : file.type.startsWith("video/") || (!file.type && VIDEO_FILES.test(file.name)) ? "video" : null;
+    if (!kind) {
+      refused.push(`${file.name} is neither an image nor a video`);
+      continue;
+    }
+    if (file.size > LIMITS[kind]) {
+      refused.push(`${file.name} is ${sizeText(file.size)}: ${kind}s up to ${sizeText(LIMITS[kind])} are sent`);
+      continue;
+    }
     const reader = new FileReader();
-    reader.onload = () => { attached.push(reader.result); showAttached(); };
+    reader.onload = () => {
+      const part = kind === "video" ? { type: "video_url", video_url: { url: reader.result } }
+        : { type: "image_url", image_url: { url: reader.result } };
+      attached.push(part);
+      showAttached();
+    };
     reader.readAsDataURL(file);
   }
+  $("notice").textContent = refused.join("; ");
 }
 
 // --- settings ----------------------------------------------------------------------------------------------------
@@ -439,7 +476,10 @@ input.addEventListener("keydown", (e) => {
 });
 stopBtn.addEventListener("click", () => controller && controller.abort());
 const fileInput = $("file");
-$("attach").addEventListener("click", () => fileInput.click());
+const attachButton = $("attach");
+attachButton.title = `Attach images (up to ${sizeText(LIMITS.image)}) or videos ` +
+  `(up to ${sizeText(LIMITS.video)}); or paste, or drop them here`;
+attachButton.addEventListener("click", () => fileInput.click());
 fileInput.addEventListener("change", () => { attach(fileInput.files); fileInput.value = ""; });
 input.addEventListener("paste", (e) => {
   const files = [...(e.clipboardData ? e.clipboardData.files : [])];
