@@ -313,9 +313,10 @@ def test_data_urls_and_paths_read_the_same_image(checkpoint, tmp_path):
     assert a.ids.count(VIDEO_PAD) == a.images[0].tokens == 8
 
 
-def test_max_len_keeps_whole_images_only(checkpoint, tmp_path):
+def test_max_len_keeps_whole_images_and_videos_only(checkpoint, tmp_path):
     _, base, tok = checkpoint
     (tmp_path / "a.png").write_bytes(encoded(picture(64, 96)))
+    write_video(tmp_path / "a.mp4", *CLIP)
     data = write_jsonl(tmp_path / "data.jsonl", [image_row("a.png")])
     processor = reader(base, tok)
     (full,) = load_sft_data(data, tok, 4096, processor)
@@ -330,6 +331,17 @@ def test_max_len_keeps_whole_images_only(checkpoint, tmp_path):
     (cut,) = load_sft_data(data, tok, full.ids.index(IMAGE_PAD), processor)
     assert (len(full.images), len(cut.images), cut.ids) == (1, 0, full.ids[: len(cut.ids)])
     assert IMAGE_PAD not in cut.ids and cut.n_trained > 0
+    # A video: its first pad to its last is whole or not there (the cut may fall in its times or after its pads).
+    later["messages"][2] = image_row("a.mp4", kind="video_url")["messages"][0]
+    data = write_jsonl(tmp_path / "video.jsonl", [later])
+    (full,) = load_sft_data(data, tok, 4096, processor)
+    pads = [t for t, i in enumerate(full.ids) if i == VIDEO_PAD]
+    assert len(pads) == 8 and pads[-1] - pads[0] > 7  # two runs, the second patch's time between them
+    with pytest.raises(QwenliteError, match=f"video.jsonl:1: --max-len {pads[4]} cuts a video's tokens"):
+        load_sft_data(data, tok, pads[4], processor)  # between the two temporal patches
+    (before,) = load_sft_data(data, tok, pads[0], processor)
+    (after,) = load_sft_data(data, tok, pads[-1] + 1, processor)
+    assert (len(before.images), len(after.images), after.ids) == (0, 1, full.ids[: pads[-1] + 1])
 
 
 def test_a_text_only_model_refuses_image_rows_in_one_line(tmp_path, capsys):
