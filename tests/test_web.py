@@ -203,10 +203,12 @@ def test_images_attach_by_button_paste_and_drop_and_show_as_thumbnails(browser, 
 def test_videos_attach_show_a_frame_and_go_as_video_url_parts(browser, live_mm, tmp_path):
     """By button: the clip shows its first frame, goes as a video_url data: URL part and the model answers it. By
     paste: over the page's limit (lowered here; the page states the server's), named in the notice, not attached.
-    By drop: a corrupt clip's 400 shows as the answer's error and the page is ready again."""
+    By drop: a corrupt clip's 400 shows as the answer's error and the page is ready again. A conversation the
+    browser's storage refuses (videos fill it fast) is said to live in this tab only."""
     clip = write_video(tmp_path / "clip.webm", 8, 64, 48, 4, codec="libvpx")  # VP8: every Chromium plays it
     b64 = base64.b64encode(clip.read_bytes()).decode()
-    page = browser.new_context().new_page()
+    context = browser.new_context()
+    page = context.new_page()
     bodies = []
     page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/chat/completions") else None)
     page.goto(live_mm.url + "/")
@@ -239,10 +241,14 @@ def test_videos_attach_show_a_frame_and_go_as_video_url_parts(browser, live_mm, 
     page.evaluate(HAND_OVER, [base64.b64encode(b"not a video at all").decode(), "drop", "bad.mp4", "video/mp4"])
     expect(page.locator("#attachments video")).to_have_count(1)
     expect(page.locator("#notice")).to_be_empty()
+    full = "() => { Storage.prototype.setItem = () => { throw new DOMException('full', 'QuotaExceededError'); }; }"
+    page.evaluate(full)
     send(page, "And this one?")
     expect(page.locator(".msg .error")).to_contain_text("messages.2.content.0.video_url is not a video")
     expect(page.locator("#send")).to_be_visible()
     assert len(bodies) == 2
+    expect(page.locator("#notice")).to_contain_text("too large for this browser's storage")  # and says so
+    context.close()
 
 
 # --- canned answers: the page under test --------------------------------------------------------------------

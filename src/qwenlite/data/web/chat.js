@@ -27,8 +27,10 @@ function loadJSON(key, fallback) {
 function saveJSON(key, value) {
   try {
     localStorage.setItem(key, JSON.stringify(value));
-  } catch (e) { // images can outgrow the browser's storage: the conversation then lives in this tab only
+    return true;
+  } catch (e) { // images and videos can outgrow the browser's storage: the conversation then lives in this tab only
     console.warn(key + " not saved:", e);
+    return false;
   }
 }
 
@@ -42,8 +44,11 @@ function newChat() {
 // An empty conversation is not stored: "New chat" twice leaves nothing behind.
 function saveChat(chat) {
   if (chat.deleted) return; // an answer stopped by its conversation's deletion
-  if (chat.messages.length) saveJSON(CHAT + chat.id, chat);
-  else localStorage.removeItem(CHAT + chat.id);
+  if (!chat.messages.length) localStorage.removeItem(CHAT + chat.id);
+  else if (!saveJSON(CHAT + chat.id, chat)) {
+    $("notice").textContent = "This conversation, its images and videos, is too large for this browser's storage: " +
+      "it is kept in this tab only";
+  }
 }
 
 function storedChats() {
@@ -218,6 +223,7 @@ function switchTo(id) {
   if (controller) controller.abort();
   chat = id ? loadJSON(CHAT + id, null) || newChat() : newChat();
   localStorage.setItem(CURRENT, chat.id);
+  $("notice").textContent = "";
   document.body.classList.remove("show-chats");
   renderAll(true);
   input.focus();
