@@ -38,8 +38,8 @@ OpenAI shape (roles system/user/assistant/tool; assistant turns may carry reason
 Conversations are rendered with MODEL's own chat template. A user message's content may hold OpenAI image parts,
 {"type": "image_url", "image_url": {"url": ...}}, and video parts, {"type": "video_url", "video_url": {"url": ...}},
 the url a base64 data: URL or a file path relative to DATA's folder; MODEL's vision tower reads them, frozen unless
---train-vision. OUT receives a checkpoint (full fine-tuning,
-with the tower) or a PEFT adapter (--lora R; with --merge also the merged checkpoint in OUT/merged)."""
+--train-vision. OUT receives a checkpoint (full fine-tuning, with the tower) or a PEFT adapter (--lora R; with
+--merge also the merged checkpoint in OUT/merged)."""
 
 DPO_HELP = """Preference-tune MODEL with DPO (sigmoid loss) against the frozen starting model.
 DATA is JSONL, one pair per line: {"prompt": ..., "chosen": ..., "rejected": ..., "tools": [...]} where prompt is a

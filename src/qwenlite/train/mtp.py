@@ -13,7 +13,7 @@ decode time.
 The head starts from the checkpoint's (`init="checkpoint"`, when it has one) or from the documented
 initialisation, and the whole checkpoint is written again with the new `mtp.*` tensors, atomically, so that
 `qwenlite run OUT --speculate K` uses it; a vision tower is loaded and written as SFT does (posttrain.py), unchanged,
-so the result still reads images and videos. The head is fitted on text: rows with images are refused.
+so the result still reads images and videos. The head is fitted on text: rows with images or videos are refused.
 """
 
 from __future__ import annotations
