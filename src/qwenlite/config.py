@@ -22,7 +22,14 @@ ARCHITECTURES = {"qwen3_5_text": "Qwen3_5ForCausalLM", "qwen3_5_moe_text": "Qwen
 # `qwen3_5_moe_text`), and what transformers' Qwen3_5MoeTextConfig assumes for a key config.json leaves out, where
 # ours (Qwen3.5-0.8B's) differ.
 MOE_FAMILIES = ("qwen3_5_moe", "qwen3_5_moe_text")
-MOE_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
+MOE_KEYS = (
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "output_router_logits",
+    "router_aux_loss_coef",
+)
 MOE_DEFAULTS: dict[str, Any] = {"hidden_size": 2048, "num_hidden_layers": 40, "num_attention_heads": 16,
                                 "max_position_embeddings": 32768, "tie_word_embeddings": False,
                                 "linear_num_value_heads": 32, "num_experts": 256, "num_experts_per_tok": 8,
@@ -107,6 +114,10 @@ class ModelConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
+    # Training a MoE: whether the objective adds the router's load-balancing loss, scaled by the coefficient, as
+    # transformers' Qwen3_5MoeForCausalLM adds it to `loss` (off by default there too; train/moe.py computes it).
+    output_router_logits: bool = False
+    router_aux_loss_coef: float = 0.001
     dtype: str = "bfloat16"
     eos_token_id: int | list[int] | None = None
     # Multimodal rotary positions (rope_parameters' mrope_section: rotary frequencies per t / h / w stream,

@@ -31,16 +31,17 @@ from qwenlite.errors import QwenliteError
 from qwenlite.text.tokenizer import Tokenizer
 from qwenlite.train.common import FINE_TUNING_BETAS, Logger, TrainSettings, make_optimizer, run_steps
 from qwenlite.train.lora import lora_disabled
+from qwenlite.train.moe import aux_loss_enabled
 from qwenlite.train.posttrain import (
     LoRASettings,
     epoch_order,
+    forward_logprobs,
     load_for_training,
     log_line,
     pad_batch,
     pad_token_id,
     read_jsonl,
     save_result,
-    token_logprobs,
 )
 from qwenlite.train.sft import Example, encode_chat
 
@@ -91,10 +92,12 @@ def load_dpo_data(path: str | Path, tokenizer: Tokenizer, max_len: int) -> list[
     return pairs
 
 
-def sequence_logps(model, examples: list[Example], pad_id: int) -> torch.Tensor:
-    """Summed log-probability of each example's labelled tokens: (N,) fp32."""
+def sequence_logps(model, examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed log-probability of each example's labelled tokens: (N,) fp32; and a MoE's load-balancing loss of that
+    forward (train/moe.py), None where the config does not ask for it."""
     ids, labels = pad_batch([(ex.ids, ex.labels) for ex in examples], pad_id)
-    return token_logprobs(model, ids, labels).sum(-1)
+    logps, aux = forward_logprobs(model, ids, labels, lengths=[len(ex.ids) for ex in examples])
+    return logps.sum(-1), aux
 
 
 @torch.no_grad()
@@ -105,7 +108,7 @@ def reference_logps(model, pairs: list[Pair], pad_id: int, batch_size: int) -> N
     with lora_disabled(model):
         for i in range(0, len(pairs), batch_size):
             batch = pairs[i : i + batch_size]
-            logps = sequence_logps(model, [p.chosen for p in batch] + [p.rejected for p in batch], pad_id)
+            logps, _ = sequence_logps(model, [p.chosen for p in batch] + [p.rejected for p in batch], pad_id)
             for p, c, r in zip(batch, logps[: len(batch)].tolist(), logps[len(batch) :].tolist(), strict=True):
                 p.ref_chosen, p.ref_rejected = c, r
     model.train(was_training)
@@ -152,19 +155,25 @@ def train_dpo(
 
     def train_step() -> tuple[dict, int]:  # one optimizer step's micro-batches; the loop is common.run_steps
         stats = torch.zeros(4)  # loss, chosen reward, rejected reward, accuracy: summed over the step's pairs
-        tokens = 0
+        tokens, aux_loss = 0, 0.0
         for _ in range(settings.grad_accum):
             batch = [pairs[next(order)] for _ in range(settings.batch_size)]
-            logps = sequence_logps(model, [p.chosen for p in batch] + [p.rejected for p in batch], pad_id)
+            logps, aux = sequence_logps(model, [p.chosen for p in batch] + [p.rejected for p in batch], pad_id)
             ref = torch.tensor([[p.ref_chosen for p in batch], [p.ref_rejected for p in batch]], device=logps.device)
             losses, chosen_r, rejected_r = dpo_loss(logps[: len(batch)], logps[len(batch) :], ref[0], ref[1], beta)
-            (losses.sum() / per_step).backward()
+            objective = losses.sum() / per_step
+            if aux is not None:  # a MoE's load-balancing loss (train/moe.py), as TRL adds it: its mean per step
+                aux_loss += aux.item() / settings.grad_accum
+                objective = objective + model.config.router_aux_loss_coef * aux / settings.grad_accum
+            objective.backward()
             stats += torch.stack([losses.detach().sum(), chosen_r.sum(), rejected_r.sum(),
                                   (chosen_r > rejected_r).float().sum()]).cpu()  # fmt: skip
             tokens += sum(len(p.chosen.ids) + len(p.rejected.ids) for p in batch)
         loss, chosen, rejected, accuracy = (stats / per_step).tolist()
         fields = {"loss": loss, "reward_chosen": chosen, "reward_rejected": rejected,
                   "reward_margin": chosen - rejected, "accuracy": accuracy}  # fmt: skip
+        if aux_loss_enabled(model.config):
+            fields["aux_loss"] = aux_loss
         return fields, tokens
 
     history = run_steps(model, optimizer, settings, total_steps, train_step, log)

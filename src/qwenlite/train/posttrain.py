@@ -6,6 +6,7 @@ What differs, one optimizer step's micro-batches, lives in `sft.py` and `dpo.py`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,6 +24,7 @@ from qwenlite.model.vision import ImageInput, VideoInput, embed_prompt
 from qwenlite.text.tokenizer import ENDOFTEXT, IM_END, Tokenizer
 from qwenlite.train.common import TrainSettings
 from qwenlite.train.lora import DEFAULT_TARGETS, apply_lora, merge_lora, save_adapter
+from qwenlite.train.moe import aux_loss_enabled, load_balancing_loss, padding_mask, recording_router_logits
 
 IGNORE = -100  # label of a token that is context, not target
 
@@ -95,24 +97,44 @@ def token_logprobs(
 ) -> torch.Tensor:
     """log p(labels[b, t] | ids[b, :t]) at every labelled position, 0 elsewhere: (B, T-1) fp32. `images` (images and
     videos) fill the `<|image_pad|>` / `<|video_pad|>` runs of a single row (B = 1), their features and rotary
-    positions as inference takes them.
+    positions as inference takes them."""
+    return forward_logprobs(model, ids, labels, images)[0]
+
+
+def forward_logprobs(
+    model: Qwen3_5ForCausalLM,
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    images: Sequence[ImageInput | VideoInput] = (),
+    lengths: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_logprobs`, and the router's load-balancing loss of the same forward (train/moe.py) over the rows' real
+    tokens (`lengths`: each row's before its padding; None: all), or None unless the model is a MoE whose config
+    asks for it. The model sees every token of ids, as transformers' forward with labels does (the last one
+    predicts nothing but is routed).
 
     The head runs only on the labelled positions: on a 248K vocabulary, full logits of a long batch would be
     the largest tensor of the step."""
     device = model.model.embed_tokens.weight.device
     ids, labels = ids.to(device), labels.to(device)
-    if images:
-        # A frozen tower builds no graph: neither its weights nor the pixels require grad.
-        embeds, positions, _ = embed_prompt(model, ids[0].tolist(), images)
-        hidden = model.model(ids[:, :-1], embeds=embeds[:, :-1], positions=positions[:, :-1])
-    else:
-        hidden = model.model(ids[:, :-1])  # (B, T-1, H), position t predicts token t+1
+    aux = aux_loss_enabled(model.config)
+    with recording_router_logits(model) if aux else contextlib.nullcontext() as router_logits:
+        if images:
+            # A frozen tower builds no graph: neither its weights nor the pixels require grad.
+            embeds, positions, _ = embed_prompt(model, ids[0].tolist(), images)
+            hidden = model.model(ids, embeds=embeds, positions=positions)
+        else:
+            hidden = model.model(ids)  # (B, T, H), position t predicts token t+1
     targets = labels[:, 1:]
     mask = targets != IGNORE
-    logits = model.lm_head(hidden[mask]).float()  # (N, V)
+    logits = model.lm_head(hidden[:, :-1][mask]).float()  # (N, V)
     picked = -F.cross_entropy(logits, targets[mask], reduction="none")
     out = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
-    return out.masked_scatter(mask, picked)
+    out = out.masked_scatter(mask, picked)
+    if not aux:
+        return out, None
+    real = None if lengths is None else padding_mask(lengths, ids.shape[1])
+    return out, load_balancing_loss(router_logits, model.config.num_experts_per_tok, real)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,17 +46,18 @@ from qwenlite.io.video import VideoProcessor, expand_vision_tokens
 from qwenlite.model.vision import ImageInput, VideoInput
 from qwenlite.text.tokenizer import ASSISTANT_HEADER, IM_END, IM_START, ChatTemplateError, Tokenizer
 from qwenlite.train.common import FINE_TUNING_BETAS, Logger, TrainSettings, make_optimizer, run_steps
+from qwenlite.train.moe import aux_loss_enabled
 from qwenlite.train.posttrain import (
     IGNORE,
     LoRASettings,
     epoch_order,
+    forward_logprobs,
     load_for_training,
     log_line,
     pad_batch,
     pad_token_id,
     read_jsonl,
     save_result,
-    token_logprobs,
 )
 
 
@@ -304,18 +305,24 @@ def train_sft(
     def train_step() -> tuple[dict, int]:  # one optimizer step's micro-batches; the loop is common.run_steps
         batch = [examples[next(order)] for _ in range(per_step)]
         n_trained = sum(ex.n_trained for ex in batch)
-        loss = 0.0
+        loss = aux_loss = 0.0
         for i in range(0, per_step, settings.batch_size):  # gradient accumulation over micro-batches
             micro = batch[i : i + settings.batch_size]
             # A row with images or videos runs alone (its features and rotary positions are its own); the others padded.
             plain = [ex for ex in micro if not ex.images]
             for rows in [[ex] for ex in micro if ex.images] + ([plain] if plain else []):
                 ids, labels = pad_batch([(ex.ids, ex.labels) for ex in rows], pad_id)
+                logps, aux = forward_logprobs(model, ids, labels, rows[0].images, [len(ex.ids) for ex in rows])
                 # The mean over the whole step's trained tokens, however they fall into micro-batches.
-                micro_loss = -token_logprobs(model, ids, labels, rows[0].images).sum() / n_trained
-                micro_loss.backward()
+                micro_loss = -logps.sum() / n_trained
                 loss += micro_loss.item()
-        return {"loss": loss, "trained_tokens": n_trained}, sum(len(ex.ids) for ex in batch)
+                if aux is not None:  # a MoE's load-balancing loss (train/moe.py), its mean over the step's rows
+                    aux = aux * len(rows) / per_step
+                    aux_loss += aux.item()
+                    micro_loss = micro_loss + model.config.router_aux_loss_coef * aux
+                micro_loss.backward()
+        fields = {"loss": loss, **({"aux_loss": aux_loss} if aux_loss_enabled(model.config) else {})}
+        return {**fields, "trained_tokens": n_trained}, sum(len(ex.ids) for ex in batch)
 
     history = run_steps(model, optimizer, settings, total_steps, train_step, log)
     save_result(ckpt, out_dir, lora, history)
