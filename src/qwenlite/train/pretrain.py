@@ -53,6 +53,7 @@ from qwenlite.text.vocab import write_tokenizer_files
 from qwenlite.train import common
 from qwenlite.train import distributed as ddp
 from qwenlite.train.data import BatchIterator, PackedSequences, held_out_batches, pack_corpus, tokenize_corpus
+from qwenlite.train.moe import aux_loss_enabled, load_balancing_loss, recording_router_logits
 from qwenlite.train.plots import plot_loss_curve
 
 VOCAB_MULTIPLE = 256  # a preset's vocabulary is the tokenizer's rounded up to this (Qwen3.5: 248077 -> 248320)
@@ -82,7 +83,8 @@ class TrainConfig:
     mtp: bool = False  # train a multi-token-prediction head with the model (the checkpoint's mtp.*)
     mtp_weight: float = 0.3  # its loss's weight in the objective, DeepSeek-V3's for most of its run
 
-    def validate(self) -> None:
+    def validate(self, model: ModelConfig | None = None) -> None:
+        """Refuse settings out of range, and (given the model's config) paths not built for its family."""
         positive = ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "save_every", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
@@ -93,6 +95,16 @@ class TrainConfig:
             raise QwenliteError("--mtp trains with DDP or in one process; FSDP does not shard the head yet")
         if self.mtp_weight < 0:
             raise QwenliteError(f"mtp_weight must be >= 0, got {self.mtp_weight}")
+        if model is not None and self.mtp and model.dense:
+            raise QwenliteError(
+                f"--mtp: a {model.model_type} model has no multi-token-prediction head (transformers, vLLM and "
+                "llama.cpp define none); Qwen3.5 and Qwen3.5 MoE have one"
+            )
+        if model is not None and self.fsdp and model.moe:
+            raise QwenliteError(
+                "--fsdp is not built for a mixture of experts yet (an expert that no token on a rank chose has no "
+                "gradient there, which FSDP2's reduce-scatter needs): train it with DDP, without --fsdp"
+            )
 
 
 @dataclass
@@ -163,15 +175,33 @@ class WithMTP(torch.nn.Module):
         return lm.lm_head(hidden).float(), lm.lm_head(drafted).float()
 
 
-def training_loss(wrapped: torch.nn.Module, batch: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
-    """batch (B, T + 1) -> (the objective, its parts): next-token cross-entropy, plus with `cfg.mtp` the head's
-    cross-entropy on the token after next, weighted by `mtp_weight`."""
-    if not cfg.mtp:
-        loss = causal_lm_loss(wrapped(batch[:, :-1]), batch[:, 1:])
-        return loss, {"loss": loss.detach()}
-    logits, drafted = wrapped(batch[:, :-1])
-    loss, mtp_loss = causal_lm_loss(logits, batch[:, 1:]), causal_lm_loss(drafted, batch[:, 2:])
-    return loss + cfg.mtp_weight * mtp_loss, {"loss": loss.detach(), "mtp_loss": mtp_loss.detach()}
+def training_loss(
+    wrapped: torch.nn.Module, batch: torch.Tensor, cfg: TrainConfig, model: Qwen3_5ForCausalLM
+) -> tuple[torch.Tensor, dict]:
+    """batch (B, T + 1) -> (the objective, its parts): next-token cross-entropy ("loss"); with `cfg.mtp`, plus the
+    head's cross-entropy on the token after next ("mtp_loss") weighted by `mtp_weight`; for a MoE whose config
+    sets `output_router_logits`, plus the router's load-balancing loss ("aux_loss", train/moe.py) weighted by
+    `router_aux_loss_coef`, as transformers' loss. `model`: the one `wrapped` runs, whose routers are read."""
+    aux = aux_loss_enabled(model.config)
+    with recording_router_logits(model) if aux else contextlib.nullcontext() as router_logits:
+        out = wrapped(batch[:, :-1])
+    if cfg.mtp:
+        logits, drafted = out
+        loss, mtp_loss = causal_lm_loss(logits, batch[:, 1:]), causal_lm_loss(drafted, batch[:, 2:])
+        objective, parts = loss + cfg.mtp_weight * mtp_loss, {"loss": loss.detach(), "mtp_loss": mtp_loss.detach()}
+    else:
+        loss = objective = causal_lm_loss(out, batch[:, 1:])
+        parts = {"loss": loss.detach()}
+    if aux:
+        aux_loss = load_balancing_loss(router_logits, model.config.num_experts_per_tok)
+        objective = objective + model.config.router_aux_loss_coef * aux_loss
+        parts["aux_loss"] = aux_loss.detach()
+    return objective, parts
+
+
+def loss_parts(cfg: TrainConfig, config: ModelConfig) -> tuple[str, ...]:
+    """The parts of the objective that `training_loss` returns, logged each step."""
+    return ("loss",) + ("mtp_loss",) * cfg.mtp + ("aux_loss",) * aux_loss_enabled(config)
 
 
 @torch.no_grad()
@@ -223,7 +253,7 @@ def pretrain(
     Each step: `grad_accum` micro-batches forward and backward (bf16 autocast on CUDA, fp32 on CPU), gradients
     clipped to `grad_clip`, one AdamW step at `lr_at(step)`; then logging, held-out evaluation and
     checkpointing at their intervals."""
-    cfg.validate()
+    cfg.validate(model_config)
     out = Path(out_dir)
     env = ddp.init_distributed(device)
     try:
@@ -244,7 +274,7 @@ def _pretrain(run: PretrainState, out: Path, cfg: TrainConfig, env: ddp.DistEnv,
     train_loss = val_loss = None
     clock = Throughput(run.tokens_per_step, first_step=step)
     # The logged loss is the mean over the steps since the last log; a checkpoint keeps a partial window.
-    parts = ("loss", "mtp_loss") if cfg.mtp else ("loss",)
+    parts = loss_parts(cfg, model.config)
     window_loss = torch.tensor([run.log_window.get(f"{p}_sum", 0.0) for p in parts], device=env.device)
     window_steps = run.log_window["steps"]
     while step < last:
@@ -256,7 +286,7 @@ def _pretrain(run: PretrainState, out: Path, cfg: TrainConfig, env: ddp.DistEnv,
             batch = batches.next().to(env.device)  # (B, T + 1)
             with ddp.gradient_sync(wrapped, enabled=micro == cfg.grad_accum - 1):
                 with autocast(env.device):
-                    loss, losses = training_loss(wrapped, batch, cfg)
+                    loss, losses = training_loss(wrapped, batch, cfg, model)
                 (loss / cfg.grad_accum).backward()
             window_loss += torch.stack([losses[p] for p in parts]) / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
@@ -307,7 +337,7 @@ class PretrainState:
     val_idx: np.ndarray  # the held-out windows
     data_fingerprint: dict  # recorded in each checkpoint: a resume on other data or packing is refused
     step: int  # optimizer steps already taken: 0, or the resumed checkpoint's
-    log_window: dict  # the resumed checkpoint's partial logging window: {"loss_sum" (and "mtp_loss_sum"), "steps"}
+    log_window: dict  # the resumed checkpoint's partial logging window: {"loss_sum" (and the other parts'), "steps"}
     tokens_per_step: int  # over all ranks
     num_parameters: int
     log_path: Path
