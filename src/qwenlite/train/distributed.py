@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
+from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, SparseMoeBlock
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,10 @@ def wrap_model(model: Qwen3_5ForCausalLM, env: DistEnv, fsdp: bool = False) -> n
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    # A MoE's experts that no token of a rank's micro-batch chose get no gradient there: DDP must look for them.
+    moe = any(isinstance(m, SparseMoeBlock) for m in model.modules())
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=moe)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from qwenlite.config import load_config
 from qwenlite.errors import InvalidArgument
 from qwenlite.generate import generate_tokens
 from qwenlite.io.load import load_mtp
@@ -134,6 +135,12 @@ def train_mtp(
     if init not in ("checkpoint", "random"):
         raise InvalidArgument(f"init must be 'checkpoint' or 'random', got {init!r}")
     model_path, settings = Path(model_path), settings or TrainSettings(lr=1e-3)
+    config = load_config(model_path)
+    if config.dense:
+        raise InvalidArgument(
+            f"train mtp: a {config.model_type} model has no multi-token-prediction head (transformers, vLLM and "
+            "llama.cpp define none); Qwen3.5 and Qwen3.5 MoE have one"
+        )
     tokenizer = Tokenizer.from_dir(model_path)
     examples = load_sft_data(data_path, tokenizer, settings.max_len)
     sequences = [(ex.ids, [label != IGNORE for label in ex.labels]) for ex in examples]
