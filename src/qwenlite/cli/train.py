@@ -163,7 +163,9 @@ def _add_post_training_flags(p: argparse.ArgumentParser, default_lr: str, lora: 
     g.add_argument("--lora-alpha", type=float, help="scale numerator (default 2R)")
     g.add_argument("--lora-dropout", type=float, default=0.0)
     g.add_argument(
-        "--lora-targets", default=",".join(DEFAULT_TARGETS), help="comma-separated layer names (default: %(default)s)"
+        "--lora-targets",
+        default=",".join(DEFAULT_TARGETS),
+        help="comma-separated layer names (default: %(default)s); a MoE's routed experts are never adapted",
     )
     g.add_argument("--merge", action="store_true", help="also write base + adapter merged, to OUT/merged")
 

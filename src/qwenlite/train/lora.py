@@ -30,6 +30,11 @@ from qwenlite.io.files import atomic_write
 DEFAULT_TARGETS = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj_qkv", "in_proj_z", "out_proj",
 )  # fmt: skip
+# A MoE's routed experts (`mlp.experts.{e}.*`) are never adapted, whatever the targets: per-row serving
+# (model/adapters.py) groups tokens by row, not by expert, and PEFT on transformers' model, whose experts are fused
+# tensors, would drop them. Its routers and shared-expert gate are no linear layers, so never targets either; its
+# shared expert (`mlp.shared_expert.*`) is a plain MLP and is adapted as any other.
+ROUTED_EXPERTS = ".mlp.experts."
 
 
 class LoRALinear(nn.Module):
@@ -90,18 +95,24 @@ def apply_lora(
     targets: Sequence[str] = DEFAULT_TARGETS,
     seed: int = 0,
 ) -> list[str]:
-    """Wrap every nn.Linear whose path matches `targets` (names such as "q_proj" or full paths); freeze all other
-    parameters. alpha defaults to 2r. Each target given must match a layer; of the defaults, those the model has.
-    Returns the wrapped module paths."""
+    """Wrap every nn.Linear whose path matches `targets` (names such as "q_proj" or full paths), a MoE's routed
+    experts excepted (see ROUTED_EXPERTS); freeze all other parameters. alpha defaults to 2r. Each target given must
+    match a layer; of the defaults, those the model has. Returns the wrapped module paths."""
     if r < 1:
         raise QwenliteError(f"LoRA rank must be at least 1, got {r}")
     if lora_modules(model):
         raise QwenliteError("this model already carries LoRA adapters; merge them first")
     alpha = 2.0 * r if alpha is None else float(alpha)
-    paths = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(p, targets)]
+    matched = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(p, targets)]
+    paths = [p for p in matched if ROUTED_EXPERTS not in p]
     # The defaults name both layer kinds; a model without linear-attention layers (Qwen3, Qwen2) has only the one.
     required = [] if tuple(targets) == DEFAULT_TARGETS else targets
     unused = [t for t in required if not any(_matches(p, [t]) for p in paths)]
+    if unused and any(_matches(p, unused[:1]) for p in matched):
+        raise QwenliteError(
+            f"LoRA target {unused[0]!r} matches only routed experts, which LoRA does not adapt yet (per-row serving "
+            "and PEFT on transformers' fused experts take none): adapt attention and the shared expert"
+        )
     if unused:
         raise QwenliteError(f"LoRA target {unused[0]!r} matches no linear layer of this model")
     for p in model.parameters():
