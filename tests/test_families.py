@@ -64,12 +64,13 @@ FAMILIES = {
 }
 
 
-def make_hf_dense(family: str, scale: float = 0.2, seed: int = 0):
-    """A seeded fp32 transformers Qwen3ForCausalLM / Qwen2ForCausalLM (eval, eager attention)."""
+def make_hf_dense(family: str, scale: float = 0.2, seed: int = 0, **overrides):
+    """A seeded fp32 transformers Qwen3ForCausalLM / Qwen2ForCausalLM (eval, eager attention); `overrides`: config
+    keys to change."""
     import transformers
 
     prefix, kwargs = FAMILIES[family]
-    config = getattr(transformers, prefix + "Config")(**kwargs, initializer_range=scale)
+    config = getattr(transformers, prefix + "Config")(**{**kwargs, **overrides}, initializer_range=scale)
     config._attn_implementation = "eager"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

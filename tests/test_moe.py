@@ -55,11 +55,12 @@ MOE_TEXT_CONFIG = dict(TINY_TEXT_CONFIG, tie_word_embeddings=False, num_experts=
 LAYOUTS = ("per-expert", "fused", "wrapped-fused")
 
 
-def make_hf_moe(wrapped: bool = False, scale: float = 0.2, seed: int = 0):
-    """A seeded fp32 transformers Qwen3_5MoeForCausalLM (or the multimodal wrapper), eval mode, eager attention."""
+def make_hf_moe(wrapped: bool = False, scale: float = 0.2, seed: int = 0, **overrides):
+    """A seeded fp32 transformers Qwen3_5MoeForCausalLM (or the multimodal wrapper), eval mode, eager attention;
+    `overrides`: text config keys to change."""
     import transformers
 
-    text = dict(MOE_TEXT_CONFIG, initializer_range=scale)
+    text = dict(MOE_TEXT_CONFIG, initializer_range=scale, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if wrapped:
