@@ -47,7 +47,8 @@ def load_balancing_loss(
     router_logits: Sequence[torch.Tensor], top_k: int, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The load-balancing loss (module docstring) of one forward's router logits, each (B * T, E); `mask` (B, T):
-    the real tokens (None: all). A scalar fp32 tensor."""
+    the real tokens (None: all). A scalar fp32 tensor, the probabilities taken in fp32 whatever the weights' dtype
+    (transformers takes them in the logits' dtype: the same in fp32)."""
     num_experts = router_logits[0].shape[-1]
     device = router_logits[0].device
     slots = torch.zeros(num_experts, device=device)  # top-k slots per expert, summed over layers
