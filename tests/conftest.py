@@ -1,4 +1,6 @@
-"""Shared fixtures. Built once per session: the real Qwen3.5 tokenizer files are ~33 MB."""
+"""Shared fixtures. Built once per session (per pytest-xdist worker): the real Qwen3.5 tokenizer files are ~33 MB."""
+
+import os
 
 import pytest
 import torch
@@ -8,6 +10,21 @@ from qwenlite.io.checkpoint import save_checkpoint
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM, initial_value
 from qwenlite.text.tokenizer import Tokenizer
 from qwenlite.text.vocab import write_tokenizer_files
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One worker per core (pyproject's addopts): one torch thread each, since two spinning OpenMP threads on a core
+    # shared with the other worker can run 10x slower. What tests the kernels' split over threads asks for its own
+    # (the `threads` fixture).
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def threads():
+    """Two torch threads for the test (the C kernels' split of the work over threads), one again after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield 2
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

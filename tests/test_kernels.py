@@ -63,7 +63,10 @@ def isa(request, monkeypatch):
     kernels.library.cache_clear()  # the next test chooses again, after monkeypatch restores the environment
 
 
-# The kernel-vs-twin tests run once per instruction set; the fallback tests at the end run on every CPU.
+# The kernel-vs-twin tests run once per instruction set; the fallback tests at the end run on every CPU. The tests
+# over the real shapes run two threads (conftest's `threads`, where the kernels split the work; a pytest-xdist
+# worker has one).
+two_threads = pytest.mark.usefixtures("threads")
 needs_kernels = pytest.mark.usefixtures("isa")
 # The GEMV tests over the real shapes check every instruction set inside one test, against one computation of their
 # slow fp32 reference.
@@ -118,6 +121,7 @@ def test_kernels_build_here(isa):
     assert kernels.available() and kernels.isa() == isa, f"the {isa} kernels did not build on a CPU that runs them"
 
 
+@two_threads
 @needs_some_kernels
 @pytest.mark.parametrize("K,N", REAL + AWKWARD_BF16)
 def test_gemv_bf16_matches_linear(K, N, each_isa):
@@ -155,6 +159,7 @@ def test_linear_fp32_matches_bf16_linear(K, N, monkeypatch):
     assert not kernels.linear_fp32_ok(x.reshape(-1, K), layer.weight)
 
 
+@two_threads
 @needs_some_kernels
 @pytest.mark.parametrize("K,N,dtype", QUANT_CASES + [(K, N, torch.float32) for K, N in AWKWARD_INT8], ids=str)
 def test_int8_matches_reference(K, N, dtype, each_isa):
@@ -192,6 +197,7 @@ def references(xs: list[torch.Tensor], dtype: torch.dtype, matmul, *weights):
     return of
 
 
+@two_threads
 @needs_some_kernels
 @pytest.mark.parametrize("K,N,dtype", QUANT_CASES + [(K, N, torch.float32) for K, N in AWKWARD_INT4], ids=str)
 def test_int4_matches_reference(K, N, dtype, each_isa):
@@ -286,6 +292,7 @@ GDN_CASES = [  # (B, Hk, Hv, Dk, Dv, dtype)
 ]  # fmt: skip
 
 
+@two_threads
 @needs_kernels
 @pytest.mark.parametrize("B,Hk,Hv,Dk,Dv,dtype", GDN_CASES, ids=str)
 def test_gdn_decode_matches_the_layer(B, Hk, Hv, Dk, Dv, dtype):
@@ -348,6 +355,7 @@ def test_rmsnorm_matches_reference(dtype):
             assert relative_error(fast, norm(view)) <= TOLERANCE[dtype]
 
 
+@two_threads
 @needs_kernels
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

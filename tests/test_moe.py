@@ -331,13 +331,14 @@ def test_prefill_groups_by_expert_and_decode_reads_only_the_chosen(checkpoints):
             h.remove()
 
 
+@pytest.mark.usefixtures("threads")
 @pytest.mark.parametrize(("layout", "dtype"), [("per-expert", "float32"), ("fused", "float32"),
                                              ("per-expert", "bfloat16")])  # fmt: skip
 def test_moe_decodes_in_one_call_as_its_forward(checkpoints, layout, dtype):
     """The MoE layers in the C step (router, softmax, top 3 of 5 renormalised, each chosen expert once over the rows
-    that chose it, the gated shared expert), two rows at once: fp32 greedy equal to the forward, logits within
-    LOGIT_ATOL (measured 3.3e-5); bf16 within bf16 rounding of the pure-torch forward through 4 layers, fed the same
-    tokens (measured on 2-core AMD EPYC, avx2: relative error 3.9e-3, KL 3e-5, top-1 100%)."""
+    that chose it, side by side on two threads, the gated shared expert), two rows at once: fp32 greedy equal to the
+    forward, logits within LOGIT_ATOL (measured 3.3e-5); bf16 within bf16 rounding of the pure-torch forward through
+    4 layers, fed the same tokens (measured on 2-core AMD EPYC, avx2: relative error 3.9e-3, KL 3e-5, top-1 100%)."""
     model = load_checkpoint(checkpoints[layout][2], dtype).model
     steps, reference = decode_in_one_call_and_forward(model, random_ids(2, 8, vocab=VOCAB, seed=6), 8)
     assert model.__dict__["_decode_plan"].owned  # MoE layers in the plan
