@@ -154,7 +154,8 @@ static void gemv_float(const void *W, const int wbf, const float *x, void *y, co
 }
 
 void qk_gemv_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, int64_t M, int64_t N, int64_t K, int nthreads) {
-    gemv_float(W, 1, stage_f32(x, 1, M * K), y, 1, M, N, K, nthreads);
+    const float *xf = stage_f32(x, 1, M * K);
+    if (xf) gemv_float(W, 1, xf, y, 1, M, N, K, nthreads);
 }
 
 void qk_gemv_f32(const float *W, const float *x, float *y, int64_t M, int64_t N, int64_t K, int nthreads) {

@@ -161,6 +161,7 @@ static inline __attribute__((always_inline)) void int8_row(const int8_t *w, cons
 void qk_gemv_int8(const int8_t *W, const void *s, int s_bf16, int64_t G, const void *x, int x_bf16, void *y,
                   int y_bf16, int64_t M, int64_t N, int64_t K, int nthreads) {
     const float *xf = stage_f32(x, x_bf16, M * K);
+    if (!xf) return;
     for (int64_t m0 = 0; m0 < M; m0 += MB) {
         const int mc = (int)(M - m0 < MB ? M - m0 : MB);
         const float *xm = xf + m0 * K;
@@ -324,7 +325,8 @@ void qk_gemv_int4(const uint8_t *P, const void *sz, int s_bf16, int64_t G, const
                   int y_bf16, int64_t M, int64_t Np, int64_t n_out, int64_t K, int nthreads) {
     const float *xf = stage_f32(x, x_bf16, M * K);
     const int64_t ng = K / G;
-    float *xsum = malloc(sizeof(float) * (size_t)(M * ng));
+    float *xsum = scratch(1, sizeof(float) * (size_t)(M * ng));
+    if (!xf || !xsum) return;
     for (int64_t m = 0; m < M; m++)
         for (int64_t gi = 0; gi < ng; gi++) {
             float acc = 0;
@@ -355,7 +357,6 @@ void qk_gemv_int4(const uint8_t *P, const void *sz, int s_bf16, int64_t G, const
             }
         }
     }
-    free(xsum);
 }
 
 /* Rows [64 t0, 64 t1) of W, transposed: out (K, 64 (t1 - t0)) = W[rows, :]^T, each value computed as the reference
@@ -457,7 +458,8 @@ static inline __attribute__((always_inline)) void gdn_decode_impl(
     const void *A_log, const void *dt_bias, float *state, const void *z, const void *norm_w, float eps, void *out,
     int64_t B, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, int nthreads, const int ABF, const int WBF) {
     const int64_t C = 2 * Hk * Dk + Hv * Dv, rep = Hv / Hk;
-    float *xs = aligned_alloc(64, sizeof(float) * (size_t)(B * C));
+    float *xs = scratch(0, sizeof(float) * (size_t)(B * C));
+    if (!xs) return;
     for (int64_t b = 0; b < B; b++) {
         float *xb = xs + b * C;
         const int64_t cs = b * (Kc - 1) * C; /* this row's conv state: (Kc-1, C), oldest input first */
@@ -496,7 +498,6 @@ static inline __attribute__((always_inline)) void gdn_decode_impl(
                 st16(out, i, _mm512_mul_ps(wx, silu16(ld16(z, i, ABF))), ABF);
             }
         }
-    free(xs);
 }
 
 void qk_gdn_decode(const void *qkv, void *conv_state, const void *conv_w, int64_t Kc, const void *a, const void *bp,
@@ -568,7 +569,8 @@ static inline __attribute__((always_inline)) void attn_decode_impl(
                 _mm512_store_ps(q + i, _mm512_mul_ps(_mm512_load_ps(q + i), scale));
                 _mm512_store_ps(acc + i, _mm512_setzero_ps());
             }
-            float *p = malloc(sizeof(float) * (size_t)L);
+            float *p = scratch(0, sizeof(float) * (size_t)L); /* this thread's; NULL only when L floats cannot be had */
+            if (!p) continue;
             float mx = -INFINITY, sum = 0.0f;
             for (int64_t t = 0; t < L; t++) {
                 __m512 sc = _mm512_setzero_ps();
@@ -583,7 +585,6 @@ static inline __attribute__((always_inline)) void attn_decode_impl(
                 for (int64_t i = 0; i < D; i += 16)
                     _mm512_store_ps(acc + i, _mm512_fmadd_ps(pt, ld16(vc, base + t * D + i, ABF), _mm512_load_ps(acc + i)));
             }
-            free(p);
             const __m512 inv = _mm512_set1_ps(1.0f / sum);
             for (int64_t i = 0; i < D; i += 16) {
                 __m512 o = round16(_mm512_mul_ps(_mm512_load_ps(acc + i), inv), ABF);

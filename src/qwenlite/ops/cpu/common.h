@@ -39,22 +39,6 @@ static inline float load_scale(const void *s, int s_bf16, int64_t i) {
 }
 
 
-/* x (M, K) fp32 or bf16 -> fp32, in a per-thread buffer that grows as needed */
-static _Thread_local float *xbuf;
-static _Thread_local size_t xcap;
-
-static const float *stage_f32(const void *x, int x_bf16, int64_t n) {
-    if (!x_bf16) return (const float *)x;
-    if ((size_t)n > xcap) {
-        free(xbuf);
-        xcap = (size_t)n;
-        xbuf = aligned_alloc(64, ((xcap * sizeof(float)) + 63) & ~(size_t)63);
-    }
-    const uint16_t *h = (const uint16_t *)x;
-    for (int64_t i = 0; i < n; i++) xbuf[i] = bf16_to_f32(h[i]);
-    return xbuf;
-}
-
 static inline int threads_for(int nthreads, int64_t work) { return work < (1 << 18) ? 1 : nthreads; }
 
 /* 1 or 16 values of fp32 or bf16 (`bf`, a compile-time constant where it matters) as fp32, and back */
@@ -62,10 +46,11 @@ static inline float ld1(const void *p, int64_t i, const int bf) {
     return bf ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-/* A per-thread scratch buffer of at least n bytes (64-byte aligned), kept between calls; NULL if allocation fails. */
+/* A per-thread scratch buffer of at least n bytes (64-byte aligned), kept between calls; NULL if allocation fails.
+ * Slots 0 and 1 are the kernels' own; slot 2 is stage_f32's. */
 static void *scratch(int slot, size_t n) {
-    static _Thread_local void *buf[2];
-    static _Thread_local size_t cap[2];
+    static _Thread_local void *buf[3];
+    static _Thread_local size_t cap[3];
     if (n > cap[slot]) {
         free(buf[slot]);
         cap[slot] = (n + 63) & ~(size_t)63;
@@ -73,6 +58,16 @@ static void *scratch(int slot, size_t n) {
         if (!buf[slot]) cap[slot] = 0;
     }
     return buf[slot];
+}
+
+/* x (n values) fp32 or bf16 -> fp32: bf16 widened into scratch slot 2; NULL if it cannot be allocated. */
+static const float *stage_f32(const void *x, int x_bf16, int64_t n) {
+    if (!x_bf16) return (const float *)x;
+    float *f = scratch(2, sizeof(float) * (size_t)n);
+    if (!f) return NULL;
+    const uint16_t *h = (const uint16_t *)x;
+    for (int64_t i = 0; i < n; i++) f[i] = bf16_to_f32(h[i]);
+    return f;
 }
 
 #endif

@@ -91,18 +91,6 @@ static inline float sumsq(const float *x, int64_t n) {
     return hsum4(acc);
 }
 
-/* x (n values, fp32 or bf16) as fp32: bf16 widened into scratch slot 0 (common.h's stage_f32, with the allocation
- * checked); NULL if it fails. n % 4 == 0 or a scalar tail. */
-static const float *staged(const void *x, int x_bf16, int64_t n) {
-    if (!x_bf16) return (const float *)x;
-    float *f = scratch(0, sizeof(float) * (size_t)n);
-    if (!f) return NULL;
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) vst1q_f32(f + i, ld4(x, i, 1));
-    for (; i < n; i++) f[i] = ld1(x, i, 1);
-    return f;
-}
-
 /* ------------------------------------------------------------------------------------------------------------ */
 /* bf16 and fp32 weights, fp32 activations (bf16 ones staged to fp32 once per call): y (M, N) = x (M, K) W^T */
 
@@ -159,7 +147,7 @@ static void gemv_float(const void *W, const int wbf, const float *x, void *y, co
 }
 
 void qk_gemv_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, int64_t M, int64_t N, int64_t K, int nthreads) {
-    const float *xf = staged(x, 1, M * K);
+    const float *xf = stage_f32(x, 1, M * K);
     if (!xf) return;
     gemv_float(W, 1, xf, y, 1, M, N, K, nthreads);
 }
