@@ -49,7 +49,7 @@ def add_convert_command(subparsers) -> argparse.ArgumentParser:
         description="Write MODEL as one GGUF file with llama.cpp's tensor names and conventions for its family "
         "(qwen35, qwen35moe, qwen3, qwen2); a Qwen3.5 checkpoint's MTP head goes in as the nextn tail block that "
         "llama.cpp's --spec-type draft-mtp reads. A checkpoint with a vision tower also gets llama.cpp's mmproj "
-        "file beside OUT, mmproj-<name>-F16.gguf (F32 / BF16 with that --dtype), which llama-mtmd-cli --mmproj "
+        "file beside OUT, mmproj-<name>-F16.gguf (F32 / BF16 / Q8_0 with that --dtype), which llama-mtmd-cli --mmproj "
         "and qwenlite run read.",
     )
     p.add_argument("model", help="checkpoint directory or hub id")

@@ -16,8 +16,12 @@ re-implemented here:
   kernels `v.patch_embd.weight` and `v.patch_embd.weight.1` (one per frame of a temporal patch) and its bias;
   `v.position_embd.weight`; per block `v.blk.N.{ln1, ln2, attn_qkv, attn_out, ffn_up, ffn_down}`; the merger's norm
   `v.post_ln` and its two linears `mm.0`, `mm.2`;
-- types, the converter's: 1-D tensors and the position table F32 (ggml resamples the table in F32), the patch
-  kernels F16 in an F16 file and F32 otherwise, the other matrices in the file's type (F16, F32 or BF16).
+- types, the converter's (MmprojModel.tensor_force_quant and ModelBase.prepare_tensors in conversion/base.py): 1-D
+  tensors (norms, biases) and the position table F32 (ggml resamples the table in F32), the patch kernels F16 in an
+  F16 file and F32 otherwise, the other matrices in the file's type (F16, F32, BF16 or Q8_0; a Q8_0 matrix whose
+  rows do not split into blocks of 32 falls back to F16, as the converter's does). `convert --dtype q8_0` writes a
+  Q8_0 mmproj, as the converter's `--outtype q8_0 --mmproj`; q4_0 (which the converter has no mmproj for) an F16 one.
+  A Q8_0 mmproj is read back dequantized (gguf_import.dequantize_rows, as the text tensors).
 
 The tower has no deepstack mergers (Qwen3-VL's clip.vision.is_deepstack_layers): an mmproj with them is refused.
 """
@@ -56,11 +60,12 @@ MMPROJ_NAMES = {  # our tower's names (without `visual.`) -> llama.cpp's
 }
 MMPROJ_BLOCK_NAMES = {"norm1": "ln1", "norm2": "ln2", "attn.qkv": "attn_qkv", "attn.proj": "attn_out",
                       "mlp.linear_fc1": "ffn_up", "mlp.linear_fc2": "ffn_down"}  # fmt: skip
-# --dtype of `convert` -> (the mmproj's matrices, general.file_type, file name tag): F16 unless f32 / bf16 is asked
-# for (the converter's default for an mmproj; the tower runs once per image, where smaller types save little)
+# --dtype of `convert` -> (the mmproj's matrices, general.file_type, file name tag): F16 unless f32 / bf16 / q8_0 is
+# asked for (the converter's types for an mmproj; q4_0 has none there, and the tower runs once per image)
 MMPROJ_TYPES = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32, "F32"),
     "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16, "BF16"),
+    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0, "Q8_0"),
 }
 F16 = (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16, "F16")
 _BLOCK = re.compile(r"blocks\.(\d+)\.(.+)\.(weight|bias)")
@@ -76,12 +81,16 @@ def mmproj_name(name: str) -> str:
     raise QwenliteError(f"vision tower tensor {name} has no llama.cpp mmproj name")
 
 
-def mmproj_tensor_type(gguf_name: str, ndim: int, matrix_type: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
-    """The converter's type rule for an mmproj tensor (see the module docstring)."""
-    if ndim <= 1 or gguf_name == "v.position_embd.weight":
+def mmproj_tensor_type(
+    gguf_name: str, shape: tuple[int, ...], matrix_type: gguf.GGMLQuantizationType
+) -> gguf.GGMLQuantizationType:
+    """The converter's type rule for an mmproj tensor of `shape` (see the module docstring)."""
+    if len(shape) <= 1 or gguf_name == "v.position_embd.weight":
         return gguf.GGMLQuantizationType.F32
     if gguf_name in PATCH_FRAMES and matrix_type != gguf.GGMLQuantizationType.F16:
         return gguf.GGMLQuantizationType.F32
+    if shape[-1] % gguf.GGML_QUANT_SIZES[matrix_type][0]:
+        return gguf.GGMLQuantizationType.F16  # rows that do not split into the type's blocks
     return matrix_type
 
 
@@ -140,11 +149,12 @@ def export_mmproj(
         tower_name, shape = ours.removeprefix("visual."), shapes[ours]
         if tower_name == PATCH:
             for frame, target in enumerate(PATCH_FRAMES):
-                tensors.append((target, (shape[0], shape[1], *shape[3:]), mmproj_tensor_type(target, 4, matrix_type)))
+                frame_shape = (shape[0], shape[1], *shape[3:])
+                tensors.append((target, frame_shape, mmproj_tensor_type(target, frame_shape, matrix_type)))
                 sources.append((where, frame))
         else:
             target = mmproj_name(tower_name)
-            tensors.append((target, shape, mmproj_tensor_type(target, len(shape), matrix_type)))
+            tensors.append((target, shape, mmproj_tensor_type(target, shape, matrix_type)))
             sources.append((where, None))
 
     def arrays():
