@@ -33,7 +33,7 @@ from torch import nn
 from qwenlite.config import VisionConfig
 from qwenlite.errors import QwenliteError
 from qwenlite.model.qwen3_5 import Embedding, Linear, Qwen3_5ForCausalLM
-from qwenlite.ops.rope import apply_rope, rope_inv_freq
+from qwenlite.ops.rope import rope_inv_freq
 
 
 @dataclass
@@ -92,17 +92,33 @@ class VisionAttention(nn.Module):
         self.proj = Linear(c.hidden_size, c.hidden_size, bias=True)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        """x (N, D); cos/sin (N, head_dim) fp32; attention within each frame of `lengths` patches, not across."""
+        """x (N, D); cos / sin (N, head_dim) fp32 (`signed_sin`'s); attention within each frame of `lengths`
+        patches, not across."""
         N, D = x.shape
-        q, k, v = self.qkv(x).reshape(1, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # each (1, H, N, Dh)
-        # The reference rotates in fp32 and rounds back.
-        q, k = (apply_rope(t.float(), cos, sin).to(x.dtype) for t in (q, k))
+        qkv = self.qkv(x).reshape(N, 3, self.num_heads, -1)  # (N, 3, H, Dh)
+        # q and k rotated together in fp32, as the reference rotates each, and rounded back.
+        qk = rotate(qkv[:, :2].float(), cos[:, None, None], sin[:, None, None]).to(x.dtype)  # (N, 2, H, Dh)
+        q, k, v = (t.transpose(0, 1)[None] for t in (qk[:, 0], qk[:, 1], qkv[:, 2]))  # each (1, H, N, Dh)
         # 4-D: torch's CPU flash attention takes it (3-D inputs fall back to the N x N math path, 3x slower).
         out = [
             F.scaled_dot_product_attention(qs, ks, vs)
             for qs, ks, vs in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2), strict=True)
         ]
-        return self.proj(torch.cat(out, 2)[0].transpose(0, 1).reshape(N, D))
+        out = out[0] if len(out) == 1 else torch.cat(out, 2)
+        return self.proj(out[0].transpose(0, 1).reshape(N, D))
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin (..., R) -> its first half negated: what `rotate` takes, so that no rotated half needs negating."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], -1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """ops.rope.apply_rope over all of x's last dimension with sin = `signed_sin(sin)`: x * cos + [x2, x1] * sin,
+    the same numbers as x * cos + [-x2, x1] * sin (negation is exact), in fewer passes over x."""
+    x1, x2 = x.chunk(2, -1)
+    return (x * cos).add_(torch.cat([x2, x1], -1).mul_(sin))
 
 
 class VisionMLP(nn.Module):
@@ -173,7 +189,8 @@ class VisionModel(nn.Module):
         return self.pos_embed.weight.dtype
 
     def grid_embeddings(self, t: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One image's position embeddings (t*h*w, D) and rotary cos, sin (t*h*w, head_dim) fp32, in patch order."""
+        """One image's position embeddings (t*h*w, D) and rotary cos, sin (t*h*w, head_dim) fp32, in patch order
+        (sin as `signed_sin` gives it)."""
         m, side = self.config.spatial_merge_size, int(self.config.num_position_embeddings**0.5)
         table = self.pos_embed.weight.float().reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, side, side)
         # The learned side x side table resampled to h x w (bilinear, corners aligned), in fp32 as the reference.
@@ -184,7 +201,7 @@ class VisionModel(nn.Module):
         rc = merge_block_order(torch.stack([rows, cols], -1), m).repeat(t, 1)  # (t*h*w, 2)
         freqs = (rc[..., None].float() * self.inv_freq).flatten(1)  # (t*h*w, head_dim / 2): [row | column]
         emb = torch.cat([freqs, freqs], -1)
-        return pos, emb.cos(), emb.sin()
+        return pos, emb.cos(), signed_sin(emb.sin())
 
     def forward(self, pixel_values: torch.Tensor, grids: Sequence[tuple[int, int, int]]) -> torch.Tensor:
         """pixel_values (N, C * 2 * P * P) of the images with these (t, h, w) patch grids -> (N / 4, out_hidden)."""
