@@ -95,10 +95,11 @@ class VisionAttention(nn.Module):
         """x (N, D); cos / sin (N, head_dim) fp32 (`signed_sin`'s); attention within each frame of `lengths`
         patches, not across."""
         N, D = x.shape
-        qkv = self.qkv(x).reshape(N, 3, self.num_heads, -1)  # (N, 3, H, Dh)
-        # q and k rotated together in fp32, as the reference rotates each, and rounded back.
-        qk = rotate(qkv[:, :2].float(), cos[:, None, None], sin[:, None, None]).to(x.dtype)  # (N, 2, H, Dh)
-        q, k, v = (t.transpose(0, 1)[None] for t in (qk[:, 0], qk[:, 1], qkv[:, 2]))  # each (1, H, N, Dh)
+        qkv = self.qkv(x).reshape(N, 3, self.num_heads, -1).permute(1, 2, 0, 3)  # (3, H, N, Dh)
+        # q and k rotated together in fp32, as the reference rotates each, and rounded back (contiguous, as the
+        # attention reads them fastest).
+        qk = rotate(qkv[:2].float(), cos, sin).to(x.dtype, memory_format=torch.contiguous_format)  # (2, H, N, Dh)
+        q, k, v = qk[0][None], qk[1][None], qkv[2][None]  # each (1, H, N, Dh)
         # 4-D: torch's CPU flash attention takes it (3-D inputs fall back to the N x N math path, 3x slower).
         out = [
             F.scaled_dot_product_attention(qs, ks, vs)
