@@ -28,7 +28,7 @@ TOLERANCE = 1e-5
 GATE_TOLERANCE = 1e-3
 GATE_PARAMETERS = ("A_log", "dt_bias", "in_proj_a.weight")
 WORLD = 2
-DEADLINE = 180  # seconds: a wedged rendezvous fails the test instead of hanging the suite
+DEADLINE = 120  # seconds a run: a wedged rendezvous fails the test instead of hanging the suite
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,16 +43,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, runs: list[tuple[str, bool, bool, int]], corpus: str, tok: str, cache: str) -> None:
-    """One rank: train each (out dir, fsdp, mtp, port) run in turn, as torchrun would launch `qwenlite train
-    pretrain`.
-    Each run rendezvouses on a port of its own: a store restarted on the same port can race its predecessor."""
+def _worker(rank: int, out: str, fsdp: bool, mtp: bool, port: int, corpus: str, tok: str, cache: str) -> None:
+    """One rank of one run, as torchrun would launch `qwenlite train pretrain`: a process of its own per run (a
+    process that joined and left process groups three times sometimes hung at exit, on a busy machine)."""
     torch.set_num_threads(1)  # two processes on two cores
-    for out, fsdp, mtp, port in runs:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                          LOCAL_RANK=str(rank))  # fmt: skip
-        cfg = small_train_config(steps=6, batch_size=2, grad_accum=2, save_every=3, eval_every=3, fsdp=fsdp, mtp=mtp)
-        pretrain(small_config(), [corpus], out, tok, cfg, cache_dir=cache, device="cpu")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    cfg = small_train_config(steps=6, batch_size=2, grad_accum=2, save_every=3, eval_every=3, fsdp=fsdp, mtp=mtp)
+    pretrain(small_config(), [corpus], out, tok, cfg, cache_dir=cache, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -67,16 +65,15 @@ def runs(tmp_path_factory):
     pretrain(small_config(), [corpus], single, root / "tok", cfg, cache_dir=root / "cache", device="cpu")
     cfg.mtp = True
     pretrain(small_config(), [corpus], root / "single-mtp", root / "tok", cfg, cache_dir=root / "cache", device="cpu")
-    ranked = [(str(root / "ddp"), False, False, _free_port()), (str(root / "fsdp"), True, False, _free_port()),
-              (str(root / "ddp-mtp"), False, True, _free_port())]  # fmt: skip
-    context = mp.spawn(_worker, args=(ranked, str(corpus), str(root / "tok"), str(root / "cache")), nprocs=WORLD,
-                       join=False)  # fmt: skip
-    deadline = time.monotonic() + DEADLINE
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD}-process runs did not finish in {DEADLINE} s")
+    for name, fsdp, mtp in (("ddp", False, False), ("fsdp", True, False), ("ddp-mtp", False, True)):
+        args = (str(root / name), fsdp, mtp, _free_port(), str(corpus), str(root / "tok"), str(root / "cache"))
+        context = mp.spawn(_worker, args=args, nprocs=WORLD, join=False)
+        deadline = time.monotonic() + DEADLINE
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail(f"the {WORLD}-process {name} run did not finish in {DEADLINE} s")
     return {"single": single, "ddp": root / "ddp", "fsdp": root / "fsdp", "single-mtp": root / "single-mtp",
             "ddp-mtp": root / "ddp-mtp", "corpus": corpus, "tok": root / "tok", "cache": root / "cache"}  # fmt: skip
 
