@@ -3,7 +3,7 @@ image from both, side by side. Run by hand, never in CI (it wants llama-cpp-pyth
 docstring says how to build, in its own venv):
 
     qwenlite convert ./ckpt --to gguf /tmp/mm/model-f32.gguf --dtype f32    # writes /tmp/mm/mmproj-*-F32.gguf too
-    python bench/mmproj_llamacpp.py /tmp/mm/model-f32.gguf [--mmproj FILE] [--size 128]
+    python bench/mmproj_llamacpp.py /tmp/mm/model-f32.gguf [--mmproj FILE] [--size 448]
 
 bench/vision.py's --llama also runs llama.cpp's time to first token through this file (`llama_first_token`).
 
@@ -39,6 +39,18 @@ def picture(size: int, height: int | None = None) -> np.ndarray:
     return np.clip(base + np.random.default_rng(3).normal(0, 20, base.shape), 0, 255).astype(np.uint8)
 
 
+def mtmd_chunks(mtmd, ctx, rgb: np.ndarray, prompt: bytes):  # noqa: ANN001, ANN201 (llama_cpp's ctypes objects)
+    """mtmd_tokenize: `prompt`'s text and image chunks, the picture `rgb` at mtmd's media marker; and the bitmap,
+    which the caller frees with the chunks."""
+    pixels = (ctypes.c_ubyte * rgb.size).from_buffer_copy(rgb.tobytes())
+    bitmap = mtmd.mtmd_bitmap_init(rgb.shape[1], rgb.shape[0], pixels)
+    chunks, text = mtmd.mtmd_input_chunks_init(), mtmd.mtmd_input_text()
+    text.text, text.text_len, text.add_special, text.parse_special = prompt, len(prompt), False, True
+    if mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) != 0:
+        raise SystemExit("mtmd_tokenize failed")
+    return chunks, bitmap
+
+
 def llama_first_token(model: str, mmproj: str, prompt: str, threads: int) -> None:
     """llama.cpp's time to first token of `prompt` (a chat prompt with mtmd's media marker where the image goes),
     served over stdin / stdout so that a caller can alternate it with its own runs: each line in is an image size
@@ -60,13 +72,7 @@ def llama_first_token(model: str, mmproj: str, prompt: str, threads: int) -> Non
 
     def once(rgb: np.ndarray) -> tuple[float, float, int, int]:
         start = time.perf_counter()
-        pixels = (ctypes.c_ubyte * rgb.size).from_buffer_copy(rgb.tobytes())
-        bitmap = mtmd.mtmd_bitmap_init(rgb.shape[1], rgb.shape[0], pixels)
-        chunks, text = mtmd.mtmd_input_chunks_init(), mtmd.mtmd_input_text()
-        encoded = prompt.encode()
-        text.text, text.text_len, text.add_special, text.parse_special = encoded, len(encoded), False, True
-        if mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) != 0:
-            raise SystemExit("mtmd_tokenize failed")
+        chunks, bitmap = mtmd_chunks(mtmd, ctx, rgb, prompt.encode())
         n_past, new_n_past, encode, image_tokens = 0, llama_cpp.llama_pos(0), 0.0, 0
         n = mtmd.mtmd_input_chunks_size(chunks)
         for i in range(n):
@@ -112,13 +118,7 @@ def llama_features(model: str, mmproj: str, rgb: np.ndarray, threads: int) -> np
     ctx = mtmd.mtmd_init_from_file(mmproj.encode(), llm._model.model, params)
     if not ctx:
         raise SystemExit(f"llama.cpp cannot load {mmproj} for {model} (its log above says why)")
-    pixels = (ctypes.c_ubyte * rgb.size).from_buffer_copy(rgb.tobytes())
-    bitmap = mtmd.mtmd_bitmap_init(rgb.shape[1], rgb.shape[0], pixels)
-    chunks, text = mtmd.mtmd_input_chunks_init(), mtmd.mtmd_input_text()
-    marker = mtmd.mtmd_default_marker()
-    text.text, text.text_len, text.add_special, text.parse_special = marker, len(marker), False, True
-    if mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) != 0:
-        raise SystemExit("mtmd_tokenize failed")
+    chunks, _ = mtmd_chunks(mtmd, ctx, rgb, mtmd.mtmd_default_marker())
     for i in range(mtmd.mtmd_input_chunks_size(chunks)):
         chunk = mtmd.mtmd_input_chunks_get(chunks, i)
         if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
@@ -147,7 +147,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="the text GGUF")
     p.add_argument("--mmproj", help="default: the only mmproj-*.gguf beside the model")
-    p.add_argument("--size", type=int, default=128, help="the square image's side, a multiple of 32 (default 128)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=448,
+        help="the square image's side, a multiple of 32 (default 448; below the checkpoint's min_pixels "
+        "transformers and qwenlite scale the image up, llama.cpp does not: token counts differ)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--llama-python", default=DEFAULT_LLAMA_PYTHON)
     p.add_argument("--engine", choices=["llama", "llama-first-token"], help=argparse.SUPPRESS)
