@@ -136,16 +136,11 @@ static void moe(const struct qk_model *m, const struct qk_moe *e, const void *x,
                 }
         if (R > start[n]) active[n++] = ex, start[n] = R;
     }
-    if (nthreads > 1 && n >= nthreads) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-        for (int64_t i = 0; i < n; i++)
-            mlp(e->experts + active[i], xs + start[i] * Hd * esz, xs + start[i] * Hd * esz, start[i + 1] - start[i],
-                gs + start[i] * width * esz, us + start[i] * width * esz, bf, 1);
-    } else {
-        for (int64_t i = 0; i < n; i++)
-            mlp(e->experts + active[i], xs + start[i] * Hd * esz, xs + start[i] * Hd * esz, start[i + 1] - start[i],
-                gs + start[i] * width * esz, us + start[i] * width * esz, bf, nthreads);
-    }
+    const int side_by_side = nthreads > 1 && n >= nthreads; /* else one expert after another, every thread in each */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (side_by_side)
+    for (int64_t i = 0; i < n; i++)
+        mlp(e->experts + active[i], xs + start[i] * Hd * esz, xs + start[i] * Hd * esz, start[i + 1] - start[i],
+            gs + start[i] * width * esz, us + start[i] * width * esz, bf, side_by_side ? 1 : nthreads);
     for (int64_t r = 0; r < R; r++) { /* in expert order, as the module adds them */
         const int64_t b = rows[r];
         for (int64_t i = 0; i < Hd; i++) {
