@@ -21,10 +21,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 @pytest.fixture
 def threads():
     """Two torch threads for the test (the C kernels' split of the work over threads), one again after it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield 2
-    torch.set_num_threads(before)
+    from train_helpers import torch_threads
+
+    with torch_threads(2) as n:
+        yield n
 
 
 @pytest.fixture(autouse=True)

@@ -60,12 +60,17 @@ def read_log(out_dir: Path) -> list[dict]:
 
 
 @contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's thread count n inside, the one before after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
+
+
 def single_threaded():
     """Models this small train as fast on one thread as on two, and one thread is not stalled when a neighbour
     holds the other core (two spinning OpenMP threads on a shared core can run 10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(1)
