@@ -36,6 +36,8 @@ void qk_attn_decode(const void *qg, const void *kx, const void *vx, const void *
                     int nthreads);
 void qk_conv_silu(const void *x, void *state, const void *w, float *out, int act_bf16, int w_bf16, int64_t B,
                   int64_t T, int64_t C, int64_t Kc, int nthreads);
+void qk_delta_rule(const float *q, const float *k, const float *v, const float *g, const float *beta, float *state,
+                   float *o, int64_t B, int64_t T, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, int nthreads);
 struct qk_model;
 int qk_decode_step(const struct qk_model *m, void *x, void *logits, int nthreads);
 float qk_read(const float *p, int64_t n, int nthreads);
@@ -353,6 +355,29 @@ static void conv_cases(void) {
         }
 }
 
+/* a prompt's delta rule in two pieces, carrying the state; the columns (48, 80) no multiple of a pass's 32 or 64 */
+static void delta_cases(void) {
+    static const int64_t shapes[][6] = {{1, 2, 2, 32, 48, 7}, {2, 1, 3, 16, 80, 5}}; /* B Hk Hv Dk Dv T */
+    for (size_t c = 0; c < sizeof shapes / sizeof *shapes; c++) {
+        const int64_t B = shapes[c][0], Hk = shapes[c][1], Hv = shapes[c][2], Dk = shapes[c][3], Dv = shapes[c][4];
+        float *state = values(B * Hv * Dk * Dv, 0, 0.1f, 0.0f);
+        char name[48];
+        for (int p = 0; p < 2; p++) {
+            const int64_t T = shapes[c][5] + p;
+            float *q = values(B * T * Hk * Dk, 0, 0.2f, 0.0f), *k = values(B * T * Hk * Dk, 0, 0.2f, 0.0f);
+            float *v = values(B * T * Hv * Dv, 0, 1.0f, 0.0f), *g = values(B * T * Hv, 0, 0.5f, -0.5f);
+            float *beta = values(B * T * Hv, 0, 0.5f, 0.5f), *o = alloc((size_t)(B * T * Hv * Dv) * 4);
+            qk_delta_rule(q, k, v, g, beta, state, o, B, T, Hk, Hv, Dk, Dv, THREADS);
+            snprintf(name, sizeof name, "delta out B%lld Dv%lld T%lld", (long long)B, (long long)Dv, (long long)T);
+            emit(name, o, B * T * Hv * Dv, 0, 0);
+            free(q), free(k), free(v), free(g), free(beta), free(o);
+        }
+        snprintf(name, sizeof name, "delta state B%lld Dv%lld", (long long)B, (long long)Dv);
+        emit(name, state, B * Hv * Dk * Dv, 0, 0);
+        free(state);
+    }
+}
+
 /* ------------------------------------------------------------------------------------------------------------ */
 /* The whole decode step (step.h) on a two-layer model (a Gated DeltaNet layer, an attention layer), described in
  * plan.h's structs; a Qwen2-like attention layer too (no output gate, no q/k norms, q/k/v biases), and MoE MLPs (5
@@ -511,6 +536,7 @@ int main(int argc, char **argv) {
     if (wanted(argc, argv, "gdn")) gdn_cases();
     if (wanted(argc, argv, "attn")) attn_cases();
     if (wanted(argc, argv, "conv")) conv_cases();
+    if (wanted(argc, argv, "delta")) delta_cases();
     if (wanted(argc, argv, "step")) step_cases();
     if (wanted(argc, argv, "read")) {
         float *buf = values(64 * 1000, 0, 1.0f, 0.0f);

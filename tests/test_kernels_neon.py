@@ -51,7 +51,7 @@ pytestmark = [
 ]
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-FAMILIES = ["gemv", "int8", "int4", "dequant", "rmsnorm", "gdn", "attn", "conv", "step", "read"]
+FAMILIES = ["gemv", "int8", "int4", "dequant", "rmsnorm", "gdn", "attn", "conv", "delta", "step", "read"]
 # neon.c's builds: target flags, the qemu CPU, and the driver families run (all when empty)
 NEON_BUILDS = {
     "neon": (kernels.target_flags("neon", frozenset({"asimddp"})), "max", []),

@@ -210,13 +210,18 @@ class GatedDeltaNet(nn.Module):
         beta = b.float().sigmoid()  # (B, T, Hv)
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())  # log decay
 
+        # A prompt in inference: the recurrence in C, token by token (the chunked form's matmuls are for autograd).
+        state = cache.state if cache is not None else None
+        in_c = T > 1 and self.fast and not needs_grad(qkv) and kernels.delta_rule_ok(v, state)
         if cache is None:
-            o, _ = gated_delta_rule_chunked(q, k, v, g, beta)
+            o, _ = (kernels.delta_rule if in_c else gated_delta_rule_chunked)(q, k, v, g, beta)
         else:
             if conv_state is not None:
                 cache.conv.copy_(conv_state)
             if T == 1:
                 o, _ = gated_delta_rule_step(q, k, v, g, beta, cache.state)
+            elif in_c:
+                o, _ = kernels.delta_rule(q, k, v, g, beta, cache.state)  # the state advanced in place
             else:
                 o, state = gated_delta_rule_chunked(q, k, v, g, beta, cache.state)
                 cache.state.copy_(state)

@@ -549,14 +549,14 @@ void qk_rmsnorm(const void *x, int64_t ld, const void *w, int w_bf16, float eps,
 
 /* The gated delta rule for one token on one head, in place (avx512.c's delta_step), 32 columns at a time. */
 static void delta_step(float *s, const float *q, const float *k, const float *v, float g, float beta, float *o,
-                       int64_t Dk, int64_t Dv) {
+                       int64_t Dk, int64_t Dv, int64_t ld) {
     const __m256 decay = _mm256_set1_ps(expf(g)), bt = _mm256_set1_ps(beta);
     for (int64_t j0 = 0; j0 < Dv; j0 += 32) {
         const int nb = (int)((Dv - j0) / 8 < 4 ? (Dv - j0) / 8 : 4);
         __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         for (int64_t i = 0; i < Dk; i++) {
             const __m256 ki = _mm256_set1_ps(k[i]);
-            for (int c = 0; c < nb; c++) acc[c] = _mm256_fmadd_ps(_mm256_loadu_ps(s + i * Dv + j0 + 8 * c), ki, acc[c]);
+            for (int c = 0; c < nb; c++) acc[c] = _mm256_fmadd_ps(_mm256_loadu_ps(s + i * ld + j0 + 8 * c), ki, acc[c]);
         }
         __m256 d[4], oa[4];
         for (int c = 0; c < nb; c++) {
@@ -566,7 +566,7 @@ static void delta_step(float *s, const float *q, const float *k, const float *v,
         for (int64_t i = 0; i < Dk; i++) {
             const __m256 ki = _mm256_set1_ps(k[i]), qi = _mm256_set1_ps(q[i]);
             for (int c = 0; c < nb; c++) {
-                float *p = s + i * Dv + j0 + 8 * c;
+                float *p = s + i * ld + j0 + 8 * c;
                 const __m256 x = _mm256_fmadd_ps(ki, d[c], _mm256_mul_ps(_mm256_loadu_ps(p), decay));
                 _mm256_storeu_ps(p, x);
                 oa[c] = _mm256_fmadd_ps(x, qi, oa[c]);
@@ -575,6 +575,10 @@ static void delta_step(float *s, const float *q, const float *k, const float *v,
         for (int c = 0; c < nb; c++) _mm256_storeu_ps(o + j0 + 8 * c, oa[c]);
     }
 }
+
+#define DELTA_COLS 32 /* delta_step's columns per pass */
+
+#include "delta_rule.h"
 
 static inline __attribute__((always_inline)) void gdn_decode_impl(
     const void *qkv, void *conv_state, const void *conv_w, int64_t Kc, const void *a, const void *bp,
@@ -611,7 +615,7 @@ static inline __attribute__((always_inline)) void gdn_decode_impl(
             const float u = ld1(a, b * Hv + h, ABF) + ld1(dt_bias, h, WBF);
             const float g = -expf(ld1(A_log, h, WBF)) * (u > 20.0f ? u : log1pf(expf(u)));
             float o[Dv] __attribute__((aligned(32)));
-            delta_step(state + (b * Hv + h) * Dk * Dv, q, k, v, g, beta, o, Dk, Dv);
+            delta_step(state + (b * Hv + h) * Dk * Dv, q, k, v, g, beta, o, Dk, Dv, Dv);
             for (int64_t j = 0; j < Dv; j += 8) _mm256_storeu_ps(o + j, round8(_mm256_loadu_ps(o + j), ABF));
             const __m256 r = _mm256_set1_ps(1.0f / sqrtf(sumsq(o, Dv) / (float)Dv + eps));
             for (int64_t j = 0; j < Dv; j += 8) {

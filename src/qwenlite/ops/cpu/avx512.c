@@ -10,6 +10,7 @@
  *   qk_gdn_decode   a Gated DeltaNet layer's token between projections           twin: qwen3_5.GatedDeltaNet (torch path)
  *                   (conv, SiLU, L2 norms, gates, delta rule in one pass over the state, gated RMSNorm)
  *   qk_conv_silu    a prompt's causal conv + SiLU, carrying the state              twin: conv.causal_conv1d + F.silu
+ *   qk_delta_rule   a prompt's gated delta rule, carrying the state (delta_rule.h)  twin: delta_rule.gated_delta_rule_recurrent
  *   qk_rmsnorm      zero-centred RMSNorm                                          twin: qwen3_5.RMSNorm (torch path)
  *   qk_attn_decode  an attention layer's token between projections                twin: qwen3_5.Attention (torch path)
  *                   (q/k norms unless their weights are NULL, rotary, cache write, attention, output gate)
@@ -419,16 +420,17 @@ void qk_rmsnorm(const void *x, int64_t ld, const void *w, int w_bf16, float eps,
 }
 
 /* The gated delta rule for one token on one head, in place: S = exp(g) S; d = beta (v - S^T k); S = S + k d^T;
- * o = S^T q. S (Dk, Dv) is read twice (the second time from cache) and written once, 64 columns at a time. */
+ * o = S^T q. S (Dk, Dv; rows ld floats apart) is read twice (the second time from cache) and written once, 64 columns
+ * at a time: each column of S evolves on its own. */
 static void delta_step(float *s, const float *q, const float *k, const float *v, float g, float beta, float *o,
-                       int64_t Dk, int64_t Dv) {
+                       int64_t Dk, int64_t Dv, int64_t ld) {
     const __m512 decay = _mm512_set1_ps(expf(g)), bt = _mm512_set1_ps(beta);
     for (int64_t j0 = 0; j0 < Dv; j0 += 64) {
         const int nb = (int)((Dv - j0) / 16 < 4 ? (Dv - j0) / 16 : 4);
         __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         for (int64_t i = 0; i < Dk; i++) {
             const __m512 ki = _mm512_set1_ps(k[i]);
-            for (int c = 0; c < nb; c++) acc[c] = _mm512_fmadd_ps(_mm512_loadu_ps(s + i * Dv + j0 + 16 * c), ki, acc[c]);
+            for (int c = 0; c < nb; c++) acc[c] = _mm512_fmadd_ps(_mm512_loadu_ps(s + i * ld + j0 + 16 * c), ki, acc[c]);
         }
         __m512 d[4], oa[4];
         for (int c = 0; c < nb; c++) { /* d = beta (v - decay S^T k) */
@@ -438,7 +440,7 @@ static void delta_step(float *s, const float *q, const float *k, const float *v,
         for (int64_t i = 0; i < Dk; i++) {
             const __m512 ki = _mm512_set1_ps(k[i]), qi = _mm512_set1_ps(q[i]);
             for (int c = 0; c < nb; c++) {
-                float *p = s + i * Dv + j0 + 16 * c;
+                float *p = s + i * ld + j0 + 16 * c;
                 const __m512 x = _mm512_fmadd_ps(ki, d[c], _mm512_mul_ps(_mm512_loadu_ps(p), decay));
                 _mm512_storeu_ps(p, x);
                 oa[c] = _mm512_fmadd_ps(x, qi, oa[c]);
@@ -453,6 +455,11 @@ static void delta_step(float *s, const float *q, const float *k, const float *v,
  *   qkv (B, C) act, C = 2 Hk Dk + Hv Dv      -> causal conv with conv_state (B, Kc-1, C) act (updated), SiLU
  *   q, k L2-normalised per key head (q times Dk^-1/2); beta = sigmoid(b); g = -exp(A_log) softplus(a + dt_bias)
  *   state (B, Hv, Dk, Dv) fp32 updated;  o -> act;  out = w * rms(o) * silu(z) per value head, (B, Hv Dv) act */
+
+#define DELTA_COLS 64 /* delta_step's columns per pass */
+
+#include "delta_rule.h"
+
 static inline __attribute__((always_inline)) void gdn_decode_impl(
     const void *qkv, void *conv_state, const void *conv_w, int64_t Kc, const void *a, const void *bp,
     const void *A_log, const void *dt_bias, float *state, const void *z, const void *norm_w, float eps, void *out,
@@ -488,7 +495,7 @@ static inline __attribute__((always_inline)) void gdn_decode_impl(
             const float u = ld1(a, b * Hv + h, ABF) + ld1(dt_bias, h, WBF);
             const float g = -expf(ld1(A_log, h, WBF)) * (u > 20.0f ? u : log1pf(expf(u)));
             float o[Dv] __attribute__((aligned(64)));
-            delta_step(state + (b * Hv + h) * Dk * Dv, q, k, v, g, beta, o, Dk, Dv);
+            delta_step(state + (b * Hv + h) * Dk * Dv, q, k, v, g, beta, o, Dk, Dv, Dv);
             for (int64_t j = 0; j < Dv; j += 16) _mm512_storeu_ps(o + j, round16(_mm512_loadu_ps(o + j), ABF));
             const __m512 r = _mm512_set1_ps(1.0f / sqrtf(sumsq(o, Dv) / (float)Dv + eps));
             for (int64_t j = 0; j < Dv; j += 16) {

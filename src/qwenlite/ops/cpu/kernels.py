@@ -1,9 +1,9 @@
 """qwenlite's own CPU kernels, one C file per instruction set beside this module (avx512.c for AVX-512 with BF16,
-avx2.c for AVX2 + FMA, neon.c for AArch64's Advanced SIMD; common.h and step.h shared): decode GEMVs over bf16 /
-fp32 / int8 / int4 weights, dequantization for prefill, a Gated DeltaNet token (conv, norms, gates and the delta rule
-in one pass over the state), an attention token, RMSNorm, the prompt's conv + SiLU, and a whole decode step built from
-them (model/runner.py describes the model to it). Each has a pure-torch reference twin (named in avx512.c's header)
-that the tests hold every instruction set's build to.
+avx2.c for AVX2 + FMA, neon.c for AArch64's Advanced SIMD; common.h, delta_rule.h and step.h shared): decode GEMVs
+over bf16 / fp32 / int8 / int4 weights, dequantization for prefill, a Gated DeltaNet token (conv, norms, gates and
+the delta rule in one pass over the state), the delta rule over a prompt, an attention token, RMSNorm, the prompt's
+conv + SiLU, and a whole decode step built from them (model/runner.py describes the model to it). Each has a
+pure-torch reference twin (named in avx512.c's header) that the tests hold every instruction set's build to.
 
 The instruction set is chosen once, from the CPU's features as the OS reports them (/proc/cpuinfo lists a feature
 only when the kernel enabled its register state): on x86-64 `avx512` where AVX-512 F/BW/VL and BF16 are present,
@@ -60,6 +60,7 @@ SIGNATURES = {
     "qk_gemv_f32": "PPPLLLI",
     "qk_decode_step": "PPPI",
     "qk_conv_silu": "PPPPIILLLLI",
+    "qk_delta_rule": "PPPPPPPLLLLLLI",
 }
 CTYPES = {"P": ctypes.c_void_p, "L": ctypes.c_int64, "I": ctypes.c_int, "F": ctypes.c_float}
 CFLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off"]
@@ -74,7 +75,7 @@ ISAS = {
 }
 # Optional features that raise an instruction set's target where the CPU has them (all of them): the flags then.
 UPGRADES = {"neon": (("asimddp",), ["-march=armv8.2-a+dotprod"])}
-SOURCES = ("common.h", "plan.h", "step.h")  # besides the instruction set's own file
+SOURCES = ("common.h", "delta_rule.h", "plan.h", "step.h")  # besides the instruction set's own file
 MAX_ROWS = 8  # rows for the bf16 GEMV and the one-call decode step (decode, batched decode); more: torch's GEMM
 # Quantized weights: up to these many rows a GEMV (a pass over W per 4 rows; a layer's W stays in L3 between
 # passes) beats dequantize-then-GEMM, whose dequantization is a fixed cost (bench/results/gemv_rows.md).
@@ -281,11 +282,12 @@ def linear_fp32_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear(x, weight) -> bf16 as torch's fp32 GEMM computes it (bf16 GEMMs accumulate in fp32 and round once:
     the same sums), a chunk of the weight's rows at a time upcast into a reused buffer; needs `linear_fp32_ok`."""
-    (N, K), xf, step, out = weight.shape, x.float(), dequant_rows(torch.float32), []
+    (N, K), xf, step = weight.shape, x.float(), dequant_rows(torch.float32)
+    y = torch.empty(x.shape[0], N, dtype=torch.bfloat16)
     for r in range(0, N, step):
-        w = scratch((min(step, N - r), K), torch.float32)
-        out.append(F.linear(xf, w.copy_(weight[r : r + step])).to(torch.bfloat16))
-    return torch.cat(out, dim=-1)
+        w = scratch((min(step, N - r), K), torch.float32).copy_(weight[r : r + step])
+        y[:, r : r + w.shape[0]] = F.linear(xf, w)  # rounded to bf16 on the way in: no concatenation after
+    return y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,6 +451,26 @@ def conv_silu(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> tor
     library().qk_conv_silu(_p(x), _p(state), _p(weight), _p(out), _is_bf16(x), _is_bf16(weight), B, T, C,
                            weight.shape[-1], torch.get_num_threads())  # fmt: skip
     return out
+
+
+def delta_rule_ok(v: torch.Tensor, state: torch.Tensor | None) -> bool:
+    """v (B, T, Hv, Dv) on the CPU with Dv a multiple of 16; the state, where there is one, fp32 and contiguous."""
+    return (v.dim() == 4 and v.shape[-1] % 16 == 0 and v.device.type == "cpu"
+            and (state is None or (state.dtype == torch.float32 and _plain(state))) and available())  # fmt: skip
+
+
+def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+               state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """ops.delta_rule.gated_delta_rule_recurrent for a prompt, in C: (o (B, T, Hv, Dv) fp32, the final state), the
+    state given advanced in place (zeros where None). Needs `delta_rule_ok`; the inputs are made fp32 and contiguous."""
+    B, T, Hk, Dk = q.shape
+    Hv, Dv = v.shape[2], v.shape[3]
+    q, k, v, g, beta = (t.float().contiguous() for t in (q, k, v, g, beta))
+    state = torch.zeros(B, Hv, Dk, Dv) if state is None else state
+    o = torch.empty(B, T, Hv, Dv)
+    library().qk_delta_rule(_p(q), _p(k), _p(v), _p(g), _p(beta), _p(state), _p(o), B, T, Hk, Hv, Dk, Dv,
+                            torch.get_num_threads())  # fmt: skip
+    return o, state
 
 
 def gdn_decode_ok(qkv: torch.Tensor, state: torch.Tensor, *small: torch.Tensor) -> bool:

@@ -634,7 +634,7 @@ void qk_rmsnorm(const void *x, int64_t ld, const void *w, int w_bf16, float eps,
 
 /* The gated delta rule for one token on one head, in place (avx512.c's delta_step), 32 columns at a time. */
 static void delta_step(float *s, const float *q, const float *k, const float *v, float g, float beta, float *o,
-                       int64_t Dk, int64_t Dv) {
+                       int64_t Dk, int64_t Dv, int64_t ld) {
     const float32x4_t decay = vdupq_n_f32(expf(g)), bt = vdupq_n_f32(beta);
     for (int64_t j0 = 0; j0 < Dv; j0 += 32) {
         const int nb = (int)((Dv - j0) / 4 < 8 ? (Dv - j0) / 4 : 8);
@@ -642,7 +642,7 @@ static void delta_step(float *s, const float *q, const float *k, const float *v,
         for (int c = 0; c < 8; c++) acc[c] = vdupq_n_f32(0.0f);
         for (int64_t i = 0; i < Dk; i++) {
             const float32x4_t ki = vdupq_n_f32(k[i]);
-            for (int c = 0; c < nb; c++) acc[c] = vfmaq_f32(acc[c], vld1q_f32(s + i * Dv + j0 + 4 * c), ki);
+            for (int c = 0; c < nb; c++) acc[c] = vfmaq_f32(acc[c], vld1q_f32(s + i * ld + j0 + 4 * c), ki);
         }
         float32x4_t d[8], oa[8];
         for (int c = 0; c < nb; c++) {
@@ -652,7 +652,7 @@ static void delta_step(float *s, const float *q, const float *k, const float *v,
         for (int64_t i = 0; i < Dk; i++) {
             const float32x4_t ki = vdupq_n_f32(k[i]), qi = vdupq_n_f32(q[i]);
             for (int c = 0; c < nb; c++) {
-                float *p = s + i * Dv + j0 + 4 * c;
+                float *p = s + i * ld + j0 + 4 * c;
                 const float32x4_t x = vfmaq_f32(vmulq_f32(vld1q_f32(p), decay), ki, d[c]);
                 vst1q_f32(p, x);
                 oa[c] = vfmaq_f32(oa[c], x, qi);
@@ -661,6 +661,10 @@ static void delta_step(float *s, const float *q, const float *k, const float *v,
         for (int c = 0; c < nb; c++) vst1q_f32(o + j0 + 4 * c, oa[c]);
     }
 }
+
+#define DELTA_COLS 32 /* delta_step's columns per pass */
+
+#include "delta_rule.h"
 
 static inline __attribute__((always_inline)) void gdn_decode_impl(
     const void *qkv, void *conv_state, const void *conv_w, int64_t Kc, const void *a, const void *bp,
@@ -697,7 +701,7 @@ static inline __attribute__((always_inline)) void gdn_decode_impl(
             const float u = ld1(a, b * Hv + h, ABF) + ld1(dt_bias, h, WBF);
             const float g = -expf(ld1(A_log, h, WBF)) * (u > 20.0f ? u : log1pf(expf(u)));
             float o[Dv] __attribute__((aligned(16)));
-            delta_step(state + (b * Hv + h) * Dk * Dv, q, k, v, g, beta, o, Dk, Dv);
+            delta_step(state + (b * Hv + h) * Dk * Dv, q, k, v, g, beta, o, Dk, Dv, Dv);
             for (int64_t j = 0; j < Dv; j += 4) vst1q_f32(o + j, round4(vld1q_f32(o + j), ABF));
             const float32x4_t r = vdupq_n_f32(1.0f / sqrtf(sumsq(o, Dv) / (float)Dv + eps));
             for (int64_t j = 0; j < Dv; j += 4) {
