@@ -1,9 +1,10 @@
 """qwenlite against llama.cpp and transformers in one run, at matched precision, on random-weight checkpoints
-with the real shapes of Qwen3.5-0.8B and Qwen3.5-2B. Run by hand, never in CI (it takes a while and wants a
-quiet machine):
+with the real shapes of Qwen3.5-0.8B, 2B, 4B and 9B (and of other families' models). Run by hand, never in CI (it
+takes a while and wants a quiet machine):
 
     python bench/compare.py --workdir /tmp/qwcmp                         # 0.8b and 2b, bf16 / int8 / int4
     python bench/compare.py --workdir /tmp/qwcmp --models 2b --precisions int4 --threads 2 --repeat 3
+    python bench/compare.py --workdir /tmp/qwcmp --models 4b,9b --precisions int8,int4   # 9B: bf16 needs 18 GB
     python bench/compare.py --workdir /tmp/qwcmp-smoke --models tiny --repeat 1 --prompt 32 --decode 8  # smoke
     python bench/compare.py --workdir /tmp/qwcmp --isa avx2,torch    # qwenlite once per kernel instruction set
 
@@ -53,6 +54,8 @@ from pathlib import Path
 MODELS = {
     "0.8b": "qwen3.5-0.8b",
     "2b": "qwen3.5-2b",
+    "4b": "qwen3.5-4b",
+    "9b": "qwen3.5-9b",
     "qwen3-0.6b": "qwen3-0.6b",
     "qwen2.5-0.5b": "qwen2.5-0.5b",
     "35b-a3b-4l": "qwen3.5-35b-a3b --layers 4",  # the MoE at its real per-layer shapes, 4 of its 40 layers
@@ -182,23 +185,29 @@ def make_dir(out: Path, cmd: list[str]) -> None:
 
 
 def ensure_artifacts(workdir: Path, model: str, precisions: list[str]) -> dict[str, Path]:
-    """Make what is missing; return {"checkpoint": dir, "bf16": dir, "int8": dir, ..., "gguf-bf16": file, ...}."""
+    """Make what is missing; return {"checkpoint": dir, "bf16": dir, "int8": dir, ..., "gguf-bf16": file, ...}.
+    The bf16 checkpoint is made only when something is missing that comes from it (delete it once the quantized
+    checkpoints and GGUF files exist, and a 9B's int4 comparison needs 11 GB of disk instead of 29)."""
     root = workdir / model
     ckpt = root / "bf16"
     paths = {"checkpoint": ckpt}
-    if not ckpt.exists():
-        print(f"[artifact] {model}: random {MODELS[model]} checkpoint -> {ckpt}", flush=True)
-        make_dir(ckpt, qwenlite_cli("init-random", *MODELS[model].split()))
+
+    def source() -> Path:
+        if not ckpt.exists():
+            print(f"[artifact] {model}: random {MODELS[model]} checkpoint -> {ckpt}", flush=True)
+            make_dir(ckpt, qwenlite_cli("init-random", *MODELS[model].split()))
+        return ckpt
+
     for precision in precisions:
         bits, gguf_dtype = PRECISIONS[precision]
-        paths[precision] = ckpt if bits is None else root / precision
+        paths[precision] = source() if bits is None else root / precision
         if not paths[precision].exists():
             print(f"[artifact] {model}: {precision} checkpoint -> {paths[precision]}", flush=True)
-            make_dir(paths[precision], qwenlite_cli("quantize", "--bits", str(bits), str(ckpt)))
+            make_dir(paths[precision], qwenlite_cli("quantize", "--bits", str(bits), str(source())))
         gguf = paths[f"gguf-{precision}"] = root / f"{model}-{gguf_dtype}.gguf"
         if not gguf.exists():
             print(f"[artifact] {model}: GGUF {gguf_dtype} -> {gguf}", flush=True)
-            subprocess.run(qwenlite_cli("convert", str(ckpt), "--to", "gguf", str(gguf), "--dtype", gguf_dtype),
+            subprocess.run(qwenlite_cli("convert", str(source()), "--to", "gguf", str(gguf), "--dtype", gguf_dtype),
                            check=True)  # fmt: skip
     return paths
 
