@@ -203,7 +203,8 @@ def test_images_attach_by_button_paste_and_drop_and_show_as_thumbnails(browser, 
 def test_videos_attach_show_a_frame_and_go_as_video_url_parts(browser, live_mm, tmp_path):
     """By button: the clip shows its first frame, goes as a video_url data: URL part and the model answers it. By
     paste: over the page's limit (lowered here; the page states the server's), named in the notice, not attached.
-    By drop: a corrupt clip's 400 shows as the answer's error and the page is ready again. A conversation the
+    By drop: a corrupt clip's 400 shows as the answer's error and the page is ready again; the next turn goes without
+    the refused one. A conversation the
     browser's storage refuses (videos fill it fast) is said to live in this tab only."""
     clip = write_video(tmp_path / "clip.webm", 8, 64, 48, 4, codec="libvpx")  # VP8: every Chromium plays it
     b64 = base64.b64encode(clip.read_bytes()).decode()
@@ -248,6 +249,13 @@ def test_videos_attach_show_a_frame_and_go_as_video_url_parts(browser, live_mm, 
     expect(page.locator("#send")).to_be_visible()
     assert len(bodies) == 2
     expect(page.locator("#notice")).to_contain_text("too large for this browser's storage")  # and says so
+    send(page, "Then say anything.")  # the refused turn is not sent again: the model answers
+    expect(page.locator(".msg.assistant .content").last).not_to_be_empty()
+    page.locator("#stop").click()
+    expect(page.locator("#send")).to_be_visible()
+    asked = [[p.get("text") for p in m["content"]] if isinstance(m["content"], list) else [m["content"]]
+             for m in bodies[2]["messages"] if m["role"] == "user"]  # fmt: skip
+    assert asked == [[None, "What happens?"], ["Then say anything."]]
     context.close()
 
 

@@ -273,9 +273,13 @@ async function loadModel() {
   }
 }
 
-// The request for the conversation so far, with the settings applied; a failed empty answer is not history.
+// The request for the conversation so far, with the settings applied. A turn that failed before any answer (a refused
+// attachment, a prompt over the context, the server gone) is not history, its question no more than its error: one
+// bad image would otherwise have every later turn refused.
 function requestBody(messages) {
-  const history = messages.filter((m) => !(m.error && !textOf(m.content))).map(({ role, content }) => ({ role, content }));
+  const failed = (m) => m?.role === "assistant" && m.error && !textOf(m.content);
+  const history = messages.filter((m, i) => !failed(m) && !(m.role === "user" && failed(messages[i + 1])))
+    .map(({ role, content }) => ({ role, content }));
   if (settings.system.trim()) history.unshift({ role: "system", content: settings.system });
   const body = {
     model, messages: history, stream: true, stream_options: { include_usage: true },
