@@ -138,6 +138,28 @@ def test_gemv_bf16_matches_linear(K, N, each_isa):
         assert not kernels.gemv_bf16_ok(torch.randn(1, K), w)  # fp32 activations: torch's
 
 
+@two_threads
+@needs_some_kernels
+@pytest.mark.parametrize("K,N", [(1024, 3584), (3584, 1024), (100, 97), (17000, 7)], ids=str)
+def test_gemm_bf16_rounds_fp32_sums_once(K, N, each_isa):
+    """A prompt's bf16 projection through qwenlite's GEMM (avx2's) is F.linear of the widened operands rounded once
+    to bf16: every output within half a bf16 step of the fp32 result, plus fp32's summation-order error (1e-5 of the
+    largest); row counts no multiple of its 4-row tiles, W rows no multiple of 3, K no multiple of 8 and a K whose
+    rows fill a block alone included. Instruction sets without it say so (their prompts take linear_fp32)."""
+    gen = torch.Generator().manual_seed(K + N)
+    w = torch.randn(N, K, generator=gen).to(torch.bfloat16)
+    xs = [torch.randn(M, K, generator=gen).to(torch.bfloat16) for M in (9, 11, 70, 214)]
+    refs = [F.linear(x.float(), w.float()) for x in xs]
+    for isa in each_isa():
+        has = kernels.gemm_bf16_ok(xs[0], w)
+        assert has == (isa == "avx2"), isa
+        for x, ref in zip(xs if has else [], refs, strict=False):
+            got = kernels.gemm_bf16(x, w)
+            assert got.dtype == torch.bfloat16 and got.shape == ref.shape
+            bound = ref.abs() * 2.0**-8 + 1e-5 * ref.abs().max()  # half a step: at most 2^-8 of the value
+            assert ((got.float() - ref).abs() <= bound).all(), (isa, len(x))
+
+
 @pytest.mark.parametrize("K,N", [(1024, 6144), (3584, 1024), (100, 96)])
 def test_linear_fp32_matches_bf16_linear(K, N, monkeypatch):
     """Prefill of a bf16 model on a CPU whose bf16 GEMM is slow: the fp32 GEMM of the upcast operands, rounded once,

@@ -63,7 +63,8 @@ class Conv1d(NoInitOnMeta, nn.Conv1d):
 class Linear(NoInitOnMeta, nn.Linear):
     """nn.Linear whose inference over a few rows (decode, batched decode) of bf16 runs qwenlite's GEMV, which
     streams the weights at close to the memory bandwidth, and over many rows (prefill) of bf16 an fp32 GEMM on CPUs
-    whose bf16 GEMM is slow (kernels.linear_fp32); anything else is F.linear."""
+    whose bf16 GEMM is slow (qwenlite's own where the instruction set has one, kernels.gemm_bf16, else torch's on
+    widened weights, kernels.linear_fp32); anything else is F.linear."""
 
     fast = True
 
@@ -72,6 +73,8 @@ class Linear(NoInitOnMeta, nn.Linear):
         if self.fast and not needs_grad(x, self.weight):
             if kernels.gemv_bf16_ok(x2, self.weight):
                 y = kernels.gemv_bf16(x2, self.weight)
+            elif kernels.gemm_bf16_ok(x2, self.weight):
+                y = kernels.gemm_bf16(x2, self.weight)
             elif kernels.linear_fp32_ok(x2, self.weight):
                 y = kernels.linear_fp32(x2, self.weight)
             else:

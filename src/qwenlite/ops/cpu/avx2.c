@@ -153,6 +153,81 @@ static void gemv_float(const void *W, const int wbf, const float *x, void *y, co
     }
 }
 
+/* A tile of y: rows m..m+MR of x (fp32, rows K apart) against rows n..n+NR of W (fp32, rows K apart, from the
+ * thread's converted block), MR x NR accumulators of 8 lanes each over k, summed and rounded to bf16 at the end. */
+static inline __attribute__((always_inline)) void gemm_tile(const float *x, const float *w, uint16_t *y, int64_t N,
+                                                            int64_t K, const int MR, const int NR) {
+    __m256 acc[4][3];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 wv[3];
+        for (int j = 0; j < NR; j++) wv[j] = _mm256_loadu_ps(w + j * K + k);
+        for (int i = 0; i < MR; i++) {
+            const __m256 xv = _mm256_loadu_ps(x + i * K + k);
+            for (int j = 0; j < NR; j++) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) {
+            float v = hsum8(acc[i][j]);
+            for (int64_t t = k; t < K; t++) v += x[i * K + t] * w[j * K + t];
+            y[i * N + j] = f32_to_bf16(v);
+        }
+}
+
+/* y (M, N) = x (M, K) W^T for many rows (a prompt), W and x bf16, y rounded once from fp32 sums: F.linear in fp32
+ * of the widened operands (kernels.linear_fp32, the twin) without widening W in memory. Each thread takes blocks of
+ * W's rows, widens one block into its scratch (at most ~192 KB: it stays in L2) and runs every row of x against it,
+ * 4 rows of x by 3 of W at a time (12 accumulators: the FMAs, not the loads, are the bound); blocks are handed out
+ * one at a time, so a thread slowed by another process on its core does not hold the other back. Returns 0, or 1
+ * when a buffer could not be allocated (nothing computed). */
+int qk_gemm_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, int64_t M, int64_t N, int64_t K, int nthreads) {
+    int64_t nb = (int64_t)(49152 / K) / 3 * 3; /* W rows per block: 192 KB of fp32 */
+    nb = nb < 3 ? 3 : nb;
+    const int64_t blocks = (N + nb - 1) / nb;
+    float *xf = scratch(1, sizeof(float) * (size_t)(M * K));
+    int failed = !xf;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        failed |= !scratch(0, sizeof(float) * (size_t)(nb * K)); /* every thread's block, before any work */
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < (xf ? M : 0); m++)
+            for (int64_t k = 0; k < K; k++) xf[m * K + k] = bf16_to_f32(x[m * K + k]);
+    }
+    if (failed) return 1;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t bi = 0; bi < blocks; bi++) {
+        const int64_t n0 = bi * nb, rows = N - n0 < nb ? N - n0 : nb;
+        float *wf = scratch(0, sizeof(float) * (size_t)(nb * K)); /* allocated above: the same buffer again */
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t k = 0; k + 8 <= K; k += 8) _mm256_storeu_ps(wf + r * K + k, ld8(W + (n0 + r) * K, k, 1));
+        if (K % 8)
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t k = K / 8 * 8; k < K; k++) wf[r * K + k] = bf16_to_f32(W[(n0 + r) * K + k]);
+        for (int64_t m = 0; m < M; m += 4) {
+            const int mr = (int)(M - m < 4 ? M - m : 4);
+            for (int64_t j = 0; j < rows; j += 3) {
+                const int nr = (int)(rows - j < 3 ? rows - j : 3);
+                const float *xm = xf + m * K, *wj = wf + j * K;
+                uint16_t *yt = y + m * N + n0 + j;
+#define GEMM_TILE(MR_)                                                                                                 \
+    (nr == 3 ? gemm_tile(xm, wj, yt, N, K, MR_, 3) : nr == 2 ? gemm_tile(xm, wj, yt, N, K, MR_, 2)                      \
+             : gemm_tile(xm, wj, yt, N, K, MR_, 1))
+                switch (mr) {
+                case 4: GEMM_TILE(4); break;
+                case 3: GEMM_TILE(3); break;
+                case 2: GEMM_TILE(2); break;
+                default: GEMM_TILE(1);
+                }
+#undef GEMM_TILE
+            }
+        }
+    }
+    return 0;
+}
+
 void qk_gemv_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, int64_t M, int64_t N, int64_t K, int nthreads) {
     const float *xf = stage_f32(x, 1, M * K);
     if (xf) gemv_float(W, 1, xf, y, 1, M, N, K, nthreads);

@@ -62,6 +62,8 @@ SIGNATURES = {
     "qk_conv_silu": "PPPPIILLLLI",
     "qk_delta_rule": "PPPPPPPLLLLLLI",
 }
+# Kernels only some instruction sets' files have (the others run the torch twin): name -> (argument types, result).
+OPTIONAL = {"qk_gemm_bf16": ("PPPLLLI", ctypes.c_int)}
 CTYPES = {"P": ctypes.c_void_p, "L": ctypes.c_int64, "I": ctypes.c_int, "F": ctypes.c_float}
 CFLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off"]
 # The architectures, as platform.machine() names them.
@@ -192,6 +194,10 @@ def _load(isa: str) -> ctypes.CDLL:
     for name, letters in SIGNATURES.items():
         getattr(lib, name).argtypes = [CTYPES[c] for c in letters]
         getattr(lib, name).restype = None
+    for name, (letters, result) in OPTIONAL.items():
+        if hasattr(lib, name):
+            getattr(lib, name).argtypes = [CTYPES[c] for c in letters]
+            getattr(lib, name).restype = result
     lib.qk_read.restype = ctypes.c_float
     lib.qk_decode_step.restype = ctypes.c_int
     lib.qk_plan_layout.restype = ctypes.POINTER(PlanField)
@@ -270,6 +276,22 @@ def gemv_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     (M, K), N = x.shape, weight.shape[0]
     y = torch.empty(M, N, dtype=torch.bfloat16)
     library().qk_gemv_bf16(_p(weight), _p(x), _p(y), M, N, K, torch.get_num_threads())
+    return y
+
+
+def gemm_bf16_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """`linear_fp32_ok`, on an instruction set whose file has the bf16 GEMM (avx2), x and weight contiguous."""
+    lib = library()
+    return linear_fp32_ok(x, weight) and _plain(x, weight) and lib is not None and hasattr(lib, "qk_gemm_bf16")
+
+
+def gemm_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ weight (N, K)^T -> (M, N) bf16 from fp32 sums, for many rows (a prompt): `linear_fp32` (the twin)
+    without widening the weight in memory first; needs `gemm_bf16_ok`."""
+    (M, K), N = x.shape, weight.shape[0]
+    y = torch.empty(M, N, dtype=torch.bfloat16)
+    if library().qk_gemm_bf16(_p(weight), _p(x), _p(y), M, N, K, torch.get_num_threads()):
+        raise MemoryError(f"the bf16 GEMM's buffers ({M} x {K} and a block of {K} per thread) could not be allocated")
     return y
 
 
