@@ -6,6 +6,7 @@
  *   qk_gemv_int8    y = x (q * s)^T, q int8 (N, K), s (N, K/G)                  twin: quant_matmul.int8_matmul_ref
  *   qk_gemv_int4    y = x ((q - 8) * s + z)^T, q in quant_matmul's tiled64       twin: quant_matmul.int4_matmul_ref
  *   qk_gemv_f32     y = x W^T, all fp32                                          twin: F.linear
+ *   qk_gemm_bf16    (avx2.c only) y = x W^T for a prompt, bf16, fp32 sums          twin: kernels.linear_fp32
  *   qk_dequant_int8 / qk_dequant_int4: rows of W (int4: W^T) in bf16 or fp32 (prefill: dequantize, then torch's GEMM)
  *   qk_gdn_decode   a Gated DeltaNet layer's token between projections           twin: qwen3_5.GatedDeltaNet (torch path)
  *                   (conv, SiLU, L2 norms, gates, delta rule in one pass over the state, gated RMSNorm)

@@ -1,9 +1,10 @@
 """qwenlite's own CPU kernels, one C file per instruction set beside this module (avx512.c for AVX-512 with BF16,
 avx2.c for AVX2 + FMA, neon.c for AArch64's Advanced SIMD; common.h, delta_rule.h and step.h shared): decode GEMVs
-over bf16 / fp32 / int8 / int4 weights, dequantization for prefill, a Gated DeltaNet token (conv, norms, gates and
-the delta rule in one pass over the state), the delta rule over a prompt, an attention token, RMSNorm, the prompt's
-conv + SiLU, and a whole decode step built from them (model/runner.py describes the model to it). Each has a
-pure-torch reference twin (named in avx512.c's header) that the tests hold every instruction set's build to.
+over bf16 / fp32 / int8 / int4 weights, dequantization for prefill, a bf16 GEMM for prefill (avx2 only), a Gated
+DeltaNet token (conv, norms, gates and the delta rule in one pass over the state), the delta rule over a prompt, an
+attention token, RMSNorm, the prompt's conv + SiLU, and a whole decode step built from them (model/runner.py
+describes the model to it). Each has a pure-torch reference twin (named in avx512.c's header) that the tests hold
+every instruction set's build to.
 
 The instruction set is chosen once, from the CPU's features as the OS reports them (/proc/cpuinfo lists a feature
 only when the kernel enabled its register state): on x86-64 `avx512` where AVX-512 F/BW/VL and BF16 are present,
