@@ -11,8 +11,8 @@ Run by hand, never in CI (it wants llama.cpp's command-line tools, which the pip
     nice cmake --build /tmp/llsrc/build --target llama-completion llama-speculative-simple -j2   # ~45 min on 2 cores
 
     qwenlite train demo --quick --out /tmp/demo          # a tiny model whose MTP head is trained with it
-    python bench/spec_llamacpp.py --llama-bin /tmp/llsrc/build/bin --model demo:f32:/tmp/demo/model \\
-        --model 0.8b:q8_0:/tmp/qwcmp/0.8b/bf16 --out bench/results/amd-epyc-avx2-2c-spec-llamacpp.md
+    python bench/spec_llamacpp.py --llama-bin /tmp/llsrc/build/bin --model demo:f32:/tmp/demo/model --check-drafts
+    python bench/spec_llamacpp.py --llama-bin /tmp/llsrc/build/bin --model 0.8b:q8_0:/tmp/qwcmp/0.8b/bf16 --tokens 32
 
 `--model LABEL:DTYPE:CHECKPOINT` exports CHECKPOINT to --workdir/LABEL-DTYPE.gguf (reused when there). A checkpoint
 without `mtp.*` (a random-weight one of `qwenlite init-random`) first gets a random head, the documented
@@ -234,6 +234,52 @@ def total(runs: list[Run]) -> Run:
     return Run(*sums, texts=[t for r in runs for t in r.texts])
 
 
+def check_drafts(bin_dir: Path, gguf: Path, dtype: str, prompt: str, tokens: int, threads: int) -> list[str]:
+    """llama.cpp's MTP drafts against qwenlite's head, one by one: llama-speculative-simple with K = 1 logs each
+    draft's top-3 candidates and their probabilities (its draft sampler's top-10 softmax); qwenlite's head runs over
+    the whole greedy sequence at once (with K = 1 every draft comes from the model's own hidden states, so the head's
+    cache holds what a teacher-forced pass computes). llama.cpp's head also has, at position 0, the first prompt
+    token paired with a zero hidden state (common/speculative.cpp: pending_h starts at zeros), which qwenlite's, as
+    vLLM's, leaves out: compared both with and without that row."""
+    from qwenlite.generate import generate_tokens
+    from qwenlite.io.load import load_model, load_mtp
+    from qwenlite.sample import SamplingParams
+
+    _, err = llama([str(bin_dir / "llama-speculative-simple"), *llama_common(gguf, prompt, tokens, threads),
+                    "--spec-type", "draft-mtp", "--spec-draft-n-max", "1", "--spec-draft-p-min", "0", "-lv", "5"],
+                   "graphs reused")  # fmt: skip
+    drafts, candidates = [], []  # (H: tokens before the last one, [(token, p) best first])
+    for line in err.splitlines():
+        if m := re.search(r"draft candidate\s+\d+, pos\s+0:\s+(\d+) \(\s*([\d.]+)\)", line):
+            candidates.append((int(m.group(1)), float(m.group(2))))
+        elif m := re.search(r"hist size = (\d+)", line):
+            drafts.append((int(m.group(1)), candidates))
+            candidates = []
+    qdtype, quant = PRECISIONS[dtype]
+    model, tokenizer = load_model(gguf, qdtype, quant)
+    head = load_mtp(gguf, model)
+    ids = tokenizer.encode(prompt)
+    with torch.inference_mode():
+        seq = torch.tensor([ids + list(generate_tokens(model, ids, SamplingParams(temperature=0), tokens + 8))])
+        h = model.model(seq)
+        # row t: (h_t, token t+1) -> token t + 2; with llama.cpp's zero row first, the same rows one further on
+        plain = model.lm_head(head(model, seq[:, 1:], h[:, :-1]))[0].float()
+        zero_row = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], 1)
+        sentinel = model.lm_head(head(model, seq, zero_row))[0, 1:].float()
+    lines = []
+    for name, logits in (("without", plain), ("with", sentinel)):
+        same, worst = 0, 0.0
+        for H, cands in drafts:  # the draft after token H comes from row H - 1
+            top = logits[H - 1].topk(10)
+            p = dict(zip(top.indices.tolist(), torch.softmax(top.values, 0).tolist(), strict=True))
+            same += cands[0][0] == top.indices[0].item()
+            worst = max([worst, *(abs(p.get(t, 0.0) - q) for t, q in cands)])
+        lines.append(f"- {name} llama.cpp's zero row: {same} of {len(drafts)} first-step drafts the same token, "
+                     f"largest difference of a top-3 candidate's probability {worst:.4f} (llama.cpp prints 3 "
+                     "decimals)")  # fmt: skip
+    return [f"Drafts one by one (K = 1, {prompt!r}, {tokens} tokens), llama.cpp's against qwenlite's head:", *lines]
+
+
 def same_text(text: str, reference: str) -> bool:
     """Whether `text` starts with `reference` (llama-speculative-simple generates a few tokens more than -n, and
     llama.cpp's tools end their output with newlines of their own)."""
@@ -288,6 +334,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="threads of both engines (default 2)")
     p.add_argument("--repeat", type=int, default=3, help="passes over every run; the fastest counts (default 3)")
     p.add_argument("--out", type=Path, help="also write the report (markdown) here")
+    p.add_argument("--check-drafts", action="store_true", help="also compare llama.cpp's MTP drafts with qwenlite's "
+                   "head one by one, on the first prompt (see check_drafts)")  # fmt: skip
     args = p.parse_args()
     args.ks = [int(k) for k in args.ks.split(",")]
     args.prompts = args.prompts or list(PROMPTS)
@@ -313,6 +361,8 @@ def main() -> None:
         best = measure(label, gguf, dtype, args)
         lines += [*table(label, dtype, random_head, best, args.ks), "",
                   f"({time.perf_counter() - started:.0f} s)", ""]  # fmt: skip
+        if args.check_drafts:
+            lines += [*check_drafts(args.llama_bin, gguf, dtype, args.prompts[0], args.tokens, args.threads), ""]
     report = "\n".join(lines)
     print(report)
     if args.out:
