@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -354,7 +355,7 @@ def main() -> None:
     lines = ["# Speculative decoding with the MTP head: llama.cpp draft-mtp against qwenlite --speculate", "",
              *machine(), f"- {args.threads} threads, greedy, {args.tokens} tokens generated for each of "
              f"{len(args.prompts)} prompts, best of {args.repeat} passes", "- command: `python "
-             + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) + "`", ""]  # fmt: skip
+             + shlex.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) + "`", ""]  # fmt: skip
     for label, dtype, checkpoint in models:
         gguf, random_head = gguf_for(label, dtype, checkpoint, args.workdir)
         started = time.perf_counter()
