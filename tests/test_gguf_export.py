@@ -207,6 +207,7 @@ def test_metadata(checkpoints, tmp_path):
         "qwen35.rope.dimension_count": int(C["head_dim"] * 0.25),
         "qwen35.rope.dimension_sections": [11, 11, 10, 0],
         "qwen35.full_attention_interval": 4,
+        "qwen35.attention.recurrent_layers": [True, True, True, False],
         "qwen35.ssm.conv_kernel": C["linear_conv_kernel_dim"],
         "qwen35.ssm.state_size": DK,
         "qwen35.ssm.group_count": HK,

@@ -1,6 +1,7 @@
 """The MTP head in GGUF, in llama.cpp's layout (the tail block that `--spec-type draft-mtp` reads): export writes
-block_count N + 1, nextn_predict_layers 1, `blk.N.nextn.*` and the head's layer as a main full-attention layer of
-block N (MoE for qwen35moe), each value checked against the checkpoint's with the conventions written out here;
+block_count N + 1, nextn_predict_layers 1, attention.recurrent_layers with block N a full-attention one,
+`blk.N.nextn.*` and the head's layer as a main full-attention layer of block N (MoE for qwen35moe), each value
+checked against the checkpoint's with the conventions written out here;
 import reads the main model from the first N blocks and `load_mtp` the head from the tail, equal to the original's
 (F32: to fp32 rounding of 1 + w - 1; Q8_0: gguf-py's own rounding of each matrix); greedy speculation from the GGUF is
 plain decoding, through the library and `qwenlite run`; a GGUF without the head has none to draft with.
@@ -133,6 +134,10 @@ def test_export_writes_the_head_as_the_tail_block(checkpoints, kind):
     arch = "qwen35moe" if kind == "moe" else "qwen35"
     assert reader.fields[f"{arch}.block_count"].contents() == N + 1
     assert reader.fields[f"{arch}.nextn_predict_layers"].contents() == 1
+    # Each block's kind, as the converter writes it (llama.cpp #28208): the head's block is full attention, where
+    # full_attention_interval alone, without the loader's guard for nextn blocks, says linear (N + 1 = 5).
+    linear = [kind == "linear_attention" for kind in TINY_TEXT_CONFIG["layer_types"]]
+    assert reader.fields[f"{arch}.attention.recurrent_layers"].contents() == [*linear, False]
     got = {t.name: t for t in reader.tensors}
     want = expected_tail(head_tensors(ckpt), moe=kind == "moe")
     assert {n for n in got if n.startswith(f"blk.{N}.")} == set(want)
@@ -217,6 +222,7 @@ def test_without_a_head_the_gguf_has_none(tmp_path):
     reader = gguf.GGUFReader(out)
     assert reader.fields["qwen35.block_count"].contents() == N
     assert "qwen35.nextn_predict_layers" not in reader.fields
+    assert reader.fields["qwen35.attention.recurrent_layers"].contents() == [True, True, True, False]
     assert not any(t.name.startswith(f"blk.{N}.") for t in reader.tensors)
     model, _ = load_model(out, "float32")
     assert load_mtp(out, model) is None

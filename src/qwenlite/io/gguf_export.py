@@ -14,7 +14,10 @@ re-implemented here, never copied:
   from grouped by key head (HF: k0v0 k0v1 k1v0 k1v1) to tiled (k0v0 k1v0 k0v1 k1v1), for ggml's broadcast: the
   V rows of in_proj_qkv and of the conv, in_proj_z rows, in_proj_a / in_proj_b rows, A_log, dt_bias, out_proj columns;
 - 1-D tensors, norms and the conv stay F32, the rest in the chosen dtype;
-- metadata `qwen35.*` as the converter writes it, with rope.dimension_sections defaulting to [11, 11, 10, 0];
+- metadata `qwen35.*` as the converter writes it, with rope.dimension_sections defaulting to [11, 11, 10, 0] and
+  attention.recurrent_layers, each block's kind (false for the MTP block), which llama.cpp's loader prefers to
+  full_attention_interval and its converter writes since llama.cpp #28208 (file for file equal to the converter's
+  output then, but for the tensors' order: tried on the demo model with its MTP head);
 - the tokenizer as "gpt2" BPE with pre-tokenizer "qwen35": every id up to vocab_size (unused ids as [PADn]),
   token types, merges, special ids and chat template (via gguf-py's SpecialVocab, as the converter).
 
@@ -78,6 +81,7 @@ GGUF_ARCHES = {"qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe", "qwen3
 # llama.cpp's pre-tokenizer name -> the split regex it stands for
 PRE_TOKENIZERS = {"qwen35": QWEN35_PATTERN, "qwen2": QWEN3_PATTERN}
 DEFAULT_MROPE_SECTIONS = [11, 11, 10, 0]  # what the converter writes when config.json has no mrope_section
+RECURRENT_LAYERS = "{arch}.attention.recurrent_layers"  # gguf-py's Keys.Attention.RECURRENT_LAYERS (newer than ours)
 # --dtype -> (type of the big matrices, general.file_type)
 FILE_TYPES = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
@@ -297,6 +301,8 @@ def add_model_metadata(
     writer.add_ssm_time_step_rank(c.linear_num_value_heads)
     writer.add_ssm_inner_size(c.linear_value_dim)
     writer.add_full_attention_interval(c.full_attention_interval)
+    recurrent = [kind == "linear_attention" for kind in c.layer_types] + [False] * nextn  # the MTP block attends
+    writer.add_array(RECURRENT_LAYERS.format(arch=writer.arch), recurrent)
     writer.add_rope_dimension_count(c.rotary_dim)
     if c.moe:
         writer.add_expert_count(c.num_experts)
