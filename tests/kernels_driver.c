@@ -437,7 +437,7 @@ static void step_case(const char *tag, int abf, int wbf, int fmt, int qfmt_attn,
     struct qk_model m = {.act_bf16 = abf, .w_bf16 = wbf, .gated = !qwen2, .eps = 1e-6f, .hidden = Hd, .intermediate = I,
                          .n_layers = 2, .vocab = VOCAB, .k_heads = HK, .v_heads = HV, .k_head_dim = DK,
                          .v_head_dim = DV, .conv_kernel = KC, .heads = H, .kv_heads = HKV, .head_dim = D,
-                         .rotary_dim = R, .n_experts = moe ? 5 : 0, .top_k = moe ? 3 : 0, .layers = layers, .rows = B, .max_seq_len = TMAX, .caches = caches};
+                         .rotary_dim = R, .n_experts = moe ? 5 : 0, .top_k = moe ? 3 : 0, .layers = layers, .rows = B, .tokens = 1, .max_seq_len = TMAX, .caches = caches};
     m.final_norm = own(values(Hd, wbf, 0.3f, 0.0f));
     m.head = make_linear(mlp_fmt, wbf, VOCAB, Hd, -1);
     for (int li = 0; li < 2; li++) {

@@ -35,7 +35,7 @@ from qwenlite.io.load import load_mtp
 from qwenlite.model.cache import Cache, make_cache
 from qwenlite.model.mtp import MTP
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
-from qwenlite.model.runner import PREFILL_CHUNK
+from qwenlite.model.runner import PREFILL_CHUNK, run_model_hidden
 from qwenlite.ops.cpu import kernels
 
 DRAFTS = ("mtp", "ngram")
@@ -139,12 +139,12 @@ def forward_hidden(model: Qwen3_5ForCausalLM, ids: Sequence[int], cache: Cache) 
 
 
 def verify_forward(model: Qwen3_5ForCausalLM, ids: Sequence[int], cache: Cache) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pending token and the drafts `ids` through the forward, their recurrent states kept (`Cache.track`:
-    follow with `cache.rewind`) -> (final hidden states (T, H), logits (T, V) fp32). Few rows: the projections take
-    the GEMV kernels, one pass over the weights for all of them."""
+    """The pending token and the drafts `ids` through the model, tracked (`Cache.track`: follow with `cache.rewind`)
+    -> (final hidden states (T, H), logits (T, V) fp32). In one C call where it applies (model/runner.py), else the
+    forward; either way each GEMV reads its weights once for all T rows."""
     cache.track()
-    hidden = model.model(torch.tensor([list(ids)], device=model.device), cache)[0]
-    return hidden, model.lm_head(hidden).float()
+    hidden, logits = run_model_hidden(model, torch.tensor([list(ids)], device=model.device), cache)
+    return hidden[0], logits[0]
 
 
 def make_drafts(model_path: str | Path, model: Qwen3_5ForCausalLM, k: int, draft: str = "mtp") -> DraftMaker | None:

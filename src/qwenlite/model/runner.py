@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import operator
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,7 +36,7 @@ from qwenlite.ops.cpu import kernels
 from qwenlite.ops.rope import rope_cos_sin
 
 if TYPE_CHECKING:
-    from qwenlite.model.cache import Cache
+    from qwenlite.model.cache import Cache, LinearAttentionCache
 
 # The model types kernels.decode_step describes: Qwen3.5's layers (zero-centred norms, q/k norms), Qwen3.5 MoE's (a
 # router, the chosen experts and a gated shared expert for the MLP), Qwen3's (every layer full attention, no output
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
 # model, one rounding fewer than the reference's for bf16) and Qwen2's (Qwen3's without q/k norms, with q/k/v
 # biases: added as the modules' forward adds them, to the projection rounded to the activation dtype).
 PLANNED_MODEL_TYPES = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3", "qwen2")
+# Positions (rows x tokens) of one C step: each GEMV passes over its weights once per 4 of them; a verification of 8
+# drafts for a few rows fits
+STEP_TOKENS = 32
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds the activations; the gated delta rule chunks by 64 inside
 KIND = {"linear_attention": kernels.LINEAR_ATTENTION, "full_attention": kernels.FULL_ATTENTION}
 
@@ -259,37 +263,96 @@ def run_model(
     return model(input_ids, cache, logits_to_keep)
 
 
+def run_model_hidden(
+    model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, cache: Cache
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """model.model(input_ids, cache) and the head over every position -> (final hidden states (B, T, hidden), logits
+    (B, T, V) fp32), through the one-call step where it applies: the verification of speculative decoding, whose
+    drafts read every position's hidden state. A tracked cache (`Cache.track`) is rewound by either path's means."""
+    if isinstance(model, Qwen3_5ForCausalLM) and not torch.is_grad_enabled():
+        out = step_in_one_call(model, input_ids, cache)
+        if out is not None:
+            return out
+    hidden = model.model(input_ids, cache)
+    return hidden, model.lm_head(hidden).float()
+
+
 def decode_in_one_call(model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor | None:
     """forward(input_ids (B, 1), cache) -> logits (B, 1, V) fp32 through kernels.decode_step, or None where it does
     not apply (no kernels, more than MAX_ROWS rows, a module or dtype it does not know)."""
+    out = step_in_one_call(model, input_ids, cache)
+    return None if out is None else out[1]
+
+
+def step_in_one_call(
+    model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, cache: Cache
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """forward(input_ids (B, T), cache) through kernels.decode_step -> (final hidden states (B, T, hidden) in the
+    model's dtype, logits (B, T, V) fp32), or None where it does not apply (no kernels, more than MAX_ROWS rows or
+    STEP_TOKENS positions, a module or dtype it does not know). T > 1: row b's tokens continue its sequence (the
+    verification of speculative decoding); a tracked cache (`Cache.track`) keeps what `Cache.rewind` replays."""
     plan = model.__dict__.get("_decode_plan")
     if plan is None or not plan.current():
         plan = model.__dict__["_decode_plan"] = Plan(model)
-    B = input_ids.shape[0]
-    if plan.model is None or B > kernels.MAX_ROWS or (plan.adapters is not None and any(plan.adapters.rows)):
+    B, T = input_ids.shape
+    if plan.model is None or B > kernels.MAX_ROWS or B * T > STEP_TOKENS:
+        return None
+    if plan.adapters is not None and any(plan.adapters.rows):
         return None
     dtype = model.dtype
     # The plan is shared: threads may decode with one model into different caches, so the step's fields go in a copy.
     step = kernels.QkModel.from_buffer_copy(plan.model)
     caches = (kernels.QkCache * len(plan.layers))()
+    tracked = T > 1 and cache.tracking
     for slot, lc in zip(caches, cache.layers, strict=True):
         recurrent = hasattr(lc, "state")
         first, second = (lc.conv, lc.state) if recurrent else (lc.k, lc.v)
         if not (first.is_contiguous() and second.is_contiguous() and first.dtype == dtype
                 and second.dtype == (torch.float32 if recurrent else dtype)):  # fmt: skip
             return None
-        if recurrent:
+        if not recurrent:
+            slot.attn = kernels.QkAttnCache(first.data_ptr(), second.data_ptr())
+        elif not tracked:
             slot.gdn = kernels.QkGdnCache(first.data_ptr(), second.data_ptr())
         else:
-            slot.attn = kernels.QkAttnCache(first.data_ptr(), second.data_ptr())
+            before, inputs = replay_buffers(lc, B * T)
+            slot.gdn = kernels.QkGdnCache(first.data_ptr(), second.data_ptr(), before[0].data_ptr(),
+                                          inputs.data_ptr(), before[1].data_ptr())  # fmt: skip
     pos = cache.lengths.contiguous()
-    if int(pos.max()) + 1 > cache.max_seq_len:
-        raise ContextLengthExceeded(f"{int(pos.max()) + 1} tokens do not fit a cache of {cache.max_seq_len}")
+    if int(pos.max()) + T > cache.max_seq_len:
+        raise ContextLengthExceeded(f"{int(pos.max()) + T} tokens do not fit a cache of {cache.max_seq_len}")
     # Decode tokens are text: the three multimodal streams agree, at the slot plus the rope delta.
-    cos, sin = rope_cos_sin(pos + cache.rope_deltas, model.model.inv_freq, dtype)  # (B, R)
-    x = model.model.embed_tokens(input_ids[:, 0]).contiguous()  # (B, hidden), overwritten in place
-    step.rows, step.max_seq_len = B, cache.max_seq_len if cache.max_seq_len < 1 << 62 else 0
+    first = pos + cache.rope_deltas
+    if T > 1:  # token-major, as the step reads them: token t of row b at t B + b
+        first = (first[None, :] + torch.arange(T)[:, None]).reshape(-1)
+        input_ids = input_ids.t()
+    cos, sin = rope_cos_sin(first, model.model.inv_freq, dtype)  # (T B, R)
+    x = model.model.embed_tokens(input_ids.reshape(-1)).contiguous()  # (T B, hidden), overwritten in place
+    step.rows, step.tokens = B, T
+    step.max_seq_len = cache.max_seq_len if cache.max_seq_len < 1 << 62 else 0
     step.positions, step.cos, step.sin, step.caches = pos.data_ptr(), cos.data_ptr(), sin.data_ptr(), caches
     logits = kernels.decode_step(step, x)
-    cache.lengths += 1
-    return logits.float().unsqueeze(1)
+    cache.lengths += T
+    if tracked:
+        cache.replay = partial(rewind_in_one_call, step)
+    if T == 1:
+        return x.unsqueeze(1), logits.float().unsqueeze(1)
+    return x.view(T, B, -1).transpose(0, 1), logits.view(T, B, -1).transpose(0, 1).float()
+
+
+def replay_buffers(layer: LinearAttentionCache, n: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A recurrent layer's buffers for a tracked step of n positions (plan.h's qk_gdn_cache): the conv window and
+    state before it, and the positions' recurrence inputs; kept on the layer and reused (grown when n is)."""
+    if layer.before is None or layer.before[1].shape != layer.state.shape:
+        layer.before = torch.empty_like(layer.conv), torch.empty_like(layer.state)
+        layer.inputs = None
+    B, Hv = layer.state.shape[:2]
+    width = n // B * (layer.conv.shape[-1] + Hv * layer.state.shape[-1] + 2 * Hv)  # qkv, z, a, b per position
+    if layer.inputs is None or layer.inputs.numel() < B * width:
+        layer.inputs = torch.empty(B * width, dtype=layer.conv.dtype)
+    return layer.before, layer.inputs
+
+
+def rewind_in_one_call(step: kernels.QkModel, keep: list[int]) -> None:
+    """Cache.replay after a tracked step: each row's recurrent layers back to its first keep[b] tokens (qk_rewind)."""
+    kernels.rewind_step(step, torch.tensor(keep, dtype=torch.int64))

@@ -33,7 +33,7 @@ from qwenlite.errors import InvalidArgument, QwenliteError
 from qwenlite.model.adapters import adapter_selection
 from qwenlite.model.cache import AttentionCache, Cache, make_cache
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
-from qwenlite.model.runner import run_model
+from qwenlite.model.runner import run_model, run_model_hidden
 from qwenlite.model.vision import embed_prompt, mrope_positions
 from qwenlite.sample import (
     apply_processors,
@@ -114,8 +114,9 @@ class Runner:
         self.speculate, self.drafts = speculate, drafts
         # A verification pads the rows to 1 + K positions: a row near the context's end writes past it, then forgets.
         self.cache = make_cache(model.config, rows, ctx + speculate, model.dtype, self.device)
-        # The decoding rows' view, kept while their number holds, so that its buffers for the states after each verified
-        # token are reused (fresh ones cost page faults): K copies of each recurrent layer's state, ~1 MB a row at 0.8B
+        # The decoding rows' view, kept while their number holds, so that its buffers for a verification's rewind are
+        # reused (fresh ones cost page faults): a copy of each recurrent layer's state, ~1 MB a row at 0.8B (the
+        # module path's: one per verified token)
         self.view: Cache | None = None
         self.tracked: tuple[int, list[torch.Tensor]] | None = None  # a verification's width and per-row hidden states
         self.prompt_cache = PromptCache(int(cache_mb * 2**20))
@@ -268,9 +269,9 @@ class Runner:
                 self.view = self.cache.rows(0, len(seqs))
             view = self.view
             view.track()
-            hidden = self.model.model(ids, view)  # (n, T, H)
-            rows = [hidden[b, : 1 + len(d)] for b, d in enumerate(drafts)]  # the padding's never reach the head
-            logits = self.model.lm_head(torch.cat(rows)).float().split([len(r) for r in rows])
+            hidden, every = run_model_hidden(self.model, ids, view)  # (n, T, H), (n, T, V)
+            rows = [hidden[b, : 1 + len(d)] for b, d in enumerate(drafts)]  # the padding's are dropped
+            logits = [every[b, : 1 + len(d)] for b, d in enumerate(drafts)]
             self.tracked = T, rows
         if pending is not None:
             pending.result()

@@ -60,6 +60,7 @@ SIGNATURES = {
     "qk_read": "PLI",
     "qk_gemv_f32": "PPPLLLI",
     "qk_decode_step": "PPPI",
+    "qk_rewind": "PPI",
     "qk_conv_silu": "PPPPIILLLLI",
     "qk_delta_rule": "PPPPPPPLLLLLLI",
 }
@@ -201,6 +202,7 @@ def _load(isa: str) -> ctypes.CDLL:
             getattr(lib, name).restype = result
     lib.qk_read.restype = ctypes.c_float
     lib.qk_decode_step.restype = ctypes.c_int
+    lib.qk_rewind.restype = ctypes.c_int
     lib.qk_plan_layout.restype = ctypes.POINTER(PlanField)
     lib.qk_plan_layout.argtypes = [ctypes.POINTER(ctypes.c_int64)]
     check_plan_layout(c_plan_layout(lib))
@@ -591,7 +593,7 @@ class QkLayer(ctypes.Structure):
 
 
 class QkGdnCache(ctypes.Structure):
-    _fields_ = [("conv", P), ("state", P)]
+    _fields_ = [("conv", P), ("state", P), ("before_conv", P), ("inputs", P), ("before_state", P)]
 
 
 class QkAttnCache(ctypes.Structure):
@@ -608,7 +610,7 @@ class QkModel(ctypes.Structure):
                 ("k_head_dim", I64), ("v_head_dim", I64), ("conv_kernel", I64), ("heads", I64), ("kv_heads", I64),
                 ("head_dim", I64), ("rotary_dim", I64), ("n_experts", I64), ("top_k", I64),
                 ("layers", ctypes.POINTER(QkLayer)), ("final_norm", P),
-                ("head", QkLinear), ("rows", I64), ("max_seq_len", I64), ("positions", P), ("cos", P), ("sin", P),
+                ("head", QkLinear), ("rows", I64), ("tokens", I64), ("max_seq_len", I64), ("positions", P), ("cos", P), ("sin", P),
                 ("caches", ctypes.POINTER(QkCache))]  # fmt: skip
 
 
@@ -664,13 +666,21 @@ def plan_linear(fmt: int, w: torch.Tensor, n: int, k: int, dtype: torch.dtype, b
 
 
 def decode_step(model: QkModel, x: torch.Tensor) -> torch.Tensor:
-    """Run every layer for one token per row: x (rows, hidden) embeddings, overwritten with the final normed hidden
-    states; returns the logits (rows, vocab) in x's dtype. The caller keeps every tensor the plan points at alive
-    (model/runner.py)."""
-    logits = torch.empty(model.rows, model.vocab, dtype=x.dtype)
+    """Run every layer for `model.tokens` consecutive tokens of each of `model.rows` rows: x (tokens * rows, hidden)
+    embeddings, token-major (token t of row b at t * rows + b), overwritten with the final normed hidden states;
+    returns the logits (tokens * rows, vocab) in x's dtype, token-major. The caller keeps every tensor the plan
+    points at alive (model/runner.py)."""
+    logits = torch.empty(x.shape[0], model.vocab, dtype=x.dtype)
     if library().qk_decode_step(ctypes.byref(model), _p(x), _p(logits), torch.get_num_threads()):
-        raise MemoryError(f"the decode step's buffer for {model.rows} rows could not be allocated")
+        raise MemoryError(f"the decode step's buffer for {x.shape[0]} rows could not be allocated")
     return logits
+
+
+def rewind_step(model: QkModel, keep: torch.Tensor) -> None:
+    """After a tracked decode_step (the model struct it ran with, its caches' `inputs` set): row b keeps its first
+    keep[b] tokens (int64, (rows,)), its Gated DeltaNet states restored and the kept tokens' recurrence replayed."""
+    if library().qk_rewind(ctypes.byref(model), _p(keep), torch.get_num_threads()):
+        raise MemoryError("the rewind's scratch could not be allocated")
 
 
 def read_memory(buf: torch.Tensor) -> float:
