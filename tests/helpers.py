@@ -337,7 +337,8 @@ def tracked_step_against_plain_decoding(model, vocab: int, lengths=(9, 13, 5), k
         for b, (p, keep) in enumerate(zip(prompts, keeps, strict=True)):
             plain = make_cache(model.config, 1, 32, model.dtype)
             prefill(model, p, plain)
-            note("logits", torch.stack([decode_step(model, t, plain) for t in ids[b, :keep].tolist()]), logits[b, :keep])
+            rows = [decode_step(model, t, plain) for t in ids[b, :keep].tolist()]
+            note("logits", torch.stack(rows), logits[b, :keep])
             mine, n = batch.rows(b, b + 1), len(p) + keep
             assert mine.lengths.tolist() == plain.lengths.tolist() == [n]
             for x, y in zip(mine.layers, plain.layers, strict=True):

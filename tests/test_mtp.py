@@ -7,10 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qwenlite import speculative
 from qwenlite.errors import CheckpointError
 from qwenlite.io.checkpoint import assemble_mtp
 from qwenlite.io.load import load_model, load_mtp
+from qwenlite.model import runner
 from qwenlite.model.cache import make_cache
+from qwenlite.speculative import MTPDraft
 
 from helpers import TINY_TEXT_CONFIG, make_hf_checkpoint, make_mtp_tensors, random_ids
 
@@ -83,6 +86,26 @@ def test_head_logits_match_the_formula_at_once_and_token_by_token(published):
     steps = [model.lm_head(head(model, next_ids[:, i : i + 1], hidden[:, i : i + 1], cache))[0, 0] for i in range(12)]
     assert (torch.stack(steps) - want).abs().max() < TOL
     assert int(cache.lengths[0]) == 12
+
+
+@torch.inference_mode()
+def test_the_drafts_step_in_one_call_matches_the_formula(published, monkeypatch):
+    """MTPDraft.step, the head's layer, norm and the model's head in one C call (model/runner.head_step_in_one_call):
+    a first call over 5 positions then single ones, the last position's logits each time, as the formula's."""
+    _, model, head = published
+    ids, next_ids = random_ids(1, 9, seed=5), random_ids(1, 9, seed=6)
+    hidden = model.model(ids)
+    want = slow_mtp_logits(make_mtp_tensors(), model.model.embed_tokens.weight, next_ids[0], hidden[0])
+    ran, step = [], runner.head_step_in_one_call
+    monkeypatch.setattr(runner, "head_step_in_one_call", lambda *a: ran.append(a[2].shape[1]) or step(*a))
+    monkeypatch.setattr(speculative, "head_step_in_one_call", runner.head_step_in_one_call)
+    draft = MTPDraft(model, head)
+    draft.begin(16)
+    got = [draft.step(next_ids[:, :5], hidden[:, :5])[1][0, -1]]
+    got += [draft.step(next_ids[:, i : i + 1], hidden[:, i : i + 1])[1][0, -1] for i in range(5, 9)]
+    assert (torch.stack(got) - want[4:]).abs().max() < TOL
+    assert int(draft.cache.lengths[0]) == 9
+    assert ran == [5, 1, 1, 1, 1] and head.__dict__["_decode_plan"].model is not None  # each step ran in C
 
 
 def test_load_finds_the_head_and_none_without_one(published, tmp_path):

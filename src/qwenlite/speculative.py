@@ -35,7 +35,7 @@ from qwenlite.io.load import load_mtp
 from qwenlite.model.cache import Cache, make_cache
 from qwenlite.model.mtp import MTP
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
-from qwenlite.model.runner import PREFILL_CHUNK, run_model_hidden
+from qwenlite.model.runner import PREFILL_CHUNK, head_step_in_one_call, run_model_hidden
 from qwenlite.ops.cpu import kernels
 
 DRAFTS = ("mtp", "ngram")
@@ -94,14 +94,26 @@ class MTPDraft:
         ids = torch.tensor([tokens[last - n + 1 :]], device=self.model.device)  # tokens t+1 of hidden t
         for start in range(0, n, PREFILL_CHUNK):
             end = min(start + PREFILL_CHUNK, n)
-            out = self.head(self.model, ids[:, start:end], hidden[None, start:end], self.cache)[:, -1:]
+            out, logits = self.step(ids[:, start:end], hidden[None, start:end])
         drafts: list[tuple[int, torch.Tensor | None]] = []
         for j in range(k):
-            token, q = pick(self.model.lm_head(out)[0, -1].float(), [t for t, _ in drafts])
+            token, q = pick(logits[0, -1], [t for t, _ in drafts])
             drafts.append((token, q))
             if j + 1 < k:
-                out = self.head(self.model, torch.tensor([[token]], device=self.model.device), out, self.cache)
+                out, logits = self.step(torch.tensor([[token]], device=self.model.device), out[:, -1:])
         return drafts
+
+    def step(self, ids: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head over tokens `ids` (1, T) and the hidden states before them (1, T, H) -> (its normed output
+        (1, T, H), the last position's logits (1, 1, V) fp32): its fc in torch, the rest in one C call where it
+        applies (model/runner.head_step_in_one_call), else its modules."""
+        x = self.head.fuse(self.model, ids, hidden)
+        if not torch.is_grad_enabled():
+            out = head_step_in_one_call(self.model, self.head, x, self.cache)
+            if out is not None:
+                return out
+        out = self.head.run_layers(self.model, x, self.cache)
+        return out, self.model.lm_head(out[:, -1:]).float()
 
 
 class NgramDraft:

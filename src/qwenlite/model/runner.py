@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from qwenlite.config import ModelConfig
 from qwenlite.errors import ContextLengthExceeded
 from qwenlite.model.adapters import AdapterLinear, AdapterSelection
 from qwenlite.model.qwen3_5 import Attention, Qwen3_5ForCausalLM, RMSNorm, SparseMoeBlock
@@ -54,7 +55,9 @@ KIND = {"linear_attention": kernels.LINEAR_ATTENTION, "full_attention": kernels.
 class Plan:
     """The weights' description (None where the C step does not apply) and what it depends on."""
 
-    def __init__(self, model: Qwen3_5ForCausalLM):
+    def __init__(self, model: Qwen3_5ForCausalLM, head: nn.Module | None = None):
+        """The model's layers, final norm and head; or, given the MTP `head` (model/mtp.py), its layers and norm with
+        the model's head (the draft's step: what follows its fc, which stays in torch)."""
         self.checked = weights_version()  # the weights' version when the checks last passed
         # What must not change: dicts[i][keys[i]] is objects[i] (a module's children, parameters, buffers, `fast`),
         # and tensors[i] still at ptrs[i] (`p.data = ...` and Module.to keep a Parameter, change its storage).
@@ -72,7 +75,7 @@ class Plan:
         self.shifted: list[torch.Tensor] = []
         self.sources: list[torch.Tensor] = []
         self.versions: list[int] = []
-        self.build(model)
+        self.build(model, head)
         self.storages = [t.untyped_storage() for t in self.tensors]  # what the pointers point into, kept alive
 
     def __deepcopy__(self, memo: dict) -> None:
@@ -163,11 +166,12 @@ class Plan:
             return self.shifted[-1].data_ptr()
         return t.data_ptr() if t.dtype == dtype and t.is_contiguous() else None
 
-    def build(self, model: Qwen3_5ForCausalLM) -> None:
-        c, m = model.config, model.model
+    def build(self, model: Qwen3_5ForCausalLM, head: nn.Module | None) -> None:
+        c = model.config
+        m = model.model if head is None else head  # what holds the layers and the final norm
         self.keep(model, "model", "lm_head")
         self.keep(m, "embed_tokens", "norm", "layers")
-        if c.model_type not in PLANNED_MODEL_TYPES or not planned_modules(model):
+        if c.model_type not in PLANNED_MODEL_TYPES or not planned_modules(m, c):
             return
         dtype = model.dtype
         wdtype = m.norm.weight.dtype if c.zero_centred_norms else None  # None: plain norms, shifted to fp32
@@ -225,11 +229,10 @@ def version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
-def planned_modules(model: Qwen3_5ForCausalLM) -> bool:
+def planned_modules(model: nn.Module, c: ModelConfig) -> bool:
     """Whether the norms are all of the config's kind and every attention layer has the config's output gate: the
     module layout the C step reads, one norm kind and one gate for the whole model (a check on the modules
     themselves, beside the one on the model type)."""
-    c = model.config
     norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
     attention = [m for m in model.modules() if isinstance(m, Attention)]
     return (all(n.zero_centred == c.zero_centred_norms for n in norms)
@@ -284,6 +287,15 @@ def decode_in_one_call(model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, cache
     return None if out is None else out[1]
 
 
+def current_plan(model: Qwen3_5ForCausalLM, head: nn.Module | None = None) -> Plan:
+    """The model's plan (or its MTP head's), built on first use and again when its checks fail."""
+    owner = model if head is None else head
+    plan = owner.__dict__.get("_decode_plan")
+    if plan is None or not plan.current():
+        plan = owner.__dict__["_decode_plan"] = Plan(model, head)
+    return plan
+
+
 def step_in_one_call(
     model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, cache: Cache
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -291,15 +303,40 @@ def step_in_one_call(
     model's dtype, logits (B, T, V) fp32), or None where it does not apply (no kernels, more than MAX_ROWS rows or
     STEP_TOKENS positions, a module or dtype it does not know). T > 1: row b's tokens continue its sequence (the
     verification of speculative decoding); a tracked cache (`Cache.track`) keeps what `Cache.rewind` replays."""
-    plan = model.__dict__.get("_decode_plan")
-    if plan is None or not plan.current():
-        plan = model.__dict__["_decode_plan"] = Plan(model)
+    plan = current_plan(model)
     B, T = input_ids.shape
     if plan.model is None or B > kernels.MAX_ROWS or B * T > STEP_TOKENS:
         return None
     if plan.adapters is not None and any(plan.adapters.rows):
         return None
+    return run_plan(plan, model, input_ids, None, cache)
+
+
+def head_step_in_one_call(
+    model: Qwen3_5ForCausalLM, head: nn.Module, x: torch.Tensor, cache: Cache
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The MTP head's layers, norm and the model's head over x (1, T, hidden), its fc's output, in one C call ->
+    (its normed output (1, T, hidden), the last position's logits (1, 1, V) fp32), or None where the step does not
+    apply. `cache`: the head's own (one attention layer)."""
+    plan = current_plan(model, head)
+    if plan.model is None or x.shape[1] > STEP_TOKENS or x.dtype != model.dtype:
+        return None
+    return run_plan(plan, model, None, x, cache, last_logits=True)
+
+
+def run_plan(
+    plan: Plan,
+    model: Qwen3_5ForCausalLM,
+    input_ids: torch.Tensor | None,
+    embeds: torch.Tensor | None,
+    cache: Cache,
+    last_logits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """kernels.decode_step of `plan` over the tokens input_ids (B, T), or their input embeddings (B, T, hidden), at
+    the positions `cache` is at -> (final hidden states (B, T, hidden), logits (B, T, V) fp32, or the last row's
+    (1, 1, V) with `last_logits`); None where the cache's tensors are not what the step reads."""
     dtype = model.dtype
+    B, T = input_ids.shape if embeds is None else embeds.shape[:2]
     # The plan is shared: threads may decode with one model into different caches, so the step's fields go in a copy.
     step = kernels.QkModel.from_buffer_copy(plan.model)
     caches = (kernels.QkCache * len(plan.layers))()
@@ -325,18 +362,20 @@ def step_in_one_call(
     first = pos + cache.rope_deltas
     if T > 1:  # token-major, as the step reads them: token t of row b at t B + b
         first = (first[None, :] + torch.arange(T)[:, None]).reshape(-1)
-        input_ids = input_ids.t()
     cos, sin = rope_cos_sin(first, model.model.inv_freq, dtype)  # (T B, R)
-    x = model.model.embed_tokens(input_ids.reshape(-1)).contiguous()  # (T B, hidden), overwritten in place
-    step.rows, step.tokens = B, T
+    if embeds is None:
+        x = model.model.embed_tokens((input_ids.t() if T > 1 else input_ids).reshape(-1)).contiguous()
+    else:
+        x = (embeds.transpose(0, 1) if T > 1 else embeds).reshape(T * B, -1).clone()  # (T B, hidden)
+    step.rows, step.tokens, step.logits_rows = B, T, int(last_logits)
     step.max_seq_len = cache.max_seq_len if cache.max_seq_len < 1 << 62 else 0
     step.positions, step.cos, step.sin, step.caches = pos.data_ptr(), cos.data_ptr(), sin.data_ptr(), caches
-    logits = kernels.decode_step(step, x)
+    logits = kernels.decode_step(step, x)  # x overwritten in place: (T B, hidden)
     cache.lengths += T
     if tracked:
         cache.replay = partial(rewind_in_one_call, step)
-    if T == 1:
-        return x.unsqueeze(1), logits.float().unsqueeze(1)
+    if T == 1 or last_logits:
+        return x.view(T, B, -1).transpose(0, 1), logits.float().unsqueeze(1)
     return x.view(T, B, -1).transpose(0, 1), logits.view(T, B, -1).transpose(0, 1).float()
 
 

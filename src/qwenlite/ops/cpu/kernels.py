@@ -610,8 +610,8 @@ class QkModel(ctypes.Structure):
                 ("k_head_dim", I64), ("v_head_dim", I64), ("conv_kernel", I64), ("heads", I64), ("kv_heads", I64),
                 ("head_dim", I64), ("rotary_dim", I64), ("n_experts", I64), ("top_k", I64),
                 ("layers", ctypes.POINTER(QkLayer)), ("final_norm", P),
-                ("head", QkLinear), ("rows", I64), ("tokens", I64), ("max_seq_len", I64), ("positions", P), ("cos", P), ("sin", P),
-                ("caches", ctypes.POINTER(QkCache))]  # fmt: skip
+                ("head", QkLinear), ("rows", I64), ("tokens", I64), ("max_seq_len", I64), ("logits_rows", I64),
+                ("positions", P), ("cos", P), ("sin", P), ("caches", ctypes.POINTER(QkCache))]  # fmt: skip
 
 
 class PlanField(ctypes.Structure):
@@ -668,9 +668,9 @@ def plan_linear(fmt: int, w: torch.Tensor, n: int, k: int, dtype: torch.dtype, b
 def decode_step(model: QkModel, x: torch.Tensor) -> torch.Tensor:
     """Run every layer for `model.tokens` consecutive tokens of each of `model.rows` rows: x (tokens * rows, hidden)
     embeddings, token-major (token t of row b at t * rows + b), overwritten with the final normed hidden states;
-    returns the logits (tokens * rows, vocab) in x's dtype, token-major. The caller keeps every tensor the plan
-    points at alive (model/runner.py)."""
-    logits = torch.empty(x.shape[0], model.vocab, dtype=x.dtype)
+    returns the logits (tokens * rows, vocab) in x's dtype, token-major, or only the last `model.logits_rows`. The
+    caller keeps every tensor the plan points at alive (model/runner.py)."""
+    logits = torch.empty(model.logits_rows or x.shape[0], model.vocab, dtype=x.dtype)
     if library().qk_decode_step(ctypes.byref(model), _p(x), _p(logits), torch.get_num_threads()):
         raise MemoryError(f"the decode step's buffer for {x.shape[0]} rows could not be allocated")
     return logits

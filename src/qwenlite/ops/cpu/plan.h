@@ -95,6 +95,7 @@ struct qk_model {
     /* per step: `rows` sequences of `tokens` consecutive tokens each, token-major (token t of row b is row t B + b
      * of x, cos, sin and the logits) */
     int64_t rows, tokens, max_seq_len;
+    int64_t logits_rows;      /* logits for the last this many of the T B rows only (0: all): the MTP head's last */
     const int64_t *positions; /* (rows): row b's first token sits at positions[b], its token t at positions[b] + t */
     const void *cos, *sin;    /* (tokens, rows, rotary_dim), activation dtype */
     const union qk_cache *caches; /* (n_layers) */

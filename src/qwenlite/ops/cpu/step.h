@@ -52,7 +52,7 @@ static const struct qk_plan_field plan_layout[] = {
     PLAN_FIELD(struct qk_model, n_experts), PLAN_FIELD(struct qk_model, top_k),
     PLAN_FIELD(struct qk_model, layers), PLAN_FIELD(struct qk_model, final_norm), PLAN_FIELD(struct qk_model, head),
     PLAN_FIELD(struct qk_model, rows), PLAN_FIELD(struct qk_model, tokens),
-    PLAN_FIELD(struct qk_model, max_seq_len), PLAN_FIELD(struct qk_model, positions),
+    PLAN_FIELD(struct qk_model, max_seq_len), PLAN_FIELD(struct qk_model, logits_rows), PLAN_FIELD(struct qk_model, positions),
     PLAN_FIELD(struct qk_model, cos), PLAN_FIELD(struct qk_model, sin), PLAN_FIELD(struct qk_model, caches),
 };
 
@@ -208,7 +208,8 @@ static void attn_tokens(const struct qk_model *m, const struct qk_attn *a, const
 }
 
 /* x (T rows, hidden) act, token-major: the embeddings in, the final normed hidden states out (in place); logits
- * (T rows, vocab) act. Returns 0, or 1 when its buffer could not be allocated (nothing computed). */
+ * (T rows, vocab) act, or (logits_rows, vocab): the last rows'. Returns 0, or 1 when its buffer could not be
+ * allocated (nothing computed). */
 int qk_decode_step(const struct qk_model *m, void *x, void *logits, int nthreads) {
     const int bf = m->act_bf16, wbf = m->w_bf16;
     const int64_t B = m->rows * m->tokens, Hd = m->hidden, Hv = m->v_heads, esz = bf ? 2 : 4;
@@ -248,7 +249,8 @@ int qk_decode_step(const struct qk_model *m, void *x, void *logits, int nthreads
     }
     qk_rmsnorm(x, Hd, m->final_norm, wbf, m->eps, h, bf, B, Hd, nthreads);
     memcpy(x, h, (size_t)(B * Hd * esz));
-    linear(&m->head, x, logits, B, bf, nthreads);
+    const int64_t L = m->logits_rows > 0 && m->logits_rows < B ? m->logits_rows : B;
+    linear(&m->head, (char *)x + (B - L) * Hd * esz, logits, L, bf, nthreads);
     free(buf);
     return 0;
 }
