@@ -169,6 +169,17 @@ static void moe(const struct qk_model *m, const struct qk_moe *e, const void *x,
     }
 }
 
+/* dst = src, n bytes, split over the threads: a recurrent layer's state (1 MB at 0.8B) copied where one core's
+ * share of the bandwidth would leave the other idle */
+static void copy_bytes(void *dst, const void *src, int64_t n, int nthreads) {
+    const int64_t parts = threads_for(nthreads, n / 4), each = (n + parts - 1) / parts;
+#pragma omp parallel for schedule(static) num_threads(parts)
+    for (int64_t i = 0; i < parts; i++) {
+        const int64_t a = i * each, b = a + each < n ? a + each : n;
+        if (b > a) memcpy((char *)dst + a, (const char *)src + a, (size_t)(b - a));
+    }
+}
+
 /* The Gated DeltaNet layer's mixing for T tokens of B rows, token by token: qkv (T B, C), z (T B, Hv Dv), a and b
  * (T B, Hv) -> out (T B, Hv Dv). A tracked step keeps the state before it and these inputs (plan.h). */
 static void gdn_tokens(const struct qk_model *m, const struct qk_gdn *g, const struct qk_gdn_cache *c, const char *qkv,
@@ -177,7 +188,7 @@ static void gdn_tokens(const struct qk_model *m, const struct qk_gdn *g, const s
     const int64_t C = 2 * m->k_heads * m->k_head_dim + Hv * m->v_head_dim, vdim = Hv * m->v_head_dim;
     if (c->inputs) {
         memcpy(c->before_conv, c->conv, (size_t)(B * (m->conv_kernel - 1) * C * esz));
-        memcpy(c->before_state, c->state, sizeof(float) * (size_t)(B * Hv * m->k_head_dim * m->v_head_dim));
+        copy_bytes(c->before_state, c->state, 4 * B * Hv * m->k_head_dim * m->v_head_dim, nthreads);
         char *in = c->inputs;
         memcpy(in, qkv, (size_t)(N * C * esz));
         memcpy(in + N * C * esz, z, (size_t)(N * vdim * esz));
@@ -277,7 +288,7 @@ int qk_rewind(const struct qk_model *m, const int64_t *keep, int nthreads) {
             char *conv = (char *)c->conv + r * (Kc - 1) * C * esz;
             float *state = c->state + r * S;
             memcpy(conv, (const char *)c->before_conv + r * (Kc - 1) * C * esz, (size_t)((Kc - 1) * C * esz));
-            memcpy(state, c->before_state + r * S, sizeof(float) * (size_t)S);
+            copy_bytes(state, c->before_state + r * S, 4 * S, nthreads);
             for (int64_t t = 0; t < keep[r]; t++) {
                 const int64_t i = t * B + r;
                 qk_gdn_decode(qkv + i * C * esz, conv, g->conv_w, Kc, a + i * Hv * esz, b + i * Hv * esz, g->A_log,
