@@ -3,6 +3,14 @@ token per row, no gradients) runs every layer in one call of kernels.decode_step
 Python per layer; anything else, or a model the C step does not describe, is the model's own forward. The
 computation is Qwen3_5ForCausalLM.forward's, module by module (its twin in the tests).
 
+The same call takes a few consecutive tokens per row (`step_in_one_call`, `run_model_hidden`): speculative
+decoding's verification of the pending token and its drafts, every GEMV over all positions at once, attention and
+the Gated DeltaNet token by token as decode steps. A tracked cache (`Cache.track`) has the step keep each recurrent
+layer's state from before it and every position's projections, in buffers kept on the cache's layers; `Cache.rewind`
+then calls `rewind_in_one_call`, which restores the state of each row that rejected a draft and replays the
+recurrence of its kept tokens (the same kernel on the same values: the state plain decoding has). A plan of the MTP
+head's layer and norm with the model's head (`head_step_in_one_call`) drafts the same way.
+
 The C step reads the model from ctypes structs of pointers and sizes (kernels.QkModel holding a kernels.QkLayer per
 layer and a kernels.QkLinear per projection: ops/cpu/plan.h's structs). Describing the weights walks ~200 modules
 (~100,000 for a 35B-A3B's experts), so the description is built once per model and kept with a list of checks (each
