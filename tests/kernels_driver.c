@@ -526,6 +526,27 @@ static void step_case(const char *tag, int abf, int wbf, int fmt, int qfmt_attn,
         emit(name, caches[0].gdn.conv, B * (KC - 1) * Cq, abf, 0);
         free(cos), free(sin), free(x), free(logits);
     }
+    { /* the MTP head's step: [embedding | hidden state] rows through its prelude (two norms, fc), the last logits */
+        int64_t pos[2] = {7, 7};
+        void *cos, *sin;
+        rotary(B, R, abf, &cos, &sin);
+        void *x = values(B * 2 * Hd, abf, 1.0f, 0.0f), *logits = alloc((size_t)VOCAB * 4);
+        m.fuse = make_linear(attn_fmt, wbf, Hd, 2 * Hd, -1);
+        m.fuse_norm_e = own(values(Hd, wbf, 0.3f, 0.0f));
+        m.fuse_norm_h = own(values(Hd, wbf, 0.3f, 0.0f));
+        caches[0].gdn.inputs = NULL;
+        m.tokens = 1, m.logits_rows = 1, m.positions = pos, m.cos = cos, m.sin = sin;
+        if (qk_decode_step(&m, x, logits, THREADS)) {
+            fprintf(stderr, "kernels_driver: qk_decode_step could not allocate its buffer\n");
+            exit(2);
+        }
+        char name[48];
+        snprintf(name, sizeof name, "step fused logits %s", tag);
+        emit(name, logits, VOCAB, abf, 0);
+        snprintf(name, sizeof name, "step fused hidden %s", tag);
+        emit(name, x, B * Hd, abf, 0);
+        free(cos), free(sin), free(x), free(logits);
+    }
     while (n_owned) free(owned[--n_owned]);
 }
 

@@ -589,15 +589,15 @@ def test_the_plan_structs_mirror_plan_h():
     """kernels.py's ctypes structs have plan.h's layout, field for field, as the library reports it (checked at load
     too); a struct that disagrees is a KernelError naming the field, never a step reading the wrong bytes."""
     c = kernels.c_plan_layout(kernels.library())
-    assert c == kernels.plan_layout() and len(c) == 88
+    assert c == kernels.plan_layout() and len(c) == 91
     assert c["struct qk_linear.bias"] == (24, 8) and c["struct qk_model.eps"] == (12, 4)
     kernels.check_plan_layout(c)
     moved = {**c, "struct qk_attn.k_norm": (c["struct qk_attn.k_norm"][0] + 8, 8)}
     with pytest.raises(KernelError, match=r"^decode plan layout: struct qk_attn.k_norm is 8 bytes at 208 in C, 8 bytes "
                                           r"at 200 in kernels.py \(plan.h and kernels.py must agree\)$"):  # fmt: skip
         kernels.check_plan_layout(moved)
-    with pytest.raises(KernelError, match=r"struct qk_model is 288 bytes in C, 280 bytes in kernels.py"):
-        kernels.check_plan_layout({**c, "struct qk_model": (-1, 288)})
+    with pytest.raises(KernelError, match=r"struct qk_model is 368 bytes in C, 360 bytes in kernels.py"):
+        kernels.check_plan_layout({**c, "struct qk_model": (-1, 368)})
     with pytest.raises(KernelError, match=r"struct qk_layer.kind is absent in C, 4 bytes at 0 in kernels.py"):
         kernels.check_plan_layout({k: v for k, v in c.items() if k != "struct qk_layer.kind"})
 

@@ -105,14 +105,14 @@ class MTPDraft:
 
     def step(self, ids: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The head over tokens `ids` (1, T) and the hidden states before them (1, T, H) -> (its normed output
-        (1, T, H), the last position's logits (1, 1, V) fp32): its fc in torch, the rest in one C call where it
-        applies (model/runner.head_step_in_one_call), else its modules."""
-        x = self.head.fuse(self.model, ids, hidden)
+        (1, T, H), the last position's logits (1, 1, V) fp32): in one C call where it applies
+        (model/runner.head_step_in_one_call), else through its modules."""
         if not torch.is_grad_enabled():
+            x = torch.cat([self.model.model.embed_tokens(ids), hidden.to(self.model.dtype)], dim=-1)
             out = head_step_in_one_call(self.model, self.head, x, self.cache)
             if out is not None:
                 return out
-        out = self.head.run_layers(self.model, x, self.cache)
+        out = self.head.run_layers(self.model, self.head.fuse(self.model, ids, hidden), self.cache)
         return out, self.model.lm_head(out[:, -1:]).float()
 
 

@@ -132,6 +132,9 @@ class Plan:
             self.keep(module, "base_layer")
             self.adapters, module = module.selection, module.base_layer
         self.keep(module, "weight", "bias", "qweight", "scales", "scales_and_zeros")
+        weight = getattr(module, "weight", None)  # the step's float GEMVs read activations of the weights' dtype
+        if isinstance(weight, torch.Tensor) and weight.dtype != dtype:
+            return None
         return module.kernel_plan(dtype) if hasattr(module, "kernel_plan") else None
 
     def mlp(self, parent: nn.Module, name: str, dtype: torch.dtype) -> kernels.QkMlp | None:
@@ -218,7 +221,15 @@ class Plan:
                      else kernels.QkMixer(attn=kernels.QkAttn(*parts)))  # fmt: skip
             layers.append(kernels.QkLayer(kind, *norms, mixer, out, mlp, None if moe is None else ctypes.pointer(moe)))
         head, norm = self.linear(model, "lm_head", dtype), self.small(m.norm, "weight", wdtype)
-        if head is None or norm is None:
+        fuse = kernels.QkLinear()  # the model's: none
+        if m is not model.model:  # the MTP head's fc and its norms
+            self.keep(m, "fc", "pre_fc_norm_embedding", "pre_fc_norm_hidden")
+            fuse = self.linear(m, "fc", dtype)
+            fuse_norms = [self.small(m.pre_fc_norm_embedding, "weight", wdtype),
+                          self.small(m.pre_fc_norm_hidden, "weight", wdtype)]  # fmt: skip
+            if any(v is None for v in fuse_norms):
+                return
+        if head is None or norm is None or fuse is None:
             return
         self.layers = (kernels.QkLayer * len(layers))(*layers)
         self.model = kernels.QkModel(
@@ -229,7 +240,10 @@ class Plan:
             k_head_dim=c.linear_key_head_dim, v_head_dim=c.linear_value_head_dim, conv_kernel=c.linear_conv_kernel_dim,
             heads=c.num_attention_heads, kv_heads=c.num_key_value_heads, head_dim=c.head_dim, rotary_dim=c.rotary_dim,
             n_experts=c.num_experts, top_k=c.num_experts_per_tok, layers=self.layers, final_norm=norm, head=head,
+            fuse=fuse,
         )  # fmt: skip
+        if fuse.w:
+            self.model.fuse_norm_e, self.model.fuse_norm_h = fuse_norms
 
 
 def version(t: torch.Tensor) -> int:
@@ -323,9 +337,10 @@ def step_in_one_call(
 def head_step_in_one_call(
     model: Qwen3_5ForCausalLM, head: nn.Module, x: torch.Tensor, cache: Cache
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The MTP head's layers, norm and the model's head over x (1, T, hidden), its fc's output, in one C call ->
-    (its normed output (1, T, hidden), the last position's logits (1, 1, V) fp32), or None where the step does not
-    apply. `cache`: the head's own (one attention layer)."""
+    """The MTP head over x (1, T, 2 hidden), each position the embedding of its token and the hidden state before it,
+    in one C call (fc and its norms, the layer, the norm, the model's head) -> (its normed output (1, T, hidden), the
+    last position's logits (1, 1, V) fp32), or None where the step does not apply. `cache`: the head's own (one
+    attention layer)."""
     plan = current_plan(model, head)
     if plan.model is None or x.shape[1] > STEP_TOKENS or x.dtype != model.dtype:
         return None
@@ -374,17 +389,18 @@ def run_plan(
     if embeds is None:
         x = model.model.embed_tokens((input_ids.t() if T > 1 else input_ids).reshape(-1)).contiguous()
     else:
-        x = (embeds.transpose(0, 1) if T > 1 else embeds).reshape(T * B, -1).clone()  # (T B, hidden)
+        x = (embeds.transpose(0, 1) if T > 1 else embeds).reshape(T * B, -1).clone()  # (T B, hidden or 2 hidden)
     step.rows, step.tokens, step.logits_rows = B, T, int(last_logits)
     step.max_seq_len = cache.max_seq_len if cache.max_seq_len < 1 << 62 else 0
     step.positions, step.cos, step.sin, step.caches = pos.data_ptr(), cos.data_ptr(), sin.data_ptr(), caches
-    logits = kernels.decode_step(step, x)  # x overwritten in place: (T B, hidden)
+    logits = kernels.decode_step(step, x)  # x's first T B hidden values overwritten: the final hidden states
     cache.lengths += T
     if tracked:
         cache.replay = partial(rewind_in_one_call, step)
+    hidden = x.view(-1)[: T * B * step.hidden].view(T, B, -1).transpose(0, 1)
     if T == 1 or last_logits:
-        return x.view(T, B, -1).transpose(0, 1), logits.float().unsqueeze(1)
-    return x.view(T, B, -1).transpose(0, 1), logits.view(T, B, -1).transpose(0, 1).float()
+        return hidden, logits.float().unsqueeze(1)
+    return hidden, logits.view(T, B, -1).transpose(0, 1).float()
 
 
 def replay_buffers(layer: LinearAttentionCache, n: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:

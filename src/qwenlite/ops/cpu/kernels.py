@@ -609,9 +609,10 @@ class QkModel(ctypes.Structure):
                 ("intermediate", I64), ("n_layers", I64), ("vocab", I64), ("k_heads", I64), ("v_heads", I64),
                 ("k_head_dim", I64), ("v_head_dim", I64), ("conv_kernel", I64), ("heads", I64), ("kv_heads", I64),
                 ("head_dim", I64), ("rotary_dim", I64), ("n_experts", I64), ("top_k", I64),
-                ("layers", ctypes.POINTER(QkLayer)), ("final_norm", P),
-                ("head", QkLinear), ("rows", I64), ("tokens", I64), ("max_seq_len", I64), ("logits_rows", I64),
-                ("positions", P), ("cos", P), ("sin", P), ("caches", ctypes.POINTER(QkCache))]  # fmt: skip
+                ("layers", ctypes.POINTER(QkLayer)), ("final_norm", P), ("head", QkLinear), ("fuse", QkLinear),
+                ("fuse_norm_e", P), ("fuse_norm_h", P), ("rows", I64), ("tokens", I64), ("max_seq_len", I64),
+                ("logits_rows", I64), ("positions", P), ("cos", P), ("sin", P),
+                ("caches", ctypes.POINTER(QkCache))]  # fmt: skip
 
 
 class PlanField(ctypes.Structure):

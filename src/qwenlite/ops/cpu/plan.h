@@ -92,6 +92,11 @@ struct qk_model {
     const struct qk_layer *layers;                                 /* (n_layers) */
     const void *final_norm;
     struct qk_linear head;
+    /* The MTP head's prelude, or fuse.w NULL (the model): the step's input is then (T B, 2 hidden), each row the
+     * embedding of its token and the hidden state before it, and its layers' input fuse([norm_e(embedding) |
+     * norm_h(hidden state)]) */
+    struct qk_linear fuse;
+    const void *fuse_norm_e, *fuse_norm_h;
     /* per step: `rows` sequences of `tokens` consecutive tokens each, token-major (token t of row b is row t B + b
      * of x, cos, sin and the logits) */
     int64_t rows, tokens, max_seq_len;

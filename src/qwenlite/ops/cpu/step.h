@@ -51,6 +51,7 @@ static const struct qk_plan_field plan_layout[] = {
     PLAN_FIELD(struct qk_model, kv_heads), PLAN_FIELD(struct qk_model, head_dim), PLAN_FIELD(struct qk_model, rotary_dim),
     PLAN_FIELD(struct qk_model, n_experts), PLAN_FIELD(struct qk_model, top_k),
     PLAN_FIELD(struct qk_model, layers), PLAN_FIELD(struct qk_model, final_norm), PLAN_FIELD(struct qk_model, head),
+    PLAN_FIELD(struct qk_model, fuse), PLAN_FIELD(struct qk_model, fuse_norm_e), PLAN_FIELD(struct qk_model, fuse_norm_h),
     PLAN_FIELD(struct qk_model, rows), PLAN_FIELD(struct qk_model, tokens),
     PLAN_FIELD(struct qk_model, max_seq_len), PLAN_FIELD(struct qk_model, logits_rows), PLAN_FIELD(struct qk_model, positions),
     PLAN_FIELD(struct qk_model, cos), PLAN_FIELD(struct qk_model, sin), PLAN_FIELD(struct qk_model, caches),
@@ -218,21 +219,30 @@ static void attn_tokens(const struct qk_model *m, const struct qk_attn *a, const
     }
 }
 
-/* x (T rows, hidden) act, token-major: the embeddings in, the final normed hidden states out (in place); logits
- * (T rows, vocab) act, or (logits_rows, vocab): the last rows'. Returns 0, or 1 when its buffer could not be
- * allocated (nothing computed). */
+/* x (T rows, hidden) act, token-major: the embeddings in, the final normed hidden states out (in place; the MTP
+ * head's, fuse.w set: (T rows, 2 hidden) in, its first T rows x hidden values out); logits (T rows, vocab) act, or
+ * (logits_rows, vocab): the last rows'. Returns 0, or 1 when its buffer could not be allocated (nothing computed). */
 int qk_decode_step(const struct qk_model *m, void *x, void *logits, int nthreads) {
     const int bf = m->act_bf16, wbf = m->w_bf16;
     const int64_t B = m->rows * m->tokens, Hd = m->hidden, Hv = m->v_heads, esz = bf ? 2 : 4;
     const int64_t Cq = 2 * m->k_heads * m->k_head_dim + Hv * m->v_head_dim, vdim = Hv * m->v_head_dim;
     int64_t widest = m->intermediate;
-    const int64_t dims[] = {Cq, vdim, m->heads * m->head_dim * 2, Hd, m->n_experts};
+    const int64_t dims[] = {Cq, vdim, m->heads * m->head_dim * 2, 2 * Hd, m->n_experts};
     for (int i = 0; i < 5; i++) widest = dims[i] > widest ? dims[i] : widest;
     const int64_t pairs = m->n_experts ? B * m->top_k : 0; /* (row, expert) pairs of a MoE layer */
     char *buf = malloc((size_t)(esz * (B * (Hd + 4 * widest + 2 * Hv) + pairs * (Hd + 2 * widest))));
     if (!buf) return 1;
     char *h = buf, *t0 = h + B * Hd * esz, *t1 = t0 + B * widest * esz, *t2 = t1 + B * widest * esz,
          *t3 = t2 + B * widest * esz, *ta = t3 + B * widest * esz, *tb = ta + B * Hv * esz, *pool = tb + B * Hv * esz;
+    if (m->fuse.w) { /* the MTP head's prelude: each half of a row normed, side by side again, then fc */
+        qk_rmsnorm(x, 2 * Hd, m->fuse_norm_e, wbf, m->eps, t0, bf, B, Hd, nthreads);
+        qk_rmsnorm((char *)x + Hd * esz, 2 * Hd, m->fuse_norm_h, wbf, m->eps, t1, bf, B, Hd, nthreads);
+        for (int64_t r = 0; r < B; r++) {
+            memcpy(t2 + 2 * r * Hd * esz, t0 + r * Hd * esz, (size_t)(Hd * esz));
+            memcpy(t2 + (2 * r + 1) * Hd * esz, t1 + r * Hd * esz, (size_t)(Hd * esz));
+        }
+        linear(&m->fuse, t2, x, B, bf, nthreads);
+    }
     for (int64_t li = 0; li < m->n_layers; li++) {
         const struct qk_layer *L = m->layers + li;
         const union qk_cache *c = m->caches + li;
