@@ -9,7 +9,8 @@ the Gated DeltaNet token by token as decode steps. A tracked cache (`Cache.track
 layer's state from before it and every position's projections, in buffers kept on the cache's layers; `Cache.rewind`
 then calls `rewind_in_one_call`, which restores the state of each row that rejected a draft and replays the
 recurrence of its kept tokens (the same kernel on the same values: the state plain decoding has). A plan of the MTP
-head's layer and norm with the model's head (`head_step_in_one_call`) drafts the same way.
+head (its fc and the fc's norms, its layer and norm, the model's head: `head_step_in_one_call`) drafts the same
+way.
 
 The C step reads the model from ctypes structs of pointers and sizes (kernels.QkModel holding a kernels.QkLayer per
 layer and a kernels.QkLinear per projection: ops/cpu/plan.h's structs). Describing the weights walks ~200 modules
@@ -64,8 +65,8 @@ class Plan:
     """The weights' description (None where the C step does not apply) and what it depends on."""
 
     def __init__(self, model: Qwen3_5ForCausalLM, head: nn.Module | None = None):
-        """The model's layers, final norm and head; or, given the MTP `head` (model/mtp.py), its layers and norm with
-        the model's head (the draft's step: what follows its fc, which stays in torch)."""
+        """The model's layers, final norm and head; or, given the MTP `head` (model/mtp.py), its fc with the fc's
+        norms, its layers and norm, and the model's head (a draft step)."""
         self.checked = weights_version()  # the weights' version when the checks last passed
         # What must not change: dicts[i][keys[i]] is objects[i] (a module's children, parameters, buffers, `fast`),
         # and tensors[i] still at ptrs[i] (`p.data = ...` and Module.to keep a Parameter, change its storage).
@@ -355,9 +356,10 @@ def run_plan(
     cache: Cache,
     last_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """kernels.decode_step of `plan` over the tokens input_ids (B, T), or their input embeddings (B, T, hidden), at
-    the positions `cache` is at -> (final hidden states (B, T, hidden), logits (B, T, V) fp32, or the last row's
-    (1, 1, V) with `last_logits`); None where the cache's tensors are not what the step reads."""
+    """kernels.decode_step of `plan` over the tokens input_ids (B, T), or `embeds` (B, T, width): the MTP head's
+    input (width 2 hidden), at the positions `cache` is at -> (final hidden states (B, T, hidden), logits (B, T, V)
+    fp32, or the last row's (1, 1, V) with `last_logits`); None where the cache's tensors are not what the step
+    reads."""
     dtype = model.dtype
     B, T = input_ids.shape if embeds is None else embeds.shape[:2]
     # The plan is shared: threads may decode with one model into different caches, so the step's fields go in a copy.
