@@ -41,6 +41,8 @@ void qk_delta_rule(const float *q, const float *k, const float *v, const float *
 struct qk_model;
 int qk_decode_step(const struct qk_model *m, void *x, void *logits, int nthreads);
 int qk_rewind(const struct qk_model *m, const int64_t *keep, int nthreads);
+int qk_draft(const struct qk_model *m, void *x, const void *embed, int64_t *tokens, void *logits, int64_t n,
+             int64_t count, int nthreads);
 float qk_read(const float *p, int64_t n, int nthreads);
 
 #define THREADS 2 /* OpenMP on, in the calls big enough for threads_for to split */
@@ -545,6 +547,21 @@ static void step_case(const char *tag, int abf, int wbf, int fmt, int qfmt_attn,
         emit(name, logits, VOCAB, abf, 0);
         snprintf(name, sizeof name, "step fused hidden %s", tag);
         emit(name, x, B * Hd, abf, 0);
+        free(cos), free(sin), free(x);
+        /* greedy drafts in one call: the head over 2 positions of row 0, then over 2 drafts */
+        int64_t tokens[3], at[1] = {4};
+        float drafted[3];
+        void *embed = own(values(VOCAB * Hd, abf, 1.0f, 0.0f));
+        rotary(4, R, abf, &cos, &sin);
+        x = values(2 * 2 * Hd, abf, 1.0f, 0.0f);
+        m.positions = at, m.cos = cos, m.sin = sin;
+        if (qk_draft(&m, x, embed, tokens, logits, 2, 3, THREADS)) {
+            fprintf(stderr, "kernels_driver: qk_draft could not allocate\n");
+            exit(2);
+        }
+        for (int i = 0; i < 3; i++) drafted[i] = (float)tokens[i];
+        snprintf(name, sizeof name, "step drafts %s", tag);
+        emit(name, drafted, 3, 0, 1);
         free(cos), free(sin), free(x), free(logits);
     }
     while (n_owned) free(owned[--n_owned]);

@@ -108,6 +108,26 @@ def test_the_drafts_step_in_one_call_matches_the_formula(published, monkeypatch)
     assert ran == [5, 1, 1, 1, 1] and head.__dict__["_decode_plan"].model is not None  # each step ran in C
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_drafts_in_one_call_are_the_step_by_step_drafts(published, dtype):
+    """MTPDraft.propose handed speculative.greedy_pick drafts all k tokens in one C call (kernels.draft_greedy: the
+    head over the positions the model ran, then over each draft, each the argmax of the last logits); any other pick
+    (here the same argmax, wrapped) drafts step by step: the same tokens, and the head's cache at the same length."""
+    path, _, _ = published
+    model, _ = load_model(path, dtype, with_tokenizer=False)
+    head = load_mtp(path, model)
+    tokens = random_ids(1, 12, seed=3)[0].tolist()
+    with torch.inference_mode():
+        hidden = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(4)).to(model.dtype)
+        proposed = []
+        for pick in (speculative.greedy_pick, lambda logits, drafted: speculative.greedy_pick(logits, drafted)):
+            draft = MTPDraft(model, head)
+            draft.begin(32)
+            proposed.append((draft.propose(tokens, hidden, 5, pick), draft.cache.lengths.tolist()))
+    assert proposed[0] == proposed[1]
+    assert proposed[0][1] == [len(tokens) - 1 - 4 + 4 + 5 - 1]
+
+
 def test_load_finds_the_head_and_none_without_one(published, tmp_path):
     path, model, head = published
     assert head is not None and head.fc.weight.dtype == torch.float32

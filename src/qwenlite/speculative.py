@@ -35,8 +35,9 @@ from qwenlite.io.load import load_mtp
 from qwenlite.model.cache import Cache, make_cache
 from qwenlite.model.mtp import MTP
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
-from qwenlite.model.runner import PREFILL_CHUNK, head_step_in_one_call, run_model_hidden
+from qwenlite.model.runner import PREFILL_CHUNK, head_drafts_in_one_call, head_step_in_one_call, run_model_hidden
 from qwenlite.ops.cpu import kernels
+from qwenlite.sample import greedy
 
 DRAFTS = ("mtp", "ngram")
 MAX_SPECULATE = 8  # drafts per verification: a forward of up to 9 rows
@@ -58,6 +59,12 @@ class Draft(Protocol):
 
 
 DraftMaker = Callable[[], Draft]
+
+
+def greedy_pick(logits: torch.Tensor, drafted: list[int]) -> tuple[int, None]:
+    """The Pick of greedy decoding without logits processors: the argmax, whatever was drafted. A draft handed this
+    very function may choose its tokens by any argmax of the same logits (MTPDraft: several in one C call)."""
+    return greedy(logits), None
 
 
 @dataclass
@@ -92,6 +99,10 @@ class MTPDraft:
         n, last = hidden.shape[0], len(tokens) - 1
         self.cache.lengths.fill_(last - n)  # forget what earlier drafts wrote past the model's positions
         ids = torch.tensor([tokens[last - n + 1 :]], device=self.model.device)  # tokens t+1 of hidden t
+        if pick is greedy_pick and not torch.is_grad_enabled():  # every draft in one C call where it applies
+            drafts = head_drafts_in_one_call(self.model, self.head, ids, hidden[None], k, self.cache)
+            if drafts is not None:
+                return [(t, None) for t in drafts]
         for start in range(0, n, PREFILL_CHUNK):
             end = min(start + PREFILL_CHUNK, n)
             out, logits = self.step(ids[:, start:end], hidden[None, start:end])

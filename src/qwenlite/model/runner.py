@@ -348,6 +348,37 @@ def head_step_in_one_call(
     return run_plan(plan, model, None, x, cache, last_logits=True)
 
 
+def head_drafts_in_one_call(
+    model: Qwen3_5ForCausalLM, head: nn.Module, ids: torch.Tensor, hidden: torch.Tensor, count: int, cache: Cache
+) -> list[int] | None:
+    """`count` greedy drafts of the MTP head in one C call (kernels.draft_greedy): the head over the tokens ids (1, n)
+    and the model's hidden states before them (1, n, hidden), then over each draft, each draft the argmax of the
+    last logits; the head's cache advances by n + count - 1. None where it does not apply (no plan, more than
+    STEP_TOKENS positions, an embedding not stored as plain rows of the activations' dtype)."""
+    plan = current_plan(model, head)
+    embed = getattr(model.model.embed_tokens, "weight", None)
+    dtype, n = model.dtype, ids.shape[1]
+    if plan.model is None or n > STEP_TOKENS or not isinstance(embed, torch.Tensor) or embed.dtype != dtype:
+        return None
+    k, v = cache.layers[0].k, cache.layers[0].v
+    if not (embed.is_contiguous() and k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype == dtype):
+        return None
+    step = kernels.QkModel.from_buffer_copy(plan.model)
+    caches = (kernels.QkCache * 1)()
+    caches[0].attn = kernels.QkAttnCache(k.data_ptr(), v.data_ptr())
+    pos = cache.lengths.contiguous()
+    end = int(pos[0]) + n + count - 1
+    if end > cache.max_seq_len:
+        raise ContextLengthExceeded(f"{end} tokens do not fit a cache of {cache.max_seq_len}")
+    cos, sin = rope_cos_sin(pos[0] + cache.rope_deltas[0] + torch.arange(n + count - 1), model.model.inv_freq, dtype)
+    x = torch.cat([embed[ids[0]], hidden[0].to(dtype)], dim=-1).contiguous()  # (n, 2 hidden)
+    step.max_seq_len = cache.max_seq_len
+    step.positions, step.cos, step.sin, step.caches = pos.data_ptr(), cos.data_ptr(), sin.data_ptr(), caches
+    tokens = kernels.draft_greedy(step, x, embed, count)
+    cache.lengths += n + count - 1
+    return tokens
+
+
 def run_plan(
     plan: Plan,
     model: Qwen3_5ForCausalLM,

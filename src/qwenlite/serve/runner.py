@@ -47,7 +47,7 @@ from qwenlite.sample import (
 )
 from qwenlite.serve.prompt_cache import PromptCache, adapter_key, image_key
 from qwenlite.serve.scheduler import PromptLogprobs, Request, Sequence, Token, cut_prefill
-from qwenlite.speculative import Draft, DraftMaker, check_speculate
+from qwenlite.speculative import Draft, DraftMaker, check_speculate, greedy_pick
 
 ECHO_CHUNK = 128  # prompt logprobs need every position's logits: (128, V) fp32 is 127 MB at V = 248320
 
@@ -235,7 +235,8 @@ class Runner:
         k = min(self.speculate, seq.max_tokens - seq.handle.usage.completion_tokens - 1)
         if state.draft is None or k < 1:
             return []
-        return state.draft.propose(seq.tokens, state.hidden, k, partial(self._pick, seq))[:k]
+        plain = state.generator is None and not state.processors  # the argmax: drafts may batch it
+        return state.draft.propose(seq.tokens, state.hidden, k, greedy_pick if plain else partial(self._pick, seq))[:k]
 
     def _pick(self, seq: Sequence, logits: torch.Tensor, drafted: list[int]) -> tuple[int, torch.Tensor | None]:
         """A draft's choice from its logits, as the row's sampler would choose after `drafted` (speculative.Pick)."""

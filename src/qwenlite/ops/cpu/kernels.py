@@ -61,6 +61,7 @@ SIGNATURES = {
     "qk_gemv_f32": "PPPLLLI",
     "qk_decode_step": "PPPI",
     "qk_rewind": "PPI",
+    "qk_draft": "PPPPPLLI",
     "qk_conv_silu": "PPPPIILLLLI",
     "qk_delta_rule": "PPPPPPPLLLLLLI",
 }
@@ -203,6 +204,7 @@ def _load(isa: str) -> ctypes.CDLL:
     lib.qk_read.restype = ctypes.c_float
     lib.qk_decode_step.restype = ctypes.c_int
     lib.qk_rewind.restype = ctypes.c_int
+    lib.qk_draft.restype = ctypes.c_int
     lib.qk_plan_layout.restype = ctypes.POINTER(PlanField)
     lib.qk_plan_layout.argtypes = [ctypes.POINTER(ctypes.c_int64)]
     check_plan_layout(c_plan_layout(lib))
@@ -682,6 +684,18 @@ def rewind_step(model: QkModel, keep: torch.Tensor) -> None:
     keep[b] tokens (int64, (rows,)), its Gated DeltaNet states restored and the kept tokens' recurrence replayed."""
     if library().qk_rewind(ctypes.byref(model), _p(keep), torch.get_num_threads()):
         raise MemoryError("the rewind's scratch could not be allocated")
+
+
+def draft_greedy(model: QkModel, x: torch.Tensor, embed: torch.Tensor, count: int) -> list[int]:
+    """`count` greedy drafts of the MTP head described by `model` (its cache, positions and cos / sin of the
+    positions filled in; qk_draft in step.h) from x (n, 2 hidden): each position's token embedding and the hidden state
+    before it (overwritten); embed (vocab, hidden) in x's dtype."""
+    tokens = torch.empty(count, dtype=torch.int64)
+    logits = torch.empty(model.vocab, dtype=x.dtype)
+    if library().qk_draft(ctypes.byref(model), _p(x), _p(embed), _p(tokens), _p(logits), x.shape[0], count,
+                          torch.get_num_threads()):  # fmt: skip
+        raise MemoryError("the draft step's buffer could not be allocated")
+    return tokens.tolist()
 
 
 def read_memory(buf: torch.Tensor) -> float:

@@ -310,3 +310,32 @@ int qk_rewind(const struct qk_model *m, const int64_t *keep, int nthreads) {
     free(out);
     return 0;
 }
+
+/* Greedy drafting with the MTP head (m: its plan, one row, its cache), `count` tokens in one call. The first step
+ * runs the head over the n positions the model ran since the last drafts, x (n, 2 hidden): each the embedding of a
+ * token and the model's hidden state before it; each later step over one, [the embedding of the last draft | the
+ * head's output before it]. Each step's last logits' argmax (the first of equal maxima) is the next draft. m's cos
+ * and sin: (n + count - 1, rotary_dim), a row per position, its positions[0] the first's. tokens (count) out; logits
+ * (vocab) act scratch; x overwritten. The drafts only choose what the model verifies: how they round changes the
+ * speed, never the output. Returns 0, or 1 when a step's buffer could not be allocated. */
+int qk_draft(const struct qk_model *m, void *x, const void *embed, int64_t *tokens, void *logits, int64_t n,
+             int64_t count, int nthreads) {
+    const int bf = m->act_bf16;
+    const int64_t Hd = m->hidden, esz = bf ? 2 : 4, R = m->rotary_dim;
+    struct qk_model s = *m;
+    int64_t pos = m->positions[0];
+    s.rows = s.logits_rows = 1, s.positions = &pos;
+    for (int64_t j = 0; j < count; j++) {
+        const int64_t T = j ? 1 : n, row = j ? n + j - 1 : 0; /* this step's positions, its first cos / sin row */
+        s.tokens = T, s.cos = (const char *)m->cos + row * R * esz, s.sin = (const char *)m->sin + row * R * esz;
+        if (qk_decode_step(&s, x, logits, nthreads)) return 1;
+        pos += T;
+        int64_t best = 0;
+        for (int64_t i = 1; i < m->vocab; i++) best = ld1(logits, i, bf) > ld1(logits, best, bf) ? i : best;
+        tokens[j] = best;
+        /* the last position's output is the next step's hidden state, beside the draft's embedding */
+        memmove((char *)x + Hd * esz, (char *)x + (T - 1) * Hd * esz, (size_t)(Hd * esz));
+        memcpy(x, (const char *)embed + best * Hd * esz, (size_t)(Hd * esz));
+    }
+    return 0;
+}
