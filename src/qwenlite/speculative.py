@@ -8,11 +8,14 @@ token for token; sampling, the rejection rule (sample.verify_draft) keeps the ou
 sampling's. Logits processors (penalties) see each row's own history, drafts included, and the same filters
 (temperature, top-k, top-p, min-p) shape both the model's and the draft's distributions. Rollback: attention
 forgets rejected tokens by length, but the Gated DeltaNet's recurrent and conv states cannot be rewound, so the
-verification forward keeps the state after each token (Cache.track / Cache.rewind): the state after the last kept
-token is the one plain decoding reaches. Keeping per-token states costs a copy of each layer's state per draft;
-the alternative, a snapshot and a recompute of the kept tokens, would read the weights a second time.
+verification keeps what it needs to go back (Cache.track / Cache.rewind): the state after the last kept token is
+the one plain decoding reaches. The verification runs as the one-call C step where it applies (model/runner.py),
+which keeps each layer's state from before it and every token's recurrence inputs (its projections, a few KB); a
+rewind restores the state and replays the recurrence of the kept tokens, reading no weight again. Through the
+modules, the state after every token is copied instead.
 
-Drafts: the checkpoint's MTP head (`MTPDraft`, model/mtp.py) and prompt lookup (`NgramDraft`). The core works on
+Drafts: the checkpoint's MTP head (`MTPDraft`, model/mtp.py; its steps in one C call each, and greedy drafts without
+logits processors, `greedy_pick`, all k in one) and prompt lookup (`NgramDraft`). The core works on
 token ids; the loop that drafts, verifies and rolls back is generate.py's `speculative_tokens`, which
 `generate_tokens` runs when given a `Speculation`; the server's runner (serve/runner.py) does the same for each of
 its rows in one batched forward, each row with a draft of its own (`make_drafts`).
