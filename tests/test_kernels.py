@@ -575,6 +575,14 @@ def test_decode_plan_follows_the_model(tmp_path_factory, monkeypatch):
     assert relative_error(fast_logits(model, prompt), reference_logits(model, prompt)) <= 1e-4
 
 
+def test_a_scratch_buffer_made_in_inference_mode_is_written_outside_it():
+    """kernels.scratch's buffer, first made inside inference mode (a prompt under generate_tokens) and reused outside
+    it (a no_grad forward in the same process): a normal tensor, so the in-place copy into it is allowed."""
+    with torch.inference_mode():
+        kernels.scratch((3,), torch.float64)  # a dtype no kernel uses: made here
+    assert torch.equal(kernels.scratch((3,), torch.float64).copy_(torch.ones(3)), torch.ones(3, dtype=torch.float64))
+
+
 @needs_kernels
 def test_a_decode_step_that_cannot_allocate_is_a_memory_error():
     """The step's one buffer is checked: a size no allocator grants (a hidden size of 2^50) is a MemoryError before

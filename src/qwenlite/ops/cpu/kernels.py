@@ -362,7 +362,8 @@ def scratch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     numel = math.prod(shape)
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.dtype != dtype or buf.numel() < numel:
-        buf = _scratch.buf = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: written in inference mode and out of it alike
+            buf = _scratch.buf = torch.empty(numel, dtype=dtype)
     return buf[:numel].view(shape)
 
 
