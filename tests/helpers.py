@@ -308,6 +308,49 @@ def decode_in_one_call_and_forward(model, prompt: torch.Tensor, steps: int) -> t
     return torch.stack(rows, 1), reference
 
 
+def tracked_step_against_plain_decoding(model, vocab: int, lengths=(9, 13, 5), keeps=(1, 4, 2), T: int = 4) -> dict:
+    """Rows of random prompts of `lengths`, each at its own position, T random tokens each through one tracked
+    one-call step (model/runner.step_in_one_call, asserted to have run in C), rewound to keep the first keeps[b]; and
+    each row alone, prefilled the same way and fed its kept tokens by plain decode steps. -> the largest absolute
+    difference of the step's logits at the kept positions and of each part of the caches ("logits", "kv", "conv",
+    "state"; the recurrent parts absent for a model without Gated DeltaNet layers), lengths asserted equal."""
+    from qwenlite.generate import decode_step, prefill
+    from qwenlite.model import runner
+    from qwenlite.model.cache import AttentionCache, make_cache
+
+    prompts = [random_ids(1, n, vocab=vocab, seed=n)[0].tolist() for n in lengths]
+    ids = random_ids(len(lengths), T, vocab=vocab, seed=3)
+    worst: dict[str, float] = {}
+
+    def note(name, a, b):
+        worst[name] = max(worst.get(name, 0.0), (a.float() - b.float()).abs().max().item())
+
+    with torch.inference_mode():
+        batch = make_cache(model.config, len(lengths), 32, model.dtype)
+        for b, p in enumerate(prompts):
+            prefill(model, p, batch.rows(b, b + 1))
+        batch.track()
+        out = runner.step_in_one_call(model, ids, batch)
+        assert out is not None  # the step ran in C
+        logits = out[1]
+        batch.rewind(T, list(keeps))
+        for b, (p, keep) in enumerate(zip(prompts, keeps, strict=True)):
+            plain = make_cache(model.config, 1, 32, model.dtype)
+            prefill(model, p, plain)
+            rows = [decode_step(model, t, plain) for t in ids[b, :keep].tolist()]
+            note("logits", torch.stack(rows), logits[b, :keep])
+            mine, n = batch.rows(b, b + 1), len(p) + keep
+            assert mine.lengths.tolist() == plain.lengths.tolist() == [n]
+            for x, y in zip(mine.layers, plain.layers, strict=True):
+                if isinstance(x, AttentionCache):
+                    note("kv", x.k[:, :, :n], y.k[:, :, :n])
+                    note("kv", x.v[:, :, :n], y.v[:, :, :n])
+                else:
+                    note("conv", x.conv, y.conv)
+                    note("state", x.state, y.state)
+    return worst
+
+
 def engine_and_generate_outputs(model, vocab: int, lengths=(4, 11, 7), max_tokens: int = 10):
     """Greedy requests of `lengths` random tokens through the serving engine together, and each through
     `generate_tokens` alone: (engine's ids per request, generate's ids per request)."""

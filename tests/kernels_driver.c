@@ -40,6 +40,9 @@ void qk_delta_rule(const float *q, const float *k, const float *v, const float *
                    float *o, int64_t B, int64_t T, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, int nthreads);
 struct qk_model;
 int qk_decode_step(const struct qk_model *m, void *x, void *logits, int nthreads);
+int qk_rewind(const struct qk_model *m, const int64_t *keep, int nthreads);
+int qk_draft(const struct qk_model *m, void *x, const void *embed, int64_t *tokens, void *logits, int64_t n,
+             int64_t count, int nthreads);
 float qk_read(const float *p, int64_t n, int nthreads);
 
 #define THREADS 2 /* OpenMP on, in the calls big enough for threads_for to split */
@@ -433,11 +436,11 @@ static void step_case(const char *tag, int abf, int wbf, int fmt, int qfmt_attn,
     struct qk_layer layers[2] = {0};
     struct qk_mlp experts[2][5];
     struct qk_moe moes[2];
-    union qk_cache caches[2];
+    union qk_cache caches[2] = {0}; /* not tracked until the tracked step sets its buffers */
     struct qk_model m = {.act_bf16 = abf, .w_bf16 = wbf, .gated = !qwen2, .eps = 1e-6f, .hidden = Hd, .intermediate = I,
                          .n_layers = 2, .vocab = VOCAB, .k_heads = HK, .v_heads = HV, .k_head_dim = DK,
                          .v_head_dim = DV, .conv_kernel = KC, .heads = H, .kv_heads = HKV, .head_dim = D,
-                         .rotary_dim = R, .n_experts = moe ? 5 : 0, .top_k = moe ? 3 : 0, .layers = layers, .rows = B, .max_seq_len = TMAX, .caches = caches};
+                         .rotary_dim = R, .n_experts = moe ? 5 : 0, .top_k = moe ? 3 : 0, .layers = layers, .rows = B, .tokens = 1, .max_seq_len = TMAX, .caches = caches};
     m.final_norm = own(values(Hd, wbf, 0.3f, 0.0f));
     m.head = make_linear(mlp_fmt, wbf, VOCAB, Hd, -1);
     for (int li = 0; li < 2; li++) {
@@ -498,6 +501,67 @@ static void step_case(const char *tag, int abf, int wbf, int fmt, int qfmt_attn,
         emit(name, logits, B * VOCAB, abf, 0);
         snprintf(name, sizeof name, "step hidden%d %s", step, tag);
         emit(name, x, B * Hd, abf, 0);
+        free(cos), free(sin), free(x), free(logits);
+    }
+    { /* a tracked step of 3 tokens per row (a verification), then each row rewound to its first 1 and 2 tokens */
+        const int64_t T = 3, keep[2] = {1, 2};
+        int64_t pos[2] = {3, 5};
+        void *cos, *sin;
+        rotary(T * B, R, abf, &cos, &sin);
+        void *x = values(T * B * Hd, abf, 1.0f, 0.0f), *logits = alloc((size_t)(T * B * VOCAB) * 4);
+        caches[0].gdn.before_conv = own(alloc((size_t)(B * (KC - 1) * Cq) * 4));
+        caches[0].gdn.before_state = own(alloc((size_t)(B * HV * DK * DV) * 4));
+        caches[0].gdn.inputs = own(alloc((size_t)(T * B * (Cq + HV * DV + 2 * HV)) * 4));
+        m.tokens = T, m.positions = pos, m.cos = cos, m.sin = sin;
+        if (qk_decode_step(&m, x, logits, THREADS) || qk_rewind(&m, keep, THREADS)) {
+            fprintf(stderr, "kernels_driver: a tracked qk_decode_step or qk_rewind could not allocate\n");
+            exit(2);
+        }
+        char name[48];
+        snprintf(name, sizeof name, "step tokens logits %s", tag);
+        emit(name, logits, T * B * VOCAB, abf, 0);
+        snprintf(name, sizeof name, "step tokens hidden %s", tag);
+        emit(name, x, T * B * Hd, abf, 0);
+        snprintf(name, sizeof name, "step rewound state %s", tag);
+        emit(name, caches[0].gdn.state, B * HV * DK * DV, 0, 0);
+        snprintf(name, sizeof name, "step rewound conv %s", tag);
+        emit(name, caches[0].gdn.conv, B * (KC - 1) * Cq, abf, 0);
+        free(cos), free(sin), free(x), free(logits);
+    }
+    { /* the MTP head's step: [embedding | hidden state] rows through its prelude (two norms, fc), the last logits */
+        int64_t pos[2] = {7, 7};
+        void *cos, *sin;
+        rotary(B, R, abf, &cos, &sin);
+        void *x = values(B * 2 * Hd, abf, 1.0f, 0.0f), *logits = alloc((size_t)VOCAB * 4);
+        m.fuse = make_linear(attn_fmt, wbf, Hd, 2 * Hd, -1);
+        m.fuse_norm_e = own(values(Hd, wbf, 0.3f, 0.0f));
+        m.fuse_norm_h = own(values(Hd, wbf, 0.3f, 0.0f));
+        caches[0].gdn.inputs = NULL;
+        m.tokens = 1, m.logits_rows = 1, m.positions = pos, m.cos = cos, m.sin = sin;
+        if (qk_decode_step(&m, x, logits, THREADS)) {
+            fprintf(stderr, "kernels_driver: qk_decode_step could not allocate its buffer\n");
+            exit(2);
+        }
+        char name[48];
+        snprintf(name, sizeof name, "step fused logits %s", tag);
+        emit(name, logits, VOCAB, abf, 0);
+        snprintf(name, sizeof name, "step fused hidden %s", tag);
+        emit(name, x, B * Hd, abf, 0);
+        free(cos), free(sin), free(x);
+        /* greedy drafts in one call: the head over 2 positions of row 0, then over 2 drafts */
+        int64_t tokens[3], at[1] = {4};
+        float drafted[3];
+        void *embed = own(values(VOCAB * Hd, abf, 1.0f, 0.0f));
+        rotary(4, R, abf, &cos, &sin);
+        x = values(2 * 2 * Hd, abf, 1.0f, 0.0f);
+        m.positions = at, m.cos = cos, m.sin = sin;
+        if (qk_draft(&m, x, embed, tokens, logits, 2, 3, THREADS)) {
+            fprintf(stderr, "kernels_driver: qk_draft could not allocate\n");
+            exit(2);
+        }
+        for (int i = 0; i < 3; i++) drafted[i] = (float)tokens[i];
+        snprintf(name, sizeof name, "step drafts %s", tag);
+        emit(name, drafted, 3, 0, 1);
         free(cos), free(sin), free(x), free(logits);
     }
     while (n_owned) free(owned[--n_owned]);

@@ -575,11 +575,19 @@ def test_decode_plan_follows_the_model(tmp_path_factory, monkeypatch):
     assert relative_error(fast_logits(model, prompt), reference_logits(model, prompt)) <= 1e-4
 
 
+def test_a_scratch_buffer_made_in_inference_mode_is_written_outside_it():
+    """kernels.scratch's buffer, first made inside inference mode (a prompt under generate_tokens) and reused outside
+    it (a no_grad forward in the same process): a normal tensor, so the in-place copy into it is allowed."""
+    with torch.inference_mode():
+        kernels.scratch((3,), torch.float64)  # a dtype no kernel uses: made here
+    assert torch.equal(kernels.scratch((3,), torch.float64).copy_(torch.ones(3)), torch.ones(3, dtype=torch.float64))
+
+
 @needs_kernels
 def test_a_decode_step_that_cannot_allocate_is_a_memory_error():
     """The step's one buffer is checked: a size no allocator grants (a hidden size of 2^50) is a MemoryError before
     anything is read or written, not a crash."""
-    model = kernels.QkModel(hidden=1 << 50, vocab=4, rows=1)  # no layers
+    model = kernels.QkModel(hidden=1 << 50, vocab=4, rows=1, tokens=1)  # no layers
     with pytest.raises(MemoryError, match="could not be allocated"):
         kernels.decode_step(model, torch.zeros(1, 16))
 
@@ -589,15 +597,15 @@ def test_the_plan_structs_mirror_plan_h():
     """kernels.py's ctypes structs have plan.h's layout, field for field, as the library reports it (checked at load
     too); a struct that disagrees is a KernelError naming the field, never a step reading the wrong bytes."""
     c = kernels.c_plan_layout(kernels.library())
-    assert c == kernels.plan_layout() and len(c) == 83
+    assert c == kernels.plan_layout() and len(c) == 91
     assert c["struct qk_linear.bias"] == (24, 8) and c["struct qk_model.eps"] == (12, 4)
     kernels.check_plan_layout(c)
     moved = {**c, "struct qk_attn.k_norm": (c["struct qk_attn.k_norm"][0] + 8, 8)}
     with pytest.raises(KernelError, match=r"^decode plan layout: struct qk_attn.k_norm is 8 bytes at 208 in C, 8 bytes "
                                           r"at 200 in kernels.py \(plan.h and kernels.py must agree\)$"):  # fmt: skip
         kernels.check_plan_layout(moved)
-    with pytest.raises(KernelError, match=r"struct qk_model is 272 bytes in C, 264 bytes in kernels.py"):
-        kernels.check_plan_layout({**c, "struct qk_model": (-1, 272)})
+    with pytest.raises(KernelError, match=r"struct qk_model is 368 bytes in C, 360 bytes in kernels.py"):
+        kernels.check_plan_layout({**c, "struct qk_model": (-1, 368)})
     with pytest.raises(KernelError, match=r"struct qk_layer.kind is absent in C, 4 bytes at 0 in kernels.py"):
         kernels.check_plan_layout({k: v for k, v in c.items() if k != "struct qk_layer.kind"})
 

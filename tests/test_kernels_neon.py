@@ -14,7 +14,9 @@ and K not a multiple of 16, int8 (groups 16, 32, K) and int4 (groups 32, 128) wi
 5 and 8 rows, and bf16 rows with an inf and a NaN; dequantization; RMSNorm (rows of a wider tensor included); Gated
 DeltaNet and attention tokens (the 0.8B's head shapes and small ones, gated and not) over three steps; the prompt's
 conv + SiLU in three pieces; the whole decode step (step.h) on a two-layer model in fp32, bf16, and int8 / int4
-weights, with Qwen2's attention (biases, no q/k norms) and with MoE MLPs; the bandwidth probe.
+weights (one token a row, then a tracked step of three tokens a row and its rewind, then an MTP head's step with its
+prelude and its greedy drafts), with Qwen2's attention
+(biases, no q/k norms) and with MoE MLPs; the bandwidth probe.
 
 Tolerances (max |neon - avx2| / max |avx2|), test_kernels.py's against the twins:
 - fp32 outputs 1e-5 (the summation order: 4 lanes against 8), the recurrent state too;

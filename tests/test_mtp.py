@@ -7,10 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qwenlite import speculative
 from qwenlite.errors import CheckpointError
 from qwenlite.io.checkpoint import assemble_mtp
 from qwenlite.io.load import load_model, load_mtp
+from qwenlite.model import runner
 from qwenlite.model.cache import make_cache
+from qwenlite.speculative import MTPDraft
 
 from helpers import TINY_TEXT_CONFIG, make_hf_checkpoint, make_mtp_tensors, random_ids
 
@@ -83,6 +86,46 @@ def test_head_logits_match_the_formula_at_once_and_token_by_token(published):
     steps = [model.lm_head(head(model, next_ids[:, i : i + 1], hidden[:, i : i + 1], cache))[0, 0] for i in range(12)]
     assert (torch.stack(steps) - want).abs().max() < TOL
     assert int(cache.lengths[0]) == 12
+
+
+@torch.inference_mode()
+def test_the_drafts_step_in_one_call_matches_the_formula(published, monkeypatch):
+    """MTPDraft.step, the head's layer, norm and the model's head in one C call (model/runner.head_step_in_one_call):
+    a first call over 5 positions then single ones, the last position's logits each time, as the formula's."""
+    _, model, head = published
+    next_ids = random_ids(1, 9, seed=6)
+    hidden = torch.randn(1, 9, model.config.hidden_size, generator=torch.Generator().manual_seed(5))  # any states
+    want = slow_mtp_logits(make_mtp_tensors(), model.model.embed_tokens.weight, next_ids[0], hidden[0])
+    ran, step = [], runner.head_step_in_one_call
+    monkeypatch.setattr(runner, "head_step_in_one_call", lambda *a: ran.append(a[2].shape[1]) or step(*a))
+    monkeypatch.setattr(speculative, "head_step_in_one_call", runner.head_step_in_one_call)
+    draft = MTPDraft(model, head)
+    draft.begin(16)
+    got = [draft.step(next_ids[:, :5], hidden[:, :5])[1][0, -1]]
+    got += [draft.step(next_ids[:, i : i + 1], hidden[:, i : i + 1])[1][0, -1] for i in range(5, 9)]
+    assert (torch.stack(got) - want[4:]).abs().max() < TOL
+    assert int(draft.cache.lengths[0]) == 9
+    assert ran == [5, 1, 1, 1, 1] and head.__dict__["_decode_plan"].model is not None  # each step ran in C
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_drafts_in_one_call_are_the_step_by_step_drafts(published, dtype):
+    """MTPDraft.propose handed speculative.greedy_pick drafts all k tokens in one C call (kernels.draft_greedy: the
+    head over the positions the model ran, then over each draft, each the argmax of the last logits); any other pick
+    (here the same argmax, wrapped) drafts step by step: the same tokens, and the head's cache at the same length."""
+    path, _, _ = published
+    model, _ = load_model(path, dtype, with_tokenizer=False)
+    head = load_mtp(path, model)
+    tokens = random_ids(1, 12, seed=3)[0].tolist()
+    with torch.inference_mode():
+        hidden = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(4)).to(model.dtype)
+        proposed = []
+        for pick in (speculative.greedy_pick, lambda logits, drafted: speculative.greedy_pick(logits, drafted)):
+            draft = MTPDraft(model, head)
+            draft.begin(32)
+            proposed.append((draft.propose(tokens, hidden, 5, pick), draft.cache.lengths.tolist()))
+    assert proposed[0] == proposed[1]
+    assert proposed[0][1] == [len(tokens) - 1 - 4 + 4 + 5 - 1]
 
 
 def test_load_finds_the_head_and_none_without_one(published, tmp_path):

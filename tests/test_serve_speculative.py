@@ -17,6 +17,7 @@ from qwenlite.cli import main
 from qwenlite.cli.main import build_parser
 from qwenlite.io.checkpoint import load_checkpoint
 from qwenlite.io.load import load_model, load_mtp
+from qwenlite.model import runner
 from qwenlite.sample import SamplingParams
 from qwenlite.serve.app import create_app
 from qwenlite.serve.engine import Engine, Finish, Request, Token
@@ -103,14 +104,24 @@ def test_greedy_rows_get_plain_decodings_tokens_when_drafts_are_always_right(tin
     assert engine.decode_steps < max(len(t) for t, _ in expected) - 1  # several tokens per step
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])
-def test_greedy_rows_get_plain_decodings_tokens_when_drafts_are_partly_right(tiny, batch, k):
+@pytest.mark.parametrize(("k", "path"), [(1, "one call"), (2, "one call"), (3, "one call"), (3, "modules")])
+def test_greedy_rows_get_plain_decodings_tokens_when_drafts_are_partly_right(tiny, batch, k, path, monkeypatch):
     """Round r's first wrong draft is draft r % (k + 1) (k + 1: none wrong): rows of one forward keep different
-    numbers of tokens, and every accepted length occurs."""
+    numbers of tokens, and every accepted length occurs. The verifications run in one C call (each row rewound by
+    replaying its kept tokens), or through the modules (each row's state after every token kept)."""
     requests, expected, refs = batch
+    ran, step = [], runner.step_in_one_call
+
+    def counted(model, input_ids, cache):
+        out = None if path == "modules" else step(model, input_ids, cache)
+        ran.append(out is not None and input_ids.shape[1] > 1)
+        return out
+
+    monkeypatch.setattr(runner, "step_in_one_call", counted)
     got, engine = speculating(tiny, requests, k, lambda: PatternDraft(refs, lambda r, j: j == r % (k + 1)))
     assert got == expected
     assert 0 < engine.accepted_tokens < engine.drafted_tokens
+    assert any(ran) == (path == "one call")
 
 
 def test_rows_joining_a_speculating_batch_get_plain_decodings_tokens(tiny, batch):

@@ -15,6 +15,7 @@ from qwenlite.cli import main
 from qwenlite.errors import InvalidArgument
 from qwenlite.generate import GenerationStats, decode_step, generate_tokens, prefill, stream
 from qwenlite.io.load import load_model, load_mtp
+from qwenlite.model import runner
 from qwenlite.model.cache import AttentionCache, make_cache
 from qwenlite.ops.cpu import kernels
 from qwenlite.sample import (
@@ -27,7 +28,15 @@ from qwenlite.sample import (
 )
 from qwenlite.speculative import MTPDraft, NgramDraft, Speculation
 
-from helpers import TINY_TEXT_CONFIG, PatternDraft, chi_square_p, make_hf_checkpoint, random_ids, tiny_checkpoint
+from helpers import (
+    TINY_TEXT_CONFIG,
+    PatternDraft,
+    chi_square_p,
+    make_hf_checkpoint,
+    random_ids,
+    tiny_checkpoint,
+    tracked_step_against_plain_decoding,
+)
 from train_helpers import single_threaded
 
 GREEDY = SamplingParams(temperature=0)
@@ -45,13 +54,35 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """The tiny published-layout checkpoint with a random MTP head, fp32; a prompt; plain greedy decoding's tokens."""
+def tiny_path(tmp_path_factory):
+    """The tiny published-layout checkpoint with a random MTP head."""
     path = tmp_path_factory.mktemp("tiny")
     make_hf_checkpoint(path, layout="conditional_generation", add_mtp=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path):
+    """The tiny checkpoint in fp32; a prompt; plain greedy decoding's tokens."""
+    path = tiny_path
     model, _ = load_model(path, "float32", with_tokenizer=False)
     prompt = random_ids(1, 17, seed=11)[0].tolist()
     return model, load_mtp(path, model), prompt, list(generate_tokens(model, prompt, GREEDY, N))
+
+
+def count_one_call_verifications(monkeypatch, off: bool = False) -> list[int]:
+    """The token counts of the one-call steps of several tokens (verifications) that ran, appended as they run;
+    `off`: the step refused (as where it does not apply), so that everything runs through the modules."""
+    ran, step = [], runner.step_in_one_call
+
+    def counted(model, input_ids, cache):
+        out = None if off else step(model, input_ids, cache)
+        if out is not None and input_ids.shape[1] > 1:
+            ran.append(input_ids.shape[1])
+        return out
+
+    monkeypatch.setattr(runner, "step_in_one_call", counted)
+    return ran
 
 
 def speculate(model, prompt, draft, k, params=GREEDY, max_tokens=N, stop_ids=()):
@@ -77,13 +108,18 @@ def test_greedy_is_plain_decoding_when_drafts_are_always_right(tiny, k):
     assert stats.verify_steps == -(-(N - 1) // (k + 1))
 
 
+@pytest.mark.parametrize("path", ["one call", "modules"])
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
-def test_greedy_is_plain_decoding_with_a_rejection_at_every_position(tiny, k):
-    """Round r's first wrong draft is draft r % (k + 1) (k + 1: none wrong): every accepted length occurs."""
+def test_greedy_is_plain_decoding_with_a_rejection_at_every_position(tiny, k, path, monkeypatch):
+    """Round r's first wrong draft is draft r % (k + 1) (k + 1: none wrong): every accepted length occurs. Verified
+    through the one-call C step (its rewind a replay of the kept tokens) and through the modules (their rewind the
+    state kept after each token)."""
     model, _, prompt, ref = tiny
+    ran = count_one_call_verifications(monkeypatch, off=path == "modules")
     tokens, stats = speculate(model, prompt, PatternDraft({tuple(prompt): ref}, lambda r, j: j == r % (k + 1)), k)
     assert tokens == ref
     assert 0 < stats.accepted_tokens < stats.draft_tokens
+    assert len(ran) == (stats.verify_steps if path == "one call" else 0)
 
 
 def test_greedy_with_penalties_is_plain_decoding(tiny):
@@ -211,6 +247,35 @@ def test_rows_rewind_each_to_its_own_token_through_the_fused_kernel(tiny, monkey
                 pairs = [(a.conv, b.conv), (a.state, b.state)]
             for x, y in pairs:
                 assert (x - y).abs().max() < STATE_TOL
+
+
+# The one-call step against plain decoding: measured equal bit for bit (0) on AVX2 in fp32 and bf16, each token's
+# arithmetic being a decode step's; the tolerances leave room for an instruction set whose GEMV sums a row
+# differently when it shares a pass over the weights with other rows (fp32: STATE_TOL; bf16: a step of bf16 at the
+# logits' and states' magnitude, ~4).
+ONE_CALL_TOL = {"float32": STATE_TOL, "bfloat16": 3e-2}
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_one_call_verification_rewinds_to_plain_decoding(tiny_path, dtype, quant):
+    """Three rows at their own positions, a tracked one-call step of 4 tokens each, rewound to keep 1, 4 and 2 (the
+    server's verification; 4: no replay): the kept positions' logits and every cache (KV, conv window, recurrent
+    state) are those of plain decoding of the kept tokens."""
+    model, _ = load_model(tiny_path, dtype, quant, with_tokenizer=False)
+    worst = tracked_step_against_plain_decoding(model, V)
+    assert set(worst) == {"logits", "kv", "conv", "state"}
+    assert max(worst.values()) <= ONE_CALL_TOL[dtype], worst
+
+
+def test_greedy_in_bfloat16_is_plain_decoding_through_the_one_call_step(tiny_path, monkeypatch):
+    model, _ = load_model(tiny_path, "bfloat16", with_tokenizer=False)
+    prompt = random_ids(1, 17, seed=11)[0].tolist()
+    ref = list(generate_tokens(model, prompt, GREEDY, N))
+    ran = count_one_call_verifications(monkeypatch)
+    assert speculate(model, prompt, MTPDraft(model, load_mtp(tiny_path, model)), 2)[0] == ref
+    assert speculate(model, prompt, PatternDraft({tuple(prompt): ref}, lambda r, j: j == r % 4), 3)[0] == ref
+    assert ran and set(ran) <= {2, 3, 4}
 
 
 def test_ngram_proposes_what_followed_the_longest_earlier_match():

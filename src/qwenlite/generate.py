@@ -28,7 +28,7 @@ from qwenlite.sample import (
     probabilities,
     verify_draft,
 )
-from qwenlite.speculative import Speculation, forward_hidden, verify_forward
+from qwenlite.speculative import Speculation, forward_hidden, greedy_pick, verify_forward
 from qwenlite.text.grammar import GrammarMatcher
 from qwenlite.text.textstream import TextStream
 from qwenlite.text.tokenizer import Tokenizer
@@ -213,6 +213,8 @@ def speculative_tokens(
         q = probabilities(logits, params)
         return draw(q, generator), q
 
+    plain_pick = greedy_pick if generator is None and not processors else pick  # the argmax: drafts may batch it
+
     def choose(logits: torch.Tensor, context: list[int]) -> int:
         logits = process(logits, context)
         return greedy(logits) if generator is None else draw(probabilities(logits, params), generator)
@@ -240,7 +242,7 @@ def speculative_tokens(
             if produced == max_tokens:
                 return
         k = min(speculation.k, max_tokens - produced - 1)
-        drafts = draft.propose(history, hidden, k, pick)[:k] if k > 0 else []
+        drafts = draft.propose(history, hidden, k, plain_pick)[:k] if k > 0 else []
         ids = [history[-1]] + [t for t, _ in drafts]
         hidden, rows = verify_forward(model, ids, cache)  # (T, H), (T, V)
         out = []

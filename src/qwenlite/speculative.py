@@ -8,11 +8,14 @@ token for token; sampling, the rejection rule (sample.verify_draft) keeps the ou
 sampling's. Logits processors (penalties) see each row's own history, drafts included, and the same filters
 (temperature, top-k, top-p, min-p) shape both the model's and the draft's distributions. Rollback: attention
 forgets rejected tokens by length, but the Gated DeltaNet's recurrent and conv states cannot be rewound, so the
-verification forward keeps the state after each token (Cache.track / Cache.rewind): the state after the last kept
-token is the one plain decoding reaches. Keeping per-token states costs a copy of each layer's state per draft;
-the alternative, a snapshot and a recompute of the kept tokens, would read the weights a second time.
+verification keeps what it needs to go back (Cache.track / Cache.rewind): the state after the last kept token is
+the one plain decoding reaches. The verification runs as the one-call C step where it applies (model/runner.py),
+which keeps each layer's state from before it and every token's recurrence inputs (its projections, a few KB); a
+rewind restores the state and replays the recurrence of the kept tokens, reading no weight again. Through the
+modules, the state after every token is copied instead.
 
-Drafts: the checkpoint's MTP head (`MTPDraft`, model/mtp.py) and prompt lookup (`NgramDraft`). The core works on
+Drafts: the checkpoint's MTP head (`MTPDraft`, model/mtp.py; its steps in one C call each, and greedy drafts without
+logits processors, `greedy_pick`, all k in one) and prompt lookup (`NgramDraft`). The core works on
 token ids; the loop that drafts, verifies and rolls back is generate.py's `speculative_tokens`, which
 `generate_tokens` runs when given a `Speculation`; the server's runner (serve/runner.py) does the same for each of
 its rows in one batched forward, each row with a draft of its own (`make_drafts`).
@@ -35,8 +38,9 @@ from qwenlite.io.load import load_mtp
 from qwenlite.model.cache import Cache, make_cache
 from qwenlite.model.mtp import MTP
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
-from qwenlite.model.runner import PREFILL_CHUNK
+from qwenlite.model.runner import PREFILL_CHUNK, head_drafts_in_one_call, head_step_in_one_call, run_model_hidden
 from qwenlite.ops.cpu import kernels
+from qwenlite.sample import greedy
 
 DRAFTS = ("mtp", "ngram")
 MAX_SPECULATE = 8  # drafts per verification: a forward of up to 9 rows
@@ -58,6 +62,12 @@ class Draft(Protocol):
 
 
 DraftMaker = Callable[[], Draft]
+
+
+def greedy_pick(logits: torch.Tensor, drafted: list[int]) -> tuple[int, None]:
+    """The Pick of greedy decoding without logits processors: the argmax, whatever was drafted. A draft handed this
+    very function may choose its tokens by any argmax of the same logits (MTPDraft: several in one C call)."""
+    return greedy(logits), None
 
 
 @dataclass
@@ -92,16 +102,32 @@ class MTPDraft:
         n, last = hidden.shape[0], len(tokens) - 1
         self.cache.lengths.fill_(last - n)  # forget what earlier drafts wrote past the model's positions
         ids = torch.tensor([tokens[last - n + 1 :]], device=self.model.device)  # tokens t+1 of hidden t
+        if pick is greedy_pick and not torch.is_grad_enabled():  # every draft in one C call where it applies
+            drafts = head_drafts_in_one_call(self.model, self.head, ids, hidden[None], k, self.cache)
+            if drafts is not None:
+                return [(t, None) for t in drafts]
         for start in range(0, n, PREFILL_CHUNK):
             end = min(start + PREFILL_CHUNK, n)
-            out = self.head(self.model, ids[:, start:end], hidden[None, start:end], self.cache)[:, -1:]
+            out, logits = self.step(ids[:, start:end], hidden[None, start:end])
         drafts: list[tuple[int, torch.Tensor | None]] = []
         for j in range(k):
-            token, q = pick(self.model.lm_head(out)[0, -1].float(), [t for t, _ in drafts])
+            token, q = pick(logits[0, -1], [t for t, _ in drafts])
             drafts.append((token, q))
             if j + 1 < k:
-                out = self.head(self.model, torch.tensor([[token]], device=self.model.device), out, self.cache)
+                out, logits = self.step(torch.tensor([[token]], device=self.model.device), out[:, -1:])
         return drafts
+
+    def step(self, ids: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head over tokens `ids` (1, T) and the hidden states before them (1, T, H) -> (its normed output
+        (1, T, H), the last position's logits (1, 1, V) fp32): in one C call where it applies
+        (model/runner.head_step_in_one_call), else through its modules."""
+        if not torch.is_grad_enabled():
+            x = torch.cat([self.model.model.embed_tokens(ids), hidden.to(self.model.dtype)], dim=-1)
+            out = head_step_in_one_call(self.model, self.head, x, self.cache)
+            if out is not None:
+                return out
+        out = self.head.run_layers(self.model, self.head.fuse(self.model, ids, hidden), self.cache)
+        return out, self.model.lm_head(out[:, -1:]).float()
 
 
 class NgramDraft:
@@ -139,12 +165,12 @@ def forward_hidden(model: Qwen3_5ForCausalLM, ids: Sequence[int], cache: Cache) 
 
 
 def verify_forward(model: Qwen3_5ForCausalLM, ids: Sequence[int], cache: Cache) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pending token and the drafts `ids` through the forward, their recurrent states kept (`Cache.track`:
-    follow with `cache.rewind`) -> (final hidden states (T, H), logits (T, V) fp32). Few rows: the projections take
-    the GEMV kernels, one pass over the weights for all of them."""
+    """The pending token and the drafts `ids` through the model, tracked (`Cache.track`: follow with `cache.rewind`)
+    -> (final hidden states (T, H), logits (T, V) fp32). In one C call where it applies (model/runner.py), else the
+    forward; either way each GEMV reads its weights once for all T rows."""
     cache.track()
-    hidden = model.model(torch.tensor([list(ids)], device=model.device), cache)[0]
-    return hidden, model.lm_head(hidden).float()
+    hidden, logits = run_model_hidden(model, torch.tensor([list(ids)], device=model.device), cache)
+    return hidden[0], logits[0]
 
 
 def make_drafts(model_path: str | Path, model: Qwen3_5ForCausalLM, k: int, draft: str = "mtp") -> DraftMaker | None:

@@ -7,7 +7,7 @@ decode together (continuous batching), and `rows(a, b)` is a view that writes th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +31,10 @@ class LinearAttentionCache:
     # measured 2 ms per copy of a 0.8B layer's state against ~0.1 ms into a reused one.
     trail: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     spare: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # The one-call step's (model/runner.py) instead: (conv, state) as they were before the verification, and its
+    # tokens' recurrence inputs (the projections), from which `rewind` replays the kept tokens; reused likewise.
+    before: tuple[torch.Tensor, torch.Tensor] | None = None
+    inputs: torch.Tensor | None = None
 
 
 LayerCache = AttentionCache | LinearAttentionCache
@@ -42,6 +46,13 @@ class Cache:
         self.lengths = lengths  # (B,) int64 on the CPU: tokens processed per row, the next token's KV slot
         # (B,) int64: the next token's rotary position minus its slot; nonzero after an image (model/vision.py)
         self.rope_deltas = torch.zeros_like(lengths) if rope_deltas is None else rope_deltas
+        # Set by a tracked forward that ran in one C call (model/runner.py): rewinds each row to keep[b] tokens
+        self.replay: Callable[[list[int]], None] | None = None
+
+    @property
+    def tracking(self) -> bool:
+        """Whether the next forward keeps what `rewind` needs (`track` was called)."""
+        return any(getattr(layer, "trail", None) is not None for layer in self.layers)
 
     @property
     def batch_size(self) -> int:
@@ -87,8 +98,11 @@ class Cache:
         self.rope_deltas[dst] = self.rope_deltas[src]
 
     def track(self) -> None:
-        """Keep the recurrent state after every token of the next forward (see GatedDeltaNet.mix_keeping_states), so
-        that `rewind` can return to any of them: the verification step of speculative decoding."""
+        """Keep what `rewind` needs to return to the state after any token of the next forward: the verification
+        step of speculative decoding. The module path keeps the recurrent state after every token
+        (GatedDeltaNet.mix_keeping_states); the one-call step (model/runner.py) keeps the state before the forward and
+        every token's recurrence inputs, and sets `replay`."""
+        self.replay = None
         for layer in self.layers:
             if isinstance(layer, LinearAttentionCache):
                 layer.trail = []
@@ -96,18 +110,23 @@ class Cache:
     def rewind(self, run: int, keep: int | Sequence[int]) -> None:
         """After a tracked forward of `run` tokens, keep its first `keep` (1..run; one int for all rows or one per
         row) as if only they had been run: the recurrent layers take the state kept after each row's last kept
-        token, attention forgets the rest by length. Ends tracking."""
+        token (or, after the one-call step, restore the state from before the forward and replay the kept tokens'
+        recurrence: no weight read again), attention forgets the rest by length. Ends tracking."""
         keeps = [keep] * self.batch_size if isinstance(keep, int) else list(keep)
         if len(keeps) != self.batch_size or not all(1 <= k <= run for k in keeps):
             raise InvalidArgument(f"cannot keep {keep} tokens of a tracked forward of {run} in {self.batch_size} rows")
+        replay, self.replay = self.replay, None
+        if replay is not None:
+            replay(keeps)
         for layer in self.layers:
             if isinstance(layer, LinearAttentionCache):
-                for b, k in enumerate(keeps):
-                    if k < run:
-                        conv, state = layer.trail[k - 1]
-                        layer.conv[b].copy_(conv[b])
-                        layer.state[b].copy_(state[b])
-                layer.spare += layer.trail
+                if replay is None:
+                    for b, k in enumerate(keeps):
+                        if k < run:
+                            conv, state = layer.trail[k - 1]
+                            layer.conv[b].copy_(conv[b])
+                            layer.state[b].copy_(state[b])
+                    layer.spare += layer.trail
                 layer.trail = None
         self.lengths -= run - torch.tensor(keeps)
 

@@ -49,10 +49,18 @@ class MTP(nn.Module):
         own output, chained) -> this head's normed output (B, T, H); `model.lm_head` of it are the logits of t+2.
         `cache` (one attention layer: `make_cache(..., layer_types=["full_attention"])`) advances by T; None: a
         whole sequence at once (training, train/mtp.py)."""
+        return self.run_layers(model, self.fuse(model, input_ids, hidden), cache)
+
+    def fuse(self, model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """fc(concat[norm(embed(input_ids)), norm(hidden))]) (B, T, H): the layer's input."""
         e = self.pre_fc_norm_embedding(model.model.embed_tokens(input_ids))
-        x = self.fc(torch.cat([e, self.pre_fc_norm_hidden(hidden).to(e.dtype)], dim=-1))
-        cos, sin, start = model.model.rotary(input_ids.shape[1], cache, x.dtype, input_ids.device)
+        return self.fc(torch.cat([e, self.pre_fc_norm_hidden(hidden).to(e.dtype)], dim=-1))
+
+    def run_layers(self, model: Qwen3_5ForCausalLM, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        """The decoder layer and the norm over fuse's x (B, T, H); model/runner.head_step_in_one_call is its one C
+        call (with the model's head)."""
+        cos, sin, start = model.model.rotary(x.shape[1], cache, x.dtype, x.device)
         x = self.layers[0](x, cos, sin, cache.layers[0] if cache is not None else None, start)
         if cache is not None:
-            cache.lengths += input_ids.shape[1]
+            cache.lengths += x.shape[1]
         return self.norm(x)

@@ -3,6 +3,15 @@ token per row, no gradients) runs every layer in one call of kernels.decode_step
 Python per layer; anything else, or a model the C step does not describe, is the model's own forward. The
 computation is Qwen3_5ForCausalLM.forward's, module by module (its twin in the tests).
 
+The same call takes a few consecutive tokens per row (`step_in_one_call`, `run_model_hidden`): speculative
+decoding's verification of the pending token and its drafts, every GEMV over all positions at once, attention and
+the Gated DeltaNet token by token as decode steps. A tracked cache (`Cache.track`) has the step keep each recurrent
+layer's state from before it and every position's projections, in buffers kept on the cache's layers; `Cache.rewind`
+then calls `rewind_in_one_call`, which restores the state of each row that rejected a draft and replays the
+recurrence of its kept tokens (the same kernel on the same values: the state plain decoding has). A plan of the MTP
+head (its fc and the fc's norms, its layer and norm, the model's head: `head_step_in_one_call`) drafts the same
+way.
+
 The C step reads the model from ctypes structs of pointers and sizes (kernels.QkModel holding a kernels.QkLayer per
 layer and a kernels.QkLinear per projection: ops/cpu/plan.h's structs). Describing the weights walks ~200 modules
 (~100,000 for a 35B-A3B's experts), so the description is built once per model and kept with a list of checks (each
@@ -22,11 +31,13 @@ from __future__ import annotations
 
 import ctypes
 import operator
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from qwenlite.config import ModelConfig
 from qwenlite.errors import ContextLengthExceeded
 from qwenlite.model.adapters import AdapterLinear, AdapterSelection
 from qwenlite.model.qwen3_5 import Attention, Qwen3_5ForCausalLM, RMSNorm, SparseMoeBlock
@@ -35,7 +46,7 @@ from qwenlite.ops.cpu import kernels
 from qwenlite.ops.rope import rope_cos_sin
 
 if TYPE_CHECKING:
-    from qwenlite.model.cache import Cache
+    from qwenlite.model.cache import Cache, LinearAttentionCache
 
 # The model types kernels.decode_step describes: Qwen3.5's layers (zero-centred norms, q/k norms), Qwen3.5 MoE's (a
 # router, the chosen experts and a gated shared expert for the MLP), Qwen3's (every layer full attention, no output
@@ -43,6 +54,9 @@ if TYPE_CHECKING:
 # model, one rounding fewer than the reference's for bf16) and Qwen2's (Qwen3's without q/k norms, with q/k/v
 # biases: added as the modules' forward adds them, to the projection rounded to the activation dtype).
 PLANNED_MODEL_TYPES = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3", "qwen2")
+# Positions (rows x tokens) of one C step: each GEMV passes over its weights once per 4 of them; a verification of 8
+# drafts for a few rows fits
+STEP_TOKENS = 32
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds the activations; the gated delta rule chunks by 64 inside
 KIND = {"linear_attention": kernels.LINEAR_ATTENTION, "full_attention": kernels.FULL_ATTENTION}
 
@@ -50,7 +64,9 @@ KIND = {"linear_attention": kernels.LINEAR_ATTENTION, "full_attention": kernels.
 class Plan:
     """The weights' description (None where the C step does not apply) and what it depends on."""
 
-    def __init__(self, model: Qwen3_5ForCausalLM):
+    def __init__(self, model: Qwen3_5ForCausalLM, head: nn.Module | None = None):
+        """The model's layers, final norm and head; or, given the MTP `head` (model/mtp.py), its fc with the fc's
+        norms, its layers and norm, and the model's head (a draft step)."""
         self.checked = weights_version()  # the weights' version when the checks last passed
         # What must not change: dicts[i][keys[i]] is objects[i] (a module's children, parameters, buffers, `fast`),
         # and tensors[i] still at ptrs[i] (`p.data = ...` and Module.to keep a Parameter, change its storage).
@@ -68,7 +84,7 @@ class Plan:
         self.shifted: list[torch.Tensor] = []
         self.sources: list[torch.Tensor] = []
         self.versions: list[int] = []
-        self.build(model)
+        self.build(model, head)
         self.storages = [t.untyped_storage() for t in self.tensors]  # what the pointers point into, kept alive
 
     def __deepcopy__(self, memo: dict) -> None:
@@ -117,6 +133,9 @@ class Plan:
             self.keep(module, "base_layer")
             self.adapters, module = module.selection, module.base_layer
         self.keep(module, "weight", "bias", "qweight", "scales", "scales_and_zeros")
+        weight = getattr(module, "weight", None)  # the step's float GEMVs read activations of the weights' dtype
+        if isinstance(weight, torch.Tensor) and weight.dtype != dtype:
+            return None
         return module.kernel_plan(dtype) if hasattr(module, "kernel_plan") else None
 
     def mlp(self, parent: nn.Module, name: str, dtype: torch.dtype) -> kernels.QkMlp | None:
@@ -159,11 +178,12 @@ class Plan:
             return self.shifted[-1].data_ptr()
         return t.data_ptr() if t.dtype == dtype and t.is_contiguous() else None
 
-    def build(self, model: Qwen3_5ForCausalLM) -> None:
-        c, m = model.config, model.model
+    def build(self, model: Qwen3_5ForCausalLM, head: nn.Module | None) -> None:
+        c = model.config
+        m = model.model if head is None else head  # what holds the layers and the final norm
         self.keep(model, "model", "lm_head")
         self.keep(m, "embed_tokens", "norm", "layers")
-        if c.model_type not in PLANNED_MODEL_TYPES or not planned_modules(model):
+        if c.model_type not in PLANNED_MODEL_TYPES or not planned_modules(m, c):
             return
         dtype = model.dtype
         wdtype = m.norm.weight.dtype if c.zero_centred_norms else None  # None: plain norms, shifted to fp32
@@ -202,7 +222,15 @@ class Plan:
                      else kernels.QkMixer(attn=kernels.QkAttn(*parts)))  # fmt: skip
             layers.append(kernels.QkLayer(kind, *norms, mixer, out, mlp, None if moe is None else ctypes.pointer(moe)))
         head, norm = self.linear(model, "lm_head", dtype), self.small(m.norm, "weight", wdtype)
-        if head is None or norm is None:
+        fuse = kernels.QkLinear()  # the model's: none
+        if m is not model.model:  # the MTP head's fc and its norms
+            self.keep(m, "fc", "pre_fc_norm_embedding", "pre_fc_norm_hidden")
+            fuse = self.linear(m, "fc", dtype)
+            fuse_norms = [self.small(m.pre_fc_norm_embedding, "weight", wdtype),
+                          self.small(m.pre_fc_norm_hidden, "weight", wdtype)]  # fmt: skip
+            if any(v is None for v in fuse_norms):
+                return
+        if head is None or norm is None or fuse is None:
             return
         self.layers = (kernels.QkLayer * len(layers))(*layers)
         self.model = kernels.QkModel(
@@ -213,7 +241,10 @@ class Plan:
             k_head_dim=c.linear_key_head_dim, v_head_dim=c.linear_value_head_dim, conv_kernel=c.linear_conv_kernel_dim,
             heads=c.num_attention_heads, kv_heads=c.num_key_value_heads, head_dim=c.head_dim, rotary_dim=c.rotary_dim,
             n_experts=c.num_experts, top_k=c.num_experts_per_tok, layers=self.layers, final_norm=norm, head=head,
+            fuse=fuse,
         )  # fmt: skip
+        if fuse.w:
+            self.model.fuse_norm_e, self.model.fuse_norm_h = fuse_norms
 
 
 def version(t: torch.Tensor) -> int:
@@ -221,11 +252,10 @@ def version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
-def planned_modules(model: Qwen3_5ForCausalLM) -> bool:
+def planned_modules(model: nn.Module, c: ModelConfig) -> bool:
     """Whether the norms are all of the config's kind and every attention layer has the config's output gate: the
     module layout the C step reads, one norm kind and one gate for the whole model (a check on the modules
     themselves, beside the one on the model type)."""
-    c = model.config
     norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
     attention = [m for m in model.modules() if isinstance(m, Attention)]
     return (all(n.zero_centred == c.zero_centred_norms for n in norms)
@@ -259,37 +289,166 @@ def run_model(
     return model(input_ids, cache, logits_to_keep)
 
 
+def run_model_hidden(
+    model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, cache: Cache
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """model.model(input_ids, cache) and the head over every position -> (final hidden states (B, T, hidden), logits
+    (B, T, V) fp32), through the one-call step where it applies: the verification of speculative decoding, whose
+    drafts read every position's hidden state. A tracked cache (`Cache.track`) is rewound by either path's means."""
+    if isinstance(model, Qwen3_5ForCausalLM) and not torch.is_grad_enabled():
+        out = step_in_one_call(model, input_ids, cache)
+        if out is not None:
+            return out
+    hidden = model.model(input_ids, cache)
+    return hidden, model.lm_head(hidden).float()
+
+
 def decode_in_one_call(model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor | None:
     """forward(input_ids (B, 1), cache) -> logits (B, 1, V) fp32 through kernels.decode_step, or None where it does
     not apply (no kernels, more than MAX_ROWS rows, a module or dtype it does not know)."""
-    plan = model.__dict__.get("_decode_plan")
+    out = step_in_one_call(model, input_ids, cache)
+    return None if out is None else out[1]
+
+
+def current_plan(model: Qwen3_5ForCausalLM, head: nn.Module | None = None) -> Plan:
+    """The model's plan (or its MTP head's), built on first use and again when its checks fail."""
+    owner = model if head is None else head
+    plan = owner.__dict__.get("_decode_plan")
     if plan is None or not plan.current():
-        plan = model.__dict__["_decode_plan"] = Plan(model)
-    B = input_ids.shape[0]
-    if plan.model is None or B > kernels.MAX_ROWS or (plan.adapters is not None and any(plan.adapters.rows)):
+        plan = owner.__dict__["_decode_plan"] = Plan(model, head)
+    return plan
+
+
+def step_in_one_call(
+    model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, cache: Cache
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """forward(input_ids (B, T), cache) through kernels.decode_step -> (final hidden states (B, T, hidden) in the
+    model's dtype, logits (B, T, V) fp32), or None where it does not apply (no kernels, more than MAX_ROWS rows or
+    STEP_TOKENS positions, a module or dtype it does not know). T > 1: row b's tokens continue its sequence (the
+    verification of speculative decoding); a tracked cache (`Cache.track`) keeps what `Cache.rewind` replays."""
+    plan = current_plan(model)
+    B, T = input_ids.shape
+    if plan.model is None or B > kernels.MAX_ROWS or B * T > STEP_TOKENS:
         return None
+    if plan.adapters is not None and any(plan.adapters.rows):
+        return None
+    return run_plan(plan, model, input_ids, None, cache)
+
+
+def head_step_in_one_call(
+    model: Qwen3_5ForCausalLM, head: nn.Module, x: torch.Tensor, cache: Cache
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The MTP head over x (1, T, 2 hidden), each position the embedding of its token and the hidden state before it,
+    in one C call (fc and its norms, the layer, the norm, the model's head) -> (its normed output (1, T, hidden), the
+    last position's logits (1, 1, V) fp32), or None where the step does not apply. `cache`: the head's own (one
+    attention layer)."""
+    plan = current_plan(model, head)
+    if plan.model is None or x.shape[1] > STEP_TOKENS or x.dtype != model.dtype:
+        return None
+    return run_plan(plan, model, None, x, cache, last_logits=True)
+
+
+def head_drafts_in_one_call(
+    model: Qwen3_5ForCausalLM, head: nn.Module, ids: torch.Tensor, hidden: torch.Tensor, count: int, cache: Cache
+) -> list[int] | None:
+    """`count` greedy drafts of the MTP head in one C call (kernels.draft_greedy): the head over the tokens ids (1, n)
+    and the model's hidden states before them (1, n, hidden), then over each draft, each draft the argmax of the
+    last logits; the head's cache advances by n + count - 1. None where it does not apply (no plan, more than
+    STEP_TOKENS positions, an embedding not stored as plain rows of the activations' dtype)."""
+    plan = current_plan(model, head)
+    embed = getattr(model.model.embed_tokens, "weight", None)
+    dtype, n = model.dtype, ids.shape[1]
+    if plan.model is None or n > STEP_TOKENS or not isinstance(embed, torch.Tensor) or embed.dtype != dtype:
+        return None
+    k, v = cache.layers[0].k, cache.layers[0].v
+    if not (embed.is_contiguous() and k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype == dtype):
+        return None
+    step = kernels.QkModel.from_buffer_copy(plan.model)
+    caches = (kernels.QkCache * 1)()
+    caches[0].attn = kernels.QkAttnCache(k.data_ptr(), v.data_ptr())
+    pos = cache.lengths.contiguous()
+    end = int(pos[0]) + n + count - 1
+    if end > cache.max_seq_len:
+        raise ContextLengthExceeded(f"{end} tokens do not fit a cache of {cache.max_seq_len}")
+    cos, sin = rope_cos_sin(pos[0] + cache.rope_deltas[0] + torch.arange(n + count - 1), model.model.inv_freq, dtype)
+    x = torch.cat([embed[ids[0]], hidden[0].to(dtype)], dim=-1).contiguous()  # (n, 2 hidden)
+    step.max_seq_len = cache.max_seq_len
+    step.positions, step.cos, step.sin, step.caches = pos.data_ptr(), cos.data_ptr(), sin.data_ptr(), caches
+    tokens = kernels.draft_greedy(step, x, embed, count)
+    cache.lengths += n + count - 1
+    return tokens
+
+
+def run_plan(
+    plan: Plan,
+    model: Qwen3_5ForCausalLM,
+    input_ids: torch.Tensor | None,
+    embeds: torch.Tensor | None,
+    cache: Cache,
+    last_logits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """kernels.decode_step of `plan` over the tokens input_ids (B, T), or `embeds` (B, T, width): the MTP head's
+    input (width 2 hidden), at the positions `cache` is at -> (final hidden states (B, T, hidden), logits (B, T, V)
+    fp32, or the last row's (1, 1, V) with `last_logits`); None where the cache's tensors are not what the step
+    reads."""
     dtype = model.dtype
+    B, T = input_ids.shape if embeds is None else embeds.shape[:2]
     # The plan is shared: threads may decode with one model into different caches, so the step's fields go in a copy.
     step = kernels.QkModel.from_buffer_copy(plan.model)
     caches = (kernels.QkCache * len(plan.layers))()
+    tracked = T > 1 and cache.tracking
     for slot, lc in zip(caches, cache.layers, strict=True):
         recurrent = hasattr(lc, "state")
         first, second = (lc.conv, lc.state) if recurrent else (lc.k, lc.v)
         if not (first.is_contiguous() and second.is_contiguous() and first.dtype == dtype
                 and second.dtype == (torch.float32 if recurrent else dtype)):  # fmt: skip
             return None
-        if recurrent:
+        if not recurrent:
+            slot.attn = kernels.QkAttnCache(first.data_ptr(), second.data_ptr())
+        elif not tracked:
             slot.gdn = kernels.QkGdnCache(first.data_ptr(), second.data_ptr())
         else:
-            slot.attn = kernels.QkAttnCache(first.data_ptr(), second.data_ptr())
+            before, inputs = replay_buffers(lc, B * T)
+            slot.gdn = kernels.QkGdnCache(first.data_ptr(), second.data_ptr(), before[0].data_ptr(),
+                                          inputs.data_ptr(), before[1].data_ptr())  # fmt: skip
     pos = cache.lengths.contiguous()
-    if int(pos.max()) + 1 > cache.max_seq_len:
-        raise ContextLengthExceeded(f"{int(pos.max()) + 1} tokens do not fit a cache of {cache.max_seq_len}")
+    if int(pos.max()) + T > cache.max_seq_len:
+        raise ContextLengthExceeded(f"{int(pos.max()) + T} tokens do not fit a cache of {cache.max_seq_len}")
     # Decode tokens are text: the three multimodal streams agree, at the slot plus the rope delta.
-    cos, sin = rope_cos_sin(pos + cache.rope_deltas, model.model.inv_freq, dtype)  # (B, R)
-    x = model.model.embed_tokens(input_ids[:, 0]).contiguous()  # (B, hidden), overwritten in place
-    step.rows, step.max_seq_len = B, cache.max_seq_len if cache.max_seq_len < 1 << 62 else 0
+    first = pos + cache.rope_deltas
+    if T > 1:  # token-major, as the step reads them: token t of row b at t B + b
+        first = (first[None, :] + torch.arange(T)[:, None]).reshape(-1)
+    cos, sin = rope_cos_sin(first, model.model.inv_freq, dtype)  # (T B, R)
+    if embeds is None:
+        x = model.model.embed_tokens((input_ids.t() if T > 1 else input_ids).reshape(-1)).contiguous()
+    else:
+        x = (embeds.transpose(0, 1) if T > 1 else embeds).reshape(T * B, -1).clone()  # (T B, hidden or 2 hidden)
+    step.rows, step.tokens, step.logits_rows = B, T, int(last_logits)
+    step.max_seq_len = cache.max_seq_len if cache.max_seq_len < 1 << 62 else 0
     step.positions, step.cos, step.sin, step.caches = pos.data_ptr(), cos.data_ptr(), sin.data_ptr(), caches
-    logits = kernels.decode_step(step, x)
-    cache.lengths += 1
-    return logits.float().unsqueeze(1)
+    logits = kernels.decode_step(step, x)  # x's first T B hidden values overwritten: the final hidden states
+    cache.lengths += T
+    if tracked:
+        cache.replay = partial(rewind_in_one_call, step)
+    hidden = x.view(-1)[: T * B * step.hidden].view(T, B, -1).transpose(0, 1)
+    if T == 1 or last_logits:
+        return hidden, logits.float().unsqueeze(1)
+    return hidden, logits.view(T, B, -1).transpose(0, 1).float()
+
+
+def replay_buffers(layer: LinearAttentionCache, n: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A recurrent layer's buffers for a tracked step of n positions (plan.h's qk_gdn_cache): the conv window and
+    state before it, and the positions' recurrence inputs; kept on the layer and reused (grown when n is)."""
+    if layer.before is None or layer.before[1].shape != layer.state.shape:
+        layer.before = torch.empty_like(layer.conv), torch.empty_like(layer.state)
+        layer.inputs = None
+    B, Hv = layer.state.shape[:2]
+    width = n // B * (layer.conv.shape[-1] + Hv * layer.state.shape[-1] + 2 * Hv)  # qkv, z, a, b per position
+    if layer.inputs is None or layer.inputs.numel() < B * width:
+        layer.inputs = torch.empty(B * width, dtype=layer.conv.dtype)
+    return layer.before, layer.inputs
+
+
+def rewind_in_one_call(step: kernels.QkModel, keep: list[int]) -> None:
+    """Cache.replay after a tracked step: each row's recurrent layers back to its first keep[b] tokens (qk_rewind)."""
+    kernels.rewind_step(step, torch.tensor(keep, dtype=torch.int64))

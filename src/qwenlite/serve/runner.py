@@ -33,7 +33,7 @@ from qwenlite.errors import InvalidArgument, QwenliteError
 from qwenlite.model.adapters import adapter_selection
 from qwenlite.model.cache import AttentionCache, Cache, make_cache
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
-from qwenlite.model.runner import run_model
+from qwenlite.model.runner import run_model, run_model_hidden
 from qwenlite.model.vision import embed_prompt, mrope_positions
 from qwenlite.sample import (
     apply_processors,
@@ -47,7 +47,7 @@ from qwenlite.sample import (
 )
 from qwenlite.serve.prompt_cache import PromptCache, adapter_key, image_key
 from qwenlite.serve.scheduler import PromptLogprobs, Request, Sequence, Token, cut_prefill
-from qwenlite.speculative import Draft, DraftMaker, check_speculate
+from qwenlite.speculative import Draft, DraftMaker, check_speculate, greedy_pick
 
 ECHO_CHUNK = 128  # prompt logprobs need every position's logits: (128, V) fp32 is 127 MB at V = 248320
 
@@ -114,8 +114,9 @@ class Runner:
         self.speculate, self.drafts = speculate, drafts
         # A verification pads the rows to 1 + K positions: a row near the context's end writes past it, then forgets.
         self.cache = make_cache(model.config, rows, ctx + speculate, model.dtype, self.device)
-        # The decoding rows' view, kept while their number holds, so that its buffers for the states after each verified
-        # token are reused (fresh ones cost page faults): K copies of each recurrent layer's state, ~1 MB a row at 0.8B
+        # The decoding rows' view, kept while their number holds, so that its buffers for a verification's rewind are
+        # reused (fresh ones cost page faults): a copy of each recurrent layer's state, ~1 MB a row at 0.8B (the
+        # module path's: one per verified token)
         self.view: Cache | None = None
         self.tracked: tuple[int, list[torch.Tensor]] | None = None  # a verification's width and per-row hidden states
         self.prompt_cache = PromptCache(int(cache_mb * 2**20))
@@ -234,7 +235,8 @@ class Runner:
         k = min(self.speculate, seq.max_tokens - seq.handle.usage.completion_tokens - 1)
         if state.draft is None or k < 1:
             return []
-        return state.draft.propose(seq.tokens, state.hidden, k, partial(self._pick, seq))[:k]
+        plain = state.generator is None and not state.processors  # the argmax: drafts may batch it
+        return state.draft.propose(seq.tokens, state.hidden, k, greedy_pick if plain else partial(self._pick, seq))[:k]
 
     def _pick(self, seq: Sequence, logits: torch.Tensor, drafted: list[int]) -> tuple[int, torch.Tensor | None]:
         """A draft's choice from its logits, as the row's sampler would choose after `drafted` (speculative.Pick)."""
@@ -268,9 +270,9 @@ class Runner:
                 self.view = self.cache.rows(0, len(seqs))
             view = self.view
             view.track()
-            hidden = self.model.model(ids, view)  # (n, T, H)
-            rows = [hidden[b, : 1 + len(d)] for b, d in enumerate(drafts)]  # the padding's never reach the head
-            logits = self.model.lm_head(torch.cat(rows)).float().split([len(r) for r in rows])
+            hidden, every = run_model_hidden(self.model, ids, view)  # (n, T, H), (n, T, V)
+            rows = [hidden[b, : 1 + len(d)] for b, d in enumerate(drafts)]  # the padding's are dropped
+            logits = [every[b, : 1 + len(d)] for b, d in enumerate(drafts)]
             self.tracked = T, rows
         if pending is not None:
             pending.result()

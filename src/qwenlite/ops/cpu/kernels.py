@@ -60,6 +60,8 @@ SIGNATURES = {
     "qk_read": "PLI",
     "qk_gemv_f32": "PPPLLLI",
     "qk_decode_step": "PPPI",
+    "qk_rewind": "PPI",
+    "qk_draft": "PPPPPLLI",
     "qk_conv_silu": "PPPPIILLLLI",
     "qk_delta_rule": "PPPPPPPLLLLLLI",
 }
@@ -201,6 +203,8 @@ def _load(isa: str) -> ctypes.CDLL:
             getattr(lib, name).restype = result
     lib.qk_read.restype = ctypes.c_float
     lib.qk_decode_step.restype = ctypes.c_int
+    lib.qk_rewind.restype = ctypes.c_int
+    lib.qk_draft.restype = ctypes.c_int
     lib.qk_plan_layout.restype = ctypes.POINTER(PlanField)
     lib.qk_plan_layout.argtypes = [ctypes.POINTER(ctypes.c_int64)]
     check_plan_layout(c_plan_layout(lib))
@@ -358,7 +362,8 @@ def scratch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     numel = math.prod(shape)
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.dtype != dtype or buf.numel() < numel:
-        buf = _scratch.buf = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: written in inference mode and out of it alike
+            buf = _scratch.buf = torch.empty(numel, dtype=dtype)
     return buf[:numel].view(shape)
 
 
@@ -591,7 +596,7 @@ class QkLayer(ctypes.Structure):
 
 
 class QkGdnCache(ctypes.Structure):
-    _fields_ = [("conv", P), ("state", P)]
+    _fields_ = [("conv", P), ("state", P), ("before_conv", P), ("inputs", P), ("before_state", P)]
 
 
 class QkAttnCache(ctypes.Structure):
@@ -607,8 +612,9 @@ class QkModel(ctypes.Structure):
                 ("intermediate", I64), ("n_layers", I64), ("vocab", I64), ("k_heads", I64), ("v_heads", I64),
                 ("k_head_dim", I64), ("v_head_dim", I64), ("conv_kernel", I64), ("heads", I64), ("kv_heads", I64),
                 ("head_dim", I64), ("rotary_dim", I64), ("n_experts", I64), ("top_k", I64),
-                ("layers", ctypes.POINTER(QkLayer)), ("final_norm", P),
-                ("head", QkLinear), ("rows", I64), ("max_seq_len", I64), ("positions", P), ("cos", P), ("sin", P),
+                ("layers", ctypes.POINTER(QkLayer)), ("final_norm", P), ("head", QkLinear), ("fuse", QkLinear),
+                ("fuse_norm_e", P), ("fuse_norm_h", P), ("rows", I64), ("tokens", I64), ("max_seq_len", I64),
+                ("logits_rows", I64), ("positions", P), ("cos", P), ("sin", P),
                 ("caches", ctypes.POINTER(QkCache))]  # fmt: skip
 
 
@@ -664,13 +670,33 @@ def plan_linear(fmt: int, w: torch.Tensor, n: int, k: int, dtype: torch.dtype, b
 
 
 def decode_step(model: QkModel, x: torch.Tensor) -> torch.Tensor:
-    """Run every layer for one token per row: x (rows, hidden) embeddings, overwritten with the final normed hidden
-    states; returns the logits (rows, vocab) in x's dtype. The caller keeps every tensor the plan points at alive
-    (model/runner.py)."""
-    logits = torch.empty(model.rows, model.vocab, dtype=x.dtype)
+    """Run every layer for `model.tokens` consecutive tokens of each of `model.rows` rows: x (tokens * rows, hidden)
+    embeddings, token-major (token t of row b at t * rows + b), overwritten with the final normed hidden states;
+    returns the logits (tokens * rows, vocab) in x's dtype, token-major, or only the last `model.logits_rows`. The
+    caller keeps every tensor the plan points at alive (model/runner.py)."""
+    logits = torch.empty(model.logits_rows or x.shape[0], model.vocab, dtype=x.dtype)
     if library().qk_decode_step(ctypes.byref(model), _p(x), _p(logits), torch.get_num_threads()):
-        raise MemoryError(f"the decode step's buffer for {model.rows} rows could not be allocated")
+        raise MemoryError(f"the decode step's buffer for {x.shape[0]} rows could not be allocated")
     return logits
+
+
+def rewind_step(model: QkModel, keep: torch.Tensor) -> None:
+    """After a tracked decode_step (the model struct it ran with, its caches' `inputs` set): row b keeps its first
+    keep[b] tokens (int64, (rows,)), its Gated DeltaNet states restored and the kept tokens' recurrence replayed."""
+    if library().qk_rewind(ctypes.byref(model), _p(keep), torch.get_num_threads()):
+        raise MemoryError("the rewind's scratch could not be allocated")
+
+
+def draft_greedy(model: QkModel, x: torch.Tensor, embed: torch.Tensor, count: int) -> list[int]:
+    """`count` greedy drafts of the MTP head described by `model` (its cache, positions and cos / sin of the
+    positions filled in; qk_draft in step.h) from x (n, 2 hidden): each position's token embedding and the hidden state
+    before it (overwritten); embed (vocab, hidden) in x's dtype."""
+    tokens = torch.empty(count, dtype=torch.int64)
+    logits = torch.empty(model.vocab, dtype=x.dtype)
+    if library().qk_draft(ctypes.byref(model), _p(x), _p(embed), _p(tokens), _p(logits), x.shape[0], count,
+                          torch.get_num_threads()):  # fmt: skip
+        raise MemoryError("the draft step's buffer could not be allocated")
+    return tokens.tolist()
 
 
 def read_memory(buf: torch.Tensor) -> float:

@@ -60,10 +60,15 @@ struct qk_layer {
     const struct qk_moe *moe; /* a MoE layer's, or NULL */
 };
 
-/* One layer's cache, filled per step. */
+/* One layer's cache, filled per step. A tracked step (a verification of drafted tokens: `inputs` not NULL) first
+ * copies conv and state to before_conv and before_state (same shapes) and keeps every token's recurrence inputs, the
+ * projections qkv, z, a and b, in `inputs` as (T, B, C + v_heads v_head_dim + 2 v_heads) activation-dtype values
+ * laid out [qkv | z | a | b] each (T B rows, token-major), so that qk_rewind can replay the kept tokens. */
 struct qk_gdn_cache {
-    void *conv;   /* (B, conv_kernel - 1, 2 k_heads k_head_dim + v_heads v_head_dim), activation dtype */
+    void *conv;   /* (B, conv_kernel - 1, C), C = 2 k_heads k_head_dim + v_heads v_head_dim, activation dtype */
     float *state; /* (B, v_heads, k_head_dim, v_head_dim) fp32 */
+    void *before_conv, *inputs;
+    float *before_state;
 };
 
 struct qk_attn_cache {
@@ -87,10 +92,17 @@ struct qk_model {
     const struct qk_layer *layers;                                 /* (n_layers) */
     const void *final_norm;
     struct qk_linear head;
-    /* per step: */
-    int64_t rows, max_seq_len;
-    const int64_t *positions; /* (rows): row b's token sits at positions[b] */
-    const void *cos, *sin;    /* (rows, rotary_dim), activation dtype */
+    /* The MTP head's prelude, or fuse.w NULL (the model): the step's input is then (T B, 2 hidden), each row the
+     * embedding of its token and the hidden state before it, and its layers' input fuse([norm_e(embedding) |
+     * norm_h(hidden state)]) */
+    struct qk_linear fuse;
+    const void *fuse_norm_e, *fuse_norm_h;
+    /* per step: `rows` sequences of `tokens` consecutive tokens each, token-major (token t of row b is row t B + b
+     * of x, cos, sin and the logits) */
+    int64_t rows, tokens, max_seq_len;
+    int64_t logits_rows;      /* logits for the last this many of the T B rows only (0: all): the MTP head's last */
+    const int64_t *positions; /* (rows): row b's first token sits at positions[b], its token t at positions[b] + t */
+    const void *cos, *sin;    /* (tokens, rows, rotary_dim), activation dtype */
     const union qk_cache *caches; /* (n_layers) */
 };
 
