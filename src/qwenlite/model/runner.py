@@ -306,7 +306,7 @@ def run_model_hidden(
 def decode_in_one_call(model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor | None:
     """forward(input_ids (B, 1), cache) -> logits (B, 1, V) fp32 through kernels.decode_step, or None where it does
     not apply (no kernels, more than MAX_ROWS rows, a module or dtype it does not know)."""
-    out = step_in_one_call(model, input_ids, cache)
+    out = step_in_one_call(model, input_ids, cache, hidden=False)
     return None if out is None else out[1]
 
 
@@ -320,19 +320,20 @@ def current_plan(model: Qwen3_5ForCausalLM, head: nn.Module | None = None) -> Pl
 
 
 def step_in_one_call(
-    model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, cache: Cache
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+    model: Qwen3_5ForCausalLM, input_ids: torch.Tensor, cache: Cache, hidden: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """forward(input_ids (B, T), cache) through kernels.decode_step -> (final hidden states (B, T, hidden) in the
     model's dtype, logits (B, T, V) fp32), or None where it does not apply (no kernels, more than MAX_ROWS rows or
     STEP_TOKENS positions, a module or dtype it does not know). T > 1: row b's tokens continue its sequence (the
-    verification of speculative decoding); a tracked cache (`Cache.track`) keeps what `Cache.rewind` replays."""
+    verification of speculative decoding); a tracked cache (`Cache.track`) keeps what `Cache.rewind` replays. Without
+    `hidden` the first is None (plain decoding: a tiny model's token costs ~250 us, every view counts)."""
     plan = current_plan(model)
     B, T = input_ids.shape
     if plan.model is None or B > kernels.MAX_ROWS or B * T > STEP_TOKENS:
         return None
     if plan.adapters is not None and any(plan.adapters.rows):
         return None
-    return run_plan(plan, model, input_ids, None, cache)
+    return run_plan(plan, model, input_ids, None, cache, hidden=hidden)
 
 
 def head_step_in_one_call(
@@ -386,11 +387,12 @@ def run_plan(
     embeds: torch.Tensor | None,
     cache: Cache,
     last_logits: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+    hidden: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """kernels.decode_step of `plan` over the tokens input_ids (B, T), or `embeds` (B, T, width): the MTP head's
     input (width 2 hidden), at the positions `cache` is at -> (final hidden states (B, T, hidden), logits (B, T, V)
-    fp32, or the last row's (1, 1, V) with `last_logits`); None where the cache's tensors are not what the step
-    reads."""
+    fp32, or the last row's (1, 1, V) with `last_logits`; the hidden states None without `hidden`); None where the
+    cache's tensors are not what the step reads."""
     dtype = model.dtype
     B, T = input_ids.shape if embeds is None else embeds.shape[:2]
     # The plan is shared: threads may decode with one model into different caches, so the step's fields go in a copy.
@@ -430,10 +432,10 @@ def run_plan(
     cache.lengths += T
     if tracked:
         cache.replay = partial(rewind_in_one_call, step)
-    hidden = x.view(-1)[: T * B * step.hidden].view(T, B, -1).transpose(0, 1)
+    states = x.view(-1)[: T * B * step.hidden].view(T, B, -1).transpose(0, 1) if hidden else None
     if T == 1 or last_logits:
-        return hidden, logits.float().unsqueeze(1)
-    return hidden, logits.view(T, B, -1).transpose(0, 1).float()
+        return states, logits.float().unsqueeze(1)
+    return states, logits.view(T, B, -1).transpose(0, 1).float()
 
 
 def replay_buffers(layer: LinearAttentionCache, n: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
