@@ -112,8 +112,8 @@ def test_greedy_rows_get_plain_decodings_tokens_when_drafts_are_partly_right(tin
     requests, expected, refs = batch
     ran, step = [], runner.step_in_one_call
 
-    def counted(model, input_ids, cache):
-        out = None if path == "modules" else step(model, input_ids, cache)
+    def counted(model, input_ids, cache, **options):
+        out = None if path == "modules" else step(model, input_ids, cache, **options)
         ran.append(out is not None and input_ids.shape[1] > 1)
         return out
 

@@ -75,8 +75,8 @@ def count_one_call_verifications(monkeypatch, off: bool = False) -> list[int]:
     `off`: the step refused (as where it does not apply), so that everything runs through the modules."""
     ran, step = [], runner.step_in_one_call
 
-    def counted(model, input_ids, cache):
-        out = None if off else step(model, input_ids, cache)
+    def counted(model, input_ids, cache, **options):
+        out = None if off else step(model, input_ids, cache, **options)
         if out is not None and input_ids.shape[1] > 1:
             ran.append(input_ids.shape[1])
         return out
