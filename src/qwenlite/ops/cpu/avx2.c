@@ -177,6 +177,19 @@ static inline __attribute__((always_inline)) void gemm_tile(const float *x, cons
         }
 }
 
+/* gemm_tile with the tile's shape, mr x nr (at most 4 x 3), a compile-time constant in each case */
+static void gemm_tiles(const float *x, const float *w, uint16_t *y, int64_t N, int64_t K, int mr, int nr) {
+#define GEMM_TILES(MR)                                                                                                 \
+    (nr == 3 ? gemm_tile(x, w, y, N, K, MR, 3) : nr == 2 ? gemm_tile(x, w, y, N, K, MR, 2) : gemm_tile(x, w, y, N, K, MR, 1))
+    switch (mr) {
+    case 4: GEMM_TILES(4); break;
+    case 3: GEMM_TILES(3); break;
+    case 2: GEMM_TILES(2); break;
+    default: GEMM_TILES(1);
+    }
+#undef GEMM_TILES
+}
+
 /* y (M, N) = x (M, K) W^T for many rows (a prompt), W and x bf16, y rounded once from fp32 sums: F.linear in fp32
  * of the widened operands (kernels.linear_fp32, the twin) without widening W in memory. Each thread takes blocks of
  * W's rows, widens one block into its scratch (at most ~192 KB: it stays in L2) and runs every row of x against it,
@@ -191,41 +204,32 @@ int qk_gemm_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, int64_t M, i
     int failed = !xf;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
-        failed |= !scratch(0, sizeof(float) * (size_t)(nb * K)); /* every thread's block, before any work */
+        float *wf = scratch(0, sizeof(float) * (size_t)(nb * K)); /* this thread's block of W, widened */
+        failed |= !wf;
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < (xf ? M : 0); m++)
             for (int64_t k = 0; k < K; k++) xf[m * K + k] = bf16_to_f32(x[m * K + k]);
-    }
-    if (failed) return 1;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (int64_t bi = 0; bi < blocks; bi++) {
-        const int64_t n0 = bi * nb, rows = N - n0 < nb ? N - n0 : nb;
-        float *wf = scratch(0, sizeof(float) * (size_t)(nb * K)); /* allocated above: the same buffer again */
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t k = 0; k + 8 <= K; k += 8) _mm256_storeu_ps(wf + r * K + k, ld8(W + (n0 + r) * K, k, 1));
-        if (K % 8)
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t bi = 0; bi < blocks; bi++) {
+            if (!wf || !xf) continue; /* nothing computed: the caller is told */
+            const int64_t n0 = bi * nb, rows = N - n0 < nb ? N - n0 : nb;
             for (int64_t r = 0; r < rows; r++)
-                for (int64_t k = K / 8 * 8; k < K; k++) wf[r * K + k] = bf16_to_f32(W[(n0 + r) * K + k]);
-        for (int64_t m = 0; m < M; m += 4) {
-            const int mr = (int)(M - m < 4 ? M - m : 4);
-            for (int64_t j = 0; j < rows; j += 3) {
-                const int nr = (int)(rows - j < 3 ? rows - j : 3);
-                const float *xm = xf + m * K, *wj = wf + j * K;
-                uint16_t *yt = y + m * N + n0 + j;
-#define GEMM_TILE(MR_)                                                                                                 \
-    (nr == 3 ? gemm_tile(xm, wj, yt, N, K, MR_, 3) : nr == 2 ? gemm_tile(xm, wj, yt, N, K, MR_, 2)                      \
-             : gemm_tile(xm, wj, yt, N, K, MR_, 1))
-                switch (mr) {
-                case 4: GEMM_TILE(4); break;
-                case 3: GEMM_TILE(3); break;
-                case 2: GEMM_TILE(2); break;
-                default: GEMM_TILE(1);
+                for (int64_t k = 0; k + 8 <= K; k += 8) _mm256_storeu_ps(wf + r * K + k, ld8(W + (n0 + r) * K, k, 1));
+            if (K % 8)
+                for (int64_t r = 0; r < rows; r++)
+                    for (int64_t k = K / 8 * 8; k < K; k++) wf[r * K + k] = bf16_to_f32(W[(n0 + r) * K + k]);
+            for (int64_t m = 0; m < M; m += 4) {
+                const int mr = (int)(M - m < 4 ? M - m : 4);
+                for (int64_t j = 0; j < rows; j += 3) {
+                    const int nr = (int)(rows - j < 3 ? rows - j : 3);
+                    const float *xm = xf + m * K, *wj = wf + j * K;
+                    uint16_t *yt = y + m * N + n0 + j;
+                    gemm_tiles(xm, wj, yt, N, K, mr, nr);
                 }
-#undef GEMM_TILE
             }
         }
     }
-    return 0;
+    return failed;
 }
 
 void qk_gemv_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, int64_t M, int64_t N, int64_t K, int nthreads) {
