@@ -145,7 +145,8 @@ def test_gemm_bf16_rounds_fp32_sums_once(K, N, each_isa):
     """A prompt's bf16 projection through qwenlite's GEMM (avx2's) is F.linear of the widened operands rounded once
     to bf16: every output within half a bf16 step of the fp32 result, plus fp32's summation-order error (1e-5 of the
     largest); row counts no multiple of its 4-row tiles, W rows no multiple of 3, K no multiple of 8 and a K whose
-    rows fill a block alone included. Instruction sets without it say so (their prompts take linear_fp32)."""
+    rows fill a block alone included. Instruction sets without it say so (their prompts take linear_fp32), as it
+    does past GEMM_ROWS rows."""
     gen = torch.Generator().manual_seed(K + N)
     w = torch.randn(N, K, generator=gen).to(torch.bfloat16)
     xs = [torch.randn(M, K, generator=gen).to(torch.bfloat16) for M in (9, 11, 70, 214)]
@@ -153,6 +154,8 @@ def test_gemm_bf16_rounds_fp32_sums_once(K, N, each_isa):
     for isa in each_isa():
         has = kernels.gemm_bf16_ok(xs[0], w)
         assert has == (isa == "avx2"), isa
+        too_many = torch.zeros(kernels.GEMM_ROWS + 1, K, dtype=torch.bfloat16)
+        assert not kernels.gemm_bf16_ok(too_many, w)  # a large image's patches: torch's GEMM
         for x, ref in zip(xs if has else [], refs, strict=False):
             got = kernels.gemm_bf16(x, w)
             assert got.dtype == torch.bfloat16 and got.shape == ref.shape

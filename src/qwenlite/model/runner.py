@@ -57,7 +57,7 @@ PLANNED_MODEL_TYPES = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3", "qwen2")
 # Positions (rows x tokens) of one C step: each GEMV passes over its weights once per 4 of them; a verification of 8
 # drafts for a few rows fits
 STEP_TOKENS = 32
-PREFILL_CHUNK = 512  # prompt tokens per forward: bounds the activations; the gated delta rule chunks by 64 inside
+PREFILL_CHUNK = 512  # prompt tokens per forward: bounds the activations (and kernels.GEMM_ROWS follows it)
 KIND = {"linear_attention": kernels.LINEAR_ATTENTION, "full_attention": kernels.FULL_ATTENTION}
 
 

@@ -284,10 +284,19 @@ def gemv_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y
 
 
+# Rows up to which qwenlite's bf16 GEMM runs (a prompt's chunks, model/runner.PREFILL_CHUNK): there it beat torch's
+# fp32 GEMM on widened weights (214-898 rows x 1024: 1.03-1.15x, the weights hot in cache; a 214-token prefill with
+# them cold 1.30x); over thousands of rows (a large image's patches in the vision tower) it lost (3600 x 768 x 3072:
+# 0.75x; 784 x 2304 x 768: 0.91x), its tiles re-reading x from L3 for each block of W.
+GEMM_ROWS = 512
+
+
 def gemm_bf16_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """`linear_fp32_ok`, on an instruction set whose file has the bf16 GEMM (avx2), x and weight contiguous."""
+    """`linear_fp32_ok` with at most GEMM_ROWS rows, on an instruction set whose file has the bf16 GEMM (avx2), x and
+    weight contiguous."""
     lib = library()
-    return linear_fp32_ok(x, weight) and _plain(x, weight) and lib is not None and hasattr(lib, "qk_gemm_bf16")
+    return (x.shape[0] <= GEMM_ROWS and linear_fp32_ok(x, weight) and _plain(x, weight) and lib is not None
+            and hasattr(lib, "qk_gemm_bf16"))  # fmt: skip
 
 
 def gemm_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
