@@ -17,6 +17,7 @@ from qwenlite.generate import GenerationStats, decode_step, generate_tokens, pre
 from qwenlite.io.load import load_model, load_mtp
 from qwenlite.model import runner
 from qwenlite.model.cache import AttentionCache, make_cache
+from qwenlite.model.quantized import QuantLinear
 from qwenlite.ops.cpu import kernels
 from qwenlite.sample import (
     SamplingParams,
@@ -134,15 +135,29 @@ def test_greedy_with_penalties_is_plain_decoding(tiny):
 
 def test_greedy_is_plain_decoding_on_a_quantized_model(tmp_path):
     """int8 on load (int4's groups of 128 do not divide the tiny hidden size of 64): the verification's GEMVs over
-    several rows against the decode step's over one; the MTP head stays unquantized and drafts through the model's
-    quantized embedding and head."""
+    several rows against the decode step's over one. The MTP head drafts at the model's precision (every linear of
+    it int8, per output channel as the model's) through the model's quantized embedding and head, and its drafts in
+    one C call are those of its modules (drafts with a pick that is not `greedy_pick` run module by module)."""
     make_hf_checkpoint(tmp_path, layout="conditional_generation", add_mtp=True)
     model, _ = load_model(tmp_path, "float32", "int8", with_tokenizer=False)
-    head = load_mtp(tmp_path, model)
+    draft = speculative.make_speculation(tmp_path, model, 3).draft
+    linears = [m for m in draft.head.modules() if isinstance(m, torch.nn.Linear | QuantLinear)]
+    assert len(linears) >= 8 and all(isinstance(m, QuantLinear) and m.bits == 8 for m in linears)
+    assert all(m.group_size == m.in_features for m in linears)
     prompt = random_ids(1, 17, seed=11)[0].tolist()
     ref = list(generate_tokens(model, prompt, GREEDY, N))
-    assert speculate(model, prompt, MTPDraft(model, head), 3)[0] == ref
+    assert speculate(model, prompt, draft, 3)[0] == ref
     assert speculate(model, prompt, PatternDraft({tuple(prompt): ref}, lambda r, j: j == r % 4), 3)[0] == ref
+
+    with torch.inference_mode():
+        cache = make_cache(model.config, max_seq_len=64, dtype=model.dtype)
+        hidden, logits = speculative.forward_hidden(model, prompt, cache)
+        tokens = prompt + [int(logits.argmax())]  # each hidden state beside the token after it
+        drafts = []
+        for pick in (speculative.greedy_pick, lambda logits, drafted: (int(logits.argmax()), None)):
+            draft.begin(64)
+            drafts.append([t for t, _ in draft.propose(tokens, hidden, 4, pick)])
+    assert drafts[0] == drafts[1]
 
 
 @pytest.mark.parametrize("max_tokens", [1, 2, 3, 7, 12])

@@ -37,6 +37,7 @@ from qwenlite.io.files import atomic_write
 from qwenlite.io.load import load_mtp
 from qwenlite.model.cache import Cache, make_cache
 from qwenlite.model.mtp import MTP
+from qwenlite.model.quantized import quantize_like
 from qwenlite.model.qwen3_5 import Qwen3_5ForCausalLM
 from qwenlite.model.runner import PREFILL_CHUNK, head_drafts_in_one_call, head_step_in_one_call, run_model_hidden
 from qwenlite.ops.cpu import kernels
@@ -100,6 +101,8 @@ class MTPDraft:
         self, tokens: Sequence[int], hidden: torch.Tensor, k: int, pick: Pick
     ) -> list[tuple[int, torch.Tensor | None]]:
         n, last = hidden.shape[0], len(tokens) - 1
+        if n > last:  # hidden state t sits beside token t + 1: the step would write before the cache's start
+            raise ValueError(f"{n} hidden states need more than {len(tokens)} tokens (the one after each)")
         self.cache.lengths.fill_(last - n)  # forget what earlier drafts wrote past the model's positions
         ids = torch.tensor([tokens[last - n + 1 :]], device=self.model.device)  # tokens t+1 of hidden t
         if pick is greedy_pick and not torch.is_grad_enabled():  # every draft in one C call where it applies
@@ -188,6 +191,7 @@ def make_drafts(model_path: str | Path, model: Qwen3_5ForCausalLM, k: int, draft
         raise CheckpointError(
             f"{model_path} has no multi-token-prediction head (mtp.* tensors) to draft with; use --draft ngram"
         )
+    quantize_like(head, model)  # a quantized model's head drafts at the model's precision
     return lambda: MTPDraft(model, head)
 
 

@@ -111,7 +111,8 @@ def load_mtp(model_path: str | Path, model: Qwen3_5ForCausalLM) -> MTP | None:
     """The multi-token-prediction head a checkpoint directory or a GGUF (its `nextn` tail block) ships for `model`
     (the model's dtype and device), or None where there is none (a checkpoint without `mtp.*`, a GGUF without
     nextn_predict_layers). Unquantized even in a quantized checkpoint (quantize_checkpoint stores it so) or a
-    quantized GGUF (dequantized, as the model): one layer, small beside the shared head, which is the model's."""
+    quantized GGUF (dequantized, as the model): one layer, small beside the shared head, which is the model's;
+    speculative.make_drafts quantizes it as the model is (model/quantized.quantize_like)."""
     path = Path(model_path)
     if path.is_file() and path.suffix == ".gguf":
         return load_gguf_mtp(path, model.config, model.dtype, model.device)

@@ -200,6 +200,21 @@ def quantize_model(model: Qwen3_5ForCausalLM, bits: int = 8, group_size: int | N
     return model
 
 
+@torch.no_grad()
+def quantize_like(module: nn.Module, model: Qwen3_5ForCausalLM) -> nn.Module:
+    """Swap `module`'s nn.Linear layers for QuantLinear ones at `model`'s precision, in place: the bits of its
+    (quantized) head and its group size, per output channel where its head has one group per channel (int8's
+    default). A module beside an unquantized model stays as it is. For the MTP head of a quantized model: its drafts
+    then read int8 / int4 weights as the model's steps do (drafts only propose, so this changes speed, not output)."""
+    head = model.lm_head
+    if not isinstance(head, QuantLinear):
+        return module
+    group = None if head.group_size == head.in_features and head.bits == 8 else head.group_size
+    for parent, name, linear in _linears(module):
+        setattr(parent, name, QuantLinear.from_weight(linear.weight, head.bits, group, linear.bias))
+    return module
+
+
 def quantize_model_empty(model: Qwen3_5ForCausalLM, bits: int, group_size: int | None,
                          dtype: torch.dtype) -> Qwen3_5ForCausalLM:  # fmt: skip
     """The same swap on a meta-device model, with empty buffers to assign a quantized checkpoint's tensors to."""
