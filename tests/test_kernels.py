@@ -282,6 +282,23 @@ def test_int4_gemv_propagates_inf_and_nan(isa):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_gemv_of_the_first_rows(isa, dtype):
+    """Outputs 0..n of a (Np, K) int4 matrix (the MTP drafts' restricted head; the kernel runs only the tiles that
+    hold them): exactly the full product's first n columns, for n inside a tile and on a tile's edge, the scales
+    still read Np apart; NaN scales past row n change nothing."""
+    gen = torch.Generator().manual_seed(6)
+    packed, sz = qm.quantize_int4(torch.randn(320, 128, generator=gen), 32, dtype)
+    x = torch.randn(3, 128, generator=gen).to(dtype)
+    full = kernels.int4_gemv(x, packed, sz, 32, 320)
+    poisoned = sz.clone()
+    poisoned[:, 192:] = float("nan")
+    for n in (64, 100, 192):
+        assert torch.equal(kernels.int4_gemv(x, packed, poisoned, 32, n), full[:, :n]), (isa, n)
+    assert kernels.int4_gemv(x, packed, poisoned, 32, 193).isnan().any()  # the poison is in play
+
+
+@needs_kernels
 def test_quantized_kernels_refuse_what_they_cannot_do():
     """A group size that is not a multiple of 16, or activations in fp16, go to torch's kernels or the reference,
     never to a kernel that would read them wrong."""

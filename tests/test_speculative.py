@@ -71,6 +71,20 @@ def tiny(tiny_path):
     return model, load_mtp(path, model), prompt, list(generate_tokens(model, prompt, GREEDY, N))
 
 
+def count_one_call_drafts(monkeypatch) -> list[int]:
+    """A 1 appended for each set of greedy drafts made in one C call."""
+    ran = []
+    real = speculative.head_drafts_in_one_call
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        ran.extend([1] if out is not None else [])
+        return out
+
+    monkeypatch.setattr(speculative, "head_drafts_in_one_call", spy)
+    return ran
+
+
 def count_one_call_verifications(monkeypatch, off: bool = False) -> list[int]:
     """The token counts of the one-call steps of several tokens (verifications) that ran, appended as they run;
     `off`: the step refused (as where it does not apply), so that everything runs through the modules."""
@@ -157,7 +171,40 @@ def test_greedy_is_plain_decoding_on_a_quantized_model(tmp_path):
         for pick in (speculative.greedy_pick, lambda logits, drafted: (int(logits.argmax()), None)):
             draft.begin(64)
             drafts.append([t for t, _ in draft.propose(tokens, hidden, 4, pick)])
+        x = hidden[None, -1:]
+        steps = []
+        for vocab in (None, V // 4):  # a step of the head's C plan, its output head cut to the first rows
+            draft.begin(64)
+            draft.cache.lengths.fill_(5)
+            steps.append(draft.step(torch.tensor([[tokens[-1]]]), x, vocab)[1])
     assert drafts[0] == drafts[1]
+    assert steps[0].shape[-1] == V and steps[1].shape[-1] == V // 4 and torch.equal(steps[1], steps[0][..., : V // 4])
+
+
+def test_greedy_drafts_keep_to_the_first_ids_where_the_context_does(tiny, monkeypatch):
+    """A context whose tokens lie among the first ids (DRAFT_VOCABS, scaled to the tiny vocabulary) drafts among
+    those only: the C drafts are the argmax over the head's first rows, as the modules' logits give it; the output
+    is still plain decoding's. A context with many later ids drafts among all."""
+    model, head, _, _ = tiny
+    monkeypatch.setattr(speculative, "DRAFT_VOCABS", (V // 4, V // 2))
+    gen = torch.Generator().manual_seed(3)
+    low = torch.randint(0, V // 4, (40,), generator=gen).tolist()  # one later id after them still leaves 97%
+    mixed = low[:20] + torch.randint(V // 2, V, (20,), generator=gen).tolist()
+    assert MTPDraft(model, head).draft_vocab(low) == V // 4
+    assert MTPDraft(model, head).draft_vocab(mixed) == V
+    draft = MTPDraft(model, head)
+    assert draft.draft_vocab(low[:20]) == V // 4 and draft.draft_vocab(mixed) == V  # counted as the context grows
+
+    with torch.inference_mode():
+        cache = make_cache(model.config, max_seq_len=64, dtype=model.dtype)
+        hidden, _ = speculative.forward_hidden(model, low[:24], cache)  # up to STEP_TOKENS: the C drafts apply
+        drafts, ran = [], count_one_call_drafts(monkeypatch)
+        for pick in (speculative.greedy_pick, lambda logits, drafted: (int(logits[: V // 4].argmax()), None)):
+            draft.begin(64)
+            drafts.append([t for t, _ in draft.propose(low[:25], hidden, 4, pick)])
+    assert ran == [1] and drafts[0] == drafts[1] and max(drafts[0]) < V // 4
+    ref = list(generate_tokens(model, low, GREEDY, N))
+    assert speculate(model, low, MTPDraft(model, head), 3)[0] == ref
 
 
 @pytest.mark.parametrize("max_tokens", [1, 2, 3, 7, 12])
@@ -448,8 +495,22 @@ def test_bench_reports_speculation(lively, capsys):
     assert r["speculate"] == 2 and r["draft"] == "ngram" and r["speculative_decode_tok_s"] > 0
     assert 0 <= r["acceptance_rate"] <= 1 and r["mean_accepted_length"] >= 1
     assert sorted(r["verify_cost"]) == ["1", "2", "3", "4"] and all(c > 0 for c in r["verify_cost"].values())
+    assert r["draft_cost"] == {}
     code, out, _ = cli(capsys, *argv, "--draft", "ngram")
     assert code == 0 and "speculative (K=2, ngram)" in out and "verify K+1 / decode 1" in out
+
+
+def test_bench_reports_what_an_mtp_draft_costs(tiny_path, capsys, monkeypatch, speculation_decisions):
+    """One step of the head against one decode step, choosing among all ids and among the first DRAFT_VOCABS."""
+    monkeypatch.setattr(speculative, "DRAFT_VOCABS", (V // 4, V // 2))
+    argv = ["bench", str(tiny_path), "--prompt", "16", "--decode", "6", "--repeat", "1", "--speculate", "2"]
+    code, out, _ = cli(capsys, *argv, "--json")
+    r = json.loads(out)
+    assert code == 0 and sorted(map(int, r["draft_cost"])) == [V // 4, V // 2, V]
+    assert all(c > 0 for c in r["draft_cost"].values())
+    code, out, _ = cli(capsys, *argv)
+    line = next(x for x in out.splitlines() if "MTP draft / decode 1" in x)
+    assert code == 0 and "all ids" in line and f"first {V // 2} ids" in line and f"first {V // 4} ids" in line
 
 
 def test_speculation_default_follows_what_bench_measured(lively, capsys, speculation_decisions):

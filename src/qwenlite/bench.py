@@ -11,8 +11,10 @@ weights give the real speed.
 
 With `--speculate K` it also decodes speculatively (`--draft mtp|ngram`) and prints the acceptance rate, the mean
 accepted length (tokens per verification forward) and what a verification forward of K+1 tokens costs against
-one decode token for K = 1..4: with acceptance a the expected speed-up is (1 - a^(K+1)) / ((1 - a) (cost + draft)).
-Random weights draft at random: their acceptance says nothing of a trained model's.
+one decode token for K = 1..4, and with the MTP head what one draft costs, choosing among all ids and among the
+first 64K and 32K (where the context's tokens keep to them: speculative.MTPDraft): with acceptance a the expected
+speed-up is (1 - a^(K+1)) / ((1 - a) (cost + K draft)). Random weights draft at random: their acceptance says
+nothing of a trained model's, and their random prompt and output keep the drafts among all ids.
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ class BenchResult:
     acceptance_rate: float = 0.0
     mean_accepted_length: float = 0.0
     verify_cost: dict[int, float] = field(default_factory=dict)  # K -> a forward of K+1 tokens / one decode token
+    draft_cost: dict[int, float] = field(default_factory=dict)  # draft vocabulary -> one MTP draft / one decode token
     default_speculate: int = 0  # what `run` and `chat` now do without --speculate (recorded: speculative.py)
+    vocab_size: int = 0
 
     @property
     def limit_ratio(self) -> float:
@@ -85,12 +89,19 @@ class BenchResult:
         if self.speculate:
             speedup = self.speculative_decode_tok_s / self.decode_tok_s
             costs = ", ".join(f"K={k} {c:.2f}x" for k, c in sorted(self.verify_cost.items()))
+
+            def ids(v: int) -> str:
+                return "all ids" if v == self.vocab_size else f"first {v // 1024}K ids" if v % 1024 == 0 else \
+                    f"first {v} ids"  # fmt: skip
+
+            drafts = ", ".join(f"{ids(v)} {c:.2f}x" for v, c in sorted(self.draft_cost.items(), reverse=True))
             rows += [
                 (f"speculative (K={self.speculate}, {self.draft})",
                  f"{self.speculative_decode_tok_s:.1f} tok/s ({speedup:.2f}x plain decode)"),
                 ("  acceptance", f"{self.acceptance_rate:.0%} of drafts, mean accepted length "
                                  f"{self.mean_accepted_length:.2f} tok per verification"),
                 ("  verify K+1 / decode 1", costs),
+                *([("  MTP draft / decode 1", drafts)] if drafts else []),
                 ("  run / chat default", f"--speculate {self.default_speculate} --draft {self.draft}"
                  if self.default_speculate else "off (slower than plain decoding here)"),
             ]  # fmt: skip
@@ -194,6 +205,43 @@ def verify_cost(model: torch.nn.Module, ids: list[int], ks: range = range(1, 5),
         return {k: best(lambda k=k: verify(k)) / base for k in ks}
 
 
+def draft_cost(model: torch.nn.Module, draft, ids: list[int], repeat: int = 5) -> dict[int, float]:
+    """Draft vocabulary -> the time of one step of the MTP head (speculative.MTPDraft.step, over one position)
+    choosing among all ids and among the first speculative.DRAFT_VOCABS, over one decode step's, after the prompt
+    `ids`. Best of `repeat`."""
+    from qwenlite.generate import decode_step, prefill
+    from qwenlite.model.cache import make_cache
+    from qwenlite.speculative import DRAFT_VOCABS
+
+    vocab = model.config.vocab_size
+    cache = make_cache(model.config, max_seq_len=len(ids) + 2, dtype=model.dtype, device=model.device)
+    draft.begin(len(ids) + 2)
+    token = torch.tensor([[ids[-1]]], device=model.device)
+    hidden = torch.zeros(1, 1, model.config.hidden_size, dtype=model.dtype, device=model.device)
+
+    def best(step) -> float:
+        step()  # warm-up: buffers, the plans
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    def one() -> None:
+        decode_step(model, ids[-1], cache)
+        cache.lengths -= 1
+
+    def drafted(v: int) -> None:
+        draft.cache.lengths.fill_(len(ids) - 1)
+        draft.step(token, hidden, v)
+
+    with torch.inference_mode():
+        prefill(model, ids, cache)
+        base = best(one)
+        return {v: best(lambda v=v: drafted(v)) / base for v in (vocab, *DRAFT_VOCABS) if v <= vocab}
+
+
 def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, prompt: int = 512, decode: int = 128,
           repeat: int = 3, threads: int | None = None, device: str = "cpu", speculate: int = 0,
           draft: str = "mtp") -> BenchResult:  # fmt: skip
@@ -255,6 +303,7 @@ def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, pr
         spec = dict(speculate=speculate, draft=draft, speculative_decode_tok_s=speculative_tok_s,
                     acceptance_rate=fastest.acceptance_rate, mean_accepted_length=fastest.mean_accepted_length,
                     verify_cost=verify_cost(model, ids, repeat=max(repeat, 5)),
+                    draft_cost=draft_cost(model, speculation.draft, ids, max(repeat, 5)) if draft == "mtp" else {},
                     default_speculate=record["speculate"])  # fmt: skip
     bits = getattr(model.lm_head, "bits", None)  # a QuantLinear head: quantized on load or a quantized checkpoint
     precision = f"int{bits}" if bits else str(model.dtype).removeprefix("torch.")
@@ -266,5 +315,5 @@ def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, pr
         decode_tok_s=decode / decode_s, bandwidth_gb_s=bandwidth / 1e9, decode_limit_tok_s=bandwidth / per_token,
         peak_rss_bytes=peak_rss(), rss_before_load_bytes=rss_before, device=str(where),
         peak_device_bytes=torch.cuda.max_memory_allocated(where) if where.type == "cuda" else 0,
-        **spec,
+        vocab_size=model.config.vocab_size, **spec,
     )  # fmt: skip

@@ -45,6 +45,8 @@ from qwenlite.sample import greedy
 
 DRAFTS = ("mtp", "ngram")
 MAX_SPECULATE = 8  # drafts per verification: a forward of up to 9 rows
+DRAFT_VOCABS = (32768, 65536)  # the first ids a greedy MTP draft may be restricted to (MTPDraft), smallest first
+DRAFT_COVERAGE = 0.97  # ... where they hold this share of the context's tokens
 
 # A draft's choice from its logits: (token, its distribution q, or None when the token is deterministic).
 Pick = Callable[[torch.Tensor, list[int]], tuple[int, torch.Tensor | None]]
@@ -87,15 +89,36 @@ def check_speculate(k: int) -> None:
 
 class MTPDraft:
     """Drafts with the checkpoint's MTP head: its first step reads the hidden states of the positions the model ran
-    since the last call (their KV entries replace the ones its chained drafts wrote), the next ones its own output."""
+    since the last call (their KV entries replace the ones its chained drafts wrote), the next ones its own output.
+
+    Greedy drafts choose among the first DRAFT_VOCABS[i] ids, the smallest that holds DRAFT_COVERAGE of the
+    context's tokens so far, else among all: the output head, a 248K-row matrix shared with the model, is most of a
+    draft's cost, and BPE vocabularies number their tokens by merge order, roughly by frequency. Measured with
+    Qwen3.5's vocabulary: the first 32K ids hold 92-96% of the tokens of English prose, Python and C, the first 64K
+    97-99%, but Chinese or Japanese text only 22-43%, so such a context keeps the whole head. A draft outside the
+    range only goes unproposed: the verification decides every token, so the output is the same."""
 
     def __init__(self, model: Qwen3_5ForCausalLM, head: MTP):
         self.model, self.head = model, head
         self.cache: Cache | None = None
+        self.seen = 0  # context tokens counted, and of them those below each of DRAFT_VOCABS
+        self.below = np.zeros(len(DRAFT_VOCABS), dtype=np.int64)
 
     def begin(self, max_seq_len: int) -> None:
         m = self.model
         self.cache = make_cache(m.config, 1, max_seq_len, m.dtype, m.device, layer_types=["full_attention"])
+        self.seen, self.below[:] = 0, 0
+
+    def draft_vocab(self, tokens: Sequence[int]) -> int:
+        """How many of the first ids the greedy drafts choose among, given the context `tokens` (class docstring)."""
+        if len(tokens) < self.seen:  # another sequence: count afresh
+            self.seen, self.below[:] = 0, 0
+        new = np.asarray(tokens[self.seen :])
+        self.below += (new[:, None] < np.asarray(DRAFT_VOCABS)[None, :]).sum(axis=0)
+        self.seen = len(tokens)
+        vocab = self.model.config.vocab_size
+        held = self.below >= DRAFT_COVERAGE * self.seen
+        return next((n for n, ok in zip(DRAFT_VOCABS, held, strict=True) if ok and n < vocab), vocab)
 
     def propose(
         self, tokens: Sequence[int], hidden: torch.Tensor, k: int, pick: Pick
@@ -105,28 +128,34 @@ class MTPDraft:
             raise ValueError(f"{n} hidden states need more than {len(tokens)} tokens (the one after each)")
         self.cache.lengths.fill_(last - n)  # forget what earlier drafts wrote past the model's positions
         ids = torch.tensor([tokens[last - n + 1 :]], device=self.model.device)  # tokens t+1 of hidden t
-        if pick is greedy_pick and not torch.is_grad_enabled():  # every draft in one C call where it applies
-            drafts = head_drafts_in_one_call(self.model, self.head, ids, hidden[None], k, self.cache)
-            if drafts is not None:
-                return [(t, None) for t in drafts]
+        vocab = None
+        if pick is greedy_pick:
+            vocab = self.draft_vocab(tokens)
+            if not torch.is_grad_enabled():  # every draft in one C call where it applies
+                drafts = head_drafts_in_one_call(self.model, self.head, ids, hidden[None], k, self.cache, vocab)
+                if drafts is not None:
+                    return [(t, None) for t in drafts]
+            pick = lambda logits, drafted: (greedy(logits[:vocab]), None)  # noqa: E731 (as the C drafts choose)
         for start in range(0, n, PREFILL_CHUNK):
             end = min(start + PREFILL_CHUNK, n)
-            out, logits = self.step(ids[:, start:end], hidden[None, start:end])
+            out, logits = self.step(ids[:, start:end], hidden[None, start:end], vocab)
         drafts: list[tuple[int, torch.Tensor | None]] = []
         for j in range(k):
             token, q = pick(logits[0, -1], [t for t, _ in drafts])
             drafts.append((token, q))
             if j + 1 < k:
-                out, logits = self.step(torch.tensor([[token]], device=self.model.device), out[:, -1:])
+                out, logits = self.step(torch.tensor([[token]], device=self.model.device), out[:, -1:], vocab)
         return drafts
 
-    def step(self, ids: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self, ids: torch.Tensor, hidden: torch.Tensor, vocab: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The head over tokens `ids` (1, T) and the hidden states before them (1, T, H) -> (its normed output
-        (1, T, H), the last position's logits (1, 1, V) fp32): in one C call where it applies
-        (model/runner.head_step_in_one_call), else through its modules."""
+        (1, T, H), the last position's logits (1, 1, V) fp32, at least those of the first `vocab` ids): in one C call
+        where it applies (model/runner.head_step_in_one_call), else through its modules."""
         if not torch.is_grad_enabled():
             x = torch.cat([self.model.model.embed_tokens(ids), hidden.to(self.model.dtype)], dim=-1)
-            out = head_step_in_one_call(self.model, self.head, x, self.cache)
+            out = head_step_in_one_call(self.model, self.head, x, self.cache, vocab)
             if out is not None:
                 return out
         out = self.head.run_layers(self.model, self.head.fuse(self.model, ids, hidden), self.cache)

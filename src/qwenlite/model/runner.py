@@ -337,25 +337,32 @@ def step_in_one_call(
 
 
 def head_step_in_one_call(
-    model: Qwen3_5ForCausalLM, head: nn.Module, x: torch.Tensor, cache: Cache
+    model: Qwen3_5ForCausalLM, head: nn.Module, x: torch.Tensor, cache: Cache, vocab: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The MTP head over x (1, T, 2 hidden), each position the embedding of its token and the hidden state before it,
     in one C call (fc and its norms, the layer, the norm, the model's head) -> (its normed output (1, T, hidden), the
-    last position's logits (1, 1, V) fp32), or None where the step does not apply. `cache`: the head's own (one
-    attention layer)."""
+    last position's logits (1, 1, V) fp32, or of the first `vocab` ids only), or None where the step does not apply.
+    `cache`: the head's own (one attention layer)."""
     plan = current_plan(model, head)
     if plan.model is None or x.shape[1] > STEP_TOKENS or x.dtype != model.dtype:
         return None
-    return run_plan(plan, model, None, x, cache, last_logits=True)
+    return run_plan(plan, model, None, x, cache, last_logits=True, vocab=vocab)
 
 
 def head_drafts_in_one_call(
-    model: Qwen3_5ForCausalLM, head: nn.Module, ids: torch.Tensor, hidden: torch.Tensor, count: int, cache: Cache
+    model: Qwen3_5ForCausalLM,
+    head: nn.Module,
+    ids: torch.Tensor,
+    hidden: torch.Tensor,
+    count: int,
+    cache: Cache,
+    vocab: int | None = None,
 ) -> list[int] | None:
     """`count` greedy drafts of the MTP head in one C call (kernels.draft_greedy): the head over the tokens ids (1, n)
     and the model's hidden states before them (1, n, hidden), then over each draft, each draft the argmax of the
-    last logits; the head's cache advances by n + count - 1. None where it does not apply (no plan, more than
-    STEP_TOKENS positions, an embedding not stored as plain rows of the activations' dtype)."""
+    last logits (of the first `vocab` ids only, where given: the output head reads only their rows); the head's
+    cache advances by n + count - 1. None where it does not apply (no plan, more than STEP_TOKENS positions, an
+    embedding not stored as plain rows of the activations' dtype)."""
     plan = current_plan(model, head)
     embed = getattr(model.model.embed_tokens, "weight", None)
     dtype, n = model.dtype, ids.shape[1]
@@ -375,9 +382,16 @@ def head_drafts_in_one_call(
     x = torch.cat([embed[ids[0]], hidden[0].to(dtype)], dim=-1).contiguous()  # (n, 2 hidden)
     step.max_seq_len = cache.max_seq_len
     step.positions, step.cos, step.sin, step.caches = pos.data_ptr(), cos.data_ptr(), sin.data_ptr(), caches
+    restrict_head(step, vocab)
     tokens = kernels.draft_greedy(step, x, embed, count)
     cache.lengths += n + count - 1
     return tokens
+
+
+def restrict_head(step: kernels.QkModel, vocab: int | None) -> None:
+    """A step's output head cut to its first `vocab` rows (int4: its first tiles), where that is fewer."""
+    if vocab is not None and vocab < step.vocab:
+        step.vocab = step.head.n = vocab
 
 
 def run_plan(
@@ -388,11 +402,12 @@ def run_plan(
     cache: Cache,
     last_logits: bool = False,
     hidden: bool = True,
+    vocab: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """kernels.decode_step of `plan` over the tokens input_ids (B, T), or `embeds` (B, T, width): the MTP head's
     input (width 2 hidden), at the positions `cache` is at -> (final hidden states (B, T, hidden), logits (B, T, V)
-    fp32, or the last row's (1, 1, V) with `last_logits`; the hidden states None without `hidden`); None where the
-    cache's tensors are not what the step reads."""
+    fp32, or the last row's (1, 1, V) with `last_logits`, V the first `vocab` ids where given; the hidden states
+    None without `hidden`); None where the cache's tensors are not what the step reads."""
     dtype = model.dtype
     B, T = input_ids.shape if embeds is None else embeds.shape[:2]
     # The plan is shared: threads may decode with one model into different caches, so the step's fields go in a copy.
@@ -426,6 +441,7 @@ def run_plan(
     else:
         x = (embeds.transpose(0, 1) if T > 1 else embeds).reshape(T * B, -1).clone()  # (T B, hidden or 2 hidden)
     step.rows, step.tokens, step.logits_rows = B, T, int(last_logits)
+    restrict_head(step, vocab)
     step.max_seq_len = cache.max_seq_len if cache.max_seq_len < 1 << 62 else 0
     step.positions, step.cos, step.sin, step.caches = pos.data_ptr(), cos.data_ptr(), sin.data_ptr(), caches
     logits = kernels.decode_step(step, x)  # x's first T B hidden values overwritten: the final hidden states

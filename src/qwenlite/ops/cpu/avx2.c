@@ -540,7 +540,7 @@ void qk_gemv_int4(const uint8_t *P, const void *sz, int s_bf16, int64_t G, const
             xsum[m * ng + gi] = acc;
         }
 #pragma omp parallel for schedule(static) num_threads(threads_for(nthreads, Np * K))
-    for (int64_t t = 0; t < Np / 64; t++) {
+    for (int64_t t = 0; t < (n_out + 63) / 64; t++) { /* the tiles of the first n_out rows: Np is their stride */
         const uint8_t *tile = P + t * K * 32;
         for (int64_t m0 = 0; m0 < M; m0 += MB) {
             const int mc = (int)(M - m0 < MB ? M - m0 : MB);

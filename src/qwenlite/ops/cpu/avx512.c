@@ -341,7 +341,7 @@ void qk_gemv_int4(const uint8_t *P, const void *sz, int s_bf16, int64_t G, const
         const uint16_t *xh = (const uint16_t *)x + m0 * K;
         char *ym = (char *)y + m0 * n_out * (y_bf16 ? 2 : 4);
 #pragma omp parallel for schedule(static) num_threads(threads_for(nthreads, Np * K))
-        for (int64_t t = 0; t < Np / 64; t++) {
+        for (int64_t t = 0; t < (n_out + 63) / 64; t++) { /* the tiles of the first n_out rows: Np is their stride */
             if (x_bf16) {
                 switch (mc) {
                 case 1: int4_tile_bf16x(P, sz, s_bf16, G, xh, sm, ym, y_bf16, t, Np, n_out, K, 1); break;

@@ -543,7 +543,7 @@ void qk_gemv_int4(const uint8_t *P, const void *sz, int s_bf16, int64_t G, const
             xsum[m * ng + gi] = acc;
         }
 #pragma omp parallel for schedule(static) num_threads(threads_for(nthreads, Np * K))
-    for (int64_t t = 0; t < Np / 64; t++) {
+    for (int64_t t = 0; t < (n_out + 63) / 64; t++) { /* the tiles of the first n_out rows: Np is their stride */
         const uint8_t *tile = P + t * K * 32;
         if (!x_bf16) { /* fp32 activations: one row at a time */
             for (int64_t m = 0; m < M; m++) {
