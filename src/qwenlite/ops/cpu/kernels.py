@@ -47,7 +47,8 @@ import torch.nn.functional as F
 
 from qwenlite.errors import KernelError
 
-# Argument types, one letter each: P pointer, L int64, I int, F float (the C files' prototypes).
+# Argument types, one letter each: P pointer, L int64, I int, F float (the C files' prototypes); after ">" the
+# result's, where there is one.
 SIGNATURES = {
     "qk_gemv_bf16": "PPPLLLI",
     "qk_gemv_int8": "PPILPIPILLLI",
@@ -57,16 +58,16 @@ SIGNATURES = {
     "qk_rmsnorm": "PLPIFPILLI",
     "qk_gdn_decode": "PPPLPPPPPPPFPIILLLLLI",
     "qk_attn_decode": "PPPPPFPPLPPPPIIILLLLLI",
-    "qk_read": "PLI",
+    "qk_read": "PLI>F",
     "qk_gemv_f32": "PPPLLLI",
-    "qk_decode_step": "PPPI",
-    "qk_rewind": "PPI",
-    "qk_draft": "PPPPPLLI",
+    "qk_decode_step": "PPPI>I",
+    "qk_rewind": "PPI>I",
+    "qk_draft": "PPPPPLLI>I",
     "qk_conv_silu": "PPPPIILLLLI",
     "qk_delta_rule": "PPPPPPPLLLLLLI",
 }
-# Kernels only some instruction sets' files have (the others run the torch twin): name -> (argument types, result).
-OPTIONAL = {"qk_gemm_bf16": ("PPPLLLI", ctypes.c_int)}
+# Kernels only some instruction sets' files have (the others run the torch twin), typed as SIGNATURES.
+OPTIONAL = {"qk_gemm_bf16": "PPPLLLI>I"}
 CTYPES = {"P": ctypes.c_void_p, "L": ctypes.c_int64, "I": ctypes.c_int, "F": ctypes.c_float}
 CFLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off"]
 # The architectures, as platform.machine() names them.
@@ -194,17 +195,10 @@ def _load(isa: str) -> ctypes.CDLL:
     lib.qk_isa.restype = ctypes.c_char_p
     if lib.qk_isa().decode() != isa:
         raise KernelError(f"kernels built for {isa} report {lib.qk_isa().decode()}")
-    for name, letters in SIGNATURES.items():
-        getattr(lib, name).argtypes = [CTYPES[c] for c in letters]
-        getattr(lib, name).restype = None
-    for name, (letters, result) in OPTIONAL.items():
-        if hasattr(lib, name):
-            getattr(lib, name).argtypes = [CTYPES[c] for c in letters]
-            getattr(lib, name).restype = result
-    lib.qk_read.restype = ctypes.c_float
-    lib.qk_decode_step.restype = ctypes.c_int
-    lib.qk_rewind.restype = ctypes.c_int
-    lib.qk_draft.restype = ctypes.c_int
+    for name, signature in (SIGNATURES | {n: t for n, t in OPTIONAL.items() if hasattr(lib, n)}).items():
+        arguments, _, result = signature.partition(">")
+        getattr(lib, name).argtypes = [CTYPES[c] for c in arguments]
+        getattr(lib, name).restype = CTYPES[result] if result else None
     lib.qk_plan_layout.restype = ctypes.POINTER(PlanField)
     lib.qk_plan_layout.argtypes = [ctypes.POINTER(ctypes.c_int64)]
     check_plan_layout(c_plan_layout(lib))
