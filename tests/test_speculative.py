@@ -188,7 +188,7 @@ def test_greedy_drafts_keep_to_the_first_ids_where_the_context_does(tiny, monkey
     model, head, _, _ = tiny
     monkeypatch.setattr(speculative, "DRAFT_VOCABS", (V // 4, V // 2))
     gen = torch.Generator().manual_seed(3)
-    low = torch.randint(0, V // 4, (40,), generator=gen).tolist()  # one later id after them still leaves 97%
+    low = torch.randint(0, V // 4, (40,), generator=gen).tolist()  # one later id after them still leaves 95%
     mixed = low[:20] + torch.randint(V // 2, V, (20,), generator=gen).tolist()
     assert MTPDraft(model, head).draft_vocab(low) == V // 4
     assert MTPDraft(model, head).draft_vocab(mixed) == V

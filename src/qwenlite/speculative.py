@@ -46,7 +46,9 @@ from qwenlite.sample import greedy
 DRAFTS = ("mtp", "ngram")
 MAX_SPECULATE = 8  # drafts per verification: a forward of up to 9 rows
 DRAFT_VOCABS = (32768, 65536)  # the first ids a greedy MTP draft may be restricted to (MTPDraft), smallest first
-DRAFT_COVERAGE = 0.97  # ... where they hold this share of the context's tokens
+# ... where they hold this share of the context's tokens: a token outside the range costs at most its own draft
+# (acceptance down by at most ~5%), the range the head's rows (a draft's cost down 3-4x at 248K ids)
+DRAFT_COVERAGE = 0.95
 
 # A draft's choice from its logits: (token, its distribution q, or None when the token is deterministic).
 Pick = Callable[[torch.Tensor, list[int]], tuple[int, torch.Tensor | None]]
@@ -94,9 +96,10 @@ class MTPDraft:
     Greedy drafts choose among the first DRAFT_VOCABS[i] ids, the smallest that holds DRAFT_COVERAGE of the
     context's tokens so far, else among all: the output head, a 248K-row matrix shared with the model, is most of a
     draft's cost, and BPE vocabularies number their tokens by merge order, roughly by frequency. Measured with
-    Qwen3.5's vocabulary: the first 32K ids hold 92-96% of the tokens of English prose, Python and C, the first 64K
-    97-99%, but Chinese or Japanese text only 22-43%, so such a context keeps the whole head. A draft outside the
-    range only goes unproposed: the verification decides every token, so the output is the same."""
+    Qwen3.5's vocabulary (bench/draft_vocab.py): the first 32K ids hold 92-97% of the tokens of English prose,
+    Python and C, the first 64K 97-99%, but Chinese, Japanese or Korean text only 22-49%, so such a context keeps the
+    whole head. A draft outside the range only goes unproposed: the verification decides every token, so the output
+    is the same."""
 
     def __init__(self, model: Qwen3_5ForCausalLM, head: MTP):
         self.model, self.head = model, head
