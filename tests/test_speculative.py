@@ -404,14 +404,33 @@ class NoisyDraft:
         return [(t, q) for t in drafted]
 
 
+class Recording:
+    """A draft that appends what it proposes, (token, q) pairs, to `drafted`."""
+
+    def __init__(self, draft, drafted: list):
+        self.draft, self.drafted = draft, drafted
+
+    def begin(self, max_seq_len):
+        self.draft.begin(max_seq_len)
+
+    def propose(self, tokens, hidden, k, pick):
+        out = self.draft.propose(tokens, hidden, k, pick)
+        self.drafted.extend(out)
+        return out
+
+
 @torch.inference_mode()
-def test_sampling_keeps_the_distribution(tiny):
+@pytest.mark.parametrize("drafts", ["noisy", "mtp among the first ids"])
+def test_sampling_keeps_the_distribution(tiny, drafts, monkeypatch):
     """Four tokens sampled with top-k 2 and penalties, 600 times, with k = 2: the second and third are verified
     drafts (drawn from q, filtered as p is), the fourth the model's own or a replacement; the counts of the
     4-token outcomes fit the exact distribution computed by enumeration. This checks the wiring (rows, histories,
     filters on both sides; a rule that keeps every draft fails it); the rule's residual distribution, whose errors
-    are subtle when q is close to p, is checked with more samples by test_rejection_rule_leaves_the_target_...."""
+    are subtle when q is close to p, is checked with more samples by test_rejection_rule_leaves_the_target_....
+    The MTP head's drafts here choose among the first V / 2 ids whatever the context: q is zero past them."""
     model, head, prompt, _ = tiny
+    monkeypatch.setattr(speculative, "DRAFT_VOCABS", (V // 2,))
+    monkeypatch.setattr(speculative, "DRAFT_COVERAGE", 0.0)
     base = dict(temperature=1.0, top_k=2, repetition_penalty=1.3, presence_penalty=0.5)
     processors = make_logits_processors(SamplingParams(**base), len(prompt))
 
@@ -430,11 +449,16 @@ def test_sampling_keeps_the_distribution(tiny):
     index = {t: i for i, t in enumerate(exact)}
     counts = torch.zeros(len(exact))
     stats = GenerationStats()
+    drafted = []
     for seed in range(600):
-        speculation = Speculation(NoisyDraft(model, seed), 2)
+        draft = NoisyDraft(model, seed) if drafts == "noisy" else Recording(MTPDraft(model, head), drafted)
+        speculation = Speculation(draft, 2)
         tokens = generate_tokens(model, prompt, SamplingParams(**base, seed=seed), 4, (), None, stats, speculation)
         counts[index[tuple(tokens)]] += 1
-    assert 0 < stats.accepted_tokens < stats.draft_tokens  # drafts both kept and rejected
+    if drafts == "noisy":
+        assert 0 < stats.accepted_tokens < stats.draft_tokens  # drafts both kept and rejected
+    else:  # the random head's drafts are mostly rejected: the rule's replacements carry the distribution
+        assert drafted and all(t < V // 2 and q[V // 2 :].sum() == 0 for t, q in drafted)
     assert chi_square_p(counts, torch.tensor(list(exact.values()))) > 1e-3
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -93,13 +94,13 @@ class MTPDraft:
     """Drafts with the checkpoint's MTP head: its first step reads the hidden states of the positions the model ran
     since the last call (their KV entries replace the ones its chained drafts wrote), the next ones its own output.
 
-    Greedy drafts choose among the first DRAFT_VOCABS[i] ids, the smallest that holds DRAFT_COVERAGE of the
+    Drafts choose among the first DRAFT_VOCABS[i] ids, the smallest that holds DRAFT_COVERAGE of the
     context's tokens so far, else among all: the output head, a 248K-row matrix shared with the model, is most of a
     draft's cost, and BPE vocabularies number their tokens by merge order, roughly by frequency. Measured with
     Qwen3.5's vocabulary (bench/draft_vocab.py): the first 32K ids hold 92-97% of the tokens of English prose,
     Python and C, the first 64K 97-99%, but Chinese, Japanese or Korean text only 22-49%, so such a context keeps the
-    whole head. A draft outside the range only goes unproposed: the verification decides every token, so the output
-    is the same."""
+    whole head. A token outside the range only goes undrafted: the verification decides every token, so greedy
+    output is the same, and sampled drafts' q is zero there, which the rejection rule allows."""
 
     def __init__(self, model: Qwen3_5ForCausalLM, head: MTP):
         self.model, self.head = model, head
@@ -113,7 +114,7 @@ class MTPDraft:
         self.seen, self.below[:] = 0, 0
 
     def draft_vocab(self, tokens: Sequence[int]) -> int:
-        """How many of the first ids the greedy drafts choose among, given the context `tokens` (class docstring)."""
+        """How many of the first ids the drafts choose among, given the context `tokens` (class docstring)."""
         if len(tokens) < self.seen:  # another sequence: count afresh
             self.seen, self.below[:] = 0, 0
         new = np.asarray(tokens[self.seen :])
@@ -131,14 +132,15 @@ class MTPDraft:
             raise ValueError(f"{n} hidden states need more than {len(tokens)} tokens (the one after each)")
         self.cache.lengths.fill_(last - n)  # forget what earlier drafts wrote past the model's positions
         ids = torch.tensor([tokens[last - n + 1 :]], device=self.model.device)  # tokens t+1 of hidden t
-        vocab = None
+        vocab = self.draft_vocab(tokens)
         if pick is greedy_pick:
-            vocab = self.draft_vocab(tokens)
             if not torch.is_grad_enabled():  # every draft in one C call where it applies
                 drafts = head_drafts_in_one_call(self.model, self.head, ids, hidden[None], k, self.cache, vocab)
                 if drafts is not None:
                     return [(t, None) for t in drafts]
             pick = lambda logits, drafted: (greedy(logits[:vocab]), None)  # noqa: E731 (as the C drafts choose)
+        elif vocab < self.model.config.vocab_size:
+            pick = partial(_among_first, pick, vocab, self.model.config.vocab_size)
         for start in range(0, n, PREFILL_CHUNK):
             end = min(start + PREFILL_CHUNK, n)
             out, logits = self.step(ids[:, start:end], hidden[None, start:end], vocab)
@@ -163,6 +165,14 @@ class MTPDraft:
                 return out
         out = self.head.run_layers(self.model, self.head.fuse(self.model, ids, hidden), self.cache)
         return out, self.model.lm_head(out[:, -1:]).float()
+
+
+def _among_first(pick: Pick, vocab: int, size: int, logits: torch.Tensor, drafted: list[int]):
+    """`pick` over the first `vocab` logits, the others -inf: a sampled draft's q is zero past them, which the
+    rejection rule allows (any q from which the draft was drawn keeps the output distributed as plain sampling's)."""
+    full = logits.new_full((size,), float("-inf"))
+    full[:vocab] = logits[:vocab]
+    return pick(full, drafted)
 
 
 class NgramDraft:
