@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from mmproj_llamacpp import DEFAULT_LLAMA_PYTHON, picture
 
+from qwenlite.bench import best_time
 from qwenlite.config import VisionConfig
 from qwenlite.model.vision import VisionModel
 
@@ -47,13 +48,7 @@ IMAGES = {"448x448": (28, 28), "1280x720": (44, 80)}
 
 
 def best_ms(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1000
+    return best_time(fn, repeat) * 1000
 
 
 @torch.inference_mode()

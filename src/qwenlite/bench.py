@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -171,14 +172,29 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int, int]:
     return total, total - untied - routed + chosen, chosen + shared
 
 
-def verify_cost(model: torch.nn.Module, ids: list[int], ks: range = range(1, 5), repeat: int = 5) -> dict[int, float]:
-    """K -> the time of a verification forward of K+1 tokens (speculative.verify_forward, and the rewind to one)
-    over one decode step's, both after the prompt `ids`: what speculation pays per pass over the weights. Best of
-    `repeat`; the state is not restored between runs (values do not change the time)."""
+def best_time(step: Callable[[], object], repeat: int) -> float:
+    """The fastest of `repeat` runs of `step`, after one to warm up (buffers, plans)."""
+    step()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def speculation_costs(model: torch.nn.Module, ids: list[int], draft=None, ks: range = range(1, 5),
+                      repeat: int = 5) -> tuple[dict[int, float], dict[int, float]]:  # fmt: skip
+    """Over one decode step's time, both after the prompt `ids`: K -> a verification forward of K+1 tokens
+    (speculative.verify_forward, and the rewind to one), what speculation pays per pass over the weights; and with
+    an MTP `draft`, draft vocabulary -> one step of its head (MTPDraft.step over one position) choosing among all
+    ids and among the first speculative.DRAFT_VOCABS. Best of `repeat`; the states are not restored between runs
+    (values do not change the time)."""
     from qwenlite.generate import decode_step, prefill
     from qwenlite.model.cache import make_cache
-    from qwenlite.speculative import verify_forward
+    from qwenlite.speculative import DRAFT_VOCABS, verify_forward
 
+    vocab = model.config.vocab_size
     cache = make_cache(model.config, max_seq_len=len(ids) + max(ks) + 1, dtype=model.dtype, device=model.device)
 
     def one() -> None:
@@ -190,56 +206,21 @@ def verify_cost(model: torch.nn.Module, ids: list[int], ks: range = range(1, 5),
         cache.rewind(k + 1, 1)
         cache.lengths -= 1
 
-    def best(step) -> float:
-        step()  # warm-up: buffers, the decode plan
-        times = []
-        for _ in range(repeat):
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    with torch.inference_mode():
-        prefill(model, ids, cache)
-        base = best(one)
-        return {k: best(lambda k=k: verify(k)) / base for k in ks}
-
-
-def draft_cost(model: torch.nn.Module, draft, ids: list[int], repeat: int = 5) -> dict[int, float]:
-    """Draft vocabulary -> the time of one step of the MTP head (speculative.MTPDraft.step, over one position)
-    choosing among all ids and among the first speculative.DRAFT_VOCABS, over one decode step's, after the prompt
-    `ids`. Best of `repeat`."""
-    from qwenlite.generate import decode_step, prefill
-    from qwenlite.model.cache import make_cache
-    from qwenlite.speculative import DRAFT_VOCABS
-
-    vocab = model.config.vocab_size
-    cache = make_cache(model.config, max_seq_len=len(ids) + 2, dtype=model.dtype, device=model.device)
-    draft.begin(len(ids) + 2)
-    token = torch.tensor([[ids[-1]]], device=model.device)
-    hidden = torch.zeros(1, 1, model.config.hidden_size, dtype=model.dtype, device=model.device)
-
-    def best(step) -> float:
-        step()  # warm-up: buffers, the plans
-        times = []
-        for _ in range(repeat):
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    def one() -> None:
-        decode_step(model, ids[-1], cache)
-        cache.lengths -= 1
-
     def drafted(v: int) -> None:
         draft.cache.lengths.fill_(len(ids) - 1)
         draft.step(token, hidden, v)
 
     with torch.inference_mode():
         prefill(model, ids, cache)
-        base = best(one)
-        return {v: best(lambda v=v: drafted(v)) / base for v in (vocab, *DRAFT_VOCABS) if v <= vocab}
+        base = best_time(one, repeat)
+        verifies = {k: best_time(lambda k=k: verify(k), repeat) / base for k in ks}
+        if draft is None:
+            return verifies, {}
+        draft.begin(len(ids) + 2)
+        token = torch.tensor([[ids[-1]]], device=model.device)
+        hidden = torch.zeros(1, 1, model.config.hidden_size, dtype=model.dtype, device=model.device)
+        vocabs = (vocab, *(v for v in DRAFT_VOCABS if v < vocab))
+        return verifies, {v: best_time(lambda v=v: drafted(v), repeat) / base for v in vocabs}
 
 
 def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, prompt: int = 512, decode: int = 128,
@@ -300,10 +281,10 @@ def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, pr
         # The default of `run` and `chat` for this model here: on if faster than plain decoding
         record = record_decision(decision_key(path, quant, dtype, where.type), speculate, draft,
                                  speculative_tok_s / (decode / decode_s))  # fmt: skip
+        costs = speculation_costs(model, ids, speculation.draft if draft == "mtp" else None, repeat=max(repeat, 5))
         spec = dict(speculate=speculate, draft=draft, speculative_decode_tok_s=speculative_tok_s,
                     acceptance_rate=fastest.acceptance_rate, mean_accepted_length=fastest.mean_accepted_length,
-                    verify_cost=verify_cost(model, ids, repeat=max(repeat, 5)),
-                    draft_cost=draft_cost(model, speculation.draft, ids, max(repeat, 5)) if draft == "mtp" else {},
+                    verify_cost=costs[0], draft_cost=costs[1],
                     default_speculate=record["speculate"])  # fmt: skip
     bits = getattr(model.lm_head, "bits", None)  # a QuantLinear head: quantized on load or a quantized checkpoint
     precision = f"int{bits}" if bits else str(model.dtype).removeprefix("torch.")
