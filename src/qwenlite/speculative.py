@@ -46,7 +46,7 @@ from qwenlite.sample import greedy
 
 DRAFTS = ("mtp", "ngram")
 MAX_SPECULATE = 8  # drafts per verification: a forward of up to 9 rows
-DRAFT_VOCABS = (32768, 65536)  # the first ids a greedy MTP draft may be restricted to (MTPDraft), smallest first
+DRAFT_VOCABS = (32768, 65536)  # the first ids an MTP draft may be restricted to (MTPDraft), smallest first
 # ... where they hold this share of the context's tokens: a token outside the range costs at most its own draft
 # (acceptance down by at most ~5%), the range the head's rows (a draft's cost down 3-4x at 248K ids)
 DRAFT_COVERAGE = 0.95
