@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 
+from qwenlite.errors import QwenliteError
 from qwenlite.generate import GenerationStats, generate_tokens
 from qwenlite.io.load import load_model
 from qwenlite.ops.cpu import kernels
 from qwenlite.sample import SamplingParams
-from qwenlite.speculative import Draft, Pick, Speculation, make_speculation
+from qwenlite.speculative import Draft, Pick, Speculation, check_speculate, make_speculation
 
 
 class OracleDraft:
@@ -78,6 +79,10 @@ def main() -> None:
     args = parser.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
     ps = [float(p) for p in args.ps.split(",")]
+    for k in ks:
+        check_speculate(k)
+    if not all(0 <= p <= 1 for p in ps):
+        raise SystemExit(f"--ps: acceptances between 0 and 1, got {args.ps}")
 
     model, _ = load_model(args.model, None, args.quant, "cpu", with_tokenizer=False)
     vocab = model.config.vocab_size
@@ -95,8 +100,6 @@ def main() -> None:
                 _, s = timed(model, ids, args.decode + 1, None)
                 plain = min(plain, s.decode_seconds)
                 spec = make_speculation(args.model, model, k)
-                if spec is None:
-                    raise SystemExit(f"{args.model} has no MTP head")
                 if args.draft_vocab != "all":  # the range a real model's context would give (MTPDraft.draft_vocab)
                     spec.draft.draft_vocab = lambda tokens: int(args.draft_vocab)
                 spec.draft = OracleDraft(spec.draft, full, p, seed=r)
@@ -148,4 +151,7 @@ def draw(rows, plain_tok_s: float, title: str, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except QwenliteError as e:  # a checkpoint without an MTP head, K out of range: one line
+        raise SystemExit(f"error: {e}") from None
