@@ -675,13 +675,15 @@ static inline __attribute__((always_inline)) void gdn_decode_impl(
     for (int64_t b = 0; b < B; b++) {
         float *xb = xs + b * C;
         const int64_t cs = b * (Kc - 1) * C;
-        for (int64_t c = 0; c < C; c++) {
-            float acc = 0.0f;
-            for (int64_t j = 0; j < Kc - 1; j++) acc += ld1(conv_state, cs + j * C + c, ABF) * ld1(conv_w, c * Kc + j, WBF);
-            xb[c] = acc + ld1(qkv, b * C + c, ABF) * ld1(conv_w, c * Kc + Kc - 1, WBF);
-        }
-        for (int64_t c = 0; c < C; c += 8) {
-            _mm256_storeu_ps(xb + c, silu8(_mm256_loadu_ps(xb + c)));
+        for (int64_t c = 0; c < C; c += 8) { /* 8 channels at a time, each summed in the scalar order */
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t j = 0; j < Kc; j++) {
+                float w[8];
+                for (int i = 0; i < 8; i++) w[i] = ld1(conv_w, (c + i) * Kc + j, WBF);
+                const __m256 in = j < Kc - 1 ? ld8(conv_state, cs + j * C + c, ABF) : ld8(qkv, b * C + c, ABF);
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(in, _mm256_loadu_ps(w)));
+            }
+            _mm256_storeu_ps(xb + c, silu8(acc));
             for (int64_t j = 0; j + 1 < Kc - 1; j++) st8(conv_state, cs + j * C + c, ld8(conv_state, cs + (j + 1) * C + c, ABF), ABF);
             if (Kc > 1) st8(conv_state, cs + (Kc - 2) * C + c, ld8(qkv, b * C + c, ABF), ABF);
         }
