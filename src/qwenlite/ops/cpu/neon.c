@@ -676,13 +676,15 @@ static inline __attribute__((always_inline)) void gdn_decode_impl(
     for (int64_t b = 0; b < B; b++) {
         float *xb = xs + b * C;
         const int64_t cs = b * (Kc - 1) * C;
-        for (int64_t c = 0; c < C; c++) {
-            float acc = 0.0f;
-            for (int64_t j = 0; j < Kc - 1; j++) acc += ld1(conv_state, cs + j * C + c, ABF) * ld1(conv_w, c * Kc + j, WBF);
-            xb[c] = acc + ld1(qkv, b * C + c, ABF) * ld1(conv_w, c * Kc + Kc - 1, WBF);
-        }
-        for (int64_t c = 0; c < C; c += 4) {
-            vst1q_f32(xb + c, silu4(vld1q_f32(xb + c)));
+        for (int64_t c = 0; c < C; c += 4) { /* 4 channels at a time, each summed in the scalar order */
+            float32x4_t acc = vdupq_n_f32(0.0f);
+            for (int64_t j = 0; j < Kc; j++) {
+                float w[4];
+                for (int i = 0; i < 4; i++) w[i] = ld1(conv_w, (c + i) * Kc + j, WBF);
+                const float32x4_t in = j < Kc - 1 ? ld4(conv_state, cs + j * C + c, ABF) : ld4(qkv, b * C + c, ABF);
+                acc = vaddq_f32(acc, vmulq_f32(in, vld1q_f32(w)));
+            }
+            vst1q_f32(xb + c, silu4(acc));
             for (int64_t j = 0; j + 1 < Kc - 1; j++) st4(conv_state, cs + j * C + c, ld4(conv_state, cs + (j + 1) * C + c, ABF), ABF);
             if (Kc > 1) st4(conv_state, cs + (Kc - 2) * C + c, ld4(qkv, b * C + c, ABF), ABF);
         }
