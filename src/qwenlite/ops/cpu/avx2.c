@@ -107,8 +107,9 @@ static inline float sumsq(const float *x, int64_t n) {
 
 /* How far ahead of the weights being multiplied the int4 GEMV prefetches, in bytes: a decode step streams them from
  * memory once, and the hardware prefetcher alone left it waiting on loads (perf: 22% of its cycles on one load);
- * 4 KB measured best on a 2-core Zen 3 (0.8B int4 decode 50 -> 57-59 tok/s; 2 KB 56, 8 KB 54-55). The int8 GEMV,
- * bound by its arithmetic here, gained nothing from it (33.6 against 33.7 tok/s). */
+ * 4 KB measured best on a 2-core Zen 3 (0.8B int4 decode 50 -> 57-59 tok/s; 2 KB 56, 8 KB 54-55). The int8 GEMV
+ * gained nothing from it (33.6 against 33.7 tok/s), though it too streams below the bandwidth probe's rate (27 GB/s
+ * against ~37 over the 0.8B's matrices; 50 GB/s in cache). */
 #define PREFETCH 4096
 
 static inline __attribute__((always_inline)) float dot_tail(const void *w, const int wbf, const float *x, int64_t k,
@@ -466,9 +467,9 @@ static void quantize_x8(const uint16_t *x, int64_t M, int64_t K, int8_t *xq, flo
  * columns the int16 sums are widened, scaled by the block's sx and summed in fp32; per group, times s, plus
  * (z - 8 s) times the group's sum of x. Both nibbles of a byte pair are taken in the same pass (the low ones rows
  * 0-31, the high ones rows 32-63), so that the pair is loaded and interleaved once and each row's activations
- * broadcast once for all 64 rows (one pass per half cost 0.8B int4 decode 6-9%); the unpacked nibbles are shared by
- * the MC rows. The sums hold each half's 32 rows as 0-7, 16-23, 8-15, 24-31 (the lane order of unpacklo /
- * unpackhi). */
+ * broadcast once for all 64 rows (a pass per half took the 0.8B's body GEMVs 10.9 ms at one row, now 9.7; 13.7 at
+ * two, now 10.6); the unpacked nibbles are shared by the MC rows. The sums hold each half's 32 rows as 0-7, 16-23,
+ * 8-15, 24-31 (the lane order of unpacklo / unpackhi). */
 static inline __attribute__((always_inline)) void int4_tile_i8(const uint8_t *tile, const void *sz, int s_bf16,
                                                                int64_t G, const int8_t *xq, const float *sx,
                                                                const float *xsum, float *tot, int64_t t, int64_t Np,
