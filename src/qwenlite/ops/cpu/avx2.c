@@ -140,30 +140,7 @@ static inline __attribute__((always_inline)) void float_row(const void *w, const
         store_out(y, ybf, m * N + n, hsum8(_mm256_add_ps(acc[m][0], acc[m][1])) + dot_tail(w, wbf, x + m * K, k, K));
 }
 
-/* One pass over W for all rows of x, as the int8 GEMV: a block of NB rows of W (in L2) meets every 4 rows of x in
- * turn (it used to stream all of W once per 4 rows: 5 rows of x, a verification of 4 drafts, took the 0.8B's body
- * GEMVs 72-75 ms at bf16, now 64-66; 8 rows 87 -> 83) */
-static void gemv_float(const void *W, const int wbf, const float *x, void *y, const int ybf, int64_t M, int64_t N,
-                       int64_t K, int nthreads) {
-    const size_t ysz = ybf ? 2 : 4;
-    enum { NB = 16 };
-#pragma omp parallel for schedule(static) num_threads(threads_for(nthreads, N * K))
-    for (int64_t n0 = 0; n0 < N; n0 += NB)
-        for (int64_t m0 = 0; m0 < M; m0 += MB) {
-            const int mc = (int)(M - m0 < MB ? M - m0 : MB);
-            const float *xm = x + m0 * K;
-            char *ym = (char *)y + m0 * N * ysz;
-            for (int64_t n = n0; n < n0 + NB && n < N; n++) {
-                const char *w = (const char *)W + n * K * (wbf ? 2 : 4);
-                switch (mc) {
-                case 1: float_row(w, wbf, xm, ym, ybf, n, N, K, 1); break;
-                case 2: float_row(w, wbf, xm, ym, ybf, n, N, K, 2); break;
-                case 3: float_row(w, wbf, xm, ym, ybf, n, N, K, 3); break;
-                default: float_row(w, wbf, xm, ym, ybf, n, N, K, 4); break;
-                }
-            }
-        }
-}
+#include "gemv_float.h"
 
 /* A tile of y: rows m..m+MR of x (fp32, rows K apart) against rows n..n+NR of W (fp32, rows K apart, from the
  * thread's converted block), MR x NR accumulators of 8 lanes each over k, summed and rounded to bf16 at the end. */

@@ -1,10 +1,10 @@
 """qwenlite's own CPU kernels, one C file per instruction set beside this module (avx512.c for AVX-512 with BF16,
-avx2.c for AVX2 + FMA, neon.c for AArch64's Advanced SIMD; common.h, delta_rule.h and step.h shared): decode GEMVs
-over bf16 / fp32 / int8 / int4 weights, dequantization for prefill, a bf16 GEMM for prefill (avx2 only), a Gated
-DeltaNet token (conv, norms, gates and the delta rule in one pass over the state), the delta rule over a prompt, an
-attention token, RMSNorm, the prompt's conv + SiLU, and a whole decode step built from them (model/runner.py
-describes the model to it). Each has a pure-torch reference twin (named in avx512.c's header) that the tests hold
-every instruction set's build to.
+avx2.c for AVX2 + FMA, neon.c for AArch64's Advanced SIMD; common.h, delta_rule.h and step.h shared, gemv_float.h
+by avx2.c and neon.c): decode GEMVs over bf16 / fp32 / int8 / int4 weights, dequantization for prefill, a bf16 GEMM
+for prefill (avx2 only), a Gated DeltaNet token (conv, norms, gates and the delta rule in one pass over the state),
+the delta rule over a prompt, an attention token, RMSNorm, the prompt's conv + SiLU, and a whole decode step built
+from them (model/runner.py describes the model to it). Each has a pure-torch reference twin (named in avx512.c's
+header) that the tests hold every instruction set's build to.
 
 The instruction set is chosen once, from the CPU's features as the OS reports them (/proc/cpuinfo lists a feature
 only when the kernel enabled its register state): on x86-64 `avx512` where AVX-512 F/BW/VL and BF16 are present,
@@ -81,7 +81,7 @@ ISAS = {
 }
 # Optional features that raise an instruction set's target where the CPU has them (all of them): the flags then.
 UPGRADES = {"neon": (("asimddp",), ["-march=armv8.2-a+dotprod"])}
-SOURCES = ("common.h", "delta_rule.h", "plan.h", "step.h")  # besides the instruction set's own file
+SOURCES = ("common.h", "delta_rule.h", "gemv_float.h", "plan.h", "step.h")  # besides the instruction set's own file
 MAX_ROWS = 8  # rows for the bf16 GEMV and the one-call decode step (decode, batched decode); more: torch's GEMM
 # Quantized weights: up to these many rows a GEMV (a pass over W per 4 rows; a layer's W stays in L3 between
 # passes) beats dequantize-then-GEMM, whose dequantization is a fixed cost (bench/results/gemv_rows.md).

@@ -126,25 +126,7 @@ static inline __attribute__((always_inline)) void float_row(const void *w, const
     }
 }
 
-static void gemv_float(const void *W, const int wbf, const float *x, void *y, const int ybf, int64_t M, int64_t N,
-                       int64_t K, int nthreads) {
-    const size_t ysz = ybf ? 2 : 4;
-    for (int64_t m0 = 0; m0 < M; m0 += MB) {
-        const int mc = (int)(M - m0 < MB ? M - m0 : MB);
-        const float *xm = x + m0 * K;
-        char *ym = (char *)y + m0 * N * ysz;
-#pragma omp parallel for schedule(static) num_threads(threads_for(nthreads, N * K))
-        for (int64_t n = 0; n < N; n++) {
-            const char *w = (const char *)W + n * K * (wbf ? 2 : 4);
-            switch (mc) {
-            case 1: float_row(w, wbf, xm, ym, ybf, n, N, K, 1); break;
-            case 2: float_row(w, wbf, xm, ym, ybf, n, N, K, 2); break;
-            case 3: float_row(w, wbf, xm, ym, ybf, n, N, K, 3); break;
-            default: float_row(w, wbf, xm, ym, ybf, n, N, K, 4); break;
-            }
-        }
-    }
-}
+#include "gemv_float.h"
 
 void qk_gemv_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, int64_t M, int64_t N, int64_t K, int nthreads) {
     const float *xf = stage_f32(x, 1, M * K);
