@@ -41,8 +41,8 @@ void qk_delta_rule(const float *q, const float *k, const float *v, const float *
 struct qk_model;
 int qk_decode_step(const struct qk_model *m, void *x, void *logits, int nthreads);
 int qk_rewind(const struct qk_model *m, const int64_t *keep, int nthreads);
-int qk_draft(const struct qk_model *m, void *x, const void *embed, int64_t *tokens, void *logits, int64_t n,
-             int64_t count, int nthreads);
+int qk_draft(const struct qk_model *m, void *x, const struct qk_linear *embed, int64_t *tokens, void *logits,
+             int64_t n, int64_t count, int nthreads);
 float qk_read(const float *p, int64_t n, int nthreads);
 
 #define THREADS 2 /* OpenMP on, in the calls big enough for threads_for to split */
@@ -551,11 +551,11 @@ static void step_case(const char *tag, int abf, int wbf, int fmt, int qfmt_attn,
         /* greedy drafts in one call: the head over 2 positions of row 0, then over 2 drafts */
         int64_t tokens[3], at[1] = {4};
         float drafted[3];
-        void *embed = own(values(VOCAB * Hd, abf, 1.0f, 0.0f));
+        const struct qk_linear embed = make_linear(mlp_fmt, wbf, VOCAB, Hd, -1); /* quantized where the MLP is */
         rotary(4, R, abf, &cos, &sin);
         x = values(2 * 2 * Hd, abf, 1.0f, 0.0f);
         m.positions = at, m.cos = cos, m.sin = sin;
-        if (qk_draft(&m, x, embed, tokens, logits, 2, 3, THREADS)) {
+        if (qk_draft(&m, x, &embed, tokens, logits, 2, 3, THREADS)) {
             fprintf(stderr, "kernels_driver: qk_draft could not allocate\n");
             exit(2);
         }

@@ -42,6 +42,7 @@ from qwenlite.config import ModelConfig, preset_config
 from qwenlite.errors import KernelError
 from qwenlite.io.checkpoint import load_checkpoint
 from qwenlite.model.cache import make_cache
+from qwenlite.model.quantized import QuantEmbedding, QuantLinear
 from qwenlite.model.qwen3_5 import Attention, GatedDeltaNet, RMSNorm
 from qwenlite.model.runner import run_model
 from qwenlite.ops import quant_matmul as qm
@@ -296,6 +297,29 @@ def test_int4_gemv_of_the_first_rows(isa, dtype):
     for n in (64, 100, 192):
         assert torch.equal(kernels.int4_gemv(x, packed, poisoned, 32, n), full[:, :n]), (isa, n)
     assert kernels.int4_gemv(x, packed, poisoned, 32, 193).isnan().any()  # the poison is in play
+
+
+@needs_kernels
+@pytest.mark.parametrize(("bits", "group_size"), [(8, None), (8, 32), (4, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_embedding_rows_in_c_are_the_reference_rows(isa, bits, group_size, dtype):
+    """QuantEmbedding looks rows up in C (kernels.embed_rows): bit for bit quant_matmul.int8_rows / int4_rows, for ids
+    of any shape, in a tile's second half, on a tile's edge and in the last, padded tile (100 rows); a float table's
+    rows are its own. An id outside the table is a one-line IndexError, never a read past it."""
+    gen = torch.Generator().manual_seed(9)
+    embed = QuantEmbedding.sharing(QuantLinear.from_weight(torch.randn(100, 96, generator=gen).to(dtype), bits,
+                                                           group_size))  # fmt: skip
+    ids = torch.tensor([[0, 31, 32, 63], [64, 99, 5, 5]])
+    assert embed.kernel_plan(dtype) is not None  # the C lookup is the one under test
+    rows = qm.int8_rows if bits == 8 else qm.int4_rows
+    want = rows(embed.qweight, embed.scale_tensor, ids, dtype)
+    assert want.shape == (2, 4, 96) and torch.equal(embed(ids), want)
+    w = torch.randn(100, 96, generator=gen).to(dtype)
+    table = kernels.plan_linear(kernels.FMT_BF16 if dtype == torch.bfloat16 else kernels.FMT_F32, w, 100, 96, dtype)
+    assert torch.equal(kernels.embed_rows(table, ids, dtype), w[ids])
+    for bad in (100, -1):
+        with pytest.raises(IndexError, match=f"token id {bad} is outside the embedding's 100 rows"):
+            embed(torch.tensor([3, bad]))
 
 
 @needs_kernels

@@ -13,6 +13,7 @@ from qwenlite.io.checkpoint import assemble_mtp
 from qwenlite.io.load import load_model, load_mtp
 from qwenlite.model import runner
 from qwenlite.model.cache import make_cache
+from qwenlite.model.quantized import quantize_like, quantize_model
 from qwenlite.speculative import MTPDraft
 
 from helpers import TINY_TEXT_CONFIG, make_hf_checkpoint, make_mtp_tensors, random_ids
@@ -108,14 +109,24 @@ def test_the_drafts_step_in_one_call_matches_the_formula(published, monkeypatch)
     assert ran == [5, 1, 1, 1, 1] and head.__dict__["_decode_plan"].model is not None  # each step ran in C
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_greedy_drafts_in_one_call_are_the_step_by_step_drafts(published, dtype):
+@pytest.mark.parametrize(("dtype", "bits"), [("float32", None), ("bfloat16", None), ("bfloat16", 8), ("float32", 4)])
+def test_greedy_drafts_in_one_call_are_the_step_by_step_drafts(published, dtype, bits, monkeypatch):
     """MTPDraft.propose handed speculative.greedy_pick drafts all k tokens in one C call (kernels.draft_greedy: the
-    head over the positions the model ran, then over each draft, each the argmax of the last logits); any other pick
-    (here the same argmax, wrapped) drafts step by step: the same tokens, and the head's cache at the same length."""
+    head over the positions the model ran, then over each draft, each the argmax of the last logits, each draft's
+    embedding looked up in C, from a quantized table too); any other pick (here the same argmax, wrapped) drafts step
+    by step: the same tokens, and the head's cache at the same length."""
     path, _, _ = published
     model, _ = load_model(path, dtype, with_tokenizer=False)
     head = load_mtp(path, model)
+    if bits:
+        quantize_like(head, quantize_model(model, bits, 32))
+    in_one_call, real = [], speculative.head_drafts_in_one_call
+
+    def spy(*args):
+        in_one_call.append(real(*args))
+        return in_one_call[-1]
+
+    monkeypatch.setattr(speculative, "head_drafts_in_one_call", spy)
     tokens = random_ids(1, 12, seed=3)[0].tolist()
     with torch.inference_mode():
         hidden = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(4)).to(model.dtype)
@@ -126,6 +137,7 @@ def test_greedy_drafts_in_one_call_are_the_step_by_step_drafts(published, dtype)
             proposed.append((draft.propose(tokens, hidden, 5, pick), draft.cache.lengths.tolist()))
     assert proposed[0] == proposed[1]
     assert proposed[0][1] == [len(tokens) - 1 - 4 + 4 + 5 - 1]
+    assert len(in_one_call) == 1 and in_one_call[0] is not None  # the first pick's drafts ran in C
 
 
 def test_load_finds_the_head_and_none_without_one(published, tmp_path):

@@ -161,10 +161,32 @@ class QuantEmbedding(nn.Module):
         else:
             self.scales_and_zeros = head.scales_and_zeros
 
+    scale_tensor = QuantLinear.scale_tensor
+
+    def kernel_plan(self, dtype: torch.dtype) -> kernels.QkLinear | None:
+        """This table for kernels.embed_rows and the C drafts, its rows in `dtype` (the scales' dtype, which the
+        reference rounds them to), or None where no kernel reads it."""
+        s = self.scale_tensor
+        if s.dtype != dtype or dtype not in kernels.ACT_DTYPES or not kernels.available():
+            return None
+        if not (self.qweight.is_contiguous() and s.is_contiguous() and s.device.type == "cpu"):
+            return None
+        N, K = self.num_embeddings, self.embedding_dim
+        fmt, Np = (kernels.FMT_INT8, N) if self.bits == 8 else (kernels.FMT_INT4, qm.padded_rows(N))
+        return kernels.plan_linear(fmt, self.qweight, N, K, dtype, None, s, self.group_size, Np)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        dtype = self.scale_tensor.dtype
+        table = self.kernel_plan(dtype) if ids.device.type == "cpu" else None
+        if table is not None:  # in C: the torch twin below cost 0.15-0.25 ms of a 17 ms 0.8B int4 decode token
+            N = self.num_embeddings
+            if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < N):
+                bad = int(ids[(ids < 0) | (ids >= N)].reshape(-1)[0])
+                raise IndexError(f"token id {bad} is outside the embedding's {N} rows")
+            return kernels.embed_rows(table, ids, dtype)
         if self.bits == 8:
-            return qm.int8_rows(self.qweight, self.scales, ids, self.scales.dtype)
-        return qm.int4_rows(self.qweight, self.scales_and_zeros, ids, self.scales_and_zeros.dtype)
+            return qm.int8_rows(self.qweight, self.scales, ids, dtype)
+        return qm.int4_rows(self.qweight, self.scales_and_zeros, ids, dtype)
 
 
 # ---------------------------------------------------------------------------------------------

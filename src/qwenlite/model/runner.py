@@ -362,14 +362,15 @@ def head_drafts_in_one_call(
     and the model's hidden states before them (1, n, hidden), then over each draft, each draft the argmax of the
     last logits (of the first `vocab` ids only, where given: the output head reads only their rows); the head's
     cache advances by n + count - 1. None where it does not apply (no plan, more than STEP_TOKENS positions, an
-    embedding not stored as plain rows of the activations' dtype)."""
+    embedding table the C step cannot read in the activations' dtype)."""
     plan = current_plan(model, head)
-    embed = getattr(model.model.embed_tokens, "weight", None)
+    embed = model.model.embed_tokens
     dtype, n = model.dtype, ids.shape[1]
-    if plan.model is None or n > STEP_TOKENS or not isinstance(embed, torch.Tensor) or embed.dtype != dtype:
+    table = embedding_table(embed, dtype)
+    if plan.model is None or n > STEP_TOKENS or table is None:
         return None
     k, v = cache.layers[0].k, cache.layers[0].v
-    if not (embed.is_contiguous() and k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype == dtype):
+    if not (k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype == dtype):
         return None
     step = kernels.QkModel.from_buffer_copy(plan.model)
     caches = (kernels.QkCache * 1)()
@@ -379,13 +380,24 @@ def head_drafts_in_one_call(
     if end > cache.max_seq_len:
         raise ContextLengthExceeded(f"{end} tokens do not fit a cache of {cache.max_seq_len}")
     cos, sin = rope_cos_sin(pos[0] + cache.rope_deltas[0] + torch.arange(n + count - 1), model.model.inv_freq, dtype)
-    x = torch.cat([embed[ids[0]], hidden[0].to(dtype)], dim=-1).contiguous()  # (n, 2 hidden)
+    x = torch.cat([embed(ids[0]), hidden[0].to(dtype)], dim=-1).contiguous()  # (n, 2 hidden)
     step.max_seq_len = cache.max_seq_len
     step.positions, step.cos, step.sin, step.caches = pos.data_ptr(), cos.data_ptr(), sin.data_ptr(), caches
     restrict_head(step, vocab)
-    tokens = kernels.draft_greedy(step, x, embed, count)
+    tokens = kernels.draft_greedy(step, x, table, count)
     cache.lengths += n + count - 1
     return tokens
+
+
+def embedding_table(embed: nn.Module, dtype: torch.dtype) -> kernels.QkLinear | None:
+    """The embedding `embed` as the C drafts read it (kernels.embed_rows), its rows in `dtype`: a QuantEmbedding's
+    own description, an nn.Embedding's plain rows of that dtype; None where neither applies."""
+    if hasattr(embed, "kernel_plan"):
+        return embed.kernel_plan(dtype)
+    w = getattr(embed, "weight", None)
+    if not (isinstance(w, torch.Tensor) and w.dtype == dtype and w.device.type == "cpu" and w.is_contiguous()):
+        return None
+    return kernels.plan_linear(kernels.FMT_BF16 if dtype == torch.bfloat16 else kernels.FMT_F32, w, *w.shape, dtype)
 
 
 def restrict_head(step: kernels.QkModel, vocab: int | None) -> None:

@@ -63,6 +63,7 @@ SIGNATURES = {
     "qk_decode_step": "PPPI>I",
     "qk_rewind": "PPI>I",
     "qk_draft": "PPPPPLLI>I",
+    "qk_embed_rows": "PPLPI",
     "qk_conv_silu": "PPPPIILLLLI",
     "qk_delta_rule": "PPPPPPPLLLLLLI",
 }
@@ -690,16 +691,27 @@ def rewind_step(model: QkModel, keep: torch.Tensor) -> None:
         raise MemoryError("the rewind's scratch could not be allocated")
 
 
-def draft_greedy(model: QkModel, x: torch.Tensor, embed: torch.Tensor, count: int) -> list[int]:
+def draft_greedy(model: QkModel, x: torch.Tensor, embed: QkLinear, count: int) -> list[int]:
     """`count` greedy drafts of the MTP head described by `model` (its cache, positions and cos / sin of the
     positions filled in; qk_draft in step.h) from x (n, 2 hidden): each position's token embedding and the hidden state
-    before it (overwritten); embed (vocab, hidden) in x's dtype."""
+    before it (overwritten); embed: the embedding table (`embed_rows`), its rows read in x's dtype."""
     tokens = torch.empty(count, dtype=torch.int64)
     logits = torch.empty(model.vocab, dtype=x.dtype)
-    if library().qk_draft(ctypes.byref(model), _p(x), _p(embed), _p(tokens), _p(logits), x.shape[0], count,
+    if library().qk_draft(ctypes.byref(model), _p(x), ctypes.byref(embed), _p(tokens), _p(logits), x.shape[0], count,
                           torch.get_num_threads()):  # fmt: skip
         raise MemoryError("the draft step's buffer could not be allocated")
     return tokens.tolist()
+
+
+def embed_rows(table: QkLinear, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The rows `ids` (any shape, int64 in range) of an embedding table described as a projection (rows: tokens;
+    `plan_linear`), (*ids.shape, hidden) in `dtype` (one of ACT_DTYPES): a float table's rows (its dtype `dtype`),
+    an int8 / int4 one's as quant_matmul.int8_rows / int4_rows (the twins) dequantize them. Only those rows are
+    read."""
+    flat = ids.reshape(-1).to(torch.int64).contiguous()
+    out = torch.empty(*ids.shape, table.k, dtype=dtype)
+    library().qk_embed_rows(ctypes.byref(table), _p(flat), flat.numel(), _p(out), _is_bf16(out))
+    return out
 
 
 def read_memory(buf: torch.Tensor) -> float:

@@ -311,15 +311,42 @@ int qk_rewind(const struct qk_model *m, const int64_t *keep, int nthreads) {
     return 0;
 }
 
+/* Rows ids (n) of an embedding table described as a projection (rows: tokens, k: hidden) -> out (n, k) in the
+ * activation dtype (`bf`): a bf16 / fp32 table's rows as they are (its dtype the activations'), an int8 or int4 one's
+ * dequantized in fp32 and rounded once, as quant_matmul.int8_rows (q s) and int4_rows ((q - 8) s + z) compute them
+ * (the twins). Only those rows are read. */
+void qk_embed_rows(const struct qk_linear *e, const int64_t *ids, int64_t n, void *out, int bf) {
+    const int64_t K = e->k, esz = bf ? 2 : 4;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t r = ids[i];
+        char *o = (char *)out + i * K * esz;
+        if (e->fmt == FMT_BF16 || e->fmt == FMT_F32) {
+            memcpy(o, (const char *)e->w + r * K * esz, (size_t)(K * esz));
+        } else if (e->fmt == FMT_INT8) {
+            const int8_t *q = (const int8_t *)e->w + r * K;
+            for (int64_t c = 0; c < K; c++)
+                store_out(o, bf, c, (float)q[c] * load_scale(e->s, e->s_bf16, r * (K / e->g) + c / e->g));
+        } else { /* tiled64: row r's nibble of column c in byte [r / 64, c, r % 32], high for r % 64 >= 32 */
+            const uint8_t *tile = (const uint8_t *)e->w + r / 64 * K * 32 + r % 32;
+            const int shift = r % 64 >= 32 ? 4 : 0;
+            for (int64_t c = 0; c < K; c++) {
+                const int64_t at = (c / e->g * e->np + r) * 2;
+                const float q = (float)((tile[c * 32] >> shift) & 15);
+                store_out(o, bf, c, (q - 8.0f) * load_scale(e->s, e->s_bf16, at) + load_scale(e->s, e->s_bf16, at + 1));
+            }
+        }
+    }
+}
+
 /* Greedy drafting with the MTP head (m: its plan, one row, its cache), `count` tokens in one call. The first step
  * runs the head over the n positions the model ran since the last drafts, x (n, 2 hidden): each the embedding of a
  * token and the model's hidden state before it; each later step over one, [the embedding of the last draft | the
  * head's output before it]. Each step's last logits' argmax (the first of equal maxima) is the next draft. m's cos
- * and sin: (n + count - 1, rotary_dim), a row per position, its positions[0] the first's. tokens (count) out; logits
- * (vocab) act scratch; x overwritten. The drafts only choose what the model verifies: how they round changes the
- * speed, never the output. Returns 0, or 1 when a step's buffer could not be allocated. */
-int qk_draft(const struct qk_model *m, void *x, const void *embed, int64_t *tokens, void *logits, int64_t n,
-             int64_t count, int nthreads) {
+ * and sin: (n + count - 1, rotary_dim), a row per position, its positions[0] the first's. embed: the model's
+ * embedding table (qk_embed_rows: plain or quantized). tokens (count) out; logits (vocab) act scratch; x
+ * overwritten. The drafts only choose what the model verifies: how they round changes the speed, never the output. Returns 0, or 1 when a step's buffer could not be allocated. */
+int qk_draft(const struct qk_model *m, void *x, const struct qk_linear *embed, int64_t *tokens, void *logits,
+             int64_t n, int64_t count, int nthreads) {
     const int bf = m->act_bf16;
     const int64_t Hd = m->hidden, esz = bf ? 2 : 4, R = m->rotary_dim;
     struct qk_model s = *m;
@@ -335,7 +362,7 @@ int qk_draft(const struct qk_model *m, void *x, const void *embed, int64_t *toke
         tokens[j] = best;
         /* the last position's output is the next step's hidden state, beside the draft's embedding */
         memmove((char *)x + Hd * esz, (char *)x + (T - 1) * Hd * esz, (size_t)(Hd * esz));
-        memcpy(x, (const char *)embed + best * Hd * esz, (size_t)(Hd * esz));
+        qk_embed_rows(embed, &best, 1, x, bf);
     }
     return 0;
 }
