@@ -332,7 +332,8 @@ void qk_embed_rows(const struct qk_linear *e, const int64_t *ids, int64_t n, voi
             for (int64_t c = 0; c < K; c++) {
                 const int64_t at = (c / e->g * e->np + r) * 2;
                 const float q = (float)((tile[c * 32] >> shift) & 15);
-                store_out(o, bf, c, (q - 8.0f) * load_scale(e->s, e->s_bf16, at) + load_scale(e->s, e->s_bf16, at + 1));
+                const float scale = load_scale(e->s, e->s_bf16, at), zero = load_scale(e->s, e->s_bf16, at + 1);
+                store_out(o, bf, c, (q - 8.0f) * scale + zero);
             }
         }
     }
@@ -344,7 +345,8 @@ void qk_embed_rows(const struct qk_linear *e, const int64_t *ids, int64_t n, voi
  * head's output before it]. Each step's last logits' argmax (the first of equal maxima) is the next draft. m's cos
  * and sin: (n + count - 1, rotary_dim), a row per position, its positions[0] the first's. embed: the model's
  * embedding table (qk_embed_rows: plain or quantized). tokens (count) out; logits (vocab) act scratch; x
- * overwritten. The drafts only choose what the model verifies: how they round changes the speed, never the output. Returns 0, or 1 when a step's buffer could not be allocated. */
+ * overwritten. The drafts only choose what the model verifies: how they round changes the speed, never the output.
+ * Returns 0, or 1 when a step's buffer could not be allocated. */
 int qk_draft(const struct qk_model *m, void *x, const struct qk_linear *embed, int64_t *tokens, void *logits,
              int64_t n, int64_t count, int nthreads) {
     const int bf = m->act_bf16;
