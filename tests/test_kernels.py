@@ -1,18 +1,19 @@
 """qwenlite's C kernels (ops/cpu/kernels.py) against their pure-torch reference twins, over the real layer shapes of
 the 0.8B / 2B models and awkward ones, and the whole model with them against the model without: once for every
-instruction set this CPU can run (the `isa` fixture forces each through QWENLITE_ISA: on an AVX-512 BF16 machine
-both avx512 and avx2, on an AVX2 one avx2, on AArch64 Linux neon; skipped only on a CPU with none of them; on x86,
-test_kernels_neon.py checks neon under qemu). The fallbacks (no compiler, QWENLITE_KERNELS=0) and the choice of
-instruction set run on every CPU and check that the model then runs on torch's kernels and answers what transformers
-answers.
+instruction set this CPU can run (the `isa` fixture forces each through QWENLITE_ISA: on an AVX-512 BF16 + VNNI
+machine both avx512 and avx2, on an AVX2 one avx2 and avx512 with its intrinsics emulated (avx512_emulation.h), on
+AArch64 Linux neon; skipped only on a CPU with none of them; on x86, test_kernels_neon.py checks neon under qemu).
+The fallbacks (no compiler, QWENLITE_KERNELS=0) and the choice of instruction set run on every CPU and check that the
+model then runs on torch's kernels and answers what transformers answers.
 
 Tolerances (max |fast - ref| / max |ref|):
 - fp32 outputs: 1e-5 (accumulation order; measured <= 8e-7);
 - bf16 outputs: 1e-2 (both round to bf16, a step of 2^-8 relative; an output near a rounding boundary may land
   one step apart, measured <= 3.2e-3);
-- int8 GEMVs with bf16 activations on avx2 (activations as int16 in blocks with power-of-two scales, integer
-  products): bf16's 1e-2; the int16 rounding (at most 2^-16 of a block's largest value) is far below it;
-- int4 GEMVs with bf16 activations on avx2 (activations as int8 in blocks of 16, integer products): bf16's 1e-2
+- int8 GEMVs with bf16 activations (every instruction set: activations as int16 in blocks with power-of-two
+  scales, integer products): bf16's 1e-2; the int16 rounding (at most 2^-16 of a block's largest value) is far
+  below it;
+- int4 GEMVs with bf16 activations (activations as int8 in blocks of 16, integer products): bf16's 1e-2
   against the reference fed the same int8 activations (quant_matmul.quantize_activations, the twin); the int8
   rounding itself (up to 1/254 of a block's largest value) is the whole-model tests' concern;
 - int8 / int4 past INT8_GEMV_ROWS / INT4_GEMV_ROWS rows (dequantize to the activation dtype, then torch's GEMM):
@@ -54,13 +55,35 @@ from qwenlite.ops.rope import rope_cos_sin, rope_inv_freq
 from helpers import kl_and_top1, make_hf_checkpoint, random_ids, tiny_checkpoint
 
 KERNEL_ISAS = [isa for isa in kernels.runnable_isas() if isa != "torch"]
+# avx512.c on an x86 CPU without AVX-512: built for AVX2 with its intrinsics emulated (avx512_emulation.h, over
+# Debian's libsimde-dev), so that every x86 file is held to the twins on any x86-64-v3 machine; a CPU with AVX-512
+# BF16 and VNNI runs it natively instead.
+EMULATION = Path(__file__).with_name("avx512_emulation.h")
+EMULATED, UNTESTED = {}, []
+if "avx512" not in KERNEL_ISAS and "avx2" in KERNEL_ISAS:
+    if Path("/usr/include/simde/x86/avx512.h").exists():
+        EMULATED = {"avx512": ("x86-64", (), ["-march=x86-64-v3", "-Wno-psabi", "-include", str(EMULATION)])}
+        KERNEL_ISAS = ["avx512", *KERNEL_ISAS]
+    else:
+        NO_SIMDE = "no AVX-512 here; apt-get install libsimde-dev to test it emulated"
+        UNTESTED = [pytest.param("avx512", marks=pytest.mark.skip(reason=NO_SIMDE))]
 
 
-@pytest.fixture(params=KERNEL_ISAS or [pytest.param("none", marks=pytest.mark.skip(reason="no kernels for this CPU"))])
-def isa(request, monkeypatch):
-    """Each instruction set this CPU runs, forced through QWENLITE_ISA for one test."""
-    monkeypatch.setenv("QWENLITE_ISA", request.param)
+def force_isa(monkeypatch, isa: str) -> None:
+    """Makes `isa` the instruction set of the next kernel call: through QWENLITE_ISA, an emulated one with its build
+    flags in place of the CPU's features."""
+    monkeypatch.setenv("QWENLITE_ISA", isa)
+    if isa in EMULATED:
+        monkeypatch.setitem(kernels.ISAS, isa, EMULATED[isa])
     kernels.library.cache_clear()
+
+
+@pytest.fixture(
+    params=KERNEL_ISAS + UNTESTED or [pytest.param("none", marks=pytest.mark.skip(reason="no kernels for this CPU"))]
+)
+def isa(request, monkeypatch):
+    """Each instruction set this CPU runs (or emulates), forced for one test."""
+    force_isa(monkeypatch, request.param)
     yield request.param
     kernels.library.cache_clear()  # the next test chooses again, after monkeypatch restores the environment
 
@@ -81,8 +104,7 @@ def each_isa(monkeypatch):
 
     def each():
         for isa in KERNEL_ISAS:
-            monkeypatch.setenv("QWENLITE_ISA", isa)
-            kernels.library.cache_clear()
+            force_isa(monkeypatch, isa)
             yield isa
 
     yield each
@@ -208,18 +230,21 @@ def test_int8_matches_reference(K, N, dtype, each_isa):
 
 def references(xs: list[torch.Tensor], dtype: torch.dtype, matmul, *weights):
     """isa -> the slow reference's outputs for each x (`matmul(rows, *weights)`), computed in one pass per kind: of
-    the int8-quantized activations where that instruction set's GEMV multiplies bf16 activations in integers
-    (kernels.INTEGER_GEMV_ISAS: int4 weights meet int8 activations there), else of x itself."""
+    the int8-quantized activations where that instruction set's int4 GEMV takes x and multiplies bf16 activations in
+    integers (kernels.INTEGER_GEMV_ISAS, `takes_gemv`: int4 weights meet int8 activations there), else of x itself."""
     done = {}
 
-    def of(isa: str) -> list[torch.Tensor]:
-        int8_activations = dtype == torch.bfloat16 and isa in kernels.INTEGER_GEMV_ISAS
-        if int8_activations not in done:
+    def kind(quantized: bool) -> list[torch.Tensor]:
+        if quantized not in done:
             rows = torch.cat(xs)
-            if int8_activations:
+            if quantized:
                 rows = qm.dequantize_activations(*qm.quantize_activations(rows))
-            done[int8_activations] = matmul(rows, *weights).to(dtype).split([len(x) for x in xs])
-        return done[int8_activations]
+            done[quantized] = matmul(rows, *weights).to(dtype).split([len(x) for x in xs])
+        return done[quantized]
+
+    def of(isa: str) -> list[torch.Tensor]:
+        integer = dtype == torch.bfloat16 and isa in kernels.INTEGER_GEMV_ISAS
+        return [kind(integer and kernels.takes_gemv(x, kernels.INT4_GEMV_ROWS))[i] for i, x in enumerate(xs)]
 
     return of
 
@@ -744,15 +769,18 @@ def fake_cpu(monkeypatch):
 
 
 AVX2_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe")
+AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")  # Sapphire Rapids, Zen 4 have more
 ARM_FEATURES = ("fp", "asimd", "evtstrm", "aes", "pmull", "sha1", "sha2", "crc32", "atomics", "asimddp")  # Cortex-A76
 
 
 def test_the_fastest_instruction_set_the_cpu_runs_is_chosen(fake_cpu, monkeypatch):
     monkeypatch.delenv("QWENLITE_ISA", raising=False)
     monkeypatch.delenv("QWENLITE_KERNELS", raising=False)
-    fake_cpu(*AVX2_FLAGS, "avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+    fake_cpu(*AVX2_FLAGS, *AVX512_FLAGS)
     assert kernels.runnable_isas() == ["avx512", "avx2", "torch"]
-    fake_cpu(*AVX2_FLAGS, "avx512f", "avx512bw", "avx512vl")  # AVX-512 without BF16 (Skylake-X, Zen 3 has none)
+    fake_cpu(*AVX2_FLAGS, "avx512f", "avx512bw", "avx512vl", "avx512_vnni")  # without BF16 (Cascade Lake, Ice Lake)
+    assert kernels.runnable_isas() == ["avx2", "torch"]
+    fake_cpu(*AVX2_FLAGS, "avx512f", "avx512bw", "avx512vl", "avx512_bf16")  # no such CPU; without VNNI all the same
     assert kernels.runnable_isas() == ["avx2", "torch"]
     fake_cpu("sse4_2", "avx", "avx2")  # AVX2 without FMA: no fast path, torch's kernels, no error
     assert kernels.runnable_isas() == ["torch"]
@@ -761,7 +789,7 @@ def test_the_fastest_instruction_set_the_cpu_runs_is_chosen(fake_cpu, monkeypatc
     assert kernels.runnable_isas() == ["torch"]  # x86 flags on ARM: no x86 kernels there, and no asimd
     fake_cpu(*ARM_FEATURES, machine="aarch64")
     assert kernels.runnable_isas() == ["neon", "torch"]
-    fake_cpu(*ARM_FEATURES, *AVX2_FLAGS, "avx512f", "avx512bw", "avx512vl", "avx512_bf16", machine="aarch64")
+    fake_cpu(*ARM_FEATURES, *AVX2_FLAGS, *AVX512_FLAGS, machine="aarch64")
     assert kernels.runnable_isas() == ["neon", "torch"]  # x86 sets only on x86, whatever the flags say
     fake_cpu(*ARM_FEATURES, *AVX2_FLAGS, machine="x86_64")
     assert kernels.runnable_isas() == ["avx2", "torch"]  # and neon only on ARM
@@ -801,7 +829,7 @@ def test_a_forced_instruction_set_the_cpu_cannot_run_is_a_one_line_error(fake_cp
     fake_cpu(*AVX2_FLAGS)
     monkeypatch.setenv("QWENLITE_ISA", "avx512")
     with pytest.raises(KernelError, match=r"^QWENLITE_ISA=avx512: this CPU \(Test CPU\) lacks avx512f, avx512bw, "
-                                          r"avx512vl, avx512_bf16; it can run avx2, torch$"):  # fmt: skip
+                                          r"avx512vl, avx512_bf16, avx512_vnni; it can run avx2, torch$"):  # fmt: skip
         kernels.available()
     monkeypatch.setenv("QWENLITE_ISA", "neon")
     with pytest.raises(KernelError, match=r"^QWENLITE_ISA=neon: this CPU \(Test CPU\) lacks an AArch64 CPU \(this is "

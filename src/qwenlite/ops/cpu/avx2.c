@@ -1,8 +1,8 @@
 /* qwenlite's CPU kernels for x86 with AVX2 and FMA (x86-64-v3: every x86 laptop and server since 2013-2015), the
  * same functions, arguments and twins as avx512.c (its header lists them), on 8-lane vectors and 16 registers.
  *
- * What differs from avx512.c is how quantized weights meet bf16 activations. AVX2 has no bf16 dot product, so each
- * activation row is quantized once per call and the weights are multiplied in integers:
+ * Quantized weights meet bf16 activations in integers (as in avx512.c, through AVX512-VNNI there): each activation
+ * row is quantized once per call (quant_x86.h) and the weights are multiplied in integers:
  * - int8 weights: the activations as int16 in blocks (one power-of-two scale per block of at most 256 columns
  *   inside a weight group), the weights widened to int16, both through vpmaddwd (16 products per instruction,
  *   summed in pairs into int32). A power-of-two block scale keeps every bf16 value within 2^7 of its block's largest
@@ -26,6 +26,8 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include "quant_x86.h"
+
 const char *qk_isa(void) { return "avx2"; }
 
 /* ------------------------------------------------------------------------------------------------------------ */
@@ -36,15 +38,6 @@ static inline float hsum8(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
-
-static inline float hmax8(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
-}
-
-/* 8 bf16 -> 8 fp32 */
-static inline __m256 cvt_bf16x8(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
 
 /* 8 fp32 -> 8 bf16, rounded to nearest even as torch (and f32_to_bf16) rounds, NaN kept a NaN */
 static inline __m128i cvt_f32x8_bf16(__m256 v) {
@@ -231,35 +224,6 @@ void qk_gemv_f32(const float *W, const float *x, float *y, int64_t M, int64_t N,
 }
 
 /* ------------------------------------------------------------------------------------------------------------ */
-/* bf16 activations as int16 blocks: a block is at most 256 columns and never crosses a weight group of G columns
- * (G % 16 == 0, so a block is BL = 16 d columns for the largest divisor d of G / 16 with 16 d <= 256). */
-
-static inline int64_t block_len(int64_t G) {
-    int64_t d = G / 16 < 16 ? G / 16 : 16;
-    while ((G / 16) % d) d--;
-    return 16 * d;
-}
-
-/* x (M, K) bf16 -> xq (M, K) int16 and sx (M, K / BL): x ~ xq * sx, sx = 2^e with the block's largest |x| < 2^15 sx */
-static void quantize_x16(const uint16_t *x, int64_t M, int64_t K, int64_t BL, int16_t *xq, float *sx) {
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t b = 0; b < K / BL; b++) {
-            const uint16_t *xb = x + m * K + b * BL;
-            uint16_t top = 0; /* the largest |x| as bf16 bits: the exponent decides the scale */
-            for (int64_t i = 0; i < BL; i++) top = (xb[i] & 0x7fff) > top ? (xb[i] & 0x7fff) : top;
-            int e = 0;
-            if (top) frexpf(bf16_to_f32(top), &e); /* top < 2^e */
-            const float scale = ldexpf(1.0f, e - 15), inv = ldexpf(1.0f, 15 - e);
-            sx[m * (K / BL) + b] = top >= 0x7f80 ? NAN : scale; /* an inf or NaN in x makes the outputs NaN */
-            for (int64_t i = 0; i < BL; i += 8) {
-                const __m256 v = _mm256_mul_ps(cvt_bf16x8(_mm_loadu_si128((const __m128i *)(xb + i))), _mm256_set1_ps(inv));
-                const __m256i q = _mm256_cvtps_epi32(v); /* |v| < 2^15: exact below 2^7 of the top, else rounded */
-                const __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(q, q), _MM_SHUFFLE(3, 1, 2, 0));
-                _mm_storeu_si128((__m128i *)(xq + m * K + b * BL + i), _mm256_castsi256_si128(p));
-            }
-        }
-}
-
 /* ------------------------------------------------------------------------------------------------------------ */
 /* int8 weights, symmetric: W = q * s, q (N, K) int8, s (N, K/G); G % 16 == 0 */
 
@@ -423,26 +387,6 @@ static void int4_tile_f32(const uint8_t *tile, const void *sz, int s_bf16, int64
     }
 }
 
-/* bf16 activations as int8, in blocks of 16 columns (never crossing a weight group: G % 16 == 0): x (M, K) bf16 ->
- * xq (M, K) int8 and sx (M, K / 16), x ~ xq * sx with sx = max |x| / 127 (round to nearest), as llama.cpp's Q8
- * activations (blocks of 32 there). An inf or NaN in a block makes its scale NaN, so the outputs are NaN. */
-static void quantize_x8(const uint16_t *x, int64_t M, int64_t K, int8_t *xq, float *sx) {
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    for (int64_t i = 0; i < M * K; i += 16) {
-        const __m256 a = cvt_bf16x8(_mm_loadu_si128((const __m128i *)(x + i)));
-        const __m256 b = cvt_bf16x8(_mm_loadu_si128((const __m128i *)(x + i + 8)));
-        const __m256 aa = _mm256_and_ps(a, absmask), ab = _mm256_and_ps(b, absmask), inf = _mm256_set1_ps(INFINITY);
-        const float top = hmax8(_mm256_max_ps(aa, ab));
-        const int bad = _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(aa, inf, _CMP_NLT_UQ), _mm256_cmp_ps(ab, inf, _CMP_NLT_UQ)));
-        sx[i / 16] = bad ? NAN : top / 127.0f;
-        const __m256 inv = _mm256_set1_ps(top > 0 && !bad ? 127.0f / top : 0.0f);
-        const __m256i qa = _mm256_cvtps_epi32(_mm256_mul_ps(a, inv)), qb = _mm256_cvtps_epi32(_mm256_mul_ps(b, inv));
-        const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(qa, qb), _MM_SHUFFLE(3, 1, 2, 0)); /* 16 x int16 */
-        const __m128i n = _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
-        _mm_storeu_si128((__m128i *)(xq + i), n);
-    }
-}
-
 /* int8 activations, MC rows of x at once over one tile: columns k and k + 1 byte-interleaved put each row's two
  * nibbles side by side, where vpmaddubsw meets them with the pair (xq[k], xq[k + 1]) (unsigned nibble times signed
  * activation, summed in pairs to int16: at most 2 * 15 * 127, so a block's 8 pairs stay below 2^15). Per block of 16
@@ -513,21 +457,17 @@ void qk_gemv_int4(const uint8_t *P, const void *sz, int s_bf16, int64_t G, const
     if (!xsum || (x_bf16 && !xq)) return;
     float *sx = xsum + M * ng;
     const float *xf = x_bf16 ? NULL : x;
-    if (x_bf16) quantize_x8(x, M, K, xq, sx);
-    for (int64_t m = 0; m < M; m++) /* the sums of the x the products see: quantized ones where they are */
-        for (int64_t gi = 0; gi < ng; gi++) {
-            float acc = 0;
-            if (x_bf16) {
-                for (int64_t b = gi * G / 16; b < (gi + 1) * G / 16; b++) {
-                    int32_t q = 0;
-                    for (int k = 0; k < 16; k++) q += xq[m * K + 16 * b + k];
-                    acc += (float)q * sx[m * (K / 16) + b];
-                }
-            } else {
+    if (x_bf16) {
+        quantize_x8(x, M, K, xq, sx);
+        quantized_group_sums(xq, sx, M, K, G, xsum);
+    } else {
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t gi = 0; gi < ng; gi++) {
+                float acc = 0;
                 for (int64_t k = gi * G; k < (gi + 1) * G; k++) acc += xf[m * K + k];
+                xsum[m * ng + gi] = acc;
             }
-            xsum[m * ng + gi] = acc;
-        }
+    }
 #pragma omp parallel for schedule(static) num_threads(threads_for(nthreads, Np * K))
     for (int64_t t = 0; t < (n_out + 63) / 64; t++) { /* the tiles of the first n_out rows: Np is their stride */
         const uint8_t *tile = P + t * K * 32;

@@ -1,4 +1,4 @@
-/* qwenlite's CPU kernels for x86 with AVX-512 (F, BW, VL) and AVX512-BF16, built by qwenlite/ops/cpu/kernels.py
+/* qwenlite's CPU kernels for x86 with AVX-512 (F, BW, VL), AVX512-BF16 and AVX512-VNNI, built by qwenlite/ops/cpu/kernels.py
  * with the machine's C compiler (-O3 -march=native -fopenmp) and called through ctypes. avx2.c has the same
  * functions for AVX2 + FMA. Each has a pure-torch reference twin it is tested against:
  *
@@ -20,19 +20,26 @@
  *
  * The GEMVs are for few activation rows (decode, batched decode): each pass streams the weights once for up to
  * MB rows of x, accumulating in fp32. Decode is bound by memory bandwidth, so the inner loops do just enough
- * arithmetic per byte to keep up with it: bf16 (and int4 with bf16 activations) by AVX512-BF16 dot products,
- * int8 and int4 otherwise by widening to fp32 and FMA. Threads split the output rows (OpenMP; the runtime is torch's own libgomp, loaded first).
+ * arithmetic per byte to keep up with it: bf16 weights by AVX512-BF16 dot products; quantized weights with bf16
+ * activations in integers, the activations quantized once per call as avx2.c does (quant_x86.h: int16 blocks for
+ * int8 weights, int8 blocks of 16 for int4 ones) and multiplied by AVX512-VNNI's vpdpwssd / vpdpbusd, so the three
+ * instruction sets give the same numbers up to fp32 summation order; fp32 activations by widening the weights to
+ * fp32 and FMA. Every CPU with AVX512-BF16 has VNNI (Cooper Lake, Sapphire Rapids and later, Zen 4 and 5). Threads
+ * split the output rows (OpenMP; the runtime is torch's own libgomp, loaded first).
  *
  * Activations: fp32 or bf16 (`x_bf16`), outputs likewise (`y_bf16`); scales fp32 or bf16 (`s_bf16`).
  * Everything is contiguous, row-major. */
 
 #include "common.h"
 
-#if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__))
-#error "avx512.c needs AVX-512 F, BW, VL and BF16 (kernels.py builds it only for such a CPU)"
+#if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__) \
+      && defined(__AVX512VNNI__))
+#error "avx512.c needs AVX-512 F, BW, VL, BF16 and VNNI (kernels.py builds it only for such a CPU)"
 #endif
 
 #include <immintrin.h>
+
+#include "quant_x86.h"
 
 const char *qk_isa(void) { return "avx512"; }
 
@@ -126,6 +133,7 @@ void qk_gemv_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, int64_t M, 
 /* ------------------------------------------------------------------------------------------------------------ */
 /* int8 weights, symmetric: W = q * s, q (N, K) int8, s (N, K/G); G % 16 == 0 */
 
+/* fp32 activations: weights widened to fp32 */
 static inline __m512 i8x16(const int8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))); }
 
 static inline __attribute__((always_inline)) void int8_row(const int8_t *w, const void *s, int s_bf16, int64_t G,
@@ -160,25 +168,94 @@ static inline __attribute__((always_inline)) void int8_row(const int8_t *w, cons
     for (int m = 0; m < MC; m++) store_out(y, y_bf16, m * N + n, _mm512_reduce_add_ps(tot[m]));
 }
 
-void qk_gemv_int8(const int8_t *W, const void *s, int s_bf16, int64_t G, const void *x, int x_bf16, void *y,
-                  int y_bf16, int64_t M, int64_t N, int64_t K, int nthreads) {
-    const float *xf = stage_f32(x, x_bf16, M * K);
-    if (!xf) return;
-    for (int64_t m0 = 0; m0 < M; m0 += MB) {
-        const int mc = (int)(M - m0 < MB ? M - m0 : MB);
-        const float *xm = xf + m0 * K;
-        char *ym = (char *)y + m0 * N * (y_bf16 ? 2 : 4);
-#pragma omp parallel for schedule(static) num_threads(threads_for(nthreads, N * K))
-        for (int64_t n = 0; n < N; n++) {
-            const int8_t *w = W + n * K;
-            switch (mc) {
-            case 1: int8_row(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 1); break;
-            case 2: int8_row(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 2); break;
-            case 3: int8_row(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 3); break;
-            default: int8_row(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 4); break;
+/* bf16 activations as int16 blocks (quant_x86.h, avx2.c's scheme): per block, int32 sums of q xq through vpdpwssd
+ * (32 products an instruction, summed in pairs into 16 int32 lanes: at most 16 products of 127 x 32767 a lane per
+ * block of 256 columns); then an fp32 sum of (block sum) sx per group, times s. A block of 16 columns more than a
+ * multiple of 32 (groups of 16 or 48) multiplies the upper half of x by zeros. */
+static inline __attribute__((always_inline)) void int8_row_i16(const int8_t *w, const void *s, int s_bf16, int64_t G,
+                                                               int64_t BL, const int16_t *xq, const float *sx,
+                                                               void *y, int y_bf16, int64_t n, int64_t N, int64_t K,
+                                                               const int MC) {
+    const int64_t nb = K / BL;
+    __m512 tot[MB];
+    for (int m = 0; m < MC; m++) tot[m] = _mm512_setzero_ps();
+    for (int64_t g0 = 0, gi = 0; g0 < K; g0 += G, gi++) {
+        __m512 gacc[MB];
+        for (int m = 0; m < MC; m++) gacc[m] = _mm512_setzero_ps();
+        for (int64_t b0 = g0; b0 < g0 + G; b0 += BL) {
+            __m512i acc[MB][4]; /* four chains: one would wait on vpdpwssd's latency (llvm-mca: 7 cycles a step) */
+            for (int m = 0; m < MC; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm512_setzero_si512();
+            int64_t k = b0;
+            for (; k + 128 <= b0 + BL; k += 128)
+                for (int j = 0; j < 4; j++) {
+                    const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + k + 32 * j)));
+                    for (int m = 0; m < MC; m++)
+                        acc[m][j] = _mm512_dpwssd_epi32(acc[m][j], wv, _mm512_loadu_si512(xq + m * K + k + 32 * j));
+                }
+            for (; k + 32 <= b0 + BL; k += 32) {
+                const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + k)));
+                for (int m = 0; m < MC; m++)
+                    acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], wv, _mm512_loadu_si512(xq + m * K + k));
+            }
+            if (k < b0 + BL) {
+                const __m512i wv = _mm512_cvtepi8_epi16(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(w + k))));
+                for (int m = 0; m < MC; m++)
+                    acc[m][1] = _mm512_dpwssd_epi32(acc[m][1], wv, _mm512_maskz_loadu_epi16(0xffff, xq + m * K + k));
+            }
+            for (int m = 0; m < MC; m++) { /* integer sums: exact in any order */
+                const __m512i a = _mm512_add_epi32(_mm512_add_epi32(acc[m][0], acc[m][1]), _mm512_add_epi32(acc[m][2], acc[m][3]));
+                gacc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(sx[m * nb + b0 / BL]), gacc[m]);
             }
         }
+        const __m512 sv = _mm512_set1_ps(load_scale(s, s_bf16, n * (K / G) + gi));
+        for (int m = 0; m < MC; m++) tot[m] = _mm512_fmadd_ps(gacc[m], sv, tot[m]);
     }
+    for (int m = 0; m < MC; m++) store_out(y, y_bf16, m * N + n, _mm512_reduce_add_ps(tot[m]));
+}
+
+void qk_gemv_int8(const int8_t *W, const void *s, int s_bf16, int64_t G, const void *x, int x_bf16, void *y,
+                  int y_bf16, int64_t M, int64_t N, int64_t K, int nthreads) {
+    const int64_t BL = block_len(G);
+    int16_t *xq = NULL;
+    float *sx = NULL;
+    const float *xf = NULL;
+    if (x_bf16) {
+        xq = scratch(0, sizeof(int16_t) * (size_t)(M * K));
+        sx = scratch(1, sizeof(float) * (size_t)(M * (K / BL)));
+        if (!xq || !sx) return;
+        quantize_x16(x, M, K, BL, xq, sx);
+    } else {
+        xf = x;
+    }
+    /* One pass over W for all rows of x: a block of NB rows of W (in L2) meets every 4 rows of x in turn. */
+    enum { NB = 16 };
+#pragma omp parallel for schedule(static) num_threads(threads_for(nthreads, N * K))
+    for (int64_t n0 = 0; n0 < N; n0 += NB)
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            const int mc = (int)(M - m0 < MB ? M - m0 : MB);
+            char *ym = (char *)y + m0 * N * (y_bf16 ? 2 : 4);
+            for (int64_t n = n0; n < n0 + NB && n < N; n++) {
+                const int8_t *w = W + n * K;
+                if (x_bf16) {
+                    const int16_t *xm = xq + m0 * K;
+                    const float *sm = sx + m0 * (K / BL);
+                    switch (mc) {
+                    case 1: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 1); break;
+                    case 2: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 2); break;
+                    case 3: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 3); break;
+                    default: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 4); break;
+                    }
+                    continue;
+                }
+                const float *xm = xf + m0 * K;
+                switch (mc) {
+                case 1: int8_row(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 1); break;
+                case 2: int8_row(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 2); break;
+                case 3: int8_row(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 3); break;
+                default: int8_row(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 4); break;
+                }
+            }
+        }
 }
 
 void qk_dequant_int8(const int8_t *W, const void *s, int s_bf16, int64_t G, int64_t r0, int64_t r1, int64_t K,
@@ -264,99 +341,130 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t *P, co
         for (int64_t r = 0; r < 64 && t * 64 + r < n_out; r++) store_out(y, y_bf16, m * n_out + t * 64 + r, tot[m][r]);
 }
 
-/* The same tile for bf16 activations, two columns at a time through AVX512-BF16 dot products: byte-interleaving
- * columns k and k+1 puts each row's pair of nibbles side by side; a nibble q widened to 16 bits and or-ed with
- * 0x4300 is exactly bf16(128 + q), so dpbf16 yields sum (128 + q) x = s_qx + 128 sum x in fp32, the latter
- * removed with the group's sum of x. About half the instructions of the fp32 path, and no rounding of x beyond the
- * bf16 it already is. Accumulator lanes hold rows in the order unpack leaves them: A0 = rows 0-7 and 16-23,
- * A1 = 8-15 and 24-31, A2, A3 the same plus 32 (the high nibbles); scales are shuffled to match. */
-static inline __attribute__((always_inline)) void int4_tile_bf16x(const uint8_t *P, const void *sz, int s_bf16,
-                                                                  int64_t G, const uint16_t *x, const float *xsum,
-                                                                  void *y, int y_bf16, int64_t t, int64_t Np,
-                                                                  int64_t n_out, int64_t K, const int MC) {
-    const int64_t ng = K / G;
-    __m512 tot[MB][4];
-    for (int m = 0; m < MC; m++) tot[m][0] = tot[m][1] = tot[m][2] = tot[m][3] = _mm512_setzero_ps();
-    const uint8_t *tile = P + t * K * 32;
-    const __m256i nib = _mm256_set1_epi8(15);
-    const __m512i one28 = _mm512_set1_epi16(0x4300);
+/* How far ahead of the weights being multiplied the int4 GEMV prefetches, in bytes: avx2.c's figure (measured
+ * there, on a 2-core Zen 3; not measured on an AVX-512 CPU). */
+#define PREFETCH 4096
+
+/* Where int4_tile_i8's accumulators hold a tile's 64 rows, as 4 vectors of 16 lanes (the order the byte and word
+ * unpacks leave): vector r lane i holds row 32 (r / 2) + 4 (r % 2) + I8_ROWS[i]. I8_ROWS doubles as the indices of
+ * those rows in two vectors of 16 consecutive rows (permutex2var) for even r; odd r adds 4. */
+static const int32_t I8_ROWS[16] = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+
+static inline __m256i col(const uint8_t *tile, int64_t k) { return _mm256_loadu_si256((const __m256i *)(tile + k * 32)); }
+
+/* bf16 activations as int8 blocks of 16 (quant_x86.h's quantize_x8, avx2.c's scheme), MC rows of x over one tile,
+ * four columns at a time through vpdpbusd (AVX512-VNNI: 64 products of an unsigned nibble and a signed activation
+ * an instruction, summed in fours into 16 int32 lanes). Columns k..k+3 (128 bytes) are shuffled so that each 32-bit
+ * lane holds one byte position's four columns: its low nibbles are a row of the tile's first half, its high ones
+ * the row 32 further; each row of x meets them with its four activations broadcast. Per block of 16 columns the
+ * int32 sums are scaled by the block's sx into fp32; per group, times s, plus (z - 8 s) times the group's sum of
+ * x. `tot` holds the rows in the accumulators' lane order (I8_ROWS). */
+static inline __attribute__((always_inline)) void int4_tile_i8(const uint8_t *tile, const void *sz, int s_bf16,
+                                                               int64_t G, const int8_t *xq, const float *sx,
+                                                               const float *xsum, float *tot, int64_t t, int64_t Np,
+                                                               int64_t K, const int MC) {
+    const __m512i nib = _mm512_set1_epi8(15);
+    const __m512i rows0 = _mm512_loadu_si512(I8_ROWS), rows1 = _mm512_add_epi32(rows0, _mm512_set1_epi32(4));
+    const int64_t ng = K / G, nb = K / 16;
     for (int64_t gi = 0; gi < ng; gi++) {
-        __m512 acc[MB][4];
-        for (int m = 0; m < MC; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm512_setzero_ps();
-        for (int64_t k = gi * G; k < (gi + 1) * G; k += 2) {
-            const __m256i c0 = _mm256_loadu_si256((const __m256i *)(tile + k * 32));
-            const __m256i c1 = _mm256_loadu_si256((const __m256i *)(tile + (k + 1) * 32));
-            const __m256i ul = _mm256_unpacklo_epi8(c0, c1), uh = _mm256_unpackhi_epi8(c0, c1);
-            __m512i w[4];
-            w[0] = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_and_si256(ul, nib)), one28);
-            w[1] = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_and_si256(uh, nib)), one28);
-            w[2] = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(ul, 4), nib)), one28);
-            w[3] = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(uh, 4), nib)), one28);
+        __m512 f[MB][4];
+        for (int m = 0; m < MC; m++) f[m][0] = f[m][1] = f[m][2] = f[m][3] = _mm512_setzero_ps();
+        for (int64_t b0 = gi * G; b0 < (gi + 1) * G; b0 += 16) {
+            __m512i acc[MB][4];
+            for (int m = 0; m < MC; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm512_setzero_si512();
+            for (int64_t k = b0; k < b0 + 16; k += 4) {
+                _mm_prefetch((const char *)(tile + k * 32 + PREFETCH), _MM_HINT_T0);
+                _mm_prefetch((const char *)(tile + k * 32 + PREFETCH + 64), _MM_HINT_T0);
+                /* c0 | c2 and c1 | c3 (32 bytes a column; a byte: row j low, row 32 + j high), the upper halves
+                 * inserted as they load (no shuffle port) */
+                const __m512i a = _mm512_inserti64x4(_mm512_castsi256_si512(col(tile, k)), col(tile, k + 2), 1);
+                const __m512i b = _mm512_inserti64x4(_mm512_castsi256_si512(col(tile, k + 1)), col(tile, k + 3), 1);
+                /* per 128-bit lane, (c0, c1) byte pairs then (c2, c3) ones, for bytes 0-7, 16-23, 8-15, 24-31 */
+                const __m512i u0 = _mm512_unpacklo_epi8(a, b), u1 = _mm512_unpackhi_epi8(a, b);
+                const __m512i v01 = _mm512_shuffle_i64x2(u0, u1, _MM_SHUFFLE(1, 0, 1, 0));
+                const __m512i v23 = _mm512_shuffle_i64x2(u0, u1, _MM_SHUFFLE(3, 2, 3, 2));
+                const __m512i z0 = _mm512_unpacklo_epi16(v01, v23), z1 = _mm512_unpackhi_epi16(v01, v23);
+                const __m512i w[4] = {_mm512_and_si512(z0, nib), _mm512_and_si512(z1, nib),
+                                      _mm512_and_si512(_mm512_srli_epi16(z0, 4), nib),
+                                      _mm512_and_si512(_mm512_srli_epi16(z1, 4), nib)};
+                for (int m = 0; m < MC; m++) {
+                    int32_t four;
+                    memcpy(&four, xq + m * K + k, 4);
+                    const __m512i xv = _mm512_set1_epi32(four);
+                    for (int r = 0; r < 4; r++) acc[m][r] = _mm512_dpbusd_epi32(acc[m][r], w[r], xv);
+                }
+            }
             for (int m = 0; m < MC; m++) {
-                int32_t pair;
-                memcpy(&pair, x + m * K + k, 4);
-                const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
-                for (int r = 0; r < 4; r++) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)w[r], xv);
+                const __m512 bs = _mm512_set1_ps(sx[m * nb + b0 / 16]);
+                for (int r = 0; r < 4; r++) f[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][r]), bs, f[m][r]);
             }
         }
-        __m512 sb[4], zb[4]; /* rows 0-15, 16-31, 32-47, 48-63 */
-        for (int r = 0; r < 4; r++) load_sz(sz, s_bf16, Np, gi, t * 64 + r * 16, &sb[r], &zb[r]);
+        __m512 sn[4], zn[4]; /* rows 0-15, 16-31, 32-47, 48-63 */
+        for (int h = 0; h < 4; h++) load_sz(sz, s_bf16, Np, gi, t * 64 + h * 16, &sn[h], &zn[h]);
         for (int r = 0; r < 4; r++) {
-            const __m512 *s2 = &sb[(r / 2) * 2], *z2 = &zb[(r / 2) * 2];
-            const __m512 sv = (r & 1) ? _mm512_shuffle_f32x4(s2[0], s2[1], _MM_SHUFFLE(3, 2, 3, 2))
-                                      : _mm512_shuffle_f32x4(s2[0], s2[1], _MM_SHUFFLE(1, 0, 1, 0));
-            const __m512 zv = (r & 1) ? _mm512_shuffle_f32x4(z2[0], z2[1], _MM_SHUFFLE(3, 2, 3, 2))
-                                      : _mm512_shuffle_f32x4(z2[0], z2[1], _MM_SHUFFLE(1, 0, 1, 0));
-            const __m512 zc = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), sv, zv); /* z - 8 s - 128 s */
-            for (int m = 0; m < MC; m++)
-                tot[m][r] = _mm512_fmadd_ps(zc, _mm512_set1_ps(xsum[m * ng + gi]), _mm512_fmadd_ps(acc[m][r], sv, tot[m][r]));
+            const __m512i idx = r % 2 ? rows1 : rows0;
+            const __m512 sv = _mm512_permutex2var_ps(sn[2 * (r / 2)], idx, sn[2 * (r / 2) + 1]);
+            const __m512 zv = _mm512_permutex2var_ps(zn[2 * (r / 2)], idx, zn[2 * (r / 2) + 1]);
+            const __m512 z8 = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sv, zv); /* z - 8 s */
+            for (int m = 0; m < MC; m++) {
+                float *o = tot + m * 64 + 16 * r;
+                const __m512 v = _mm512_fmadd_ps(f[m][r], sv, _mm512_load_ps(o));
+                _mm512_store_ps(o, _mm512_fmadd_ps(z8, _mm512_set1_ps(xsum[m * ng + gi]), v));
+            }
         }
     }
-    for (int m = 0; m < MC; m++)
-        for (int r = 0; r < 4; r++) {
-            float v[16];
-            _mm512_storeu_ps(v, tot[m][r]);
-            for (int i = 0; i < 16; i++) { /* lane i of A_r -> its row */
-                const int64_t row = t * 64 + (r / 2) * 32 + (i / 8) * 16 + (r & 1) * 8 + (i % 8);
-                if (row < n_out) store_out(y, y_bf16, m * n_out + row, v[i]);
-            }
-        }
 }
 
 void qk_gemv_int4(const uint8_t *P, const void *sz, int s_bf16, int64_t G, const void *x, int x_bf16, void *y,
                   int y_bf16, int64_t M, int64_t Np, int64_t n_out, int64_t K, int nthreads) {
-    const float *xf = stage_f32(x, x_bf16, M * K);
     const int64_t ng = K / G;
-    float *xsum = scratch(1, sizeof(float) * (size_t)(M * ng));
-    if (!xf || !xsum) return;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t gi = 0; gi < ng; gi++) {
-            float acc = 0;
-            for (int64_t k = gi * G; k < (gi + 1) * G; k++) acc += xf[m * K + k];
-            xsum[m * ng + gi] = acc;
-        }
-    for (int64_t m0 = 0; m0 < M; m0 += MB) {
-        const int mc = (int)(M - m0 < MB ? M - m0 : MB);
-        const float *xm = xf + m0 * K, *sm = xsum + m0 * ng;
-        const uint16_t *xh = (const uint16_t *)x + m0 * K;
-        char *ym = (char *)y + m0 * n_out * (y_bf16 ? 2 : 4);
+    float *xsum = scratch(1, sizeof(float) * (size_t)(M * ng + (x_bf16 ? M * (K / 16) : 0)));
+    int8_t *xq = x_bf16 ? scratch(0, (size_t)(M * K)) : NULL;
+    if (!xsum || (x_bf16 && !xq)) return;
+    float *sx = xsum + M * ng;
+    const float *xf = x_bf16 ? NULL : x;
+    if (x_bf16) {
+        quantize_x8(x, M, K, xq, sx);
+        quantized_group_sums(xq, sx, M, K, G, xsum);
+    } else {
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t gi = 0; gi < ng; gi++) {
+                float acc = 0;
+                for (int64_t k = gi * G; k < (gi + 1) * G; k++) acc += xf[m * K + k];
+                xsum[m * ng + gi] = acc;
+            }
+    }
 #pragma omp parallel for schedule(static) num_threads(threads_for(nthreads, Np * K))
-        for (int64_t t = 0; t < (n_out + 63) / 64; t++) { /* the tiles of the first n_out rows: Np is their stride */
-            if (x_bf16) {
+    for (int64_t t = 0; t < (n_out + 63) / 64; t++) { /* the tiles of the first n_out rows: Np is their stride */
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            const int mc = (int)(M - m0 < MB ? M - m0 : MB);
+            char *ym = (char *)y + m0 * n_out * (y_bf16 ? 2 : 4);
+            if (!x_bf16) {
+                const float *xm = xf + m0 * K, *xs = xsum + m0 * ng;
                 switch (mc) {
-                case 1: int4_tile_bf16x(P, sz, s_bf16, G, xh, sm, ym, y_bf16, t, Np, n_out, K, 1); break;
-                case 2: int4_tile_bf16x(P, sz, s_bf16, G, xh, sm, ym, y_bf16, t, Np, n_out, K, 2); break;
-                case 3: int4_tile_bf16x(P, sz, s_bf16, G, xh, sm, ym, y_bf16, t, Np, n_out, K, 3); break;
-                default: int4_tile_bf16x(P, sz, s_bf16, G, xh, sm, ym, y_bf16, t, Np, n_out, K, 4); break;
+                case 1: int4_tile(P, sz, s_bf16, G, xm, xs, ym, y_bf16, t, Np, n_out, K, 1); break;
+                case 2: int4_tile(P, sz, s_bf16, G, xm, xs, ym, y_bf16, t, Np, n_out, K, 2); break;
+                case 3: int4_tile(P, sz, s_bf16, G, xm, xs, ym, y_bf16, t, Np, n_out, K, 3); break;
+                default: int4_tile(P, sz, s_bf16, G, xm, xs, ym, y_bf16, t, Np, n_out, K, 4); break;
                 }
                 continue;
             }
+            float tot[MB * 64] __attribute__((aligned(64))) = {0};
+            const uint8_t *tile = P + t * K * 32;
+            const int8_t *xm = xq + m0 * K;
+            const float *sm = sx + m0 * (K / 16), *xs = xsum + m0 * ng;
             switch (mc) {
-            case 1: int4_tile(P, sz, s_bf16, G, xm, sm, ym, y_bf16, t, Np, n_out, K, 1); break;
-            case 2: int4_tile(P, sz, s_bf16, G, xm, sm, ym, y_bf16, t, Np, n_out, K, 2); break;
-            case 3: int4_tile(P, sz, s_bf16, G, xm, sm, ym, y_bf16, t, Np, n_out, K, 3); break;
-            default: int4_tile(P, sz, s_bf16, G, xm, sm, ym, y_bf16, t, Np, n_out, K, 4); break;
+            case 1: int4_tile_i8(tile, sz, s_bf16, G, xm, sm, xs, tot, t, Np, K, 1); break;
+            case 2: int4_tile_i8(tile, sz, s_bf16, G, xm, sm, xs, tot, t, Np, K, 2); break;
+            case 3: int4_tile_i8(tile, sz, s_bf16, G, xm, sm, xs, tot, t, Np, K, 3); break;
+            default: int4_tile_i8(tile, sz, s_bf16, G, xm, sm, xs, tot, t, Np, K, 4); break;
             }
+            for (int m = 0; m < mc; m++)
+                for (int r = 0; r < 4; r++)
+                    for (int i = 0; i < 16; i++) {
+                        const int64_t row = t * 64 + 32 * (r / 2) + 4 * (r % 2) + I8_ROWS[i];
+                        if (row < n_out) store_out(ym, y_bf16, m * n_out + row, tot[m * 64 + 16 * r + i]);
+                    }
         }
     }
 }

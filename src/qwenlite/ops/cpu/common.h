@@ -39,6 +39,15 @@ static inline float load_scale(const void *s, int s_bf16, int64_t i) {
 }
 
 
+/* The int8 GEMVs' bf16 activations as int16 blocks (avx2.c's header says why): a block is at most 256 columns and
+ * never crosses a weight group of G columns (G % 16 == 0, so a block is BL = 16 d columns for the largest divisor d
+ * of G / 16 with 16 d <= 256). */
+static inline int64_t block_len(int64_t G) {
+    int64_t d = G / 16 < 16 ? G / 16 : 16;
+    while ((G / 16) % d) d--;
+    return 16 * d;
+}
+
 static inline int threads_for(int nthreads, int64_t work) { return work < (1 << 18) ? 1 : nthreads; }
 
 /* 1 or 16 values of fp32 or bf16 (`bf`, a compile-time constant where it matters) as fp32, and back */

@@ -1,13 +1,14 @@
-"""qwenlite's own CPU kernels, one C file per instruction set beside this module (avx512.c for AVX-512 with BF16,
-avx2.c for AVX2 + FMA, neon.c for AArch64's Advanced SIMD; common.h, delta_rule.h and step.h shared, gemv_float.h
-by avx2.c and neon.c): decode GEMVs over bf16 / fp32 / int8 / int4 weights, dequantization for prefill, a bf16 GEMM
-for prefill (avx2 only), a Gated DeltaNet token (conv, norms, gates and the delta rule in one pass over the state),
-the delta rule over a prompt, an attention token, RMSNorm, the prompt's conv + SiLU, and a whole decode step built
-from them (model/runner.py describes the model to it). Each has a pure-torch reference twin (named in avx512.c's
-header) that the tests hold every instruction set's build to.
+"""qwenlite's own CPU kernels, one C file per instruction set beside this module (avx512.c for AVX-512 with BF16 and
+VNNI, avx2.c for AVX2 + FMA, neon.c for AArch64's Advanced SIMD; common.h, delta_rule.h and step.h shared,
+gemv_float.h by avx2.c and neon.c, quant_x86.h by avx2.c and avx512.c): decode GEMVs over bf16 / fp32 / int8 / int4
+weights, dequantization for prefill, a bf16 GEMM for prefill (avx2 only), a Gated DeltaNet token (conv, norms, gates
+and the delta rule in one pass over the state), the delta rule over a prompt, an attention token, RMSNorm, the
+prompt's conv + SiLU, and a whole decode step built from them (model/runner.py describes the model to it). Each has a
+pure-torch reference twin (named in avx512.c's header) that the tests hold every instruction set's build to (avx512
+on an AVX2 machine too, emulated: tests/avx512_emulation.h).
 
 The instruction set is chosen once, from the CPU's features as the OS reports them (/proc/cpuinfo lists a feature
-only when the kernel enabled its register state): on x86-64 `avx512` where AVX-512 F/BW/VL and BF16 are present,
+only when the kernel enabled its register state): on x86-64 `avx512` where AVX-512 F/BW/VL, BF16 and VNNI are present,
 else `avx2` where AVX2, FMA and the rest of x86-64-v3 are; on AArch64 `neon` where the "Features" line lists
 `asimd`; else `torch` (torch's own kernels; also off Linux, where there is no /proc/cpuinfo to ask).
 `QWENLITE_ISA=avx512|avx2|neon|torch` forces one: a CPU that cannot run it is a KernelError that says what it
@@ -76,22 +77,22 @@ ARCHES = {"x86-64": ("x86_64", "AMD64"), "AArch64": ("aarch64", "arm64")}
 # Per instruction set, fastest first within an architecture: its architecture, the /proc/cpuinfo flags it needs
 # ("flags" on x86, "Features" on ARM), and the compiler's target.
 ISAS = {
-    "avx512": ("x86-64", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"), ["-march=native"]),
+    "avx512": ("x86-64", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"), ["-march=native"]),
     "avx2": ("x86-64", ("avx2", "fma", "f16c", "bmi1", "bmi2", "movbe"), ["-march=x86-64-v3"]),
     "neon": ("AArch64", ("asimd",), ["-march=armv8-a+simd"]),
 }
 # Optional features that raise an instruction set's target where the CPU has them (all of them): the flags then.
 UPGRADES = {"neon": (("asimddp",), ["-march=armv8.2-a+dotprod"])}
-SOURCES = ("common.h", "delta_rule.h", "gemv_float.h", "plan.h", "step.h")  # besides the instruction set's own file
+SOURCES = ("common.h", "delta_rule.h", "gemv_float.h", "plan.h", "quant_x86.h", "step.h")  # besides the ISA's own file
 MAX_ROWS = 8  # rows for the bf16 GEMV and the one-call decode step (decode, batched decode); more: torch's GEMM
 # Quantized weights: up to these many rows a GEMV (a pass over W per 4 rows; a layer's W stays in L3 between
 # passes) beats dequantize-then-GEMM, whose dequantization is a fixed cost (bench/results/gemv_rows.md).
 INT8_GEMV_ROWS, INT4_GEMV_ROWS = 24, 64
 # Where the quantized GEMVs multiply bf16 activations in integers: int8 weights with the activations as int16 blocks
 # (power-of-two scales: exact to 2^-16 of a block's largest value), int4 weights with int8 blocks of 16
-# (quant_matmul.quantize_activations is the twin); elsewhere, and for fp32 activations, the weights are widened.
-# neon does in both its builds (int4: sdot with dotprod, smlal without), with avx2's numbers bit for bit.
-INTEGER_GEMV_ISAS = ("avx2", "neon")
+# (quant_matmul.quantize_activations is the twin); fp32 activations widen the weights instead. Every file does:
+# avx512 through VNNI, neon in both its builds (int4: sdot with dotprod, smlal without) with avx2's numbers bit for bit.
+INTEGER_GEMV_ISAS = ("avx512", "avx2", "neon")
 DEQUANT_ROWS = 16384  # rows of a quantized W dequantized at a time for a bf16 GEMM: bounds the temporary (32 MB at K
 # 1024); half as many for an fp32 GEMM
 
@@ -337,7 +338,7 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     """x (M, K) -> (M, N) in x's dtype; needs `int8_ok`. A GEMV for up to INT8_GEMV_ROWS rows (any number where it
     multiplies in integers), else W dequantized a chunk of rows at a time for torch's GEMM (prefill), in x's dtype
     or fp32 (`gemm_dtype`)."""
-    if x.shape[0] <= INT8_GEMV_ROWS or integer_gemv(x):
+    if takes_gemv(x, INT8_GEMV_ROWS):
         return int8_gemv(x, qweight, scales)
     (N, K), dtype, out = qweight.shape, gemm_dtype(x.dtype), []
     xg, step = x.to(dtype), dequant_rows(dtype)
@@ -396,7 +397,7 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
                 n: int) -> torch.Tensor:  # fmt: skip
     """x (M, K) -> (M, n) in x's dtype; needs `int4_ok`. As `int8_matmul`: GEMV or dequantize + GEMM (on W^T, the
     layout the tiles dequantize to with whole-vector stores)."""
-    if x.shape[0] <= INT4_GEMV_ROWS or integer_gemv(x):
+    if takes_gemv(x, INT4_GEMV_ROWS):
         return int4_gemv(x, packed, scales_and_zeros, group_size, n)
     (tiles, K, _), dtype, out = packed.shape, gemm_dtype(x.dtype), []
     xg, step = x.to(dtype), dequant_rows(dtype) // 64
@@ -408,11 +409,18 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
 
 
 def integer_gemv(x: torch.Tensor) -> bool:
-    """Whether the quantized GEMVs multiply x in integers here (bf16 on INTEGER_GEMV_ISAS); then they beat
-    dequantize + GEMM at every row count (bench/results/gemv_rows.md): each passes over W once for all rows of x, a
-    tile (int4) or a block of rows (int8) of W in L2 while it meets every 4 rows of x in turn. Measured on AVX2;
-    neon follows it unmeasured (no ARM machine yet), which also keeps its prefill and decode on the same numbers."""
+    """Whether the quantized GEMVs multiply x in integers here (bf16 on INTEGER_GEMV_ISAS)."""
     return x.dtype == torch.bfloat16 and isa() in INTEGER_GEMV_ISAS
+
+
+def takes_gemv(x: torch.Tensor, max_rows: int) -> bool:
+    """Whether a quantized matmul of x runs the GEMV rather than dequantize + GEMM: up to `max_rows` rows, and at
+    every row count where the GEMV multiplies in integers and torch's bf16 GEMM is slow (`bf16_gemm_is_fast`); there
+    the GEMV wins (bench/results/gemv_rows.md): it passes over W once for all rows of x, a tile (int4) or a block of
+    rows (int8) of W in L2 while it meets every 4 rows of x in turn. Measured on AVX2; neon follows it unmeasured (no
+    ARM machine yet), which also keeps its prefill and decode on the same numbers. With AVX512-BF16 or AMX a prompt
+    keeps torch's bf16 GEMM (oneDNN's)."""
+    return x.shape[0] <= max_rows or (integer_gemv(x) and not bf16_gemm_is_fast())
 
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,

@@ -3,7 +3,7 @@
  * and 32 registers. The functions mirror avx2.c's one by one.
  *
  * Quantized weights meet bf16 activations as on avx2.c (its header says how and why), in integers:
- * - int8 weights: the activations as int16 blocks with power-of-two scales (avx2.c's quantize_x16), the weights
+ * - int8 weights: the activations as int16 blocks with power-of-two scales (quant_x86.h's quantize_x16), the weights
  *   widened to int16, smlal (4 products an instruction) into int32, kept in avx2.c's 8 lanes, in both builds
  *   (sdot multiplies int8 only: int16 activations would need splitting into two bytes each, not done);
  * - int4 weights: the activations as int8 blocks of 16 (scale max |x| / 127, quant_matmul.quantize_activations is
@@ -175,15 +175,9 @@ static inline __attribute__((always_inline)) void int8_row_f32(const int8_t *w, 
     for (int m = 0; m < MC; m++) store_out(y, y_bf16, m * N + n, hsum4(tot[m]));
 }
 
-/* bf16 activations as int16 blocks, avx2.c's quantize_x16 (its comment says why): a block is at most 256 columns and
- * never crosses a weight group (BL = 16 d for the largest divisor d of G / 16 with 16 d <= 256), its scale a power
- * of two with the block's largest |x| < 2^15 sx; an inf or NaN makes the scale NaN, so the outputs are NaN. */
-static inline int64_t block_len(int64_t G) {
-    int64_t d = G / 16 < 16 ? G / 16 : 16;
-    while ((G / 16) % d) d--;
-    return 16 * d;
-}
-
+/* bf16 activations as int16 blocks, quant_x86.h's quantize_x16 (avx2.c's header says why): blocks of common.h's
+ * block_len columns, each scale a power of two with the block's largest |x| < 2^15 sx; an inf or NaN makes the
+ * scale NaN, so the outputs are NaN. */
 static void quantize_x16(const uint16_t *x, int64_t M, int64_t K, int64_t BL, int16_t *xq, float *sx) {
     for (int64_t m = 0; m < M; m++)
         for (int64_t b = 0; b < K / BL; b++) {
@@ -371,7 +365,7 @@ static void int4_tile_f32(const uint8_t *tile, const void *sz, int s_bf16, int64
     }
 }
 
-/* bf16 activations as int8, in blocks of 16 columns (never crossing a weight group: G % 16 == 0): avx2.c's
+/* bf16 activations as int8, in blocks of 16 columns (never crossing a weight group: G % 16 == 0): quant_x86.h's
  * quantize_x8 (twin: quant_matmul.quantize_activations), x (M, K) bf16 -> xq (M, K) int8 and sx (M, K / 16),
  * x ~ xq * sx with sx = max |x| / 127, rounded to nearest even. An inf or NaN in a block makes its scale NaN. */
 static void quantize_x8(const uint16_t *x, int64_t M, int64_t K, int8_t *xq, float *sx) {
