@@ -273,6 +273,37 @@ def test_int4_matches_reference(K, N, dtype, each_isa):
                 assert torch.equal(kernels.int4_dequant_t(packed, sz, G, tiles, dtype).t(), want), isa
 
 
+AVX_VNNI_EMULATION = ["-march=x86-64-v3", "-include", str(Path(__file__).with_name("avx_vnni_emulation.h"))]
+
+
+@two_threads
+@pytest.mark.skipif("avx2" not in KERNEL_ISAS, reason="avx2.c does not run on this CPU")
+@pytest.mark.skipif(not Path("/usr/include/simde/x86/avx512.h").exists(), reason="apt-get install libsimde-dev")
+@pytest.mark.parametrize("K,N,G", [(1024, 3584, 32), (2048, 1024, 128), (160, 130, 32), (192, 100, 64)], ids=str)
+def test_avx_vnni_build_gives_the_avx2_numbers(K, N, G, monkeypatch):
+    """avx2.c's int4 GEMV built for AVX-VNNI (vpdpbusd on four columns: exact int32 block sums, each row's fp32 steps
+    those of the vpmaddubsw path) equals the plain AVX2 build bit for bit, for 1 to 19 rows and both scale dtypes:
+    natively on a CPU with AVX-VNNI, else with vpdpbusd emulated by SIMDe. The plain build is held to the twins
+    above, so this holds the VNNI one to them too. The same build with a vpdpbusd that adds nothing gives other
+    numbers: the VNNI path is the one these flags build."""
+    native = "avx_vnni" in kernels._cpuinfo()[1]
+    builds = {"avx2": ["-march=x86-64-v3"], "avx-vnni": kernels.UPGRADES["avx2"][1] if native else AVX_VNNI_EMULATION,
+              "broken": [*AVX_VNNI_EMULATION, "-DQK_DPBUSD_ADDS_NOTHING"]}  # fmt: skip
+    gen = torch.Generator().manual_seed(K + N + G)
+    w = torch.randn(N, K, generator=gen) * 0.05
+    xs = [torch.randn(M, K, generator=gen).to(torch.bfloat16) for M in (1, 3, 5, 8, 19)]
+    quantized = [qm.quantize_int4(w, G, dtype) for dtype in (torch.bfloat16, torch.float32)]
+    outs = {}
+    for name, flags in builds.items():
+        monkeypatch.setitem(kernels.UPGRADES, "avx2", ((), flags))  # () <= any CPU's features: these flags
+        force_isa(monkeypatch, "avx2")
+        kernels._load.cache_clear()  # one library per instruction set: the previous build's
+        outs[name] = [kernels.int4_gemv(x, packed, sz, G, N) for packed, sz in quantized for x in xs]
+    kernels._load.cache_clear()
+    assert all(torch.equal(a, b) for a, b in zip(outs["avx2"], outs["avx-vnni"], strict=True))
+    assert not any(torch.equal(a, b) for a, b in zip(outs["avx2"], outs["broken"], strict=True))
+
+
 def test_activation_quantization_twin():
     """quant_matmul.quantize_activations, the twin of the kernels' int8 activations: each block of 16 within half a
     step of its scale (max |x| / 127, the largest value exact), an all-zero block all zeros, a block with an inf or a
@@ -804,6 +835,7 @@ def test_neon_is_built_for_dotprod_only_where_the_cpu_has_it(fake_cpu):
     assert kernels.runnable_isas()[0] == "neon" and not kernels.missing_features("neon")
     assert kernels.target_flags("neon") == kernels.ISAS["neon"][2] == ["-march=armv8-a+simd"]
     assert kernels.target_flags("avx2", frozenset({"asimddp", *AVX2_FLAGS})) == ["-march=x86-64-v3"]
+    assert kernels.target_flags("avx2", frozenset({"avx_vnni", *AVX2_FLAGS})) == ["-march=x86-64-v3", "-mavxvnni"]
 
 
 ARM_CPUINFO = """processor\t: 0

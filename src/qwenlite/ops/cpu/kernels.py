@@ -16,13 +16,14 @@ lacks (so every path can be tested and benchmarked on one machine that has them)
 `QWENLITE_ISA=torch`.
 
 The chosen file is compiled on first use with the machine's C compiler (`$CC`, default `cc`; `-march=native` for
-avx512, `-march=x86-64-v3` for avx2, so the AVX2 build is what an AVX2 laptop runs; for neon `-march=armv8.2-a+dotprod`
-where the "Features" line also lists `asimddp` (ARMv8.2's dot product, sdot: neon.c's int4 GEMV uses it), else
+avx512, `-march=x86-64-v3` for avx2, so the AVX2 build is what an AVX2 laptop runs, plus `-mavxvnni` where the flags
+list `avx_vnni` (AVX-VNNI's vpdpbusd: avx2.c's int4 GEMV uses it); for neon `-march=armv8.2-a+dotprod` where the
+"Features" line also lists `asimddp` (ARMv8.2's dot product, sdot: neon.c's int4 GEMV uses it), else
 `-march=armv8-a+simd`, what any AArch64 CPU runs: `target_flags` decides, and tests/test_kernels_neon.py
 cross-compiles both and runs them under qemu), cached under `$QWENLITE_CACHE` (default ~/.cache/qwenlite)/kernels by
 a hash of the sources, the flags, the compiler and the CPU, and loaded with ctypes (the calls release the GIL). Both
-neon builds are "neon" and give the same numbers. Without a compiler the automatic choice warns once and falls back to
-torch; a forced one fails.
+neon builds are "neon" and give the same numbers, as both avx2 builds are "avx2" and do. Without a compiler the
+automatic choice warns once and falls back to torch; a forced one fails.
 
 Threads: OpenMP, sharing torch's libgomp (loaded by `import torch` before this library), with torch's thread
 count passed on every call.
@@ -82,7 +83,10 @@ ISAS = {
     "neon": ("AArch64", ("asimd",), ["-march=armv8-a+simd"]),
 }
 # Optional features that raise an instruction set's target where the CPU has them (all of them): the flags then.
-UPGRADES = {"neon": (("asimddp",), ["-march=armv8.2-a+dotprod"])}
+UPGRADES = {
+    "avx2": (("avx_vnni",), ["-march=x86-64-v3", "-mavxvnni"]),
+    "neon": (("asimddp",), ["-march=armv8.2-a+dotprod"]),
+}
 SOURCES = ("common.h", "delta_rule.h", "gemv_float.h", "plan.h", "quant_x86.h", "step.h")  # besides the ISA's own file
 MAX_ROWS = 8  # rows for the bf16 GEMV and the one-call decode step (decode, batched decode); more: torch's GEMM
 # Quantized weights: up to these many rows a GEMV (a pass over W per 4 rows; a layer's W stays in L3 between
