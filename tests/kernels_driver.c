@@ -1,6 +1,7 @@
 /* Runs every exported kernel of one instruction set's file (linked with it) on deterministic inputs and writes the
- * outputs to stdout, so that two builds can be compared output by output: tests/test_kernels_neon.py builds this
- * with avx2.c natively and with neon.c for AArch64 (run under qemu-user), and compares.
+ * outputs to stdout, so that two builds can be compared output by output: tests/test_kernel_builds.py builds this
+ * with avx2.c natively (also for AVX-VNNI), with avx512.c (natively or emulated) and with neon.c for AArch64 (run
+ * under qemu-user), and compares.
  *
  * The inputs come from the driver's own LCG and plain IEEE arithmetic (no libc rand, no libm beyond sqrtf, which
  * is correctly rounded), so both builds see the same bits. Output: a record per output array, a 64-byte header

@@ -2,7 +2,7 @@
 the 0.8B / 2B models and awkward ones, and the whole model with them against the model without: once for every
 instruction set this CPU can run (the `isa` fixture forces each through QWENLITE_ISA: on an AVX-512 BF16 + VNNI
 machine both avx512 and avx2, on an AVX2 one avx2 and avx512 with its intrinsics emulated (avx512_emulation.h), on
-AArch64 Linux neon; skipped only on a CPU with none of them; on x86, test_kernels_neon.py checks neon under qemu).
+AArch64 Linux neon; skipped only on a CPU with none of them; on x86, test_kernel_builds.py checks neon under qemu).
 The fallbacks (no compiler, QWENLITE_KERNELS=0) and the choice of instruction set run on every CPU and check that the
 model then runs on torch's kernels and answers what transformers answers.
 

@@ -19,7 +19,7 @@ The chosen file is compiled on first use with the machine's C compiler (`$CC`, d
 avx512, `-march=x86-64-v3` for avx2, so the AVX2 build is what an AVX2 laptop runs, plus `-mavxvnni` where the flags
 list `avx_vnni` (AVX-VNNI's vpdpbusd: avx2.c's int4 GEMV uses it); for neon `-march=armv8.2-a+dotprod` where the
 "Features" line also lists `asimddp` (ARMv8.2's dot product, sdot: neon.c's int4 GEMV uses it), else
-`-march=armv8-a+simd`, what any AArch64 CPU runs: `target_flags` decides, and tests/test_kernels_neon.py
+`-march=armv8-a+simd`, what any AArch64 CPU runs: `target_flags` decides, and tests/test_kernel_builds.py
 cross-compiles both and runs them under qemu), cached under `$QWENLITE_CACHE` (default ~/.cache/qwenlite)/kernels by
 a hash of the sources, the flags, the compiler and the CPU, and loaded with ctypes (the calls release the GIL). Both
 neon builds are "neon" and give the same numbers, as both avx2 builds are "avx2" and do. Without a compiler the

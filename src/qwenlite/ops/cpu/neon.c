@@ -12,7 +12,7 @@
  *   kernels.py builds with -march=armv8.2-a+dotprod where /proc/cpuinfo lists asimddp), else ARMv8.0's smlal on
  *   int8 (8 products an instruction, on each column's nibbles as they lie); 32 rows of a tile a pass.
  * The integers are exact and every fp32 step after them is avx2.c's, so both builds give avx2.c's bits for these
- * GEMVs; tests/test_kernels_neon.py checks it. fp32 activations (fp32 models: tests, training) keep the float path:
+ * GEMVs; tests/test_kernel_builds.py checks it. fp32 activations (fp32 models: tests, training) keep the float path:
  * weights widened to fp32, FMA. i8mm's smmla (__ARM_FEATURE_MATMUL_INT8) is not used yet.
  *
  * Rounding: each step rounds where avx2.c's does (FMA where it fuses, a separate multiply and add where the twin
