@@ -82,7 +82,7 @@ def main() -> None:
         for name in list(choices)[:: 1 if round_ % 2 == 0 else -1]:
             choices[name]()
             best[name] = min(best[name], *(timed() for _ in range(args.repeat)))
-    print(f"{args.model}: prefill of {args.prompt} tokens, {args.threads} threads, {kernels.isa()} kernels "
+    print(f"{args.model}: prefill of {args.prompt} tokens, {args.threads} threads, {kernels.isa_label()} kernels "
           f"({kernels.cpu_name()})")  # fmt: skip
     first = next(iter(best.values()))
     for name, seconds in best.items():

@@ -114,7 +114,7 @@ def main() -> None:
 
     precision = args.quant or str(model.dtype).removeprefix("torch.")
     lines = [f"# Speculation with oracle drafts: {args.model} ({precision}), {kernels.cpu_name()}, "
-             f"{kernels.isa()} kernels, {torch.get_num_threads()} threads", "",
+             f"{kernels.isa_label()} kernels, {torch.get_num_threads()} threads", "",
              f"Plain greedy decoding: {plain_tok_s:.1f} tok/s (best of {args.repeat * len(ks) * len(ps)}); prompt "
              f"{args.prompt}, {args.decode} tokens, each speculative figure the best of {args.repeat}; output equal "
              "to plain decoding's in every run; MTP drafts among "

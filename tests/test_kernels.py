@@ -836,6 +836,12 @@ def test_neon_is_built_for_dotprod_only_where_the_cpu_has_it(fake_cpu):
     assert kernels.target_flags("neon") == kernels.ISAS["neon"][2] == ["-march=armv8-a+simd"]
     assert kernels.target_flags("avx2", frozenset({"asimddp", *AVX2_FLAGS})) == ["-march=x86-64-v3"]
     assert kernels.target_flags("avx2", frozenset({"avx_vnni", *AVX2_FLAGS})) == ["-march=x86-64-v3", "-mavxvnni"]
+    # what `qwenlite bench` prints: the build's optional features where it uses them
+    assert kernels.isa_label("avx2", frozenset({"avx_vnni", *AVX2_FLAGS})) == "avx2+avx_vnni"
+    assert kernels.isa_label("avx2", frozenset(AVX2_FLAGS)) == "avx2"
+    assert kernels.isa_label("neon", frozenset(ARM_FEATURES)) == "neon+asimddp"
+    assert kernels.isa_label("avx512", frozenset({*AVX2_FLAGS, *AVX512_FLAGS})) == "avx512"
+    assert kernels.isa_label("torch", frozenset(ARM_FEATURES)) == "torch"
 
 
 ARM_CPUINFO = """processor\t: 0

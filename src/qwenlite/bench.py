@@ -33,7 +33,7 @@ class BenchResult:
     model: str
     precision: str
     threads: int
-    kernels: str  # the instruction set of qwenlite's CPU kernels that ran ("avx512", "avx2", "neon"), or "torch"
+    kernels: str  # qwenlite's CPU kernels that ran ("avx512", "avx2", "avx2+avx_vnni", "neon+asimddp", "torch", ...)
     weight_bytes: int  # every tensor of the model, once
     bytes_per_token: int  # what one decode step reads: all of it but an untied embedding and the experts not chosen
     active_expert_bytes_per_token: int  # of which the experts a token runs (top-k routed + shared; 0: no MoE)
@@ -289,7 +289,7 @@ def bench(model_ref: str, quant: str | None = None, dtype: str | None = None, pr
     bits = getattr(model.lm_head, "bits", None)  # a QuantLinear head: quantized on load or a quantized checkpoint
     precision = f"int{bits}" if bits else str(model.dtype).removeprefix("torch.")
     return BenchResult(
-        model=model_ref, precision=precision, threads=torch.get_num_threads(), kernels=kernels.isa(),
+        model=model_ref, precision=precision, threads=torch.get_num_threads(), kernels=kernels.isa_label(),
         weight_bytes=total, bytes_per_token=per_token, active_expert_bytes_per_token=active_experts,
         load_seconds=load_seconds, prompt_tokens=prompt,
         prefill_tok_s=prompt / prefill_s, time_to_first_token_s=prefill_s, decode_tokens=decode,

@@ -236,8 +236,8 @@ def report(
     perplexity.read_text(Path(text))  # a missing or empty text fails before anything is measured too
     rows = measure(model, parsed, text, ctx, tasks or [], include_path, limit, prompt, decode)
     result = {
-        "model": model, "machine": f"{kernels.cpu_name()}, {kernels.isa()} kernels", "text": str(text), "ctx": ctx,
-        "prompt": prompt, "decode": decode, "tasks": tasks or [], "definition": BONSAI,
+        "model": model, "machine": f"{kernels.cpu_name()}, {kernels.isa_label()} kernels", "text": str(text),
+        "ctx": ctx, "prompt": prompt, "decode": decode, "tasks": tasks or [], "definition": BONSAI,
         "variants": [asdict(r) for r in rows],
     }  # fmt: skip
     out_dir = Path(out)

@@ -256,7 +256,7 @@ def decisions_path() -> Path:
 def decision_key(model_path: str | Path, quant: str | None, dtype: str | None, device: str = "cpu") -> str:
     """What a measurement holds for: the resolved model path, --quant, --dtype, the device, the CPU, its kernels."""
     return " | ".join([str(Path(model_path).resolve()), f"quant {quant or '-'}", f"dtype {dtype or '-'}", device,
-                       kernels.cpu_name(), f"{kernels.isa()} kernels"])  # fmt: skip
+                       kernels.cpu_name(), f"{kernels.isa_label()} kernels"])  # fmt: skip
 
 
 def read_decisions() -> dict[str, dict]:

@@ -133,13 +133,25 @@ def missing_features(isa: str) -> list[str]:
     return [f for f in flags if f not in _cpuinfo()[1]]
 
 
+def _upgrade(isa: str, features: frozenset[str] | None) -> tuple[tuple[str, ...], list[str]] | None:
+    """UPGRADES' entry for `isa` where a CPU with `features` (this one's by default) has what it names, else None."""
+    features = _cpuinfo()[1] if features is None else features
+    return UPGRADES[isa] if isa in UPGRADES and set(UPGRADES[isa][0]) <= features else None
+
+
 def target_flags(isa: str, features: frozenset[str] | None = None) -> list[str]:
     """The compiler's target flags for `isa` on a CPU with `features` (this one's by default): ISAS', raised by
     UPGRADES where the CPU has the features they name."""
-    features = _cpuinfo()[1] if features is None else features
-    if isa in UPGRADES and set(UPGRADES[isa][0]) <= features:
-        return UPGRADES[isa][1]
-    return ISAS[isa][2]
+    upgrade = _upgrade(isa, features)
+    return upgrade[1] if upgrade else ISAS[isa][2]
+
+
+def isa_label(isa_name: str | None = None, features: frozenset[str] | None = None) -> str:
+    """The kernels in use (`isa()`, or `isa_name`) with the optional features their build uses on a CPU with
+    `features`: "avx2+avx_vnni", "neon+asimddp", "avx512", "torch". What `qwenlite bench` prints."""
+    name = isa() if isa_name is None else isa_name
+    upgrade = _upgrade(name, features)
+    return "+".join([name, *upgrade[0]]) if upgrade else name
 
 
 def runnable_isas() -> list[str]:
