@@ -136,9 +136,9 @@ void qk_gemv_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, int64_t M, 
 /* fp32 activations: weights widened to fp32 */
 static inline __m512 i8x16(const int8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))); }
 
-static inline __attribute__((always_inline)) void int8_row(const int8_t *w, const void *s, int s_bf16, int64_t G,
-                                                           const float *x, void *y, int y_bf16, int64_t n,
-                                                           int64_t N, int64_t K, const int MC) {
+static inline __attribute__((always_inline)) void int8_row_f32(const int8_t *w, const void *s, int s_bf16, int64_t G,
+                                                               const float *x, void *y, int y_bf16, int64_t n,
+                                                               int64_t N, int64_t K, const int MC) {
     __m512 tot[MB];
     for (int m = 0; m < MC; m++) tot[m] = _mm512_setzero_ps();
     for (int64_t g0 = 0, gi = 0; g0 < K; g0 += G, gi++) {
@@ -213,50 +213,7 @@ static inline __attribute__((always_inline)) void int8_row_i16(const int8_t *w, 
     for (int m = 0; m < MC; m++) store_out(y, y_bf16, m * N + n, _mm512_reduce_add_ps(tot[m]));
 }
 
-void qk_gemv_int8(const int8_t *W, const void *s, int s_bf16, int64_t G, const void *x, int x_bf16, void *y,
-                  int y_bf16, int64_t M, int64_t N, int64_t K, int nthreads) {
-    const int64_t BL = block_len(G);
-    int16_t *xq = NULL;
-    float *sx = NULL;
-    const float *xf = NULL;
-    if (x_bf16) {
-        xq = scratch(0, sizeof(int16_t) * (size_t)(M * K));
-        sx = scratch(1, sizeof(float) * (size_t)(M * (K / BL)));
-        if (!xq || !sx) return;
-        quantize_x16(x, M, K, BL, xq, sx);
-    } else {
-        xf = x;
-    }
-    /* One pass over W for all rows of x: a block of NB rows of W (in L2) meets every 4 rows of x in turn. */
-    enum { NB = 16 };
-#pragma omp parallel for schedule(static) num_threads(threads_for(nthreads, N * K))
-    for (int64_t n0 = 0; n0 < N; n0 += NB)
-        for (int64_t m0 = 0; m0 < M; m0 += MB) {
-            const int mc = (int)(M - m0 < MB ? M - m0 : MB);
-            char *ym = (char *)y + m0 * N * (y_bf16 ? 2 : 4);
-            for (int64_t n = n0; n < n0 + NB && n < N; n++) {
-                const int8_t *w = W + n * K;
-                if (x_bf16) {
-                    const int16_t *xm = xq + m0 * K;
-                    const float *sm = sx + m0 * (K / BL);
-                    switch (mc) {
-                    case 1: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 1); break;
-                    case 2: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 2); break;
-                    case 3: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 3); break;
-                    default: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 4); break;
-                    }
-                    continue;
-                }
-                const float *xm = xf + m0 * K;
-                switch (mc) {
-                case 1: int8_row(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 1); break;
-                case 2: int8_row(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 2); break;
-                case 3: int8_row(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 3); break;
-                default: int8_row(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 4); break;
-                }
-            }
-        }
-}
+#include "gemv_int8.h"
 
 void qk_dequant_int8(const int8_t *W, const void *s, int s_bf16, int64_t G, int64_t r0, int64_t r1, int64_t K,
                      void *out, int out_bf16, int nthreads) {
@@ -418,22 +375,10 @@ static inline __attribute__((always_inline)) void int4_tile_i8(const uint8_t *ti
 void qk_gemv_int4(const uint8_t *P, const void *sz, int s_bf16, int64_t G, const void *x, int x_bf16, void *y,
                   int y_bf16, int64_t M, int64_t Np, int64_t n_out, int64_t K, int nthreads) {
     const int64_t ng = K / G;
-    float *xsum = scratch(1, sizeof(float) * (size_t)(M * ng + (x_bf16 ? M * (K / 16) : 0)));
-    int8_t *xq = x_bf16 ? scratch(0, (size_t)(M * K)) : NULL;
-    if (!xsum || (x_bf16 && !xq)) return;
-    float *sx = xsum + M * ng;
+    int8_t *xq;
+    float *sx, *xsum;
+    if (int4_activations(x, x_bf16, M, K, G, &xq, &sx, &xsum)) return;
     const float *xf = x_bf16 ? NULL : x;
-    if (x_bf16) {
-        quantize_x8(x, M, K, xq, sx);
-        quantized_group_sums(xq, sx, M, K, G, xsum);
-    } else {
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t gi = 0; gi < ng; gi++) {
-                float acc = 0;
-                for (int64_t k = gi * G; k < (gi + 1) * G; k++) acc += xf[m * K + k];
-                xsum[m * ng + gi] = acc;
-            }
-    }
 #pragma omp parallel for schedule(static) num_threads(threads_for(nthreads, Np * K))
     for (int64_t t = 0; t < (n_out + 63) / 64; t++) { /* the tiles of the first n_out rows: Np is their stride */
         for (int64_t m0 = 0; m0 < M; m0 += MB) {

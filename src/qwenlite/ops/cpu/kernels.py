@@ -1,11 +1,11 @@
 """qwenlite's own CPU kernels, one C file per instruction set beside this module (avx512.c for AVX-512 with BF16 and
-VNNI, avx2.c for AVX2 + FMA, neon.c for AArch64's Advanced SIMD; common.h, delta_rule.h and step.h shared,
-gemv_float.h by avx2.c and neon.c, quant_x86.h by avx2.c and avx512.c): decode GEMVs over bf16 / fp32 / int8 / int4
-weights, dequantization for prefill, a bf16 GEMM for prefill (avx2 only), a Gated DeltaNet token (conv, norms, gates
-and the delta rule in one pass over the state), the delta rule over a prompt, an attention token, RMSNorm, the
-prompt's conv + SiLU, and a whole decode step built from them (model/runner.py describes the model to it). Each has a
-pure-torch reference twin (named in avx512.c's header) that the tests hold every instruction set's build to (avx512
-on an AVX2 machine too, emulated: tests/avx512_emulation.h).
+VNNI, avx2.c for AVX2 + FMA, neon.c for AArch64's Advanced SIMD; common.h, delta_rule.h, gemv_int8.h and step.h
+shared, gemv_float.h by avx2.c and neon.c, quant_x86.h by avx2.c and avx512.c): decode GEMVs over bf16 / fp32 /
+int8 / int4 weights, dequantization for prefill, a bf16 GEMM for prefill (avx2 only), a Gated DeltaNet token (conv,
+norms, gates and the delta rule in one pass over the state), the delta rule over a prompt, an attention token,
+RMSNorm, the prompt's conv + SiLU, and a whole decode step built from them (model/runner.py describes the model to
+it). Each has a pure-torch reference twin (named in avx512.c's header) that the tests hold every instruction set's
+build to (avx512 on an AVX2 machine too, emulated: tests/avx512_emulation.h).
 
 The instruction set is chosen once, from the CPU's features as the OS reports them (/proc/cpuinfo lists a feature
 only when the kernel enabled its register state): on x86-64 `avx512` where AVX-512 F/BW/VL, BF16 and VNNI are present,
@@ -87,7 +87,7 @@ UPGRADES = {
     "avx2": (("avx_vnni",), ["-march=x86-64-v3", "-mavxvnni"]),
     "neon": (("asimddp",), ["-march=armv8.2-a+dotprod"]),
 }
-SOURCES = ("common.h", "delta_rule.h", "gemv_float.h", "plan.h", "quant_x86.h", "step.h")  # besides the ISA's own file
+SOURCES = ("common.h", "delta_rule.h", "gemv_float.h", "gemv_int8.h", "plan.h", "quant_x86.h", "step.h")  # + the ISA's
 MAX_ROWS = 8  # rows for the bf16 GEMV and the one-call decode step (decode, batched decode); more: torch's GEMM
 # Quantized weights: up to these many rows a GEMV (a pass over W per 4 rows; a layer's W stays in L3 between
 # passes) beats dequantize-then-GEMM, whose dequantization is a fixed cost (bench/results/gemv_rows.md).

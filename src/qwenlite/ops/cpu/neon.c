@@ -248,52 +248,7 @@ static inline __attribute__((always_inline)) void int8_row_i16(const int8_t *w, 
     for (int m = 0; m < MC; m++) store_out(y, y_bf16, m * N + n, hsum8(tot[m][0], tot[m][1]));
 }
 
-void qk_gemv_int8(const int8_t *W, const void *s, int s_bf16, int64_t G, const void *x, int x_bf16, void *y,
-                  int y_bf16, int64_t M, int64_t N, int64_t K, int nthreads) {
-    if (x_bf16) {
-        const int64_t BL = block_len(G);
-        int16_t *xq = scratch(0, sizeof(int16_t) * (size_t)(M * K));
-        float *sx = scratch(1, sizeof(float) * (size_t)(M * (K / BL)));
-        if (!xq || !sx) return;
-        quantize_x16(x, M, K, BL, xq, sx);
-        /* One pass over W for all rows of x: a block of NB rows of W (in L2) meets every 4 rows of x in turn. */
-        enum { NB = 16 };
-#pragma omp parallel for schedule(static) num_threads(threads_for(nthreads, N * K))
-        for (int64_t n0 = 0; n0 < N; n0 += NB)
-            for (int64_t m0 = 0; m0 < M; m0 += MB) {
-                const int mc = (int)(M - m0 < MB ? M - m0 : MB);
-                char *ym = (char *)y + m0 * N * (y_bf16 ? 2 : 4);
-                const int16_t *xm = xq + m0 * K;
-                const float *sm = sx + m0 * (K / BL);
-                for (int64_t n = n0; n < n0 + NB && n < N; n++) {
-                    const int8_t *w = W + n * K;
-                    switch (mc) {
-                    case 1: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 1); break;
-                    case 2: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 2); break;
-                    case 3: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 3); break;
-                    default: int8_row_i16(w, s, s_bf16, G, BL, xm, sm, ym, y_bf16, n, N, K, 4); break;
-                    }
-                }
-            }
-        return;
-    }
-    const float *xf = x;
-    for (int64_t m0 = 0; m0 < M; m0 += MB) {
-        const int mc = (int)(M - m0 < MB ? M - m0 : MB);
-        const float *xm = xf + m0 * K;
-        char *ym = (char *)y + m0 * N * (y_bf16 ? 2 : 4);
-#pragma omp parallel for schedule(static) num_threads(threads_for(nthreads, N * K))
-        for (int64_t n = 0; n < N; n++) {
-            const int8_t *w = W + n * K;
-            switch (mc) {
-            case 1: int8_row_f32(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 1); break;
-            case 2: int8_row_f32(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 2); break;
-            case 3: int8_row_f32(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 3); break;
-            default: int8_row_f32(w, s, s_bf16, G, xm, ym, y_bf16, n, N, K, 4); break;
-            }
-        }
-    }
-}
+#include "gemv_int8.h"
 
 void qk_dequant_int8(const int8_t *W, const void *s, int s_bf16, int64_t G, int64_t r0, int64_t r1, int64_t K,
                      void *out, int out_bf16, int nthreads) {

@@ -60,19 +60,30 @@ static void quantize_x8(const uint16_t *x, int64_t M, int64_t K, int8_t *xq, flo
     }
 }
 
-/* xsum (M, K / G): per row of x and weight group, the sum of the quantized activations (xq * sx over its blocks of
- * 16), what the int4 products see: W = q s + (z - 8 s) makes each group's output s sum(q x) + (z - 8 s) sum(x). */
-static void quantized_group_sums(const int8_t *xq, const float *sx, int64_t M, int64_t K, int64_t G, float *xsum) {
+/* The int4 GEMV's activations, x (M, K): bf16 rows as xq (M, K) int8 and sx (M, K / 16) (quantize_x8), fp32 rows as
+ * they are; and xsum (M, K / G), per row and weight group the sum of the x the products see (the quantized values
+ * where they are): W = q s + (z - 8 s) makes each group's output s sum(q x) + (z - 8 s) sum(x). In scratch slots 0
+ * and 1; -1 if they cannot be allocated. */
+static int int4_activations(const void *x, int x_bf16, int64_t M, int64_t K, int64_t G, int8_t **xq, float **sx,
+                            float **xsum) {
+    const int64_t ng = K / G;
+    *xsum = scratch(1, sizeof(float) * (size_t)(M * ng + (x_bf16 ? M * (K / 16) : 0)));
+    *xq = x_bf16 ? scratch(0, (size_t)(M * K)) : NULL;
+    if (!*xsum || (x_bf16 && !*xq)) return -1;
+    *sx = *xsum + M * ng;
+    if (x_bf16) quantize_x8(x, M, K, *xq, *sx);
     for (int64_t m = 0; m < M; m++)
-        for (int64_t gi = 0; gi < K / G; gi++) {
+        for (int64_t gi = 0; gi < ng; gi++) {
             float acc = 0;
-            for (int64_t b = gi * G / 16; b < (gi + 1) * G / 16; b++) {
+            for (int64_t b = gi * G / 16; x_bf16 && b < (gi + 1) * G / 16; b++) {
                 int32_t q = 0;
-                for (int k = 0; k < 16; k++) q += xq[m * K + 16 * b + k];
-                acc += (float)q * sx[m * (K / 16) + b];
+                for (int k = 0; k < 16; k++) q += (*xq)[m * K + 16 * b + k];
+                acc += (float)q * (*sx)[m * (K / 16) + b];
             }
-            xsum[m * (K / G) + gi] = acc;
+            for (int64_t k = gi * G; !x_bf16 && k < (gi + 1) * G; k++) acc += ((const float *)x)[m * K + k];
+            (*xsum)[m * ng + gi] = acc;
         }
+    return 0;
 }
 
 #endif
