@@ -229,9 +229,10 @@ def test_int8_matches_reference(K, N, dtype, each_isa):
 
 
 def references(xs: list[torch.Tensor], dtype: torch.dtype, matmul, *weights):
-    """isa -> the slow reference's outputs for each x (`matmul(rows, *weights)`), computed in one pass per kind: of
-    the int8-quantized activations where that instruction set's int4 GEMV takes x and multiplies bf16 activations in
-    integers (kernels.INTEGER_GEMV_ISAS, `takes_gemv`: int4 weights meet int8 activations there), else of x itself."""
+    """The slow reference's outputs for each x (`matmul(rows, *weights)`) under the forced instruction set, computed
+    in one pass per kind: of the int8-quantized activations where the int4 GEMV takes x and multiplies bf16
+    activations in integers (kernels.integer_gemv, `takes_gemv`: int4 weights meet int8 activations there), else of
+    x itself."""
     done = {}
 
     def kind(quantized: bool) -> list[torch.Tensor]:
@@ -242,9 +243,9 @@ def references(xs: list[torch.Tensor], dtype: torch.dtype, matmul, *weights):
             done[quantized] = matmul(rows, *weights).to(dtype).split([len(x) for x in xs])
         return done[quantized]
 
-    def of(isa: str) -> list[torch.Tensor]:
-        integer = dtype == torch.bfloat16 and isa in kernels.INTEGER_GEMV_ISAS
-        return [kind(integer and kernels.takes_gemv(x, kernels.INT4_GEMV_ROWS))[i] for i, x in enumerate(xs)]
+    def of() -> list[torch.Tensor]:
+        quantized = [kernels.integer_gemv(x) and kernels.takes_gemv(x, kernels.INT4_GEMV_ROWS) for x in xs]
+        return [kind(q)[i] for i, q in enumerate(quantized)]
 
     return of
 
@@ -264,7 +265,7 @@ def test_int4_matches_reference(K, N, dtype, each_isa):
             want = qm.dequantize_int4(packed, sz, slice(tiles.start * 64, tiles.stop * 64)).to(dtype)
         refs = references(xs, dtype, qm.int4_matmul_ref, packed, sz, N)
         for isa in each_isa():
-            for x, ref in zip(xs, refs(isa), strict=True):
+            for x, ref in zip(xs, refs(), strict=True):
                 assert kernels.int4_ok(x, packed, sz, G)
                 fast = kernels.int4_matmul(x, packed, sz, G, N)
                 assert fast.shape == ref.shape == (len(x), N)

@@ -64,7 +64,7 @@ def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K), K % ACT_BLOCK == 0 -> q (M, K) int8, scales (M, K / ACT_BLOCK) fp32, x ~ q * s per block of
     ACT_BLOCK values: s = max |x| / 127, q = round(x * (127 / max |x|)) in fp32, ties to even. The twin of the C
-    kernels' activation quantization (ops/cpu, `kernels.INTEGER_GEMV_ISAS`); an inf or NaN makes its block's
+    kernels' activation quantization (ops/cpu, `kernels.integer_gemv`); an inf or NaN makes its block's
     scale NaN."""
     M, K = x.shape
     blocks = x.float().reshape(M, K // ACT_BLOCK, ACT_BLOCK)

@@ -92,11 +92,6 @@ MAX_ROWS = 8  # rows for the bf16 GEMV and the one-call decode step (decode, bat
 # Quantized weights: up to these many rows a GEMV (a pass over W per 4 rows; a layer's W stays in L3 between
 # passes) beats dequantize-then-GEMM, whose dequantization is a fixed cost (bench/results/gemv_rows.md).
 INT8_GEMV_ROWS, INT4_GEMV_ROWS = 24, 64
-# Where the quantized GEMVs multiply bf16 activations in integers: int8 weights with the activations as int16 blocks
-# (power-of-two scales: exact to 2^-16 of a block's largest value), int4 weights with int8 blocks of 16
-# (quant_matmul.quantize_activations is the twin); fp32 activations widen the weights instead. Every file does:
-# avx512 through VNNI, neon in both its builds (int4: sdot with dotprod, smlal without) with avx2's numbers bit for bit.
-INTEGER_GEMV_ISAS = ("avx512", "avx2", "neon")
 DEQUANT_ROWS = 16384  # rows of a quantized W dequantized at a time for a bf16 GEMM: bounds the temporary (32 MB at K
 # 1024); half as many for an fp32 GEMM
 
@@ -425,8 +420,11 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
 
 
 def integer_gemv(x: torch.Tensor) -> bool:
-    """Whether the quantized GEMVs multiply x in integers here (bf16 on INTEGER_GEMV_ISAS)."""
-    return x.dtype == torch.bfloat16 and isa() in INTEGER_GEMV_ISAS
+    """Whether the quantized GEMVs multiply x in integers here: bf16 activations, in every instruction set's file
+    (int8 weights with the activations as int16 blocks, power-of-two scales: exact to 2^-16 of a block's largest
+    value; int4 weights with int8 blocks of 16, quant_matmul.quantize_activations the twin; avx512 through VNNI, neon
+    in both its builds with avx2's numbers bit for bit). fp32 activations widen the weights instead."""
+    return x.dtype == torch.bfloat16 and available()
 
 
 def takes_gemv(x: torch.Tensor, max_rows: int) -> bool:
