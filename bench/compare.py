@@ -420,7 +420,7 @@ def machine() -> dict:
         commit = ""
     best = kernels.runnable_isas()[0]
     slug = "-".join([*"".join(c if c.isalnum() else " " for c in cpu.lower()).split(), best, f"{os.cpu_count()}c"])
-    return {"cpu": cpu, "simd_flags": simd, "kernels": kernels.isa_label(best), "cores": os.cpu_count(),
+    return {"cpu": cpu, "simd_flags": simd, "kernels": best, "cores": os.cpu_count(),
             "python": platform.python_version(), "qwenlite_commit": commit, "slug": slug}  # fmt: skip
 
 

@@ -27,6 +27,7 @@ Tolerances (max |fast - ref| / max |ref|):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -837,12 +838,23 @@ def test_neon_is_built_for_dotprod_only_where_the_cpu_has_it(fake_cpu):
     assert kernels.target_flags("neon") == kernels.ISAS["neon"][2] == ["-march=armv8-a+simd"]
     assert kernels.target_flags("avx2", frozenset({"asimddp", *AVX2_FLAGS})) == ["-march=x86-64-v3"]
     assert kernels.target_flags("avx2", frozenset({"avx_vnni", *AVX2_FLAGS})) == ["-march=x86-64-v3", "-mavxvnni"]
-    # what `qwenlite bench` prints: the build's optional features where it uses them
-    assert kernels.isa_label("avx2", frozenset({"avx_vnni", *AVX2_FLAGS})) == "avx2+avx_vnni"
-    assert kernels.isa_label("avx2", frozenset(AVX2_FLAGS)) == "avx2"
-    assert kernels.isa_label("neon", frozenset(ARM_FEATURES)) == "neon+asimddp"
-    assert kernels.isa_label("avx512", frozenset({*AVX2_FLAGS, *AVX512_FLAGS})) == "avx512"
-    assert kernels.isa_label("torch", frozenset(ARM_FEATURES)) == "torch"
+
+
+@pytest.mark.skipif("avx2" not in KERNEL_ISAS, reason="avx2.c does not run on this CPU")
+def test_an_upgrade_the_compiler_cannot_build_leaves_the_plain_build(monkeypatch, tmp_path):
+    """UPGRADES' flags raise an instruction set's build where the CPU has their features (here a stand-in upgrade of
+    avx2 on "avx2"), and `isa_label` names them; a compiler that cannot build them (gcc before 11 and -mavxvnni) gets
+    the plain build of the same instruction set and a warning saying so, not torch's kernels."""
+    monkeypatch.setenv("QWENLITE_CACHE", str(tmp_path))
+    for flag, builds in (("-DQK_UPGRADED", True), ("-mno-such-option", False)):
+        monkeypatch.setitem(kernels.UPGRADES, "avx2", (("avx2",), ["-march=x86-64-v3", flag]))
+        force_isa(monkeypatch, "avx2")
+        kernels._load.cache_clear()
+        warning = f"the avx2 kernels did not build with -march=x86-64-v3 {flag}"
+        with contextlib.nullcontext() if builds else pytest.warns(RuntimeWarning, match=warning):
+            label = kernels.isa_label()
+        assert label == ("avx2+avx2" if builds else "avx2") and kernels.isa() == "avx2"
+    kernels._load.cache_clear()
 
 
 ARM_CPUINFO = """processor\t: 0

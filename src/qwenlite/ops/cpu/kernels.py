@@ -141,14 +141,6 @@ def target_flags(isa: str, features: frozenset[str] | None = None) -> list[str]:
     return upgrade[1] if upgrade else ISAS[isa][2]
 
 
-def isa_label(isa_name: str | None = None, features: frozenset[str] | None = None) -> str:
-    """The kernels in use (`isa()`, or `isa_name`) with the optional features their build uses on a CPU with
-    `features`: "avx2+avx_vnni", "neon+asimddp", "avx512", "torch". What `qwenlite bench` prints."""
-    name = isa() if isa_name is None else isa_name
-    upgrade = _upgrade(name, features)
-    return "+".join([name, *upgrade[0]]) if upgrade else name
-
-
 def runnable_isas() -> list[str]:
     """The instruction sets this CPU can run, fastest first; always ends with "torch"."""
     return [isa for isa in ISAS if not missing_features(isa)] + ["torch"]
@@ -162,6 +154,13 @@ def isa() -> str:
     return "torch" if lib is None else lib.qk_isa().decode()
 
 
+def isa_label() -> str:
+    """`isa()` with the optional features its build has (UPGRADES'): "avx2+avx_vnni", "neon+asimddp", "avx512",
+    "torch". What `qwenlite bench` prints."""
+    lib = library()
+    return "torch" if lib is None else "+".join([lib.qk_isa().decode(), *lib.built_with])
+
+
 def _isa(forced: str) -> str:
     if not forced:
         return runnable_isas()[0]
@@ -173,11 +172,11 @@ def _isa(forced: str) -> str:
     return forced
 
 
-def _build(isa: str, cache_dir: Path) -> Path:
+def _build(isa: str, target: list[str], cache_dir: Path) -> Path:
     cc = os.environ.get("CC", "cc")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     files = {name: resources.files("qwenlite.ops.cpu").joinpath(name).read_bytes() for name in (f"{isa}.c", *SOURCES)}
-    flags = [*CFLAGS, *target_flags(isa)]
+    flags = [*CFLAGS, *target]
     cpu, features = _cpuinfo()
     key = hashlib.sha256(b"\0".join([*files.values(), version.encode(), cpu.encode(),
                                       " ".join(sorted(features)).encode(), " ".join(flags).encode()]))  # fmt: skip
@@ -203,8 +202,21 @@ def cache_root() -> Path:
 
 @functools.cache
 def _load(isa: str) -> ctypes.CDLL:
+    """`isa`'s library, built for `target_flags`; where an upgrade's flags do not build (a compiler older than the
+    CPU: gcc before 11 has no -mavxvnni), the plain build of the same instruction set, with a warning. `built_with`
+    names the upgrade's features the library has."""
     cache_dir = cache_root() / "kernels"
-    lib = ctypes.CDLL(str(_build(isa, cache_dir)))
+    upgrade = _upgrade(isa, None)
+    try:
+        path = _build(isa, target_flags(isa), cache_dir)
+    except RuntimeError as e:
+        if upgrade is None:
+            raise
+        warnings.warn(f"qwenlite: the {isa} kernels did not build with {' '.join(upgrade[1])} ({e}); building them "
+                      f"without {', '.join(upgrade[0])}", RuntimeWarning, stacklevel=3)  # fmt: skip
+        path, upgrade = _build(isa, ISAS[isa][2], cache_dir), None
+    lib = ctypes.CDLL(str(path))
+    lib.built_with = upgrade[0] if upgrade else ()
     lib.qk_isa.restype = ctypes.c_char_p
     if lib.qk_isa().decode() != isa:
         raise KernelError(f"kernels built for {isa} report {lib.qk_isa().decode()}")
