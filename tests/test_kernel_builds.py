@@ -41,6 +41,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import x86_emulation
 
 from qwenlite.ops.cpu import kernels
 
@@ -48,12 +49,13 @@ CROSS_CC, QEMU = "aarch64-linux-gnu-gcc", "qemu-aarch64"
 DRIVER = Path(__file__).with_name("kernels_driver.c")
 SOURCES = Path(kernels.__file__).parent
 
-SIMDE = Path("/usr/include/simde/x86/avx512.h")
 NO_TOOLS = ("needs Debian's AArch64 cross compiler, qemu-user and SIMDe: apt-get install gcc-aarch64-linux-gnu "
             "qemu-user libsimde-dev")  # fmt: skip
 NO_AVX2 = "compared with avx2.c's build, which this CPU cannot run (on AArch64 test_kernels.py runs neon natively)"
 pytestmark = [
-    pytest.mark.skipif(not (shutil.which(CROSS_CC) and shutil.which(QEMU) and SIMDE.exists()), reason=NO_TOOLS),
+    pytest.mark.skipif(
+        not (shutil.which(CROSS_CC) and shutil.which(QEMU) and x86_emulation.SIMDE.exists()), reason=NO_TOOLS
+    ),
     pytest.mark.skipif("avx2" not in kernels.runnable_isas(), reason=NO_AVX2),
 ]
 
@@ -66,16 +68,12 @@ NEON_BUILDS = {
 }
 
 
-def emulated(header: str, *more: str) -> list[str]:
-    return ["-march=x86-64-v3", "-Wno-psabi", "-include", str(Path(__file__).with_name(header)), *more]
-
-
 # x86 builds besides avx2.c's own: kernel file and target flags, natively where the CPU has the features
 HAS = kernels._cpuinfo()[1]
 X86_BUILDS = {
-    "avx2-vnni": ("avx2", kernels.UPGRADES["avx2"][1] if "avx_vnni" in HAS else emulated("avx_vnni_emulation.h")),
+    "avx2-vnni": ("avx2", kernels.UPGRADES["avx2"][1] if "avx_vnni" in HAS else x86_emulation.AVX_VNNI),
     "avx512": ("avx512", kernels.ISAS["avx512"][2] if not kernels.missing_features("avx512")
-               else emulated("avx512_emulation.h")),
+               else x86_emulation.AVX512),
 }  # fmt: skip
 DRIVER_FLAGS = ["-O1", "-std=c11", "-ffp-contract=off"]  # it only makes the inputs and writes the outputs
 

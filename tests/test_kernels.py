@@ -38,6 +38,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import x86_emulation
 
 import qwenlite
 from qwenlite.config import ModelConfig, preset_config
@@ -59,11 +60,10 @@ KERNEL_ISAS = [isa for isa in kernels.runnable_isas() if isa != "torch"]
 # avx512.c on an x86 CPU without AVX-512: built for AVX2 with its intrinsics emulated (avx512_emulation.h, over
 # Debian's libsimde-dev), so that every x86 file is held to the twins on any x86-64-v3 machine; a CPU with AVX-512
 # BF16 and VNNI runs it natively instead.
-EMULATION = Path(__file__).with_name("avx512_emulation.h")
 EMULATED, UNTESTED = {}, []
 if "avx512" not in KERNEL_ISAS and "avx2" in KERNEL_ISAS:
-    if Path("/usr/include/simde/x86/avx512.h").exists():
-        EMULATED = {"avx512": ("x86-64", (), ["-march=x86-64-v3", "-Wno-psabi", "-include", str(EMULATION)])}
+    if x86_emulation.SIMDE.exists():
+        EMULATED = {"avx512": ("x86-64", (), x86_emulation.AVX512)}
         KERNEL_ISAS = ["avx512", *KERNEL_ISAS]
     else:
         NO_SIMDE = "no AVX-512 here; apt-get install libsimde-dev to test it emulated"
@@ -275,12 +275,9 @@ def test_int4_matches_reference(K, N, dtype, each_isa):
                 assert torch.equal(kernels.int4_dequant_t(packed, sz, G, tiles, dtype).t(), want), isa
 
 
-AVX_VNNI_EMULATION = ["-march=x86-64-v3", "-include", str(Path(__file__).with_name("avx_vnni_emulation.h"))]
-
-
 @two_threads
 @pytest.mark.skipif("avx2" not in KERNEL_ISAS, reason="avx2.c does not run on this CPU")
-@pytest.mark.skipif(not Path("/usr/include/simde/x86/avx512.h").exists(), reason="apt-get install libsimde-dev")
+@pytest.mark.skipif(not x86_emulation.SIMDE.exists(), reason="apt-get install libsimde-dev")
 @pytest.mark.parametrize("K,N,G", [(1024, 3584, 32), (2048, 1024, 128), (160, 130, 32), (192, 100, 64)], ids=str)
 def test_avx_vnni_build_gives_the_avx2_numbers(K, N, G, monkeypatch):
     """avx2.c's int4 GEMV built for AVX-VNNI (vpdpbusd on four columns: exact int32 block sums, each row's fp32 steps
@@ -289,8 +286,9 @@ def test_avx_vnni_build_gives_the_avx2_numbers(K, N, G, monkeypatch):
     above, so this holds the VNNI one to them too. The same build with a vpdpbusd that adds nothing gives other
     numbers: the VNNI path is the one these flags build."""
     native = "avx_vnni" in kernels._cpuinfo()[1]
-    builds = {"avx2": ["-march=x86-64-v3"], "avx-vnni": kernels.UPGRADES["avx2"][1] if native else AVX_VNNI_EMULATION,
-              "broken": [*AVX_VNNI_EMULATION, "-DQK_DPBUSD_ADDS_NOTHING"]}  # fmt: skip
+    vnni = kernels.UPGRADES["avx2"][1] if native else x86_emulation.AVX_VNNI
+    builds = {"avx2": ["-march=x86-64-v3"], "avx-vnni": vnni,
+              "broken": [*x86_emulation.AVX_VNNI, "-DQK_DPBUSD_ADDS_NOTHING"]}  # fmt: skip
     gen = torch.Generator().manual_seed(K + N + G)
     w = torch.randn(N, K, generator=gen) * 0.05
     xs = [torch.randn(M, K, generator=gen).to(torch.bfloat16) for M in (1, 3, 5, 8, 19)]
